@@ -1,0 +1,631 @@
+//! `dream check`: a load generator that is also a referee.
+//!
+//! It keeps N clients requesting one URL and counts what a deploy must
+//! never cause: connection errors (refused, reset, timeout), server errors,
+//! and **mixed responses**: a response whose `X-Dream-Release` header names
+//! another release than its body does, or a keep-alive connection that is
+//! answered by two releases (one connection is served by one process, so by
+//! one release).
+//!
+//! Counters are live ([`Live`]) so that a caller such as `dream demo` can
+//! show them while the run goes on.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+
+pub const DEFAULT_BODY_PATTERN: &str = r"release ([A-Za-z0-9._-]+)";
+/// Bodies longer than this are not read for the release pattern.
+const BODY_LIMIT: usize = 1 << 20;
+
+/// A `http://host:port/path` target.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub path: String,
+    pub url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("invalid URL {0:?}: {1} (example: http://127.0.0.1:8080/)")]
+    Url(String, &'static str),
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, String),
+    #[error("invalid --body-pattern: {0}")]
+    Pattern(String),
+    #[error("{0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, CheckError> {
+        let bad = |why| CheckError::Url(url.to_string(), why);
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            if url.starts_with("https://") {
+                bad("https is not supported: point the referee at the server itself")
+            } else {
+                bad("it must start with http://")
+            }
+        })?;
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_string()),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(bad("no host"));
+        }
+        if path.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(bad("the path has spaces or control characters"));
+        }
+        let with_port = if authority.ends_with(']') || !authority.contains(':') {
+            format!("{authority}:80")
+        } else {
+            authority.to_string()
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| CheckError::Resolve(authority.to_string(), e.to_string()))?
+            .next()
+            .ok_or_else(|| CheckError::Resolve(authority.to_string(), "no address".into()))?;
+        Ok(Target {
+            addr,
+            host: authority.to_string(),
+            path,
+            url: url.to_string(),
+        })
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub target: Target,
+    pub connections: usize,
+    pub duration: Duration,
+    pub keep_alive: bool,
+    pub body_pattern: String,
+    /// Limit for connecting, and for a whole response.
+    pub timeout: Duration,
+    /// Stop after this many requests in all (for bounded tests).
+    pub max_requests: Option<u64>,
+}
+
+/// Counters readable while a run goes on.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub requests: AtomicU64,
+    pub ok: AtomicU64,
+    pub errors: AtomicU64,
+    pub mixed: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Live {
+    /// Asks a running check to finish early.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Connection-level failures, by kind.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct Errors {
+    pub connect_refused: u64,
+    pub connect_reset: u64,
+    pub connect_timeout: u64,
+    pub connect_other: u64,
+    /// The connection was reset or closed before a full response.
+    pub read_reset: u64,
+    pub read_timeout: u64,
+    pub read_other: u64,
+    /// Responses with status 400 or more.
+    pub bad_status: u64,
+}
+
+impl Errors {
+    pub fn total(&self) -> u64 {
+        self.connect_refused
+            + self.connect_reset
+            + self.connect_timeout
+            + self.connect_other
+            + self.read_reset
+            + self.read_timeout
+            + self.read_other
+            + self.bad_status
+    }
+
+    fn add(&mut self, o: &Errors) {
+        self.connect_refused += o.connect_refused;
+        self.connect_reset += o.connect_reset;
+        self.connect_timeout += o.connect_timeout;
+        self.connect_other += o.connect_other;
+        self.read_reset += o.read_reset;
+        self.read_timeout += o.read_timeout;
+        self.read_other += o.read_other;
+        self.bad_status += o.bad_status;
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Latency {
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub url: String,
+    pub connections: usize,
+    pub keep_alive: bool,
+    pub duration_s: f64,
+    pub requests: u64,
+    pub responses: u64,
+    pub requests_per_s: f64,
+    pub status: BTreeMap<u16, u64>,
+    pub errors: Errors,
+    pub error_total: u64,
+    pub mixed: u64,
+    /// Responses per release seen (header, else body).
+    pub releases: BTreeMap<String, u64>,
+    pub latency: Latency,
+    /// A few examples of what went wrong, for diagnosis.
+    pub examples: Vec<String>,
+    pub ok: bool,
+}
+
+/// One client's tallies, merged at the end.
+struct Tally {
+    status: BTreeMap<u16, u64>,
+    errors: Errors,
+    mixed: u64,
+    releases: BTreeMap<String, u64>,
+    hist: Histogram<u64>,
+    examples: Vec<String>,
+    responses: u64,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            status: BTreeMap::new(),
+            errors: Errors::default(),
+            mixed: 0,
+            releases: BTreeMap::new(),
+            hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            examples: Vec::new(),
+            responses: 0,
+        }
+    }
+
+    fn example(&mut self, s: String) {
+        if self.examples.len() < 5 {
+            self.examples.push(s);
+        }
+    }
+}
+
+/// Runs a check to completion.
+pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
+    let pattern = regex_lite::Regex::new(&opts.body_pattern)
+        .map_err(|e| CheckError::Pattern(e.to_string()))?;
+    if pattern.captures_len() < 2 {
+        return Err(CheckError::Pattern(
+            "it needs a capture group for the release, e.g. release ([A-Za-z0-9._-]+)".into(),
+        ));
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(4);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
+    let start = Instant::now();
+    let deadline = start + opts.duration;
+    let budget = Arc::new(AtomicU64::new(opts.max_requests.unwrap_or(u64::MAX)));
+    let tallies = rt.block_on(async {
+        let mut handles = Vec::new();
+        for _ in 0..opts.connections.max(1) {
+            let opts = opts.clone();
+            let live = live.clone();
+            let pattern = pattern.clone();
+            let budget = budget.clone();
+            handles.push(tokio::spawn(async move {
+                client(&opts, &pattern, deadline, &live, &budget).await
+            }));
+        }
+        let mut out = Vec::new();
+        for h in handles {
+            if let Ok(t) = h.await {
+                out.push(t);
+            }
+        }
+        out
+    });
+    let elapsed = start.elapsed();
+    let mut all = Tally::new();
+    for t in tallies {
+        for (k, v) in t.status {
+            *all.status.entry(k).or_default() += v;
+        }
+        all.errors.add(&t.errors);
+        all.mixed += t.mixed;
+        for (k, v) in t.releases {
+            *all.releases.entry(k).or_default() += v;
+        }
+        let _ = all.hist.add(&t.hist);
+        for e in t.examples {
+            all.example(e);
+        }
+        all.responses += t.responses;
+    }
+    let requests = live.requests.load(Ordering::SeqCst);
+    let h = &all.hist;
+    let latency = if h.is_empty() {
+        Latency::default()
+    } else {
+        Latency {
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: h.mean(),
+        }
+    };
+    let error_total = all.errors.total();
+    if all.responses == 0 && error_total == 0 {
+        all.example("no request completed".into());
+    }
+    Ok(Report {
+        url: opts.target.url.clone(),
+        connections: opts.connections,
+        keep_alive: opts.keep_alive,
+        duration_s: elapsed.as_secs_f64(),
+        requests,
+        responses: all.responses,
+        requests_per_s: all.responses as f64 / elapsed.as_secs_f64().max(1e-9),
+        ok: error_total == 0 && all.mixed == 0 && all.responses > 0,
+        status: all.status,
+        errors: all.errors,
+        error_total,
+        mixed: all.mixed,
+        releases: all.releases,
+        latency,
+        examples: all.examples,
+    })
+}
+
+enum Failure {
+    Connect(std::io::Error),
+    ConnectTimeout,
+    Read(hyper::Error),
+    ReadTimeout,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(opts: &Options) -> Result<Sender, Failure> {
+    let stream = match tokio::time::timeout(
+        opts.timeout,
+        tokio::net::TcpStream::connect(opts.target.addr),
+    )
+    .await
+    {
+        Err(_) => return Err(Failure::ConnectTimeout),
+        Ok(Err(e)) => return Err(Failure::Connect(e)),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(Failure::Read)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+struct Answer {
+    status: u16,
+    header_release: Option<String>,
+    body: Option<String>,
+    close: bool,
+}
+
+async fn exchange(opts: &Options, sender: &mut Sender) -> Result<Answer, Failure> {
+    let mut req = Request::get(&opts.target.path).header(hyper::header::HOST, &opts.target.host);
+    if !opts.keep_alive {
+        req = req.header(hyper::header::CONNECTION, "close");
+    }
+    let req = req.body(Empty::new()).expect("valid request");
+    let work = async {
+        sender.ready().await?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let header_release = resp
+            .headers()
+            .get("x-dream-release")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let close = resp
+            .headers()
+            .get(hyper::header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let body = Limited::new(resp.into_body(), BODY_LIMIT).collect().await;
+        Ok::<_, hyper::Error>((status, header_release, close, body))
+    };
+    match tokio::time::timeout(opts.timeout, work).await {
+        Err(_) => Err(Failure::ReadTimeout),
+        Ok(Err(e)) => Err(Failure::Read(e)),
+        Ok(Ok((status, header_release, close, body))) => {
+            let body = match body {
+                Ok(b) => Some(b.to_bytes()),
+                Err(e) => match e.downcast::<hyper::Error>() {
+                    Ok(he) => return Err(Failure::Read(*he)),
+                    Err(_) => None, // longer than the limit: not judged
+                },
+            };
+            Ok(Answer {
+                status,
+                header_release,
+                body: body.map(|b| String::from_utf8_lossy(&b).into_owned()),
+                close,
+            })
+        }
+    }
+}
+
+async fn client(
+    opts: &Options,
+    pattern: &regex_lite::Regex,
+    deadline: Instant,
+    live: &Live,
+    budget: &AtomicU64,
+) -> Tally {
+    let mut t = Tally::new();
+    let mut conn: Option<(Sender, Option<String>)> = None;
+    loop {
+        if Instant::now() >= deadline || live.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+            .is_err()
+        {
+            break;
+        }
+        let began = Instant::now();
+        live.requests.fetch_add(1, Ordering::Relaxed);
+        if conn.is_none() {
+            match connect(opts).await {
+                Ok(s) => conn = Some((s, None)),
+                Err(f) => {
+                    record_failure(&mut t, live, f, true);
+                    // A refused connection returns at once: pause briefly so
+                    // a dead server is reported, not hammered.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+        }
+        let (sender, seen) = conn.as_mut().expect("connected above");
+        match exchange(opts, sender).await {
+            Err(f) => {
+                record_failure(&mut t, live, f, false);
+                conn = None;
+            }
+            Ok(a) => {
+                let micros = began.elapsed().as_micros().max(1) as u64;
+                let _ = t.hist.record(micros.min(3_600_000_000));
+                t.responses += 1;
+                *t.status.entry(a.status).or_default() += 1;
+                let body_release = a
+                    .body
+                    .as_deref()
+                    .and_then(|b| pattern.captures(b))
+                    .and_then(|c| c.get(1))
+                    .map(|m| m.as_str().to_string());
+                let mut mixed = None;
+                if let (Some(h), Some(b)) = (&a.header_release, &body_release) {
+                    if h != b {
+                        mixed = Some(format!("header says release {h}, body says {b}"));
+                    }
+                }
+                let release = a.header_release.clone().or(body_release);
+                if let Some(r) = &release {
+                    *t.releases.entry(r.clone()).or_default() += 1;
+                    match seen {
+                        Some(prev) if prev != r && mixed.is_none() => {
+                            mixed = Some(format!(
+                                "one keep-alive connection answered by release {prev}, then {r}"
+                            ));
+                        }
+                        _ => {}
+                    }
+                    *seen = Some(r.clone());
+                }
+                if let Some(m) = mixed {
+                    t.mixed += 1;
+                    live.mixed.fetch_add(1, Ordering::Relaxed);
+                    t.example(format!("mixed: {m}"));
+                } else if a.status >= 400 {
+                    t.errors.bad_status += 1;
+                    live.errors.fetch_add(1, Ordering::Relaxed);
+                    t.example(format!("status {}", a.status));
+                } else {
+                    live.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                if a.close || !opts.keep_alive {
+                    conn = None;
+                }
+            }
+        }
+    }
+    t
+}
+
+fn record_failure(t: &mut Tally, live: &Live, f: Failure, connecting: bool) {
+    use std::io::ErrorKind::*;
+    live.errors.fetch_add(1, Ordering::Relaxed);
+    let e = &mut t.errors;
+    let text = match f {
+        Failure::ConnectTimeout => {
+            e.connect_timeout += 1;
+            "connect: timed out".to_string()
+        }
+        Failure::ReadTimeout => {
+            e.read_timeout += 1;
+            "response: timed out".to_string()
+        }
+        Failure::Connect(io) => {
+            match io.kind() {
+                ConnectionRefused => e.connect_refused += 1,
+                ConnectionReset | ConnectionAborted => e.connect_reset += 1,
+                TimedOut => e.connect_timeout += 1,
+                _ => e.connect_other += 1,
+            }
+            format!("connect: {io}")
+        }
+        Failure::Read(he) => {
+            let io_kind = std::error::Error::source(&he)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .map(|io| io.kind());
+            if he.is_incomplete_message()
+                || he.is_closed()
+                || matches!(
+                    io_kind,
+                    Some(ConnectionReset | ConnectionAborted | BrokenPipe)
+                )
+            {
+                if connecting {
+                    e.connect_reset += 1;
+                } else {
+                    e.read_reset += 1;
+                }
+            } else if he.is_timeout() {
+                e.read_timeout += 1;
+            } else {
+                e.read_other += 1;
+            }
+            format!("response: {he}")
+        }
+    };
+    t.example(text);
+}
+
+impl Report {
+    /// A few lines for people.
+    pub fn human(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let mode = if self.keep_alive {
+            "keep-alive"
+        } else {
+            "new connection per request"
+        };
+        let _ = writeln!(
+            s,
+            "dream check {}: {} connections, {:.1}s, {mode}",
+            self.url, self.connections, self.duration_s
+        );
+        let _ = writeln!(
+            s,
+            "  responses  {} ({:.0}/s)",
+            self.responses, self.requests_per_s
+        );
+        let statuses: Vec<String> = self
+            .status
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  status     {}",
+            if statuses.is_empty() {
+                "-".into()
+            } else {
+                statuses.join(", ")
+            }
+        );
+        let e = &self.errors;
+        let _ = writeln!(
+            s,
+            "  errors     {} (refused {}, reset {}, timeout {}, other {}, status>=400 {})",
+            self.error_total,
+            e.connect_refused,
+            e.connect_reset + e.read_reset,
+            e.connect_timeout + e.read_timeout,
+            e.connect_other + e.read_other,
+            e.bad_status
+        );
+        let _ = writeln!(s, "  mixed      {}", self.mixed);
+        if !self.releases.is_empty() {
+            let r: Vec<String> = self
+                .releases
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let _ = writeln!(s, "  releases   {}", r.join(", "));
+        }
+        let l = &self.latency;
+        let _ = writeln!(
+            s,
+            "  latency    p50 {}  p99 {}  p99.9 {}  max {}",
+            ms(l.p50_us),
+            ms(l.p99_us),
+            ms(l.p999_us),
+            ms(l.max_us)
+        );
+        for ex in &self.examples {
+            let _ = writeln!(s, "  e.g.       {ex}");
+        }
+        let _ = write!(s, "result: {}", if self.ok { "OK" } else { "FAILED" });
+        s
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}ms", us as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let t = Target::parse("http://127.0.0.1:8080/a/b?c=d").unwrap();
+        assert_eq!(t.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(t.path, "/a/b?c=d");
+        let t = Target::parse("http://[::1]:9/").unwrap();
+        assert_eq!(t.addr, "[::1]:9".parse().unwrap());
+        let t = Target::parse("http://127.0.0.1:1").unwrap();
+        assert_eq!(t.path, "/");
+        let t = Target::parse("http://localhost:7?x").unwrap();
+        assert_eq!(t.path, "/?x");
+        assert!(Target::parse("https://127.0.0.1/").is_err());
+        assert!(Target::parse("127.0.0.1:80").is_err());
+        assert!(Target::parse("http:///x").is_err());
+        assert!(Target::parse("http://127.0.0.1:80/a b").is_err());
+    }
+}

@@ -1,0 +1,361 @@
+//! The only module of `dream-core` that uses `unsafe`.
+//!
+//! Three things need it:
+//!
+//! * **fork + exec with an exact descriptor layout.** `std::process::Command`
+//!   cannot set `LISTEN_PID` to the child's own pid (it is known only after
+//!   `fork`, and `pre_exec` may not allocate or call `setenv`). So we build
+//!   the whole exec image (path, argv, envp, descriptor map) in the parent,
+//!   with a fixed-size hole for the pid in the `LISTEN_PID=` entry, and the
+//!   child only writes digits into that hole and makes async-signal-safe
+//!   system calls before `execve`. This is sound even when the parent has
+//!   other threads: between `fork` and `execve` the child allocates nothing,
+//!   takes no lock and touches only memory that it owns (its private copy of
+//!   the prepared image).
+//! * **taking ownership of inherited descriptors** (fds 3.. of the systemd
+//!   protocol, fd 0 of inetd) by number, exactly once per process.
+//! * **unsetting environment variables**, which is only sound while no other
+//!   thread can read the environment: we check that the process has a single
+//!   thread first.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Mutex;
+
+/// Digits reserved for the pid in `LISTEN_PID=`; pids fit in 10 digits.
+const PID_DIGITS: usize = 20;
+
+/// Everything `execve` needs, prepared before `fork` so that the child
+/// allocates nothing.
+pub struct ExecImage {
+    path: CString,
+    /// Owns the strings that `argv_ptrs` points into.
+    #[allow(dead_code)]
+    argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    env: Vec<Vec<u8>>,
+    /// Index into `env` of the `LISTEN_PID=` entry whose digits the child writes.
+    pid_slot: Option<usize>,
+    cwd: Option<CString>,
+    /// `(source, target)`: after the exec, `target` refers to what `source` did.
+    fd_map: Vec<(RawFd, RawFd)>,
+    new_process_group: bool,
+    parent_death_signal: Option<libc::c_int>,
+}
+
+// SAFETY: the raw pointers in `argv_ptrs` point into `argv`, which the image
+// owns and never mutates after construction; moving the image between threads
+// moves the heap buffers they point to along with it.
+unsafe impl Send for ExecImage {}
+
+impl ExecImage {
+    /// Builds an image. `env` entries are `KEY=VALUE`; if `stamp_listen_pid`
+    /// is set, a `LISTEN_PID=<pid of the new process>` entry is added.
+    pub fn new(
+        path: &OsStr,
+        argv: &[&OsStr],
+        env: &[(Vec<u8>, Vec<u8>)],
+        stamp_listen_pid: bool,
+    ) -> io::Result<ExecImage> {
+        let path = cstring(path.as_bytes())?;
+        let argv: Vec<CString> = argv
+            .iter()
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<io::Result<_>>()?;
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut entries = Vec::with_capacity(env.len() + 1);
+        for (k, v) in env {
+            if k.is_empty() || k.contains(&b'=') || k.contains(&0) || v.contains(&0) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "invalid environment variable {:?}",
+                        String::from_utf8_lossy(k)
+                    ),
+                ));
+            }
+            let mut e = Vec::with_capacity(k.len() + v.len() + 2);
+            e.extend_from_slice(k);
+            e.push(b'=');
+            e.extend_from_slice(v);
+            e.push(0);
+            entries.push(e);
+        }
+        let pid_slot = stamp_listen_pid.then(|| {
+            let mut e = b"LISTEN_PID=".to_vec();
+            e.resize(e.len() + PID_DIGITS + 1, 0);
+            entries.push(e);
+            entries.len() - 1
+        });
+        Ok(ExecImage {
+            path,
+            argv,
+            argv_ptrs,
+            env: entries,
+            pid_slot,
+            cwd: None,
+            fd_map: Vec::new(),
+            new_process_group: false,
+            parent_death_signal: None,
+        })
+    }
+
+    pub fn set_cwd(&mut self, dir: &OsStr) -> io::Result<()> {
+        self.cwd = Some(cstring(dir.as_bytes())?);
+        Ok(())
+    }
+
+    /// After exec, descriptor `target` will refer to what `source` refers to
+    /// now, without close-on-exec. Every descriptor not named as a target is
+    /// expected to be close-on-exec already (all of ours are, from birth).
+    pub fn map_fd(&mut self, source: BorrowedFd<'_>, target: RawFd) {
+        use std::os::fd::AsRawFd;
+        self.fd_map.push((source.as_raw_fd(), target));
+    }
+
+    pub fn set_new_process_group(&mut self, yes: bool) {
+        self.new_process_group = yes;
+    }
+
+    pub fn set_parent_death_signal(&mut self, signal: Option<nix::sys::signal::Signal>) {
+        self.parent_death_signal = signal.map(|s| s as libc::c_int);
+    }
+
+    /// `fork` and `execve` this image. Returns the child's pid once the exec
+    /// has succeeded; an exec failure is reported as the child's `errno`.
+    pub fn spawn(&mut self) -> io::Result<libc::pid_t> {
+        // The error pipe is close-on-exec: EOF means execve succeeded.
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let parent = std::process::id() as libc::pid_t;
+        let envp = self.envp();
+        // SAFETY: fork is safe to call; in the child we only run
+        // `child_exec`, which performs async-signal-safe system calls on
+        // memory prepared before the fork, and then `_exit`s.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            drop(rd);
+            use std::os::fd::AsRawFd;
+            let errno = self.child_exec(&envp, Some(parent));
+            let bytes = errno.to_ne_bytes();
+            // SAFETY: write(2) and _exit(2) are async-signal-safe; `bytes`
+            // lives on this stack frame.
+            unsafe {
+                libc::write(wr.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(127);
+            }
+        }
+        drop(wr);
+        let mut buf = [0u8; 4];
+        let mut got = 0;
+        while got < buf.len() {
+            match nix::unistd::read(&rd, &mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if got == 0 {
+            return Ok(pid);
+        }
+        // The child failed before or at exec; collect it so no zombie stays.
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)))
+    }
+
+    /// Replace the current process with this image. Returns only on failure.
+    pub fn exec(&mut self) -> io::Error {
+        let envp = self.envp();
+        io::Error::from_raw_os_error(self.child_exec(&envp, None))
+    }
+
+    fn envp(&mut self) -> Vec<*const libc::c_char> {
+        let mut envp: Vec<*const libc::c_char> =
+            self.env.iter().map(|e| e.as_ptr().cast()).collect();
+        envp.push(std::ptr::null());
+        envp
+    }
+
+    /// Runs in the new process (after fork, or in place of the current
+    /// process image). Only async-signal-safe calls; no allocation.
+    fn child_exec(&mut self, envp: &[*const libc::c_char], parent: Option<libc::pid_t>) -> i32 {
+        let errno = || {
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        };
+        // SAFETY: each call below is an async-signal-safe system call on
+        // values owned by this function or by `self`; pointers passed to the
+        // kernel point into buffers that outlive the calls.
+        unsafe {
+            // Signal dispositions: handlers reset at exec anyway, but ignored
+            // signals (Rust ignores SIGPIPE) would stay ignored in the worker.
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                return errno();
+            }
+            if self.new_process_group && libc::setpgid(0, 0) != 0 {
+                return errno();
+            }
+            if let Some(sig) = self.parent_death_signal {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
+                    return errno();
+                }
+                // The parent may have died before prctl took effect.
+                if parent.is_some_and(|p| libc::getppid() != p) {
+                    libc::_exit(1);
+                }
+            }
+            // Move every source above every target first, so that a source
+            // which happens to sit on another entry's target is not
+            // clobbered, and so that dup2 never sees equal fds (dup2(fd, fd)
+            // would leave close-on-exec set).
+            let floor = self.fd_map.iter().map(|&(_, t)| t).max().unwrap_or(2) + 1;
+            for entry in self.fd_map.iter_mut() {
+                let high = libc::fcntl(entry.0, libc::F_DUPFD_CLOEXEC, floor);
+                if high < 0 {
+                    return errno();
+                }
+                entry.0 = high;
+            }
+            for &(high, target) in &self.fd_map {
+                if libc::dup2(high, target) < 0 {
+                    return errno();
+                }
+            }
+            if let Some(dir) = &self.cwd {
+                if libc::chdir(dir.as_ptr()) != 0 {
+                    return errno();
+                }
+            }
+            if let Some(slot) = self.pid_slot {
+                let entry = &mut self.env[slot];
+                write_decimal(&mut entry[b"LISTEN_PID=".len()..], libc::getpid() as u64);
+            }
+            libc::execve(self.path.as_ptr(), self.argv_ptrs.as_ptr(), envp.as_ptr());
+            errno()
+        }
+    }
+}
+
+/// Writes `n` in decimal followed by NUL into `buf`, without allocating.
+fn write_decimal(buf: &mut [u8], mut n: u64) {
+    let mut digits = [0u8; PID_DIGITS];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[i] = digits[len - 1 - i];
+    }
+    buf[len] = 0;
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "argument contains a NUL byte: {:?}",
+                String::from_utf8_lossy(bytes)
+            ),
+        )
+    })
+}
+
+/// Descriptors already claimed by [`claim_inherited_fd`] in this process.
+static CLAIMED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+/// Takes ownership of descriptor `fd`, which this process inherited.
+///
+/// Returns `None` if `fd` is not open or was already claimed: ownership of
+/// an inherited descriptor can be taken once, so two `OwnedFd`s never close
+/// the same number.
+pub fn claim_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|e| e.into_inner());
+    if fd < 0 || claimed.contains(&fd) {
+        return None;
+    }
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    claimed.push(fd);
+    // SAFETY: the descriptor is open (checked above), was handed to this
+    // process by its parent for it to own, and is claimed at most once
+    // (recorded in CLAIMED), so no other owner will close it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Borrows descriptor `fd` for inspection, if it is open.
+///
+/// The borrow is only used for the duration of `f`, during which this
+/// thread does not close anything.
+pub fn with_raw_fd<T>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> T) -> Option<T> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open and the borrow does not outlive `f`;
+    // a descriptor closed concurrently by another thread would at worst make
+    // the queries in `f` fail with EBADF.
+    Some(f(unsafe { BorrowedFd::borrow_raw(fd) }))
+}
+
+/// True if this process has exactly one thread (from `/proc/self/stat`).
+pub fn single_threaded() -> bool {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return false;
+    };
+    // Field 20 is num_threads; fields after the `)` of comm are plain.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(17))
+        .is_some_and(|n| n == "1")
+}
+
+/// Removes environment variables, but only while this process has a single
+/// thread; returns whether it did.
+pub fn remove_env_vars(names: &[&str]) -> bool {
+    if !single_threaded() {
+        return false;
+    }
+    for name in names {
+        // SAFETY: the process has one thread (checked just above), so no
+        // other thread can be reading the environment concurrently.
+        unsafe { std::env::remove_var(name) };
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_without_allocation() {
+        let mut buf = [0xffu8; PID_DIGITS + 1];
+        write_decimal(&mut buf, 4242);
+        assert_eq!(&buf[..5], b"4242\0");
+        write_decimal(&mut buf, 0);
+        assert_eq!(&buf[..2], b"0\0");
+    }
+}

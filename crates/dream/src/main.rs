@@ -1,0 +1,292 @@
+//! `dream`: atomic, zero-downtime deploys for any server on plain Unix hosts.
+//!
+//! This binary only parses arguments and composes the libraries:
+//! `dream-core` (sockets, processes, locks), `dream-static` (the static file
+//! worker) and `dream-check` (the referee).
+
+mod exit;
+mod privs;
+mod tools;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use exit::{Failure, Result};
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 done; 1 failed (nothing changed); 100 usage error; 111 temporary failure, safe to retry.";
+
+#[derive(Parser)]
+#[command(
+    name = "dream",
+    version,
+    about = "Atomic, zero-downtime deploys for any server on plain Unix hosts",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Bind listening sockets, then exec PROGRAM with them on fd 0 and fds 3.. (LISTEN_FDS)
+    #[command(
+        after_help = "Examples:\n  dream listen 127.0.0.1:8080 dream loop 1 dream static\n  dream listen :80 --user www-data -- ./server\n  dream listen [::1]:8080 unix:/run/app.sock -- ./server\n\nSPEC is 127.0.0.1:8080, [::1]:8080, :8080 (all addresses), host:port or unix:/path."
+    )]
+    Listen(ListenArgs),
+    /// Run PROGRAM again each time it exits; HUP/TERM go to it; sleep DELAY after a failure
+    #[command(
+        name = "loop",
+        after_help = "Example:\n  dream listen 127.0.0.1:8080 dream loop 1s dream static\n  kill -HUP <loop pid>   # restart the worker; clients wait in the backlog"
+    )]
+    Loop(LoopArgs),
+    /// Run PROGRAM holding an exclusive flock on FILE (held across exec)
+    #[command(
+        after_help = "Example:\n  dream lock -n /srv/app/.deploy.lock ./deploy.sh   # exits 111 naming the holder if held"
+    )]
+    Lock(LockArgs),
+    /// Serve static files from DIR; a worker for dream serve or dream listen
+    #[command(
+        name = "static",
+        after_help = "The listening socket comes from LISTEN_FDS or fd 0 (or --listen, to run alone).\nOn HUP or TERM it stops accepting, finishes what it holds, and exits 0.\n\nExample:\n  dream listen 127.0.0.1:8080 dream static public"
+    )]
+    Static(StaticArgs),
+    /// Load generator and referee: count errors and mixed-release responses
+    #[command(
+        after_help = "A response is mixed when its X-Dream-Release header and the release named in its\nbody differ, or when one keep-alive connection sees two releases. Exits 1 on any\nconnection error, status >= 400 or mixed response, or if nothing answered.\n\nExample:\n  dream check http://127.0.0.1:8080/ --duration 10s --connections 64 --keep-alive"
+    )]
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    /// listen(2) backlog (capped by net.core.somaxconn)
+    #[arg(long, default_value_t = dream_core::listen::DEFAULT_BACKLOG)]
+    backlog: u32,
+    /// After binding, switch to USER[:GROUP] (needs root)
+    #[arg(long, value_name = "USER[:GROUP]")]
+    user: Option<String>,
+    /// Print the bound addresses on stderr
+    #[arg(short, long)]
+    verbose: bool,
+    /// SPEC... [--] PROGRAM [ARGS...]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "SPEC... PROGRAM"
+    )]
+    args: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct LoopArgs {
+    /// Pause after a failed run: 1, 0.5, 250ms, 2s
+    delay: String,
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "PROGRAM"
+    )]
+    program: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct LockArgs {
+    /// Fail at once (exit 111) if the lock is held, naming the holder
+    #[arg(short = 'n', long = "no-wait")]
+    no_wait: bool,
+    file: PathBuf,
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "PROGRAM"
+    )]
+    program: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct StaticArgs {
+    /// Directory to serve, relative to the cwd (the release directory)
+    #[arg(default_value = "public")]
+    dir: PathBuf,
+    /// Bind this address itself instead of taking an inherited socket
+    #[arg(long, value_name = "SPEC")]
+    listen: Option<String>,
+    /// Time for a request's headers, and for an idle keep-alive connection
+    #[arg(long, default_value = "10s", value_name = "DUR")]
+    header_timeout: String,
+    /// Connections served at once; beyond it clients wait in the backlog
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// While draining, how long idle keep-alive connections stay open
+    #[arg(long, default_value = "1s", value_name = "DUR")]
+    drain_grace: String,
+    /// While draining, when to stop waiting for busy connections
+    #[arg(long, default_value = "30s", value_name = "DUR")]
+    drain_timeout: String,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// http://HOST:PORT/PATH
+    url: String,
+    /// How long to run: 10s, 500ms, 1m
+    #[arg(short, long, default_value = "10s")]
+    duration: String,
+    /// Concurrent clients
+    #[arg(short, long, default_value_t = 16)]
+    connections: usize,
+    /// Reuse each connection (default: a new connection per request)
+    #[arg(short, long)]
+    keep_alive: bool,
+    /// Regex whose first capture names the release in a body
+    #[arg(long, default_value = dream_check::DEFAULT_BODY_PATTERN)]
+    body_pattern: String,
+    /// Limit for connecting and for each response
+    #[arg(long, default_value = "5s")]
+    timeout: String,
+    /// Stop after this many requests in all
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Print the report as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let name = match &cli.command {
+        Cmd::Listen(_) => "listen",
+        Cmd::Loop(_) => "loop",
+        Cmd::Lock(_) => "lock",
+        Cmd::Static(_) => "static",
+        Cmd::Check(_) => "check",
+    };
+    let code = match run(cli.command) {
+        Ok(()) => exit::OK,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("dream {name}: {}", f.message);
+            }
+            f.code
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cmd: Cmd) -> Result {
+    match cmd {
+        Cmd::Listen(a) => {
+            let (specs, program) = tools::split_specs(&a.args)?;
+            tools::listen(&specs, a.backlog, a.user.as_deref(), a.verbose, &program)
+        }
+        Cmd::Loop(a) => tools::run_loop(&a.delay, &a.program),
+        Cmd::Lock(a) => tools::lock(&a.file, a.no_wait, &a.program),
+        Cmd::Static(a) => run_static(a),
+        Cmd::Check(a) => run_check(a),
+    }
+}
+
+fn duration(flag: &str, s: &str) -> Result<std::time::Duration> {
+    dream_core::signals::parse_duration(s).map_err(|e| Failure::usage(format!("--{flag}: {e}")))
+}
+
+fn run_static(a: StaticArgs) -> Result {
+    use dream_core::protocol;
+    let listeners = match &a.listen {
+        Some(spec) => {
+            let spec = spec.parse().map_err(Failure::usage)?;
+            let bound = tools::bind_all(&[spec], dream_core::listen::DEFAULT_BACKLOG, "static", true)?;
+            bound
+                .into_iter()
+                .map(|b| protocol::Listener::Tcp(std::os::fd::OwnedFd::from(b).into()))
+                .collect()
+        }
+        None => protocol::take_listeners()
+            .map_err(|e| {
+                Failure::usage(format!(
+                    "{e}; run it under `dream serve` or `dream listen SPEC dream static`, or give --listen SPEC"
+                ))
+            })?
+            .into_iter()
+            .map(|i| i.into_listener())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(Failure::failed)?,
+    };
+    raise_fd_limit();
+    let config = dream_static::Config {
+        root: a.dir,
+        release: std::env::var("DREAM_RELEASE")
+            .ok()
+            .filter(|s| !s.is_empty()),
+        header_timeout: duration("header-timeout", &a.header_timeout)?,
+        max_connections: a.max_connections,
+        drain_grace: duration("drain-grace", &a.drain_grace)?,
+        drain_timeout: duration("drain-timeout", &a.drain_timeout)?,
+    };
+    dream_static::serve(listeners, config).map_err(Failure::failed)
+}
+
+/// Workers hold one descriptor per connection: lift the soft limit to the
+/// hard one so that the connection cap, not EMFILE, is what binds.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+fn run_check(a: CheckArgs) -> Result {
+    let target = dream_check::Target::parse(&a.url).map_err(Failure::usage)?;
+    if a.connections == 0 {
+        return Err(Failure::usage("--connections must be at least 1"));
+    }
+    let opts = dream_check::Options {
+        target,
+        connections: a.connections,
+        duration: duration("duration", &a.duration)?,
+        keep_alive: a.keep_alive,
+        body_pattern: a.body_pattern,
+        timeout: duration("timeout", &a.timeout)?,
+        max_requests: a.requests,
+    };
+    let live = Arc::new(dream_check::Live::default());
+    let report = dream_check::run(&opts, live).map_err(|e| match e {
+        dream_check::CheckError::Runtime(io) => Failure::failed(io),
+        other => Failure::usage(other),
+    })?;
+    let mut out = std::io::stdout().lock();
+    let text = if a.json {
+        serde_json::to_string(&report).expect("report serializes")
+    } else {
+        report.human()
+    };
+    // A closed pipe (`dream check ... | head -1`) is not an error.
+    let _ = writeln!(out, "{text}");
+    if report.ok {
+        Ok(())
+    } else {
+        Err(Failure::silent(exit::FAILED))
+    }
+}

@@ -1,0 +1,132 @@
+//! The seed's small programs, each doing one job and then exec'ing the rest
+//! of its command line: `listen`, `loop`, `lock`.
+
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+
+use dream_core::listen::{self, Bound};
+use dream_core::lock::{Holder, Lock, Wait};
+use dream_core::spawn::{Command, Handoff};
+use dream_core::spec::ListenSpec;
+
+use crate::exit::{Failure, Result};
+
+/// Splits `SPEC... [--] PROGRAM...`: leading arguments that parse as listen
+/// specs, up to the first that does not (or an explicit `--`).
+pub fn split_specs(args: &[OsString]) -> Result<(Vec<ListenSpec>, Vec<OsString>)> {
+    let mut specs = Vec::new();
+    let mut rest = args;
+    while let Some((first, tail)) = rest.split_first() {
+        if first == "--" {
+            rest = tail;
+            break;
+        }
+        let Some(s) = first.to_str() else { break };
+        match s.parse::<ListenSpec>() {
+            Ok(spec) => specs.push(spec),
+            // The first thing that looks like neither a spec nor a program
+            // path is a malformed spec: say so rather than trying to run it.
+            Err(e) if specs.is_empty() && (s.contains(':') || s.parse::<u16>().is_ok()) => {
+                return Err(Failure::usage(e));
+            }
+            Err(_) => break,
+        }
+        rest = tail;
+    }
+    if specs.is_empty() {
+        return Err(Failure::usage(
+            "listen: no listen spec (usage: dream listen SPEC... PROGRAM...)",
+        ));
+    }
+    if rest.is_empty() {
+        return Err(Failure::usage(
+            "listen: no program to run after the listen specs",
+        ));
+    }
+    Ok((specs, rest.to_vec()))
+}
+
+/// Binds every spec, saying when the kernel caps the backlog.
+pub fn bind_all(
+    specs: &[ListenSpec],
+    backlog: u32,
+    who: &str,
+    verbose: bool,
+) -> Result<Vec<Bound>> {
+    let (effective, capped) = listen::effective_backlog(backlog);
+    if let Some(max) = capped {
+        eprintln!(
+            "dream {who}: backlog {backlog} capped to {max} by net.core.somaxconn (raise it with sysctl to get the full backlog)"
+        );
+    }
+    let mut out = Vec::new();
+    for spec in specs {
+        let bound = listen::bind(spec, effective)?;
+        let port_zero = matches!(spec, ListenSpec::Tcp(a) if a.port() == 0)
+            || matches!(spec, ListenSpec::AnyAddress(0) | ListenSpec::Host(_, 0));
+        if verbose || port_zero {
+            eprintln!(
+                "dream {who}: listening on {} (backlog {effective})",
+                bound.local
+            );
+        }
+        out.push(bound);
+    }
+    Ok(out)
+}
+
+/// `dream listen`: bind, drop privileges, exec PROGRAM with the sockets at
+/// fd 0 and fds 3.. (`LISTEN_FDS`, `LISTEN_PID` = its own pid, which is ours).
+pub fn listen(
+    specs: &[ListenSpec],
+    backlog: u32,
+    user: Option<&str>,
+    verbose: bool,
+    program: &[OsString],
+) -> Result {
+    let bound = bind_all(specs, backlog, "listen", verbose)?;
+    if let Some(user) = user {
+        crate::privs::drop_to(user)?;
+    }
+    let handoffs: Vec<Handoff<'_>> = bound
+        .iter()
+        .map(|b| Handoff {
+            fd: b.as_fd(),
+            name: &b.name,
+        })
+        .collect();
+    let mut cmd = Command::new(&program[0]);
+    cmd.args(&program[1..]).sockets(&handoffs);
+    Err(cmd.exec().into())
+}
+
+/// `dream loop`.
+pub fn run_loop(delay: &str, program: &[OsString]) -> Result {
+    let delay = dream_core::signals::parse_duration(delay).map_err(Failure::usage)?;
+    dream_core::respawn::run(delay, &program[0], &program[1..]).map_err(|e| match e {
+        dream_core::respawn::LoopError::Spawn(s) => s.into(),
+        other => Failure::failed(other),
+    })
+}
+
+/// `dream lock`: take the lock, keep it across exec, become PROGRAM.
+pub fn lock(file: &PathBuf, no_wait: bool, program: &[OsString]) -> Result {
+    let command = program
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let wait = if no_wait { Wait::No } else { Wait::Forever };
+    let lock = Lock::acquire(file, &Holder::me(command), wait).map_err(|e| match e {
+        dream_core::lock::LockError::Held { .. } => Failure::temporary(format!("lock: {e}")),
+        other => Failure::temporary(format!("lock: {other}")),
+    })?;
+    lock.inherit_across_exec()
+        .map_err(|e| Failure::temporary(format!("lock: {e}")))?;
+    let mut cmd = Command::new(&program[0]);
+    cmd.args(&program[1..]);
+    let err = cmd.exec();
+    drop(lock);
+    Err(err.into())
+}

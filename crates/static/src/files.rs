@@ -1,0 +1,245 @@
+//! Mapping a request to a file and a response: path safety, conditional
+//! requests, ranges. Pure functions where possible, so the rules are unit
+//! tested without sockets.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use percent_encoding::percent_decode_str;
+
+/// Why a request path does not name a servable file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PathError {
+    /// `..`, a NUL, or a malformed encoding: never served.
+    Forbidden,
+}
+
+/// The path of a request, relative to the served directory, with every
+/// segment decoded and checked. Returns the segments and whether the path
+/// ended in `/`.
+pub fn relative_path(uri_path: &str) -> Result<(PathBuf, bool), PathError> {
+    if !uri_path.starts_with('/') {
+        return Err(PathError::Forbidden);
+    }
+    let decoded: Vec<u8> = percent_decode_str(uri_path).collect();
+    if decoded.contains(&0) || decoded.contains(&b'\\') {
+        return Err(PathError::Forbidden);
+    }
+    let decoded = String::from_utf8(decoded).map_err(|_| PathError::Forbidden)?;
+    let mut rel = PathBuf::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => return Err(PathError::Forbidden),
+            s => rel.push(s),
+        }
+    }
+    Ok((rel, decoded.ends_with('/')))
+}
+
+/// Resolves `rel` under `root` (already canonical), following symlinks,
+/// and refuses anything whose real path leaves `root`.
+pub fn resolve(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let real = root.join(rel).canonicalize().ok()?;
+    real.starts_with(root).then_some(real)
+}
+
+/// A strong validator from size and modification time.
+pub fn etag(len: u64, modified: Option<SystemTime>) -> String {
+    let nanos = modified
+        .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("\"{len:x}-{nanos:x}\"")
+}
+
+/// True if an `If-None-Match` header value matches `etag`.
+pub fn none_match(header: &str, etag: &str) -> bool {
+    let bare = etag.trim_start_matches("W/");
+    header
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == bare)
+}
+
+/// A byte range `start..=end` of a file of `len` bytes.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct ByteRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl ByteRange {
+    pub fn len(&self) -> u64 {
+        self.end - self.start + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// What a `Range` header asks of a file of `len` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// Serve the whole file (no header, several ranges, or a header we do
+    /// not understand: RFC 9110 lets a server ignore Range).
+    Full,
+    /// Serve one part with 206.
+    Partial(ByteRange),
+    /// 416: the range starts past the end.
+    Unsatisfiable,
+}
+
+/// Parses a `Range` header for a file of `len` bytes. Only a single range
+/// is honoured; anything absurd falls back to the full file.
+pub fn parse_range(header: &str, len: u64) -> RangeRequest {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Full;
+    };
+    if spec.contains(',') || spec.len() > 64 {
+        return RangeRequest::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeRequest::Full;
+    };
+    let num = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let range = match (a.trim().is_empty(), num(a), num(b)) {
+        // bytes=-N: the last N bytes
+        (true, _, Some(n)) => {
+            if n == 0 {
+                return RangeRequest::Unsatisfiable;
+            }
+            if len == 0 {
+                return RangeRequest::Unsatisfiable;
+            }
+            ByteRange {
+                start: len.saturating_sub(n),
+                end: len - 1,
+            }
+        }
+        (false, Some(start), end) => {
+            if !b.trim().is_empty() && end.is_none() {
+                return RangeRequest::Full;
+            }
+            if start >= len {
+                return RangeRequest::Unsatisfiable;
+            }
+            let end = end.map_or(len - 1, |e| e.min(len - 1));
+            if end < start {
+                return RangeRequest::Full;
+            }
+            ByteRange { start, end }
+        }
+        _ => return RangeRequest::Full,
+    };
+    if range.start == 0 && range.end + 1 == len {
+        return RangeRequest::Full;
+    }
+    RangeRequest::Partial(range)
+}
+
+/// The `Content-Type` for a file name.
+pub fn content_type(path: &Path) -> String {
+    let mime = mime_guess::from_path(path).first_or_octet_stream();
+    if mime.type_() == "text" || mime.essence_str() == "application/javascript" {
+        format!("{}; charset=utf-8", mime.essence_str())
+    } else {
+        mime.essence_str().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_never_escape() {
+        for bad in [
+            "/../etc/passwd",
+            "/a/../../x",
+            "/%2e%2e/etc/passwd",
+            "/%2E%2E%2Fetc",
+            "/a/%2e%2e/%2e%2e/x",
+            "/a%00b",
+            "/a\\..\\b",
+            "/a%5c..%5cb",
+            "relative",
+            "/%ff%fe",
+        ] {
+            assert_eq!(relative_path(bad), Err(PathError::Forbidden), "{bad}");
+        }
+        assert_eq!(relative_path("/").unwrap(), (PathBuf::new(), true));
+        assert_eq!(
+            relative_path("/a/./b//c").unwrap(),
+            (PathBuf::from("a/b/c"), false)
+        );
+        assert_eq!(
+            relative_path("/sp%20ace/").unwrap(),
+            (PathBuf::from("sp ace"), true)
+        );
+    }
+
+    #[test]
+    fn symlinks_out_of_root_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("public");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(dir.path().join("secret"), "x").unwrap();
+        std::fs::write(root.join("ok"), "x").unwrap();
+        std::os::unix::fs::symlink("../secret", root.join("leak")).unwrap();
+        std::os::unix::fs::symlink("ok", root.join("alias")).unwrap();
+        let root = root.canonicalize().unwrap();
+        assert!(resolve(&root, Path::new("leak")).is_none());
+        assert!(resolve(&root, Path::new("alias")).is_some());
+        assert!(resolve(&root, Path::new("missing")).is_none());
+    }
+
+    #[test]
+    fn ranges() {
+        use RangeRequest::*;
+        let r = |s, e| Partial(ByteRange { start: s, end: e });
+        assert_eq!(parse_range("bytes=0-9", 100), r(0, 9));
+        assert_eq!(parse_range("bytes=90-", 100), r(90, 99));
+        assert_eq!(parse_range("bytes=-10", 100), r(90, 99));
+        assert_eq!(parse_range("bytes=-1000", 100), Full);
+        assert_eq!(parse_range("bytes=50-5000", 100), r(50, 99));
+        assert_eq!(parse_range("bytes=100-", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-99", 100), Full);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Full);
+        assert_eq!(parse_range("bytes=9-1", 100), Full);
+        assert_eq!(parse_range("bytes=99999999999999999999999-", 100), Full);
+        assert_eq!(parse_range("bytes=a-b", 100), Full);
+        assert_eq!(parse_range("items=0-1", 100), Full);
+        assert_eq!(
+            parse_range(&format!("bytes={}", "1".repeat(10000)), 100),
+            Full
+        );
+    }
+
+    #[test]
+    fn etags_match() {
+        let t = etag(10, Some(SystemTime::UNIX_EPOCH));
+        assert!(none_match(&t, &t));
+        assert!(none_match(&format!("\"x\", {t}"), &t));
+        assert!(none_match("*", &t));
+        assert!(!none_match("\"other\"", &t));
+    }
+
+    #[test]
+    fn types() {
+        assert_eq!(
+            content_type(Path::new("a.html")),
+            "text/html; charset=utf-8"
+        );
+        assert_eq!(content_type(Path::new("a.png")), "image/png");
+        assert_eq!(content_type(Path::new("noext")), "application/octet-stream");
+    }
+}

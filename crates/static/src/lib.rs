@@ -1,0 +1,540 @@
+//! `dream static`: a static file worker that follows dream's protocol.
+//!
+//! Theory of operation. The worker never binds: it takes its listening
+//! sockets from `LISTEN_FDS` or fd 0 ([`dream_core::protocol`]), serves
+//! files from one directory with HTTP/1.1 (hyper), and tells the
+//! supervisor it is ready with `READY=1` once it accepts.
+//!
+//! Draining (on HUP or TERM) is where workers usually break clients:
+//!
+//! 1. stop accepting at once: new connections wait in the shared backlog
+//!    for the next generation;
+//! 2. keep serving requests already on open connections, but answer each
+//!    with `Connection: close`, so a keep-alive client reconnects (to the
+//!    new generation) instead of sending on a socket we are about to close;
+//! 3. close connections that stayed idle only after a grace period: closing
+//!    an idle keep-alive connection at the very moment its client sends a
+//!    request is what makes clients such as `wrk` count read errors;
+//! 4. exit 0 when the last connection is done (or at the drain timeout).
+//!
+//! Hostile clients are bounded: a header read timeout (which also bounds
+//! idle keep-alive time), a cap on header size, and a cap on connections,
+//! past which the worker stops accepting and lets the kernel queue.
+
+mod files;
+
+use std::convert::Infallible;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use dream_core::protocol::Listener;
+use hyper::body::{Frame, SizeHint};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, Semaphore, watch};
+
+pub use files::{ByteRange, RangeRequest, parse_range, relative_path};
+
+/// Files up to this size are read whole in the request handler (from the
+/// page cache this is microseconds); larger ones are streamed.
+const READ_WHOLE_MAX: u64 = 256 * 1024;
+const CHUNK: usize = 64 * 1024;
+
+/// How the worker behaves; `Default` is what `dream static` uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory to serve, relative to the cwd (the release) unless absolute.
+    pub root: PathBuf,
+    /// Value of the `X-Dream-Release` header (from `$DREAM_RELEASE`).
+    pub release: Option<String>,
+    /// Time allowed for a request's headers, and for an idle keep-alive
+    /// connection to start its next request.
+    pub header_timeout: Duration,
+    /// Connections served at once; past this the worker stops accepting.
+    pub max_connections: usize,
+    /// While draining, how long an idle keep-alive connection is kept open.
+    pub drain_grace: Duration,
+    /// While draining, when to give up on connections still busy.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            root: PathBuf::from("public"),
+            release: None,
+            header_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            drain_grace: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves until HUP, TERM or INT, then drains and returns.
+pub fn serve(listeners: Vec<Listener>, config: Config) -> io::Result<()> {
+    if listeners.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no listening socket",
+        ));
+    }
+    let root = config.root.canonicalize().map_err(|e| {
+        let cwd = std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        io::Error::new(
+            e.kind(),
+            format!("cannot serve {}: {e} (cwd {cwd})", config.root.display()),
+        )
+    })?;
+    if !root.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cannot serve {}: not a directory", config.root.display()),
+        ));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(listeners, root, config))
+}
+
+struct Shared {
+    root: PathBuf,
+    release: Option<HeaderValue>,
+    draining: AtomicBool,
+    connections: AtomicUsize,
+    closed: Notify,
+    shutdown: watch::Sender<bool>,
+}
+
+async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
+    let shared = Arc::new(Shared {
+        root,
+        release: config
+            .release
+            .as_deref()
+            .and_then(|r| HeaderValue::from_str(r).ok()),
+        draining: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+        closed: Notify::new(),
+        shutdown: watch::channel(false).0,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout)
+        .max_buf_size(64 * 1024)
+        .keep_alive(true);
+
+    for listener in listeners {
+        let ctx = (
+            shared.clone(),
+            permits.clone(),
+            stop_rx.clone(),
+            http.clone(),
+        );
+        match listener {
+            Listener::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                let l = Arc::new(tokio::net::TcpListener::from_std(l)?);
+                tokio::spawn(accept_loop(
+                    move || {
+                        let l = l.clone();
+                        async move {
+                            let (s, _) = l.accept().await?;
+                            let _ = s.set_nodelay(true);
+                            Ok(s)
+                        }
+                    },
+                    ctx,
+                ));
+            }
+            Listener::Unix(l) => {
+                l.set_nonblocking(true)?;
+                let l = Arc::new(tokio::net::UnixListener::from_std(l)?);
+                tokio::spawn(accept_loop(
+                    move || {
+                        let l = l.clone();
+                        async move { Ok(l.accept().await?.0) }
+                    },
+                    ctx,
+                ));
+            }
+        }
+    }
+    let _ = dream_core::protocol::notify("READY=1");
+
+    tokio::select! {
+        _ = hup.recv() => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let _ = dream_core::protocol::notify("STOPPING=1");
+    // 1. Stop accepting. 2. Answer what comes with Connection: close.
+    let _ = stop_tx.send(true);
+    shared.draining.store(true, Ordering::SeqCst);
+    // 3. Idle connections get a grace period before they are closed.
+    if !wait_closed(&shared, config.drain_grace).await {
+        let _ = shared.shutdown.send(true);
+        // 4. Busy ones get until the drain timeout.
+        wait_closed(&shared, config.drain_timeout).await;
+    }
+    Ok(())
+}
+
+/// Waits until no connection is open, or `limit` passes; true if none is.
+async fn wait_closed(shared: &Shared, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let closed = shared.closed.notified();
+        if shared.connections.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, closed).await.is_err() {
+            return shared.connections.load(Ordering::SeqCst) == 0;
+        }
+    }
+}
+
+type LoopCtx = (
+    Arc<Shared>,
+    Arc<Semaphore>,
+    watch::Receiver<bool>,
+    hyper::server::conn::http1::Builder,
+);
+
+async fn accept_loop<F, Fut, S>(mut accept: F, ctx: LoopCtx)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = io::Result<S>>,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (shared, permits, mut stop, http) = ctx;
+    let mut warned = false;
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let stream = tokio::select! {
+            r = accept() => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning
+                // on a backlog we cannot drain; the clients wait there.
+                if e.raw_os_error().is_some_and(is_resource_error) {
+                    if !warned {
+                        eprintln!("dream static: accept: {e}; pausing accepts");
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                continue;
+            }
+        };
+        warned = false;
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let shared = shared.clone();
+        let http = http.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, &shared, &http).await;
+            drop(permit);
+            if shared.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+                shared.closed.notify_waiters();
+            }
+        });
+    }
+}
+
+fn is_resource_error(errno: i32) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM
+    matches!(errno, 24 | 23 | 105 | 12)
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    shared: &Arc<Shared>,
+    http: &hyper::server::conn::http1::Builder,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = shared.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+    });
+    let conn = http.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut shutdown = shared.shutdown.subscribe();
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = shutdown.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+async fn handle(req: Request<hyper::body::Incoming>, shared: &Shared) -> Response<Body> {
+    let mut resp = respond(&req, &shared.root).await;
+    let h = resp.headers_mut();
+    h.insert(header::SERVER, HeaderValue::from_static("dream"));
+    if let Some(r) = &shared.release {
+        h.insert("x-dream-release", r.clone());
+    }
+    if shared.draining.load(Ordering::SeqCst) {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+fn simple(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::full(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn respond(req: &Request<hyper::body::Incoming>, root: &Path) -> Response<Body> {
+    let head = match *req.method() {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => {
+            let mut r = simple(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
+    };
+    let not_found = || simple(StatusCode::NOT_FOUND, "not found\n");
+    let Ok((rel, trailing_slash)) = files::relative_path(req.uri().path()) else {
+        return not_found();
+    };
+    let Some(mut path) = files::resolve(root, &rel) else {
+        return not_found();
+    };
+    if path.is_dir() {
+        if !trailing_slash {
+            let mut location = format!("{}/", req.uri().path());
+            if let Some(q) = req.uri().query() {
+                location.push('?');
+                location.push_str(q);
+            }
+            let mut r = simple(StatusCode::MOVED_PERMANENTLY, "moved\n");
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            return r;
+        }
+        match files::resolve(root, &rel.join("index.html")) {
+            Some(index) => path = index,
+            None => return not_found(),
+        }
+    }
+    match serve_file(req, &path, head).await {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => not_found(),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            simple(StatusCode::FORBIDDEN, "forbidden\n")
+        }
+        Err(e) => {
+            eprintln!("dream static: {}: {e}", path.display());
+            simple(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n")
+        }
+    }
+}
+
+async fn serve_file(
+    req: &Request<hyper::body::Incoming>,
+    path: &Path,
+    head: bool,
+) -> io::Result<Response<Body>> {
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::from(io::ErrorKind::NotFound));
+    }
+    let len = meta.len();
+    let modified = meta.modified().ok();
+    let etag = files::etag(len, modified);
+    let last_modified = modified.map(httpdate::fmt_http_date);
+
+    let header_str =
+        |name: header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let not_modified = match header_str(header::IF_NONE_MATCH) {
+        Some(inm) => files::none_match(inm, &etag),
+        None => match (header_str(header::IF_MODIFIED_SINCE), modified) {
+            (Some(ims), Some(m)) => {
+                httpdate::parse_http_date(ims).is_ok_and(|since| truncate_secs(m) <= since)
+            }
+            _ => false,
+        },
+    };
+
+    let mut builder = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if let Some(lm) = &last_modified {
+        builder = builder.header(header::LAST_MODIFIED, lm);
+    }
+    if not_modified {
+        return Ok(builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .expect("valid response"));
+    }
+    builder = builder.header(header::CONTENT_TYPE, files::content_type(path));
+
+    let range_ok = match header_str(header::IF_RANGE) {
+        None => true,
+        Some(v) => v == etag || last_modified.as_deref() == Some(v),
+    };
+    let range = match (header_str(header::RANGE), range_ok) {
+        (Some(r), true) => files::parse_range(r, len),
+        _ => RangeRequest::Full,
+    };
+    let (status, part) = match range {
+        RangeRequest::Full => (
+            StatusCode::OK,
+            ByteRange {
+                start: 0,
+                end: len.saturating_sub(1),
+            },
+        ),
+        RangeRequest::Partial(r) => {
+            builder = builder.header(
+                header::CONTENT_RANGE,
+                format!("bytes {}-{}/{len}", r.start, r.end),
+            );
+            (StatusCode::PARTIAL_CONTENT, r)
+        }
+        RangeRequest::Unsatisfiable => {
+            return Ok(builder
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+                .body(Body::empty())
+                .expect("valid response"));
+        }
+    };
+    let body_len = if len == 0 { 0 } else { part.len() };
+    builder = builder
+        .status(status)
+        .header(header::CONTENT_LENGTH, body_len);
+    let body = if head || body_len == 0 {
+        Body::empty()
+    } else if body_len <= READ_WHOLE_MAX {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; body_len as usize];
+        file.read_exact_at(&mut buf, part.start)?;
+        Body::full(Bytes::from(buf))
+    } else {
+        use tokio::io::AsyncSeekExt;
+        let mut f = tokio::fs::File::from_std(file);
+        f.seek(io::SeekFrom::Start(part.start)).await?;
+        Body::File {
+            file: f,
+            remaining: body_len,
+        }
+    };
+    Ok(builder.body(body).expect("valid response"))
+}
+
+/// HTTP dates have whole seconds.
+fn truncate_secs(t: SystemTime) -> SystemTime {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => SystemTime::UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => t,
+    }
+}
+
+/// A response body: bytes in memory, or a file streamed in chunks.
+pub enum Body {
+    Full(Option<Bytes>),
+    File {
+        file: tokio::fs::File,
+        remaining: u64,
+    },
+}
+
+impl Body {
+    fn full(b: Bytes) -> Body {
+        Body::Full(Some(b))
+    }
+
+    fn empty() -> Body {
+        Body::Full(None)
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::File { file, remaining } => {
+                if *remaining == 0 {
+                    return Poll::Ready(None);
+                }
+                let want = (*remaining).min(CHUNK as u64) as usize;
+                let mut buf = vec![0u8; want];
+                let mut rb = ReadBuf::new(&mut buf);
+                match Pin::new(file).poll_read(cx, &mut rb) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            return Poll::Ready(Some(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "file shrank while being served",
+                            ))));
+                        }
+                        *remaining -= n as u64;
+                        buf.truncate(n);
+                        Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(b) => b.is_none(),
+            Body::File { remaining, .. } => *remaining == 0,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::File { remaining, .. } => SizeHint::with_exact(*remaining),
+        }
+    }
+}
