@@ -446,10 +446,10 @@ async fn client(
                     .and_then(|c| c.get(1))
                     .map(|m| m.as_str().to_string());
                 let mut mixed = None;
-                if let (Some(h), Some(b)) = (&a.header_release, &body_release) {
-                    if h != b {
-                        mixed = Some(format!("header says release {h}, body says {b}"));
-                    }
+                if let (Some(h), Some(b)) = (&a.header_release, &body_release)
+                    && h != b
+                {
+                    mixed = Some(format!("header says release {h}, body says {b}"));
                 }
                 let release = a.header_release.clone().or(body_release);
                 if let Some(r) = &release {

@@ -17,4 +17,4 @@ pub mod spawn;
 pub mod spec;
 mod sys;
 
-pub use sys::single_threaded;
+pub use sys::{single_threaded, with_raw_fd};

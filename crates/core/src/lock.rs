@@ -79,7 +79,7 @@ pub enum LockError {
     #[error("cannot lock {}: held by {}", .path.display(), holder_text(.holder))]
     Held {
         path: PathBuf,
-        holder: Option<Holder>,
+        holder: Option<Box<Holder>>,
         waited: Option<Duration>,
     },
     #[error("cannot lock {}: {source}", .path.display())]
@@ -90,7 +90,7 @@ pub enum LockError {
     },
 }
 
-fn holder_text(h: &Option<Holder>) -> String {
+fn holder_text(h: &Option<Box<Holder>>) -> String {
     h.as_ref()
         .map(|h| h.to_string())
         .unwrap_or_else(|| "another process (no holder record)".into())
@@ -101,6 +101,14 @@ fn holder_text(h: &Option<Holder>) -> String {
 pub struct Lock {
     file: Flock<File>,
     path: PathBuf,
+}
+
+impl std::os::fd::AsFd for Lock {
+    /// The locked file, e.g. for [`crate::spawn::Command::keep_fd`], so that
+    /// a program dream execs keeps holding the lock (setlock's way).
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
 }
 
 impl Lock {
@@ -137,7 +145,7 @@ impl Lock {
                     if elapsed >= deadline {
                         return Err(LockError::Held {
                             path: path.to_path_buf(),
-                            holder: read_holder(&mut f),
+                            holder: read_holder(&mut f).map(Box::new),
                             waited: (wait != Wait::No).then_some(elapsed),
                         });
                     }
@@ -170,14 +178,6 @@ impl Lock {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    /// Keeps the lock across `exec`: clears close-on-exec on its descriptor,
-    /// so the program dream execs holds it until it exits (setlock's way).
-    pub fn inherit_across_exec(&self) -> io::Result<()> {
-        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-        fcntl(&*self.file, FcntlArg::F_SETFD(FdFlag::empty()))?;
-        Ok(())
-    }
 }
 
 /// The holder record of a lock file, if it parses.
@@ -202,7 +202,7 @@ mod tests {
         // A second open file description contends even within one process.
         let err = Lock::acquire(&path, &Holder::me("test two"), Wait::No).unwrap_err();
         match &err {
-            LockError::Held { holder, .. } => assert_eq!(holder.as_ref(), Some(&me)),
+            LockError::Held { holder, .. } => assert_eq!(holder.as_deref(), Some(&me)),
             other => panic!("{other:?}"),
         }
         let msg = err.to_string();

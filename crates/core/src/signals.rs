@@ -87,7 +87,7 @@ pub fn timeout_until(deadline: Option<Instant>) -> PollTimeout {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 && secs < 1e9 {
+        if (0.0..1e9).contains(&secs) {
             return Ok(Duration::from_secs_f64(secs));
         }
         return Err(format!("invalid duration {s:?}: out of range"));

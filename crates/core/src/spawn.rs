@@ -7,12 +7,15 @@
 //! * all sockets at fds 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and
 //!   `LISTEN_PID` set to the new process's own pid (systemd's protocol).
 //!
-//! Everything else the new process gets is fds 1 and 2 (inherited, or
-//! redirected): every other descriptor dream owns is close-on-exec from birth.
+//! Besides those, the new process gets fds 1 and 2 (inherited, or
+//! redirected) and nothing else: every descriptor dream opens is
+//! close-on-exec from birth, and any others dream itself inherited are
+//! marked close-on-exec in the child just before `execve`.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
+
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
@@ -38,6 +41,7 @@ pub struct Command<'a> {
     stdin: Option<BorrowedFd<'a>>,
     stdout: Option<BorrowedFd<'a>>,
     stderr: Option<BorrowedFd<'a>>,
+    keep: Vec<BorrowedFd<'a>>,
     process_group: bool,
     parent_death_signal: Option<Signal>,
 }
@@ -78,6 +82,7 @@ impl<'a> Command<'a> {
             stdin: None,
             stdout: None,
             stderr: None,
+            keep: Vec::new(),
             process_group: false,
             parent_death_signal: None,
         }
@@ -118,6 +123,13 @@ impl<'a> Command<'a> {
     /// fd 0 for a child that gets no sockets (default: dream's own fd 0).
     pub fn stdin(&mut self, fd: BorrowedFd<'a>) -> &mut Self {
         self.stdin = Some(fd);
+        self
+    }
+
+    /// Keep this descriptor open across exec, at the same number (e.g. a
+    /// lock that the program must hold). Everything not named is closed.
+    pub fn keep_fd(&mut self, fd: BorrowedFd<'a>) -> &mut Self {
+        self.keep.push(fd);
         self
     }
 
@@ -212,6 +224,10 @@ impl<'a> Command<'a> {
         }
         for (i, s) in self.sockets.iter().enumerate() {
             image.map_fd(s.fd, SD_LISTEN_FDS_START + i as RawFd);
+        }
+        for fd in &self.keep {
+            use std::os::fd::AsRawFd;
+            image.map_fd(*fd, fd.as_raw_fd());
         }
         image.set_new_process_group(self.process_group);
         image.set_parent_death_signal(self.parent_death_signal);

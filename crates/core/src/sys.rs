@@ -232,6 +232,11 @@ impl ExecImage {
                 }
                 entry.0 = high;
             }
+            // Nothing else may reach the new program: mark every other
+            // descriptor close-on-exec, including ones dream itself
+            // inherited from its parent. dup2 below clears the flag on
+            // exactly the targets.
+            mark_cloexec_from(3);
             for &(high, target) in &self.fd_map {
                 if libc::dup2(high, target) < 0 {
                     return errno();
@@ -248,6 +253,40 @@ impl ExecImage {
             }
             libc::execve(self.path.as_ptr(), self.argv_ptrs.as_ptr(), envp.as_ptr());
             errno()
+        }
+    }
+}
+
+/// Sets close-on-exec on every descriptor from `first` up.
+///
+/// # Safety
+/// Async-signal-safe: system calls only, no allocation.
+unsafe fn mark_cloexec_from(first: libc::c_int) {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes descriptor
+    // flags (Linux 5.11+); the fallback does the same one fd at a time, up
+    // to the descriptor limit.
+    unsafe {
+        let r = libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        );
+        if r == 0 {
+            return;
+        }
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur.min(1 << 20) as libc::c_int
+        } else {
+            4096
+        };
+        for fd in first..max {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
         }
     }
 }

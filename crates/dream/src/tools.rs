@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::Path;
 
 use dream_core::listen::{self, Bound};
 use dream_core::lock::{Holder, Lock, Wait};
@@ -111,7 +111,7 @@ pub fn run_loop(delay: &str, program: &[OsString]) -> Result {
 }
 
 /// `dream lock`: take the lock, keep it across exec, become PROGRAM.
-pub fn lock(file: &PathBuf, no_wait: bool, program: &[OsString]) -> Result {
+pub fn lock(file: &Path, no_wait: bool, program: &[OsString]) -> Result {
     let command = program
         .iter()
         .map(|a| a.to_string_lossy())
@@ -122,10 +122,8 @@ pub fn lock(file: &PathBuf, no_wait: bool, program: &[OsString]) -> Result {
         dream_core::lock::LockError::Held { .. } => Failure::temporary(format!("lock: {e}")),
         other => Failure::temporary(format!("lock: {other}")),
     })?;
-    lock.inherit_across_exec()
-        .map_err(|e| Failure::temporary(format!("lock: {e}")))?;
     let mut cmd = Command::new(&program[0]);
-    cmd.args(&program[1..]);
+    cmd.args(&program[1..]).keep_fd(lock.as_fd());
     let err = cmd.exec();
     drop(lock);
     Err(err.into())

@@ -185,10 +185,10 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    let _ = dream_core::protocol::notify("STOPPING=1");
     // 1. Stop accepting. 2. Answer what comes with Connection: close.
     let _ = stop_tx.send(true);
     shared.draining.store(true, Ordering::SeqCst);
+    let _ = dream_core::protocol::notify("STOPPING=1");
     // 3. Idle connections get a grace period before they are closed.
     if !wait_closed(&shared, config.drain_grace).await {
         let _ = shared.shutdown.send(true);

@@ -1,1 +1,323 @@
-pub fn placeholder() {}
+//! Helpers for dream's tests: binaries, temporary trees, child guards that
+//! kill on drop, deadline-driven waits, and a tiny HTTP client.
+//!
+//! Every wait here has a deadline; nothing sleeps for a fixed time to let
+//! something happen.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A binary built by this workspace (`dream`, `dream-probe`), found next to
+/// the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("deps dir");
+    for d in [dir, dir.parent().expect("target dir")] {
+        let p = d.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} is not built in {}: run the tests with `cargo test --workspace`",
+        dir.display()
+    );
+}
+
+pub fn probe() -> PathBuf {
+    bin("dream-probe")
+}
+
+/// Polls `f` until it returns `Some`, or panics after `limit` naming `what`.
+pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// A child process that is killed (with its process group) when dropped.
+pub struct Guard {
+    pub child: Child,
+    stderr_lines: Option<mpsc::Receiver<String>>,
+    pub stderr_seen: Vec<String>,
+}
+
+impl Guard {
+    /// Spawns `cmd` in its own process group, with stderr captured line by
+    /// line (and echoed to the test's stderr for diagnosis).
+    pub fn spawn(cmd: &mut Command) -> Guard {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[child] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Guard {
+            child,
+            stderr_lines: Some(rx),
+            stderr_seen: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for a stderr line containing `needle`; returns it.
+    pub fn wait_stderr(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        if let Some(l) = self.stderr_seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let rx = self.stderr_lines.as_ref().expect("stderr");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.stderr_seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no stderr line with {needle:?} within {limit:?}; saw {:?}",
+                    self.stderr_seen
+                ),
+            }
+        }
+    }
+
+    /// All stderr so far, without waiting (plus whatever is buffered).
+    pub fn stderr_now(&mut self) -> String {
+        if let Some(rx) = &self.stderr_lines {
+            while let Ok(l) = rx.try_recv() {
+                self.stderr_seen.push(l);
+            }
+        }
+        self.stderr_seen.join("\n")
+    }
+
+    /// The address from a `listening on ADDR` line on stderr.
+    pub fn listening_addr(&mut self) -> SocketAddr {
+        let line = self.wait_stderr("listening on ", Duration::from_secs(10));
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .expect("address after 'listening on'");
+        addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"))
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// Waits for exit within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        wait_until(limit, "the child to exit", || {
+            child.try_wait().ok().flatten()
+        })
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.pid());
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion within `limit`; returns (status, stdout, stderr).
+pub fn run(cmd: &mut Command, limit: Duration) -> (ExitStatus, String, String) {
+    use std::os::unix::process::CommandExt;
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    (status, t_out.join().unwrap(), t_err.join().unwrap())
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `raw` (a whole request) on a new connection and reads one
+/// response (the server is expected to close, or to send Content-Length).
+pub fn http_raw(addr: SocketAddr, raw: &str) -> Response {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    read_response(&mut s, raw.starts_with("HEAD "))
+}
+
+/// GET `path` with extra header lines.
+pub fn get(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> Response {
+    let mut raw = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (k, v) in extra {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    raw.push_str("\r\n");
+    http_raw(addr, &raw)
+}
+
+/// Reads one response from a stream (keep-alive aware via Content-Length).
+pub fn read_response(s: &mut impl Read, head: bool) -> Response {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            Ok(_) => panic!(
+                "connection closed in response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Err(e) => panic!(
+                "reading response head: {e}; got {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let mut lines = text.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut resp = Response {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if head || status == 304 || status == 204 {
+        return resp;
+    }
+    match resp
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(n) => {
+            resp.body = vec![0; n];
+            s.read_exact(&mut resp.body).expect("body");
+        }
+        None => {
+            let _ = s.read_to_end(&mut resp.body);
+        }
+    }
+    resp
+}
+
+/// A temporary directory with helpers to fill it.
+pub struct Tree {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tree {
+    pub fn new() -> Tree {
+        Tree {
+            dir: tempfile::Builder::new()
+                .prefix("dream-test-")
+                .tempdir()
+                .expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `contents` at `rel`, creating parent directories.
+    pub fn write(&self, rel: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path().join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, contents).expect("write");
+        p
+    }
+}
+
+impl Default for Tree {
+    fn default() -> Tree {
+        Tree::new()
+    }
+}
+
+/// Reads a probe's JSON report once it exists.
+pub fn read_report(path: &Path) -> serde_json::Value {
+    let text = wait_until(Duration::from_secs(10), "the probe's report", || {
+        std::fs::read_to_string(path).ok()
+    });
+    serde_json::from_str(&text).expect("report JSON")
+}

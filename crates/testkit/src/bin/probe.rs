@@ -1,1 +1,221 @@
-fn main() {}
+//! `dream-probe`: a worker for tests that reports what it was given and can
+//! misbehave on demand.
+//!
+//! It writes a JSON report of its descriptors (number, kind, close-on-exec,
+//! socket family, listening state, address), its protocol environment, pid
+//! and cwd; then, in `--serve` mode, answers HTTP on its listener with its
+//! release, one request per connection. Modes for the pool's tests:
+//! `--crash-at-start`, `--never-ready`, `--ignore-term`, `--hang`,
+//! `--exit-after-report`.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dream_core::protocol::{self, Listener};
+use dream_core::signals::Signals;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use std::os::fd::AsFd;
+
+#[derive(Default)]
+struct Modes {
+    report: Option<String>,
+    serve: bool,
+    crash_at_start: bool,
+    never_ready: bool,
+    ignore_term: bool,
+    hang: bool,
+    exit_after_report: bool,
+    stderr: Option<String>,
+}
+
+fn main() {
+    let mut m = Modes::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--report" => m.report = args.next(),
+            "--serve" => m.serve = true,
+            "--crash-at-start" => m.crash_at_start = true,
+            "--never-ready" => m.never_ready = true,
+            "--ignore-term" => m.ignore_term = true,
+            "--hang" => m.hang = true,
+            "--exit-after-report" => m.exit_after_report = true,
+            "--stderr" => m.stderr = args.next(),
+            other => {
+                eprintln!("dream-probe: unknown argument {other}");
+                std::process::exit(100);
+            }
+        }
+    }
+    let report = report();
+    if let Some(path) = &m.report {
+        let text = serde_json::to_string_pretty(&report).expect("json");
+        if path == "-" {
+            println!("{text}");
+        } else {
+            // Write then rename, so a reader never sees half a report.
+            let tmp = format!("{path}.tmp{}", std::process::id());
+            std::fs::write(&tmp, text).expect("write report");
+            std::fs::rename(&tmp, path).expect("rename report");
+        }
+    }
+    if let Some(s) = &m.stderr {
+        eprintln!("{s}");
+    }
+    if m.crash_at_start {
+        std::process::exit(3);
+    }
+    if m.exit_after_report {
+        return;
+    }
+    let mut signals =
+        Signals::new(&[Signal::SIGTERM, Signal::SIGHUP, Signal::SIGINT]).expect("signalfd");
+    let listeners: Vec<Listener> = if m.serve {
+        protocol::take_listeners()
+            .expect("a listening socket")
+            .into_iter()
+            .map(|l| l.into_listener().expect("listener"))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for l in &listeners {
+        match l {
+            Listener::Tcp(t) => t.set_nonblocking(true),
+            Listener::Unix(u) => u.set_nonblocking(true),
+        }
+        .expect("nonblocking");
+    }
+    let active = Arc::new(AtomicUsize::new(0));
+    let release = std::env::var("DREAM_RELEASE").unwrap_or_default();
+    if !m.never_ready {
+        let _ = protocol::notify("READY=1");
+    }
+    // One thread accepts, so that once a signal is seen no connection can
+    // be accepted and then dropped at exit.
+    loop {
+        let mut fds: Vec<PollFd<'_>> = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        fds.extend(listeners.iter().map(|l| {
+            let fd = match l {
+                Listener::Tcp(t) => t.as_fd(),
+                Listener::Unix(u) => u.as_fd(),
+            };
+            PollFd::new(fd, PollFlags::POLLIN)
+        }));
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        if signals.try_next().expect("signals").is_some() && !m.ignore_term {
+            break;
+        }
+        for l in &listeners {
+            let conn: Option<Box<dyn ReadWrite>> = match l {
+                Listener::Tcp(t) => t.accept().ok().map(|(s, _)| {
+                    let _ = s.set_nonblocking(false);
+                    Box::new(s) as Box<dyn ReadWrite>
+                }),
+                Listener::Unix(u) => u.accept().ok().map(|(s, _)| {
+                    let _ = s.set_nonblocking(false);
+                    Box::new(s) as Box<dyn ReadWrite>
+                }),
+            };
+            if let Some(conn) = conn {
+                active.fetch_add(1, Ordering::SeqCst);
+                let (active, release, hang) = (active.clone(), release.clone(), m.hang);
+                std::thread::spawn(move || {
+                    answer(conn, &release, hang);
+                    active.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        }
+    }
+    // Connections in flight finish; the process exits when they have.
+    while active.load(Ordering::SeqCst) > 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
+fn answer(mut conn: Box<dyn ReadWrite>, release: &str, hang: bool) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if buf.len() > 64 * 1024 {
+            return;
+        }
+    }
+    if hang {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+    let body = format!("release {release}\n");
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nX-Dream-Release: {release}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(resp.as_bytes());
+}
+
+fn report() -> Value {
+    let mut env = BTreeMap::new();
+    for (k, v) in std::env::vars() {
+        if k.starts_with("LISTEN_") || k.starts_with("DREAM_") || k == "NOTIFY_SOCKET" {
+            env.insert(k, v);
+        }
+    }
+    let mut numbers: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    numbers.sort();
+    let fds: Vec<Value> = numbers.into_iter().filter_map(describe_fd).collect();
+    json!({
+        "pid": std::process::id(),
+        "ppid": nix::unistd::getppid().as_raw(),
+        "pgid": nix::unistd::getpgrp().as_raw(),
+        "cwd": std::env::current_dir().ok(),
+        "env": env,
+        "fds": fds,
+    })
+}
+
+/// Describes one descriptor, or `None` if it is not open (the directory
+/// handle that listed /proc/self/fd is closed by now).
+fn describe_fd(fd: i32) -> Option<Value> {
+    dream_core::with_raw_fd(fd, |b| {
+        let flags = nix::fcntl::fcntl(b, nix::fcntl::FcntlArg::F_GETFD).ok()?;
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let mut v = json!({ "fd": fd, "cloexec": flags & libc::FD_CLOEXEC != 0, "target": target });
+        if target.starts_with("socket:") {
+            let sock = socket2::SockRef::from(&b);
+            v["kind"] = json!("socket");
+            v["listening"] = json!(sock.is_listener().unwrap_or(false));
+            v["domain"] = json!(match sock.domain() {
+                Ok(d) if d == socket2::Domain::IPV4 => "ipv4",
+                Ok(d) if d == socket2::Domain::IPV6 => "ipv6",
+                Ok(d) if d == socket2::Domain::UNIX => "unix",
+                _ => "other",
+            });
+            v["local"] = json!(protocol::describe_local(b));
+        } else if target.starts_with("pipe:") {
+            v["kind"] = json!("pipe");
+        } else {
+            v["kind"] = json!("file");
+        }
+        Some(v)
+    })
+    .flatten()
+}

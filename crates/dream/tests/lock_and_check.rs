@@ -1,0 +1,193 @@
+//! `dream lock` contention and `dream check` as a referee that fails when
+//! it should.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dream_testkit::{Guard, Tree, bin, probe, read_report, run, wait_until};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+#[test]
+fn lock_contention_names_the_holder() {
+    let tree = Tree::new();
+    let lock = tree.path().join("deploy.lock");
+    let report = tree.path().join("holder.json");
+    let holder = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["lock", "-n"])
+            .arg(&lock)
+            .arg(probe())
+            .arg("--report")
+            .arg(&report),
+    );
+    // The lock is held by the program dream exec'd: same pid.
+    let r = read_report(&report);
+    assert_eq!(r["pid"], holder.pid());
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["lock", "-n"])
+            .arg(&lock)
+            .arg("true"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(111), "{err}");
+    assert!(
+        err.contains(&format!("held by pid {}", holder.pid())),
+        "{err}"
+    );
+    assert!(
+        err.contains("dream-probe"),
+        "the holder's command is named: {err}"
+    );
+
+    // Without -n, a second taker waits until the holder is gone.
+    let mut waiter = Guard::spawn(
+        Command::new(bin("dream"))
+            .arg("lock")
+            .arg(&lock)
+            .arg("true"),
+    );
+    let lock_name = lock.clone();
+    let waiter_pid = waiter.pid();
+    wait_until(
+        Duration::from_secs(10),
+        "the waiter to open the lock",
+        || {
+            std::fs::read_dir(format!("/proc/{waiter_pid}/fd"))
+                .ok()?
+                .flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == lock_name))
+                .then_some(())
+        },
+    );
+    assert!(
+        waiter.child.try_wait().unwrap().is_none(),
+        "the waiter must block"
+    );
+    // SIGKILL: the kernel releases a flock with its last descriptor, so no
+    // stale lock survives a killed holder.
+    holder.signal(Signal::SIGKILL);
+    assert!(waiter.wait_exit(Duration::from_secs(10)).success());
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["lock", "-n"])
+            .arg(&lock)
+            .arg("true"),
+        Duration::from_secs(10),
+    );
+    assert!(status.success(), "{err}");
+}
+
+fn check_json(url: &str, extra: &[&str]) -> (Option<i32>, Value, String) {
+    let (status, out, err) = run(
+        Command::new(bin("dream"))
+            .args([
+                "check",
+                url,
+                "--json",
+                "--duration",
+                "1s",
+                "--connections",
+                "4",
+            ])
+            .args(extra),
+        Duration::from_secs(30),
+    );
+    let v = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+    (status.code(), v, err)
+}
+
+#[test]
+fn check_fails_against_a_closed_port() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (code, v, err) = check_json(&format!("http://127.0.0.1:{port}/"), &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(v["errors"]["connect_refused"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["ok"], false);
+}
+
+/// A server on a thread: one response per request, keep-alive, with the
+/// header and body releases chosen by `pick(n)` for the n-th response.
+fn fake_server(pick: fn(u64) -> (&'static str, &'static str)) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                loop {
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let (h, b) = pick(COUNT.fetch_add(1, Ordering::SeqCst));
+                    let body = format!("release {b}\n");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nX-Dream-Release: {h}\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if w.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}/")
+}
+
+#[test]
+fn check_counts_header_body_mismatch_as_mixed() {
+    let url = fake_server(|_| ("a", "b"));
+    let (code, v, err) = check_json(&url, &["--keep-alive"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(v["mixed"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[test]
+fn check_counts_two_releases_on_one_connection_as_mixed() {
+    let url = fake_server(|n| if n % 2 == 0 { ("a", "a") } else { ("b", "b") });
+    let (code, v, _) = check_json(&url, &["--keep-alive"]);
+    assert_eq!(code, Some(1));
+    assert!(v["mixed"].as_u64().unwrap() > 0, "{v}");
+    // The same server is consistent per response: with a new connection per
+    // request nothing is mixed.
+    let (code, v, err) = check_json(&url, &[]);
+    assert_eq!(code, Some(0), "{err} {v}");
+    assert_eq!(v["mixed"], 0);
+    assert!(v["releases"]["a"].as_u64().unwrap() > 0 && v["releases"]["b"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn check_rejects_bad_input_with_usage_errors() {
+    for args in [
+        vec!["check", "ftp://x/"],
+        vec!["check", "http://127.0.0.1:1/", "--duration", "soon"],
+        vec!["check", "http://127.0.0.1:1/", "--body-pattern", "no group"],
+        vec!["check", "http://127.0.0.1:1/", "--connections", "0"],
+        vec!["check"],
+        vec!["no-such-command"],
+    ] {
+        let (status, _, err) = run(
+            Command::new(bin("dream")).args(&args),
+            Duration::from_secs(10),
+        );
+        assert_eq!(status.code(), Some(100), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -1,0 +1,346 @@
+//! `dream static` against real sockets: HTTP semantics, path safety,
+//! hostile clients, and the graceful drain.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dream_testkit::{Guard, Tree, bin, get, http_raw, read_response};
+use nix::sys::signal::Signal;
+
+struct Worker {
+    guard: Guard,
+    addr: SocketAddr,
+    tree: Tree,
+    notify: UnixDatagram,
+}
+
+impl Worker {
+    /// Signals the worker and waits until it says it is draining.
+    fn drain(&self, sig: Signal) {
+        self.guard.signal(sig);
+        let mut buf = [0u8; 256];
+        let n = self
+            .notify
+            .recv(&mut buf)
+            .expect("STOPPING=1 from the worker");
+        assert_eq!(&buf[..n], b"STOPPING=1");
+    }
+}
+
+/// Starts `dream static` on a socket bound here and passed as fd 0
+/// (inetd style), and waits for its `READY=1`.
+fn start(extra: &[&str]) -> Worker {
+    let tree = Tree::new();
+    tree.write("public/index.html", "<h1>release r1</h1>\n");
+    tree.write("public/style.css", "body{}\n");
+    tree.write("public/sub/index.html", "sub\n");
+    tree.write("public/sp ace.txt", "space\n");
+    tree.write("secret.txt", "TOP SECRET\n");
+    let big: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    tree.write("public/big.bin", &big);
+    std::os::unix::fs::symlink("../secret.txt", tree.path().join("public/leak.txt")).unwrap();
+    std::os::unix::fs::symlink("style.css", tree.path().join("public/alias.css")).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let notify_path = tree.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let guard = Guard::spawn(
+        Command::new(bin("dream"))
+            .arg("static")
+            .args(extra)
+            .current_dir(tree.path())
+            .env("DREAM_RELEASE", "r1")
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::from(OwnedFd::from(listener))),
+    );
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 from the worker");
+    assert_eq!(&buf[..n], b"READY=1");
+    Worker {
+        guard,
+        addr,
+        tree,
+        notify,
+    }
+}
+
+#[test]
+fn serves_files_with_validators_and_release_header() {
+    let w = start(&[]);
+    let r = get(w.addr, "/", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "<h1>release r1</h1>\n");
+    assert_eq!(r.header("x-dream-release"), Some("r1"));
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(r.header("content-length"), Some("20"));
+    let etag = r.header("etag").unwrap().to_string();
+    let last_modified = r.header("last-modified").unwrap().to_string();
+
+    assert_eq!(
+        get(w.addr, "/style.css", &[]).header("content-type"),
+        Some("text/css; charset=utf-8")
+    );
+    assert_eq!(get(w.addr, "/sp%20ace.txt", &[]).text(), "space\n");
+    assert_eq!(get(w.addr, "/alias.css", &[]).text(), "body{}\n");
+    assert_eq!(get(w.addr, "/sub/", &[]).text(), "sub\n");
+    let redirect = get(w.addr, "/sub?x=1", &[]);
+    assert_eq!(redirect.status, 301);
+    assert_eq!(redirect.header("location"), Some("/sub/?x=1"));
+    assert_eq!(get(w.addr, "/missing", &[]).status, 404);
+
+    let inm = get(w.addr, "/", &[("If-None-Match", &etag)]);
+    assert_eq!(inm.status, 304);
+    assert!(inm.body.is_empty());
+    assert_eq!(
+        get(w.addr, "/", &[("If-Modified-Since", &last_modified)]).status,
+        304
+    );
+    assert_eq!(
+        get(w.addr, "/", &[("If-None-Match", "\"other\"")]).status,
+        200
+    );
+
+    let head = http_raw(
+        w.addr,
+        "HEAD / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("20"));
+    assert!(head.body.is_empty());
+
+    let post = http_raw(
+        w.addr,
+        "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET, HEAD"));
+}
+
+#[test]
+fn ranges() {
+    let w = start(&[]);
+    let r = get(w.addr, "/big.bin", &[("Range", "bytes=10-19")]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-range"), Some("bytes 10-19/8388608"));
+    let want: Vec<u8> = (10..20u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(r.body, want);
+    let tail = get(w.addr, "/big.bin", &[("Range", "bytes=-5")]);
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.body.len(), 5);
+    let past = get(w.addr, "/big.bin", &[("Range", "bytes=99999999-")]);
+    assert_eq!(past.status, 416);
+    assert_eq!(past.header("content-range"), Some("bytes */8388608"));
+    for absurd in [
+        "bytes=0-1,2-3",
+        "bytes=99999999999999999999999-1",
+        "bytes=z",
+        "lines=1-2",
+    ] {
+        let r = get(w.addr, "/style.css", &[("Range", absurd)]);
+        assert_eq!(r.status, 200, "{absurd}");
+        assert_eq!(r.text(), "body{}\n");
+    }
+    // A stale If-Range gets the whole file.
+    let r = get(
+        w.addr,
+        "/style.css",
+        &[("Range", "bytes=0-1"), ("If-Range", "\"stale\"")],
+    );
+    assert_eq!(r.status, 200);
+    // The whole big file streams intact.
+    let full = get(w.addr, "/big.bin", &[]);
+    assert_eq!(full.body.len(), 8 * 1024 * 1024);
+    assert!(
+        full.body
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i % 251) as u8)
+    );
+}
+
+#[test]
+fn never_escapes_its_directory() {
+    let w = start(&[]);
+    for path in [
+        "/../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/%2E%2E%2Fsecret.txt",
+        "/sub/..%2F..%2Fsecret.txt",
+        "/leak.txt",
+        "/..%5csecret.txt",
+        "/%00",
+    ] {
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let r = http_raw(w.addr, &raw);
+        assert!(r.status == 404 || r.status == 400, "{path}: {}", r.status);
+        assert!(!r.text().contains("TOP SECRET"), "{path} leaked");
+    }
+}
+
+fn assert_serving(addr: SocketAddr, within: Duration) {
+    let start = Instant::now();
+    let r = get(addr, "/", &[]);
+    assert_eq!(r.status, 200);
+    assert!(start.elapsed() < within, "took {:?}", start.elapsed());
+}
+
+#[test]
+fn idle_and_vanishing_clients_do_not_stall_it() {
+    let w = start(&[]);
+    let idle: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(w.addr).unwrap())
+        .collect();
+    assert_serving(w.addr, Duration::from_secs(2));
+    for _ in 0..50 {
+        drop(TcpStream::connect(w.addr).unwrap());
+    }
+    assert_serving(w.addr, Duration::from_secs(2));
+    // Half a request, then a hang-up.
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(w.addr).unwrap();
+        s.write_all(b"GET / HT").unwrap();
+    }
+    assert_serving(w.addr, Duration::from_secs(2));
+    drop(idle);
+}
+
+#[test]
+fn slow_senders_are_cut_off_at_the_header_timeout() {
+    let w = start(&["--header-timeout", "1s"]);
+    let mut slow = TcpStream::connect(w.addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    // One byte at a time; the worker keeps serving others meanwhile.
+    for b in b"GET / HTTP/1.1\r\nX-Slow: 1" {
+        if slow.write_all(&[*b]).is_err() {
+            break;
+        }
+        assert_serving(w.addr, Duration::from_secs(2));
+        if started.elapsed() > Duration::from_millis(1500) {
+            break;
+        }
+    }
+    let mut buf = [0u8; 1024];
+    let got = slow.read(&mut buf);
+    assert!(
+        matches!(got, Ok(0) | Err(_)) || String::from_utf8_lossy(&buf).contains("408"),
+        "the slow client was not cut off"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn oversized_headers_are_refused_and_it_keeps_serving() {
+    let w = start(&[]);
+    let big = "x".repeat(200 * 1024);
+    let mut s = TcpStream::connect(w.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(format!("GET / HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n").as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("200 OK"), "{text}");
+    let garbage = http_raw(w.addr, "\x01\x02garbage\r\n\r\n");
+    assert_eq!(garbage.status, 400);
+    assert_serving(w.addr, Duration::from_secs(2));
+}
+
+#[test]
+fn drain_finishes_in_flight_work_and_closes_keep_alive_politely() {
+    let mut w = start(&["--drain-grace", "2s"]);
+    // A keep-alive connection, used once.
+    let mut ka = TcpStream::connect(w.addr).unwrap();
+    ka.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    ka.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let first = read_response(&mut ka, false);
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("connection"), None);
+    // A large download in flight, read only after the signal.
+    let mut dl = TcpStream::connect(w.addr).unwrap();
+    dl.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    dl.write_all(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 1];
+    dl.read_exact(&mut head).unwrap(); // the response has started
+
+    w.drain(Signal::SIGTERM);
+    // The next request on the keep-alive connection is still answered,
+    // and told to close.
+    ka.write_all(b"GET /style.css HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let second = read_response(&mut ka, false);
+    assert_eq!(second.status, 200);
+    assert_eq!(second.header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    assert_eq!(ka.read_to_end(&mut rest).unwrap(), 0, "then closed cleanly");
+    // The download completes in full.
+    let mut resp = vec![head[0]];
+    dl.read_to_end(&mut resp).unwrap();
+    let text_end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(resp.len() - text_end, 8 * 1024 * 1024);
+    let status = w.guard.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    drop(w.tree);
+}
+
+#[test]
+fn drain_closes_idle_connections_after_the_grace() {
+    let mut w = start(&["--drain-grace", "200ms"]);
+    let mut idle = TcpStream::connect(w.addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut idle, false).status, 200);
+    let signalled = Instant::now();
+    w.drain(Signal::SIGHUP);
+    let mut buf = [0u8; 16];
+    assert_eq!(idle.read(&mut buf).unwrap(), 0, "closed without a byte");
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        signalled.elapsed()
+    );
+    assert!(w.guard.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn without_a_socket_it_explains_what_to_do() {
+    let (status, _, err) = dream_testkit::run(
+        Command::new(bin("dream"))
+            .arg("static")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null()),
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(100), "{err}");
+    assert!(err.contains("no listening socket"), "{err}");
+}
+
+#[test]
+fn missing_directory_is_a_clear_error() {
+    let tree = Tree::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (status, _, err) = dream_testkit::run(
+        Command::new(bin("dream"))
+            .args(["static", "nope"])
+            .current_dir(tree.path())
+            .stdin(Stdio::from(OwnedFd::from(listener))),
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot serve nope"), "{err}");
+}
