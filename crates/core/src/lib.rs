@@ -10,6 +10,7 @@
 
 pub mod listen;
 pub mod lock;
+pub mod pool;
 pub mod protocol;
 pub mod respawn;
 pub mod signals;
@@ -18,3 +19,20 @@ pub mod spec;
 mod sys;
 
 pub use sys::{single_threaded, with_raw_fd};
+
+/// `250ms`, `1.5s`, `2m03s`: a duration for log lines.
+pub fn fmt_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        let s = d.as_secs_f64();
+        if s.fract() < 0.05 {
+            format!("{}s", s.round())
+        } else {
+            format!("{s:.1}s")
+        }
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60)
+    }
+}

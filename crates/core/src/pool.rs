@@ -1,0 +1,1299 @@
+//! The worker pool as a state machine with pure transitions.
+//!
+//! [`Pool`] knows generations and workers, deadlines and backoff; it does no
+//! I/O. Each method takes the current time and returns the [`Action`]s for a
+//! driver to carry out (`crate::supervise`), so every lifecycle rule here is
+//! unit-tested without a single process.
+//!
+//! A **generation** is a set of N workers started together in one release
+//! directory:
+//!
+//! ```text
+//!             all ready                       drain signal sent
+//!  Starting ─────────────▶ Live ─────────────▶ Draining{deadline} ──▶ (gone)
+//!     │ a worker exits,       │ a worker exits:           all exited, or SIGKILL
+//!     │ or not ready in time  │ respawn with backoff      of the groups at deadline
+//!     ▼
+//!  Failed: killed at once; the live generation keeps serving
+//! ```
+//!
+//! The first generation is live from the start (there is nothing older to
+//! protect): its workers are respawned with backoff until they come up. A
+//! reload requested while one is starting is queued, and all queued requests
+//! are coalesced into the next one: a burst of HUPs converges to one live
+//! generation, and no request is lost.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde::Serialize;
+
+pub type GenId = u64;
+/// A control client waiting for the outcome of a reload.
+pub type Waiter = u64;
+
+/// When a worker counts as ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Only when it sends `READY=1`.
+    Notify,
+    /// When it has stayed alive this long (`READY=1` is ignored).
+    Delay(Duration),
+    /// `READY=1`, or alive this long, whichever comes first.
+    Auto(Duration),
+}
+
+impl std::str::FromStr for Readiness {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Readiness, String> {
+        let dur = |d: &str| crate::signals::parse_duration(d);
+        match s.split_once(':') {
+            None if s == "notify" => Ok(Readiness::Notify),
+            None if s == "auto" => Ok(Readiness::Auto(Duration::from_secs(1))),
+            Some(("delay", d)) => Ok(Readiness::Delay(dur(d)?)),
+            Some(("auto", d)) => Ok(Readiness::Auto(dur(d)?)),
+            _ => Err(format!(
+                "invalid readiness {s:?}: use notify, delay:DUR or auto:DUR (e.g. auto:1s)"
+            )),
+        }
+    }
+}
+
+/// Tunables of a pool.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub workers: usize,
+    pub readiness: Readiness,
+    pub ready_timeout: Duration,
+    pub drain_signal: Signal,
+    pub drain_timeout: Duration,
+    /// Generations allowed to drain at once; past this the oldest is killed.
+    pub max_draining: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            workers: 1,
+            readiness: Readiness::Auto(Duration::from_secs(1)),
+            ready_timeout: Duration::from_secs(60),
+            drain_signal: Signal::SIGTERM,
+            drain_timeout: Duration::from_secs(30),
+            max_draining: 4,
+        }
+    }
+}
+
+/// The release a generation runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Release {
+    pub id: String,
+    pub dir: PathBuf,
+}
+
+/// What the driver must do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start worker `index` of generation `generation` in `release.dir`; report
+    /// back with [`Pool::spawned`] or [`Pool::spawn_failed`].
+    Spawn {
+        generation: GenId,
+        index: usize,
+        release: Release,
+    },
+    /// Send a signal to a worker process.
+    Signal { pid: i32, signal: Signal },
+    /// SIGKILL a worker's whole process group.
+    KillGroup { pid: i32 },
+    /// Resolve `current` and call [`Pool::begin_generation`] (a queued
+    /// reload is due).
+    StartReload,
+    /// Tell these waiters how the reload ended.
+    ReloadDone {
+        waiters: Vec<Waiter>,
+        outcome: Result<(GenId, String), String>,
+    },
+    /// An sd_notify message for systemd (`READY=1`, `RELOADING=1`).
+    Systemd(String),
+    /// A line for the log.
+    Log(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum WorkerState {
+    /// To be started at this time (after a backoff).
+    Waiting {
+        at: Instant,
+    },
+    /// A `Spawn` action was issued; the pid comes with `spawned`.
+    Spawning,
+    Starting {
+        pid: i32,
+        since: Instant,
+    },
+    Ready {
+        pid: i32,
+        since: Instant,
+    },
+    /// Told to drain (or killed); waiting for it to exit.
+    Stopping {
+        pid: i32,
+    },
+    Gone,
+}
+
+#[derive(Debug)]
+struct Worker {
+    index: usize,
+    state: WorkerState,
+    /// Consecutive deaths before ready; drives the backoff.
+    failures: u32,
+    restarts: u32,
+    /// Scaled down: not respawned once it exits.
+    retiring: bool,
+}
+
+impl Worker {
+    fn pid(&self) -> Option<i32> {
+        match self.state {
+            WorkerState::Starting { pid, .. }
+            | WorkerState::Ready { pid, .. }
+            | WorkerState::Stopping { pid } => Some(pid),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GenState {
+    Starting { deadline: Instant },
+    Live,
+    Draining { deadline: Instant, killed: bool },
+}
+
+#[derive(Debug)]
+struct Generation {
+    id: GenId,
+    release: Release,
+    state: GenState,
+    workers: Vec<Worker>,
+    started: Instant,
+    waiters: Vec<Waiter>,
+    /// Failed generations are drained at once; kept for status.
+    failed: bool,
+}
+
+/// How the supervisor is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Drain every generation, then exit.
+    Graceful,
+    /// Kill everything now, then exit.
+    Fast,
+}
+
+/// The pool.
+#[derive(Debug)]
+pub struct Pool {
+    settings: Settings,
+    gens: Vec<Generation>,
+    next_gen: GenId,
+    /// A reload is due once the starting generation resolves.
+    queued: Option<Vec<Waiter>>,
+    stopping: Option<Stop>,
+    announced_ready: bool,
+    /// Restarts of workers outside reloads, for status.
+    pub restarts: u64,
+}
+
+/// Backoff before respawning after `failures` consecutive early deaths:
+/// 100 ms doubling to 30 s.
+pub fn backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let ms = 100u64.saturating_mul(1u64 << (failures - 1).min(20));
+    Duration::from_millis(ms.min(30_000))
+}
+
+/// How long a worker must stay up for its failure count to reset.
+pub const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+
+impl Pool {
+    pub fn new(settings: Settings) -> Pool {
+        Pool {
+            settings,
+            gens: Vec::new(),
+            next_gen: 1,
+            queued: None,
+            stopping: None,
+            announced_ready: false,
+            restarts: 0,
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn live(&self) -> Option<&Generation> {
+        self.gens.iter().find(|g| g.state == GenState::Live)
+    }
+
+    fn starting(&self) -> Option<&Generation> {
+        self.gens
+            .iter()
+            .find(|g| matches!(g.state, GenState::Starting { .. }))
+    }
+
+    /// True when stopping and every worker is gone.
+    pub fn finished(&self) -> bool {
+        self.stopping.is_some() && self.gens.is_empty()
+    }
+
+    pub fn stopping(&self) -> Option<Stop> {
+        self.stopping
+    }
+
+    /// Asks for a reload. Returns true if the driver should resolve
+    /// `current` and call [`Pool::begin_generation`] now; otherwise the
+    /// request is queued behind the reload in progress.
+    pub fn request_reload(&mut self, waiter: Option<Waiter>) -> bool {
+        if self.stopping.is_some() {
+            return false;
+        }
+        if self.starting().is_some() || self.queued.is_some() {
+            self.queued.get_or_insert_with(Vec::new).extend(waiter);
+            return false;
+        }
+        self.queued = Some(waiter.into_iter().collect());
+        true
+    }
+
+    /// Whether a generation is starting (a reload is in progress).
+    pub fn reloading(&self) -> bool {
+        self.starting().is_some()
+    }
+
+    /// Starts a generation in `release`. The first one is live at once.
+    pub fn begin_generation(&mut self, release: Release, now: Instant) -> Vec<Action> {
+        let waiters = self.queued.take().unwrap_or_default();
+        if self.stopping.is_some() {
+            return vec![ReloadFailed::stopping(waiters)];
+        }
+        let id = self.next_gen;
+        self.next_gen += 1;
+        let first = self.live().is_none() && self.gens.is_empty();
+        let state = if first {
+            GenState::Live
+        } else {
+            GenState::Starting {
+                deadline: now + self.settings.ready_timeout,
+            }
+        };
+        let mut actions = vec![Action::Log(format!(
+            "{} generation {id}: release {} ({} workers)",
+            if first {
+                "starting"
+            } else {
+                "reload: starting"
+            },
+            release.id,
+            self.settings.workers
+        ))];
+        if !first {
+            actions.push(Action::Systemd("RELOADING=1".into()));
+        }
+        let workers = (0..self.settings.workers)
+            .map(|index| {
+                actions.push(Action::Spawn {
+                    generation: id,
+                    index,
+                    release: release.clone(),
+                });
+                Worker {
+                    index,
+                    state: WorkerState::Spawning,
+                    failures: 0,
+                    restarts: 0,
+                    retiring: false,
+                }
+            })
+            .collect();
+        self.gens.push(Generation {
+            id,
+            release,
+            state,
+            workers,
+            started: now,
+            waiters,
+            failed: false,
+        });
+        actions
+    }
+
+    /// Resolving `current` failed: the queued reload fails with `reason`.
+    pub fn reload_unavailable(&mut self, reason: String) -> Vec<Action> {
+        let waiters = self.queued.take().unwrap_or_default();
+        vec![
+            Action::Log(format!("reload failed: {reason}")),
+            Action::ReloadDone {
+                waiters,
+                outcome: Err(reason),
+            },
+        ]
+    }
+
+    fn worker_mut(&mut self, generation: GenId, index: usize) -> Option<(&mut Generation, usize)> {
+        let g = self.gens.iter_mut().find(|g| g.id == generation)?;
+        let i = g.workers.iter().position(|w| w.index == index)?;
+        Some((g, i))
+    }
+
+    /// The driver started a worker.
+    pub fn spawned(
+        &mut self,
+        generation: GenId,
+        index: usize,
+        pid: i32,
+        now: Instant,
+    ) -> Vec<Action> {
+        if let Some((g, i)) = self.worker_mut(generation, index) {
+            g.workers[i].state = WorkerState::Starting { pid, since: now };
+            return vec![Action::Log(format!(
+                "worker {generation}.{index} started: pid {pid}"
+            ))];
+        }
+        // A generation that failed meanwhile: nothing wants this worker.
+        vec![Action::KillGroup { pid }]
+    }
+
+    /// The driver could not start a worker (exec failed).
+    pub fn spawn_failed(
+        &mut self,
+        generation: GenId,
+        index: usize,
+        error: String,
+        now: Instant,
+    ) -> Vec<Action> {
+        self.worker_died(generation, index, format!("could not start: {error}"), now)
+    }
+
+    /// A worker sent `READY=1`.
+    pub fn ready(&mut self, generation: GenId, index: usize, now: Instant) -> Vec<Action> {
+        if matches!(self.settings.readiness, Readiness::Delay(_)) {
+            return Vec::new();
+        }
+        self.mark_ready(generation, index, now)
+    }
+
+    fn mark_ready(&mut self, generation: GenId, index: usize, now: Instant) -> Vec<Action> {
+        let Some((g, i)) = self.worker_mut(generation, index) else {
+            return Vec::new();
+        };
+        let WorkerState::Starting { pid, .. } = g.workers[i].state else {
+            return Vec::new();
+        };
+        g.workers[i].state = WorkerState::Ready { pid, since: now };
+        let mut actions = vec![Action::Log(format!(
+            "worker {generation}.{index} ready: pid {pid}"
+        ))];
+        actions.extend(self.promote(generation, now));
+        actions
+    }
+
+    /// If every worker of `generation` is ready, make it live and drain the old one.
+    fn promote(&mut self, generation: GenId, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some(g) = self.gens.iter().find(|g| g.id == generation) else {
+            return actions;
+        };
+        let all_ready = g
+            .workers
+            .iter()
+            .filter(|w| !w.retiring)
+            .all(|w| matches!(w.state, WorkerState::Ready { .. }));
+        if !all_ready {
+            return actions;
+        }
+        match g.state {
+            GenState::Live => {
+                if !self.announced_ready {
+                    self.announced_ready = true;
+                    actions.push(Action::Log(format!("generation {generation} ready")));
+                    actions.push(Action::Systemd("READY=1".into()));
+                }
+            }
+            GenState::Starting { .. } => {
+                let release = g.release.id.clone();
+                let elapsed = now.duration_since(g.started);
+                let old: Vec<GenId> = self
+                    .gens
+                    .iter()
+                    .filter(|o| o.state == GenState::Live)
+                    .map(|o| o.id)
+                    .collect();
+                let g = self
+                    .gens
+                    .iter_mut()
+                    .find(|g| g.id == generation)
+                    .expect("found above");
+                g.state = GenState::Live;
+                let waiters = std::mem::take(&mut g.waiters);
+                actions.push(Action::Log(format!(
+                    "reload finished: generation {generation} (release {release}) live after {}",
+                    crate::fmt_duration(elapsed)
+                )));
+                for o in old {
+                    actions.extend(self.drain(o, now));
+                }
+                self.announced_ready = true;
+                actions.push(Action::Systemd("READY=1".into()));
+                actions.push(Action::ReloadDone {
+                    waiters,
+                    outcome: Ok((generation, release)),
+                });
+                actions.extend(self.start_queued());
+                actions.extend(self.limit_draining());
+            }
+            GenState::Draining { .. } => {}
+        }
+        actions
+    }
+
+    fn start_queued(&mut self) -> Vec<Action> {
+        if self.queued.is_some() && self.stopping.is_none() {
+            vec![Action::StartReload]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Sends the drain signal to every worker of `generation`.
+    fn drain(&mut self, generation: GenId, now: Instant) -> Vec<Action> {
+        let signal = self.settings.drain_signal;
+        let deadline = now + self.settings.drain_timeout;
+        let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
+            return Vec::new();
+        };
+        g.state = GenState::Draining {
+            deadline,
+            killed: false,
+        };
+        let mut actions = vec![Action::Log(format!(
+            "draining generation {generation} (release {})",
+            g.release.id
+        ))];
+        for w in &mut g.workers {
+            match w.state {
+                WorkerState::Starting { pid, .. } | WorkerState::Ready { pid, .. } => {
+                    actions.push(Action::Signal { pid, signal });
+                    w.state = WorkerState::Stopping { pid };
+                }
+                WorkerState::Waiting { .. } | WorkerState::Spawning => w.state = WorkerState::Gone,
+                _ => {}
+            }
+        }
+        actions.extend(self.reap_generations());
+        actions
+    }
+
+    /// Kills a generation's workers now (a failed start, or a fast stop).
+    fn kill(&mut self, generation: GenId, now: Instant) -> Vec<Action> {
+        let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
+            return Vec::new();
+        };
+        g.state = GenState::Draining {
+            deadline: now,
+            killed: true,
+        };
+        let mut actions = Vec::new();
+        for w in &mut g.workers {
+            match w.pid() {
+                Some(pid) => {
+                    actions.push(Action::KillGroup { pid });
+                    w.state = WorkerState::Stopping { pid };
+                }
+                None => w.state = WorkerState::Gone,
+            }
+        }
+        actions.extend(self.reap_generations());
+        actions
+    }
+
+    /// Too many generations draining at once: kill the oldest.
+    fn limit_draining(&mut self) -> Vec<Action> {
+        let draining: Vec<GenId> = self
+            .gens
+            .iter()
+            .filter(|g| matches!(g.state, GenState::Draining { killed: false, .. }))
+            .map(|g| g.id)
+            .collect();
+        let excess = draining.len().saturating_sub(self.settings.max_draining);
+        let mut actions = Vec::new();
+        for id in draining.into_iter().take(excess) {
+            actions.push(Action::Log(format!(
+                "too many generations draining: killing generation {id}"
+            )));
+            let now = Instant::now();
+            actions.extend(self.kill(id, now));
+        }
+        actions
+    }
+
+    /// A child exited. `how` is its exit status in words; `tail` is the
+    /// end of its stderr.
+    pub fn exited(&mut self, pid: i32, how: &str, tail: &str, now: Instant) -> Vec<Action> {
+        let Some((generation, index)) = self.find_pid(pid) else {
+            return Vec::new();
+        };
+        let mut reason = format!("pid {pid} {how}");
+        let tail = tail.trim();
+        if !tail.is_empty() {
+            reason.push_str(&format!("; its stderr ended with:\n{tail}"));
+        }
+        self.worker_died(generation, index, reason, now)
+    }
+
+    fn find_pid(&self, pid: i32) -> Option<(GenId, usize)> {
+        self.gens.iter().find_map(|g| {
+            g.workers
+                .iter()
+                .find(|w| w.pid() == Some(pid))
+                .map(|w| (g.id, w.index))
+        })
+    }
+
+    fn worker_died(
+        &mut self,
+        generation: GenId,
+        index: usize,
+        reason: String,
+        now: Instant,
+    ) -> Vec<Action> {
+        let stopping = self.stopping.is_some();
+        let Some((g, i)) = self.worker_mut(generation, index) else {
+            return Vec::new();
+        };
+        let state = g.state;
+        let w = &mut g.workers[i];
+        let was = std::mem::replace(&mut w.state, WorkerState::Gone);
+        let mut actions = Vec::new();
+        match state {
+            GenState::Starting { .. } => {
+                actions.push(Action::Log(format!(
+                    "worker {generation}.{index} failed during reload: {reason}"
+                )));
+                actions.extend(self.fail(
+                    generation,
+                    format!("worker {generation}.{index} {reason}"),
+                    now,
+                ));
+            }
+            GenState::Live if !stopping && !w.retiring => {
+                match was {
+                    WorkerState::Ready { since, .. } => {
+                        if now.duration_since(since) >= HEALTHY_AFTER {
+                            w.failures = 0;
+                        }
+                    }
+                    _ => w.failures += 1,
+                }
+                let delay = backoff(w.failures);
+                w.restarts += 1;
+                w.state = WorkerState::Waiting { at: now + delay };
+                self.restarts += 1;
+                actions.push(Action::Log(format!(
+                    "worker {generation}.{index} exited: {reason}; restarting in {}",
+                    crate::fmt_duration(delay)
+                )));
+                if delay.is_zero() {
+                    actions.extend(self.tick(now));
+                }
+            }
+            _ => {
+                actions.push(Action::Log(format!(
+                    "worker {generation}.{index} exited: {reason}"
+                )));
+                actions.extend(self.reap_generations());
+            }
+        }
+        actions
+    }
+
+    /// A starting generation failed: kill it, keep the live one.
+    fn fail(&mut self, generation: GenId, reason: String, now: Instant) -> Vec<Action> {
+        let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
+            return Vec::new();
+        };
+        g.failed = true;
+        let waiters = std::mem::take(&mut g.waiters);
+        let release = g.release.id.clone();
+        let mut actions = self.kill(generation, now);
+        let serving = match self.live() {
+            Some(l) => format!(
+                "generation {} (release {}) still serving",
+                l.id, l.release.id
+            ),
+            None => "nothing is serving".to_string(),
+        };
+        actions.push(Action::Log(format!(
+            "reload failed: generation {generation} (release {release}) killed; {serving}"
+        )));
+        actions.push(Action::Systemd("READY=1".into()));
+        actions.push(Action::ReloadDone {
+            waiters,
+            outcome: Err(format!("release {release}: {reason}")),
+        });
+        actions.extend(self.start_queued());
+        actions
+    }
+
+    /// Removes draining generations whose workers are all gone; the
+    /// process groups are killed then, so no straggler outlives its worker.
+    fn reap_generations(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.gens.retain(|g| {
+            let done = matches!(g.state, GenState::Draining { .. })
+                && g.workers.iter().all(|w| w.state == WorkerState::Gone);
+            if done && !g.failed {
+                actions.push(Action::Log(format!("generation {} drained", g.id)));
+            }
+            !done
+        });
+        // Live generations drop retired workers that are gone.
+        for g in &mut self.gens {
+            g.workers
+                .retain(|w| !(w.retiring && w.state == WorkerState::Gone));
+        }
+        actions
+    }
+
+    /// Deadlines: readiness by time, ready timeouts, respawns, drain ends.
+    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let readiness = self.settings.readiness;
+        // Workers that became ready by time.
+        let mut due_ready = Vec::new();
+        let mut due_spawn = Vec::new();
+        for g in &self.gens {
+            for w in &g.workers {
+                match w.state {
+                    WorkerState::Starting { since, .. } => {
+                        let after = match readiness {
+                            Readiness::Notify => None,
+                            Readiness::Delay(d) | Readiness::Auto(d) => Some(since + d),
+                        };
+                        if after.is_some_and(|t| t <= now) {
+                            due_ready.push((g.id, w.index));
+                        }
+                    }
+                    WorkerState::Waiting { at } if at <= now && g.state == GenState::Live => {
+                        due_spawn.push((g.id, w.index, g.release.clone()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (generation, index) in due_ready {
+            actions.extend(self.mark_ready(generation, index, now));
+        }
+        if self.stopping.is_none() {
+            for (generation, index, release) in due_spawn {
+                if let Some((g, i)) = self.worker_mut(generation, index) {
+                    g.workers[i].state = WorkerState::Spawning;
+                    actions.push(Action::Spawn {
+                        generation,
+                        index,
+                        release,
+                    });
+                }
+            }
+        }
+        // Ready timeouts.
+        let timed_out: Vec<GenId> = self
+            .gens
+            .iter()
+            .filter(|g| matches!(g.state, GenState::Starting { deadline } if deadline <= now))
+            .map(|g| g.id)
+            .collect();
+        for generation in timed_out {
+            let not_ready: Vec<String> = self
+                .gens
+                .iter()
+                .find(|g| g.id == generation)
+                .map(|g| {
+                    g.workers
+                        .iter()
+                        .filter(|w| !matches!(w.state, WorkerState::Ready { .. }))
+                        .map(|w| format!("{generation}.{}", w.index))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let reason = format!(
+                "not ready within {} (workers {} never reported ready)",
+                crate::fmt_duration(self.settings.ready_timeout),
+                not_ready.join(", ")
+            );
+            actions.push(Action::Log(format!(
+                "reload: generation {generation} {reason}"
+            )));
+            actions.extend(self.fail(generation, reason, now));
+        }
+        // Drain deadlines.
+        for g in &mut self.gens {
+            if let GenState::Draining { deadline, killed } = &mut g.state
+                && *deadline <= now
+                && !*killed
+            {
+                *killed = true;
+                let mut any = false;
+                for w in &g.workers {
+                    if let Some(pid) = w.pid() {
+                        any = true;
+                        actions.push(Action::KillGroup { pid });
+                    }
+                }
+                if any {
+                    actions.push(Action::Log(format!(
+                        "generation {} did not drain within {}: killed",
+                        g.id,
+                        crate::fmt_duration(self.settings.drain_timeout)
+                    )));
+                }
+            }
+        }
+        actions
+    }
+
+    /// The next time [`Pool::tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let readiness = match self.settings.readiness {
+            Readiness::Notify => None,
+            Readiness::Delay(d) | Readiness::Auto(d) => Some(d),
+        };
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for g in &self.gens {
+            match g.state {
+                GenState::Starting { deadline } => consider(deadline),
+                GenState::Draining {
+                    deadline,
+                    killed: false,
+                } => consider(deadline),
+                _ => {}
+            }
+            for w in &g.workers {
+                match w.state {
+                    WorkerState::Starting { since, .. } => {
+                        if let Some(d) = readiness {
+                            consider(since + d);
+                        }
+                    }
+                    WorkerState::Waiting { at } if g.state == GenState::Live => consider(at),
+                    _ => {}
+                }
+            }
+        }
+        next
+    }
+
+    /// Stop the pool.
+    pub fn stop(&mut self, how: Stop, now: Instant) -> Vec<Action> {
+        let escalate = self.stopping == Some(Stop::Graceful) && how == Stop::Fast;
+        if self.stopping.is_some() && !escalate {
+            return Vec::new();
+        }
+        self.stopping = Some(how);
+        let mut actions = vec![Action::Log(match how {
+            Stop::Graceful => "stopping: draining every generation".to_string(),
+            Stop::Fast => "stopping now: killing every worker".to_string(),
+        })];
+        actions.push(Action::Systemd("STOPPING=1".into()));
+        if let Some(waiters) = self.queued.take() {
+            actions.push(ReloadFailed::stopping(waiters));
+        }
+        let ids: Vec<(GenId, GenState)> = self.gens.iter().map(|g| (g.id, g.state)).collect();
+        for (id, state) in ids {
+            match (how, state) {
+                (Stop::Fast, _) | (Stop::Graceful, GenState::Starting { .. }) => {
+                    if let Some(g) = self.gens.iter_mut().find(|g| g.id == id) {
+                        let waiters = std::mem::take(&mut g.waiters);
+                        if !waiters.is_empty() {
+                            actions.push(ReloadFailed::stopping(waiters));
+                        }
+                    }
+                    actions.extend(self.kill(id, now));
+                }
+                (Stop::Graceful, GenState::Live) => actions.extend(self.drain(id, now)),
+                (Stop::Graceful, GenState::Draining { .. }) => {}
+            }
+        }
+        actions.extend(self.reap_generations());
+        actions
+    }
+
+    /// Changes the number of workers of the live generation (and of those
+    /// started later).
+    pub fn scale(&mut self, workers: usize, now: Instant) -> Vec<Action> {
+        let workers = workers.max(1);
+        self.settings.workers = workers;
+        let signal = self.settings.drain_signal;
+        let mut actions = vec![Action::Log(format!("scaling to {workers} workers"))];
+        let Some(g) = self.gens.iter_mut().find(|g| g.state == GenState::Live) else {
+            return actions;
+        };
+        let active: Vec<usize> = g
+            .workers
+            .iter()
+            .filter(|w| !w.retiring)
+            .map(|w| w.index)
+            .collect();
+        if workers > active.len() {
+            let mut next = g.workers.iter().map(|w| w.index + 1).max().unwrap_or(0);
+            for _ in active.len()..workers {
+                g.workers.push(Worker {
+                    index: next,
+                    state: WorkerState::Waiting { at: now },
+                    failures: 0,
+                    restarts: 0,
+                    retiring: false,
+                });
+                next += 1;
+            }
+        } else {
+            for index in active.iter().rev().take(active.len() - workers) {
+                let w = g
+                    .workers
+                    .iter_mut()
+                    .find(|w| w.index == *index)
+                    .expect("active worker");
+                w.retiring = true;
+                match w.state {
+                    WorkerState::Starting { pid, .. } | WorkerState::Ready { pid, .. } => {
+                        actions.push(Action::Signal { pid, signal });
+                        w.state = WorkerState::Stopping { pid };
+                    }
+                    WorkerState::Waiting { .. } => w.state = WorkerState::Gone,
+                    _ => {}
+                }
+            }
+        }
+        actions.extend(self.reap_generations());
+        actions.extend(self.tick(now));
+        actions
+    }
+
+    /// Pids of every worker, for signal relays.
+    pub fn pids(&self) -> Vec<i32> {
+        self.gens
+            .iter()
+            .flat_map(|g| g.workers.iter().filter_map(|w| w.pid()))
+            .collect()
+    }
+
+    /// Pids of the live generation's workers.
+    pub fn live_pids(&self) -> Vec<i32> {
+        self.live()
+            .map(|g| g.workers.iter().filter_map(|w| w.pid()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The live release, if any.
+    pub fn live_release(&self) -> Option<&Release> {
+        self.live().map(|g| &g.release)
+    }
+
+    /// Releases that some worker still runs in (live, starting or draining).
+    pub fn releases_in_use(&self) -> Vec<Release> {
+        let mut out: Vec<Release> = Vec::new();
+        for g in &self.gens {
+            if !out.contains(&g.release) {
+                out.push(g.release.clone());
+            }
+        }
+        out
+    }
+
+    /// A snapshot for `dream status`.
+    pub fn status(&self, now: Instant) -> PoolStatus {
+        PoolStatus {
+            workers_target: self.settings.workers,
+            reloading: self.reloading(),
+            reload_queued: self.queued.is_some() && self.reloading(),
+            stopping: self.stopping.is_some(),
+            restarts: self.restarts,
+            generations: self
+                .gens
+                .iter()
+                .map(|g| GenerationStatus {
+                    id: g.id,
+                    state: match g.state {
+                        GenState::Starting { .. } => "starting",
+                        GenState::Live => "live",
+                        GenState::Draining { .. } if g.failed => "failed",
+                        GenState::Draining { .. } => "draining",
+                    },
+                    release: g.release.id.clone(),
+                    release_dir: g.release.dir.clone(),
+                    age_s: now.duration_since(g.started).as_secs_f64(),
+                    workers: g
+                        .workers
+                        .iter()
+                        .map(|w| WorkerStatus {
+                            index: w.index,
+                            pid: w.pid(),
+                            state: match w.state {
+                                WorkerState::Waiting { .. } => "waiting",
+                                WorkerState::Spawning => "spawning",
+                                WorkerState::Starting { .. } => "starting",
+                                WorkerState::Ready { .. } => "ready",
+                                WorkerState::Stopping { .. } => "stopping",
+                                WorkerState::Gone => "gone",
+                            },
+                            restarts: w.restarts,
+                            uptime_s: match w.state {
+                                WorkerState::Starting { since, .. }
+                                | WorkerState::Ready { since, .. } => {
+                                    Some(now.duration_since(since).as_secs_f64())
+                                }
+                                _ => None,
+                            },
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+struct ReloadFailed;
+
+impl ReloadFailed {
+    fn stopping(waiters: Vec<Waiter>) -> Action {
+        Action::ReloadDone {
+            waiters,
+            outcome: Err("the supervisor is stopping".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStatus {
+    pub workers_target: usize,
+    pub reloading: bool,
+    pub reload_queued: bool,
+    pub stopping: bool,
+    pub restarts: u64,
+    pub generations: Vec<GenerationStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationStatus {
+    pub id: GenId,
+    pub state: &'static str,
+    pub release: String,
+    pub release_dir: PathBuf,
+    pub age_s: f64,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerStatus {
+    pub index: usize,
+    pub pid: Option<i32>,
+    pub state: &'static str,
+    pub restarts: u32,
+    pub uptime_s: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn settings(workers: usize, readiness: Readiness) -> Settings {
+        Settings {
+            workers,
+            readiness,
+            ready_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(3),
+            ..Settings::default()
+        }
+    }
+
+    fn rel(id: &str) -> Release {
+        Release {
+            id: id.into(),
+            dir: PathBuf::from(format!("/r/{id}")),
+        }
+    }
+
+    /// Plays the driver: gives each spawned worker a pid from `next_pid`.
+    fn run(pool: &mut Pool, actions: Vec<Action>, next_pid: &mut i32, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            if let Action::Spawn {
+                generation, index, ..
+            } = &a
+            {
+                *next_pid += 1;
+                queue.extend(pool.spawned(*generation, *index, *next_pid, now));
+            }
+            out.push(a);
+        }
+        out
+    }
+
+    fn spawns(a: &[Action]) -> usize {
+        a.iter()
+            .filter(|a| matches!(a, Action::Spawn { .. }))
+            .count()
+    }
+
+    fn signals(a: &[Action]) -> Vec<i32> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Signal { pid, .. } => Some(*pid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kills(a: &[Action]) -> Vec<i32> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::KillGroup { pid } => Some(*pid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn outcome(a: &[Action]) -> Option<(Vec<Waiter>, Result<(GenId, String), String>)> {
+        a.iter().find_map(|a| match a {
+            Action::ReloadDone { waiters, outcome } => Some((waiters.clone(), outcome.clone())),
+            _ => None,
+        })
+    }
+
+    /// A pool with a live, ready first generation of `n` workers (pids 1..=n).
+    fn live_pool(n: usize) -> (Pool, i32, Instant) {
+        let t0 = Instant::now();
+        let mut pool = Pool::new(settings(n, Readiness::Notify));
+        let mut pid = 0;
+        let a = pool.begin_generation(rel("a"), t0);
+        let a = run(&mut pool, a, &mut pid, t0);
+        assert_eq!(spawns(&a), n);
+        let mut all = Vec::new();
+        for i in 0..n {
+            all.extend(pool.ready(1, i, t0));
+        }
+        assert_eq!(
+            all.iter()
+                .filter(|a| **a == Action::Systemd("READY=1".into()))
+                .count(),
+            1,
+            "READY=1 once, when the last worker is ready"
+        );
+        (pool, pid, t0)
+    }
+
+    #[test]
+    fn first_generation_is_live_and_ready_by_time_in_auto_mode() {
+        let t0 = Instant::now();
+        let mut pool = Pool::new(settings(2, Readiness::Auto(Duration::from_secs(1))));
+        let mut pid = 0;
+        let a = pool.begin_generation(rel("a"), t0);
+        run(&mut pool, a, &mut pid, t0);
+        assert_eq!(pool.live_pids(), vec![1, 2]);
+        assert_eq!(pool.next_deadline(), Some(t0 + Duration::from_secs(1)));
+        assert!(pool.tick(t0 + 999 * MS).is_empty());
+        let a = pool.tick(t0 + Duration::from_secs(1));
+        assert!(a.contains(&Action::Systemd("READY=1".into())));
+        assert_eq!(pool.next_deadline(), None, "idle: nothing to wake up for");
+    }
+
+    #[test]
+    fn reload_swaps_only_when_every_new_worker_is_ready() {
+        let (mut pool, mut pid, t0) = live_pool(2);
+        assert!(pool.request_reload(Some(7)));
+        let a = pool.begin_generation(rel("b"), t0);
+        assert!(a.contains(&Action::Systemd("RELOADING=1".into())));
+        run(&mut pool, a, &mut pid, t0);
+        assert!(pool.reloading());
+        let a = pool.ready(2, 0, t0);
+        assert!(
+            signals(&a).is_empty(),
+            "old generation untouched until all are ready"
+        );
+        let a = pool.ready(2, 1, t0);
+        assert_eq!(signals(&a), vec![1, 2], "old generation drained");
+        assert_eq!(outcome(&a), Some((vec![7], Ok((2, "b".to_string())))));
+        assert_eq!(pool.live_pids(), vec![3, 4]);
+        // The old workers exit: the generation is gone.
+        pool.exited(1, "exited with status 0", "", t0);
+        let a = pool.exited(2, "exited with status 0", "", t0);
+        assert!(
+            a.contains(&Action::Log("generation 1 drained".into())),
+            "{a:?}"
+        );
+        assert_eq!(pool.status(t0).generations.len(), 1);
+    }
+
+    #[test]
+    fn a_crashing_new_generation_is_killed_and_the_old_keeps_serving() {
+        let (mut pool, mut pid, t0) = live_pool(2);
+        assert!(pool.request_reload(Some(1)));
+        let a = pool.begin_generation(rel("bad"), t0);
+        run(&mut pool, a, &mut pid, t0);
+        let a = pool.exited(3, "exited with status 3", "boom: config missing", t0);
+        assert_eq!(kills(&a), vec![4], "its sibling is killed");
+        let (w, o) = outcome(&a).unwrap();
+        assert_eq!(w, vec![1]);
+        let err = o.unwrap_err();
+        assert!(
+            err.contains("exited with status 3") && err.contains("boom: config missing"),
+            "{err}"
+        );
+        assert_eq!(pool.live_pids(), vec![1, 2]);
+        assert!(
+            signals(&a).is_empty(),
+            "the old generation is never signalled"
+        );
+        assert_eq!(pool.live_release().unwrap().id, "a");
+    }
+
+    #[test]
+    fn a_never_ready_generation_times_out() {
+        let (mut pool, mut pid, t0) = live_pool(1);
+        pool.request_reload(None);
+        let a = pool.begin_generation(rel("slow"), t0);
+        run(&mut pool, a, &mut pid, t0);
+        assert_eq!(pool.next_deadline(), Some(t0 + Duration::from_secs(5)));
+        let a = pool.tick(t0 + Duration::from_secs(5));
+        assert_eq!(kills(&a), vec![2]);
+        let err = outcome(&a).unwrap().1.unwrap_err();
+        assert!(err.contains("not ready within 5s"), "{err}");
+        assert_eq!(pool.live_pids(), vec![1]);
+    }
+
+    #[test]
+    fn reloads_during_a_reload_are_queued_and_coalesced() {
+        let (mut pool, mut pid, t0) = live_pool(1);
+        assert!(pool.request_reload(Some(1)));
+        let a = pool.begin_generation(rel("b"), t0);
+        run(&mut pool, a, &mut pid, t0);
+        for w in 2..52 {
+            assert!(!pool.request_reload(Some(w)), "queued, not started");
+        }
+        let a = pool.ready(2, 0, t0);
+        assert_eq!(outcome(&a).unwrap().0, vec![1]);
+        assert_eq!(a.iter().filter(|a| **a == Action::StartReload).count(), 1);
+        let a = pool.begin_generation(rel("c"), t0);
+        run(&mut pool, a, &mut pid, t0);
+        let a = pool.ready(3, 0, t0);
+        let (waiters, o) = outcome(&a).unwrap();
+        assert_eq!(
+            waiters,
+            (2..52).collect::<Vec<_>>(),
+            "every queued request answered once"
+        );
+        assert_eq!(o, Ok((3, "c".into())));
+        assert!(!a.contains(&Action::StartReload), "the burst converged");
+    }
+
+    #[test]
+    fn crash_before_ready_backs_off_exponentially() {
+        assert_eq!(backoff(0), Duration::ZERO);
+        assert_eq!(backoff(1), 100 * MS);
+        assert_eq!(backoff(2), 200 * MS);
+        assert_eq!(backoff(9), Duration::from_millis(25_600));
+        assert_eq!(backoff(10), Duration::from_secs(30));
+        assert_eq!(backoff(1000), Duration::from_secs(30));
+
+        let t0 = Instant::now();
+        let mut pool = Pool::new(settings(1, Readiness::Notify));
+        let mut pid = 0;
+        let a = pool.begin_generation(rel("a"), t0);
+        run(&mut pool, a, &mut pid, t0);
+        let mut now = t0;
+        for expected in [100, 200, 400, 800] {
+            let a = pool.exited(pid, "exited with status 1", "", now);
+            assert_eq!(spawns(&a), 0);
+            assert_eq!(pool.next_deadline(), Some(now + expected * MS));
+            now += expected * MS;
+            let a = pool.tick(now);
+            run(&mut pool, a, &mut pid, now);
+        }
+        // Ready, healthy for a minute, then a crash: restarted at once.
+        pool.ready(1, 0, now);
+        now += HEALTHY_AFTER;
+        let a = pool.exited(pid, "was killed by SIGKILL", "", now);
+        assert_eq!(spawns(&a), 1, "{a:?}");
+        assert_eq!(pool.restarts, 5);
+    }
+
+    #[test]
+    fn drain_deadline_kills_the_process_groups() {
+        let (mut pool, mut pid, t0) = live_pool(1);
+        pool.request_reload(None);
+        let a = pool.begin_generation(rel("b"), t0);
+        run(&mut pool, a, &mut pid, t0);
+        pool.ready(2, 0, t0);
+        assert_eq!(pool.next_deadline(), Some(t0 + Duration::from_secs(3)));
+        assert!(kills(&pool.tick(t0 + 2999 * MS)).is_empty());
+        assert_eq!(kills(&pool.tick(t0 + Duration::from_secs(3))), vec![1]);
+        assert!(
+            kills(&pool.tick(t0 + Duration::from_secs(4))).is_empty(),
+            "once"
+        );
+    }
+
+    #[test]
+    fn graceful_stop_drains_then_finishes() {
+        let (mut pool, _, t0) = live_pool(2);
+        let a = pool.stop(Stop::Graceful, t0);
+        assert_eq!(signals(&a), vec![1, 2]);
+        assert!(!pool.finished());
+        assert!(!pool.request_reload(Some(1)), "no reloads while stopping");
+        pool.exited(1, "exited with status 0", "", t0);
+        let a = pool.exited(2, "exited with status 0", "", t0);
+        assert_eq!(spawns(&a), 0, "not respawned while stopping");
+        assert!(pool.finished());
+        // Fast stop kills at once.
+        let (mut pool, _, t0) = live_pool(2);
+        assert_eq!(kills(&pool.stop(Stop::Fast, t0)), vec![1, 2]);
+    }
+
+    #[test]
+    fn scale_up_and_down() {
+        let (mut pool, mut pid, t0) = live_pool(2);
+        let a = pool.scale(3, t0);
+        let a = run(&mut pool, a, &mut pid, t0);
+        assert_eq!(spawns(&a), 1);
+        assert_eq!(pool.live_pids(), vec![1, 2, 3]);
+        let a = pool.scale(1, t0);
+        assert_eq!(signals(&a), vec![3, 2]);
+        pool.exited(3, "exited with status 0", "", t0);
+        let a = pool.exited(2, "exited with status 0", "", t0);
+        assert_eq!(spawns(&a), 0, "retired workers are not respawned");
+        assert_eq!(pool.live_pids(), vec![1]);
+        assert_eq!(pool.status(t0).generations[0].workers.len(), 1);
+    }
+
+    #[test]
+    fn readiness_parses() {
+        assert_eq!("notify".parse(), Ok(Readiness::Notify));
+        assert_eq!(
+            "delay:2s".parse(),
+            Ok(Readiness::Delay(Duration::from_secs(2)))
+        );
+        assert_eq!("auto:500ms".parse(), Ok(Readiness::Auto(500 * MS)));
+        assert!("sometimes".parse::<Readiness>().is_err());
+        assert!("delay:x".parse::<Readiness>().is_err());
+    }
+}
