@@ -8,6 +8,7 @@
 //! in the kernel's backlog instead of being refused. This crate never links
 //! an async runtime: the supervisor is one thread sleeping in `poll(2)`.
 
+pub mod control;
 pub mod listen;
 pub mod lock;
 pub mod pool;
@@ -16,6 +17,7 @@ pub mod respawn;
 pub mod signals;
 pub mod spawn;
 pub mod spec;
+pub mod supervise;
 mod sys;
 
 pub use sys::{single_threaded, with_raw_fd};

@@ -44,6 +44,7 @@ pub struct Command<'a> {
     keep: Vec<BorrowedFd<'a>>,
     process_group: bool,
     parent_death_signal: Option<Signal>,
+    ids: Option<(u32, u32)>,
 }
 
 /// What went wrong starting a program.
@@ -85,6 +86,7 @@ impl<'a> Command<'a> {
             keep: Vec::new(),
             process_group: false,
             parent_death_signal: None,
+            ids: None,
         }
     }
 
@@ -153,6 +155,12 @@ impl<'a> Command<'a> {
     /// Signal the child receives when dream dies (`PR_SET_PDEATHSIG`).
     pub fn parent_death_signal(&mut self, signal: Signal) -> &mut Self {
         self.parent_death_signal = Some(signal);
+        self
+    }
+
+    /// Run the program as this uid and gid, with no supplementary groups.
+    pub fn user(&mut self, uid: u32, gid: u32) -> &mut Self {
+        self.ids = Some((uid, gid));
         self
     }
 
@@ -231,6 +239,9 @@ impl<'a> Command<'a> {
         }
         image.set_new_process_group(self.process_group);
         image.set_parent_death_signal(self.parent_death_signal);
+        if let Some((uid, gid)) = self.ids {
+            image.set_ids(uid, gid);
+        }
         Ok(image)
     }
 

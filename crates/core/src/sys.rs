@@ -45,6 +45,8 @@ pub struct ExecImage {
     fd_map: Vec<(RawFd, RawFd)>,
     new_process_group: bool,
     parent_death_signal: Option<libc::c_int>,
+    /// Switch to this uid and gid (dropping supplementary groups).
+    ids: Option<(libc::uid_t, libc::gid_t)>,
 }
 
 // SAFETY: the raw pointers in `argv_ptrs` point into `argv`, which the image
@@ -102,6 +104,7 @@ impl ExecImage {
             fd_map: Vec::new(),
             new_process_group: false,
             parent_death_signal: None,
+            ids: None,
         })
     }
 
@@ -120,6 +123,10 @@ impl ExecImage {
 
     pub fn set_new_process_group(&mut self, yes: bool) {
         self.new_process_group = yes;
+    }
+
+    pub fn set_ids(&mut self, uid: u32, gid: u32) {
+        self.ids = Some((uid, gid));
     }
 
     pub fn set_parent_death_signal(&mut self, signal: Option<nix::sys::signal::Signal>) {
@@ -239,6 +246,14 @@ impl ExecImage {
             mark_cloexec_from(3);
             for &(high, target) in &self.fd_map {
                 if libc::dup2(high, target) < 0 {
+                    return errno();
+                }
+            }
+            if let Some((uid, gid)) = self.ids {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
                     return errno();
                 }
             }

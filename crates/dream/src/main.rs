@@ -6,6 +6,7 @@
 
 mod exit;
 mod privs;
+mod serve;
 mod tools;
 
 use std::ffi::OsString;
@@ -34,6 +35,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Hold the sockets and run a pool of workers from ROOT/current; reload on HUP
+    #[command(
+        after_help = "Each worker runs in the release directory that ROOT/current named when its\ngeneration started, with the first socket on fd 0, all sockets on fds 3..\n(LISTEN_FDS, LISTEN_PID), and DREAM_RELEASE, DREAM_RELEASE_DIR,\nDREAM_GENERATION, DREAM_WORKER, NOTIFY_SOCKET set.\n\nSignals: HUP reload; TERM/INT drain and exit; QUIT stop now; TTIN/TTOU one\nworker more/less; USR1 status on stderr.\n\nExamples:\n  dream serve --root /srv/app --listen :8080 -- ./bin/server\n  dream serve --listen 127.0.0.1:8080 --workers 4 --ready notify -- dream static\n  dream reload --root /srv/app    # from another terminal, waits for the outcome"
+    )]
+    Serve(ServeArgs),
+    /// Show the running supervisor's generations and workers
+    Status(StatusArgs),
+    /// Ask the running supervisor to reload; exit 1 if the new generation failed
+    Reload(StatusArgs),
+    /// Keep N copies of PROGRAM running on the inherited sockets (forkpool)
+    #[command(
+        after_help = "HUP starts a fresh set of N beside the old ones and drains the old ones once\nthe new are ready (with --relay-hup, HUP is passed to the children instead).\nQUIT or TERM drains every child and exits.\n\nExample:\n  dream listen 127.0.0.1:8080 dream pool -n 4 dream static"
+    )]
+    Pool(PoolArgs),
     /// Bind listening sockets, then exec PROGRAM with them on fd 0 and fds 3.. (LISTEN_FDS)
     #[command(
         after_help = "Examples:\n  dream listen 127.0.0.1:8080 dream loop 1 dream static\n  dream listen :80 --user www-data -- ./server\n  dream listen [::1]:8080 unix:/run/app.sock -- ./server\n\nSPEC is 127.0.0.1:8080, [::1]:8080, :8080 (all addresses), host:port or unix:/path."
@@ -82,6 +97,78 @@ struct ListenArgs {
         value_name = "SPEC... PROGRAM"
     )]
     args: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct PoolFlags {
+    /// When a worker counts as ready: notify (READY=1), delay:DUR, auto:DUR
+    #[arg(long, default_value = "auto:1s", value_name = "MODE")]
+    ready: String,
+    /// A new generation not ready by then is killed (the old keeps serving)
+    #[arg(long, default_value = "60s", value_name = "DUR")]
+    ready_timeout: String,
+    /// Signal that tells a worker to finish what it holds and exit
+    #[arg(long, default_value = "TERM", value_name = "SIG")]
+    drain_signal: String,
+    /// Then SIGKILL to the worker's process group
+    #[arg(long, default_value = "30s", value_name = "DUR")]
+    drain_timeout: String,
+    /// Only warnings and failures
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Address to listen on (repeatable); none: inherit LISTEN_FDS from systemd
+    #[arg(short, long, value_name = "SPEC")]
+    listen: Vec<String>,
+    /// listen(2) backlog (capped by net.core.somaxconn)
+    #[arg(long, default_value_t = dream_core::listen::DEFAULT_BACKLOG)]
+    backlog: u32,
+    /// Workers per generation (default: number of CPUs)
+    #[arg(short, long)]
+    workers: Option<usize>,
+    /// Run workers as USER[:GROUP] (dream must start as root)
+    #[arg(long, value_name = "USER[:GROUP]")]
+    user: Option<String>,
+    #[command(flatten)]
+    pool: PoolFlags,
+    /// COMMAND [ARGS...] (relative paths resolve in the release directory)
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Print JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PoolArgs {
+    /// Number of children
+    #[arg(short = 'n', long = "workers", default_value_t = 1)]
+    workers: usize,
+    /// Relay HUP to the children instead of starting a new set
+    #[arg(long)]
+    relay_hup: bool,
+    #[command(flatten)]
+    pool: PoolFlags,
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "PROGRAM"
+    )]
+    program: Vec<OsString>,
 }
 
 #[derive(Args)]
@@ -175,6 +262,10 @@ fn main() {
         }
     };
     let name = match &cli.command {
+        Cmd::Serve(_) => "serve",
+        Cmd::Status(_) => "status",
+        Cmd::Reload(_) => "reload",
+        Cmd::Pool(_) => "pool",
         Cmd::Listen(_) => "listen",
         Cmd::Loop(_) => "loop",
         Cmd::Lock(_) => "lock",
@@ -193,8 +284,36 @@ fn main() {
     std::process::exit(code);
 }
 
+fn pool_options(f: &PoolFlags, workers: Option<usize>) -> serve::PoolOptions<'_> {
+    serve::PoolOptions {
+        workers,
+        ready: &f.ready,
+        ready_timeout: &f.ready_timeout,
+        drain_signal: &f.drain_signal,
+        drain_timeout: &f.drain_timeout,
+    }
+}
+
 fn run(cmd: Cmd) -> Result {
     match cmd {
+        Cmd::Serve(a) => serve::serve(serve::ServeOptions {
+            root: a.root.as_deref(),
+            listen: &a.listen,
+            backlog: a.backlog,
+            user: a.user.as_deref(),
+            pool: pool_options(&a.pool, a.workers),
+            verbosity: if a.pool.quiet { -1 } else { 0 },
+            command: &a.command,
+        }),
+        Cmd::Status(a) => serve::status(a.root.as_deref(), a.json),
+        Cmd::Reload(a) => serve::reload(a.root.as_deref(), a.json),
+        Cmd::Pool(a) => serve::pool(
+            a.workers,
+            a.relay_hup,
+            pool_options(&a.pool, Some(a.workers)),
+            if a.pool.quiet { -1 } else { 0 },
+            &a.program,
+        ),
         Cmd::Listen(a) => {
             let (specs, program) = tools::split_specs(&a.args)?;
             tools::listen(&specs, a.backlog, a.user.as_deref(), a.verbose, &program)
@@ -204,6 +323,11 @@ fn run(cmd: Cmd) -> Result {
         Cmd::Static(a) => run_static(a),
         Cmd::Check(a) => run_check(a),
     }
+}
+
+/// Prints a line on stdout; a closed pipe is not an error.
+pub fn print_line(s: &str) {
+    let _ = writeln!(std::io::stdout().lock(), "{s}");
 }
 
 fn duration(flag: &str, s: &str) -> Result<std::time::Duration> {
@@ -276,14 +400,12 @@ fn run_check(a: CheckArgs) -> Result {
         dream_check::CheckError::Runtime(io) => Failure::failed(io),
         other => Failure::usage(other),
     })?;
-    let mut out = std::io::stdout().lock();
     let text = if a.json {
         serde_json::to_string(&report).expect("report serializes")
     } else {
         report.human()
     };
-    // A closed pipe (`dream check ... | head -1`) is not an error.
-    let _ = writeln!(out, "{text}");
+    print_line(&text);
     if report.ok {
         Ok(())
     } else {

@@ -4,9 +4,8 @@ use nix::unistd::{Group, User, setgid, setgroups, setuid};
 
 use crate::exit::{Failure, Result};
 
-/// Switches this process to `spec` (`user` or `user:group`), dropping all
-/// supplementary groups. Needs root.
-pub fn drop_to(spec: &str) -> Result {
+/// The uid and gid that `USER[:GROUP]` names.
+pub fn lookup(spec: &str) -> Result<(u32, u32)> {
     let (user_name, group_name) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -16,8 +15,19 @@ pub fn drop_to(spec: &str) -> Result {
         Some(g) => lookup_group(g)?.gid,
         None => user.gid,
     };
+    Ok((user.uid.as_raw(), gid.as_raw()))
+}
+
+/// Switches this process to `spec` (`user` or `user:group`), dropping all
+/// supplementary groups. Needs root.
+pub fn drop_to(spec: &str) -> Result {
+    let (uid, gid) = lookup(spec)?;
+    let (uid, gid) = (
+        nix::unistd::Uid::from_raw(uid),
+        nix::unistd::Gid::from_raw(gid),
+    );
     if !nix::unistd::geteuid().is_root() {
-        if nix::unistd::geteuid() == user.uid {
+        if nix::unistd::geteuid() == uid {
             return Ok(());
         }
         return Err(Failure::usage(format!(
@@ -27,7 +37,7 @@ pub fn drop_to(spec: &str) -> Result {
     let fail = |what: &str, e: nix::Error| Failure::failed(format!("--user {spec}: {what}: {e}"));
     setgroups(&[]).map_err(|e| fail("setgroups", e))?;
     setgid(gid).map_err(|e| fail("setgid", e))?;
-    setuid(user.uid).map_err(|e| fail("setuid", e))?;
+    setuid(uid).map_err(|e| fail("setuid", e))?;
     Ok(())
 }
 

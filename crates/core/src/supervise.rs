@@ -1,0 +1,832 @@
+//! The supervisor's driver: one thread, one `poll(2)`, no busy loop.
+//!
+//! It owns the listening sockets, carries out the [`Pool`]'s actions
+//! (spawn, signal, kill), and turns everything that happens into events
+//! for it:
+//!
+//! * signals arrive on a signalfd (HUP reload, TERM/INT graceful stop, QUIT
+//!   fast stop, TTIN/TTOU scale, USR1 status, CHLD reap);
+//! * each worker gets its own sd_notify socket (an abstract Unix datagram
+//!   socket), so a `READY=1` identifies its sender without credentials, even
+//!   when a wrapper script forked the real server;
+//! * each worker's stderr is a pipe that the supervisor copies to its own
+//!   stderr, keeping the tail for failure reports;
+//! * control clients speak [`crate::control`] on `ROOT/.dream/control.sock`.
+//!
+//! Between events the thread sleeps in `poll` until the pool's next
+//! deadline; when idle, it has no deadline at all.
+//!
+//! Races handled here: a `SIGCHLD` may be read before the worker's last
+//! stderr bytes, so the pipe is drained before the exit is reported; pids are
+//! only signalled while the worker is unreaped (a zombie's pid cannot be
+//! reused), and the process group is killed by its leader's pid.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::poll::{PollFd, PollFlags, poll};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use crate::control::{self, Request};
+use crate::pool::{Action, GenId, Pool, Release, Settings, Stop, Waiter};
+use crate::protocol;
+use crate::respawn::describe;
+use crate::signals::{Signals, timeout_until};
+use crate::spawn::{Command, Handoff};
+
+/// How much of a worker's stderr is kept for failure reports.
+const TAIL_BYTES: usize = 2048;
+/// Control clients served at once.
+const MAX_CLIENTS: usize = 64;
+/// A control client idle this long (and not awaiting a reload) is dropped.
+const CLIENT_IDLE: Duration = Duration::from_secs(30);
+
+/// Where workers run.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// `dream serve`: each generation runs in what `ROOT/current` resolves
+    /// to; a control socket at `ROOT/.dream/control.sock`.
+    Serve { root: PathBuf },
+    /// `dream pool`: workers run in `dir`; HUP starts a new generation, or
+    /// is relayed to the workers with `relay_hup`.
+    Pool { dir: PathBuf, relay_hup: bool },
+}
+
+/// Everything the supervisor needs.
+pub struct Config {
+    pub mode: Mode,
+    pub program: OsString,
+    pub args: Vec<OsString>,
+    /// Listening sockets with their `LISTEN_FDNAMES` names.
+    pub sockets: Vec<(OwnedFd, String)>,
+    /// Unix socket paths to remove at final shutdown.
+    pub unix_paths: Vec<PathBuf>,
+    pub settings: Settings,
+    /// Run workers as this uid/gid.
+    pub user: Option<(u32, u32)>,
+    /// -1 quiet, 0 normal, 1 verbose.
+    pub verbosity: i8,
+    /// Name for log lines: `serve` or `pool`.
+    pub name: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Resolves `ROOT/current` to a release.
+pub fn resolve_current(root: &Path) -> Result<Release, String> {
+    let current = root.join("current");
+    let dir = std::fs::canonicalize(&current).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            format!(
+                "{} does not exist: deploy a release first (dream deploy SOURCE --root {})",
+                current.display(),
+                root.display()
+            )
+        } else {
+            format!("cannot resolve {}: {e}", current.display())
+        }
+    })?;
+    if !dir.is_dir() {
+        return Err(format!("{} is not a directory", current.display()));
+    }
+    let id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Release { id, dir })
+}
+
+struct WorkerIo {
+    generation: GenId,
+    index: usize,
+    notify: UnixDatagram,
+    stderr: Option<std::fs::File>,
+    tail: Vec<u8>,
+}
+
+struct Client {
+    id: Waiter,
+    stream: UnixStream,
+    buf: Vec<u8>,
+    awaiting: usize,
+    last: Instant,
+}
+
+#[derive(Clone, Copy)]
+enum Source {
+    Signals,
+    Control,
+    Client(usize),
+    Notify(i32),
+    Stderr(i32),
+}
+
+struct Driver {
+    cfg: Config,
+    pool: Pool,
+    signals: Signals,
+    control: Option<UnixListener>,
+    clients: Vec<Client>,
+    next_client: Waiter,
+    workers: HashMap<i32, WorkerIo>,
+    systemd: Option<OsString>,
+    started: Instant,
+    nonce: u64,
+}
+
+/// Runs the supervisor until it is stopped; returns the exit code.
+pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
+    let signals = Signals::new(&[
+        Signal::SIGCHLD,
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+        Signal::SIGUSR1,
+    ])?;
+    let control = match &cfg.mode {
+        Mode::Serve { root } => Some(bind_control(root)?),
+        Mode::Pool { .. } => None,
+    };
+    let first = match &cfg.mode {
+        Mode::Serve { root } => resolve_current(root).map_err(SuperviseError::Setup)?,
+        Mode::Pool { dir, .. } => Release {
+            id: std::env::var("DREAM_RELEASE").unwrap_or_default(),
+            dir: dir.clone(),
+        },
+    };
+    let systemd = std::env::var_os(protocol::NOTIFY_SOCKET);
+    let nonce = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut d = Driver {
+        pool: Pool::new(cfg.settings.clone()),
+        cfg,
+        signals,
+        control,
+        clients: Vec::new(),
+        next_client: 1,
+        workers: HashMap::new(),
+        systemd,
+        started: Instant::now(),
+        nonce,
+    };
+    d.log(
+        0,
+        &format!(
+            "pid {}, {} socket(s), {} workers, ready {:?}",
+            std::process::id(),
+            d.cfg.sockets.len(),
+            d.cfg.settings.workers,
+            d.cfg.settings.readiness
+        ),
+    );
+    let actions = d.pool.begin_generation(first, Instant::now());
+    d.apply(actions);
+    let result = d.event_loop();
+    d.cleanup();
+    result.map(|()| 0)
+}
+
+fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> {
+    let dir = control::state_dir(root);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| SuperviseError::Setup(format!("cannot create {}: {e}", dir.display())))?;
+    let path = control::socket_path(root);
+    if UnixStream::connect(&path).is_ok() {
+        return Err(SuperviseError::Setup(format!(
+            "a supervisor is already running for {} ({} answers); stop it first, or use `dream reload`",
+            root.display(),
+            path.display()
+        )));
+    }
+    let spec = crate::spec::ListenSpec::Unix(path.clone());
+    let bound = crate::listen::bind(&spec, 64)
+        .map_err(|e| SuperviseError::Setup(format!("control socket: {e}")))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener: UnixListener = OwnedFd::from(bound).into();
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+impl Driver {
+    fn log(&self, level: i8, msg: &str) {
+        if level <= self.cfg.verbosity {
+            let ts = humantime::format_rfc3339_millis(SystemTime::now());
+            let mut err = io::stderr().lock();
+            for line in msg.lines() {
+                let _ = writeln!(err, "{ts} dream {}: {line}", self.cfg.name);
+            }
+        }
+    }
+
+    fn event_loop(&mut self) -> Result<(), SuperviseError> {
+        loop {
+            if self.pool.finished() {
+                self.log(0, "all workers gone; exiting");
+                return Ok(());
+            }
+            let ready = self.wait()?;
+            for source in ready {
+                match source {
+                    Source::Signals => self.on_signals()?,
+                    Source::Control => self.on_accept(),
+                    Source::Client(i) => self.on_client(i),
+                    Source::Notify(pid) => self.on_notify(pid),
+                    Source::Stderr(pid) => {
+                        self.pump_stderr(pid);
+                    }
+                }
+            }
+            self.clients.retain(|c| c.id != 0);
+            let now = Instant::now();
+            self.clients
+                .retain(|c| c.awaiting > 0 || now.duration_since(c.last) < CLIENT_IDLE);
+            let actions = self.pool.tick(now);
+            self.apply(actions);
+        }
+    }
+
+    /// Sleeps in poll until something is readable or a deadline passes.
+    fn wait(&mut self) -> Result<Vec<Source>, SuperviseError> {
+        let mut sources = vec![Source::Signals];
+        let mut fds: Vec<BorrowedFd<'_>> = vec![self.signals.as_fd()];
+        if let Some(c) = &self.control {
+            sources.push(Source::Control);
+            fds.push(c.as_fd());
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            sources.push(Source::Client(i));
+            fds.push(c.stream.as_fd());
+        }
+        for (pid, w) in &self.workers {
+            sources.push(Source::Notify(*pid));
+            fds.push(w.notify.as_fd());
+            if let Some(e) = &w.stderr {
+                sources.push(Source::Stderr(*pid));
+                fds.push(e.as_fd());
+            }
+        }
+        let mut deadline = self.pool.next_deadline();
+        if let Some(oldest) = self
+            .clients
+            .iter()
+            .filter(|c| c.awaiting == 0)
+            .map(|c| c.last)
+            .min()
+        {
+            let t = oldest + CLIENT_IDLE;
+            deadline = Some(deadline.map_or(t, |d| d.min(t)));
+        }
+        let mut polls: Vec<PollFd<'_>> = fds
+            .iter()
+            .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+            .collect();
+        match poll(&mut polls, timeout_until(deadline)) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
+        let ready = polls
+            .iter()
+            .zip(sources)
+            .filter(|(p, _)| p.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(_, s)| s)
+            .collect();
+        Ok(ready)
+    }
+
+    fn on_signals(&mut self) -> Result<(), SuperviseError> {
+        while let Some(sig) = self.signals.try_next()? {
+            let now = Instant::now();
+            match sig {
+                Signal::SIGCHLD => self.reap(),
+                Signal::SIGHUP => {
+                    if let Mode::Pool {
+                        relay_hup: true, ..
+                    } = self.cfg.mode
+                    {
+                        for pid in self.pool.pids() {
+                            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+                        }
+                    } else {
+                        self.log(0, "HUP: reload requested");
+                        self.request_reload(None);
+                    }
+                }
+                Signal::SIGTERM | Signal::SIGINT => {
+                    let how = if self.pool.stopping().is_some() {
+                        Stop::Fast
+                    } else {
+                        Stop::Graceful
+                    };
+                    let actions = self.pool.stop(how, now);
+                    self.apply(actions);
+                }
+                Signal::SIGQUIT => {
+                    let how = match self.cfg.mode {
+                        Mode::Pool { .. } => Stop::Graceful,
+                        Mode::Serve { .. } => Stop::Fast,
+                    };
+                    let actions = self.pool.stop(how, now);
+                    self.apply(actions);
+                }
+                Signal::SIGTTIN | Signal::SIGTTOU => {
+                    let n = self.pool.settings().workers;
+                    let n = if sig == Signal::SIGTTIN {
+                        n + 1
+                    } else {
+                        n.saturating_sub(1).max(1)
+                    };
+                    let actions = self.pool.scale(n, now);
+                    self.apply(actions);
+                }
+                Signal::SIGUSR1 => {
+                    let status = self.status();
+                    self.log(-1, &human_status(&status));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn request_reload(&mut self, waiter: Option<Waiter>) {
+        if self.pool.stopping().is_some() {
+            if let Some(w) = waiter {
+                self.answer(
+                    w,
+                    &json!({"ok": false, "error": "the supervisor is stopping"}),
+                );
+            }
+            return;
+        }
+        if self.pool.request_reload(waiter) {
+            self.apply(vec![Action::StartReload]);
+        } else if self.pool.reloading() {
+            self.log(0, "reload queued behind the one in progress");
+        }
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => s,
+            };
+            let pid = match status {
+                WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _) => pid.as_raw(),
+                _ => continue,
+            };
+            // Read what it wrote before it died, then report the exit.
+            let tail = if self.workers.contains_key(&pid) {
+                while self.pump_stderr(pid) {}
+                let io = self.workers.remove(&pid).expect("checked");
+                String::from_utf8_lossy(&io.tail).into_owned()
+            } else {
+                String::new()
+            };
+            let actions = self
+                .pool
+                .exited(pid, &describe(status), &tail, Instant::now());
+            self.apply(actions);
+        }
+    }
+
+    /// Copies what a worker wrote to stderr; false when nothing more is
+    /// available now.
+    fn pump_stderr(&mut self, pid: i32) -> bool {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return false;
+        };
+        let Some(pipe) = w.stderr.as_mut() else {
+            return false;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        match pipe.read(&mut buf) {
+            Ok(0) => {
+                w.stderr = None;
+                false
+            }
+            Ok(n) => {
+                let _ = io::stderr().lock().write_all(&buf[..n]);
+                w.tail.extend_from_slice(&buf[..n]);
+                if w.tail.len() > TAIL_BYTES {
+                    let cut = w.tail.len() - TAIL_BYTES;
+                    w.tail.drain(..cut);
+                }
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+            Err(_) => false,
+        }
+    }
+
+    fn on_notify(&mut self, pid: i32) {
+        let Some(w) = self.workers.get(&pid) else {
+            return;
+        };
+        let (generation, index) = (w.generation, w.index);
+        let mut buf = [0u8; 4096];
+        let mut ready = false;
+        while let Ok(n) = w.notify.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            ready |= text.lines().any(|l| l.trim() == "READY=1");
+        }
+        if ready {
+            let actions = self.pool.ready(generation, index, Instant::now());
+            self.apply(actions);
+        }
+    }
+
+    fn on_accept(&mut self) {
+        let Some(listener) = &self.control else {
+            return;
+        };
+        while let Ok((stream, _)) = listener.accept() {
+            let mut stream = stream;
+            let me = nix::unistd::geteuid().as_raw();
+            let peer =
+                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+            let allowed = peer.is_ok_and(|c| c.uid() == me || c.uid() == 0);
+            if !allowed {
+                let _ = reply(
+                    &mut stream,
+                    &json!({"ok": false, "error": "permission denied: only the supervisor's user or root may control it"}),
+                );
+                continue;
+            }
+            if self.clients.len() >= MAX_CLIENTS {
+                let _ = reply(
+                    &mut stream,
+                    &json!({"ok": false, "error": "too many control clients; try again"}),
+                );
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let id = self.next_client;
+            self.next_client += 1;
+            self.clients.push(Client {
+                id,
+                stream,
+                buf: Vec::new(),
+                awaiting: 0,
+                last: Instant::now(),
+            });
+        }
+    }
+
+    fn on_client(&mut self, i: usize) {
+        let mut lines = Vec::new();
+        {
+            let Some(c) = self.clients.get_mut(i) else {
+                return;
+            };
+            c.last = Instant::now();
+            let mut buf = [0u8; 8192];
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        c.id = 0; // closed: dropped after this round
+                        break;
+                    }
+                    Ok(n) => c.buf.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        c.id = 0;
+                        break;
+                    }
+                }
+                if c.buf.len() > control::MAX_LINE {
+                    break;
+                }
+            }
+            while let Some(pos) = c.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = c.buf.drain(..=pos).collect();
+                lines.push(line);
+            }
+            if c.buf.len() > control::MAX_LINE {
+                let _ = reply(
+                    &mut c.stream,
+                    &json!({"ok": false, "error": format!("request longer than {} bytes", control::MAX_LINE)}),
+                );
+                c.id = 0;
+                return;
+            }
+        }
+        let id = self.clients[i].id;
+        for line in lines {
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim();
+            if text.is_empty() {
+                continue;
+            }
+            self.on_request(i, id, text);
+        }
+    }
+
+    fn on_request(&mut self, i: usize, id: Waiter, text: &str) {
+        let request: Request = match serde_json::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.answer_index(
+                    i,
+                    &json!({"ok": false, "error": format!("bad request: {e}")}),
+                );
+                return;
+            }
+        };
+        let now = Instant::now();
+        match request {
+            Request::Status => {
+                let s = self.status();
+                self.answer_index(i, &s);
+            }
+            Request::Reload => {
+                if id == 0 {
+                    return;
+                }
+                self.clients[i].awaiting += 1;
+                self.request_reload(Some(id));
+            }
+            Request::Scale { workers } => {
+                if workers == 0 || workers > 4096 {
+                    self.answer_index(
+                        i,
+                        &json!({"ok": false, "error": "workers must be from 1 to 4096"}),
+                    );
+                    return;
+                }
+                let actions = self.pool.scale(workers, now);
+                self.apply(actions);
+                self.answer_index(i, &json!({"ok": true, "workers": workers}));
+            }
+            Request::Stop => {
+                self.answer_index(i, &json!({"ok": true, "stopping": true}));
+                let actions = self.pool.stop(Stop::Graceful, now);
+                self.apply(actions);
+            }
+        }
+    }
+
+    fn answer_index(&mut self, i: usize, v: &Value) {
+        if let Some(c) = self.clients.get_mut(i)
+            && reply(&mut c.stream, v).is_err()
+        {
+            c.id = 0;
+        }
+    }
+
+    fn answer(&mut self, waiter: Waiter, v: &Value) {
+        if let Some(c) = self
+            .clients
+            .iter_mut()
+            .find(|c| c.id == waiter && waiter != 0)
+        {
+            c.awaiting = c.awaiting.saturating_sub(1);
+            c.last = Instant::now();
+            if reply(&mut c.stream, v).is_err() {
+                c.id = 0;
+            }
+        }
+    }
+
+    fn status(&self) -> Value {
+        let now = Instant::now();
+        let root = match &self.cfg.mode {
+            Mode::Serve { root } => Some(root.clone()),
+            Mode::Pool { .. } => None,
+        };
+        json!({
+            "ok": true,
+            "pid": std::process::id(),
+            "root": root,
+            "uptime_s": now.duration_since(self.started).as_secs_f64(),
+            "sockets": self.cfg.sockets.iter().map(|(fd, name)| json!({
+                "name": name,
+                "address": protocol::describe_local(fd.as_fd()),
+            })).collect::<Vec<_>>(),
+            "pool": self.pool.status(now),
+        })
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            let now = Instant::now();
+            match action {
+                Action::Spawn {
+                    generation,
+                    index,
+                    release,
+                } => match self.spawn(generation, index, &release) {
+                    Ok(pid) => queue.extend(self.pool.spawned(generation, index, pid, now)),
+                    Err(e) => queue.extend(self.pool.spawn_failed(generation, index, e, now)),
+                },
+                Action::Signal { pid, signal } => {
+                    let _ = kill(Pid::from_raw(pid), signal);
+                }
+                Action::KillGroup { pid } => {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                Action::StartReload => {
+                    let resolved = match &self.cfg.mode {
+                        Mode::Serve { root } => resolve_current(root),
+                        Mode::Pool { dir, .. } => Ok(Release {
+                            id: std::env::var("DREAM_RELEASE").unwrap_or_default(),
+                            dir: dir.clone(),
+                        }),
+                    };
+                    match resolved {
+                        Ok(release) => queue.extend(self.pool.begin_generation(release, now)),
+                        Err(reason) => queue.extend(self.pool.reload_unavailable(reason)),
+                    }
+                }
+                Action::ReloadDone { waiters, outcome } => {
+                    let v = match &outcome {
+                        Ok((generation, release)) => {
+                            json!({"ok": true, "generation": generation, "release": release})
+                        }
+                        Err(e) => json!({"ok": false, "error": e}),
+                    };
+                    for w in waiters {
+                        self.answer(w, &v);
+                    }
+                }
+                Action::Systemd(msg) => self.tell_systemd(&msg),
+                Action::Log(msg) => self.log(0, &msg),
+            }
+        }
+    }
+
+    fn tell_systemd(&self, msg: &str) {
+        let Some(path) = &self.systemd else {
+            return;
+        };
+        let mut text = msg.to_string();
+        if msg == "RELOADING=1"
+            && let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        {
+            let usec = t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000;
+            text.push_str(&format!("\nMONOTONIC_USEC={usec}"));
+        }
+        if let Err(e) = protocol::notify_to(path, &text) {
+            self.log(0, &format!("cannot notify systemd: {e}"));
+        }
+    }
+
+    /// Starts one worker with its own notify socket and stderr pipe.
+    fn spawn(&mut self, generation: GenId, index: usize, release: &Release) -> Result<i32, String> {
+        let name = format!(
+            "dream/{}/{:x}/{generation}/{index}",
+            std::process::id(),
+            self.nonce
+        );
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| e.to_string())?;
+        let notify = UnixDatagram::bind_addr(&addr).map_err(|e| format!("notify socket: {e}"))?;
+        notify.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let (rd, wr) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(|e| format!("pipe: {e}"))?;
+        // The worker's end blocks like an ordinary stderr.
+        let _ = nix::fcntl::fcntl(
+            &wr,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        );
+        let handoffs: Vec<Handoff<'_>> = self
+            .cfg
+            .sockets
+            .iter()
+            .map(|(fd, name)| Handoff {
+                fd: fd.as_fd(),
+                name: name.as_str(),
+            })
+            .collect();
+        let mut cmd = Command::new(&self.cfg.program);
+        cmd.args(&self.cfg.args)
+            .cwd(&release.dir)
+            .sockets(&handoffs)
+            .stderr(wr.as_fd())
+            .env("DREAM_RELEASE", &release.id)
+            .env("DREAM_RELEASE_DIR", &release.dir)
+            .env("DREAM_GENERATION", generation.to_string())
+            .env("DREAM_WORKER", index.to_string())
+            .env(protocol::NOTIFY_SOCKET, format!("@{name}"))
+            .process_group(true)
+            .parent_death_signal(Signal::SIGKILL);
+        if let Some((uid, gid)) = self.cfg.user {
+            cmd.user(uid, gid);
+        }
+        let pid = cmd.spawn().map_err(|e| e.to_string())?.as_raw();
+        drop(wr);
+        self.workers.insert(
+            pid,
+            WorkerIo {
+                generation,
+                index,
+                notify,
+                stderr: Some(std::fs::File::from(rd)),
+                tail: Vec::new(),
+            },
+        );
+        Ok(pid)
+    }
+
+    fn cleanup(&mut self) {
+        if let Mode::Serve { root } = &self.cfg.mode {
+            let _ = std::fs::remove_file(control::socket_path(root));
+        }
+        for p in &self.cfg.unix_paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn reply(stream: &mut UnixStream, v: &Value) -> io::Result<()> {
+    let mut line = v.to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes())
+}
+
+/// A status snapshot as a few lines for people.
+pub fn human_status(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "supervisor pid {}, up {}{}",
+        v["pid"],
+        crate::fmt_duration(Duration::from_secs_f64(
+            v["uptime_s"].as_f64().unwrap_or(0.0)
+        )),
+        v["root"]
+            .as_str()
+            .map(|r| format!(", root {r}"))
+            .unwrap_or_default()
+    );
+    for sock in v["sockets"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "listening on {}",
+            sock["address"].as_str().unwrap_or("?")
+        );
+    }
+    let pool = &v["pool"];
+    let _ = writeln!(
+        s,
+        "workers: {} wanted, {} restarts{}",
+        pool["workers_target"],
+        pool["restarts"],
+        if pool["reloading"] == true {
+            ", reload in progress"
+        } else {
+            ""
+        }
+    );
+    for g in pool["generations"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "generation {} {}: release {} ({}), age {}",
+            g["id"],
+            g["state"].as_str().unwrap_or("?"),
+            g["release"].as_str().unwrap_or("?"),
+            g["release_dir"].as_str().unwrap_or("?"),
+            crate::fmt_duration(Duration::from_secs_f64(g["age_s"].as_f64().unwrap_or(0.0)))
+        );
+        for w in g["workers"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                s,
+                "  worker {}.{} pid {} {}, restarts {}",
+                g["id"],
+                w["index"],
+                w["pid"],
+                w["state"].as_str().unwrap_or("?"),
+                w["restarts"]
+            );
+        }
+    }
+    s.trim_end().to_string()
+}

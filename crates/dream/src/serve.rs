@@ -1,0 +1,232 @@
+//! `dream serve`, `dream pool`, and the control clients `dream status` and
+//! `dream reload`.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dream_core::pool::{Readiness, Settings};
+use dream_core::protocol;
+use dream_core::spec::ListenSpec;
+use dream_core::supervise::{self, Config, Mode};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use crate::exit::{Failure, Result};
+
+/// `--root DIR`, else `$DREAM_ROOT`, else the current directory; absolute.
+pub fn root_dir(flag: Option<&Path>) -> Result<PathBuf> {
+    let root = match flag {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("DREAM_ROOT") {
+            Some(r) if !r.is_empty() => PathBuf::from(r),
+            _ => PathBuf::from("."),
+        },
+    };
+    std::fs::canonicalize(&root)
+        .map_err(|e| Failure::usage(format!("root {}: {e}", root.display())))
+}
+
+/// Parses `TERM`, `SIGTERM`, `15`.
+pub fn parse_signal(s: &str) -> Result<Signal> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| Failure::usage(format!("no signal number {n}")));
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse()
+        .map_err(|_| Failure::usage(format!("unknown signal {s:?} (e.g. TERM, QUIT, INT, USR1)")))
+}
+
+pub struct PoolOptions<'a> {
+    pub workers: Option<usize>,
+    pub ready: &'a str,
+    pub ready_timeout: &'a str,
+    pub drain_signal: &'a str,
+    pub drain_timeout: &'a str,
+}
+
+pub fn settings(o: &PoolOptions<'_>) -> Result<Settings> {
+    let workers = o
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if workers == 0 || workers > 4096 {
+        return Err(Failure::usage("--workers must be from 1 to 4096"));
+    }
+    let readiness: Readiness = o.ready.parse().map_err(Failure::usage)?;
+    Ok(Settings {
+        workers,
+        readiness,
+        ready_timeout: crate::duration("ready-timeout", o.ready_timeout)?,
+        drain_signal: parse_signal(o.drain_signal)?,
+        drain_timeout: crate::duration("drain-timeout", o.drain_timeout)?,
+        ..Settings::default()
+    })
+}
+
+/// Looks up `USER[:GROUP]` for workers; needs root to be useful.
+fn worker_ids(spec: &str) -> Result<(u32, u32)> {
+    let (u, g) = crate::privs::lookup(spec)?;
+    if !nix::unistd::geteuid().is_root() && nix::unistd::geteuid().as_raw() != u {
+        return Err(Failure::usage(format!(
+            "--user {spec}: dream must start as root to run workers as another user"
+        )));
+    }
+    Ok((u, g))
+}
+
+pub struct ServeOptions<'a> {
+    pub root: Option<&'a Path>,
+    pub listen: &'a [String],
+    pub backlog: u32,
+    pub user: Option<&'a str>,
+    pub pool: PoolOptions<'a>,
+    pub verbosity: i8,
+    pub command: &'a [OsString],
+}
+
+pub fn serve(o: ServeOptions<'_>) -> Result {
+    let root = root_dir(o.root)?;
+    let settings = settings(&o.pool)?;
+    let (sockets, unix_paths) = if o.listen.is_empty() {
+        let inherited = protocol::listeners_from_env()
+            .map_err(|e| Failure::usage(format!("sockets from systemd: {e}")))?
+            .ok_or_else(|| {
+                Failure::usage(
+                    "no --listen given and no sockets inherited from systemd (LISTEN_FDS/LISTEN_PID): give --listen SPEC, e.g. --listen 127.0.0.1:8080",
+                )
+            })?;
+        let sockets = inherited.into_iter().map(|i| (i.fd, i.name)).collect();
+        (sockets, Vec::new())
+    } else {
+        let specs: Vec<ListenSpec> = o
+            .listen
+            .iter()
+            .map(|s| s.parse().map_err(Failure::usage))
+            .collect::<Result<_>>()?;
+        let bound = crate::tools::bind_all(&specs, o.backlog, "serve", true)?;
+        let unix_paths = specs
+            .iter()
+            .filter_map(|s| match s {
+                ListenSpec::Unix(p) => Some(if p.is_absolute() {
+                    p.clone()
+                } else {
+                    std::env::current_dir().unwrap_or_default().join(p)
+                }),
+                _ => None,
+            })
+            .collect();
+        let sockets = bound
+            .into_iter()
+            .map(|b| {
+                let name = b.name.clone();
+                (std::os::fd::OwnedFd::from(b), name)
+            })
+            .collect();
+        (sockets, unix_paths)
+    };
+    let user = o.user.map(worker_ids).transpose()?;
+    let cfg = Config {
+        mode: Mode::Serve { root },
+        program: o.command[0].clone(),
+        args: o.command[1..].to_vec(),
+        sockets,
+        unix_paths,
+        settings,
+        user,
+        verbosity: o.verbosity,
+        name: "serve",
+    };
+    run(cfg)
+}
+
+fn run(cfg: Config) -> Result {
+    match supervise::run(cfg) {
+        Ok(0) => Ok(()),
+        Ok(code) => Err(Failure::silent(code)),
+        Err(supervise::SuperviseError::Setup(msg)) => Err(Failure::failed(msg)),
+        Err(e) => Err(Failure::failed(e)),
+    }
+}
+
+/// `dream pool -n N [--relay-hup] PROGRAM...`: N copies of PROGRAM in the
+/// current directory, on the sockets this process inherited.
+pub fn pool(
+    workers: usize,
+    relay_hup: bool,
+    pool: PoolOptions<'_>,
+    verbosity: i8,
+    command: &[OsString],
+) -> Result {
+    let mut settings = settings(&pool)?;
+    settings.workers = workers.max(1);
+    let sockets = protocol::listeners_from_env()
+        .map_err(|e| Failure::usage(format!("inherited sockets: {e}")))?
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| (i.fd, i.name))
+        .collect();
+    let dir = std::env::current_dir().map_err(Failure::failed)?;
+    run(Config {
+        mode: Mode::Pool { dir, relay_hup },
+        program: command[0].clone(),
+        args: command[1..].to_vec(),
+        sockets,
+        unix_paths: Vec::new(),
+        settings,
+        user: None,
+        verbosity,
+        name: "pool",
+    })
+}
+
+fn ask(root: &Path, request: Value, timeout: Option<Duration>) -> Result<Value> {
+    dream_core::control::request(root, &request, timeout).map_err(|e| match e {
+        dream_core::control::ControlError::NotRunning { .. } => Failure::failed(e),
+        other => Failure::temporary(other),
+    })
+}
+
+pub fn status(root: Option<&Path>, json_out: bool) -> Result {
+    let root = root_dir(root)?;
+    let v = ask(
+        &root,
+        json!({"cmd": "status"}),
+        Some(Duration::from_secs(10)),
+    )?;
+    if json_out {
+        crate::print_line(&v.to_string());
+    } else {
+        crate::print_line(&supervise::human_status(&v));
+    }
+    Ok(())
+}
+
+pub fn reload(root: Option<&Path>, json_out: bool) -> Result {
+    let root = root_dir(root)?;
+    let v = ask(&root, json!({"cmd": "reload"}), None)?;
+    if json_out {
+        crate::print_line(&v.to_string());
+    }
+    if v["ok"] == true {
+        if !json_out {
+            crate::print_line(&format!(
+                "reloaded: generation {} (release {}) is live",
+                v["generation"],
+                v["release"].as_str().unwrap_or("?")
+            ));
+        }
+        Ok(())
+    } else {
+        let reason = v["error"].as_str().unwrap_or("unknown error").to_string();
+        if json_out {
+            Err(Failure::silent(crate::exit::FAILED))
+        } else {
+            Err(Failure::failed(format!("reload failed: {reason}")))
+        }
+    }
+}
