@@ -27,6 +27,25 @@ pub enum Request {
     Stop,
 }
 
+impl Request {
+    /// Parses one request line strictly: unknown commands and unknown
+    /// fields are errors, so a typo never does something unexpected.
+    pub fn parse(line: &str) -> Result<Request, String> {
+        let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        let obj = v.as_object().ok_or("a request is a JSON object")?;
+        let cmd = obj.get("cmd").and_then(Value::as_str).unwrap_or_default();
+        let allowed: &[&str] = if cmd == "scale" {
+            &["cmd", "workers"]
+        } else {
+            &["cmd"]
+        };
+        if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(format!("unknown field {k:?} for {cmd:?}"));
+        }
+        serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+}
+
 /// `ROOT/.dream`.
 pub fn state_dir(root: &Path) -> PathBuf {
     root.join(".dream")
@@ -101,7 +120,7 @@ mod tests {
 
     #[test]
     fn parses_requests_strictly() {
-        let p = |s: &str| serde_json::from_str::<Request>(s);
+        let p = Request::parse;
         assert_eq!(p(r#"{"cmd":"status"}"#).unwrap(), Request::Status);
         assert_eq!(p(r#"{"cmd":"reload"}"#).unwrap(), Request::Reload);
         assert_eq!(

@@ -93,6 +93,9 @@ pub struct Release {
     pub dir: PathBuf,
 }
 
+/// How a reload ended: the generation and release now live, or why not.
+pub type Outcome = Result<(GenId, String), String>;
+
 /// What the driver must do.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
@@ -113,7 +116,7 @@ pub enum Action {
     /// Tell these waiters how the reload ended.
     ReloadDone {
         waiters: Vec<Waiter>,
-        outcome: Result<(GenId, String), String>,
+        outcome: Outcome,
     },
     /// An sd_notify message for systemd (`READY=1`, `RELOADING=1`).
     Systemd(String),
@@ -852,16 +855,15 @@ impl Pool {
             .map(|w| w.index)
             .collect();
         if workers > active.len() {
-            let mut next = g.workers.iter().map(|w| w.index + 1).max().unwrap_or(0);
-            for _ in active.len()..workers {
+            let first = g.workers.iter().map(|w| w.index + 1).max().unwrap_or(0);
+            for index in first..first + (workers - active.len()) {
                 g.workers.push(Worker {
-                    index: next,
+                    index,
                     state: WorkerState::Waiting { at: now },
                     failures: 0,
                     restarts: 0,
                     retiring: false,
                 });
-                next += 1;
             }
         } else {
             for index in active.iter().rev().take(active.len() - workers) {
@@ -1073,7 +1075,7 @@ mod tests {
             .collect()
     }
 
-    fn outcome(a: &[Action]) -> Option<(Vec<Waiter>, Result<(GenId, String), String>)> {
+    fn outcome(a: &[Action]) -> Option<(Vec<Waiter>, Outcome)> {
         a.iter().find_map(|a| match a {
             Action::ReloadDone { waiters, outcome } => Some((waiters.clone(), outcome.clone())),
             _ => None,

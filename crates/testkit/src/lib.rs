@@ -321,3 +321,110 @@ pub fn read_report(path: &Path) -> serde_json::Value {
     });
     serde_json::from_str(&text).expect("report JSON")
 }
+
+/// A deploy root with releases laid out by hand, for supervisor tests.
+pub struct Root {
+    pub tree: Tree,
+}
+
+impl Root {
+    pub fn new() -> Root {
+        let tree = Tree::new();
+        std::fs::create_dir_all(tree.path().join("releases")).expect("releases");
+        Root { tree }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tree.path()
+    }
+
+    /// Creates `releases/<id>/public/index.html` saying `release <id>`,
+    /// and `releases/<id>/run`, a shell script with `script` as its body.
+    pub fn release(&self, id: &str, script: &str) -> PathBuf {
+        let dir = self.path().join("releases").join(id);
+        self.tree.write(
+            &format!("releases/{id}/public/index.html"),
+            format!("<p>release {id}</p>\n"),
+        );
+        let run = dir.join("run");
+        std::fs::write(&run, format!("#!/bin/sh\n{script}\n")).expect("run script");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        dir
+    }
+
+    /// Points `current` at `releases/<id>` with an atomic rename.
+    pub fn switch(&self, id: &str) {
+        let tmp = self.path().join(".current.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("releases/{id}"), &tmp).expect("symlink");
+        std::fs::rename(&tmp, self.path().join("current")).expect("rename");
+    }
+
+    /// Sends a control request and returns the answer.
+    pub fn control(&self, request: &str) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(request).expect("request JSON");
+        dream_core::control::request(self.path(), &v, Some(Duration::from_secs(120)))
+            .unwrap_or_else(|e| panic!("control {request}: {e}"))
+    }
+
+    /// Waits until the supervisor answers on its control socket.
+    pub fn wait_supervisor(&self) -> serde_json::Value {
+        wait_until(
+            Duration::from_secs(20),
+            "the supervisor's control socket",
+            || {
+                let v = serde_json::json!({"cmd": "status"});
+                dream_core::control::request(self.path(), &v, Some(Duration::from_secs(5))).ok()
+            },
+        )
+    }
+
+    /// Waits until the live generation has all its workers ready; returns status.
+    pub fn wait_live(&self, release: &str, workers: usize) -> serde_json::Value {
+        wait_until(
+            Duration::from_secs(20),
+            &format!("release {release} live and ready"),
+            || {
+                let s = self.control(r#"{"cmd":"status"}"#);
+                let gens = s["pool"]["generations"].as_array()?.clone();
+                let live = gens.iter().find(|g| g["state"] == "live")?;
+                let ready = live["workers"]
+                    .as_array()?
+                    .iter()
+                    .filter(|w| w["state"] == "ready")
+                    .count();
+                (live["release"] == release && ready == workers).then_some(s)
+            },
+        )
+    }
+}
+
+impl Default for Root {
+    fn default() -> Root {
+        Root::new()
+    }
+}
+
+/// The pids of the live generation's workers in a status answer.
+pub fn live_pids(status: &serde_json::Value) -> Vec<i64> {
+    status["pool"]["generations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| g["state"] == "live")
+        .flat_map(|g| g["workers"].as_array().cloned().unwrap_or_default())
+        .filter_map(|w| w["pid"].as_i64())
+        .collect()
+}
+
+/// True while a process with this pid exists (and is not a zombie).
+pub fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}

@@ -39,6 +39,11 @@ fn main() {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--report" => m.report = args.next(),
+            "--report-dir" => {
+                m.report = args
+                    .next()
+                    .map(|d| format!("{d}/{}.json", std::process::id()))
+            }
             "--serve" => m.serve = true,
             "--crash-at-start" => m.crash_at_start = true,
             "--never-ready" => m.never_ready = true,

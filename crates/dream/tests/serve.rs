@@ -1,0 +1,479 @@
+//! `dream serve` with real workers: reloads under load, failing releases,
+//! stubborn workers, crashes, storms, descriptor hygiene, the control
+//! socket, systemd's protocols, and `dream pool`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dream_check::{Live, Options, Target};
+use dream_testkit::{Guard, Root, alive, bin, get, live_pids, read_report, run, wait_until};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const STATIC: &str = r#"exec "$DREAM_BIN" static --drain-grace 300ms"#;
+
+/// Starts `dream serve` on `root` with `./run` as the command.
+fn serve(root: &Root, extra: &[&str]) -> (Guard, std::net::SocketAddr) {
+    let mut g = Guard::spawn(
+        Command::new(bin("dream"))
+            .arg("serve")
+            .arg("--root")
+            .arg(root.path())
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .args(["--", "./run"])
+            .env("DREAM_BIN", bin("dream"))
+            .env("PROBE_BIN", dream_testkit::probe())
+            .env_remove("NOTIFY_SOCKET"),
+    );
+    let addr = g.listening_addr();
+    root.wait_supervisor();
+    (g, addr)
+}
+
+fn reload(root: &Root) -> (bool, String) {
+    let (status, out, err) = run(
+        Command::new(bin("dream"))
+            .arg("reload")
+            .arg("--root")
+            .arg(root.path()),
+        Duration::from_secs(120),
+    );
+    (status.success(), format!("{out}{err}"))
+}
+
+fn referee(
+    addr: std::net::SocketAddr,
+    keep_alive: bool,
+    live: Arc<Live>,
+) -> std::thread::JoinHandle<dream_check::Report> {
+    let opts = Options {
+        target: Target::parse(&format!("http://{addr}/")).unwrap(),
+        connections: 16,
+        duration: Duration::from_secs(300),
+        keep_alive,
+        body_pattern: dream_check::DEFAULT_BODY_PATTERN.into(),
+        timeout: Duration::from_secs(10),
+        max_requests: None,
+    };
+    std::thread::spawn(move || dream_check::run(&opts, live).unwrap())
+}
+
+fn wait_responses(live: &Live, more: u64) {
+    let from = live.ok.load(std::sync::atomic::Ordering::SeqCst);
+    wait_until(Duration::from_secs(20), "responses", || {
+        (live.ok.load(std::sync::atomic::Ordering::SeqCst) >= from + more).then_some(())
+    });
+}
+
+fn reloads_under_load(keep_alive: bool) {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.release("b", STATIC);
+    root.switch("a");
+    let (mut sup, addr) = serve(&root, &["--workers", "2", "--ready", "notify"]);
+    root.wait_live("a", 2);
+    let live = Arc::new(Live::default());
+    let check = referee(addr, keep_alive, live.clone());
+    for i in 0..20 {
+        wait_responses(&live, 20);
+        let next = if i % 2 == 0 { "b" } else { "a" };
+        root.switch(next);
+        let (ok, out) = reload(&root);
+        assert!(ok, "reload {i}: {out}");
+        assert!(out.contains(&format!("release {next}")), "{out}");
+    }
+    wait_responses(&live, 20);
+    live.stop();
+    let report = check.join().unwrap();
+    eprintln!("{}", report.human());
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+    assert!(
+        report.releases.len() == 2,
+        "both releases served: {}",
+        report.human()
+    );
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(20)).success());
+    assert!(
+        !root.path().join(".dream/control.sock").exists(),
+        "removed at shutdown"
+    );
+}
+
+#[test]
+fn twenty_reloads_under_load_new_connections() {
+    reloads_under_load(false);
+}
+
+#[test]
+fn twenty_reloads_under_load_keep_alive() {
+    reloads_under_load(true);
+}
+
+#[test]
+fn a_crashing_release_fails_the_reload_and_the_old_keeps_serving() {
+    let root = Root::new();
+    root.release("good", STATIC);
+    root.release(
+        "bad",
+        r#"echo "boom: config/database.yml is missing" >&2; exit 3"#,
+    );
+    root.switch("good");
+    let (_sup, addr) = serve(&root, &["--workers", "2", "--ready", "notify"]);
+    root.wait_live("good", 2);
+    let live = Arc::new(Live::default());
+    let check = referee(addr, true, live.clone());
+    wait_responses(&live, 20);
+    root.switch("bad");
+    let (ok, out) = reload(&root);
+    assert!(!ok, "the reload must fail: {out}");
+    assert!(out.contains("exited with status 3"), "{out}");
+    assert!(
+        out.contains("boom: config/database.yml is missing"),
+        "the stderr tail: {out}"
+    );
+    wait_responses(&live, 50);
+    live.stop();
+    let report = check.join().unwrap();
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.releases.keys().collect::<Vec<_>>(), vec!["good"]);
+    assert_eq!(get(addr, "/", &[]).text(), "<p>release good</p>\n");
+    let status = root.control(r#"{"cmd":"status"}"#);
+    let gens = status["pool"]["generations"].as_array().unwrap();
+    assert!(
+        gens.iter()
+            .any(|g| g["state"] == "live" && g["release"] == "good"),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_never_ready_release_times_out_and_the_old_keeps_serving() {
+    let root = Root::new();
+    root.release("good", STATIC);
+    root.release("mute", r#"exec "$PROBE_BIN" --serve --never-ready"#);
+    root.switch("good");
+    let (_sup, addr) = serve(
+        &root,
+        &[
+            "--workers",
+            "1",
+            "--ready",
+            "notify",
+            "--ready-timeout",
+            "1s",
+        ],
+    );
+    root.wait_live("good", 1);
+    root.switch("mute");
+    let started = Instant::now();
+    let (ok, out) = reload(&root);
+    assert!(!ok);
+    assert!(out.contains("not ready within 1s"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(get(addr, "/", &[]).text(), "<p>release good</p>\n");
+}
+
+#[test]
+fn a_worker_that_ignores_the_drain_signal_is_killed_at_the_deadline() {
+    let root = Root::new();
+    root.release("stubborn", r#"exec "$PROBE_BIN" --serve --ignore-term"#);
+    root.release("next", STATIC);
+    root.switch("stubborn");
+    let (_sup, _addr) = serve(
+        &root,
+        &[
+            "--workers",
+            "1",
+            "--drain-timeout",
+            "500ms",
+            "--ready",
+            "delay:0s",
+        ],
+    );
+    let old = live_pids(&root.wait_live("stubborn", 1))[0];
+    root.switch("next");
+    let (ok, out) = reload(&root);
+    assert!(ok, "{out}");
+    assert!(alive(old), "still draining right after the switch");
+    let t = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the stubborn worker to be killed",
+        || (!alive(old)).then_some(()),
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_killed_worker_is_replaced() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    let (_sup, addr) = serve(&root, &["--workers", "2", "--ready", "notify"]);
+    let pids = live_pids(&root.wait_live("a", 2));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), Signal::SIGKILL).unwrap();
+    let status = wait_until(Duration::from_secs(10), "a replacement worker", || {
+        let s = root.control(r#"{"cmd":"status"}"#);
+        let now = live_pids(&s);
+        (now.len() == 2 && !now.contains(&pids[0]) && s["pool"]["restarts"] == 1).then_some(s)
+    });
+    assert!(
+        live_pids(&status).contains(&pids[1]),
+        "the other worker was left alone"
+    );
+    root.wait_live("a", 2);
+    assert_eq!(get(addr, "/", &[]).status, 200);
+}
+
+#[test]
+fn a_reload_storm_converges_to_one_live_generation() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    let (sup, addr) = serve(&root, &["--workers", "1", "--ready", "notify"]);
+    root.wait_live("a", 1);
+    for _ in 0..50 {
+        sup.signal(Signal::SIGHUP);
+    }
+    let status = wait_until(Duration::from_secs(30), "the storm to settle", || {
+        let s = root.control(r#"{"cmd":"status"}"#);
+        let gens = s["pool"]["generations"].as_array()?.clone();
+        (gens.len() == 1 && gens[0]["state"] == "live" && s["pool"]["reloading"] == false)
+            .then_some(s)
+    });
+    let id = status["pool"]["generations"][0]["id"].as_u64().unwrap();
+    assert!(id >= 2, "at least one reload ran: {status}");
+    assert!(id <= 51, "{status}");
+    assert_eq!(get(addr, "/", &[]).status, 200);
+}
+
+#[test]
+fn workers_get_exactly_the_protocol_and_nothing_else() {
+    let root = Root::new();
+    let reports = root.tree.path().join("reports");
+    std::fs::create_dir(&reports).unwrap();
+    let dir = root.release(
+        "a",
+        &format!(
+            r#"exec "$PROBE_BIN" --serve --report-dir {}"#,
+            reports.display()
+        ),
+    );
+    root.switch("a");
+    let (_sup, _addr) = serve(&root, &["--workers", "3", "--ready", "notify"]);
+    let status = root.wait_live("a", 3);
+    let mut pids = live_pids(&status);
+    pids.sort();
+    let mut workers_seen = Vec::new();
+    for pid in &pids {
+        let r = read_report(&reports.join(format!("{pid}.json")));
+        let fds: Vec<i64> = r["fds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["fd"].as_i64().unwrap())
+            .collect();
+        assert_eq!(fds, vec![0, 1, 2, 3], "{r:#}");
+        assert_eq!(r["env"]["LISTEN_PID"], pid.to_string().as_str());
+        assert_eq!(r["env"]["LISTEN_FDS"], "1");
+        assert_eq!(r["env"]["DREAM_RELEASE"], "a");
+        assert_eq!(
+            r["env"]["DREAM_RELEASE_DIR"],
+            dir.canonicalize().unwrap().to_str().unwrap()
+        );
+        assert_eq!(r["env"]["DREAM_GENERATION"], "1");
+        assert!(r["env"]["NOTIFY_SOCKET"].as_str().unwrap().starts_with('@'));
+        assert_eq!(r["cwd"], dir.canonicalize().unwrap().to_str().unwrap());
+        assert_eq!(r["pgid"], *pid, "a process group of its own");
+        assert_eq!(r["fds"][3]["listening"], true);
+        assert_eq!(
+            r["fds"][2]["kind"], "pipe",
+            "stderr goes through the supervisor"
+        );
+        workers_seen.push(r["env"]["DREAM_WORKER"].as_str().unwrap().to_string());
+    }
+    workers_seen.sort();
+    assert_eq!(workers_seen, vec!["0", "1", "2"]);
+}
+
+#[test]
+fn the_control_socket_survives_garbage() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    let (_sup, _addr) = serve(&root, &["--workers", "1"]);
+    let sock = root.path().join(".dream/control.sock");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let ask = |bytes: &[u8]| -> String {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(bytes);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !out.ends_with(b"\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    for bad in [
+        &b"not json\n"[..],
+        b"{\"cmd\":\"explode\"}\n",
+        b"{\"cmd\":\"scale\",\"workers\":0}\n",
+        b"\xff\xfe\x00\x01\n",
+        b"[1,2,3]\n",
+    ] {
+        let answer = ask(bad);
+        let v: Value = serde_json::from_str(answer.trim()).unwrap_or_else(|_| panic!("{answer:?}"));
+        assert_eq!(v["ok"], false, "{answer}");
+    }
+    let huge = vec![b'x'; 200 * 1024];
+    assert!(ask(&huge).contains("longer than"));
+    // Half a request, then a hang-up; and a client that never sends.
+    {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(b"{\"cmd\":").unwrap();
+    }
+    let _silent = UnixStream::connect(&sock).unwrap();
+    let status = root.control(r#"{"cmd":"status"}"#);
+    assert_eq!(status["ok"], true);
+    assert_eq!(status["pool"]["generations"][0]["release"], "a");
+    let scaled = root.control(r#"{"cmd":"scale","workers":2}"#);
+    assert_eq!(scaled["ok"], true);
+    root.wait_live("a", 2);
+}
+
+#[test]
+fn status_and_reload_without_a_supervisor_say_so() {
+    let root = Root::new();
+    for cmd in ["status", "reload"] {
+        let (status, _, err) = run(
+            Command::new(bin("dream"))
+                .arg(cmd)
+                .arg("--root")
+                .arg(root.path()),
+            Duration::from_secs(10),
+        );
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(err.contains("no supervisor is running"), "{err}");
+    }
+}
+
+#[test]
+fn serve_without_current_or_sockets_explains() {
+    let root = Root::new();
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .arg("serve")
+            .arg("--root")
+            .arg(root.path())
+            .args(["--listen", "127.0.0.1:0", "--", "true"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("current does not exist"), "{err}");
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .arg("serve")
+            .arg("--root")
+            .arg(root.path())
+            .args(["--", "true"])
+            .env_remove("LISTEN_FDS"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(100), "{err}");
+    assert!(err.contains("no --listen given"), "{err}");
+}
+
+/// The supervisor started by a socket holder with systemd's protocol, and
+/// itself reporting to a systemd-like notify socket.
+#[test]
+fn inherited_listen_fds_and_systemd_notifications() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.release("b", STATIC);
+    root.switch("a");
+    let notify_path = root.tree.path().join("systemd.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["listen", "127.0.0.1:0", "--"])
+            .arg(bin("dream"))
+            .arg("serve")
+            .arg("--root")
+            .arg(root.path())
+            .args(["--workers", "1", "--ready", "notify", "--", "./run"])
+            .env("DREAM_BIN", bin("dream"))
+            .env("NOTIFY_SOCKET", &notify_path),
+    );
+    let addr = sup.listening_addr();
+    let recv = || {
+        let mut buf = [0u8; 1024];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(recv(), "READY=1");
+    assert_eq!(get(addr, "/", &[]).text(), "<p>release a</p>\n");
+    root.switch("b");
+    sup.signal(Signal::SIGHUP);
+    let reloading = recv();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(recv(), "READY=1");
+    assert_eq!(get(addr, "/", &[]).text(), "<p>release b</p>\n");
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(recv(), "STOPPING=1");
+    assert!(sup.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn pool_keeps_n_children_on_the_inherited_socket() {
+    let tree = dream_testkit::Tree::new();
+    let reports = tree.path().join("reports");
+    std::fs::create_dir(&reports).unwrap();
+    let mut pool = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["listen", "127.0.0.1:0", "--"])
+            .arg(bin("dream"))
+            .args(["pool", "-n", "3", "--ready", "delay:0s"])
+            .arg(dream_testkit::probe())
+            .args(["--serve", "--report-dir"])
+            .arg(&reports)
+            .env("DREAM_RELEASE", "p"),
+    );
+    let addr = pool.listening_addr();
+    let files = wait_until(Duration::from_secs(10), "three reports", || {
+        let f: Vec<_> = std::fs::read_dir(&reports)
+            .ok()?
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .collect();
+        (f.len() == 3).then_some(f)
+    });
+    for f in files {
+        let r = read_report(&f.path());
+        assert_eq!(r["env"]["LISTEN_PID"], r["pid"].to_string().as_str());
+        assert_eq!(r["ppid"], pool.pid());
+    }
+    assert_eq!(get(addr, "/", &[]).text(), "release p\n");
+    pool.signal(Signal::SIGQUIT);
+    assert!(pool.wait_exit(Duration::from_secs(20)).success());
+}
