@@ -9,14 +9,17 @@
 //! an async runtime: the supervisor is one thread sleeping in `poll(2)`.
 
 pub mod control;
+pub mod deploy;
 pub mod listen;
 pub mod lock;
 pub mod pool;
 pub mod protocol;
+pub mod release;
 pub mod respawn;
 pub mod signals;
 pub mod spawn;
 pub mod spec;
+pub mod stage;
 pub mod supervise;
 mod sys;
 

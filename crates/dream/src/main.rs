@@ -4,6 +4,7 @@
 //! `dream-core` (sockets, processes, locks), `dream-static` (the static file
 //! worker) and `dream-check` (the referee).
 
+mod deploy;
 mod exit;
 mod privs;
 mod serve;
@@ -40,6 +41,15 @@ enum Cmd {
         after_help = "Each worker runs in the release directory that ROOT/current named when its\ngeneration started, with the first socket on fd 0, all sockets on fds 3..\n(LISTEN_FDS, LISTEN_PID), and DREAM_RELEASE, DREAM_RELEASE_DIR,\nDREAM_GENERATION, DREAM_WORKER, NOTIFY_SOCKET set.\n\nSignals: HUP reload; TERM/INT drain and exit; QUIT stop now; TTIN/TTOU one\nworker more/less; USR1 status on stderr.\n\nExamples:\n  dream serve --root /srv/app --listen :8080 -- ./bin/server\n  dream serve --listen 127.0.0.1:8080 --workers 4 --ready notify -- dream static\n  dream reload --root /srv/app    # from another terminal, waits for the outcome"
     )]
     Serve(ServeArgs),
+    /// Stage, build, switch, reload, verify; roll back on failure
+    #[command(
+        after_help = "SOURCE is a directory (copied), a tarball (.tar, .tar.gz, .tgz), or git:URL[#REV].\nFiles identical to the previous release's are shared (hard links), the release is\nmade read-only and synced, then current is switched with one rename(2). If a\nsupervisor runs for ROOT it reloads; if that fails, current is switched back.\n\nExamples:\n  dream deploy --root /srv/app ./build\n  dream deploy --root /srv/app app.tar.gz --build 'make assets'\n  dream deploy --root /srv/app git:/srv/git/app.git#v1.4.2\n\nExit codes: 0 done; 1 failed, nothing changed; 100 usage; 111 lock held or disk full (retry)."
+    )]
+    Deploy(DeployCmd),
+    /// Switch back to the previous good release (or ID), with the same checks
+    Rollback(RollbackCmd),
+    /// List releases: current marked, state, age, size
+    Releases(StatusArgs),
     /// Show the running supervisor's generations and workers
     Status(StatusArgs),
     /// Ask the running supervisor to reload; exit 1 if the new generation failed
@@ -140,6 +150,53 @@ struct ServeArgs {
     /// COMMAND [ARGS...] (relative paths resolve in the release directory)
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct DeployCmd {
+    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// DIR, TARBALL or git:URL[#REV]
+    source: String,
+    /// Release id (default: UTC time and a content or git hash)
+    #[arg(long)]
+    id: Option<String>,
+    /// Shell command run in the staged release before the switch
+    #[arg(long, value_name = "CMD")]
+    build: Option<String>,
+    /// Releases to keep (the current and previous are always kept)
+    #[arg(long, default_value_t = 5)]
+    keep: usize,
+    /// Switch current but do not ask the supervisor to reload
+    #[arg(long)]
+    no_reload: bool,
+    /// Wait this long for another deploy's lock (default: fail at once)
+    #[arg(long, value_name = "DUR")]
+    wait_lock: Option<String>,
+    /// Print the report as JSON on stdout (progress is not printed)
+    #[arg(long)]
+    json: bool,
+    /// No progress lines
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct RollbackCmd {
+    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Release to go back to (default: the previous good one)
+    id: Option<String>,
+    #[arg(long)]
+    no_reload: bool,
+    #[arg(long, value_name = "DUR")]
+    wait_lock: Option<String>,
+    #[arg(long)]
+    json: bool,
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -264,6 +321,9 @@ fn main() {
     let name = match &cli.command {
         Cmd::Serve(_) => "serve",
         Cmd::Status(_) => "status",
+        Cmd::Deploy(_) => "deploy",
+        Cmd::Rollback(_) => "rollback",
+        Cmd::Releases(_) => "releases",
         Cmd::Reload(_) => "reload",
         Cmd::Pool(_) => "pool",
         Cmd::Listen(_) => "listen",
@@ -306,6 +366,26 @@ fn run(cmd: Cmd) -> Result {
             command: &a.command,
         }),
         Cmd::Status(a) => serve::status(a.root.as_deref(), a.json),
+        Cmd::Deploy(a) => deploy::deploy(deploy::DeployArgs {
+            root: a.root.as_deref(),
+            source: &a.source,
+            id: a.id,
+            build: a.build,
+            keep: a.keep,
+            no_reload: a.no_reload,
+            wait_lock: a.wait_lock.as_deref(),
+            json: a.json,
+            quiet: a.quiet,
+        }),
+        Cmd::Rollback(a) => deploy::rollback(
+            a.root.as_deref(),
+            a.id.as_deref(),
+            a.no_reload,
+            a.wait_lock.as_deref(),
+            a.json,
+            a.quiet,
+        ),
+        Cmd::Releases(a) => deploy::releases(a.root.as_deref(), a.json),
         Cmd::Reload(a) => serve::reload(a.root.as_deref(), a.json),
         Cmd::Pool(a) => serve::pool(
             a.workers,

@@ -1,0 +1,638 @@
+//! `deploy` and `rollback`: stage, build, share, sync, switch, reload,
+//! verify, prune — one lock held throughout.
+//!
+//! The order is what makes a deploy safe to kill at any point: the release
+//! is complete and durable (files synced, renamed into `releases/`) before
+//! `current` is switched, and the switch is one rename followed by a
+//! directory fsync. A killed deploy leaves at most a directory under
+//! `.dream/staging/`, which the next deploy removes; the kernel drops the
+//! lock with the process.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::control;
+use crate::lock::{Holder, Lock, LockError, Wait};
+use crate::release::{self, Event, Store};
+use crate::stage::{self, IdHash, Source, StageError, Stats};
+
+/// How a deploy failed, for the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The command line or source is wrong (exit 100).
+    Usage,
+    /// The deploy failed and nothing changed (exit 1).
+    Failed,
+    /// Try again later: lock held, disk full (exit 111).
+    Temporary,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DeployError {
+    pub kind: Kind,
+    pub message: String,
+}
+
+fn err(kind: Kind, message: impl Into<String>) -> DeployError {
+    DeployError {
+        kind,
+        message: message.into(),
+    }
+}
+
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+fn io_failure(what: &str, e: std::io::Error) -> DeployError {
+    let kind = if is_disk_full(&e) {
+        Kind::Temporary
+    } else {
+        Kind::Failed
+    };
+    err(kind, format!("{what}: {e}"))
+}
+
+impl From<StageError> for DeployError {
+    fn from(e: StageError) -> DeployError {
+        let kind = match e.io_error() {
+            Some(io) if is_disk_full(io) => Kind::Temporary,
+            _ => Kind::Failed,
+        };
+        err(kind, format!("staging: {e}"))
+    }
+}
+
+/// One finished phase, for progress output.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub phase: &'static str,
+    pub seconds: f64,
+    pub detail: String,
+}
+
+/// What a deploy or rollback did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub release: String,
+    pub previous: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+    pub shared_files: u64,
+    pub shared_bytes: u64,
+    pub generation: Option<u64>,
+    pub supervisor: bool,
+    pub pruned: Vec<String>,
+    pub steps: Vec<Step>,
+    pub switch_ms: f64,
+}
+
+pub struct DeployOptions {
+    pub root: PathBuf,
+    pub source: Source,
+    pub id: Option<String>,
+    pub build: Option<String>,
+    pub keep: usize,
+    pub reload: bool,
+    pub wait_lock: Wait,
+    /// For the lock's holder record.
+    pub command: String,
+}
+
+struct Progress<'a> {
+    started: Instant,
+    report: &'a mut Report,
+    out: &'a mut dyn FnMut(&Step),
+}
+
+impl Progress<'_> {
+    fn step(&mut self, phase: &'static str, detail: String) {
+        let now = Instant::now();
+        let step = Step {
+            phase,
+            seconds: now.duration_since(self.started).as_secs_f64(),
+            detail,
+        };
+        self.started = now;
+        (self.out)(&step);
+        self.report.steps.push(step);
+        test_stop_point(phase);
+    }
+}
+
+/// For the crash tests: `DREAM_TEST_STOP_AFTER=<phase>` makes the process
+/// stop itself (SIGSTOP) right after that phase, so a test can kill it there.
+fn test_stop_point(phase: &str) {
+    if std::env::var("DREAM_TEST_STOP_AFTER").is_ok_and(|p| p == phase) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    }
+}
+
+fn take_lock(store: &Store, command: &str, wait: Wait) -> Result<Lock, DeployError> {
+    Lock::acquire(&store.lock_path(), &Holder::me(command), wait).map_err(|e| match e {
+        LockError::Held { .. } => err(
+            Kind::Temporary,
+            format!("{e}; another deploy is running (retry, or use --wait-lock DUR)"),
+        ),
+        LockError::Io { .. } => err(Kind::Failed, e.to_string()),
+    })
+}
+
+/// Removes what a killed deploy left behind.
+fn clean_leftovers(store: &Store) -> Vec<String> {
+    let mut removed = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(store.staging()) {
+        for e in rd.flatten() {
+            if release::remove_tree(&e.path()).is_ok() || std::fs::remove_file(e.path()).is_ok() {
+                removed.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(&store.root) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(".current.dream-")
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    removed
+}
+
+fn timestamp() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "")
+}
+
+/// Deploys `opts.source`.
+pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report, DeployError> {
+    let store = Store::new(&opts.root);
+    store.prepare().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            err(Kind::Usage, e.to_string())
+        } else {
+            io_failure(&format!("cannot prepare {}", opts.root.display()), e)
+        }
+    })?;
+    if let Some(id) = &opts.id {
+        release::check_id(id).map_err(|e| err(Kind::Usage, e))?;
+    }
+    let mut lock = take_lock(&store, &opts.command, opts.wait_lock)?;
+    let mut report = Report::default();
+    let mut p = Progress {
+        started: Instant::now(),
+        report: &mut report,
+        out,
+    };
+    let leftovers = clean_leftovers(&store);
+    p.step(
+        "locked",
+        if leftovers.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "removed leftovers of an interrupted deploy: {}",
+                leftovers.join(", ")
+            )
+        },
+    );
+    if let Some(id) = &opts.id
+        && store.used_ids().contains(id)
+    {
+        return Err(err(
+            Kind::Usage,
+            format!("release id {id} was used before; ids are never reused"),
+        ));
+    }
+    let previous = store.current();
+    let prev_dir = previous.as_ref().map(|id| store.release_dir(id));
+    let staged = store
+        .staging()
+        .join(format!("{}-{}", std::process::id(), timestamp()));
+    let result = stage_build_switch(
+        opts,
+        &store,
+        &mut lock,
+        &staged,
+        previous.clone(),
+        prev_dir.as_deref(),
+        &mut p,
+    );
+    if result.is_err() {
+        let _ = release::remove_tree(&staged);
+    }
+    result?;
+    drop(p);
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stage_build_switch(
+    opts: &DeployOptions,
+    store: &Store,
+    lock: &mut Lock,
+    staged: &Path,
+    previous: Option<String>,
+    prev_dir: Option<&Path>,
+    p: &mut Progress<'_>,
+) -> Result<(), DeployError> {
+    let mut hash = IdHash::new();
+    let mut git_hash = None;
+    let stats: Stats = match &opts.source {
+        Source::Dir(src) => {
+            // Without a build step nothing writes to the staged tree, so
+            // unchanged files can be linked straight from the previous
+            // release; with one, they are copied and shared after it.
+            let share_now = if opts.build.is_none() { prev_dir } else { None };
+            stage::copy_dir(src, staged, share_now, &mut hash)?
+        }
+        Source::Tar(t) => stage::extract_tar(t, staged, &mut hash)?,
+        Source::Git { url, rev } => {
+            let h = stage::git_checkout(url, rev.as_deref(), staged)?;
+            git_hash = Some(h);
+            let (bytes, files) = release::tree_size(staged);
+            Stats {
+                files,
+                bytes,
+                ..Stats::default()
+            }
+        }
+    };
+    let id = match &opts.id {
+        Some(id) => id.clone(),
+        None => {
+            let base = format!(
+                "{}-{}",
+                timestamp(),
+                git_hash.clone().unwrap_or_else(|| hash.short())
+            );
+            let used = store.used_ids();
+            let mut id = base.clone();
+            let mut n = 2;
+            while used.contains(&id) {
+                id = format!("{base}-{n}");
+                n += 1;
+            }
+            id
+        }
+    };
+    p.report.release = id.clone();
+    p.report.previous = previous.clone();
+    let mut holder = Holder::me(&opts.command);
+    holder.release = Some(id.clone());
+    let _ = lock.record(&holder);
+    store
+        .append(&Event::new("staged", &id))
+        .map_err(|e| io_failure("history", e))?;
+    p.report.files = stats.files;
+    p.report.bytes = stats.bytes;
+    p.step(
+        "staged",
+        format!("{} files, {}", stats.files, human_bytes(stats.bytes)),
+    );
+
+    let final_dir = store.release_dir(&id);
+    if let Some(cmd) = &opts.build {
+        run_build(cmd, staged, &id, &final_dir).map_err(|e| {
+            let mut ev = Event::new("failed", &id);
+            ev.reason = Some(e.message.clone());
+            let _ = store.append(&ev);
+            e
+        })?;
+        p.step("built", format!("`{cmd}`"));
+    }
+
+    let shared = if opts.build.is_some() || !matches!(opts.source, Source::Dir(_)) {
+        stage::share(staged, prev_dir)?
+    } else {
+        stats
+    };
+    p.report.shared_files = shared.shared_files;
+    p.report.shared_bytes = shared.shared_bytes;
+    p.step(
+        "shared",
+        match &previous {
+            Some(prev) => format!(
+                "{} files, {} with {prev}",
+                shared.shared_files,
+                human_bytes(shared.shared_bytes)
+            ),
+            None => "nothing to share with (first release)".into(),
+        },
+    );
+
+    release::freeze_below(staged).map_err(|e| io_failure("freezing the release", e))?;
+    sync_tree(staged).map_err(|e| io_failure("syncing the release", e))?;
+    std::fs::rename(staged, &final_dir)
+        .map_err(|e| io_failure("moving the release into place", e))?;
+    release::fsync_dir(&store.releases()).map_err(|e| io_failure("syncing releases/", e))?;
+    release::freeze_dir(&final_dir).map_err(|e| io_failure("freezing the release", e))?;
+    p.step("synced", format!("releases/{id}"));
+
+    switch_reload_verify(opts.reload, store, &id, previous.as_deref(), "switched", p)?;
+    let pruned = prune(store, opts.keep, &id, previous.as_deref());
+    if !pruned.is_empty() {
+        p.report.pruned = pruned.clone();
+        p.step("pruned", pruned.join(", "));
+    }
+    Ok(())
+}
+
+/// Switches `current` to `id`, asks a running supervisor to reload, and
+/// switches back (marking `id` bad) if the reload fails.
+fn switch_reload_verify(
+    reload: bool,
+    store: &Store,
+    id: &str,
+    previous: Option<&str>,
+    event: &str,
+    p: &mut Progress<'_>,
+) -> Result<(), DeployError> {
+    let took = store
+        .switch(id)
+        .map_err(|e| io_failure("switching current", e))?;
+    p.report.switch_ms = took.as_secs_f64() * 1000.0;
+    let mut ev = Event::new(event, id);
+    ev.previous = previous.map(str::to_string);
+    store.append(&ev).map_err(|e| io_failure("history", e))?;
+    p.step("switched", format!("current -> releases/{id}"));
+    if !reload {
+        p.step("reload", "skipped (--no-reload)".into());
+        return Ok(());
+    }
+    let answer = control::request(&store.root, &json!({"cmd": "reload"}), None);
+    let failure = match answer {
+        Ok(v) if v["ok"] == true => {
+            p.report.supervisor = true;
+            p.report.generation = v["generation"].as_u64();
+            p.step(
+                "reloaded",
+                format!("generation {} is live", v["generation"]),
+            );
+            return Ok(());
+        }
+        Ok(v) => v["error"].as_str().unwrap_or("unknown error").to_string(),
+        Err(control::ControlError::NotRunning { .. }) => {
+            p.step(
+                "reload",
+                "no supervisor is running for this root; current is switched".into(),
+            );
+            return Ok(());
+        }
+        Err(e) => e.to_string(),
+    };
+    p.report.supervisor = true;
+    let mut bad = Event::new("failed", id);
+    bad.reason = Some(failure.clone());
+    let _ = store.append(&bad);
+    let restored = match previous {
+        Some(prev) => match store.switch(prev) {
+            Ok(_) => {
+                let mut ev = Event::new("switched", prev);
+                ev.previous = Some(id.to_string());
+                ev.reason = Some(format!("{id} failed to start"));
+                let _ = store.append(&ev);
+                format!("current switched back to {prev}, which is still serving")
+            }
+            Err(e) => format!("could not switch current back to {prev}: {e}"),
+        },
+        None => "there is no previous release to switch back to".to_string(),
+    };
+    Err(err(
+        Kind::Failed,
+        format!("reload failed: {failure}\n{restored}; release {id} is marked bad"),
+    ))
+}
+
+fn run_build(cmd: &str, dir: &Path, id: &str, final_dir: &Path) -> Result<(), DeployError> {
+    let log_path = dir.with_extension("build.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| io_failure("build log", e))?;
+    let status = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .env("DREAM_RELEASE", id)
+        .env("DREAM_RELEASE_DIR", final_dir)
+        .env("DREAM_BUILD_DIR", dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(|e| io_failure("build log", e))?)
+        .stderr(log)
+        .status()
+        .map_err(|e| err(Kind::Failed, format!("cannot run the build: {e}")))?;
+    if status.success() {
+        let _ = std::fs::remove_file(&log_path);
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    let how = match status.code() {
+        Some(c) => format!("exited with status {c}"),
+        None => "was killed by a signal".into(),
+    };
+    Err(err(
+        Kind::Failed,
+        format!("build `{cmd}` {how}; nothing was switched. Its output ended with:\n{tail}"),
+    ))
+}
+
+/// Makes the staged files durable: one `syncfs(2)` of their filesystem.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    let f = std::fs::File::open(dir)?;
+    nix::unistd::syncfs(&f)?;
+    Ok(())
+}
+
+/// Releases some live process runs in: a supervisor's generations, or any
+/// process whose cwd is inside one.
+fn in_use(store: &Store) -> Vec<String> {
+    let mut used = Vec::new();
+    if let Ok(v) = control::request(
+        &store.root,
+        &json!({"cmd": "status"}),
+        Some(Duration::from_secs(10)),
+    ) {
+        for g in v["pool"]["generations"].as_array().into_iter().flatten() {
+            if let Some(r) = g["release"].as_str() {
+                used.push(r.to_string());
+            }
+        }
+    }
+    let releases = store
+        .releases()
+        .canonicalize()
+        .unwrap_or_else(|_| store.releases());
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cwd) = std::fs::read_link(e.path().join("cwd"))
+            && let Ok(rest) = cwd.strip_prefix(&releases)
+            && let Some(first) = rest.components().next()
+        {
+            used.push(first.as_os_str().to_string_lossy().into_owned());
+        }
+    }
+    used
+}
+
+/// Removes old releases beyond `keep`, never the current or previous one,
+/// nor one in use.
+fn prune(store: &Store, keep: usize, current: &str, previous: Option<&str>) -> Vec<String> {
+    let ordered = store.ordered();
+    if ordered.len() <= keep {
+        return Vec::new();
+    }
+    let used = in_use(store);
+    let excess = ordered.len() - keep.max(2);
+    let mut removed = Vec::new();
+    for id in ordered {
+        if removed.len() >= excess {
+            break;
+        }
+        if id == current || Some(id.as_str()) == previous || used.contains(&id) {
+            continue;
+        }
+        if release::remove_tree(&store.release_dir(&id)).is_ok() {
+            let _ = store.append(&Event::new("pruned", &id));
+            removed.push(id);
+        }
+    }
+    removed
+}
+
+/// `dream rollback [ID]`.
+pub fn rollback(
+    root: &Path,
+    id: Option<&str>,
+    reload: bool,
+    wait_lock: Wait,
+    command: &str,
+    out: &mut dyn FnMut(&Step),
+) -> Result<Report, DeployError> {
+    let store = Store::new(root);
+    store
+        .prepare()
+        .map_err(|e| err(Kind::Usage, e.to_string()))?;
+    let _lock = take_lock(&store, command, wait_lock)?;
+    let current = store.current();
+    let target = match id {
+        Some(id) => {
+            release::check_id(id).map_err(|e| err(Kind::Usage, e))?;
+            if !store.release_dir(id).is_dir() {
+                return Err(err(
+                    Kind::Usage,
+                    format!("no release {id} in {}", store.releases().display()),
+                ));
+            }
+            id.to_string()
+        }
+        None => store.previous_good().ok_or_else(|| {
+            err(
+                Kind::Failed,
+                "no previous good release to roll back to (see dream releases)",
+            )
+        })?,
+    };
+    let mut report = Report {
+        release: target.clone(),
+        previous: current.clone(),
+        ..Report::default()
+    };
+    let mut p = Progress {
+        started: Instant::now(),
+        report: &mut report,
+        out,
+    };
+    p.step(
+        "locked",
+        format!(
+            "rolling back from {} to {target}",
+            current.as_deref().unwrap_or("nothing")
+        ),
+    );
+    switch_reload_verify(
+        reload,
+        &store,
+        &target,
+        current.as_deref(),
+        "rolled_back",
+        &mut p,
+    )?;
+    drop(p);
+    Ok(report)
+}
+
+/// One row of `dream releases`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseInfo {
+    pub id: String,
+    pub current: bool,
+    /// `current`, `ok`, `bad`.
+    pub state: &'static str,
+    pub staged: Option<String>,
+    pub age_s: Option<f64>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// `dream releases`.
+pub fn list(root: &Path) -> Vec<ReleaseInfo> {
+    let store = Store::new(root);
+    let history = store.history();
+    let current = store.current();
+    let bad = store.bad();
+    store
+        .ordered()
+        .into_iter()
+        .map(|id| {
+            let staged = history
+                .iter()
+                .find(|e| e.event == "staged" && e.release == id)
+                .map(|e| e.time.clone());
+            let age_s = staged
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                .map(|d| d.as_secs_f64());
+            let (bytes, files) = release::tree_size(&store.release_dir(&id));
+            let is_current = current.as_deref() == Some(id.as_str());
+            ReleaseInfo {
+                state: if is_current {
+                    "current"
+                } else if bad.contains(&id) {
+                    "bad"
+                } else {
+                    "ok"
+                },
+                current: is_current,
+                id,
+                staged,
+                age_s,
+                files,
+                bytes,
+            }
+        })
+        .collect()
+}
+
+/// `1.5 MB`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

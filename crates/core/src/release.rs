@@ -1,0 +1,423 @@
+//! The release store: `ROOT/releases/<id>`, the `current` symlink, and the
+//! append-only history.
+//!
+//! Going live is one `rename(2)` of a symlink over `current`, followed by an
+//! fsync of the root directory, so a crash leaves `current` naming either
+//! the old release or the new one, never neither. Release order comes from
+//! the history, never from modification times.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// One line of `.dream/history`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Event {
+    pub time: String,
+    /// `staged`, `switched`, `failed`, `rolled_back`, `pruned`.
+    pub event: String,
+    pub release: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Event {
+    pub fn new(event: &str, release: &str) -> Event {
+        Event {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event: event.into(),
+            release: release.into(),
+            previous: None,
+            reason: None,
+        }
+    }
+}
+
+/// Checks a release id: `[A-Za-z0-9._-]`, not starting with `.`, at most
+/// 128 bytes.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!("release id {id:?} must be 1 to 128 characters"));
+    }
+    if id.starts_with('.') {
+        return Err(format!("release id {id:?} must not start with '.'"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
+    {
+        return Err(format!(
+            "release id {:?} has {c:?}: use letters, digits, '.', '_' and '-'",
+            id.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// The deploy root's release store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub root: PathBuf,
+}
+
+impl Store {
+    pub fn new(root: &Path) -> Store {
+        Store {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn releases(&self) -> PathBuf {
+        self.root.join("releases")
+    }
+
+    pub fn release_dir(&self, id: &str) -> PathBuf {
+        self.releases().join(id)
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.root.join(".dream")
+    }
+
+    pub fn staging(&self) -> PathBuf {
+        self.state().join("staging")
+    }
+
+    pub fn lock_path(&self) -> PathBuf {
+        self.state().join("lock")
+    }
+
+    pub fn history_path(&self) -> PathBuf {
+        self.state().join("history")
+    }
+
+    pub fn current_link(&self) -> PathBuf {
+        self.root.join("current")
+    }
+
+    /// Creates `releases/` and `.dream/`; refuses a `current` that is a real
+    /// directory (it cannot be replaced atomically).
+    pub fn prepare(&self) -> io::Result<()> {
+        fs::create_dir_all(self.releases())?;
+        fs::create_dir_all(self.staging())?;
+        if let Ok(meta) = fs::symlink_metadata(self.current_link())
+            && !meta.file_type().is_symlink()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} is a real {}, not a symlink: move it into {}/<id> and make current a symlink to it (ln -s releases/<id> current), then deploy again",
+                    self.current_link().display(),
+                    if meta.is_dir() { "directory" } else { "file" },
+                    self.releases().display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The id `current` points at, if it points into `releases/`.
+    pub fn current(&self) -> Option<String> {
+        let target = fs::read_link(self.current_link()).ok()?;
+        let name = target.file_name()?.to_str()?.to_string();
+        self.release_dir(&name).is_dir().then_some(name)
+    }
+
+    /// The whole history, oldest first; unreadable lines are skipped.
+    pub fn history(&self) -> Vec<Event> {
+        let Ok(f) = File::open(self.history_path()) else {
+            return Vec::new();
+        };
+        BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// Appends one event and makes it durable.
+    pub fn append(&self, event: &Event) -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.history_path())?;
+        let mut line = serde_json::to_string(event).map_err(io::Error::other)?;
+        line.push('\n');
+        f.write_all(line.as_bytes())?;
+        f.sync_data()
+    }
+
+    /// Releases whose deploy failed (marked bad), unless switched to
+    /// successfully later.
+    pub fn bad(&self) -> HashSet<String> {
+        let mut bad = HashSet::new();
+        for e in self.history() {
+            match e.event.as_str() {
+                "failed" => {
+                    bad.insert(e.release);
+                }
+                "switched" | "rolled_back" if e.reason.is_none() => {
+                    bad.remove(&e.release);
+                }
+                _ => {}
+            }
+        }
+        bad
+    }
+
+    /// Every id ever used (staged), so ids are never reused.
+    pub fn used_ids(&self) -> HashSet<String> {
+        let mut ids: HashSet<String> = self.history().into_iter().map(|e| e.release).collect();
+        if let Ok(rd) = fs::read_dir(self.releases()) {
+            ids.extend(
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string)),
+            );
+        }
+        ids
+    }
+
+    /// Release ids in the order they were staged (history), then any
+    /// present but unknown to the history, by name.
+    pub fn ordered(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for e in self.history() {
+            if e.event == "staged" && !out.contains(&e.release) {
+                out.push(e.release);
+            }
+        }
+        let mut extra: Vec<String> = fs::read_dir(self.releases())
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .filter(|n| !out.contains(n) && check_id(n).is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        extra.sort();
+        out.extend(extra);
+        out.retain(|id| self.release_dir(id).is_dir());
+        out
+    }
+
+    /// The releases that were live, most recent last (from `switched` and
+    /// `rolled_back` events).
+    pub fn went_live(&self) -> Vec<String> {
+        self.history()
+            .into_iter()
+            .filter(|e| (e.event == "switched" || e.event == "rolled_back") && e.reason.is_none())
+            .map(|e| e.release)
+            .collect()
+    }
+
+    /// The release to roll back to: the most recent one that was live
+    /// before the current one, not bad, still present.
+    pub fn previous_good(&self) -> Option<String> {
+        let current = self.current();
+        let bad = self.bad();
+        self.went_live()
+            .into_iter()
+            .rev()
+            .filter(|id| Some(id) != current.as_ref() && !bad.contains(id))
+            .find(|id| self.release_dir(id).is_dir())
+    }
+
+    /// Points `current` at `releases/<id>`: a temporary symlink renamed
+    /// over `current`, then an fsync of the root directory. Returns how
+    /// long the switch took.
+    pub fn switch(&self, id: &str) -> io::Result<Duration> {
+        let started = Instant::now();
+        let tmp = self
+            .root
+            .join(format!(".current.dream-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(Path::new("releases").join(id), &tmp)?;
+        if let Err(e) = fs::rename(&tmp, self.current_link()) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        fsync_dir(&self.root)?;
+        Ok(started.elapsed())
+    }
+}
+
+/// fsync(2) of a directory, making renames and creations in it durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Makes a tree writable again (releases are frozen read-only), so that it
+/// can be removed.
+pub fn thaw(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        let mode = meta.permissions().mode();
+        if mode & 0o700 != 0o700 {
+            fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o700))?;
+        }
+        for e in fs::read_dir(path)?.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                thaw(&e.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes a release tree, frozen or not.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    match thaw(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        r => r?,
+    }
+    fs::remove_dir_all(path)
+}
+
+/// Removes write permission from everything below `dir` (not `dir`
+/// itself, which is frozen last, after it is renamed into place).
+pub fn freeze_below(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let meta = fs::symlink_metadata(e.path())?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.is_dir() {
+            freeze_below(&e.path())?;
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o222 != 0 {
+            fs::set_permissions(e.path(), fs::Permissions::from_mode(mode & !0o222))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes write permission from `dir` itself.
+pub fn freeze_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(dir)?.permissions().mode();
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode & !0o222))
+}
+
+/// Apparent size in bytes and number of files of a tree.
+pub fn tree_size(dir: &Path) -> (u64, u64) {
+    let mut bytes = 0;
+    let mut files = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            } else {
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+    }
+    (bytes, files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for ok in ["a", "20261126T145506Z-1a2b3c4", "v1.2.3", "x_y-z"] {
+            assert!(check_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "..",
+            "a/b",
+            "../x",
+            "a b",
+            "a\nb",
+            "é",
+            &"x".repeat(129),
+        ] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn switch_is_a_rename_and_history_orders_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        store.prepare().unwrap();
+        for id in ["b", "a"] {
+            fs::create_dir(store.release_dir(id)).unwrap();
+            store.append(&Event::new("staged", id)).unwrap();
+        }
+        store.switch("b").unwrap();
+        store.append(&Event::new("switched", "b")).unwrap();
+        assert_eq!(store.current().as_deref(), Some("b"));
+        store.switch("a").unwrap();
+        store.append(&Event::new("switched", "a")).unwrap();
+        assert_eq!(
+            fs::read_link(store.current_link()).unwrap(),
+            Path::new("releases/a")
+        );
+        assert_eq!(store.ordered(), vec!["b", "a"], "staging order, not names");
+        assert_eq!(store.previous_good().as_deref(), Some("b"));
+        store.append(&Event::new("failed", "b")).unwrap();
+        assert_eq!(store.previous_good(), None, "bad releases are skipped");
+        // No temporary links are left.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+    }
+
+    #[test]
+    fn readers_never_see_a_missing_current_during_switches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        store.prepare().unwrap();
+        for id in ["a", "b"] {
+            fs::create_dir(store.release_dir(id)).unwrap();
+            fs::write(store.release_dir(id).join("index.html"), id).unwrap();
+        }
+        store.switch("a").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let path = store.current_link().join("index.html");
+        let reader = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let text = fs::read_to_string(&path).expect("current/index.html always opens");
+                    assert!(text == "a" || text == "b");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for i in 0..2000 {
+            store.switch(if i % 2 == 0 { "b" } else { "a" }).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    }
+
+    #[test]
+    fn a_real_current_directory_is_refused_with_guidance() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("current")).unwrap();
+        let err = Store::new(dir.path()).prepare().unwrap_err();
+        assert!(err.to_string().contains("not a symlink"), "{err}");
+    }
+}

@@ -1,0 +1,577 @@
+//! Staging a release: copying a directory, extracting a tarball, or
+//! checking out a git revision into `.dream/staging/`, and then sharing the
+//! files identical to the previous release's.
+//!
+//! Nothing a source contains may land outside the release: absolute paths,
+//! `..`, links pointing out, and device files are refused, and the number of
+//! entries is bounded.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs::{self, File};
+use std::hash::Hasher;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+/// Most entries a source may have (a tar bomb is refused, not extracted).
+pub const MAX_ENTRIES: u64 = 1_000_000;
+
+/// Where a release comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Dir(PathBuf),
+    Tar(PathBuf),
+    Git { url: String, rev: Option<String> },
+}
+
+impl Source {
+    pub fn parse(s: &str) -> Result<Source, String> {
+        if let Some(rest) = s.strip_prefix("git:") {
+            let (url, rev) = match rest.rsplit_once('#') {
+                Some((u, r)) => (u.to_string(), Some(r.to_string())),
+                None => (rest.to_string(), None),
+            };
+            if url.is_empty() || url.starts_with('-') {
+                return Err(format!("invalid git URL {url:?}"));
+            }
+            if let Some(r) = &rev
+                && (r.is_empty()
+                    || r.starts_with('-')
+                    || r.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                return Err(format!("invalid git revision {r:?}"));
+            }
+            if url.starts_with("ext::") || url.contains("::") {
+                return Err(format!("git transport helpers are not allowed: {url:?}"));
+            }
+            return Ok(Source::Git { url, rev });
+        }
+        let p = PathBuf::from(s);
+        let name = s.to_ascii_lowercase();
+        if name.ends_with(".tar") || name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+            if !p.is_file() {
+                return Err(format!("{s}: no such tarball"));
+            }
+            return Ok(Source::Tar(p));
+        }
+        match fs::metadata(&p) {
+            Ok(m) if m.is_dir() => Ok(Source::Dir(p)),
+            Ok(_) => Err(format!(
+                "{s}: not a directory, a .tar/.tar.gz/.tgz tarball, or git:URL[#REV]"
+            )),
+            Err(e) => Err(format!("{s}: {e}")),
+        }
+    }
+}
+
+/// What staging did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub files: u64,
+    pub bytes: u64,
+    pub shared_files: u64,
+    pub shared_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("git: {0}")]
+    Git(String),
+}
+
+impl StageError {
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            StageError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StageError + '_ {
+    move |source| StageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks that `rel` is a plain relative path with no `..`.
+fn safe_relative(rel: &Path) -> Result<PathBuf, StageError> {
+    let mut out = PathBuf::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            _ => {
+                return Err(StageError::Refused(format!(
+                    "{} would land outside the release",
+                    rel.display()
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that a symlink at `rel` (relative to the release) pointing at
+/// `target` stays inside the release.
+fn check_link(rel: &Path, target: &Path) -> Result<(), StageError> {
+    let escape = || {
+        StageError::Refused(format!(
+            "link {} -> {} points outside the release",
+            rel.display(),
+            target.display()
+        ))
+    };
+    if target.is_absolute() {
+        return Err(escape());
+    }
+    let mut depth: i64 = rel.components().count() as i64 - 1;
+    for c in target.components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            _ => return Err(escape()),
+        }
+        if depth < 0 {
+            return Err(escape());
+        }
+    }
+    Ok(())
+}
+
+/// A content hash for the release id.
+pub struct IdHash(DefaultHasher);
+
+impl IdHash {
+    pub fn new() -> IdHash {
+        IdHash(DefaultHasher::new())
+    }
+
+    pub fn short(&self) -> String {
+        format!("{:016x}", self.0.finish())[..8].to_string()
+    }
+}
+
+impl Default for IdHash {
+    fn default() -> IdHash {
+        IdHash::new()
+    }
+}
+
+/// Copies directory `src` into `dst` (which must not exist). Files whose
+/// size and modification time match `share_from`'s copy are hard-linked to
+/// it instead of copied (rsync's quick check); others are copied with their
+/// modification time, so the next deploy can share them.
+pub fn copy_dir(
+    src: &Path,
+    dst: &Path,
+    share_from: Option<&Path>,
+    hash: &mut IdHash,
+) -> Result<Stats, StageError> {
+    let mut stats = Stats::default();
+    fs::create_dir(dst).map_err(io_at(dst))?;
+    copy_into(src, dst, Path::new(""), share_from, hash, &mut stats)?;
+    Ok(stats)
+}
+
+fn copy_into(
+    src_root: &Path,
+    dst_root: &Path,
+    rel: &Path,
+    share_from: Option<&Path>,
+    hash: &mut IdHash,
+    stats: &mut Stats,
+) -> Result<(), StageError> {
+    let dir = src_root.join(rel);
+    let mut entries: Vec<_> = fs::read_dir(&dir)
+        .map_err(io_at(&dir))?
+        .collect::<Result<_, _>>()
+        .map_err(io_at(&dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let rel = rel.join(e.file_name());
+        let from = src_root.join(&rel);
+        let to = dst_root.join(&rel);
+        let meta = fs::symlink_metadata(&from).map_err(io_at(&from))?;
+        if !meta.is_dir() {
+            stats.files += 1;
+        }
+        if stats.files > MAX_ENTRIES {
+            return Err(StageError::Refused(format!(
+                "more than {MAX_ENTRIES} files"
+            )));
+        }
+        hash.0.write(rel.as_os_str().as_encoded_bytes());
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            fs::create_dir(&to).map_err(io_at(&to))?;
+            copy_into(src_root, dst_root, &rel, share_from, hash, stats)?;
+            fs::set_permissions(&to, fs::Permissions::from_mode(meta.mode() & 0o777 | 0o700))
+                .map_err(io_at(&to))?;
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&from).map_err(io_at(&from))?;
+            check_link(&rel, &target)?;
+            hash.0.write(target.as_os_str().as_encoded_bytes());
+            std::os::unix::fs::symlink(&target, &to).map_err(io_at(&to))?;
+        } else if ft.is_file() {
+            hash.0.write_u64(meta.len());
+            hash.0.write_i64(meta.mtime());
+            hash.0.write_i64(meta.mtime_nsec());
+            stats.bytes += meta.len();
+            if let Some(prev) = share_from.map(|p| p.join(&rel))
+                && quick_same(&meta, &prev)
+                && fs::hard_link(&prev, &to).is_ok()
+            {
+                stats.shared_files += 1;
+                stats.shared_bytes += meta.len();
+                continue;
+            }
+            copy_file(&from, &to, &meta)?;
+        } else {
+            return Err(StageError::Refused(format!(
+                "{} is not a regular file, directory or symlink",
+                rel.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Same size, modification time and mode: rsync's quick check.
+fn quick_same(meta: &fs::Metadata, other: &Path) -> bool {
+    fs::symlink_metadata(other).is_ok_and(|o| {
+        o.is_file()
+            && o.len() == meta.len()
+            && o.mtime() == meta.mtime()
+            && o.mtime_nsec() == meta.mtime_nsec()
+            && (o.mode() | 0o222) & 0o777 == (meta.mode() | 0o222) & 0o777
+    })
+}
+
+fn copy_file(from: &Path, to: &Path, meta: &fs::Metadata) -> Result<(), StageError> {
+    fs::copy(from, to).map_err(io_at(from))?;
+    let f = File::options().write(true).open(to).map_err(io_at(to))?;
+    f.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o777 | 0o200))
+        .map_err(io_at(to))?;
+    if let Ok(m) = meta.modified() {
+        f.set_modified(m).map_err(io_at(to))?;
+    }
+    Ok(())
+}
+
+/// Extracts a tarball into `dst` (which must not exist), refusing anything
+/// that would land outside it.
+pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stats, StageError> {
+    let file = File::open(tarball).map_err(io_at(tarball))?;
+    let name = tarball.to_string_lossy().to_ascii_lowercase();
+    let reader: Box<dyn Read> = if name.ends_with(".gz") || name.ends_with(".tgz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    fs::create_dir(dst).map_err(io_at(dst))?;
+    let mut archive = tar::Archive::new(reader);
+    let mut stats = Stats::default();
+    let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
+    let mut entries = 0u64;
+    for entry in archive.entries().map_err(io_at(tarball))? {
+        let mut entry = entry.map_err(io_at(tarball))?;
+        entries += 1;
+        if entries > MAX_ENTRIES {
+            return Err(StageError::Refused(format!(
+                "the tarball has more than {MAX_ENTRIES} entries"
+            )));
+        }
+        let raw = entry.path().map_err(io_at(tarball))?.into_owned();
+        let rel = safe_relative(&raw)?;
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        hash.0.write(rel.as_os_str().as_encoded_bytes());
+        let to = dst.join(&rel);
+        // Parents are created here, never through a symlink from the archive.
+        if let Some(parent) = rel.parent() {
+            ensure_dirs(dst, parent)?;
+        }
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::Directory => {
+                ensure_dirs(dst, &rel)?;
+                dirs.push((to, mode | 0o700));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                stats.files += 1;
+                let size = entry.header().size().unwrap_or(0);
+                stats.bytes += size;
+                hash.0.write_u64(size);
+                let mut out = File::create(&to).map_err(io_at(&to))?;
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = entry.read(&mut buf).map_err(io_at(tarball))?;
+                    if n == 0 {
+                        break;
+                    }
+                    hash.0.write(&buf[..n]);
+                    out.write_all(&buf[..n]).map_err(io_at(&to))?;
+                }
+                out.set_permissions(fs::Permissions::from_mode(mode | 0o200))
+                    .map_err(io_at(&to))?;
+                if let Ok(mtime) = entry.header().mtime() {
+                    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
+                    let _ = out.set_modified(t);
+                }
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(io_at(tarball))?
+                    .ok_or_else(|| {
+                        StageError::Refused(format!("{}: link without a target", rel.display()))
+                    })?
+                    .into_owned();
+                check_link(&rel, &target)?;
+                std::os::unix::fs::symlink(&target, &to).map_err(io_at(&to))?;
+            }
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(io_at(tarball))?
+                    .ok_or_else(|| {
+                        StageError::Refused(format!("{}: link without a target", rel.display()))
+                    })?
+                    .into_owned();
+                let target_rel = safe_relative(&target)?;
+                let src = dst.join(&target_rel);
+                let meta = fs::symlink_metadata(&src).map_err(|_| {
+                    StageError::Refused(format!(
+                        "hard link {} -> {} names nothing extracted before it",
+                        rel.display(),
+                        target.display()
+                    ))
+                })?;
+                if !meta.is_file() {
+                    return Err(StageError::Refused(format!(
+                        "hard link {} -> {} is not to a regular file",
+                        rel.display(),
+                        target.display()
+                    )));
+                }
+                fs::hard_link(&src, &to).map_err(io_at(&to))?;
+            }
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink => {}
+            other => {
+                return Err(StageError::Refused(format!(
+                    "{} is a {:?} entry; only files, directories and links are allowed",
+                    rel.display(),
+                    other
+                )));
+            }
+        }
+    }
+    for (dir, mode) in dirs {
+        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(mode));
+    }
+    Ok(stats)
+}
+
+/// Creates `rel`'s directories under `root`, refusing to go through a
+/// symlink (an archive could plant one and write through it).
+fn ensure_dirs(root: &Path, rel: &Path) -> Result<(), StageError> {
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(StageError::Refused(format!(
+                    "{} is not a directory (an entry would be written through it)",
+                    at.strip_prefix(root).unwrap_or(&at).display()
+                )));
+            }
+            Err(_) => fs::create_dir(&at).map_err(io_at(&at))?,
+        }
+    }
+    Ok(())
+}
+
+/// Checks out `url` at `rev` into `dst` with the system git, without its
+/// `.git`; returns the short commit hash.
+pub fn git_checkout(url: &str, rev: Option<&str>, dst: &Path) -> Result<String, StageError> {
+    let git = |args: &[&str], dir: Option<&Path>| -> Result<String, StageError> {
+        let mut cmd = std::process::Command::new("git");
+        cmd.args([
+            "-c",
+            "protocol.ext.allow=never",
+            "-c",
+            "core.hooksPath=/dev/null",
+        ]);
+        if let Some(d) = dir {
+            cmd.arg("-C").arg(d);
+        }
+        cmd.args(args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(std::process::Stdio::null());
+        let out = cmd
+            .output()
+            .map_err(|e| StageError::Git(format!("cannot run git: {e} (is git installed?)")))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(StageError::Git(
+                err.trim().lines().last().unwrap_or("failed").to_string(),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let dst_str = dst
+        .to_str()
+        .ok_or_else(|| StageError::Git("staging path is not UTF-8".into()))?;
+    git(
+        &["clone", "--quiet", "--no-checkout", "--", url, dst_str],
+        None,
+    )?;
+    let rev = rev.unwrap_or("HEAD");
+    git(&["checkout", "--quiet", "--detach", rev, "--"], Some(dst))?;
+    let hash = git(&["rev-parse", "--short=8", "HEAD"], Some(dst))?;
+    let dotgit = dst.join(".git");
+    fs::remove_dir_all(&dotgit).map_err(io_at(&dotgit))?;
+    Ok(hash)
+}
+
+/// Replaces files in `staged` that are identical to the previous release's
+/// with hard links to them; counts the tree.
+pub fn share(staged: &Path, prev: Option<&Path>) -> Result<Stats, StageError> {
+    let mut stats = Stats::default();
+    share_into(staged, Path::new(""), prev, &mut stats)?;
+    Ok(stats)
+}
+
+fn share_into(
+    root: &Path,
+    rel: &Path,
+    prev: Option<&Path>,
+    stats: &mut Stats,
+) -> Result<(), StageError> {
+    let dir = root.join(rel);
+    for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
+        let e = e.map_err(io_at(&dir))?;
+        let rel = rel.join(e.file_name());
+        let path = root.join(&rel);
+        let meta = fs::symlink_metadata(&path).map_err(io_at(&path))?;
+        if meta.is_dir() {
+            share_into(root, &rel, prev, stats)?;
+            continue;
+        }
+        stats.files += 1;
+        if !meta.is_file() {
+            continue;
+        }
+        stats.bytes += meta.len();
+        let Some(other) = prev.map(|p| p.join(&rel)) else {
+            continue;
+        };
+        let Ok(ometa) = fs::symlink_metadata(&other) else {
+            continue;
+        };
+        if !ometa.is_file()
+            || ometa.len() != meta.len()
+            || ometa.ino() == meta.ino()
+            || (ometa.mode() | 0o222) & 0o777 != (meta.mode() | 0o222) & 0o777
+        {
+            if ometa.ino() == meta.ino() {
+                stats.shared_files += 1;
+                stats.shared_bytes += meta.len();
+            }
+            continue;
+        }
+        if !(quick_same(&meta, &other) || same_content(&path, &other).map_err(io_at(&path))?) {
+            continue;
+        }
+        let tmp = path.with_file_name(format!(".dream-share-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        if fs::hard_link(&other, &tmp).is_ok() {
+            fs::rename(&tmp, &path).map_err(io_at(&path))?;
+            stats.shared_files += 1;
+            stats.shared_bytes += meta.len();
+        }
+    }
+    Ok(())
+}
+
+fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
+    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
+    let mut ba = vec![0u8; 128 * 1024];
+    let mut bb = vec![0u8; 128 * 1024];
+    loop {
+        let na = read_full(&mut fa, &mut ba)?;
+        let nb = read_full(&mut fb, &mut bb)?;
+        if na != nb || ba[..na] != bb[..nb] {
+            return Ok(false);
+        }
+        if na == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_must_stay_inside() {
+        assert!(check_link(Path::new("a/b"), Path::new("../c")).is_ok());
+        assert!(check_link(Path::new("a/b"), Path::new("c/../d")).is_ok());
+        assert!(check_link(Path::new("b"), Path::new("../c")).is_err());
+        assert!(check_link(Path::new("a/b"), Path::new("../../c")).is_err());
+        assert!(check_link(Path::new("a"), Path::new("/etc/passwd")).is_err());
+        assert!(check_link(Path::new("a"), Path::new("x/../../y")).is_err());
+    }
+
+    #[test]
+    fn relative_paths_must_stay_inside() {
+        assert!(safe_relative(Path::new("a/./b")).is_ok());
+        assert!(safe_relative(Path::new("../x")).is_err());
+        assert!(safe_relative(Path::new("a/../../x")).is_err());
+        assert!(safe_relative(Path::new("/etc/passwd")).is_err());
+    }
+
+    #[test]
+    fn sources() {
+        assert_eq!(
+            Source::parse("git:/srv/repo.git#v1.2").unwrap(),
+            Source::Git {
+                url: "/srv/repo.git".into(),
+                rev: Some("v1.2".into())
+            }
+        );
+        assert!(Source::parse("git:--upload-pack=touch /tmp/x").is_err());
+        assert!(Source::parse("git:/r#--output=x").is_err());
+        assert!(Source::parse("git:ext::sh -c touch% /tmp/pwned").is_err());
+        assert!(Source::parse("/nonexistent/dir").is_err());
+    }
+}

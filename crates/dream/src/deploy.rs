@@ -1,0 +1,145 @@
+//! `dream deploy`, `dream rollback`, `dream releases`.
+
+use std::path::Path;
+
+use dream_core::deploy::{self, DeployError, Kind, Report, Step};
+use dream_core::lock::Wait;
+use dream_core::stage::Source;
+
+use crate::exit::{self, Failure, Result};
+use crate::print_line;
+
+fn failure(e: DeployError) -> Failure {
+    let code = match e.kind {
+        Kind::Usage => exit::USAGE,
+        Kind::Failed => exit::FAILED,
+        Kind::Temporary => exit::TEMPORARY,
+    };
+    Failure {
+        code,
+        message: e.message,
+    }
+}
+
+fn wait(flag: Option<&str>) -> Result<Wait> {
+    match flag {
+        None => Ok(Wait::No),
+        Some(d) => Ok(Wait::For(crate::duration("wait-lock", d)?)),
+    }
+}
+
+/// Progress on stderr, one line per phase with its time.
+fn progress(quiet: bool) -> impl FnMut(&Step) {
+    move |s: &Step| {
+        if !quiet {
+            let detail = if s.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", s.detail)
+            };
+            eprintln!(
+                "dream: {:<9} {:>8}{detail}",
+                s.phase,
+                format!("{:.3}s", s.seconds)
+            );
+        }
+    }
+}
+
+fn finish(report: &Report, json: bool, what: &str) {
+    if json {
+        print_line(&serde_json::to_string(report).expect("report serializes"));
+    } else {
+        let total: f64 = report.steps.iter().map(|s| s.seconds).sum();
+        print_line(&format!("{what} {} in {total:.2}s", report.release));
+    }
+}
+
+pub struct DeployArgs<'a> {
+    pub root: Option<&'a Path>,
+    pub source: &'a str,
+    pub id: Option<String>,
+    pub build: Option<String>,
+    pub keep: usize,
+    pub no_reload: bool,
+    pub wait_lock: Option<&'a str>,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+pub fn deploy(a: DeployArgs<'_>) -> Result {
+    let root = crate::serve::root_dir(a.root)?;
+    let source = Source::parse(a.source).map_err(Failure::usage)?;
+    if a.keep == 0 {
+        return Err(Failure::usage("--keep must be at least 1"));
+    }
+    let opts = deploy::DeployOptions {
+        root,
+        source,
+        id: a.id,
+        build: a.build,
+        keep: a.keep,
+        reload: !a.no_reload,
+        wait_lock: wait(a.wait_lock)?,
+        command: format!("dream deploy {}", a.source),
+    };
+    let report = deploy::deploy(&opts, &mut progress(a.quiet || a.json)).map_err(failure)?;
+    finish(&report, a.json, "deployed");
+    Ok(())
+}
+
+pub fn rollback(
+    root: Option<&Path>,
+    id: Option<&str>,
+    no_reload: bool,
+    wait_lock: Option<&str>,
+    json: bool,
+    quiet: bool,
+) -> Result {
+    let root = crate::serve::root_dir(root)?;
+    let report = deploy::rollback(
+        &root,
+        id,
+        !no_reload,
+        wait(wait_lock)?,
+        "dream rollback",
+        &mut progress(quiet || json),
+    )
+    .map_err(failure)?;
+    finish(&report, json, "rolled back to");
+    Ok(())
+}
+
+pub fn releases(root: Option<&Path>, json: bool) -> Result {
+    let root = crate::serve::root_dir(root)?;
+    let list = deploy::list(&root);
+    if json {
+        print_line(&serde_json::to_string(&list).expect("list serializes"));
+        return Ok(());
+    }
+    if list.is_empty() {
+        print_line(&format!("no releases in {}/releases", root.display()));
+        return Ok(());
+    }
+    for r in list {
+        let age = r
+            .age_s
+            .map(|s| {
+                format!(
+                    "{} ago",
+                    dream_core::fmt_duration(std::time::Duration::from_secs_f64(s))
+                )
+            })
+            .unwrap_or_else(|| "age unknown".into());
+        print_line(&format!(
+            "{} {:<40} {:<7} {:>12}  {:>9}  {} files",
+            if r.current { "*" } else { " " },
+            r.id,
+            r.state,
+            age,
+            deploy::human_bytes(r.bytes),
+            r.files
+        ));
+    }
+    Ok(())
+}
