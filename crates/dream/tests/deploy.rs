@@ -1,0 +1,558 @@
+//! `dream deploy`, `rollback` and `releases` on real directories,
+//! tarballs (hostile ones included), a real git repository, and a running
+//! supervisor under load.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dream_check::{Live, Options, Target};
+use dream_testkit::{Guard, Tree, alive, bin, get, live_pids, run, wait_until};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn dream(root: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let (status, out, err) = run(
+        Command::new(bin("dream"))
+            .args(args)
+            .arg("--root")
+            .arg(root)
+            .env("DREAM_BIN", bin("dream")),
+        Duration::from_secs(120),
+    );
+    (status.code(), out, err)
+}
+
+fn deploy_json(root: &Path, source: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["deploy", source.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = dream(root, &args);
+    assert_eq!(code, Some(0), "{err}");
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+fn current(root: &Path) -> Option<String> {
+    std::fs::read_link(root.join("current"))
+        .ok()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+}
+
+fn staging_is_empty(root: &Path) -> bool {
+    std::fs::read_dir(root.join(".dream/staging"))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true)
+}
+
+/// A site whose pages say `release NAME`, served by `dream static` via ./run.
+fn site(tree: &Tree, name: &str) -> PathBuf {
+    tree.write(
+        &format!("{name}/public/index.html"),
+        format!("<p>release {name}</p>\n"),
+    );
+    tree.write(
+        &format!("{name}/run"),
+        "#!/bin/sh\nexec \"$DREAM_BIN\" static --drain-grace 300ms\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        tree.path().join(name).join("run"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    tree.path().join(name)
+}
+
+#[test]
+fn a_one_file_change_shares_the_other_1999() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    for i in 0..2000 {
+        tree.write(
+            &format!("src/f/{:02}/{i}.txt", i % 50),
+            format!("file {i}\n"),
+        );
+    }
+    let first = deploy_json(&root, &tree.path().join("src"), &[]);
+    assert_eq!(first["files"], 2000);
+    assert_eq!(first["shared_files"], 0);
+    tree.write("src/f/07/7.txt", "changed\n");
+    let second = deploy_json(&root, &tree.path().join("src"), &[]);
+    assert_eq!(second["shared_files"], 1999, "{second}");
+    assert_eq!(second["previous"], first["release"]);
+    let rel = root
+        .join("releases")
+        .join(second["release"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(rel.join("f/07/7.txt")).unwrap(),
+        "changed\n"
+    );
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let old = root
+        .join("releases")
+        .join(first["release"].as_str().unwrap());
+    assert_eq!(
+        std::fs::metadata(rel.join("f/00/0.txt")).unwrap().ino(),
+        std::fs::metadata(old.join("f/00/0.txt")).unwrap().ino()
+    );
+    for p in [rel.join("f/00/0.txt"), rel.join("f/00"), rel.clone()] {
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o222,
+            0,
+            "{} is frozen",
+            p.display()
+        );
+    }
+    assert_eq!(current(&root).as_deref(), second["release"].as_str());
+    assert!(staging_is_empty(&root));
+    // The history decides the order; ids are never reused.
+    let (code, _, err) = dream(
+        &root,
+        &[
+            "deploy",
+            tree.path().join("src").to_str().unwrap(),
+            "--id",
+            first["release"].as_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(100), "{err}");
+    assert!(err.contains("never reused"), "{err}");
+    let (code, out, _) = dream(&root, &["releases", "--json"]);
+    assert_eq!(code, Some(0));
+    let list: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(list[0]["id"], first["release"]);
+    assert_eq!(list[1]["current"], true);
+}
+
+#[test]
+fn a_failing_build_changes_nothing() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let src = site(&tree, "a");
+    let first = deploy_json(&root, &src, &["--build", "echo ok > built.txt"]);
+    let rel = root
+        .join("releases")
+        .join(first["release"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(rel.join("built.txt")).unwrap(),
+        "ok\n"
+    );
+    let (code, _, err) = dream(
+        &root,
+        &[
+            "deploy",
+            src.to_str().unwrap(),
+            "--build",
+            "echo compiling; echo 'error: syntax' >&2; exit 2",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("exited with status 2") && err.contains("error: syntax"),
+        "{err}"
+    );
+    assert_eq!(current(&root).as_deref(), first["release"].as_str());
+    assert!(staging_is_empty(&root), "nothing left staged");
+}
+
+/// A tar archive with raw (unchecked) entry names, as an attacker builds it.
+fn hostile_tar(path: &Path, entries: &[(&str, tar::EntryType, &str)]) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, kind, data_or_link) in entries {
+        let mut h = tar::Header::new_gnu();
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        if *kind == tar::EntryType::Symlink || *kind == tar::EntryType::Link {
+            h.as_old_mut().linkname[..data_or_link.len()].copy_from_slice(data_or_link.as_bytes());
+            h.set_size(0);
+            h.set_cksum();
+            b.append(&h, std::io::empty()).unwrap();
+        } else {
+            h.set_size(data_or_link.len() as u64);
+            h.set_cksum();
+            b.append(&h, data_or_link.as_bytes()).unwrap();
+        }
+    }
+    b.finish().unwrap();
+}
+
+#[test]
+fn hostile_tarballs_are_refused_and_nothing_lands_outside() {
+    use tar::EntryType::*;
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let good = tree.path().join("good.tar");
+    hostile_tar(
+        &good,
+        &[
+            ("public/index.html", Regular, "release good\n"),
+            ("public/link.html", Symlink, "index.html"),
+        ],
+    );
+    let first = deploy_json(&root, &good, &[]);
+    let cases: Vec<(&str, Vec<(&str, tar::EntryType, &str)>)> = vec![
+        ("dotdot", vec![("../escaped.txt", Regular, "x")]),
+        (
+            "deep-dotdot",
+            vec![("public/../../escaped.txt", Regular, "x")],
+        ),
+        (
+            "absolute",
+            vec![("/tmp/dream-escaped-abs.txt", Regular, "x")],
+        ),
+        (
+            "symlink-out",
+            vec![("public/passwd", Symlink, "/etc/passwd")],
+        ),
+        (
+            "symlink-up",
+            vec![("public/up", Symlink, "../../escaped.txt")],
+        ),
+        (
+            "write-through-link",
+            vec![
+                ("public", Symlink, "."),
+                ("public/../escaped.txt", Regular, "x"),
+            ],
+        ),
+        ("hardlink-out", vec![("h", Link, "../../etc/passwd")]),
+        ("device", vec![("dev", Char, "")]),
+        ("fifo", vec![("pipe", Fifo, "")]),
+    ];
+    for (name, entries) in cases {
+        let t = tree.path().join(format!("{name}.tar"));
+        hostile_tar(&t, &entries);
+        let (code, _, err) = dream(&root, &["deploy", t.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{name}: {err}");
+        assert!(
+            err.contains("refused") || err.contains("outside"),
+            "{name}: {err}"
+        );
+        assert_eq!(
+            current(&root).as_deref(),
+            first["release"].as_str(),
+            "{name}"
+        );
+        assert!(staging_is_empty(&root), "{name}");
+        assert!(!tree.path().join("escaped.txt").exists(), "{name}");
+        assert!(!root.join("escaped.txt").exists(), "{name}");
+    }
+    assert!(!Path::new("/tmp/dream-escaped-abs.txt").exists());
+    // Compressed tarballs work too.
+    let tgz = tree.path().join("site.tgz");
+    let gz = flate_tar(&good);
+    std::fs::write(&tgz, gz).unwrap();
+    deploy_json(&root, &tgz, &[]);
+}
+
+fn flate_tar(tar: &Path) -> Vec<u8> {
+    let out = Command::new("gzip")
+        .arg("-c")
+        .arg(tar)
+        .output()
+        .expect("gzip");
+    assert!(out.status.success());
+    out.stdout
+}
+
+#[test]
+fn git_sources_deploy_a_clean_tree_and_refuse_injection() {
+    let tree = Tree::new();
+    let repo = tree.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    git(&["init", "-q"]);
+    std::fs::write(repo.join("index.html"), "v1\n").unwrap();
+    git(&["add", "."]);
+    git(&["commit", "-qm", "v1"]);
+    git(&["tag", "v1"]);
+    std::fs::write(repo.join("index.html"), "v2\n").unwrap();
+    git(&["commit", "-qam", "v2"]);
+    let v1 = git(&["rev-parse", "--short=8", "v1"]);
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let r = deploy_json(&root, Path::new(&format!("git:{}#v1", repo.display())), &[]);
+    let id = r["release"].as_str().unwrap();
+    assert!(id.ends_with(&v1), "{id} includes the commit");
+    let rel = root.join("releases").join(id);
+    assert_eq!(
+        std::fs::read_to_string(rel.join("index.html")).unwrap(),
+        "v1\n"
+    );
+    assert!(!rel.join(".git").exists(), "a clean tree");
+    let marker = tree.path().join("pwned");
+    for evil in [
+        format!("git:--upload-pack=touch {}", marker.display()),
+        format!("git:{}#--output={}", repo.display(), marker.display()),
+        format!("git:ext::sh -c touch% {}", marker.display()),
+    ] {
+        let (code, _, err) = dream(&root, &["deploy", &evil]);
+        assert_eq!(code, Some(100), "{evil}: {err}");
+        assert!(!marker.exists(), "{evil} ran something");
+    }
+}
+
+#[test]
+fn bad_ids_and_a_real_current_directory_are_usage_errors() {
+    let tree = Tree::new();
+    let src = site(&tree, "a");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    for id in ["../x", "a/b", ".hidden", "a\u{1}b"] {
+        let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap(), "--id", id]);
+        assert_eq!(code, Some(100), "{id}: {err}");
+    }
+    std::fs::create_dir(root.join("current")).unwrap();
+    let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap()]);
+    assert_eq!(code, Some(100), "{err}");
+    assert!(err.contains("not a symlink"), "{err}");
+}
+
+fn stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn concurrent_deploys_exactly_one_wins_and_kill_9_at_every_phase_is_harmless() {
+    let tree = Tree::new();
+    let a = site(&tree, "a");
+    let b = site(&tree, "b");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let first = deploy_json(&root, &a, &[]);
+    for phase in ["locked", "staged", "built", "shared", "synced", "switched"] {
+        let before = current(&root);
+        let g = Guard::spawn(
+            Command::new(bin("dream"))
+                .args(["deploy", "--root"])
+                .arg(&root)
+                .arg(&b)
+                .args(["--build", "true"])
+                .env("DREAM_TEST_STOP_AFTER", phase),
+        );
+        let pid = g.pid();
+        wait_until(
+            Duration::from_secs(20),
+            &format!("deploy to stop after {phase}"),
+            || stopped(pid).then_some(()),
+        );
+        // The lock is held: a second deploy loses at once, naming the winner.
+        let (code, _, err) = dream(&root, &["deploy", a.to_str().unwrap()]);
+        assert_eq!(code, Some(111), "{phase}: {err}");
+        assert!(
+            err.contains(&format!("held by pid {pid}")),
+            "{phase}: {err}"
+        );
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+        drop(g);
+        // current always names a complete release.
+        let now = current(&root).unwrap();
+        let index = root.join("releases").join(&now).join("public/index.html");
+        assert!(index.is_file(), "{phase}: current -> {now} is complete");
+        if phase != "switched" {
+            assert_eq!(Some(now), before, "{phase}: not switched yet");
+        }
+        // The next deploy cleans up and succeeds.
+        let (code, _, err) = dream(&root, &["deploy", a.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{phase}: {err}");
+        assert!(staging_is_empty(&root), "{phase}");
+    }
+    assert!(first["release"].is_string());
+}
+
+fn referee(
+    addr: std::net::SocketAddr,
+    live: Arc<Live>,
+) -> std::thread::JoinHandle<dream_check::Report> {
+    let opts = Options {
+        target: Target::parse(&format!("http://{addr}/")).unwrap(),
+        connections: 16,
+        duration: Duration::from_secs(300),
+        keep_alive: true,
+        body_pattern: dream_check::DEFAULT_BODY_PATTERN.into(),
+        timeout: Duration::from_secs(10),
+        max_requests: None,
+    };
+    std::thread::spawn(move || dream_check::run(&opts, live).unwrap())
+}
+
+#[test]
+fn deploys_rollbacks_and_a_crashing_release_under_load() {
+    let tree = Tree::new();
+    let a = site(&tree, "a");
+    let b = site(&tree, "b");
+    tree.write("crash/public/index.html", "<p>release crash</p>\n");
+    tree.write(
+        "crash/run",
+        "#!/bin/sh\necho 'fatal: cannot open config' >&2\nexit 3\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        tree.path().join("crash/run"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    // Each release's page names its own id, as the referee expects.
+    let stamp = r#"echo "<p>release $DREAM_RELEASE</p>" > public/index.html"#;
+    deploy_json(&root, &a, &["--id", "a1", "--build", stamp]);
+    let mut sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["serve", "--root"])
+            .arg(&root)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+                "--ready",
+                "notify",
+                "--",
+                "./run",
+            ])
+            .env("DREAM_BIN", bin("dream")),
+    );
+    let addr = sup.listening_addr();
+    wait_until(Duration::from_secs(20), "serving", || {
+        (get(addr, "/", &[]).status == 200).then_some(())
+    });
+    let live = Arc::new(Live::default());
+    let check = referee(addr, live.clone());
+    for i in 0..8 {
+        let src = if i % 2 == 0 { &b } else { &a };
+        let r = deploy_json(&root, src, &["--keep", "3", "--build", stamp]);
+        assert!(r["generation"].as_u64().is_some(), "{r}");
+    }
+    let (code, out, err) = dream(&root, &["rollback"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, _, err) = dream(
+        &root,
+        &[
+            "deploy",
+            tree.path().join("crash").to_str().unwrap(),
+            "--id",
+            "crash1",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("fatal: cannot open config"), "{err}");
+    assert!(err.contains("switched back"), "{err}");
+    assert_ne!(current(&root).as_deref(), Some("crash1"));
+    let (_, out, _) = dream(&root, &["releases", "--json"]);
+    let list: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == "crash1" && r["state"] == "bad"),
+        "{list}"
+    );
+    let (code, out, err) = dream(&root, &["rollback"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_ne!(
+        current(&root).as_deref(),
+        Some("crash1"),
+        "a rollback skips bad releases"
+    );
+    let from = live.ok.load(std::sync::atomic::Ordering::SeqCst);
+    wait_until(Duration::from_secs(20), "more responses", || {
+        (live.ok.load(std::sync::atomic::Ordering::SeqCst) > from + 50).then_some(())
+    });
+    live.stop();
+    let report = check.join().unwrap();
+    eprintln!("{}", report.human());
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+    assert!(report.releases.len() >= 2, "{}", report.human());
+    let dirs = std::fs::read_dir(root.join("releases")).unwrap().count();
+    assert!(dirs <= 5, "pruned to --keep plus protected ones: {dirs}");
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn pruning_spares_a_release_still_served_by_a_draining_generation() {
+    let tree = Tree::new();
+    tree.write("old/public/index.html", "<p>release old</p>\n");
+    tree.write(
+        "old/run",
+        "#!/bin/sh\nexec \"$PROBE_BIN\" --serve --ignore-term\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        tree.path().join("old/run"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let b = site(&tree, "b");
+    let c = site(&tree, "c");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    deploy_json(&root, &tree.path().join("old"), &["--id", "old"]);
+    let _sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["serve", "--root"])
+            .arg(&root)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "1",
+                "--ready",
+                "delay:0s",
+                "--drain-timeout",
+                "60s",
+                "--",
+                "./run",
+            ])
+            .env("DREAM_BIN", bin("dream"))
+            .env("PROBE_BIN", dream_testkit::probe()),
+    );
+    let r = wait_until(Duration::from_secs(20), "the supervisor", || {
+        dream_core::control::request(
+            &root,
+            &serde_json::json!({"cmd":"status"}),
+            Some(Duration::from_secs(5)),
+        )
+        .ok()
+    });
+    let stubborn = live_pids(&r)[0];
+    deploy_json(&root, &b, &["--id", "b1", "--keep", "1"]);
+    deploy_json(&root, &c, &["--id", "c1", "--keep", "1"]);
+    deploy_json(&root, &b, &["--id", "b2", "--keep", "1"]);
+    assert!(alive(stubborn), "the old generation is still draining");
+    assert!(root.join("releases/old").is_dir(), "in use: not pruned");
+    assert!(!root.join("releases/b1").exists(), "b1 was prunable");
+}
