@@ -110,9 +110,28 @@ pub struct Live {
     pub errors: AtomicU64,
     pub mixed: AtomicU64,
     stop: AtomicBool,
+    /// Latencies of every response so far, when [`Live::with_latency`]
+    /// asked for them (a display wants a running p99).
+    latency: Option<std::sync::Mutex<Histogram<u64>>>,
 }
 
 impl Live {
+    /// Counters that also keep a shared latency histogram.
+    pub fn with_latency() -> Live {
+        Live {
+            latency: Some(std::sync::Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            )),
+            ..Live::default()
+        }
+    }
+
+    /// The running latency quantile in microseconds, if tracked.
+    pub fn latency_quantile(&self, q: f64) -> Option<u64> {
+        let h = self.latency.as_ref()?.lock().ok()?;
+        (!h.is_empty()).then(|| h.value_at_quantile(q))
+    }
+
     /// Asks a running check to finish early.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -437,6 +456,11 @@ async fn client(
             Ok(a) => {
                 let micros = began.elapsed().as_micros().max(1) as u64;
                 let _ = t.hist.record(micros.min(3_600_000_000));
+                if let Some(h) = &live.latency
+                    && let Ok(mut h) = h.lock()
+                {
+                    let _ = h.record(micros.min(3_600_000_000));
+                }
                 t.responses += 1;
                 *t.status.entry(a.status).or_default() += 1;
                 let body_release = a

@@ -229,7 +229,6 @@ pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report
         let _ = release::remove_tree(&staged);
     }
     result?;
-    drop(p);
     Ok(report)
 }
 
@@ -300,11 +299,10 @@ fn stage_build_switch(
 
     let final_dir = store.release_dir(&id);
     if let Some(cmd) = &opts.build {
-        run_build(cmd, staged, &id, &final_dir).map_err(|e| {
+        run_build(cmd, staged, &id, &final_dir).inspect_err(|e| {
             let mut ev = Event::new("failed", &id);
             ev.reason = Some(e.message.clone());
             let _ = store.append(&ev);
-            e
         })?;
         p.step("built", format!("`{cmd}`"));
     }
@@ -564,7 +562,6 @@ pub fn rollback(
         "rolled_back",
         &mut p,
     )?;
-    drop(p);
     Ok(report)
 }
 

@@ -4,6 +4,7 @@
 //! `dream-core` (sockets, processes, locks), `dream-static` (the static file
 //! worker) and `dream-check` (the referee).
 
+mod demo;
 mod deploy;
 mod exit;
 mod privs;
@@ -36,6 +37,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The built-in demo: two sample sites, served and deployed while a referee watches
+    #[command(
+        after_help = "Examples:\n  dream demo                        # serve on 127.0.0.1:5555; deploy by hand\n  dream demo --auto-deploy 2s       # deploy every 2s under load: zero errors\n  dream demo --auto-deploy 500ms --duration 10s   # stop by itself (exit 1 on any error)"
+    )]
+    Demo(DemoCmd),
     /// Hold the sockets and run a pool of workers from ROOT/current; reload on HUP
     #[command(
         after_help = "Each worker runs in the release directory that ROOT/current named when its\ngeneration started, with the first socket on fd 0, all sockets on fds 3..\n(LISTEN_FDS, LISTEN_PID), and DREAM_RELEASE, DREAM_RELEASE_DIR,\nDREAM_GENERATION, DREAM_WORKER, NOTIFY_SOCKET set.\n\nSignals: HUP reload; TERM/INT drain and exit; QUIT stop now; TTIN/TTOU one\nworker more/less; USR1 status on stderr.\n\nExamples:\n  dream serve --root /srv/app --listen :8080 -- ./bin/server\n  dream serve --listen 127.0.0.1:8080 --workers 4 --ready notify -- dream static\n  dream reload --root /srv/app    # from another terminal, waits for the outcome"
@@ -150,6 +156,28 @@ struct ServeArgs {
     /// COMMAND [ARGS...] (relative paths resolve in the release directory)
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct DemoCmd {
+    /// Where to create the deploy root (default: a temporary directory)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Address to serve on
+    #[arg(short, long, default_value = "127.0.0.1:5555", value_name = "SPEC")]
+    listen: String,
+    /// Deploy the sites alternately this often, under load from the referee
+    #[arg(long, value_name = "DUR")]
+    auto_deploy: Option<String>,
+    /// Stop after this long (default: at Ctrl-C)
+    #[arg(long, value_name = "DUR")]
+    duration: Option<String>,
+    /// Workers per generation
+    #[arg(short, long, default_value_t = 2)]
+    workers: usize,
+    /// The referee's concurrent clients (with --auto-deploy)
+    #[arg(short, long, default_value_t = 8)]
+    connections: usize,
 }
 
 #[derive(Args)]
@@ -321,6 +349,7 @@ fn main() {
     let name = match &cli.command {
         Cmd::Serve(_) => "serve",
         Cmd::Status(_) => "status",
+        Cmd::Demo(_) => "demo",
         Cmd::Deploy(_) => "deploy",
         Cmd::Rollback(_) => "rollback",
         Cmd::Releases(_) => "releases",
@@ -366,6 +395,14 @@ fn run(cmd: Cmd) -> Result {
             command: &a.command,
         }),
         Cmd::Status(a) => serve::status(a.root.as_deref(), a.json),
+        Cmd::Demo(a) => demo::run(demo::DemoArgs {
+            root: a.root,
+            listen: a.listen,
+            auto_deploy: a.auto_deploy,
+            duration: a.duration,
+            workers: a.workers,
+            connections: a.connections,
+        }),
         Cmd::Deploy(a) => deploy::deploy(deploy::DeployArgs {
             root: a.root.as_deref(),
             source: &a.source,

@@ -157,8 +157,11 @@ fn a_failing_build_changes_nothing() {
     assert!(staging_is_empty(&root), "nothing left staged");
 }
 
+/// A tar entry: raw name, kind, and contents (or link target).
+type Entry<'a> = (&'a str, tar::EntryType, &'a str);
+
 /// A tar archive with raw (unchecked) entry names, as an attacker builds it.
-fn hostile_tar(path: &Path, entries: &[(&str, tar::EntryType, &str)]) {
+fn hostile_tar(path: &Path, entries: &[Entry<'_>]) {
     let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
     for (name, kind, data_or_link) in entries {
         let mut h = tar::Header::new_gnu();
@@ -195,7 +198,7 @@ fn hostile_tarballs_are_refused_and_nothing_lands_outside() {
         ],
     );
     let first = deploy_json(&root, &good, &[]);
-    let cases: Vec<(&str, Vec<(&str, tar::EntryType, &str)>)> = vec![
+    let cases: Vec<(&str, Vec<Entry<'_>>)> = vec![
         ("dotdot", vec![("../escaped.txt", Regular, "x")]),
         (
             "deep-dotdot",

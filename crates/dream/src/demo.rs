@@ -1,0 +1,357 @@
+//! `dream demo`: the dream in one command.
+//!
+//! Creates a deploy root with two sample sites (blue and green, embedded in
+//! the binary), holds the socket itself and starts `dream serve` with
+//! `dream static` workers on it (systemd's protocol), deploys blue, and
+//! prints how to deploy green from a second terminal. With
+//! `--auto-deploy DUR` it deploys the two alternately while its own referee
+//! drives load, and shows what a user would see: zero errors, zero mixed
+//! responses.
+
+use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dream_core::deploy::{self, DeployOptions};
+use dream_core::lock::Wait;
+use dream_core::signals::Signals;
+use dream_core::spawn::{Command, Handoff};
+use dream_core::stage::Source;
+use nix::sys::signal::Signal;
+
+use crate::exit::{Failure, Result};
+
+const SITES: [(&str, &str, &str); 2] = [
+    (
+        "blue",
+        include_str!("../demo/blue.html"),
+        include_str!("../demo/blue.css"),
+    ),
+    (
+        "green",
+        include_str!("../demo/green.html"),
+        include_str!("../demo/green.css"),
+    ),
+];
+const BUILD: &str = include_str!("../demo/build.sh");
+
+pub struct DemoArgs {
+    pub root: Option<PathBuf>,
+    pub listen: String,
+    pub auto_deploy: Option<String>,
+    pub duration: Option<String>,
+    pub workers: usize,
+    pub connections: usize,
+}
+
+/// Writes the two sample sites under `ROOT/sites/`.
+fn write_sites(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (name, html, css) in SITES {
+        let dir = root.join("sites").join(name);
+        std::fs::create_dir_all(dir.join("public"))?;
+        std::fs::write(dir.join("public/index.html"), html)?;
+        std::fs::write(dir.join("public/style.css"), css)?;
+        std::fs::write(dir.join("build.sh"), BUILD)?;
+        std::fs::set_permissions(dir.join("build.sh"), std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
+fn deploy_site(root: &Path, site: &str) -> std::result::Result<deploy::Report, String> {
+    let opts = DeployOptions {
+        root: root.to_path_buf(),
+        source: Source::Dir(root.join("sites").join(site)),
+        id: None,
+        build: Some("./build.sh".into()),
+        keep: 4,
+        reload: true,
+        wait_lock: Wait::For(Duration::from_secs(30)),
+        command: format!("dream demo (deploying {site})"),
+    };
+    deploy::deploy(&opts, &mut |_| {}).map_err(|e| e.message)
+}
+
+pub fn run(a: DemoArgs) -> Result {
+    // Signals first: threads started later inherit the blocked mask.
+    let mut signals = Signals::new(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGCHLD])
+        .map_err(Failure::failed)?;
+    let (root, _temp) = match &a.root {
+        Some(r) => {
+            std::fs::create_dir_all(r)
+                .map_err(|e| Failure::failed(format!("{}: {e}", r.display())))?;
+            (r.canonicalize().map_err(Failure::failed)?, None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("dream-demo-")
+                .tempdir()
+                .map_err(Failure::failed)?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    write_sites(&root).map_err(|e| Failure::failed(format!("writing the sample sites: {e}")))?;
+    let spec = a.listen.parse().map_err(Failure::usage)?;
+    let bound =
+        crate::tools::bind_all(&[spec], dream_core::listen::DEFAULT_BACKLOG, "demo", false)?;
+    let addr = bound[0].local.clone();
+    let first = deploy_site(&root, "blue").map_err(Failure::failed)?;
+
+    let exe = std::env::current_exe().map_err(Failure::failed)?;
+    let workers = a.workers.to_string();
+    let handoffs: Vec<Handoff<'_>> = bound
+        .iter()
+        .map(|b| Handoff {
+            fd: b.as_fd(),
+            name: &b.name,
+        })
+        .collect();
+    let mut serve = Command::new(&exe);
+    serve
+        .args([
+            "serve",
+            "--quiet",
+            "--workers",
+            &workers,
+            "--ready",
+            "notify",
+            "--root",
+        ])
+        .args([root.as_os_str()])
+        .args(["--drain-timeout", "10s", "--"])
+        .args([exe.as_os_str()])
+        .args(["static", "--drain-grace", "500ms"])
+        .sockets(&handoffs)
+        .parent_death_signal(Signal::SIGTERM);
+    let supervisor = serve.spawn().map_err(Failure::from)?;
+    let status_ok = || {
+        dream_core::control::request(
+            &root,
+            &serde_json::json!({"cmd": "status"}),
+            Some(Duration::from_secs(2)),
+        )
+        .is_ok_and(|v| {
+            v["pool"]["generations"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|g| g["state"] == "live"))
+        })
+    };
+    let started = Instant::now();
+    while !status_ok() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = nix::sys::signal::kill(supervisor, Signal::SIGKILL);
+            return Err(Failure::failed("the supervisor did not come up within 30s"));
+        }
+        if let Ok(Some(_)) = signals.wait(Some(Instant::now() + Duration::from_millis(20)))
+            && exited(supervisor)
+        {
+            return Err(Failure::failed("the supervisor exited while starting"));
+        }
+    }
+
+    let url = format!("http://{addr}/");
+    let green = root.join("sites/green");
+    println!("dream demo: serving {url} from {}", root.display());
+    println!(
+        "  release {} (blue) is live; open the URL in a browser.",
+        first.release
+    );
+    println!("  Deploy the green site from a second terminal, then reload the page:");
+    println!(
+        "    {} deploy --root {} {} --build ./build.sh",
+        exe.display(),
+        root.display(),
+        green.display()
+    );
+    println!("  Ctrl-C stops the demo.");
+
+    let auto = a
+        .auto_deploy
+        .as_deref()
+        .map(|d| crate::duration("auto-deploy", d))
+        .transpose()?;
+    let limit = a
+        .duration
+        .as_deref()
+        .map(|d| crate::duration("duration", d))
+        .transpose()?;
+    let deadline = limit.map(|d| Instant::now() + d);
+    let live = Arc::new(dream_check::Live::with_latency());
+    let stop = Arc::new(AtomicBool::new(false));
+    let deploys = Arc::new(AtomicU64::new(1));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    let referee = if auto.is_some() {
+        let opts = dream_check::Options {
+            target: dream_check::Target::parse(&url).map_err(Failure::usage)?,
+            connections: a.connections,
+            duration: Duration::from_secs(365 * 24 * 3600),
+            keep_alive: false,
+            body_pattern: dream_check::DEFAULT_BODY_PATTERN.into(),
+            timeout: Duration::from_secs(10),
+            max_requests: None,
+        };
+        let live = live.clone();
+        Some(std::thread::spawn(move || dream_check::run(&opts, live)))
+    } else {
+        None
+    };
+    if let Some(every) = auto {
+        let (root, stop, deploys, failures) = (
+            root.clone(),
+            stop.clone(),
+            deploys.clone(),
+            failures.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            let mut next = Instant::now() + every;
+            let mut i = 1u64;
+            while !stop.load(Ordering::SeqCst) {
+                if Instant::now() < next {
+                    std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+                    continue;
+                }
+                next += every;
+                let site = if i % 2 == 1 { "green" } else { "blue" };
+                i += 1;
+                match deploy_site(&root, site) {
+                    Ok(_) => {
+                        deploys.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                        eprintln!("dream demo: deploy of {site} failed: {e}");
+                    }
+                }
+            }
+        }));
+    }
+
+    let tty = std::io::stdout().is_terminal();
+    let mut panel = Panel {
+        lines: 0,
+        last: (Instant::now(), 0),
+        last_deploys: 1,
+    };
+    let started = Instant::now();
+    let mut supervisor_gone = false;
+    loop {
+        let tick = Instant::now() + Duration::from_millis(250);
+        let wake = deadline.map_or(tick, |d| d.min(tick));
+        match signals.wait(Some(wake)).map_err(Failure::failed)? {
+            Some(Signal::SIGCHLD) if exited(supervisor) => {
+                supervisor_gone = true;
+                eprintln!("dream demo: the supervisor exited");
+                break;
+            }
+            Some(Signal::SIGCHLD) => {}
+            Some(_) => break,
+            None => {}
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let current = std::fs::read_link(root.join("current"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        panel.show(tty, &current, &deploys, &failures, &live, auto.is_some());
+    }
+    stop.store(true, Ordering::SeqCst);
+    live.stop();
+    for t in threads {
+        let _ = t.join();
+    }
+    let report = referee.map(|r| r.join());
+    if !supervisor_gone {
+        let _ = nix::sys::signal::kill(supervisor, Signal::SIGTERM);
+        let _ = nix::sys::wait::waitpid(supervisor, None);
+    }
+    let elapsed = started.elapsed();
+    println!();
+    println!(
+        "dream demo: {} deploys in {}, {} failed",
+        deploys.load(Ordering::SeqCst),
+        dream_core::fmt_duration(elapsed),
+        failures.load(Ordering::SeqCst)
+    );
+    let mut ok = failures.load(Ordering::SeqCst) == 0 && !supervisor_gone;
+    if let Some(Ok(Ok(r))) = report {
+        println!("{}", r.human());
+        ok &= r.ok;
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::silent(crate::exit::FAILED))
+    }
+}
+
+/// Reaps the supervisor if it has exited.
+fn exited(pid: nix::unistd::Pid) -> bool {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    waitpid(pid, Some(WaitPidFlag::WNOHANG)).is_ok_and(|s| s != WaitStatus::StillAlive)
+}
+
+struct Panel {
+    lines: usize,
+    last: (Instant, u64),
+    last_deploys: u64,
+}
+
+impl Panel {
+    fn show(
+        &mut self,
+        tty: bool,
+        current: &str,
+        deploys: &AtomicU64,
+        failures: &AtomicU64,
+        live: &dream_check::Live,
+        load: bool,
+    ) {
+        let d = deploys.load(Ordering::SeqCst);
+        let ok = live.ok.load(Ordering::SeqCst);
+        let errors = live.errors.load(Ordering::SeqCst);
+        let mixed = live.mixed.load(Ordering::SeqCst);
+        let now = Instant::now();
+        let rate =
+            (ok - self.last.1) as f64 / now.duration_since(self.last.0).as_secs_f64().max(1e-3);
+        self.last = (now, ok);
+        let p99 = live
+            .latency_quantile(0.99)
+            .map(|us| format!("{:.2}ms", us as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        let mut lines = vec![
+            format!("current release  {current}"),
+            format!(
+                "deploys          {d} ({} failed)",
+                failures.load(Ordering::SeqCst)
+            ),
+        ];
+        if load {
+            lines.push(format!("requests         {ok} ({rate:.0}/s), p99 {p99}"));
+            lines.push(format!("errors           {errors}"));
+            lines.push(format!("mixed            {mixed}"));
+        }
+        let mut out = std::io::stdout().lock();
+        if tty {
+            if self.lines > 0 {
+                let _ = write!(out, "\x1b[{}A", self.lines);
+            }
+            for l in &lines {
+                let _ = writeln!(out, "\x1b[2K{l}");
+            }
+            self.lines = lines.len();
+        } else if d != self.last_deploys {
+            let _ = writeln!(
+                out,
+                "deploy {d}: current {current}; requests {ok}, errors {errors}, mixed {mixed}, p99 {p99}"
+            );
+        }
+        self.last_deploys = d;
+        let _ = out.flush();
+    }
+}
