@@ -249,8 +249,12 @@ fn stage_build_switch(
             // Without a build step nothing writes to the staged tree, so
             // unchanged files can be linked straight from the previous
             // release; with one, they are copied and shared after it.
-            let share_now = if opts.build.is_none() { prev_dir } else { None };
-            stage::copy_dir(src, staged, share_now, &mut hash)?
+            let direct = opts.build.is_none();
+            let copy = stage::CopyOptions {
+                share_from: if direct { prev_dir } else { None },
+                freeze: direct,
+            };
+            stage::copy_dir(src, staged, copy, &mut hash)?
         }
         Source::Tar(t) => stage::extract_tar(t, staged, &mut hash)?,
         Source::Git { url, rev } => {
@@ -326,7 +330,10 @@ fn stage_build_switch(
         },
     );
 
-    release::freeze_below(staged).map_err(|e| io_failure("freezing the release", e))?;
+    let frozen_by_copy = opts.build.is_none() && matches!(opts.source, Source::Dir(_));
+    if !frozen_by_copy {
+        release::freeze_below(staged).map_err(|e| io_failure("freezing the release", e))?;
+    }
     sync_tree(staged).map_err(|e| io_failure("syncing the release", e))?;
     std::fs::rename(staged, &final_dir)
         .map_err(|e| io_failure("moving the release into place", e))?;

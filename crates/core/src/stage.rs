@@ -168,19 +168,28 @@ impl Default for IdHash {
     }
 }
 
-/// Copies directory `src` into `dst` (which must not exist). Files whose
-/// size and modification time match `share_from`'s copy are hard-linked to
-/// it instead of copied (rsync's quick check); others are copied with their
-/// modification time, so the next deploy can share them.
+/// How [`copy_dir`] treats the copy.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyOptions<'a> {
+    /// Files whose size, modification time and mode match this tree's copy
+    /// are hard-linked to it instead of copied (rsync's quick check).
+    pub share_from: Option<&'a Path>,
+    /// Make everything below `dst` read-only as it is written (when no build
+    /// step will write to it), saving a second walk over the tree.
+    pub freeze: bool,
+}
+
+/// Copies directory `src` into `dst` (which must not exist). Copied files
+/// keep their modification time, so the next deploy can share them.
 pub fn copy_dir(
     src: &Path,
     dst: &Path,
-    share_from: Option<&Path>,
+    opts: CopyOptions<'_>,
     hash: &mut IdHash,
 ) -> Result<Stats, StageError> {
     let mut stats = Stats::default();
     fs::create_dir(dst).map_err(io_at(dst))?;
-    copy_into(src, dst, Path::new(""), share_from, hash, &mut stats)?;
+    copy_into(src, dst, Path::new(""), opts, hash, &mut stats)?;
     Ok(stats)
 }
 
@@ -188,7 +197,7 @@ fn copy_into(
     src_root: &Path,
     dst_root: &Path,
     rel: &Path,
-    share_from: Option<&Path>,
+    opts: CopyOptions<'_>,
     hash: &mut IdHash,
     stats: &mut Stats,
 ) -> Result<(), StageError> {
@@ -215,9 +224,13 @@ fn copy_into(
         let ft = meta.file_type();
         if ft.is_dir() {
             fs::create_dir(&to).map_err(io_at(&to))?;
-            copy_into(src_root, dst_root, &rel, share_from, hash, stats)?;
-            fs::set_permissions(&to, fs::Permissions::from_mode(meta.mode() & 0o777 | 0o700))
-                .map_err(io_at(&to))?;
+            copy_into(src_root, dst_root, &rel, opts, hash, stats)?;
+            let mode = if opts.freeze {
+                meta.mode() & 0o555 | 0o500
+            } else {
+                meta.mode() & 0o777 | 0o700
+            };
+            fs::set_permissions(&to, fs::Permissions::from_mode(mode)).map_err(io_at(&to))?;
         } else if ft.is_symlink() {
             let target = fs::read_link(&from).map_err(io_at(&from))?;
             check_link(&rel, &target)?;
@@ -228,7 +241,7 @@ fn copy_into(
             hash.0.write_i64(meta.mtime());
             hash.0.write_i64(meta.mtime_nsec());
             stats.bytes += meta.len();
-            if let Some(prev) = share_from.map(|p| p.join(&rel))
+            if let Some(prev) = opts.share_from.map(|p| p.join(&rel))
                 && quick_same(&meta, &prev)
                 && fs::hard_link(&prev, &to).is_ok()
             {
@@ -236,7 +249,7 @@ fn copy_into(
                 stats.shared_bytes += meta.len();
                 continue;
             }
-            copy_file(&from, &to, &meta)?;
+            copy_file(&from, &to, &meta, opts.freeze)?;
         } else {
             return Err(StageError::Refused(format!(
                 "{} is not a regular file, directory or symlink",
@@ -258,10 +271,15 @@ fn quick_same(meta: &fs::Metadata, other: &Path) -> bool {
     })
 }
 
-fn copy_file(from: &Path, to: &Path, meta: &fs::Metadata) -> Result<(), StageError> {
+fn copy_file(from: &Path, to: &Path, meta: &fs::Metadata, freeze: bool) -> Result<(), StageError> {
     fs::copy(from, to).map_err(io_at(from))?;
     let f = File::options().write(true).open(to).map_err(io_at(to))?;
-    f.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o777 | 0o200))
+    let mode = if freeze {
+        meta.mode() & 0o555
+    } else {
+        meta.mode() & 0o777 | 0o200
+    };
+    f.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_at(to))?;
     if let Ok(m) = meta.modified() {
         f.set_modified(m).map_err(io_at(to))?;

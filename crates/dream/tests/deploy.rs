@@ -559,3 +559,47 @@ fn pruning_spares_a_release_still_served_by_a_draining_generation() {
     assert!(root.join("releases/old").is_dir(), "in use: not pruned");
     assert!(!root.join("releases/b1").exists(), "b1 was prunable");
 }
+
+#[test]
+fn wait_lock_waits_for_the_holder() {
+    let tree = Tree::new();
+    let a = site(&tree, "a");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    deploy_json(&root, &a, &[]);
+    let holder = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["deploy", "--root"])
+            .arg(&root)
+            .arg(&a)
+            .env("DREAM_TEST_STOP_AFTER", "staged"),
+    );
+    let pid = holder.pid();
+    wait_until(Duration::from_secs(20), "the holder to stop", || {
+        stopped(pid).then_some(())
+    });
+    let mut waiter = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["deploy", "--wait-lock", "30s", "--root"])
+            .arg(&root)
+            .arg(&a),
+    );
+    let waiter_pid = waiter.pid();
+    // The waiter has opened the lock file and is polling it.
+    let lock = root.join(".dream/lock");
+    wait_until(
+        Duration::from_secs(10),
+        "the waiter to open the lock",
+        || {
+            std::fs::read_dir(format!("/proc/{waiter_pid}/fd"))
+                .ok()?
+                .flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == lock))
+                .then_some(())
+        },
+    );
+    assert!(waiter.child.try_wait().unwrap().is_none());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    assert!(waiter.wait_exit(Duration::from_secs(30)).success());
+    assert!(staging_is_empty(&root));
+}

@@ -477,3 +477,26 @@ fn pool_keeps_n_children_on_the_inherited_socket() {
     pool.signal(Signal::SIGQUIT);
     assert!(pool.wait_exit(Duration::from_secs(20)).success());
 }
+
+#[test]
+fn ttin_ttou_scale_and_usr1_prints_status() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    let (mut sup, addr) = serve(&root, &["--workers", "1", "--ready", "notify"]);
+    root.wait_live("a", 1);
+    // Identical pending signals coalesce: one at a time.
+    sup.signal(Signal::SIGTTIN);
+    root.wait_live("a", 2);
+    sup.signal(Signal::SIGTTIN);
+    root.wait_live("a", 3);
+    sup.signal(Signal::SIGTTOU);
+    let status = wait_until(Duration::from_secs(10), "two workers", || {
+        let s = root.control(r#"{"cmd":"status"}"#);
+        (live_pids(&s).len() == 2 && s["pool"]["workers_target"] == 2).then_some(s)
+    });
+    assert_eq!(status["pool"]["restarts"], 0);
+    sup.signal(Signal::SIGUSR1);
+    sup.wait_stderr("generation 1 live: release a", Duration::from_secs(10));
+    assert_eq!(get(addr, "/", &[]).status, 200);
+}
