@@ -36,6 +36,16 @@ pub struct Bound {
     pub name: String,
 }
 
+impl Bound {
+    /// This socket as a hand-off to a child (fd 0 / LISTEN_FDS).
+    pub fn handoff(&self) -> crate::spawn::Handoff<'_> {
+        crate::spawn::Handoff {
+            fd: self.socket.as_fd(),
+            name: &self.name,
+        }
+    }
+}
+
 impl AsFd for Bound {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()

@@ -351,24 +351,12 @@ pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stat
                 }
             }
             tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(io_at(tarball))?
-                    .ok_or_else(|| {
-                        StageError::Refused(format!("{}: link without a target", rel.display()))
-                    })?
-                    .into_owned();
+                let target = link_target(&entry, tarball, &rel)?;
                 check_link(&rel, &target)?;
                 std::os::unix::fs::symlink(&target, &to).map_err(io_at(&to))?;
             }
             tar::EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(io_at(tarball))?
-                    .ok_or_else(|| {
-                        StageError::Refused(format!("{}: link without a target", rel.display()))
-                    })?
-                    .into_owned();
+                let target = link_target(&entry, tarball, &rel)?;
                 let target_rel = safe_relative(&target)?;
                 let src = dst.join(&target_rel);
                 let meta = fs::symlink_metadata(&src).map_err(|_| {
@@ -404,6 +392,19 @@ pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stat
         let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(mode));
     }
     Ok(stats)
+}
+
+/// The target of a link entry.
+fn link_target<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    tarball: &Path,
+    rel: &Path,
+) -> Result<PathBuf, StageError> {
+    Ok(entry
+        .link_name()
+        .map_err(io_at(tarball))?
+        .ok_or_else(|| StageError::Refused(format!("{}: link without a target", rel.display())))?
+        .into_owned())
 }
 
 /// Creates `rel`'s directories under `root`, refusing to go through a

@@ -9,13 +9,13 @@
 //! responses.
 
 use std::io::{IsTerminal, Write};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dream_core::deploy::{self, DeployOptions};
+use dream_core::listen::Bound;
 use dream_core::lock::Wait;
 use dream_core::signals::Signals;
 use dream_core::spawn::{Command, Handoff};
@@ -102,13 +102,7 @@ pub fn run(a: DemoArgs) -> Result {
 
     let exe = std::env::current_exe().map_err(Failure::failed)?;
     let workers = a.workers.to_string();
-    let handoffs: Vec<Handoff<'_>> = bound
-        .iter()
-        .map(|b| Handoff {
-            fd: b.as_fd(),
-            name: &b.name,
-        })
-        .collect();
+    let handoffs: Vec<Handoff<'_>> = bound.iter().map(Bound::handoff).collect();
     let mut serve = Command::new(&exe);
     serve
         .args([

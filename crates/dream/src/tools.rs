@@ -2,8 +2,9 @@
 //! of its command line: `listen`, `loop`, `lock`.
 
 use std::ffi::OsString;
-use std::os::fd::AsFd;
 use std::path::Path;
+
+use std::os::fd::AsFd;
 
 use dream_core::listen::{self, Bound};
 use dream_core::lock::{Holder, Lock, Wait};
@@ -89,13 +90,7 @@ pub fn listen(
     if let Some(user) = user {
         crate::privs::drop_to(user)?;
     }
-    let handoffs: Vec<Handoff<'_>> = bound
-        .iter()
-        .map(|b| Handoff {
-            fd: b.as_fd(),
-            name: &b.name,
-        })
-        .collect();
+    let handoffs: Vec<Handoff<'_>> = bound.iter().map(Bound::handoff).collect();
     let mut cmd = Command::new(&program[0]);
     cmd.args(&program[1..]).sockets(&handoffs);
     Err(cmd.exec().into())

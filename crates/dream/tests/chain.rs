@@ -3,12 +3,9 @@
 //! under load from the referee: not one client may see an error.
 
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use dream_check::{Live, Options, Target};
-use dream_testkit::{Guard, Tree, bin, get, wait_until};
+use dream_testkit::{Guard, Referee, Tree, bin, get, wait_until};
 use nix::sys::signal::Signal;
 
 const RESTARTS: usize = 20;
@@ -40,20 +37,7 @@ fn chain_under_load(keep_alive: bool) {
     assert_eq!(get(addr, "/", &[]).status, 200);
     let loop_pid = chain.pid();
 
-    let live = Arc::new(Live::default());
-    let opts = Options {
-        target: Target::parse(&format!("http://{addr}/")).unwrap(),
-        connections: 16,
-        duration: Duration::from_secs(120),
-        keep_alive,
-        body_pattern: dream_check::DEFAULT_BODY_PATTERN.into(),
-        timeout: Duration::from_secs(10),
-        max_requests: None,
-    };
-    let referee = {
-        let live = live.clone();
-        std::thread::spawn(move || dream_check::run(&opts, live).unwrap())
-    };
+    let referee = Referee::start(addr, keep_alive);
     let mut seen = Vec::new();
     for i in 0..RESTARTS {
         let worker = wait_until(Duration::from_secs(10), "a worker", || {
@@ -61,10 +45,7 @@ fn chain_under_load(keep_alive: bool) {
         });
         seen.push(worker);
         // Let the referee see this worker answer before replacing it.
-        let served = live.ok.load(Ordering::SeqCst);
-        wait_until(Duration::from_secs(10), "responses", || {
-            (live.ok.load(Ordering::SeqCst) > served + 20).then_some(())
-        });
+        referee.wait_responses(20);
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(loop_pid), Signal::SIGHUP).unwrap();
         wait_until(Duration::from_secs(10), &format!("restart {i}"), || {
             children(loop_pid)
@@ -73,15 +54,8 @@ fn chain_under_load(keep_alive: bool) {
                 .map(|_| ())
         });
     }
-    let served = live.ok.load(Ordering::SeqCst);
-    wait_until(
-        Duration::from_secs(10),
-        "responses after the last restart",
-        || (live.ok.load(Ordering::SeqCst) > served + 20).then_some(()),
-    );
-    live.stop();
-    let report = referee.join().unwrap();
-    eprintln!("{}", report.human());
+    referee.wait_responses(20);
+    let report = referee.finish();
     seen.dedup();
     assert_eq!(seen.len(), RESTARTS, "each HUP replaced the worker");
     assert_eq!(report.error_total, 0, "{}", report.human());

@@ -4,11 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use dream_check::{Live, Options, Target};
-use dream_testkit::{Guard, Tree, alive, bin, get, live_pids, run, wait_until};
+use dream_testkit::{Guard, Referee, Tree, alive, bin, get, live_pids, run, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -394,22 +392,6 @@ fn concurrent_deploys_exactly_one_wins_and_kill_9_at_every_phase_is_harmless() {
     assert!(first["release"].is_string());
 }
 
-fn referee(
-    addr: std::net::SocketAddr,
-    live: Arc<Live>,
-) -> std::thread::JoinHandle<dream_check::Report> {
-    let opts = Options {
-        target: Target::parse(&format!("http://{addr}/")).unwrap(),
-        connections: 16,
-        duration: Duration::from_secs(300),
-        keep_alive: true,
-        body_pattern: dream_check::DEFAULT_BODY_PATTERN.into(),
-        timeout: Duration::from_secs(10),
-        max_requests: None,
-    };
-    std::thread::spawn(move || dream_check::run(&opts, live).unwrap())
-}
-
 #[test]
 fn deploys_rollbacks_and_a_crashing_release_under_load() {
     let tree = Tree::new();
@@ -451,8 +433,7 @@ fn deploys_rollbacks_and_a_crashing_release_under_load() {
     wait_until(Duration::from_secs(20), "serving", || {
         (get(addr, "/", &[]).status == 200).then_some(())
     });
-    let live = Arc::new(Live::default());
-    let check = referee(addr, live.clone());
+    let referee = Referee::start(addr, true);
     for i in 0..8 {
         let src = if i % 2 == 0 { &b } else { &a };
         let r = deploy_json(&root, src, &["--keep", "3", "--build", stamp]);
@@ -489,13 +470,8 @@ fn deploys_rollbacks_and_a_crashing_release_under_load() {
         Some("crash1"),
         "a rollback skips bad releases"
     );
-    let from = live.ok.load(std::sync::atomic::Ordering::SeqCst);
-    wait_until(Duration::from_secs(20), "more responses", || {
-        (live.ok.load(std::sync::atomic::Ordering::SeqCst) > from + 50).then_some(())
-    });
-    live.stop();
-    let report = check.join().unwrap();
-    eprintln!("{}", report.human());
+    referee.wait_responses(50);
+    let report = referee.finish();
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.mixed, 0, "{}", report.human());
     assert!(report.releases.len() >= 2, "{}", report.human());

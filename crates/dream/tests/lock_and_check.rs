@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use dream_testkit::{Guard, Tree, bin, probe, read_report, run, wait_until};
+use dream_testkit::{Guard, Tree, bin, probe, read_report, run};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -51,19 +51,7 @@ fn lock_contention_names_the_holder() {
             .arg(&lock)
             .arg("true"),
     );
-    let lock_name = lock.clone();
-    let waiter_pid = waiter.pid();
-    wait_until(
-        Duration::from_secs(10),
-        "the waiter to open the lock",
-        || {
-            std::fs::read_dir(format!("/proc/{waiter_pid}/fd"))
-                .ok()?
-                .flatten()
-                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == lock_name))
-                .then_some(())
-        },
-    );
+    dream_testkit::wait_open(waiter.pid(), &lock);
     assert!(
         waiter.child.try_wait().unwrap().is_none(),
         "the waiter must block"

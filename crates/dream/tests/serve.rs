@@ -5,11 +5,11 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dream_check::{Live, Options, Target};
-use dream_testkit::{Guard, Root, alive, bin, get, live_pids, read_report, run, wait_until};
+use dream_testkit::{
+    Guard, Referee, Root, alive, bin, get, live_pids, read_report, run, wait_until,
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -45,30 +45,6 @@ fn reload(root: &Root) -> (bool, String) {
     (status.success(), format!("{out}{err}"))
 }
 
-fn referee(
-    addr: std::net::SocketAddr,
-    keep_alive: bool,
-    live: Arc<Live>,
-) -> std::thread::JoinHandle<dream_check::Report> {
-    let opts = Options {
-        target: Target::parse(&format!("http://{addr}/")).unwrap(),
-        connections: 16,
-        duration: Duration::from_secs(300),
-        keep_alive,
-        body_pattern: dream_check::DEFAULT_BODY_PATTERN.into(),
-        timeout: Duration::from_secs(10),
-        max_requests: None,
-    };
-    std::thread::spawn(move || dream_check::run(&opts, live).unwrap())
-}
-
-fn wait_responses(live: &Live, more: u64) {
-    let from = live.ok.load(std::sync::atomic::Ordering::SeqCst);
-    wait_until(Duration::from_secs(20), "responses", || {
-        (live.ok.load(std::sync::atomic::Ordering::SeqCst) >= from + more).then_some(())
-    });
-}
-
 fn reloads_under_load(keep_alive: bool) {
     let root = Root::new();
     root.release("a", STATIC);
@@ -76,20 +52,17 @@ fn reloads_under_load(keep_alive: bool) {
     root.switch("a");
     let (mut sup, addr) = serve(&root, &["--workers", "2", "--ready", "notify"]);
     root.wait_live("a", 2);
-    let live = Arc::new(Live::default());
-    let check = referee(addr, keep_alive, live.clone());
+    let referee = Referee::start(addr, keep_alive);
     for i in 0..20 {
-        wait_responses(&live, 20);
+        referee.wait_responses(20);
         let next = if i % 2 == 0 { "b" } else { "a" };
         root.switch(next);
         let (ok, out) = reload(&root);
         assert!(ok, "reload {i}: {out}");
         assert!(out.contains(&format!("release {next}")), "{out}");
     }
-    wait_responses(&live, 20);
-    live.stop();
-    let report = check.join().unwrap();
-    eprintln!("{}", report.human());
+    referee.wait_responses(20);
+    let report = referee.finish();
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.mixed, 0, "{}", report.human());
     assert!(
@@ -126,9 +99,8 @@ fn a_crashing_release_fails_the_reload_and_the_old_keeps_serving() {
     root.switch("good");
     let (_sup, addr) = serve(&root, &["--workers", "2", "--ready", "notify"]);
     root.wait_live("good", 2);
-    let live = Arc::new(Live::default());
-    let check = referee(addr, true, live.clone());
-    wait_responses(&live, 20);
+    let referee = Referee::start(addr, true);
+    referee.wait_responses(20);
     root.switch("bad");
     let (ok, out) = reload(&root);
     assert!(!ok, "the reload must fail: {out}");
@@ -137,9 +109,8 @@ fn a_crashing_release_fails_the_reload_and_the_old_keeps_serving() {
         out.contains("boom: config/database.yml is missing"),
         "the stderr tail: {out}"
     );
-    wait_responses(&live, 50);
-    live.stop();
-    let report = check.join().unwrap();
+    referee.wait_responses(50);
+    let report = referee.finish();
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.releases.keys().collect::<Vec<_>>(), vec!["good"]);
     assert_eq!(get(addr, "/", &[]).text(), "<p>release good</p>\n");

@@ -428,3 +428,60 @@ pub fn alive(pid: i64) -> bool {
         })
         .is_some_and(|zombie| !zombie)
 }
+
+/// The referee (`dream check`) running on a thread against `addr`.
+pub struct Referee {
+    pub live: std::sync::Arc<dream_check::Live>,
+    handle: std::thread::JoinHandle<dream_check::Report>,
+}
+
+impl Referee {
+    /// 16 clients requesting `/` until [`Referee::finish`].
+    pub fn start(addr: SocketAddr, keep_alive: bool) -> Referee {
+        let live = std::sync::Arc::new(dream_check::Live::default());
+        let opts = dream_check::Options {
+            target: dream_check::Target::parse(&format!("http://{addr}/")).expect("url"),
+            connections: 16,
+            duration: Duration::from_secs(300),
+            keep_alive,
+            body_pattern: dream_check::DEFAULT_BODY_PATTERN.into(),
+            timeout: Duration::from_secs(10),
+            max_requests: None,
+        };
+        let l = live.clone();
+        let handle = std::thread::spawn(move || dream_check::run(&opts, l).expect("referee"));
+        Referee { live, handle }
+    }
+
+    /// Waits until `more` further good responses have arrived.
+    pub fn wait_responses(&self, more: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let from = self.live.ok.load(SeqCst);
+        wait_until(Duration::from_secs(20), "responses", || {
+            (self.live.ok.load(SeqCst) >= from + more).then_some(())
+        });
+    }
+
+    /// Stops the clients and returns the report (also printed for diagnosis).
+    pub fn finish(self) -> dream_check::Report {
+        self.live.stop();
+        let report = self.handle.join().expect("referee thread");
+        eprintln!("{}", report.human());
+        report
+    }
+}
+
+/// Waits until process `pid` has `path` open (e.g. is blocked on a lock).
+pub fn wait_open(pid: i32, path: &Path) {
+    wait_until(
+        Duration::from_secs(10),
+        &format!("pid {pid} to open {}", path.display()),
+        || {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .ok()?
+                .flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+                .then_some(())
+        },
+    );
+}
