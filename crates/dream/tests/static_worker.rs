@@ -344,3 +344,20 @@ fn missing_directory_is_a_clear_error() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("cannot serve nope"), "{err}");
 }
+
+#[test]
+fn edited_and_replaced_files_are_never_served_stale() {
+    let w = start(&[]);
+    let path = w.tree.path().join("public/style.css");
+    assert_eq!(get(w.addr, "/style.css", &[]).text(), "body{}\n");
+    // Same size, new content, written in place.
+    std::fs::write(&path, "p{ }{}\n").unwrap();
+    assert_eq!(get(w.addr, "/style.css", &[]).text(), "p{ }{}\n");
+    // Replaced by rename: a new inode.
+    let tmp = w.tree.path().join("public/.new");
+    std::fs::write(&tmp, "a{}\n").unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let r = get(w.addr, "/style.css", &[]);
+    assert_eq!(r.text(), "a{}\n");
+    assert_eq!(r.header("content-length"), Some("4"));
+}

@@ -44,6 +44,60 @@ pub fn resolve(root: &Path, rel: &Path) -> Option<PathBuf> {
     real.starts_with(root).then_some(real)
 }
 
+/// The served directory, opened once. Files are opened relative to it with
+/// `openat2(RESOLVE_BENEATH)`, so the kernel itself refuses any path (`..`
+/// or a symlink) that leads out, in one system call; kernels without
+/// `openat2` fall back to resolving the real path and checking its prefix.
+pub struct Root {
+    dir: std::os::fd::OwnedFd,
+    path: PathBuf,
+}
+
+impl Root {
+    /// Opens `path` (canonical) as the root.
+    pub fn open(path: &Path) -> std::io::Result<Root> {
+        use nix::fcntl::{OFlag, open};
+        let dir = open(
+            path,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        Ok(Root {
+            dir,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens `rel` for reading if it stays inside the root. An escape is
+    /// reported as `NotFound`, so it looks like any missing file.
+    pub fn open_file(&self, rel: &Path) -> std::io::Result<std::fs::File> {
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        match openat2(&self.dir, rel, how) {
+            Ok(fd) => Ok(std::fs::File::from(fd)),
+            Err(nix::errno::Errno::EXDEV) | Err(nix::errno::Errno::ELOOP) => {
+                Err(std::io::ErrorKind::NotFound.into())
+            }
+            Err(nix::errno::Errno::ENOSYS) => {
+                let real = resolve(&self.path, rel).ok_or(std::io::ErrorKind::NotFound)?;
+                std::fs::File::open(real)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 /// A strong validator from size and modification time.
 pub fn etag(len: u64, modified: Option<SystemTime>) -> String {
     let nanos = modified
@@ -198,6 +252,11 @@ mod tests {
         assert!(resolve(&root, Path::new("leak")).is_none());
         assert!(resolve(&root, Path::new("alias")).is_some());
         assert!(resolve(&root, Path::new("missing")).is_none());
+        let r = Root::open(&root).unwrap();
+        assert!(r.open_file(Path::new("leak")).is_err());
+        assert!(r.open_file(Path::new("../secret")).is_err());
+        assert!(r.open_file(Path::new("alias")).is_ok());
+        assert!(r.open_file(Path::new("")).is_ok(), "the root itself");
     }
 
     #[test]

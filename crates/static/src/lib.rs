@@ -109,7 +109,8 @@ pub fn serve(listeners: Vec<Listener>, config: Config) -> io::Result<()> {
 }
 
 struct Shared {
-    root: PathBuf,
+    root: files::Root,
+    cache: FileCache,
     release: Option<HeaderValue>,
     draining: AtomicBool,
     connections: AtomicUsize,
@@ -124,7 +125,8 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
     let mut int = signal(SignalKind::interrupt())?;
 
     let shared = Arc::new(Shared {
-        root,
+        root: files::Root::open(&root)?,
+        cache: FileCache::default(),
         release: config
             .release
             .as_deref()
@@ -294,7 +296,7 @@ async fn serve_connection<S>(
 }
 
 async fn handle(req: Request<hyper::body::Incoming>, shared: &Shared) -> Response<Body> {
-    let mut resp = respond(&req, &shared.root).await;
+    let mut resp = respond(&req, shared).await;
     let h = resp.headers_mut();
     h.insert(header::SERVER, HeaderValue::from_static("dream"));
     if let Some(r) = &shared.release {
@@ -316,7 +318,8 @@ fn simple(status: StatusCode, text: &'static str) -> Response<Body> {
     r
 }
 
-async fn respond(req: &Request<hyper::body::Incoming>, root: &Path) -> Response<Body> {
+async fn respond(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Body> {
+    let root = &shared.root;
     let head = match *req.method() {
         Method::GET => false,
         Method::HEAD => true,
@@ -331,60 +334,162 @@ async fn respond(req: &Request<hyper::body::Incoming>, root: &Path) -> Response<
     let Ok((rel, trailing_slash)) = files::relative_path(req.uri().path()) else {
         return not_found();
     };
-    let Some(mut path) = files::resolve(root, &rel) else {
-        return not_found();
+    let opened = root.open_file(&rel).and_then(|f| {
+        let meta = f.metadata()?;
+        Ok((f, meta))
+    });
+    let (file, meta, path) = match opened {
+        Ok((_, meta)) if meta.is_dir() => {
+            if !trailing_slash {
+                let mut location = format!("{}/", req.uri().path());
+                if let Some(q) = req.uri().query() {
+                    location.push('?');
+                    location.push_str(q);
+                }
+                let mut r = simple(StatusCode::MOVED_PERMANENTLY, "moved\n");
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                return r;
+            }
+            let index = rel.join("index.html");
+            match root.open_file(&index).and_then(|f| {
+                let meta = f.metadata()?;
+                Ok((f, meta))
+            }) {
+                Ok((f, m)) => (f, m, index),
+                Err(e) => return io_response(e, root.path(), &index),
+            }
+        }
+        Ok((f, meta)) => (f, meta, rel),
+        Err(e) => return io_response(e, root.path(), &rel),
     };
-    if path.is_dir() {
-        if !trailing_slash {
-            let mut location = format!("{}/", req.uri().path());
-            if let Some(q) = req.uri().query() {
-                location.push('?');
-                location.push_str(q);
-            }
-            let mut r = simple(StatusCode::MOVED_PERMANENTLY, "moved\n");
-            if let Ok(v) = HeaderValue::from_str(&location) {
-                r.headers_mut().insert(header::LOCATION, v);
-            }
-            return r;
-        }
-        match files::resolve(root, &rel.join("index.html")) {
-            Some(index) => path = index,
-            None => return not_found(),
-        }
-    }
-    match serve_file(req, &path, head).await {
+    match serve_file(req, &shared.cache, file, &meta, &path, head).await {
         Ok(r) => r,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => not_found(),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            simple(StatusCode::FORBIDDEN, "forbidden\n")
+        Err(e) => io_response(e, root.path(), &path),
+    }
+}
+
+fn io_response(e: io::Error, root: &Path, rel: &Path) -> Response<Body> {
+    match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => {
+            simple(StatusCode::NOT_FOUND, "not found\n")
         }
-        Err(e) => {
-            eprintln!("dream static: {}: {e}", path.display());
+        io::ErrorKind::PermissionDenied => simple(StatusCode::FORBIDDEN, "forbidden\n"),
+        _ => {
+            eprintln!("dream static: {}: {e}", root.join(rel).display());
             simple(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n")
         }
     }
 }
 
+/// What is worth remembering about a file between requests: its
+/// validators, its headers and, if small, its bytes. An entry is used only
+/// while the inode, size and modification time that `fstat` reports on the
+/// freshly opened file are unchanged, so an edited or replaced file is
+/// never served stale. (Within a dream release nothing changes at all.)
+#[derive(Clone)]
+struct Cached {
+    ino: u64,
+    len: u64,
+    mtime_ns: i64,
+    etag: HeaderValue,
+    last_modified: Option<HeaderValue>,
+    content_type: HeaderValue,
+    body: Option<Bytes>,
+}
+
+/// Small files only, bounded in count and bytes.
+const CACHE_FILE_MAX: u64 = 64 * 1024;
+const CACHE_BYTES_MAX: usize = 64 << 20;
+const CACHE_ENTRIES_MAX: usize = 10_000;
+
+#[derive(Default)]
+struct FileCache {
+    map: std::sync::Mutex<std::collections::HashMap<PathBuf, Cached>>,
+    bytes: AtomicUsize,
+}
+
+impl FileCache {
+    fn lookup(&self, path: &Path, meta: &std::fs::Metadata) -> Option<Cached> {
+        use std::os::unix::fs::MetadataExt;
+        let map = self.map.lock().ok()?;
+        let c = map.get(path)?;
+        (c.ino == meta.ino() && c.len == meta.len() && c.mtime_ns == mtime_ns(meta))
+            .then(|| c.clone())
+    }
+
+    fn describe(
+        &self,
+        path: &Path,
+        file: &std::fs::File,
+        meta: &std::fs::Metadata,
+    ) -> io::Result<Cached> {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        if let Some(c) = self.lookup(path, meta) {
+            return Ok(c);
+        }
+        let len = meta.len();
+        let modified = meta.modified().ok();
+        let header = |s: String| HeaderValue::from_str(&s).map_err(io::Error::other);
+        let body = if len <= CACHE_FILE_MAX && len > 0 {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, 0)?;
+            Some(Bytes::from(buf))
+        } else {
+            None
+        };
+        let c = Cached {
+            ino: meta.ino(),
+            len,
+            mtime_ns: mtime_ns(meta),
+            etag: header(files::etag(len, modified))?,
+            last_modified: modified
+                .map(|m| header(httpdate::fmt_http_date(m)))
+                .transpose()?,
+            content_type: header(files::content_type(path))?,
+            body,
+        };
+        let size = c.body.as_ref().map_or(0, |b| b.len()) + 256;
+        if let Ok(mut map) = self.map.lock()
+            && map.len() < CACHE_ENTRIES_MAX
+            && self.bytes.load(Ordering::Relaxed) + size <= CACHE_BYTES_MAX
+            && map.insert(path.to_path_buf(), c.clone()).is_none()
+        {
+            self.bytes.fetch_add(size, Ordering::Relaxed);
+        }
+        Ok(c)
+    }
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
+}
+
 async fn serve_file(
     req: &Request<hyper::body::Incoming>,
+    cache: &FileCache,
+    file: std::fs::File,
+    meta: &std::fs::Metadata,
     path: &Path,
     head: bool,
 ) -> io::Result<Response<Body>> {
-    let file = std::fs::File::open(path)?;
-    let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::from(io::ErrorKind::NotFound));
     }
-    let len = meta.len();
-    let modified = meta.modified().ok();
-    let etag = files::etag(len, modified);
-    let last_modified = modified.map(httpdate::fmt_http_date);
+    let c = cache.describe(path, &file, meta)?;
+    let len = c.len;
+    let etag = c.etag.to_str().unwrap_or_default();
+    let last_modified = c.last_modified.as_ref().and_then(|v| v.to_str().ok());
 
     let header_str =
         |name: header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
     let not_modified = match header_str(header::IF_NONE_MATCH) {
-        Some(inm) => files::none_match(inm, &etag),
-        None => match (header_str(header::IF_MODIFIED_SINCE), modified) {
+        Some(inm) => files::none_match(inm, etag),
+        None => match (header_str(header::IF_MODIFIED_SINCE), meta.modified().ok()) {
             (Some(ims), Some(m)) => {
                 httpdate::parse_http_date(ims).is_ok_and(|since| truncate_secs(m) <= since)
             }
@@ -392,57 +497,53 @@ async fn serve_file(
         },
     };
 
-    let mut builder = Response::builder()
-        .header(header::ETAG, &etag)
-        .header(header::ACCEPT_RANGES, "bytes");
-    if let Some(lm) = &last_modified {
-        builder = builder.header(header::LAST_MODIFIED, lm);
+    let mut resp = Response::new(Body::empty());
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, c.etag.clone());
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some(lm) = &c.last_modified {
+        h.insert(header::LAST_MODIFIED, lm.clone());
     }
     if not_modified {
-        return Ok(builder
-            .status(StatusCode::NOT_MODIFIED)
-            .body(Body::empty())
-            .expect("valid response"));
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        return Ok(resp);
     }
-    builder = builder.header(header::CONTENT_TYPE, files::content_type(path));
+    h.insert(header::CONTENT_TYPE, c.content_type.clone());
 
     let range_ok = match header_str(header::IF_RANGE) {
         None => true,
-        Some(v) => v == etag || last_modified.as_deref() == Some(v),
+        Some(v) => v == etag || last_modified == Some(v),
     };
     let range = match (header_str(header::RANGE), range_ok) {
         (Some(r), true) => files::parse_range(r, len),
         _ => RangeRequest::Full,
     };
-    let (status, part) = match range {
-        RangeRequest::Full => (
-            StatusCode::OK,
-            ByteRange {
-                start: 0,
-                end: len.saturating_sub(1),
-            },
-        ),
+    let part = match range {
+        RangeRequest::Full => ByteRange {
+            start: 0,
+            end: len.saturating_sub(1),
+        },
         RangeRequest::Partial(r) => {
-            builder = builder.header(
-                header::CONTENT_RANGE,
-                format!("bytes {}-{}/{len}", r.start, r.end),
-            );
-            (StatusCode::PARTIAL_CONTENT, r)
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let v = HeaderValue::from_str(&format!("bytes {}-{}/{len}", r.start, r.end))
+                .map_err(io::Error::other)?;
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            r
         }
         RangeRequest::Unsatisfiable => {
-            return Ok(builder
-                .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
-                .body(Body::empty())
-                .expect("valid response"));
+            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            let v = HeaderValue::from_str(&format!("bytes */{len}")).map_err(io::Error::other)?;
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            return Ok(resp);
         }
     };
     let body_len = if len == 0 { 0 } else { part.len() };
-    builder = builder
-        .status(status)
-        .header(header::CONTENT_LENGTH, body_len);
-    let body = if head || body_len == 0 {
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    *resp.body_mut() = if head || body_len == 0 {
         Body::empty()
+    } else if let Some(bytes) = &c.body {
+        Body::full(bytes.slice(part.start as usize..=part.end as usize))
     } else if body_len <= READ_WHOLE_MAX {
         use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; body_len as usize];
@@ -457,7 +558,7 @@ async fn serve_file(
             remaining: body_len,
         }
     };
-    Ok(builder.body(body).expect("valid response"))
+    Ok(resp)
 }
 
 /// HTTP dates have whole seconds.

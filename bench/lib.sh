@@ -1,0 +1,23 @@
+# Shared helpers for the bench scripts (sourced, not run).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cargo build --release -q
+DREAM=$PWD/target/release/dream
+WORK=$(mktemp -d /var/tmp/dream-bench.XXXXXX)
+cleanup() {
+  local pids; pids=$(jobs -p); [ -n "$pids" ] && kill $pids 2>/dev/null || true
+  wait 2>/dev/null || true
+  chmod -R u+w "$WORK" 2>/dev/null || true; rm -rf "$WORK"
+}
+trap cleanup EXIT
+# Installs Debian packages the comparison needs (peers are never installed by CI).
+need() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; }
+}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.05; done; echo "no answer from $1" >&2; return 1; }
+# json FIELD... : read a dream check --json report on stdin, print fields.
+jget() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(*[eval("d"+a) for a in sys.argv[1:]])' "$@"; }
+run() { echo "+ $*" >&2; "$@"; }
