@@ -41,13 +41,13 @@ storm() { # NAME URL DEPLOY_FN
   local name=$1 url=$2 fn=$3 mode
   for mode in "" "--keep-alive"; do
     local steady during
-    steady=$("$DREAM" check "$url" --duration ${SECS}s --connections $CONNS --json $mode || true)
+    steady=$(run "$DREAM" check "$url" --duration ${SECS}s --connections $CONNS --json $mode || true)
     ( end=$(( $(date +%s%N) + SECS*1000000000 )); i=0
       while [ $(date +%s%N) -lt $end ] && [ $i -lt 20 ]; do
         i=$((i+1)); $fn $i >/dev/null 2>&1 || true; sleep $(python3 -c "print($SECS/20)")
       done ) &
     local deployer=$!
-    during=$("$DREAM" check "$url" --duration ${SECS}s --connections $CONNS --json $mode || true)
+    during=$(run "$DREAM" check "$url" --duration ${SECS}s --connections $CONNS --json $mode || true)
     wait $deployer
     local sp dp
     sp=$(echo "$steady" | jget "['latency']['p99_us']")

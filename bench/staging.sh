@@ -42,16 +42,16 @@ for i in range(r, 10000, 100):
 PY
   sync
   before=$(kb "$WORK/root/releases")
-  t0=$(now); out=$("$DREAM" deploy -q --root "$WORK/root" "$WORK/src" --json --keep 100); t1=$(now)
+  t0=$(now); out=$(run "$DREAM" deploy -q --root "$WORK/root" "$WORK/src" --json --keep 100); t1=$(now)
   after=$(kb "$WORK/root/releases")
   sw=$(python3 -c 'import json,sys; print(round(json.loads(sys.argv[1])["switch_ms"],2))' "$out")
   printf "%-6s %-22s %10.3f %14s %12s\n" "$r" "dream deploy" "$(echo "$t1 - $t0" | bc)" "$((after - before))" "$sw"
 
-  t0=$(now); cp -a "$WORK/src" "$WORK/copies/$r"; sync -f "$WORK/copies/$r"; t1=$(now)
+  t0=$(now); run cp -a "$WORK/src" "$WORK/copies/$r"; sync -f "$WORK/copies/$r"; t1=$(now)
   printf "%-6s %-22s %10.3f %14s %12s\n" "$r" "cp -a (+sync)" "$(echo "$t1 - $t0" | bc)" "$(kb "$WORK/copies/$r")" "-"
 
   before=$(kb "$WORK/rsync")
-  t0=$(now); rsync -a --link-dest="$WORK/rsync/$prev" "$WORK/src/" "$WORK/rsync/r$r/"; sync -f "$WORK/rsync/r$r"; t1=$(now)
+  t0=$(now); run rsync -a --link-dest="$WORK/rsync/$prev" "$WORK/src/" "$WORK/rsync/r$r/"; sync -f "$WORK/rsync/r$r"; t1=$(now)
   prev=r$r
   after=$(kb "$WORK/rsync")
   printf "%-6s %-22s %10.3f %14s %12s\n" "$r" "rsync --link-dest" "$(echo "$t1 - $t0" | bc)" "$((after - before))" "-"

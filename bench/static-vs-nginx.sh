@@ -40,8 +40,8 @@ mkdir -p "$WORK/root/releases"; cp -a "$WORK/www" "$WORK/root/releases/bench"; l
 "$DREAM" serve -q --root "$WORK/root" --listen 127.0.0.1:$SP --workers 1 --ready notify -- "$DREAM" static &
 for p in $NP $DP $SP $PP; do wait_http http://127.0.0.1:$p/index.html; done
 
-rps() { wrk -t2 -c"$2" -d${SECS}s "$1" | awk '/Requests\/sec/ {print $2} /Transfer\/sec/ {t=$2} /Socket errors/ {e=$0} END {if (e) print e > "/dev/stderr"}'; }
-tps() { wrk -t2 -c"$2" -d${SECS}s "$1" | awk '/Transfer\/sec/ {print $2}'; }
+rps() { run wrk -t2 -c"$2" -d${SECS}s "$1" | awk '/Requests\/sec/ {print $2} /Transfer\/sec/ {t=$2} /Socket errors/ {e=$0} END {if (e) print e > "/dev/stderr"}'; }
+tps() { run wrk -t2 -c"$2" -d${SECS}s "$1" | awk '/Transfer\/sec/ {print $2}'; }
 echo "== static files: dream static vs nginx (1 process each, keep-alive, wrk -t2)"
 for r in $(seq "$ROUNDS"); do
   a=$(rps http://127.0.0.1:$DP/small.bin 64); b=$(rps http://127.0.0.1:$NP/small.bin 64)

@@ -26,7 +26,7 @@ PORT=$(free_port)
 SUP=$!
 until "$DREAM" status --root "$WORK/root" >/dev/null 2>&1; do sleep 0.1; done
 URL=http://127.0.0.1:$PORT/
-check() { "$DREAM" check "$URL" --duration ${SECS}s --connections 32 --json "$@"; }
+check() { run "$DREAM" check "$URL" --duration ${SECS}s --connections 32 --json "$@"; }
 p() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(d$2)" "$1"; }
 
 echo "== 1. p99 during reloads vs steady ($ROUNDS rounds x ${SECS}s each, 32 connections, new connection per request)"
