@@ -9,9 +9,11 @@ echo "<p>release a</p>" > "$WORK/root/releases/a/public/index.html"
 ln -s releases/a "$WORK/root/current"
 printf 'def app(e, s):\n    s("200 OK", [("Content-Length", "2")])\n    return [b"ok"]\n' > "$WORK/app/app.py"
 DP=$(free_port); GP=$(free_port)
-run "$DREAM" serve -q --root "$WORK/root" --listen 127.0.0.1:$DP --workers 1 -- "$DREAM" static &
+echo "+ $DREAM serve -q --root $WORK/root --listen 127.0.0.1:$DP --workers 1 -- $DREAM static" >&2
+"$DREAM" serve -q --root "$WORK/root" --listen 127.0.0.1:$DP --workers 1 -- "$DREAM" static &
 DPID=$!
-run gunicorn --chdir "$WORK/app" --bind 127.0.0.1:$GP --workers 1 --log-level warning app:app &
+echo "+ gunicorn --chdir $WORK/app --bind 127.0.0.1:$GP --workers 1 app:app" >&2
+gunicorn --chdir "$WORK/app" --bind 127.0.0.1:$GP --workers 1 --log-level warning app:app &
 GPID=$!
 wait_http http://127.0.0.1:$DP/; wait_http http://127.0.0.1:$GP/
 sleep 1
