@@ -1,0 +1,212 @@
+//! The worker examples in other languages (`examples/`), each under
+//! `dream serve` with reloads between two releases while the referee
+//! watches. A runtime that is not on the machine is installed into a venv
+//! (Python packages) or the example is skipped with a message saying so.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use dream_testkit::{Guard, Referee, Root, bin, run};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A venv with gunicorn and uvicorn, made once per test run; `None` (with
+/// the reason printed) when it cannot be had.
+fn python_tools() -> Option<&'static Path> {
+    static VENV: OnceLock<Option<PathBuf>> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("example-venv");
+        let bin = venv.join("bin");
+        if bin.join("gunicorn").exists() && bin.join("uvicorn").exists() {
+            return Some(bin);
+        }
+        if !have("python3") {
+            eprintln!("skipped: python3 is not installed");
+            return None;
+        }
+        let (status, _, err) = run(
+            Command::new("python3").arg("-m").arg("venv").arg(&venv),
+            Duration::from_secs(120),
+        );
+        if !status.success() {
+            eprintln!("skipped: cannot create a venv: {err}");
+            return None;
+        }
+        let (status, _, err) = run(
+            Command::new(bin.join("pip")).args([
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "gunicorn",
+                "uvicorn",
+            ]),
+            Duration::from_secs(300),
+        );
+        if !status.success() {
+            eprintln!("skipped: cannot install gunicorn and uvicorn from PyPI: {err}");
+            return None;
+        }
+        Some(bin)
+    })
+    .as_deref()
+}
+
+/// Lays out releases `a` and `b` from `files` (paths relative to the repo),
+/// serves them with `command`, reloads four times under load, and asserts
+/// that no client saw an error or a mixed response.
+fn exercise(
+    files: &[&str],
+    command: &[&str],
+    ready: &str,
+    path_prefix: Option<&Path>,
+) -> dream_check::Report {
+    let root = Root::new();
+    for id in ["a", "b"] {
+        let dir = root.path().join("releases").join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in files {
+            let src = repo().join(f);
+            std::fs::copy(&src, dir.join(src.file_name().unwrap())).unwrap();
+        }
+    }
+    root.switch("a");
+    let mut path = std::env::var("PATH").unwrap_or_default();
+    if let Some(p) = path_prefix {
+        path = format!("{}:{path}", p.display());
+    }
+    let mut sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .arg("serve")
+            .arg("--root")
+            .arg(root.path())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+                "--ready",
+                ready,
+            ])
+            .args(["--ready-timeout", "60s", "--drain-timeout", "10s", "--"])
+            .args(command)
+            .env("PATH", path),
+    );
+    let addr = sup.listening_addr();
+    root.wait_supervisor();
+    root.wait_live("a", 2);
+    let referee = Referee::start(addr, false);
+    for next in ["b", "a", "b", "a"] {
+        referee.wait_responses(20);
+        root.switch(next);
+        let answer = root.control(r#"{"cmd":"reload"}"#);
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    referee.wait_responses(20);
+    let report = referee.finish();
+    assert_eq!(report.mixed, 0, "{}", report.human());
+    assert_eq!(report.releases.len(), 2, "{}", report.human());
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(30)).success());
+    report
+}
+
+fn assert_no_errors(report: &dream_check::Report) {
+    assert_eq!(report.error_total, 0, "{}", report.human());
+}
+
+#[test]
+fn python_standard_library_on_fd_0() {
+    if !have("python3") {
+        eprintln!("skipped: python3 is not installed");
+        return;
+    }
+    let r = exercise(
+        &["examples/python/server.py"],
+        &["python3", "server.py"],
+        "notify",
+        None,
+    );
+    assert_no_errors(&r);
+}
+
+#[test]
+fn node_on_listen_fds() {
+    if !have("node") {
+        eprintln!("skipped: node is not installed");
+        return;
+    }
+    let r = exercise(
+        &["examples/node/server.js"],
+        &["node", "server.js"],
+        "auto:500ms",
+        None,
+    );
+    assert_no_errors(&r);
+}
+
+#[test]
+fn gunicorn_on_fd_0() {
+    let Some(venv) = python_tools() else { return };
+    let r = exercise(
+        &["examples/gunicorn/app.py"],
+        &[
+            "gunicorn",
+            "--bind",
+            "fd://0",
+            "--workers",
+            "1",
+            "--log-level",
+            "warning",
+            "app:app",
+        ],
+        "auto:1s",
+        Some(venv),
+    );
+    assert_no_errors(&r);
+}
+
+/// uvicorn's shutdown closes every connection that has no request in
+/// progress, including one it accepted a moment ago whose request bytes it
+/// has not read yet (uvicorn `Server.shutdown`), so a few clients of each
+/// reload see a reset. dream cannot prevent that from outside the worker:
+/// this test checks the reloads and the releases, and reports the count.
+#[test]
+fn uvicorn_on_fd_0() {
+    let Some(venv) = python_tools() else { return };
+    let r = exercise(
+        &["examples/uvicorn/app.py"],
+        &["uvicorn", "--fd", "0", "--log-level", "warning", "app:app"],
+        "auto:1s",
+        Some(venv),
+    );
+    eprintln!(
+        "uvicorn: {} resets across 4 reloads in {} responses (its own shutdown)",
+        r.error_total, r.responses
+    );
+    assert_eq!(
+        r.error_total,
+        r.errors.read_reset + r.errors.connect_reset,
+        "{}",
+        r.human()
+    );
+}
+
+#[test]
+fn rust_hyper_with_the_library_function() {
+    let hello = bin("examples/hello");
+    let root_cmd = hello.to_str().unwrap().to_string();
+    let r = exercise(&[], &[&root_cmd], "notify", None);
+    assert_no_errors(&r);
+}

@@ -1,0 +1,68 @@
+//! A worker in Rust on hyper: takes its listener from LISTEN_FDS or fd 0 with
+//! `dream_core::protocol::take_listeners`, says READY=1, drains on SIGTERM.
+//!
+//! Run under dream:  dream serve --listen :8080 --ready notify -- ./hello
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use dream_core::protocol::{self, Listener};
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Take the sockets before any thread starts, so the protocol variables
+    // can be cleared.
+    let listeners = protocol::take_listeners()?;
+    let Some(Listener::Tcp(listener)) = listeners
+        .into_iter()
+        .next()
+        .map(|l| l.into_listener())
+        .transpose()?
+    else {
+        return Err("expected a TCP listener".into());
+    };
+    listener.set_nonblocking(true)?;
+    let release = std::env::var("DREAM_RELEASE").unwrap_or_else(|_| "dev".into());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            let _ = protocol::notify("READY=1");
+            loop {
+                tokio::select! {
+                    conn = listener.accept() => {
+                        let (stream, _) = conn?;
+                        let release = release.clone();
+                        let service = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                            let body = format!("<p>release {release}</p>\n");
+                            let resp = Response::builder()
+                                .header("x-dream-release", release.as_str())
+                                .header("content-type", "text/html")
+                                .body(Full::new(Bytes::from(body)))
+                                .expect("valid response");
+                            async move { Ok::<_, Infallible>(resp) }
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service);
+                        let conn = graceful.watch(conn);
+                        tokio::spawn(async move { let _ = conn.await; });
+                    }
+                    _ = term.recv() => break,
+                }
+            }
+            // Stop accepting. A connection accepted a moment ago may not have
+            // sent its request yet, and hyper's graceful shutdown closes
+            // idle connections at once: give them a short grace first.
+            // (`dream static` goes further: while draining it answers each
+            // request with `Connection: close`.)
+            drop(listener);
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            graceful.shutdown().await;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        })
+}

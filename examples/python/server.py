@@ -1,0 +1,58 @@
+"""A worker in plain Python: takes its listening socket from fd 0 (inetd style).
+
+Run under dream:  dream serve --listen :8080 --ready notify -- python3 server.py
+It answers every request with the release it runs in, says READY=1 when it is
+accepting, and on SIGTERM stops accepting, finishes what it holds, and exits.
+"""
+import os
+import signal
+import socket
+import threading
+
+RELEASE = os.environ.get("DREAM_RELEASE", "dev")
+listener = socket.socket(fileno=0)  # dream's socket: accept only, never bind
+listener.settimeout(0.2)
+stopping = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+
+
+def notify(state):
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(state.encode(), path)
+
+
+def handle(conn):
+    with conn:
+        conn.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        body = f"<p>release {RELEASE}</p>\n".encode()
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
+            + f"X-Dream-Release: {RELEASE}\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Connection: close\r\n\r\n"
+            + body
+        )
+
+
+workers = []
+notify("READY=1")
+while not stopping.is_set():
+    try:
+        conn, _ = listener.accept()
+    except socket.timeout:
+        continue
+    t = threading.Thread(target=handle, args=(conn,))
+    t.start()
+    workers.append(t)
+for t in workers:
+    t.join()
