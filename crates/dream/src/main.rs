@@ -4,6 +4,7 @@
 //! `dream-core` (sockets, processes, locks), `dream-static` (the static file
 //! worker) and `dream-check` (the referee).
 
+mod config;
 mod demo;
 mod deploy;
 mod exit;
@@ -92,6 +93,12 @@ enum Cmd {
         after_help = "A response is mixed when its X-Dream-Release header and the release named in its\nbody differ, or when one keep-alive connection sees two releases. Exits 1 on any\nconnection error, status >= 400 or mixed response, or if nothing answered.\n\nExample:\n  dream check http://127.0.0.1:8080/ --duration 10s --connections 64 --keep-alive"
     )]
     Check(CheckArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    #[command(after_help = "Example:\n  dream completions bash > /etc/bash_completion.d/dream")]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) on stdout
+    #[command(after_help = "Example:\n  dream man > /usr/local/share/man/man1/dream.1")]
+    Man,
 }
 
 #[derive(Args)]
@@ -117,18 +124,18 @@ struct ListenArgs {
 
 #[derive(Args)]
 struct PoolFlags {
-    /// When a worker counts as ready: notify (READY=1), delay:DUR, auto:DUR
-    #[arg(long, default_value = "auto:1s", value_name = "MODE")]
-    ready: String,
-    /// A new generation not ready by then is killed (the old keeps serving)
-    #[arg(long, default_value = "60s", value_name = "DUR")]
-    ready_timeout: String,
-    /// Signal that tells a worker to finish what it holds and exit
-    #[arg(long, default_value = "TERM", value_name = "SIG")]
-    drain_signal: String,
-    /// Then SIGKILL to the worker's process group
-    #[arg(long, default_value = "30s", value_name = "DUR")]
-    drain_timeout: String,
+    /// When a worker counts as ready: notify (READY=1), delay:DUR, auto:DUR [default: auto:1s]
+    #[arg(long, value_name = "MODE")]
+    ready: Option<String>,
+    /// A new generation not ready by then is killed (the old keeps serving) [default: 60s]
+    #[arg(long, value_name = "DUR")]
+    ready_timeout: Option<String>,
+    /// Signal that tells a worker to finish what it holds and exit [default: TERM]
+    #[arg(long, value_name = "SIG")]
+    drain_signal: Option<String>,
+    /// Then SIGKILL to the worker's process group [default: 30s]
+    #[arg(long, value_name = "DUR")]
+    drain_timeout: Option<String>,
     /// Only warnings and failures
     #[arg(short, long)]
     quiet: bool,
@@ -139,13 +146,16 @@ struct ServeArgs {
     /// Deploy root (default: $DREAM_ROOT, else the current directory)
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
+    /// Settings file (default: ROOT/dream.toml if it exists); flags win over it
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on (repeatable); none: inherit LISTEN_FDS from systemd
     #[arg(short, long, value_name = "SPEC")]
     listen: Vec<String>,
-    /// listen(2) backlog (capped by net.core.somaxconn)
-    #[arg(long, default_value_t = dream_core::listen::DEFAULT_BACKLOG)]
-    backlog: u32,
-    /// Workers per generation (default: number of CPUs)
+    /// listen(2) backlog, capped by net.core.somaxconn [default: 4096]
+    #[arg(long)]
+    backlog: Option<u32>,
+    /// Workers per generation [default: the number of CPUs]
     #[arg(short, long)]
     workers: Option<usize>,
     /// Run workers as USER[:GROUP] (dream must start as root)
@@ -153,8 +163,8 @@ struct ServeArgs {
     user: Option<String>,
     #[command(flatten)]
     pool: PoolFlags,
-    /// COMMAND [ARGS...] (relative paths resolve in the release directory)
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    /// COMMAND [ARGS...] (relative paths resolve in the release directory; or `command` in dream.toml)
+    #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
 }
 
@@ -190,12 +200,15 @@ struct DeployCmd {
     /// Release id (default: UTC time and a content or git hash)
     #[arg(long)]
     id: Option<String>,
+    /// Settings file (default: ROOT/dream.toml if it exists); flags win over it
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Shell command run in the staged release before the switch
     #[arg(long, value_name = "CMD")]
     build: Option<String>,
-    /// Releases to keep (the current and previous are always kept)
-    #[arg(long, default_value_t = 5)]
-    keep: usize,
+    /// Releases to keep; the current and previous are always kept [default: 5]
+    #[arg(long)]
+    keep: Option<usize>,
     /// Switch current but do not ask the supervisor to reload
     #[arg(long)]
     no_reload: bool,
@@ -349,6 +362,8 @@ fn main() {
     let name = match &cli.command {
         Cmd::Serve(_) => "serve",
         Cmd::Status(_) => "status",
+        Cmd::Completions { .. } => "completions",
+        Cmd::Man => "man",
         Cmd::Demo(_) => "demo",
         Cmd::Deploy(_) => "deploy",
         Cmd::Rollback(_) => "rollback",
@@ -373,28 +388,76 @@ fn main() {
     std::process::exit(code);
 }
 
-fn pool_options(f: &PoolFlags, workers: Option<usize>) -> serve::PoolOptions<'_> {
+/// Flag, else the config file's value, else the built-in default.
+fn pick<'a>(flag: &'a Option<String>, file: &'a Option<String>, default: &'a str) -> &'a str {
+    flag.as_deref().or(file.as_deref()).unwrap_or(default)
+}
+
+fn pool_options<'a>(
+    f: &'a PoolFlags,
+    file: &'a config::Serve,
+    workers: Option<usize>,
+) -> serve::PoolOptions<'a> {
     serve::PoolOptions {
-        workers,
-        ready: &f.ready,
-        ready_timeout: &f.ready_timeout,
-        drain_signal: &f.drain_signal,
-        drain_timeout: &f.drain_timeout,
+        workers: workers.or(file.workers),
+        ready: pick(&f.ready, &file.ready, "auto:1s"),
+        ready_timeout: pick(&f.ready_timeout, &file.ready_timeout, "60s"),
+        drain_signal: pick(&f.drain_signal, &file.drain_signal, "TERM"),
+        drain_timeout: pick(&f.drain_timeout, &file.drain_timeout, "30s"),
     }
 }
 
 fn run(cmd: Cmd) -> Result {
     match cmd {
-        Cmd::Serve(a) => serve::serve(serve::ServeOptions {
-            root: a.root.as_deref(),
-            listen: &a.listen,
-            backlog: a.backlog,
-            user: a.user.as_deref(),
-            pool: pool_options(&a.pool, a.workers),
-            verbosity: if a.pool.quiet { -1 } else { 0 },
-            command: &a.command,
-        }),
+        Cmd::Serve(a) => {
+            let root = serve::root_dir(a.root.as_deref())?;
+            let file = config::load(&root, a.config.as_deref())?.serve;
+            let listen = if a.listen.is_empty() {
+                file.listen.clone().unwrap_or_default()
+            } else {
+                a.listen.clone()
+            };
+            let command: Vec<OsString> = if a.command.is_empty() {
+                file.command.iter().flatten().map(OsString::from).collect()
+            } else {
+                a.command.clone()
+            };
+            if command.is_empty() {
+                return Err(Failure::usage(
+                    "no COMMAND: give it after `--` (dream serve --listen :8080 -- ./server) or as `command` in dream.toml",
+                ));
+            }
+            serve::serve(serve::ServeOptions {
+                root: Some(&root),
+                listen: &listen,
+                backlog: a
+                    .backlog
+                    .or(file.backlog)
+                    .unwrap_or(dream_core::listen::DEFAULT_BACKLOG),
+                user: a.user.as_deref().or(file.user.as_deref()),
+                pool: pool_options(&a.pool, &file, a.workers),
+                verbosity: if a.pool.quiet { -1 } else { 0 },
+                command: &command,
+            })
+        }
         Cmd::Status(a) => serve::status(a.root.as_deref(), a.json),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "dream", &mut out);
+            print_line(String::from_utf8_lossy(&out).trim_end());
+            Ok(())
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .map_err(Failure::failed)?;
+            print_line(String::from_utf8_lossy(&out).trim_end());
+            Ok(())
+        }
         Cmd::Demo(a) => demo::run(demo::DemoArgs {
             root: a.root,
             listen: a.listen,
@@ -403,17 +466,21 @@ fn run(cmd: Cmd) -> Result {
             workers: a.workers,
             connections: a.connections,
         }),
-        Cmd::Deploy(a) => deploy::deploy(deploy::DeployArgs {
-            root: a.root.as_deref(),
-            source: &a.source,
-            id: a.id,
-            build: a.build,
-            keep: a.keep,
-            no_reload: a.no_reload,
-            wait_lock: a.wait_lock.as_deref(),
-            json: a.json,
-            quiet: a.quiet,
-        }),
+        Cmd::Deploy(a) => {
+            let root = serve::root_dir(a.root.as_deref())?;
+            let file = config::load(&root, a.config.as_deref())?.deploy;
+            deploy::deploy(deploy::DeployArgs {
+                root: Some(&root),
+                source: &a.source,
+                id: a.id,
+                build: a.build.or(file.build),
+                keep: a.keep.or(file.keep).unwrap_or(5),
+                no_reload: a.no_reload,
+                wait_lock: a.wait_lock.as_deref().or(file.wait_lock.as_deref()),
+                json: a.json,
+                quiet: a.quiet,
+            })
+        }
         Cmd::Rollback(a) => deploy::rollback(
             a.root.as_deref(),
             a.id.as_deref(),
@@ -427,7 +494,7 @@ fn run(cmd: Cmd) -> Result {
         Cmd::Pool(a) => serve::pool(
             a.workers,
             a.relay_hup,
-            pool_options(&a.pool, Some(a.workers)),
+            pool_options(&a.pool, &config::Serve::default(), Some(a.workers)),
             if a.pool.quiet { -1 } else { 0 },
             &a.program,
         ),

@@ -471,3 +471,46 @@ fn ttin_ttou_scale_and_usr1_prints_status() {
     sup.wait_stderr("generation 1 live: release a", Duration::from_secs(10));
     assert_eq!(get(addr, "/", &[]).status, 200);
 }
+
+#[test]
+fn dream_toml_configures_serve_and_flags_win() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    root.tree.write(
+        "dream.toml",
+        "[serve]\nlisten = [\"127.0.0.1:0\"]\nworkers = 3\nready = \"notify\"\ncommand = [\"./run\"]\n",
+    );
+    let mut sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .arg("serve")
+            .arg("--root")
+            .arg(root.path())
+            .args(["--workers", "2"])
+            .env("DREAM_BIN", bin("dream")),
+    );
+    let addr = sup.listening_addr();
+    root.wait_supervisor();
+    let status = root.wait_live("a", 2);
+    assert_eq!(
+        status["pool"]["workers_target"], 2,
+        "the flag wins over the file"
+    );
+    assert_eq!(get(addr, "/", &[]).status, 200);
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(20)).success());
+
+    root.tree.write("dream.toml", "[serve]\nworkrs = 3\n");
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .arg("serve")
+            .arg("--root")
+            .arg(root.path()),
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(100), "{err}");
+    assert!(
+        err.contains("workrs") && err.contains("dream.toml"),
+        "{err}"
+    );
+}

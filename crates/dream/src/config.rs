@@ -1,0 +1,122 @@
+//! `dream.toml`: everything `serve` and `deploy` take on the command line,
+//! kept with the deploy root. Flags win over the file; the file wins over
+//! the built-in defaults. Unknown keys are errors that name the key, so a
+//! typo never silently does nothing.
+//!
+//! ```toml
+//! [serve]
+//! listen = [":8080"]
+//! workers = 4
+//! ready = "notify"
+//! ready_timeout = "60s"
+//! drain_signal = "TERM"
+//! drain_timeout = "30s"
+//! backlog = 4096
+//! user = "www-data"
+//! command = ["./bin/server"]
+//!
+//! [deploy]
+//! build = "make assets"
+//! keep = 5
+//! wait_lock = "1m"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::exit::{Failure, Result};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub serve: Serve,
+    #[serde(default)]
+    pub deploy: Deploy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Serve {
+    pub listen: Option<Vec<String>>,
+    pub backlog: Option<u32>,
+    pub workers: Option<usize>,
+    pub user: Option<String>,
+    pub ready: Option<String>,
+    pub ready_timeout: Option<String>,
+    pub drain_signal: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deploy {
+    pub build: Option<String>,
+    pub keep: Option<usize>,
+    pub wait_lock: Option<String>,
+}
+
+/// Loads `explicit` (which must exist), else `ROOT/dream.toml` if present.
+pub fn load(root: &Path, explicit: Option<&Path>) -> Result<Config> {
+    let path: PathBuf = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = root.join("dream.toml");
+            if !p.exists() {
+                return Ok(Config::default());
+            }
+            p
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Failure::usage(format!("config {}: {e}", path.display())))?;
+    parse(&text).map_err(|e| Failure::usage(format!("config {}: {e}", path.display())))
+}
+
+/// Parses the file's text.
+pub fn parse(text: &str) -> std::result::Result<Config, String> {
+    toml::from_str(text).map_err(|e| e.message().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_key() {
+        let c = parse(
+            r#"
+            [serve]
+            listen = [":8080", "unix:/run/a.sock"]
+            backlog = 128
+            workers = 3
+            user = "www-data"
+            ready = "notify"
+            ready_timeout = "5s"
+            drain_signal = "QUIT"
+            drain_timeout = "10s"
+            command = ["./bin/server", "-v"]
+            [deploy]
+            build = "make"
+            keep = 7
+            wait_lock = "1m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.serve.workers, Some(3));
+        assert_eq!(c.serve.command.unwrap(), vec!["./bin/server", "-v"]);
+        assert_eq!(c.deploy.keep, Some(7));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse("[serve]\nworkrs = 3\n").unwrap_err();
+        assert!(err.contains("workrs"), "{err}");
+        let err = parse("[sreve]\n").unwrap_err();
+        assert!(err.contains("sreve"), "{err}");
+        let err = parse("[serve]\nworkers = \"three\"\n").unwrap_err();
+        assert!(err.contains("invalid type"), "{err}");
+    }
+}

@@ -1,0 +1,100 @@
+//! Command-line conventions: help, completions, man page, exit codes,
+//! and `dream.toml` for deploy.
+
+use std::process::Command;
+use std::time::Duration;
+
+use dream_testkit::{Tree, bin, run};
+
+fn dream(args: &[&str]) -> (Option<i32>, String, String) {
+    let (s, out, err) = run(
+        Command::new(bin("dream")).args(args),
+        Duration::from_secs(30),
+    );
+    (s.code(), out, err)
+}
+
+#[test]
+fn help_completions_and_man_page() {
+    let (code, out, _) = dream(&["--help"]);
+    assert_eq!(code, Some(0));
+    for cmd in [
+        "serve", "deploy", "rollback", "releases", "status", "reload", "check", "static", "demo",
+        "listen", "loop", "pool", "lock",
+    ] {
+        assert!(out.contains(cmd), "--help lists {cmd}");
+    }
+    assert!(out.contains("111"), "exit codes are documented: {out}");
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = dream(&["completions", shell]);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(
+            out.contains("deploy") && out.contains("rollback"),
+            "{shell}"
+        );
+    }
+    let (code, out, _) = dream(&["man"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains(".TH dream 1"),
+        "{}",
+        &out[..200.min(out.len())]
+    );
+    let (code, _, err) = dream(&["completions", "tcsh"]);
+    assert_eq!(code, Some(100), "{err}");
+}
+
+#[test]
+fn dream_toml_configures_deploy() {
+    let tree = Tree::new();
+    tree.write("site/public/index.html", "x");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(
+        root.join("dream.toml"),
+        "[deploy]\nbuild = \"echo from-toml > built.txt\"\nkeep = 2\n",
+    )
+    .unwrap();
+    let site = tree.path().join("site");
+    let (code, out, err) = dream(&[
+        "deploy",
+        "--root",
+        root.to_str().unwrap(),
+        site.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let rel = root.join("releases").join(v["release"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(rel.join("built.txt")).unwrap(),
+        "from-toml\n"
+    );
+    // A flag wins over the file.
+    let (code, out, err) = dream(&[
+        "deploy",
+        "--root",
+        root.to_str().unwrap(),
+        site.to_str().unwrap(),
+        "--json",
+        "--build",
+        "echo from-flag > built.txt",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let rel = root.join("releases").join(v["release"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(rel.join("built.txt")).unwrap(),
+        "from-flag\n"
+    );
+    // --config names a file that must exist.
+    let (code, _, err) = dream(&[
+        "deploy",
+        "--root",
+        root.to_str().unwrap(),
+        site.to_str().unwrap(),
+        "--config",
+        "/nonexistent.toml",
+    ]);
+    assert_eq!(code, Some(100), "{err}");
+}
