@@ -54,12 +54,24 @@ enum Cmd {
     )]
     Deploy(DeployCmd),
     /// Switch back to the previous good release (or ID), with the same checks
+    #[command(
+        after_help = "Releases whose deploy failed are marked bad and skipped.\n\nExamples:\n  dream rollback --root /srv/app\n  dream rollback --root /srv/app 20261126T145506Z-1a2b3c4d"
+    )]
     Rollback(RollbackCmd),
     /// List releases: current marked, state, age, size
+    #[command(
+        after_help = "Examples:\n  dream releases --root /srv/app\n  dream releases --root /srv/app --json | jq -r '.[] | select(.state == \"bad\") | .id'"
+    )]
     Releases(StatusArgs),
     /// Show the running supervisor's generations and workers
+    #[command(
+        after_help = "Examples:\n  dream status --root /srv/app\n  dream status --root /srv/app --json | jq '.pool.generations'"
+    )]
     Status(StatusArgs),
     /// Ask the running supervisor to reload; exit 1 if the new generation failed
+    #[command(
+        after_help = "Waits until every new worker is ready (or the reload fails and the old generation\nkeeps serving). Same as `kill -HUP`, but with the outcome.\n\nExample:\n  dream reload --root /srv/app && echo live"
+    )]
     Reload(StatusArgs),
     /// Keep N copies of PROGRAM running on the inherited sockets (forkpool)
     #[command(
