@@ -156,6 +156,9 @@ struct Worker {
     restarts: u32,
     /// Scaled down: not respawned once it exits.
     retiring: bool,
+    /// The process group of its latest process (its pid), killed once that
+    /// process is gone so that nothing it forked outlives it.
+    pgid: Option<i32>,
 }
 
 impl Worker {
@@ -322,6 +325,7 @@ impl Pool {
                     failures: 0,
                     restarts: 0,
                     retiring: false,
+                    pgid: None,
                 }
             })
             .collect();
@@ -365,6 +369,7 @@ impl Pool {
     ) -> Vec<Action> {
         if let Some((g, i)) = self.worker_mut(generation, index) {
             g.workers[i].state = WorkerState::Starting { pid, since: now };
+            g.workers[i].pgid = Some(pid);
             return vec![Action::Log(format!(
                 "worker {generation}.{index} started: pid {pid}"
             ))];
@@ -605,6 +610,10 @@ impl Pool {
                     _ => w.failures += 1,
                 }
                 let delay = backoff(w.failures);
+                // Whatever the dead worker forked dies with it.
+                if let Some(pgid) = w.pgid.take() {
+                    actions.push(Action::KillGroup { pid: pgid });
+                }
                 w.restarts += 1;
                 w.state = WorkerState::Waiting { at: now + delay };
                 self.restarts += 1;
@@ -661,15 +670,30 @@ impl Pool {
         self.gens.retain(|g| {
             let done = matches!(g.state, GenState::Draining { .. })
                 && g.workers.iter().all(|w| w.state == WorkerState::Gone);
-            if done && !g.failed {
-                actions.push(Action::Log(format!("generation {} drained", g.id)));
+            if done {
+                // Helpers the workers forked (and that ignored the drain
+                // signal) die with their groups.
+                actions.extend(
+                    g.workers
+                        .iter()
+                        .filter_map(|w| w.pgid)
+                        .map(|pid| Action::KillGroup { pid }),
+                );
+                if !g.failed {
+                    actions.push(Action::Log(format!("generation {} drained", g.id)));
+                }
             }
             !done
         });
         // Live generations drop retired workers that are gone.
         for g in &mut self.gens {
-            g.workers
-                .retain(|w| !(w.retiring && w.state == WorkerState::Gone));
+            g.workers.retain(|w| {
+                let done = w.retiring && w.state == WorkerState::Gone;
+                if done && let Some(pid) = w.pgid {
+                    actions.push(Action::KillGroup { pid });
+                }
+                !done
+            });
         }
         actions
     }
@@ -863,6 +887,7 @@ impl Pool {
                     failures: 0,
                     restarts: 0,
                     retiring: false,
+                    pgid: None,
                 });
             }
         } else {

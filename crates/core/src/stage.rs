@@ -13,8 +13,19 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-/// Most entries a source may have (a tar bomb is refused, not extracted).
+/// Most entries a source may have (a tar bomb is refused, not extracted);
+/// `DREAM_MAX_ENTRIES` lowers or raises it.
 pub const MAX_ENTRIES: u64 = 1_000_000;
+
+fn max_entries() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("DREAM_MAX_ENTRIES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MAX_ENTRIES)
+    })
+}
 
 /// Where a release comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,9 +226,10 @@ fn copy_into(
         if !meta.is_dir() {
             stats.files += 1;
         }
-        if stats.files > MAX_ENTRIES {
+        if stats.files > max_entries() {
             return Err(StageError::Refused(format!(
-                "more than {MAX_ENTRIES} files"
+                "more than {} files (DREAM_MAX_ENTRIES)",
+                max_entries()
             )));
         }
         hash.0.write(rel.as_os_str().as_encoded_bytes());
@@ -302,12 +314,13 @@ pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stat
     let mut stats = Stats::default();
     let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
     let mut entries = 0u64;
+    let limit = max_entries();
     for entry in archive.entries().map_err(io_at(tarball))? {
         let mut entry = entry.map_err(io_at(tarball))?;
         entries += 1;
-        if entries > MAX_ENTRIES {
+        if entries > limit {
             return Err(StageError::Refused(format!(
-                "the tarball has more than {MAX_ENTRIES} entries"
+                "the tarball has more than {limit} entries (DREAM_MAX_ENTRIES)"
             )));
         }
         let raw = entry.path().map_err(io_at(tarball))?.into_owned();

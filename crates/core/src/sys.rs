@@ -218,6 +218,15 @@ impl ExecImage {
             if self.new_process_group && libc::setpgid(0, 0) != 0 {
                 return errno();
             }
+            // Credentials first: changing them clears PR_SET_PDEATHSIG.
+            if let Some((uid, gid)) = self.ids {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return errno();
+                }
+            }
             if let Some(sig) = self.parent_death_signal {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
                     return errno();
@@ -246,14 +255,6 @@ impl ExecImage {
             mark_cloexec_from(3);
             for &(high, target) in &self.fd_map {
                 if libc::dup2(high, target) < 0 {
-                    return errno();
-                }
-            }
-            if let Some((uid, gid)) = self.ids {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
                     return errno();
                 }
             }

@@ -511,8 +511,14 @@ fn run(cmd: Cmd) -> Result {
             &a.program,
         ),
         Cmd::Listen(a) => {
-            let (specs, program) = tools::split_specs(&a.args)?;
-            tools::listen(&specs, a.backlog, a.user.as_deref(), a.verbose, &program)
+            let line = tools::split_specs(&a.args)?;
+            tools::listen(
+                &line.specs,
+                line.backlog.unwrap_or(a.backlog),
+                line.user.as_deref().or(a.user.as_deref()),
+                a.verbose || line.verbose,
+                &line.program,
+            )
         }
         Cmd::Loop(a) => tools::run_loop(&a.delay, &a.program),
         Cmd::Lock(a) => tools::lock(&a.file, a.no_wait, &a.program),

@@ -13,10 +13,27 @@ use dream_core::spec::ListenSpec;
 
 use crate::exit::{Failure, Result};
 
-/// Splits `SPEC... [--] PROGRAM...`: leading arguments that parse as listen
-/// specs, up to the first that does not (or an explicit `--`).
-pub fn split_specs(args: &[OsString]) -> Result<(Vec<ListenSpec>, Vec<OsString>)> {
-    let mut specs = Vec::new();
+/// What `dream listen` found on its command line.
+pub struct ListenLine {
+    pub specs: Vec<ListenSpec>,
+    pub program: Vec<OsString>,
+    /// `--backlog`, `--user`, `-v` written among the specs.
+    pub backlog: Option<u32>,
+    pub user: Option<String>,
+    pub verbose: bool,
+}
+
+/// Splits `SPEC... [--backlog N] [--user U[:G]] [-v] [--] PROGRAM...`:
+/// leading arguments that parse as listen specs (or are these options), up
+/// to the first that does not, or an explicit `--`.
+pub fn split_specs(args: &[OsString]) -> Result<ListenLine> {
+    let mut line = ListenLine {
+        specs: Vec::new(),
+        program: Vec::new(),
+        backlog: None,
+        user: None,
+        verbose: false,
+    };
     let mut rest = args;
     while let Some((first, tail)) = rest.split_first() {
         if first == "--" {
@@ -24,18 +41,45 @@ pub fn split_specs(args: &[OsString]) -> Result<(Vec<ListenSpec>, Vec<OsString>)
             break;
         }
         let Some(s) = first.to_str() else { break };
+        let value = |name: &str| -> Result<String> {
+            tail.first()
+                .and_then(|v| v.to_str())
+                .map(str::to_string)
+                .ok_or_else(|| Failure::usage(format!("listen: {name} needs a value")))
+        };
+        match s {
+            "--backlog" => {
+                let v = value("--backlog")?;
+                line.backlog = Some(v.parse().map_err(|_| {
+                    Failure::usage(format!("listen: --backlog {v:?} is not a number"))
+                })?);
+                rest = &tail[1..];
+                continue;
+            }
+            "--user" => {
+                line.user = Some(value("--user")?);
+                rest = &tail[1..];
+                continue;
+            }
+            "-v" | "--verbose" => {
+                line.verbose = true;
+                rest = tail;
+                continue;
+            }
+            _ => {}
+        }
         match s.parse::<ListenSpec>() {
-            Ok(spec) => specs.push(spec),
+            Ok(spec) => line.specs.push(spec),
             // The first thing that looks like neither a spec nor a program
             // path is a malformed spec: say so rather than trying to run it.
-            Err(e) if specs.is_empty() && (s.contains(':') || s.parse::<u16>().is_ok()) => {
+            Err(e) if line.specs.is_empty() && (s.contains(':') || s.parse::<u16>().is_ok()) => {
                 return Err(Failure::usage(e));
             }
             Err(_) => break,
         }
         rest = tail;
     }
-    if specs.is_empty() {
+    if line.specs.is_empty() {
         return Err(Failure::usage(
             "listen: no listen spec (usage: dream listen SPEC... PROGRAM...)",
         ));
@@ -45,7 +89,8 @@ pub fn split_specs(args: &[OsString]) -> Result<(Vec<ListenSpec>, Vec<OsString>)
             "listen: no program to run after the listen specs",
         ));
     }
-    Ok((specs, rest.to_vec()))
+    line.program = rest.to_vec();
+    Ok(line)
 }
 
 /// Binds every spec, saying when the kernel caps the backlog.

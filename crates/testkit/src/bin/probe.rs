@@ -31,6 +31,8 @@ struct Modes {
     hang: bool,
     exit_after_report: bool,
     stderr: Option<String>,
+    /// Exit with status 4 this long after becoming ready.
+    exit_after_ms: Option<u64>,
 }
 
 fn main() {
@@ -51,6 +53,7 @@ fn main() {
             "--hang" => m.hang = true,
             "--exit-after-report" => m.exit_after_report = true,
             "--stderr" => m.stderr = args.next(),
+            "--exit-after-ms" => m.exit_after_ms = args.next().and_then(|v| v.parse().ok()),
             other => {
                 eprintln!("dream-probe: unknown argument {other}");
                 std::process::exit(100);
@@ -100,6 +103,12 @@ fn main() {
     let release = std::env::var("DREAM_RELEASE").unwrap_or_default();
     if !m.never_ready {
         let _ = protocol::notify("READY=1");
+    }
+    if let Some(ms) = m.exit_after_ms {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            std::process::exit(4);
+        });
     }
     // One thread accepts, so that once a signal is seen no connection can
     // be accepted and then dropped at exit.
@@ -185,7 +194,18 @@ fn report() -> Value {
         .collect();
     numbers.sort();
     let fds: Vec<Value> = numbers.into_iter().filter_map(describe_fd).collect();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
     json!({
+        "uid": field("Uid:"),
+        "gid": field("Gid:"),
+        "groups": field("Groups:"),
         "pid": std::process::id(),
         "ppid": nix::unistd::getppid().as_raw(),
         "pgid": nix::unistd::getpgrp().as_raw(),

@@ -1,0 +1,478 @@
+//! Faults, hostile input and privileges: what breaks the alternatives must
+//! not break dream. Each case is bounded; the long soak is
+//! `DREAM_SOAK=1000 cargo test --test reliability soak` (see RELIABILITY.md).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dream_testkit::{
+    Guard, Referee, Root, Tree, alive, bin, get, live_pids, probe, read_report, run, wait_until,
+};
+use nix::sys::signal::Signal;
+
+const STATIC: &str = r#"exec "$DREAM_BIN" static --drain-grace 300ms"#;
+
+fn serve_on(root: &Root, listen: &[&str], extra: &[&str]) -> Guard {
+    let mut cmd = Command::new(bin("dream"));
+    cmd.arg("serve").arg("--root").arg(root.path());
+    for l in listen {
+        cmd.args(["--listen", l]);
+    }
+    cmd.args(extra)
+        .args(["--", "./run"])
+        .env("DREAM_BIN", bin("dream"))
+        .env("PROBE_BIN", probe());
+    let g = Guard::spawn(&mut cmd);
+    root.wait_supervisor();
+    g
+}
+
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn rss_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_killed_supervisor_leaves_no_orphans_and_restarts_on_the_same_addresses() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    let sock = root.path().join("app.sock");
+    let unix = format!("unix:{}", sock.display());
+    let mut first = serve_on(
+        &root,
+        &["127.0.0.1:0", &unix],
+        &["--workers", "2", "--ready", "notify"],
+    );
+    let addr = first.listening_addr();
+    let workers = live_pids(&root.wait_live("a", 2));
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(10));
+    for pid in &workers {
+        wait_until(
+            Duration::from_secs(10),
+            "workers to die with their supervisor",
+            || (!alive(*pid)).then_some(()),
+        );
+    }
+    // Same port, same Unix path (now stale), same control socket path.
+    let spec = addr.to_string();
+    let _second = serve_on(
+        &root,
+        &[&spec, &unix],
+        &["--workers", "1", "--ready", "notify"],
+    );
+    root.wait_live("a", 1);
+    assert_eq!(get(addr, "/", &[]).status, 200);
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[test]
+fn children_that_ignore_the_drain_signal_die_with_their_process_group() {
+    let root = Root::new();
+    let pids = root.tree.path().join("stragglers");
+    std::fs::create_dir(&pids).unwrap();
+    // The worker forks a helper that ignores TERM, then becomes the server.
+    let script = format!(
+        r#"trap '' TERM; sleep 1000 & echo $! > {}/$$; trap - TERM; exec "$DREAM_BIN" static --drain-grace 100ms"#,
+        pids.display()
+    );
+    root.release("a", &script);
+    root.release("b", STATIC);
+    root.switch("a");
+    let _sup = serve_on(
+        &root,
+        &["127.0.0.1:0"],
+        &[
+            "--workers",
+            "1",
+            "--ready",
+            "notify",
+            "--drain-timeout",
+            "5s",
+        ],
+    );
+    let worker = live_pids(&root.wait_live("a", 1))[0];
+    let straggler: i64 = wait_until(Duration::from_secs(10), "the helper's pid", || {
+        std::fs::read_to_string(pids.join(worker.to_string()))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    });
+    assert!(alive(straggler));
+    root.switch("b");
+    assert_eq!(root.control(r#"{"cmd":"reload"}"#)["ok"], true);
+    wait_until(
+        Duration::from_secs(15),
+        "the straggler to be killed",
+        || (!alive(straggler)).then_some(()),
+    );
+}
+
+#[test]
+fn workers_that_crash_after_ready_are_respawned_and_reported() {
+    let root = Root::new();
+    root.release("flaky", r#"exec "$PROBE_BIN" --serve --exit-after-ms 200"#);
+    root.switch("flaky");
+    let mut sup = serve_on(
+        &root,
+        &["127.0.0.1:0"],
+        &["--workers", "2", "--ready", "notify"],
+    );
+    let status = wait_until(Duration::from_secs(20), "several restarts", || {
+        let s = root.control(r#"{"cmd":"status"}"#);
+        (s["pool"]["restarts"].as_u64()? >= 4).then_some(s)
+    });
+    assert_eq!(status["ok"], true);
+    sup.wait_stderr("exited with status 4", Duration::from_secs(10));
+    assert!(
+        sup.child.try_wait().unwrap().is_none(),
+        "the supervisor keeps running"
+    );
+}
+
+#[test]
+fn a_full_disk_during_staging_is_temporary_and_leaves_current_intact() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1m",
+            "dream-test",
+            root.to_str().unwrap(),
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root and mount permission)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&root);
+    tree.write("small/public/index.html", "small\n");
+    let big: Vec<u8> = vec![7; 3 << 20];
+    tree.write("big/public/index.html", "big\n");
+    tree.write("big/public/blob.bin", &big);
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["deploy", "--root"])
+            .arg(&root)
+            .arg(tree.path().join("small")),
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{err}");
+    let before = std::fs::read_link(root.join("current")).unwrap();
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["deploy", "--root"])
+            .arg(&root)
+            .arg(tree.path().join("big")),
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(111), "{err}");
+    assert!(err.contains("No space left"), "{err}");
+    assert_eq!(std::fs::read_link(root.join("current")).unwrap(), before);
+    assert_eq!(
+        std::fs::read_dir(root.join(".dream/staging"))
+            .unwrap()
+            .count(),
+        0,
+        "staging cleaned"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("current/public/index.html")).unwrap(),
+        "small\n"
+    );
+}
+
+#[test]
+fn a_tar_bomb_is_refused_at_the_entry_limit() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let tarball = tree.path().join("bomb.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&tarball).unwrap());
+    for i in 0..101 {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, format!("f{i}"), std::io::empty())
+            .unwrap();
+    }
+    b.finish().unwrap();
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["deploy", "--root"])
+            .arg(&root)
+            .arg(&tarball)
+            .env("DREAM_MAX_ENTRIES", "100"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("more than 100 entries"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(root.join(".dream/staging"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn the_static_worker_serves_others_past_1000_idle_connections() {
+    let tree = Tree::new();
+    tree.write("public/index.html", "ok\n");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _w = Guard::spawn(
+        Command::new(bin("dream"))
+            .arg("static")
+            .current_dir(tree.path())
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                listener,
+            ))),
+    );
+    wait_until(Duration::from_secs(10), "the worker", || {
+        TcpStream::connect(addr).ok()
+    });
+    let idle: Vec<TcpStream> = (0..1000)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let t = Instant::now();
+    assert_eq!(get(addr, "/", &[]).text(), "ok\n");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(idle);
+}
+
+#[test]
+fn another_uid_cannot_control_the_supervisor() {
+    if !nix::unistd::geteuid().is_root()
+        || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!("skipped: needs root and setpriv to act as another user");
+        return;
+    }
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _sup = serve_on(&root, &["127.0.0.1:0"], &["--workers", "1"]);
+    let as_nobody = |args: &[&str]| {
+        run(
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(bin("dream"))
+                .args(args),
+            Duration::from_secs(20),
+        )
+    };
+    let root_arg = root.path().to_str().unwrap();
+    // The socket's mode (0600, owned by root) keeps nobody out.
+    let (status, _, err) = as_nobody(&["reload", "--root", root_arg]);
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("Permission denied") || err.contains("permission denied"),
+        "{err}"
+    );
+    // Even through a socket made world-writable, the peer credentials are checked.
+    let sock = root.path().join(".dream/control.sock");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (status, out, err) = as_nobody(&["status", "--root", root_arg, "--json"]);
+    assert!(
+        !status.success() || out.contains("permission denied"),
+        "{out}{err}"
+    );
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        root.control(r#"{"cmd":"status"}"#)["ok"],
+        true,
+        "still answering its owner"
+    );
+}
+
+#[test]
+fn workers_run_as_the_given_user_on_a_privileged_port() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to bind a privileged port and switch users");
+        return;
+    }
+    let root = Root::new();
+    let reports = root.tree.path().join("reports");
+    std::fs::create_dir(&reports).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for p in [root.tree.path().to_path_buf(), reports.clone()] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    root.release(
+        "a",
+        &format!(
+            r#"exec "$PROBE_BIN" --serve --report-dir {}"#,
+            reports.display()
+        ),
+    );
+    root.switch("a");
+    // A free privileged port on loopback.
+    let port = (900..1000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 1000");
+    let spec = format!("127.0.0.1:{port}");
+    let _sup = serve_on(
+        &root,
+        &[&spec],
+        &["--workers", "1", "--ready", "notify", "--user", "nobody"],
+    );
+    let pid = live_pids(&root.wait_live("a", 1))[0];
+    let r = read_report(&reports.join(format!("{pid}.json")));
+    assert!(
+        r["uid"].as_array().unwrap().iter().all(|u| u == "65534"),
+        "{r:#}"
+    );
+    assert!(
+        r["gid"].as_array().unwrap().iter().all(|g| g == "65534"),
+        "{r:#}"
+    );
+    assert!(
+        r["groups"].as_array().unwrap().is_empty(),
+        "supplementary groups dropped: {r:#}"
+    );
+    let text = get(format!("127.0.0.1:{port}").parse().unwrap(), "/", &[]).text();
+    assert!(text.contains("release a"), "{text}");
+    // The control socket and the lock are root's, not the worker user's.
+    let meta = std::fs::metadata(root.path().join(".dream/control.sock")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+    // dream listen --user drops privileges before exec'ing its program.
+    let report = root.tree.path().join("listen.json");
+    let port2 = (port + 1..1000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a second free port below 1000");
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args([
+                "listen",
+                &format!("127.0.0.1:{port2}"),
+                "--user",
+                "nobody",
+                "--",
+            ])
+            .arg(probe())
+            .arg("--report")
+            .arg(&report)
+            .arg("--exit-after-report"),
+        Duration::from_secs(20),
+    );
+    assert!(status.success(), "{err}");
+    let r = read_report(&report);
+    assert!(
+        r["uid"].as_array().unwrap().iter().all(|u| u == "65534"),
+        "{r:#}"
+    );
+    assert_eq!(r["fds"][3]["listening"], true);
+}
+
+/// Many reloads under load: no errors, and no growth in the supervisor's
+/// descriptors, memory or children; no zombies. `DREAM_SOAK=N` sets N
+/// (default 100 here; 1,000 for the report).
+#[test]
+fn soak_reloads_without_growth() {
+    let n: usize = std::env::var("DREAM_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.release("b", STATIC);
+    root.switch("a");
+    let mut sup = serve_on(
+        &root,
+        &["127.0.0.1:0"],
+        &["--workers", "2", "--ready", "notify"],
+    );
+    let addr = sup.listening_addr();
+    root.wait_live("a", 2);
+    let pid = sup.pid();
+    let referee = Referee::start(addr, true);
+    referee.wait_responses(50);
+    let (fds0, rss0) = (fd_count(pid), rss_kb(pid));
+    for i in 0..n {
+        root.switch(if i % 2 == 0 { "b" } else { "a" });
+        let answer = root.control(r#"{"cmd":"reload"}"#);
+        assert_eq!(answer["ok"], true, "reload {i}: {answer}");
+    }
+    referee.wait_responses(50);
+    let report = referee.finish();
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+    let status = wait_until(Duration::from_secs(20), "old generations to drain", || {
+        let s = root.control(r#"{"cmd":"status"}"#);
+        (s["pool"]["generations"].as_array()?.len() == 1).then_some(s)
+    });
+    wait_until(Duration::from_secs(10), "children to settle", || {
+        (children(pid).len() == 2).then_some(())
+    });
+    // A control client the supervisor has not yet seen hang up may hold
+    // one descriptor for a moment.
+    wait_until(Duration::from_secs(10), "descriptors to settle", || {
+        (fd_count(pid) <= fds0).then_some(())
+    });
+    let (fds1, rss1) = (fd_count(pid), rss_kb(pid));
+    eprintln!(
+        "soak: {n} reloads, {} responses, 0 errors; supervisor fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} kB",
+        report.responses
+    );
+    assert_eq!(fds1, fds0, "no descriptor leak");
+    assert!(rss1 <= rss0 + 512, "RSS grew from {rss0} to {rss1} kB");
+    assert!(children(pid).iter().all(|c| !is_zombie(*c)), "no zombies");
+    assert_eq!(status["pool"]["generations"][0]["id"], n as u64 + 1);
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(20)).success());
+}
