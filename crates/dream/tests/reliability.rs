@@ -337,6 +337,14 @@ fn another_uid_cannot_control_the_supervisor() {
         true,
         "still answering its owner"
     );
+    // Nor can that user switch this root's current (lock and root are root's).
+    let before = std::fs::read_link(root.path().join("current")).unwrap();
+    let (status, _, err) = as_nobody(&["rollback", "--root", root_arg, "a"]);
+    assert!(!status.success(), "{err}");
+    assert_eq!(
+        std::fs::read_link(root.path().join("current")).unwrap(),
+        before
+    );
 }
 
 #[test]
@@ -475,4 +483,266 @@ fn soak_reloads_without_growth() {
     assert_eq!(status["pool"]["generations"][0]["id"], n as u64 + 1);
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit(Duration::from_secs(20)).success());
+}
+
+fn stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+/// A site whose page names its release (stamped by the build) and whose
+/// `./run` serves it with dream static.
+fn stamped_site(tree: &Tree, name: &str) -> std::path::PathBuf {
+    tree.write(&format!("{name}/public/index.html"), "<p>release @R@</p>\n");
+    tree.write(&format!("{name}/run"), format!("#!/bin/sh\n{STATIC}\n"));
+    use std::os::unix::fs::PermissionsExt;
+    let run = tree.path().join(name).join("run");
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    tree.path().join(name)
+}
+
+const STAMP: &str = r#"sed -i "s/@R@/$DREAM_RELEASE/" public/index.html"#;
+
+/// kill -9 of `dream deploy` at every phase boundary, and while it waits for
+/// the reload, with a supervisor serving under load: `current` always names
+/// a complete release, the next deploy succeeds, no client sees an error.
+#[test]
+fn killed_deploys_under_load_lose_nothing() {
+    let tree = Tree::new();
+    let a = stamped_site(&tree, "a");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let deploy = |extra: &[(&str, &str)]| {
+        let mut cmd = Command::new(bin("dream"));
+        cmd.args(["deploy", "--root"])
+            .arg(&root)
+            .arg(&a)
+            .args(["--build", STAMP, "--keep", "3"]);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+    let (status, _, err) = run(&mut deploy(&[]), Duration::from_secs(60));
+    assert!(status.success(), "{err}");
+    let mut sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["serve", "--root"])
+            .arg(&root)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+                "--ready",
+                "notify",
+                "--",
+                "./run",
+            ])
+            .env("DREAM_BIN", bin("dream")),
+    );
+    let addr = sup.listening_addr();
+    wait_until(Duration::from_secs(20), "serving", || {
+        TcpStream::connect(addr)
+            .ok()
+            .map(|_| get(addr, "/", &[]).status == 200)
+            .filter(|ok| *ok)
+    });
+    let referee = Referee::start(addr, true);
+    for phase in ["locked", "staged", "built", "shared", "synced", "switched"] {
+        referee.wait_responses(20);
+        let g = Guard::spawn(&mut deploy(&[("DREAM_TEST_STOP_AFTER", phase)]));
+        let pid = g.pid();
+        wait_until(
+            Duration::from_secs(20),
+            &format!("deploy to stop after {phase}"),
+            || stopped(pid).then_some(()),
+        );
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+        drop(g);
+        let now = std::fs::read_link(root.join("current")).unwrap();
+        assert!(
+            root.join(&now).join("public/index.html").is_file(),
+            "{phase}: {now:?} is complete"
+        );
+        let (status, _, err) = run(&mut deploy(&[]), Duration::from_secs(60));
+        assert!(status.success(), "{phase}: {err}");
+        assert_eq!(
+            std::fs::read_dir(root.join(".dream/staging"))
+                .unwrap()
+                .count(),
+            0,
+            "{phase}"
+        );
+    }
+    // Killed while waiting for the reload (a release whose workers take a
+    // second to come up): the supervisor finishes the reload anyway.
+    let slow = stamped_site(&tree, "slow");
+    tree.write("slow/run", format!("#!/bin/sh\nsleep 1\n{STATIC}\n"));
+    let g = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["deploy", "--root"])
+            .arg(&root)
+            .arg(&slow)
+            .args(["--build", STAMP, "--keep", "3"]),
+    );
+    let pid = g.pid();
+    let control = |v: &str| {
+        dream_core::control::request(
+            &root,
+            &serde_json::from_str(v).unwrap(),
+            Some(Duration::from_secs(10)),
+        )
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the deploy's reload to be in progress",
+        || {
+            let s = control(r#"{"cmd":"status"}"#).ok()?;
+            s["pool"]["generations"]
+                .as_array()?
+                .iter()
+                .any(|g| g["state"] == "starting")
+                .then_some(())
+        },
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    drop(g);
+    wait_until(
+        Duration::from_secs(30),
+        "the reload to finish without its deploy",
+        || {
+            let s = control(r#"{"cmd":"status"}"#).ok()?;
+            let gens = s["pool"]["generations"].as_array()?.clone();
+            gens.iter().all(|g| g["state"] != "starting").then_some(())
+        },
+    );
+    let (status, _, err) = run(&mut deploy(&[]), Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "after a kill during the reload wait: {err}"
+    );
+    referee.wait_responses(50);
+    let report = referee.finish();
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// Many full deploys (stage, build, share, sync, switch, reload, prune)
+/// alternating two sites under load. `DREAM_SOAK_DEPLOYS=N` sets N
+/// (default 30 here; 1,000 for the report).
+#[test]
+fn soak_deploys_without_errors_or_leftovers() {
+    let n: usize = std::env::var("DREAM_SOAK_DEPLOYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let tree = Tree::new();
+    let sites = [stamped_site(&tree, "a"), stamped_site(&tree, "b")];
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let deploy = |site: &Path| {
+        run(
+            Command::new(bin("dream"))
+                .args(["deploy", "-q", "--root"])
+                .arg(&root)
+                .arg(site)
+                .args(["--build", STAMP, "--keep", "3"]),
+            Duration::from_secs(60),
+        )
+    };
+    assert!(deploy(&sites[0]).0.success());
+    let mut sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["serve", "-q", "--root"])
+            .arg(&root)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+                "--ready",
+                "notify",
+                "--",
+                "./run",
+            ])
+            .env("DREAM_BIN", bin("dream")),
+    );
+    let addr = sup.listening_addr();
+    wait_until(Duration::from_secs(20), "serving", || {
+        TcpStream::connect(addr)
+            .ok()
+            .map(|_| get(addr, "/", &[]).status == 200)
+            .filter(|ok| *ok)
+    });
+    let pid = sup.pid();
+    let referee = Referee::start(addr, true);
+    referee.wait_responses(20);
+    let fds0 = fd_count(pid);
+    for i in 0..n {
+        let (status, _, err) = deploy(&sites[(i + 1) % 2]);
+        assert!(status.success(), "deploy {i}: {err}");
+    }
+    referee.wait_responses(20);
+    let report = referee.finish();
+    wait_until(Duration::from_secs(10), "descriptors to settle", || {
+        (fd_count(pid) <= fds0).then_some(())
+    });
+    let releases = std::fs::read_dir(root.join("releases")).unwrap().count();
+    eprintln!(
+        "soak: {n} deploys, {} responses, {} errors, {} mixed; {releases} releases kept; supervisor fds {fds0} -> {}",
+        report.responses,
+        report.error_total,
+        report.mixed,
+        fd_count(pid)
+    );
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+    assert!(releases <= 5, "pruned: {releases}");
+    assert_eq!(
+        std::fs::read_dir(root.join(".dream/staging"))
+            .unwrap()
+            .count(),
+        0
+    );
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// A release whose workers run out of descriptors at start fails its
+/// reload; the old generation keeps serving without a client error.
+#[test]
+fn workers_out_of_descriptors_fail_the_reload_not_the_service() {
+    let root = Root::new();
+    root.release("good", STATIC);
+    root.release("starved", r#"ulimit -n 5; exec "$DREAM_BIN" static"#);
+    root.switch("good");
+    let mut sup = serve_on(
+        &root,
+        &["127.0.0.1:0"],
+        &["--workers", "2", "--ready", "notify"],
+    );
+    let addr = sup.listening_addr();
+    root.wait_live("good", 2);
+    let referee = Referee::start(addr, true);
+    referee.wait_responses(20);
+    root.switch("starved");
+    let answer = root.control(r#"{"cmd":"reload"}"#);
+    assert_eq!(answer["ok"], false, "{answer}");
+    let reason = answer["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        reason.contains("Too many open files") || reason.contains("exited"),
+        "{reason}"
+    );
+    referee.wait_responses(50);
+    let report = referee.finish();
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.releases.keys().collect::<Vec<_>>(), vec!["good"]);
 }
