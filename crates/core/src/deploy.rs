@@ -311,6 +311,11 @@ fn stage_build_switch(
         p.step("built", format!("`{cmd}`"));
     }
 
+    let linked = link_shared(store, staged).map_err(|e| io_failure("linking ROOT/shared", e))?;
+    if !linked.is_empty() {
+        p.step("linked", format!("shared/{{{}}}", linked.join(",")));
+    }
+
     let shared = if opts.build.is_some() || !matches!(opts.source, Source::Dir(_)) {
         stage::share(staged, prev_dir)?
     } else {
@@ -348,6 +353,34 @@ fn stage_build_switch(
         p.step("pruned", pruned.join(", "));
     }
     Ok(())
+}
+
+/// Links every top-level entry of `ROOT/shared/` (uploads, logs: data that
+/// outlives releases) into the staged release as a relative symlink,
+/// replacing whatever the source had at that path. Returns the names.
+fn link_shared(store: &Store, staged: &Path) -> std::io::Result<Vec<String>> {
+    let shared = store.root.join("shared");
+    let Ok(entries) = std::fs::read_dir(&shared) else {
+        return Ok(Vec::new());
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    for name in &names {
+        let at = staged.join(name);
+        if std::fs::symlink_metadata(&at).is_ok() {
+            if at.is_dir() && !at.is_symlink() {
+                release::remove_tree(&at)?;
+            } else {
+                std::fs::remove_file(&at)?;
+            }
+        }
+        std::os::unix::fs::symlink(Path::new("../../shared").join(name), &at)?;
+    }
+    Ok(names)
 }
 
 /// Switches `current` to `id`, asks a running supervisor to reload, and

@@ -448,9 +448,17 @@ impl Driver {
         let (generation, index) = (w.generation, w.index);
         let mut buf = [0u8; 4096];
         let mut ready = false;
+        let mut said = Vec::new();
         while let Ok(n) = w.notify.recv(&mut buf) {
-            let text = String::from_utf8_lossy(&buf[..n]);
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
             ready |= text.lines().any(|l| l.trim() == "READY=1");
+            said.push(text.replace('\n', " "));
+        }
+        for text in said {
+            self.log(
+                1,
+                &format!("worker {generation}.{index} (pid {pid}) says {text}"),
+            );
         }
         if ready {
             let actions = self.pool.ready(generation, index, Instant::now());
@@ -548,6 +556,10 @@ impl Driver {
     }
 
     fn on_request(&mut self, i: usize, id: Waiter, text: &str) {
+        self.log(
+            1,
+            &format!("control: {}", text.chars().take(200).collect::<String>()),
+        );
         let request: Request = match serde_json::from_str(text) {
             Ok(r) => r,
             Err(e) => {

@@ -149,8 +149,23 @@ struct PoolFlags {
     #[arg(long, value_name = "DUR")]
     drain_timeout: Option<String>,
     /// Only warnings and failures
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "verbose")]
     quiet: bool,
+    /// Also log control requests and workers' notifications
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+impl PoolFlags {
+    fn verbosity(&self) -> i8 {
+        if self.quiet {
+            -1
+        } else if self.verbose {
+            1
+        } else {
+            0
+        }
+    }
 }
 
 #[derive(Args)]
@@ -448,7 +463,7 @@ fn run(cmd: Cmd) -> Result {
                     .unwrap_or(dream_core::listen::DEFAULT_BACKLOG),
                 user: a.user.as_deref().or(file.user.as_deref()),
                 pool: pool_options(&a.pool, &file, a.workers),
-                verbosity: if a.pool.quiet { -1 } else { 0 },
+                verbosity: a.pool.verbosity(),
                 command: &command,
             })
         }
@@ -507,7 +522,7 @@ fn run(cmd: Cmd) -> Result {
             a.workers,
             a.relay_hup,
             pool_options(&a.pool, &config::Serve::default(), Some(a.workers)),
-            if a.pool.quiet { -1 } else { 0 },
+            a.pool.verbosity(),
             &a.program,
         ),
         Cmd::Listen(a) => {

@@ -579,3 +579,41 @@ fn wait_lock_waits_for_the_holder() {
     assert!(waiter.wait_exit(Duration::from_secs(30)).success());
     assert!(staging_is_empty(&root));
 }
+
+#[test]
+fn root_shared_is_linked_into_every_release() {
+    let tree = Tree::new();
+    let src = site(&tree, "a");
+    tree.write("a/uploads/stale.txt", "from the source\n");
+    let root = tree.path().join("root");
+    std::fs::create_dir_all(root.join("shared/uploads")).unwrap();
+    std::fs::write(
+        root.join("shared/uploads/photo.txt"),
+        "kept across releases\n",
+    )
+    .unwrap();
+    let r1 = deploy_json(&root, &src, &[]);
+    let r2 = deploy_json(&root, &src, &[]);
+    for r in [&r1, &r2] {
+        let rel = root.join("releases").join(r["release"].as_str().unwrap());
+        assert_eq!(
+            std::fs::read_link(rel.join("uploads")).unwrap(),
+            Path::new("../../shared/uploads")
+        );
+        assert!(
+            !rel.join("uploads/stale.txt").exists(),
+            "the shared directory wins"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(root.join("current/uploads/photo.txt")).unwrap(),
+        "kept across releases\n"
+    );
+    assert!(
+        r2["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["phase"] == "linked")
+    );
+}
