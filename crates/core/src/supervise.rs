@@ -449,10 +449,21 @@ impl Driver {
         let mut buf = [0u8; 4096];
         let mut ready = false;
         let mut said = Vec::new();
-        while let Ok(n) = w.notify.recv(&mut buf) {
-            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            ready |= text.lines().any(|l| l.trim() == "READY=1");
-            said.push(text.replace('\n', " "));
+        let trusted = |uid: u32| {
+            uid == 0
+                || uid == nix::unistd::geteuid().as_raw()
+                || self.cfg.user.is_some_and(|(u, _)| u == uid)
+        };
+        while let Some((n, uid)) = recv_with_uid(&w.notify, &mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).replace('\n', " ");
+            // The socket's name is not a secret: only the worker's user (or
+            // root, or ours) may make it ready.
+            if !uid.is_some_and(trusted) {
+                said.push(format!("{text} (ignored: sent by uid {uid:?})"));
+                continue;
+            }
+            ready |= text.split(' ').any(|l| l == "READY=1");
+            said.push(text);
         }
         for text in said {
             self.log(
@@ -719,6 +730,8 @@ impl Driver {
         );
         let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| e.to_string())?;
         let notify = UnixDatagram::bind_addr(&addr).map_err(|e| format!("notify socket: {e}"))?;
+        nix::sys::socket::setsockopt(&notify, nix::sys::socket::sockopt::PassCred, &true)
+            .map_err(|e| format!("notify socket: {e}"))?;
         notify.set_nonblocking(true).map_err(|e| e.to_string())?;
         let (rd, wr) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
@@ -775,6 +788,26 @@ impl Driver {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// One datagram without waiting, and the uid the kernel says sent it.
+fn recv_with_uid(sock: &UnixDatagram, buf: &mut [u8]) -> Option<(usize, Option<u32>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, UnixCredentials, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(UnixCredentials);
+    let msg = recvmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .ok()?;
+    let uid = msg.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::ScmCredentials(c) => Some(c.uid()),
+        _ => None,
+    });
+    Some((msg.bytes, uid))
 }
 
 fn reply(stream: &mut UnixStream, v: &Value) -> io::Result<()> {

@@ -746,3 +746,57 @@ fn workers_out_of_descriptors_fail_the_reload_not_the_service() {
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.releases.keys().collect::<Vec<_>>(), vec!["good"]);
 }
+
+/// The notify socket's name is visible to every local process: only the
+/// worker's user (or root, or the supervisor's) may make a worker ready.
+#[test]
+fn readiness_from_another_uid_is_ignored() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root and setpriv to send as another user");
+        return;
+    }
+    let root = Root::new();
+    let reports = root.tree.path().join("reports");
+    std::fs::create_dir(&reports).unwrap();
+    root.release(
+        "a",
+        &format!(
+            r#"exec "$PROBE_BIN" --serve --never-ready --report-dir {}"#,
+            reports.display()
+        ),
+    );
+    root.switch("a");
+    let mut sup = serve_on(
+        &root,
+        &["127.0.0.1:0"],
+        &["--workers", "1", "--ready", "notify", "-v"],
+    );
+    let status = root.control(r#"{"cmd":"status"}"#);
+    let pid = live_pids(&status)[0];
+    let r = read_report(&reports.join(format!("{pid}.json")));
+    let socket = r["env"]["NOTIFY_SOCKET"].as_str().unwrap().to_string();
+    let send = |as_nobody: bool| {
+        let mut cmd = if as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(probe());
+            c
+        } else {
+            Command::new(probe())
+        };
+        let (status, _, err) = run(
+            cmd.args(["--send-notify", &socket, "READY=1"]),
+            Duration::from_secs(20),
+        );
+        assert!(status.success(), "{err}");
+    };
+    send(true);
+    sup.wait_stderr("ignored: sent by uid Some(65534)", Duration::from_secs(10));
+    let s = root.control(r#"{"cmd":"status"}"#);
+    assert_eq!(
+        s["pool"]["generations"][0]["workers"][0]["state"], "starting",
+        "{s}"
+    );
+    send(false);
+    root.wait_live("a", 1);
+}

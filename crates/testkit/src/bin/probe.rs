@@ -54,6 +54,20 @@ fn main() {
             "--exit-after-report" => m.exit_after_report = true,
             "--stderr" => m.stderr = args.next(),
             "--exit-after-ms" => m.exit_after_ms = args.next().and_then(|v| v.parse().ok()),
+            "--send-notify" => {
+                // Send one sd_notify datagram (to test who may), then exit.
+                let (Some(to), Some(text)) = (args.next(), args.next()) else {
+                    eprintln!("dream-probe: --send-notify SOCKET TEXT");
+                    std::process::exit(100);
+                };
+                match protocol::notify_to(std::ffi::OsStr::new(&to), &text) {
+                    Ok(()) => std::process::exit(0),
+                    Err(e) => {
+                        eprintln!("dream-probe: {to}: {e}");
+                        std::process::exit(1);
+                    }
+                }
+            }
             other => {
                 eprintln!("dream-probe: unknown argument {other}");
                 std::process::exit(100);
