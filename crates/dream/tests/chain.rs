@@ -5,19 +5,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use dream_testkit::{Guard, Referee, Tree, bin, get, wait_until};
+use dream_testkit::{Guard, Referee, Tree, bin, children, get, wait_until};
 use nix::sys::signal::Signal;
 
 const RESTARTS: usize = 20;
-
-/// The pids of `pid`'s children.
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect()
-}
 
 fn chain_under_load(keep_alive: bool) {
     let tree = Tree::new();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use dream_testkit::{Guard, Referee, Tree, alive, bin, get, live_pids, run, wait_until};
+use dream_testkit::{Guard, Referee, Tree, alive, bin, live_pids, run, stopped, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -334,16 +334,6 @@ fn bad_ids_and_a_real_current_directory_are_usage_errors() {
     assert!(err.contains("not a symlink"), "{err}");
 }
 
-fn stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('T'))
-        })
-        .unwrap_or(false)
-}
-
 #[test]
 fn concurrent_deploys_exactly_one_wins_and_kill_9_at_every_phase_is_harmless() {
     let tree = Tree::new();
@@ -413,26 +403,8 @@ fn deploys_rollbacks_and_a_crashing_release_under_load() {
     // Each release's page names its own id, as the referee expects.
     let stamp = r#"echo "<p>release $DREAM_RELEASE</p>" > public/index.html"#;
     deploy_json(&root, &a, &["--id", "a1", "--build", stamp]);
-    let mut sup = Guard::spawn(
-        Command::new(bin("dream"))
-            .args(["serve", "--root"])
-            .arg(&root)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--workers",
-                "2",
-                "--ready",
-                "notify",
-                "--",
-                "./run",
-            ])
-            .env("DREAM_BIN", bin("dream")),
-    );
-    let addr = sup.listening_addr();
-    wait_until(Duration::from_secs(20), "serving", || {
-        (get(addr, "/", &[]).status == 200).then_some(())
-    });
+    let (mut sup, addr) =
+        dream_testkit::serve_root(&root, &["--workers", "2", "--ready", "notify"]);
     let referee = Referee::start(addr, true);
     for i in 0..8 {
         let src = if i % 2 == 0 { &b } else { &a };

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dream_testkit::{
-    Guard, Referee, Root, Tree, alive, bin, get, live_pids, probe, read_report, run, wait_until,
+    Guard, Referee, Root, Tree, alive, bin, children, get, live_pids, probe, read_report, run,
+    stopped, wait_until,
 };
 use nix::sys::signal::Signal;
 
@@ -44,24 +45,6 @@ fn rss_kb(pid: i32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect()
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 #[test]
@@ -479,20 +462,15 @@ fn soak_reloads_without_growth() {
     );
     assert_eq!(fds1, fds0, "no descriptor leak");
     assert!(rss1 <= rss0 + 512, "RSS grew from {rss0} to {rss1} kB");
-    assert!(children(pid).iter().all(|c| !is_zombie(*c)), "no zombies");
+    assert!(
+        children(pid)
+            .iter()
+            .all(|c| dream_testkit::state((*c).into()) != Some('Z')),
+        "no zombies"
+    );
     assert_eq!(status["pool"]["generations"][0]["id"], n as u64 + 1);
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit(Duration::from_secs(20)).success());
-}
-
-fn stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('T'))
-        })
-        .unwrap_or(false)
 }
 
 /// A site whose page names its release (stamped by the build) and whose
@@ -530,29 +508,8 @@ fn killed_deploys_under_load_lose_nothing() {
     };
     let (status, _, err) = run(&mut deploy(&[]), Duration::from_secs(60));
     assert!(status.success(), "{err}");
-    let mut sup = Guard::spawn(
-        Command::new(bin("dream"))
-            .args(["serve", "--root"])
-            .arg(&root)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--workers",
-                "2",
-                "--ready",
-                "notify",
-                "--",
-                "./run",
-            ])
-            .env("DREAM_BIN", bin("dream")),
-    );
-    let addr = sup.listening_addr();
-    wait_until(Duration::from_secs(20), "serving", || {
-        TcpStream::connect(addr)
-            .ok()
-            .map(|_| get(addr, "/", &[]).status == 200)
-            .filter(|ok| *ok)
-    });
+    let (mut sup, addr) =
+        dream_testkit::serve_root(&root, &["--workers", "2", "--ready", "notify"]);
     let referee = Referee::start(addr, true);
     for phase in ["locked", "staged", "built", "shared", "synced", "switched"] {
         referee.wait_responses(20);
@@ -659,29 +616,8 @@ fn soak_deploys_without_errors_or_leftovers() {
         )
     };
     assert!(deploy(&sites[0]).0.success());
-    let mut sup = Guard::spawn(
-        Command::new(bin("dream"))
-            .args(["serve", "-q", "--root"])
-            .arg(&root)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--workers",
-                "2",
-                "--ready",
-                "notify",
-                "--",
-                "./run",
-            ])
-            .env("DREAM_BIN", bin("dream")),
-    );
-    let addr = sup.listening_addr();
-    wait_until(Duration::from_secs(20), "serving", || {
-        TcpStream::connect(addr)
-            .ok()
-            .map(|_| get(addr, "/", &[]).status == 200)
-            .filter(|ok| *ok)
-    });
+    let (mut sup, addr) =
+        dream_testkit::serve_root(&root, &["--workers", "2", "--ready", "notify"]);
     let pid = sup.pid();
     let referee = Referee::start(addr, true);
     referee.wait_responses(20);

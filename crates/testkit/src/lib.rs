@@ -420,13 +420,13 @@ pub fn live_pids(status: &serde_json::Value) -> Vec<i64> {
 
 /// True while a process with this pid exists (and is not a zombie).
 pub fn alive(pid: i64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .is_some_and(|zombie| !zombie)
+    state(pid).is_some_and(|c| c != 'Z')
+}
+
+/// The state letter of process `pid` (`R`, `S`, `T`, `Z`…) from /proc.
+pub fn state(pid: i64) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// The referee (`dream check`) running on a thread against `addr`.
@@ -484,4 +484,42 @@ pub fn wait_open(pid: i32, path: &Path) {
                 .then_some(())
         },
     );
+}
+
+/// The pids of `pid`'s children.
+pub fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// True while process `pid` is stopped (SIGSTOP).
+pub fn stopped(pid: i32) -> bool {
+    state(pid.into()) == Some('T')
+}
+
+/// `dream serve --root ROOT --listen 127.0.0.1:0 EXTRA -- ./run` (with
+/// `$DREAM_BIN` and `$PROBE_BIN` set for the release's script), once it
+/// answers `GET /` with 200.
+pub fn serve_root(root: &Path, extra: &[&str]) -> (Guard, SocketAddr) {
+    let mut sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["serve", "--root"])
+            .arg(root)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .args(["--", "./run"])
+            .env("DREAM_BIN", bin("dream"))
+            .env("PROBE_BIN", probe()),
+    );
+    let addr = sup.listening_addr();
+    wait_until(Duration::from_secs(20), "the supervisor to serve", || {
+        TcpStream::connect(addr)
+            .ok()
+            .map(|_| get(addr, "/", &[]).status == 200)
+            .filter(|ok| *ok)
+    });
+    (sup, addr)
 }
