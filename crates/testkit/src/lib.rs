@@ -28,8 +28,9 @@ pub fn bin(name: &str) -> PathBuf {
     );
 }
 
+/// The probe worker (an example of this crate, built by `cargo test --workspace`).
 pub fn probe() -> PathBuf {
-    bin("dream-probe")
+    bin("examples/dream-probe")
 }
 
 /// Polls `f` until it returns `Some`, or panics after `limit` naming `what`.
