@@ -464,7 +464,7 @@ impl Pool {
                     outcome: Ok((generation, release)),
                 });
                 actions.extend(self.start_queued());
-                actions.extend(self.limit_draining());
+                actions.extend(self.limit_draining(now));
             }
             GenState::Draining { .. } => {}
         }
@@ -532,7 +532,7 @@ impl Pool {
     }
 
     /// Too many generations draining at once: kill the oldest.
-    fn limit_draining(&mut self) -> Vec<Action> {
+    fn limit_draining(&mut self, now: Instant) -> Vec<Action> {
         let draining: Vec<GenId> = self
             .gens
             .iter()
@@ -545,7 +545,6 @@ impl Pool {
             actions.push(Action::Log(format!(
                 "too many generations draining: killing generation {id}"
             )));
-            let now = Instant::now();
             actions.extend(self.kill(id, now));
         }
         actions
@@ -1278,6 +1277,28 @@ mod tests {
             kills(&pool.tick(t0 + Duration::from_secs(4))).is_empty(),
             "once"
         );
+    }
+
+    #[test]
+    fn at_most_max_draining_generations_drain_at_once() {
+        let (mut pool, mut pid, t0) = live_pool(1);
+        pool.settings.max_draining = 2;
+        // Each reload leaves one more stubborn generation draining.
+        for (i, id) in ["b", "c", "d"].iter().enumerate() {
+            pool.request_reload(None);
+            let a = pool.begin_generation(rel(id), t0);
+            run(&mut pool, a, &mut pid, t0);
+            let a = pool.ready(i as u64 + 2, 0, t0);
+            if i < 2 {
+                assert!(kills(&a).is_empty(), "{i}: within the limit");
+            } else {
+                assert_eq!(
+                    kills(&a),
+                    vec![1],
+                    "the oldest draining generation is killed"
+                );
+            }
+        }
     }
 
     #[test]
