@@ -84,6 +84,8 @@ pub struct Report {
     pub bytes: u64,
     pub shared_files: u64,
     pub shared_bytes: u64,
+    /// Shared as copy-on-write clones (reflinks) rather than hard links.
+    pub reflinked_files: u64,
     pub generation: Option<u64>,
     pub supervisor: bool,
     pub pruned: Vec<String>,
@@ -323,13 +325,19 @@ fn stage_build_switch(
     };
     p.report.shared_files = shared.shared_files;
     p.report.shared_bytes = shared.shared_bytes;
+    p.report.reflinked_files = shared.reflinked_files;
     p.step(
         "shared",
         match &previous {
             Some(prev) => format!(
-                "{} files, {} with {prev}",
+                "{} files, {} with {prev} ({})",
                 shared.shared_files,
-                human_bytes(shared.shared_bytes)
+                human_bytes(shared.shared_bytes),
+                if shared.reflinked_files > 0 {
+                    "copy-on-write clones"
+                } else {
+                    "hard links"
+                }
             ),
             None => "nothing to share with (first release)".into(),
         },

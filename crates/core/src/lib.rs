@@ -23,7 +23,7 @@ pub mod stage;
 pub mod supervise;
 mod sys;
 
-pub use sys::{single_threaded, with_raw_fd};
+pub use sys::{reflink, single_threaded, with_raw_fd};
 
 /// `250ms`, `1.5s`, `2m03s`: a duration for log lines.
 pub fn fmt_duration(d: std::time::Duration) -> String {

@@ -82,6 +82,58 @@ pub struct Stats {
     pub bytes: u64,
     pub shared_files: u64,
     pub shared_bytes: u64,
+    /// Of the shared files, how many are reflinks (copy-on-write clones)
+    /// rather than hard links.
+    pub reflinked_files: u64,
+}
+
+/// Set once a reflink has failed for want of filesystem support, so that
+/// the rest of the tree goes straight to hard links.
+static NO_REFLINK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes `at` share `prev`'s data: a reflink (an independent inode whose
+/// blocks are shared copy-on-write, so no write can ever reach `prev`)
+/// where the filesystem supports it, else a hard link. `at` may exist (it is
+/// replaced atomically). Returns whether it was a reflink.
+fn share_file(prev: &Path, at: &Path, frozen: bool) -> io::Result<bool> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let tmp = at.with_file_name(format!(".dream-share-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    if !NO_REFLINK.load(Relaxed) {
+        let src = File::open(prev)?;
+        let meta = src.metadata()?;
+        let dst = File::options().write(true).create_new(true).open(&tmp)?;
+        match crate::sys::reflink(&src, &dst) {
+            Ok(()) => {
+                let mode = if frozen {
+                    meta.mode() & 0o555
+                } else {
+                    meta.mode() & 0o777 | 0o200
+                };
+                dst.set_permissions(fs::Permissions::from_mode(mode))?;
+                dst.set_modified(meta.modified()?)?;
+                fs::rename(&tmp, at)?;
+                return Ok(true);
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                let unsupported = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP)
+                        | Some(libc::EXDEV)
+                        | Some(libc::EINVAL)
+                        | Some(libc::ENOTTY)
+                );
+                if !unsupported {
+                    return Err(e);
+                }
+                NO_REFLINK.store(true, Relaxed);
+            }
+        }
+    }
+    fs::hard_link(prev, &tmp)?;
+    fs::rename(&tmp, at)?;
+    Ok(false)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -255,10 +307,11 @@ fn copy_into(
             stats.bytes += meta.len();
             if let Some(prev) = opts.share_from.map(|p| p.join(&rel))
                 && quick_same(&meta, &prev)
-                && fs::hard_link(&prev, &to).is_ok()
+                && let Ok(reflinked) = share_file(&prev, &to, opts.freeze)
             {
                 stats.shared_files += 1;
                 stats.shared_bytes += meta.len();
+                stats.reflinked_files += u64::from(reflinked);
                 continue;
             }
             copy_file(&from, &to, &meta, opts.freeze)?;
@@ -532,13 +585,11 @@ fn share_into(
         if !(quick_same(&meta, &other) || same_content(&path, &other).map_err(io_at(&path))?) {
             continue;
         }
-        let tmp = path.with_file_name(format!(".dream-share-{}", std::process::id()));
-        let _ = fs::remove_file(&tmp);
-        if fs::hard_link(&other, &tmp).is_ok() {
-            fs::rename(&tmp, &path).map_err(io_at(&path))?;
-            stats.shared_files += 1;
-            stats.shared_bytes += meta.len();
-        }
+        // Not frozen yet: the whole tree is frozen after sharing.
+        let reflinked = share_file(&other, &path, false).map_err(io_at(&path))?;
+        stats.shared_files += 1;
+        stats.shared_bytes += meta.len();
+        stats.reflinked_files += u64::from(reflinked);
     }
     Ok(())
 }

@@ -736,3 +736,92 @@ fn readiness_from_another_uid_is_ignored() {
     send(false);
     root.wait_live("a", 1);
 }
+
+/// On a filesystem with reflinks (XFS made by the test on a loop device),
+/// unchanged files are copy-on-write clones: separate inodes, so even root
+/// writing into the new release cannot change the old one.
+#[test]
+fn reflinks_where_the_filesystem_has_them() {
+    let have = Command::new("mkfs.xfs")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !nix::unistd::geteuid().is_root() || !have {
+        eprintln!("skipped: needs root and mkfs.xfs (xfsprogs) to make a reflink filesystem");
+        return;
+    }
+    let tree = Tree::new();
+    let image = tree.path().join("xfs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.xfs")
+        .args(["-q", "-m", "reflink=1"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        mkfs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mkfs.stderr)
+    );
+    let mnt = tree.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&mnt)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a loop device here");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&mnt);
+    let src = mnt.join("src");
+    for i in 0..20 {
+        std::fs::create_dir_all(src.join("public")).unwrap();
+        std::fs::write(src.join(format!("public/{i}.txt")), format!("file {i}\n")).unwrap();
+    }
+    let root = mnt.join("root");
+    std::fs::create_dir(&root).unwrap();
+    let deploy = || {
+        let (status, out, err) = run(
+            Command::new(bin("dream"))
+                .args(["deploy", "--json", "--root"])
+                .arg(&root)
+                .arg(&src),
+            Duration::from_secs(60),
+        );
+        assert!(status.success(), "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let first = deploy();
+    std::fs::write(src.join("public/0.txt"), "changed\n").unwrap();
+    let second = deploy();
+    assert_eq!(second["shared_files"], 19, "{second}");
+    assert_eq!(second["reflinked_files"], 19, "{second}");
+    let old = root
+        .join("releases")
+        .join(first["release"].as_str().unwrap())
+        .join("public/5.txt");
+    let new = root
+        .join("releases")
+        .join(second["release"].as_str().unwrap())
+        .join("public/5.txt");
+    use std::os::unix::fs::MetadataExt;
+    assert_ne!(
+        std::fs::metadata(&old).unwrap().ino(),
+        std::fs::metadata(&new).unwrap().ino()
+    );
+    // Root ignores the read-only bits; the clone still protects the old release.
+    std::fs::write(&new, "scribbled\n").unwrap();
+    assert_eq!(std::fs::read_to_string(&old).unwrap(), "file 5\n");
+}
