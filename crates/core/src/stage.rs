@@ -93,16 +93,20 @@ static NO_REFLINK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool
 
 /// Makes `at` share `prev`'s data: a reflink (an independent inode whose
 /// blocks are shared copy-on-write, so no write can ever reach `prev`)
-/// where the filesystem supports it, else a hard link. `at` may exist (it is
-/// replaced atomically). Returns whether it was a reflink.
-fn share_file(prev: &Path, at: &Path, frozen: bool) -> io::Result<bool> {
+/// where the filesystem supports it, else a hard link. With `replace`, `at`
+/// exists and is replaced atomically (through a temporary name); without,
+/// it is created directly. Returns whether it was a reflink.
+fn share_file(prev: &Path, at: &Path, frozen: bool, replace: bool) -> io::Result<bool> {
     use std::sync::atomic::Ordering::Relaxed;
     let tmp = at.with_file_name(format!(".dream-share-{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
+    let target = if replace { &tmp } else { at };
+    if replace {
+        let _ = fs::remove_file(&tmp);
+    }
     if !NO_REFLINK.load(Relaxed) {
         let src = File::open(prev)?;
         let meta = src.metadata()?;
-        let dst = File::options().write(true).create_new(true).open(&tmp)?;
+        let dst = File::options().write(true).create_new(true).open(target)?;
         match crate::sys::reflink(&src, &dst) {
             Ok(()) => {
                 let mode = if frozen {
@@ -112,11 +116,13 @@ fn share_file(prev: &Path, at: &Path, frozen: bool) -> io::Result<bool> {
                 };
                 dst.set_permissions(fs::Permissions::from_mode(mode))?;
                 dst.set_modified(meta.modified()?)?;
-                fs::rename(&tmp, at)?;
+                if replace {
+                    fs::rename(&tmp, at)?;
+                }
                 return Ok(true);
             }
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                let _ = fs::remove_file(target);
                 let unsupported = matches!(
                     e.raw_os_error(),
                     Some(libc::EOPNOTSUPP)
@@ -131,8 +137,10 @@ fn share_file(prev: &Path, at: &Path, frozen: bool) -> io::Result<bool> {
             }
         }
     }
-    fs::hard_link(prev, &tmp)?;
-    fs::rename(&tmp, at)?;
+    fs::hard_link(prev, target)?;
+    if replace {
+        fs::rename(&tmp, at)?;
+    }
     Ok(false)
 }
 
@@ -307,7 +315,7 @@ fn copy_into(
             stats.bytes += meta.len();
             if let Some(prev) = opts.share_from.map(|p| p.join(&rel))
                 && quick_same(&meta, &prev)
-                && let Ok(reflinked) = share_file(&prev, &to, opts.freeze)
+                && let Ok(reflinked) = share_file(&prev, &to, opts.freeze, false)
             {
                 stats.shared_files += 1;
                 stats.shared_bytes += meta.len();
@@ -586,7 +594,7 @@ fn share_into(
             continue;
         }
         // Not frozen yet: the whole tree is frozen after sharing.
-        let reflinked = share_file(&other, &path, false).map_err(io_at(&path))?;
+        let reflinked = share_file(&other, &path, false, true).map_err(io_at(&path))?;
         stats.shared_files += 1;
         stats.shared_bytes += meta.len();
         stats.reflinked_files += u64::from(reflinked);
