@@ -38,6 +38,9 @@ pub type Waiter = u64;
 pub enum Readiness {
     /// Only when it sends `READY=1`.
     Notify,
+    /// Only when it writes a line to this inherited descriptor (s6's
+    /// notification-fd).
+    Fd(i32),
     /// When it has stayed alive this long (`READY=1` is ignored).
     Delay(Duration),
     /// `READY=1`, or alive this long, whichever comes first.
@@ -51,11 +54,17 @@ impl std::str::FromStr for Readiness {
         let dur = |d: &str| crate::signals::parse_duration(d);
         match s.split_once(':') {
             None if s == "notify" => Ok(Readiness::Notify),
+            Some(("fd", n)) => match n.parse::<i32>() {
+                Ok(n) if (3..1024).contains(&n) => Ok(Readiness::Fd(n)),
+                _ => Err(format!(
+                    "invalid readiness {s:?}: fd:N needs a descriptor from 3 to 1023"
+                )),
+            },
             None if s == "auto" => Ok(Readiness::Auto(Duration::from_secs(1))),
             Some(("delay", d)) => Ok(Readiness::Delay(dur(d)?)),
             Some(("auto", d)) => Ok(Readiness::Auto(dur(d)?)),
             _ => Err(format!(
-                "invalid readiness {s:?}: use notify, delay:DUR or auto:DUR (e.g. auto:1s)"
+                "invalid readiness {s:?}: use notify, fd:N, delay:DUR or auto:DUR (e.g. auto:1s)"
             )),
         }
     }
@@ -709,7 +718,7 @@ impl Pool {
                 match w.state {
                     WorkerState::Starting { since, .. } => {
                         let after = match readiness {
-                            Readiness::Notify => None,
+                            Readiness::Notify | Readiness::Fd(_) => None,
                             Readiness::Delay(d) | Readiness::Auto(d) => Some(since + d),
                         };
                         if after.is_some_and(|t| t <= now) {
@@ -797,7 +806,7 @@ impl Pool {
     /// The next time [`Pool::tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         let readiness = match self.settings.readiness {
-            Readiness::Notify => None,
+            Readiness::Notify | Readiness::Fd(_) => None,
             Readiness::Delay(d) | Readiness::Auto(d) => Some(d),
         };
         let mut next: Option<Instant> = None;
@@ -1336,6 +1345,9 @@ mod tests {
     #[test]
     fn readiness_parses() {
         assert_eq!("notify".parse(), Ok(Readiness::Notify));
+        assert_eq!("fd:5".parse(), Ok(Readiness::Fd(5)));
+        assert!("fd:1".parse::<Readiness>().is_err());
+        assert!("fd:x".parse::<Readiness>().is_err());
         assert_eq!(
             "delay:2s".parse(),
             Ok(Readiness::Delay(Duration::from_secs(2)))

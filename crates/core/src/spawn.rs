@@ -42,6 +42,7 @@ pub struct Command<'a> {
     stdout: Option<BorrowedFd<'a>>,
     stderr: Option<BorrowedFd<'a>>,
     keep: Vec<BorrowedFd<'a>>,
+    extra: Vec<(BorrowedFd<'a>, RawFd)>,
     process_group: bool,
     parent_death_signal: Option<Signal>,
     ids: Option<(u32, u32)>,
@@ -84,6 +85,7 @@ impl<'a> Command<'a> {
             stdout: None,
             stderr: None,
             keep: Vec::new(),
+            extra: Vec::new(),
             process_group: false,
             parent_death_signal: None,
             ids: None,
@@ -132,6 +134,12 @@ impl<'a> Command<'a> {
     /// lock that the program must hold). Everything not named is closed.
     pub fn keep_fd(&mut self, fd: BorrowedFd<'a>) -> &mut Self {
         self.keep.push(fd);
+        self
+    }
+
+    /// The program gets `fd` as descriptor `target` (above the sockets).
+    pub fn map_fd(&mut self, fd: BorrowedFd<'a>, target: RawFd) -> &mut Self {
+        self.extra.push((fd, target));
         self
     }
 
@@ -236,6 +244,9 @@ impl<'a> Command<'a> {
         for fd in &self.keep {
             use std::os::fd::AsRawFd;
             image.map_fd(*fd, fd.as_raw_fd());
+        }
+        for (fd, target) in &self.extra {
+            image.map_fd(*fd, *target);
         }
         image.set_new_process_group(self.process_group);
         image.set_parent_death_signal(self.parent_death_signal);

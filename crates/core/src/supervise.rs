@@ -117,6 +117,8 @@ struct WorkerIo {
     notify: UnixDatagram,
     stderr: Option<std::fs::File>,
     tail: Vec<u8>,
+    /// The read end of the notification-fd pipe (`--ready fd:N`).
+    ready_pipe: Option<std::fs::File>,
 }
 
 struct Client {
@@ -134,6 +136,7 @@ enum Source {
     Client(usize),
     Notify(i32),
     Stderr(i32),
+    ReadyPipe(i32),
 }
 
 struct Driver {
@@ -161,6 +164,15 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
         Signal::SIGTTOU,
         Signal::SIGUSR1,
     ])?;
+    if let crate::pool::Readiness::Fd(n) = cfg.settings.readiness {
+        let first_free = 3 + cfg.sockets.len() as i32;
+        if n < first_free {
+            return Err(SuperviseError::Setup(format!(
+                "--ready fd:{n} would collide with the listening sockets at fds 3..{}; use fd:{first_free} or higher",
+                first_free - 1
+            )));
+        }
+    }
     let control = match &cfg.mode {
         Mode::Serve { root } => Some(bind_control(root)?),
         Mode::Pool { .. } => None,
@@ -255,6 +267,7 @@ impl Driver {
                     Source::Stderr(pid) => {
                         self.pump_stderr(pid);
                     }
+                    Source::ReadyPipe(pid) => self.on_ready_pipe(pid),
                 }
             }
             self.clients.retain(|c| c.id != 0);
@@ -284,6 +297,10 @@ impl Driver {
             if let Some(e) = &w.stderr {
                 sources.push(Source::Stderr(*pid));
                 fds.push(e.as_fd());
+            }
+            if let Some(r) = &w.ready_pipe {
+                sources.push(Source::ReadyPipe(*pid));
+                fds.push(r.as_fd());
             }
         }
         let mut deadline = self.pool.next_deadline();
@@ -438,6 +455,35 @@ impl Driver {
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
             Err(_) => false,
+        }
+    }
+
+    /// s6's notification-fd: a newline on the inherited pipe means ready;
+    /// the pipe is closed after it (or at EOF).
+    fn on_ready_pipe(&mut self, pid: i32) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        let Some(pipe) = w.ready_pipe.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 512];
+        let ready = match pipe.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                w.ready_pipe = None;
+                false
+            }
+            Ok(n) => buf[..n].contains(&b'\n'),
+        };
+        if ready {
+            w.ready_pipe = None;
+            let (generation, index) = (w.generation, w.index);
+            self.log(
+                1,
+                &format!("worker {generation}.{index} (pid {pid}) wrote its ready line"),
+            );
+            let actions = self.pool.ready(generation, index, Instant::now());
+            self.apply(actions);
         }
     }
 
@@ -750,7 +796,19 @@ impl Driver {
                 name: name.as_str(),
             })
             .collect();
+        let ready_pipe = match self.cfg.settings.readiness {
+            crate::pool::Readiness::Fd(_) => Some(
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                    .map_err(|e| format!("pipe: {e}"))?,
+            ),
+            _ => None,
+        };
         let mut cmd = Command::new(&self.cfg.program);
+        if let (crate::pool::Readiness::Fd(n), Some((_, w))) =
+            (self.cfg.settings.readiness, &ready_pipe)
+        {
+            cmd.map_fd(w.as_fd(), n);
+        }
         cmd.args(&self.cfg.args)
             .cwd(&release.dir)
             .sockets(&handoffs)
@@ -775,6 +833,7 @@ impl Driver {
                 notify,
                 stderr: Some(std::fs::File::from(rd)),
                 tail: Vec::new(),
+                ready_pipe: ready_pipe.map(|(r, _)| std::fs::File::from(r)),
             },
         );
         Ok(pid)

@@ -136,7 +136,7 @@ struct ListenArgs {
 
 #[derive(Args)]
 struct PoolFlags {
-    /// When a worker counts as ready: notify (READY=1), delay:DUR, auto:DUR [default: auto:1s]
+    /// When a worker counts as ready: notify (READY=1), fd:N (a line on fd N), delay:DUR, auto:DUR [default: auto:1s]
     #[arg(long, value_name = "MODE")]
     ready: Option<String>,
     /// A new generation not ready by then is killed (the old keeps serving) [default: 60s]

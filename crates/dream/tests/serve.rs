@@ -515,3 +515,34 @@ fn dream_toml_configures_serve_and_flags_win() {
         "{err}"
     );
 }
+
+#[test]
+fn readiness_by_a_line_on_an_inherited_fd() {
+    let root = Root::new();
+    root.release(
+        "a",
+        r#"exec "$PROBE_BIN" --serve --never-ready --ready-fd 5"#,
+    );
+    root.release("mute", r#"exec "$PROBE_BIN" --serve --never-ready"#);
+    root.switch("a");
+    let (_sup, addr) = serve(
+        &root,
+        &["--workers", "2", "--ready", "fd:5", "--ready-timeout", "2s"],
+    );
+    root.wait_live("a", 2);
+    assert_eq!(get(addr, "/", &[]).text(), "release a\n");
+    root.switch("mute");
+    let (ok, out) = reload(&root);
+    assert!(!ok && out.contains("not ready within 2s"), "{out}");
+    // fd 3 is the socket: the notification fd must come after it.
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .arg("serve")
+            .arg("--root")
+            .arg(root.path())
+            .args(["--listen", "127.0.0.1:0", "--ready", "fd:3", "--", "true"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("collide"), "{err}");
+}

@@ -33,6 +33,8 @@ struct Modes {
     stderr: Option<String>,
     /// Exit with status 4 this long after becoming ready.
     exit_after_ms: Option<u64>,
+    /// Write a ready line to this descriptor (s6's notification-fd).
+    ready_fd: Option<i32>,
 }
 
 fn main() {
@@ -54,6 +56,7 @@ fn main() {
             "--exit-after-report" => m.exit_after_report = true,
             "--stderr" => m.stderr = args.next(),
             "--exit-after-ms" => m.exit_after_ms = args.next().and_then(|v| v.parse().ok()),
+            "--ready-fd" => m.ready_fd = args.next().and_then(|v| v.parse().ok()),
             "--send-notify" => {
                 // Send one sd_notify datagram (to test who may), then exit.
                 let (Some(to), Some(text)) = (args.next(), args.next()) else {
@@ -117,6 +120,11 @@ fn main() {
     let release = std::env::var("DREAM_RELEASE").unwrap_or_default();
     if !m.never_ready {
         let _ = protocol::notify("READY=1");
+    }
+    if let Some(fd) = m.ready_fd {
+        dream_core::with_raw_fd(fd, |b| nix::unistd::write(b, b"\n"))
+            .expect("the ready fd is open")
+            .expect("write the ready line");
     }
     if let Some(ms) = m.exit_after_ms {
         std::thread::spawn(move || {
