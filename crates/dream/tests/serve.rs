@@ -546,3 +546,26 @@ fn readiness_by_a_line_on_an_inherited_fd() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("collide"), "{err}");
 }
+
+#[test]
+fn a_second_supervisor_for_the_same_root_is_refused() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    let (_sup, _addr) = serve(&root, &["--workers", "1"]);
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .arg("serve")
+            .arg("--root")
+            .arg(root.path())
+            .args(["--listen", "127.0.0.1:0", "--", "./run"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("already running"), "{err}");
+    assert_eq!(
+        root.control(r#"{"cmd":"status"}"#)["ok"],
+        true,
+        "the first one is untouched"
+    );
+}
