@@ -32,6 +32,27 @@ fn serve_on(root: &Root, listen: &[&str], extra: &[&str]) -> Guard {
     g
 }
 
+/// A filesystem mounted for one test, unmounted (lazily) when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    /// `mount ARGS AT`, or `None` where mounting is not allowed.
+    fn new(args: &[&str], at: &Path) -> Option<Mount> {
+        let ok = Command::new("mount")
+            .args(args)
+            .arg(at)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then(|| Mount(at.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -157,28 +178,10 @@ fn a_full_disk_during_staging_is_temporary_and_leaves_current_intact() {
     let tree = Tree::new();
     let root = tree.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    let mounted = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=1m",
-            "dream-test",
-            root.to_str().unwrap(),
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
+    let Some(_mount) = Mount::new(&["-t", "tmpfs", "-o", "size=1m", "dream-test"], &root) else {
         eprintln!("skipped: cannot mount a small tmpfs here (needs root and mount permission)");
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&root);
+    };
     tree.write("small/public/index.html", "small\n");
     let big: Vec<u8> = vec![7; 3 << 20];
     tree.write("big/public/index.html", "big\n");
@@ -768,23 +771,11 @@ fn reflinks_where_the_filesystem_has_them() {
     );
     let mnt = tree.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&image)
-        .arg(&mnt)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
+    let image_arg = image.to_str().unwrap();
+    let Some(_mount) = Mount::new(&["-o", "loop", image_arg], &mnt) else {
         eprintln!("skipped: cannot mount a loop device here");
         return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&mnt);
+    };
     let src = mnt.join("src");
     for i in 0..20 {
         std::fs::create_dir_all(src.join("public")).unwrap();
