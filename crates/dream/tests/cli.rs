@@ -56,35 +56,26 @@ fn dream_toml_configures_deploy() {
     )
     .unwrap();
     let site = tree.path().join("site");
-    let (code, out, err) = dream(&[
-        "deploy",
-        "--root",
-        root.to_str().unwrap(),
-        site.to_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(code, Some(0), "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let rel = root.join("releases").join(v["release"].as_str().unwrap());
-    assert_eq!(
-        std::fs::read_to_string(rel.join("built.txt")).unwrap(),
-        "from-toml\n"
-    );
+    // Deploys with `extra` flags; returns what the build wrote.
+    let built = |extra: &[&str]| {
+        let mut args = vec![
+            "deploy",
+            "--root",
+            root.to_str().unwrap(),
+            site.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = dream(&args);
+        assert_eq!(code, Some(0), "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let rel = root.join("releases").join(v["release"].as_str().unwrap());
+        std::fs::read_to_string(rel.join("built.txt")).unwrap()
+    };
+    assert_eq!(built(&[]), "from-toml\n");
     // A flag wins over the file.
-    let (code, out, err) = dream(&[
-        "deploy",
-        "--root",
-        root.to_str().unwrap(),
-        site.to_str().unwrap(),
-        "--json",
-        "--build",
-        "echo from-flag > built.txt",
-    ]);
-    assert_eq!(code, Some(0), "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let rel = root.join("releases").join(v["release"].as_str().unwrap());
     assert_eq!(
-        std::fs::read_to_string(rel.join("built.txt")).unwrap(),
+        built(&["--build", "echo from-flag > built.txt"]),
         "from-flag\n"
     );
     // --config names a file that must exist.

@@ -27,13 +27,16 @@ fn lock_contention_names_the_holder() {
     // The lock is held by the program dream exec'd: same pid.
     let r = read_report(&report);
     assert_eq!(r["pid"], holder.pid());
-    let (status, _, err) = run(
-        Command::new(bin("dream"))
-            .args(["lock", "-n"])
-            .arg(&lock)
-            .arg("true"),
-        Duration::from_secs(10),
-    );
+    let try_lock = || {
+        run(
+            Command::new(bin("dream"))
+                .args(["lock", "-n"])
+                .arg(&lock)
+                .arg("true"),
+            Duration::from_secs(10),
+        )
+    };
+    let (status, _, err) = try_lock();
     assert_eq!(status.code(), Some(111), "{err}");
     assert!(
         err.contains(&format!("held by pid {}", holder.pid())),
@@ -60,13 +63,7 @@ fn lock_contention_names_the_holder() {
     // stale lock survives a killed holder.
     holder.signal(Signal::SIGKILL);
     assert!(waiter.wait_exit(Duration::from_secs(10)).success());
-    let (status, _, err) = run(
-        Command::new(bin("dream"))
-            .args(["lock", "-n"])
-            .arg(&lock)
-            .arg("true"),
-        Duration::from_secs(10),
-    );
+    let (status, _, err) = try_lock();
     assert!(status.success(), "{err}");
 }
 
