@@ -816,3 +816,44 @@ fn reflinks_where_the_filesystem_has_them() {
     std::fs::write(&new, "scribbled\n").unwrap();
     assert_eq!(std::fs::read_to_string(&old).unwrap(), "file 5\n");
 }
+
+/// Binding a privileged port without the right to says how to get it.
+#[test]
+fn a_privileged_port_without_privileges_explains_the_way_out() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to act as an unprivileged user with setpriv");
+        return;
+    }
+    let port = (900..1000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 1000");
+    let unprivileged_from: u16 =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(1024);
+    if unprivileged_from <= port {
+        eprintln!("skipped: ports from {unprivileged_from} up need no privilege here");
+        return;
+    }
+    let (status, _, err) = run(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--",
+            ])
+            .arg(bin("dream"))
+            .args(["listen", &format!("127.0.0.1:{port}"), "true"]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(
+        err.contains("--user") && err.contains("cap_net_bind_service"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
