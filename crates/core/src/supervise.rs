@@ -698,6 +698,12 @@ impl Driver {
                 "address": protocol::describe_local(fd.as_fd()),
             })).collect::<Vec<_>>(),
             "pool": self.pool.status(now),
+            // What `current` names now, which may differ from what the live
+            // generation runs (a reload pending, or one that failed).
+            "current": match &self.cfg.mode {
+                Mode::Serve { root } => resolve_current(root).ok().map(|r| r.id),
+                Mode::Pool { .. } => None,
+            },
         })
     }
 
@@ -899,6 +905,20 @@ pub fn human_status(v: &Value) -> String {
         );
     }
     let pool = &v["pool"];
+    let live = pool["generations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["state"] == "live")
+        .and_then(|g| g["release"].as_str());
+    if let (Some(current), Some(live)) = (v["current"].as_str(), live)
+        && current != live
+    {
+        let _ = writeln!(
+            s,
+            "warning: current is {current}, but the live generation runs {live} (a reload failed or has not run: dream reload, or dream rollback)"
+        );
+    }
     let _ = writeln!(
         s,
         "workers: {} wanted, {} restarts{}",

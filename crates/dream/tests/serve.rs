@@ -569,3 +569,32 @@ fn a_second_supervisor_for_the_same_root_is_refused() {
         "the first one is untouched"
     );
 }
+
+#[test]
+fn status_warns_when_current_and_the_live_generation_disagree() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.release("b", STATIC);
+    root.switch("a");
+    let (_sup, _addr) = serve(&root, &["--workers", "1"]);
+    root.wait_supervisor();
+    let status = |json: bool| {
+        let mut cmd = Command::new(bin("dream"));
+        cmd.arg("status").arg("--root").arg(root.path());
+        if json {
+            cmd.arg("--json");
+        }
+        let (s, out, err) = run(&mut cmd, Duration::from_secs(10));
+        assert!(s.success(), "{err}");
+        out
+    };
+    assert!(!status(false).contains("warning"));
+    root.switch("b");
+    let text = status(false);
+    assert!(
+        text.contains("warning: current is b, but the live generation runs a"),
+        "{text}"
+    );
+    let v: Value = serde_json::from_str(status(true).trim()).unwrap();
+    assert_eq!(v["current"], "b");
+}
