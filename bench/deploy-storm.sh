@@ -37,6 +37,9 @@ peer_release() { # ROOT SITE -> prints id
   ln -sfn "releases/$id" "$1/current.tmp" && mv -T "$1/current.tmp" "$1/current"; echo "$id"
 }
 
+# The site the i-th deploy of a storm ships: green, blue, green, …
+site_for() { if [ $(( $1 % 2 )) -eq 1 ]; then echo green; else echo blue; fi; }
+
 storm() { # NAME URL DEPLOY_FN
   local name=$1 url=$2 fn=$3 mode
   for mode in "" "--keep-alive"; do
@@ -62,7 +65,7 @@ D=$WORK/dream; mkdir -p "$D"; P=$(free_port)
 "$DREAM" deploy -q --root "$D" "$WORK/src/blue" --build "$STAMP" >/dev/null
 "$DREAM" serve -q --root "$D" --listen 127.0.0.1:$P --workers 2 --ready notify -- "$DREAM" static &
 wait_http http://127.0.0.1:$P/
-dream_deploy() { local s=blue; [ $(( $1 % 2 )) -eq 1 ] && s=green; "$DREAM" deploy -q --root "$D" "$WORK/src/$s" --build "$STAMP" --keep 3; }
+dream_deploy() { "$DREAM" deploy -q --root "$D" "$WORK/src/$(site_for "$1")" --build "$STAMP" --keep 3; }
 storm dream http://127.0.0.1:$P/ dream_deploy
 kill %1; wait %1 2>/dev/null || true
 
@@ -76,7 +79,7 @@ chmod +x "$WORK/seed-worker.sh"
 "$DREAM" listen 127.0.0.1:$P "$DREAM" loop 0.1 "$WORK/seed-worker.sh" &
 SEEDPID=$!
 wait_http http://127.0.0.1:$P/
-seed_deploy() { local s=blue; [ $(( $1 % 2 )) -eq 1 ] && s=green; peer_release "$S" $s; kill -HUP $SEEDPID; }
+seed_deploy() { peer_release "$S" "$(site_for "$1")"; kill -HUP $SEEDPID; }
 storm seed http://127.0.0.1:$P/ seed_deploy
 kill $SEEDPID; wait $SEEDPID 2>/dev/null || true
 
@@ -85,7 +88,7 @@ G=$WORK/gunicorn; mkdir -p "$G/releases"; P=$(free_port); peer_release "$G" blue
 DREAM_BENCH_ROOT=$G gunicorn --chdir "$G/current" --pythonpath "$G/current" --bind 127.0.0.1:$P --workers 2 --backlog 4096 --graceful-timeout 10 --log-level warning app:app &
 GPID=$!
 wait_http http://127.0.0.1:$P/
-gunicorn_deploy() { local s=blue; [ $(( $1 % 2 )) -eq 1 ] && s=green; peer_release "$G" $s; kill -HUP $GPID; }
+gunicorn_deploy() { peer_release "$G" "$(site_for "$1")"; kill -HUP $GPID; }
 storm gunicorn http://127.0.0.1:$P/ gunicorn_deploy
 kill $GPID; wait $GPID 2>/dev/null || true
 
@@ -94,6 +97,6 @@ N=$WORK/naive; mkdir -p "$N/releases"; P=$(free_port); peer_release "$N" blue >/
 naive_start() { (cd "$N/current" && DREAM_RELEASE=$(basename "$(pwd -P)") exec "$DREAM" static --listen 127.0.0.1:$P 2>/dev/null) & echo $! > "$WORK/naive.pid"; }
 naive_stop() { local pid; pid=$(cat "$WORK/naive.pid"); kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.01; done; }
 naive_start; wait_http http://127.0.0.1:$P/
-naive_deploy() { local s=blue; [ $(( $1 % 2 )) -eq 1 ] && s=green; naive_stop; peer_release "$N" $s; naive_start; }
+naive_deploy() { naive_stop; peer_release "$N" "$(site_for "$1")"; naive_start; }
 storm naive http://127.0.0.1:$P/ naive_deploy
 naive_stop

@@ -314,7 +314,7 @@ fn copy_into(
             hash.0.write_i64(meta.mtime_nsec());
             stats.bytes += meta.len();
             if let Some(prev) = opts.share_from.map(|p| p.join(&rel))
-                && quick_same(&meta, &prev)
+                && fs::symlink_metadata(&prev).is_ok_and(|o| quick_same(&meta, &o))
                 && let Ok(reflinked) = share_file(&prev, &to, opts.freeze, false)
             {
                 stats.shared_files += 1;
@@ -333,15 +333,18 @@ fn copy_into(
     Ok(())
 }
 
+/// The same permission bits, write bits aside (a frozen copy has none).
+fn same_mode(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    (a.mode() | 0o222) & 0o777 == (b.mode() | 0o222) & 0o777
+}
+
 /// Same size, modification time and mode: rsync's quick check.
-fn quick_same(meta: &fs::Metadata, other: &Path) -> bool {
-    fs::symlink_metadata(other).is_ok_and(|o| {
-        o.is_file()
-            && o.len() == meta.len()
-            && o.mtime() == meta.mtime()
-            && o.mtime_nsec() == meta.mtime_nsec()
-            && (o.mode() | 0o222) & 0o777 == (meta.mode() | 0o222) & 0o777
-    })
+fn quick_same(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    b.is_file()
+        && a.len() == b.len()
+        && a.mtime() == b.mtime()
+        && a.mtime_nsec() == b.mtime_nsec()
+        && same_mode(a, b)
 }
 
 fn copy_file(from: &Path, to: &Path, meta: &fs::Metadata, freeze: bool) -> Result<(), StageError> {
@@ -582,7 +585,7 @@ fn share_into(
         if !ometa.is_file()
             || ometa.len() != meta.len()
             || ometa.ino() == meta.ino()
-            || (ometa.mode() | 0o222) & 0o777 != (meta.mode() | 0o222) & 0o777
+            || !same_mode(&ometa, &meta)
         {
             if ometa.ino() == meta.ino() {
                 stats.shared_files += 1;
@@ -590,7 +593,7 @@ fn share_into(
             }
             continue;
         }
-        if !(quick_same(&meta, &other) || same_content(&path, &other).map_err(io_at(&path))?) {
+        if !(quick_same(&meta, &ometa) || same_content(&path, &other).map_err(io_at(&path))?) {
             continue;
         }
         // Not frozen yet: the whole tree is frozen after sharing.

@@ -87,6 +87,18 @@ pub enum SuperviseError {
     Io(#[from] io::Error),
 }
 
+/// What a new generation runs: what `ROOT/current` names now, or the
+/// pool's fixed directory.
+fn release_of(mode: &Mode) -> Result<Release, String> {
+    match mode {
+        Mode::Serve { root } => resolve_current(root),
+        Mode::Pool { dir, .. } => Ok(Release {
+            id: std::env::var("DREAM_RELEASE").unwrap_or_default(),
+            dir: dir.clone(),
+        }),
+    }
+}
+
 /// Resolves `ROOT/current` to a release.
 pub fn resolve_current(root: &Path) -> Result<Release, String> {
     let current = root.join("current");
@@ -177,13 +189,7 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
         Mode::Serve { root } => Some(bind_control(root)?),
         Mode::Pool { .. } => None,
     };
-    let first = match &cfg.mode {
-        Mode::Serve { root } => resolve_current(root).map_err(SuperviseError::Setup)?,
-        Mode::Pool { dir, .. } => Release {
-            id: std::env::var("DREAM_RELEASE").unwrap_or_default(),
-            dir: dir.clone(),
-        },
-    };
+    let first = release_of(&cfg.mode).map_err(SuperviseError::Setup)?;
     let systemd = std::env::var_os(protocol::NOTIFY_SOCKET);
     let nonce = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -728,13 +734,7 @@ impl Driver {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
                 Action::StartReload => {
-                    let resolved = match &self.cfg.mode {
-                        Mode::Serve { root } => resolve_current(root),
-                        Mode::Pool { dir, .. } => Ok(Release {
-                            id: std::env::var("DREAM_RELEASE").unwrap_or_default(),
-                            dir: dir.clone(),
-                        }),
-                    };
+                    let resolved = release_of(&self.cfg.mode);
                     match resolved {
                         Ok(release) => queue.extend(self.pool.begin_generation(release, now)),
                         Err(reason) => queue.extend(self.pool.reload_unavailable(reason)),
