@@ -313,6 +313,7 @@ fn stage_build_switch(
         p.step("built", format!("`{cmd}`"));
     }
 
+    refuse_escaping_links(staged)?;
     let linked = link_shared(store, staged).map_err(|e| io_failure("linking ROOT/shared", e))?;
     if !linked.is_empty() {
         p.step("linked", format!("shared/{{{}}}", linked.join(",")));
@@ -361,6 +362,28 @@ fn stage_build_switch(
         p.step("pruned", pruned.join(", "));
     }
     Ok(())
+}
+
+/// Refuses a release with a symlink that resolves outside it, judged on
+/// the final tree (after the build), before anything can serve it.
+fn refuse_escaping_links(staged: &Path) -> Result<(), DeployError> {
+    let bad = crate::tree::links_escaping(staged)
+        .map_err(|e| io_failure("checking the release's links", e))?;
+    let Some((path, target)) = bad.first() else {
+        return Ok(());
+    };
+    let more = match bad.len() {
+        1 => String::new(),
+        n => format!(" (and {} more)", n - 1),
+    };
+    Err(err(
+        Kind::Failed,
+        format!(
+            "refused: link {} -> {} resolves outside the release{more}; nothing was switched",
+            path.display(),
+            target.display()
+        ),
+    ))
 }
 
 /// Links every top-level entry of `ROOT/shared/` (uploads, logs: data that

@@ -22,6 +22,7 @@ pub mod spec;
 pub mod stage;
 pub mod supervise;
 mod sys;
+pub mod tree;
 
 pub use sys::{reflink, single_threaded, with_raw_fd};
 

@@ -13,6 +13,8 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use crate::tree::{Tree, TreeError};
+
 /// Most entries a source may have (a tar bomb is refused, not extracted);
 /// `DREAM_MAX_ENTRIES` lowers or raises it.
 pub const MAX_ENTRIES: u64 = 1_000_000;
@@ -148,6 +150,8 @@ fn share_file(prev: &Path, at: &Path, frozen: bool, replace: bool) -> io::Result
 pub enum StageError {
     #[error("refused: {0}")]
     Refused(String),
+    #[error(transparent)]
+    Tree(#[from] TreeError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -161,7 +165,9 @@ pub enum StageError {
 impl StageError {
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {
-            StageError::Io { source, .. } => Some(source),
+            StageError::Io { source, .. } | StageError::Tree(TreeError::Io { source, .. }) => {
+                Some(source)
+            }
             _ => None,
         }
     }
@@ -193,31 +199,17 @@ fn safe_relative(rel: &Path) -> Result<PathBuf, StageError> {
 }
 
 /// Checks that a symlink at `rel` (relative to the release) pointing at
-/// `target` stays inside the release.
+/// `target` stays inside the release, read on its own. Chains of links are
+/// judged on the final tree by [`crate::tree::links_escaping`].
 fn check_link(rel: &Path, target: &Path) -> Result<(), StageError> {
-    let escape = || {
-        StageError::Refused(format!(
-            "link {} -> {} points outside the release",
-            rel.display(),
-            target.display()
-        ))
-    };
-    if target.is_absolute() {
-        return Err(escape());
+    if crate::tree::stays_inside(rel, target) {
+        return Ok(());
     }
-    let mut depth: i64 = rel.components().count() as i64 - 1;
-    for c in target.components() {
-        match c {
-            Component::ParentDir => depth -= 1,
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            _ => return Err(escape()),
-        }
-        if depth < 0 {
-            return Err(escape());
-        }
-    }
-    Ok(())
+    Err(StageError::Refused(format!(
+        "link {} -> {} points outside the release",
+        rel.display(),
+        target.display()
+    )))
 }
 
 /// A content hash for the release id.
@@ -364,7 +356,9 @@ fn copy_file(from: &Path, to: &Path, meta: &fs::Metadata, freeze: bool) -> Resul
 }
 
 /// Extracts a tarball into `dst` (which must not exist), refusing anything
-/// that would land outside it.
+/// that would land outside it. Every entry is created relative to the
+/// release's directory descriptor ([`Tree`]): no entry is ever written
+/// through a link, whatever links earlier entries made.
 pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stats, StageError> {
     let file = File::open(tarball).map_err(io_at(tarball))?;
     let name = tarball.to_string_lossy().to_ascii_lowercase();
@@ -374,6 +368,7 @@ pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stat
         Box::new(file)
     };
     fs::create_dir(dst).map_err(io_at(dst))?;
+    let tree = Tree::open(dst).map_err(io_at(dst))?;
     let mut archive = tar::Archive::new(reader);
     let mut stats = Stats::default();
     let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
@@ -393,24 +388,19 @@ pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stat
             continue;
         }
         hash.0.write(rel.as_os_str().as_encoded_bytes());
-        let to = dst.join(&rel);
-        // Parents are created here, never through a symlink from the archive.
-        if let Some(parent) = rel.parent() {
-            ensure_dirs(dst, parent)?;
-        }
         let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
         let kind = entry.header().entry_type();
         match kind {
             tar::EntryType::Directory => {
-                ensure_dirs(dst, &rel)?;
-                dirs.push((to, mode | 0o700));
+                tree.create_dir(&rel)?;
+                dirs.push((rel, mode | 0o700));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 stats.files += 1;
                 let size = entry.header().size().unwrap_or(0);
                 stats.bytes += size;
                 hash.0.write_u64(size);
-                let mut out = File::create(&to).map_err(io_at(&to))?;
+                let mut out = tree.create_file(&rel, 0o600)?;
                 let mut buf = vec![0u8; 256 * 1024];
                 loop {
                     let n = entry.read(&mut buf).map_err(io_at(tarball))?;
@@ -418,10 +408,10 @@ pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stat
                         break;
                     }
                     hash.0.write(&buf[..n]);
-                    out.write_all(&buf[..n]).map_err(io_at(&to))?;
+                    out.write_all(&buf[..n]).map_err(io_at(&rel))?;
                 }
                 out.set_permissions(fs::Permissions::from_mode(mode | 0o200))
-                    .map_err(io_at(&to))?;
+                    .map_err(io_at(&rel))?;
                 if let Ok(mtime) = entry.header().mtime() {
                     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
                     let _ = out.set_modified(t);
@@ -430,27 +420,27 @@ pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stat
             tar::EntryType::Symlink => {
                 let target = link_target(&entry, tarball, &rel)?;
                 check_link(&rel, &target)?;
-                std::os::unix::fs::symlink(&target, &to).map_err(io_at(&to))?;
+                hash.0.write(target.as_os_str().as_encoded_bytes());
+                tree.symlink(&rel, &target)?;
             }
             tar::EntryType::Link => {
                 let target = link_target(&entry, tarball, &rel)?;
                 let target_rel = safe_relative(&target)?;
-                let src = dst.join(&target_rel);
-                let meta = fs::symlink_metadata(&src).map_err(|_| {
-                    StageError::Refused(format!(
-                        "hard link {} -> {} names nothing extracted before it",
+                tree.hard_link(&rel, &target_rel).map_err(|e| match e {
+                    TreeError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                        StageError::Refused(format!(
+                            "hard link {} -> {} names nothing extracted before it",
+                            rel.display(),
+                            target.display()
+                        ))
+                    }
+                    TreeError::Escape(_) => StageError::Refused(format!(
+                        "hard link {} -> {} is not to a regular file inside the release",
                         rel.display(),
                         target.display()
-                    ))
+                    )),
+                    e => e.into(),
                 })?;
-                if !meta.is_file() {
-                    return Err(StageError::Refused(format!(
-                        "hard link {} -> {} is not to a regular file",
-                        rel.display(),
-                        target.display()
-                    )));
-                }
-                fs::hard_link(&src, &to).map_err(io_at(&to))?;
             }
             tar::EntryType::XGlobalHeader
             | tar::EntryType::XHeader
@@ -466,7 +456,7 @@ pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stat
         }
     }
     for (dir, mode) in dirs {
-        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(mode));
+        let _ = tree.chmod_dir(&dir, mode);
     }
     Ok(stats)
 }
@@ -482,26 +472,6 @@ fn link_target<R: Read>(
         .map_err(io_at(tarball))?
         .ok_or_else(|| StageError::Refused(format!("{}: link without a target", rel.display())))?
         .into_owned())
-}
-
-/// Creates `rel`'s directories under `root`, refusing to go through a
-/// symlink (an archive could plant one and write through it).
-fn ensure_dirs(root: &Path, rel: &Path) -> Result<(), StageError> {
-    let mut at = root.to_path_buf();
-    for c in rel.components() {
-        at.push(c);
-        match fs::symlink_metadata(&at) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(StageError::Refused(format!(
-                    "{} is not a directory (an entry would be written through it)",
-                    at.strip_prefix(root).unwrap_or(&at).display()
-                )));
-            }
-            Err(_) => fs::create_dir(&at).map_err(io_at(&at))?,
-        }
-    }
-    Ok(())
 }
 
 /// Checks out `url` at `rev` into `dst` with the system git, without its
@@ -652,6 +622,125 @@ mod tests {
         assert!(safe_relative(Path::new("../x")).is_err());
         assert!(safe_relative(Path::new("a/../../x")).is_err());
         assert!(safe_relative(Path::new("/etc/passwd")).is_err());
+    }
+
+    /// Random archives of links, directories, files and hard links, with
+    /// chains of `..` through earlier links: whatever the sequence, nothing
+    /// outside the release is created or changed. A seed from the clock (or
+    /// `DREAM_TAR_SEED`) is printed so that a failure can be replayed.
+    #[test]
+    fn random_tar_entries_never_touch_anything_outside() {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        let seed: u64 = std::env::var("DREAM_TAR_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        println!("DREAM_TAR_SEED={seed}");
+        let mut x = seed | 1;
+        let mut next = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let names = [
+            "a", "b", "l0", "l1", "l2", "d", "d/x", "d/l", "victim", "a/b", "l1/v", "l0/d/x",
+        ];
+        let targets = [
+            ".",
+            "..",
+            "l0/..",
+            "l1/..",
+            "l2/..",
+            "a/../..",
+            "d/..",
+            "../victim.txt",
+            "l1/victim.txt",
+            "l2/victim.txt",
+            "d",
+            "victim",
+            "l0/l1/..",
+            "/etc",
+            "d/l/..",
+        ];
+        let top = tempfile::tempdir().unwrap();
+        let outside = top.path().join("victim.txt");
+        for round in 0..300 {
+            std::fs::write(&outside, "untouched").unwrap();
+            let tarball = top.path().join("t.tar");
+            let mut b = tar::Builder::new(File::create(&tarball).unwrap());
+            let mut listing = Vec::new();
+            for _ in 0..1 + next(12) {
+                let name = names[next(names.len())];
+                let mut h = tar::Header::new_gnu();
+                h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+                h.set_mode(0o644);
+                h.set_size(0);
+                let kind = [
+                    tar::EntryType::Symlink,
+                    tar::EntryType::Symlink,
+                    tar::EntryType::Directory,
+                    tar::EntryType::Regular,
+                    tar::EntryType::Link,
+                ][next(5)];
+                h.set_entry_type(kind);
+                let target = if kind == tar::EntryType::Link {
+                    names[next(names.len())]
+                } else {
+                    targets[next(targets.len())]
+                };
+                if matches!(kind, tar::EntryType::Symlink | tar::EntryType::Link) {
+                    h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+                }
+                let body: &[u8] = if kind == tar::EntryType::Regular {
+                    h.set_size(5);
+                    b"pwned"
+                } else {
+                    b""
+                };
+                h.set_cksum();
+                b.append(&h, body).unwrap();
+                listing.push(format!("{kind:?} {name} {target}"));
+            }
+            b.finish().unwrap();
+            drop(b);
+            let dst = top.path().join("r");
+            let _ = crate::release::remove_tree(&dst);
+            let _ = extract_tar(&tarball, &dst, &mut IdHash::new());
+            let mut seen: Vec<_> = std::fs::read_dir(top.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            seen.sort();
+            assert_eq!(
+                seen,
+                ["r", "t.tar", "victim.txt"],
+                "round {round} (DREAM_TAR_SEED={seed}): {listing:?}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&outside).unwrap(),
+                "untouched",
+                "round {round} (DREAM_TAR_SEED={seed}): {listing:?}"
+            );
+            // What survives extraction and the final-tree check resolves
+            // inside: every link left opens beneath the release.
+            if crate::tree::links_escaping(&dst).unwrap().is_empty() {
+                for name in names {
+                    let p = dst.join(name);
+                    if let Ok(real) = p.canonicalize() {
+                        assert!(
+                            real.starts_with(dst.canonicalize().unwrap()),
+                            "round {round} (DREAM_TAR_SEED={seed}): {name} -> {real:?}: {listing:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -251,6 +251,95 @@ fn hostile_tarballs_are_refused_and_nothing_lands_outside() {
     deploy_json(&root, &tgz, &[]);
 }
 
+/// The probe's chains: each link harmless read alone (`l1 -> l0/..`), but
+/// together they climb out of the staging directory to the tree that holds
+/// ROOT. No entry may be written, hard-linked or served through them.
+#[test]
+fn chains_of_links_reach_nothing_outside_the_release() {
+    use std::os::unix::fs::MetadataExt;
+    use tar::EntryType::*;
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let victim = tree.write("victim.txt", "secret\n");
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let before = std::fs::metadata(&victim).unwrap();
+    let good = tree.path().join("good.tar");
+    hostile_tar(&good, &[("public/index.html", Regular, "good\n")]);
+    let first = deploy_json(&root, &good, &[]);
+    // Staging is ROOT/.dream/staging/<dir>: five `..` reach the tree.
+    let chain: Vec<(String, String)> = (0..7)
+        .map(|i| {
+            let target = if i == 0 {
+                ".".to_string()
+            } else {
+                format!("l{}/..", i - 1)
+            };
+            (format!("l{i}"), target)
+        })
+        .collect();
+    let with_chain = |tail: Vec<Entry<'static>>| -> Vec<(String, tar::EntryType, String)> {
+        let mut v: Vec<_> = chain
+            .iter()
+            .map(|(n, t)| (n.clone(), Symlink, t.clone()))
+            .collect();
+        v.extend(
+            tail.into_iter()
+                .map(|(n, k, d)| (n.to_string(), k, d.to_string())),
+        );
+        v
+    };
+    let cases = vec![
+        (
+            "overwrite",
+            with_chain(vec![
+                ("victim", Symlink, "l4/victim.txt"),
+                ("victim", Regular, "pwned\n"),
+            ]),
+        ),
+        (
+            "write-through-dir",
+            with_chain(vec![("l4/victim.txt", Regular, "pwned\n")]),
+        ),
+        ("hard-link", with_chain(vec![("h", Link, "l4/victim.txt")])),
+        ("serve-outside", with_chain(vec![("public", Symlink, "l6")])),
+        (
+            "absolute-inside-text",
+            vec![(
+                "public".into(),
+                Symlink,
+                tree.path().to_str().unwrap().into(),
+            )],
+        ),
+    ];
+    for (name, entries) in cases {
+        let t = tree.path().join(format!("{name}.tar"));
+        let borrowed: Vec<Entry<'_>> = entries
+            .iter()
+            .map(|(n, k, d)| (n.as_str(), *k, d.as_str()))
+            .collect();
+        hostile_tar(&t, &borrowed);
+        let (code, _, err) = dream(&root, &["deploy", t.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{name}: {err}");
+        assert!(err.contains("refused"), "{name}: {err}");
+        assert_eq!(
+            current(&root).as_deref(),
+            first["release"].as_str(),
+            "{name}"
+        );
+        assert!(staging_is_empty(&root), "{name}");
+        let after = std::fs::metadata(&victim).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&victim).unwrap(),
+            "secret\n",
+            "{name}"
+        );
+        assert_eq!(after.mode(), before.mode(), "{name}: the freeze reached it");
+        assert_eq!(after.nlink(), 1, "{name}: hard-linked into a release");
+        assert_eq!(after.mtime(), before.mtime(), "{name}");
+    }
+}
+
 fn flate_tar(tar: &Path) -> Vec<u8> {
     let out = Command::new("gzip")
         .arg("-c")
