@@ -177,7 +177,12 @@ fn timestamp() -> String {
 pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report, DeployError> {
     let store = Store::new(&opts.root);
     store.prepare().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
+        if e.raw_os_error().is_none()
+            && matches!(
+                e.kind(),
+                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::PermissionDenied
+            )
+        {
             err(Kind::Usage, e.to_string())
         } else {
             io_failure(&format!("cannot prepare {}", opts.root.display()), e)

@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -101,11 +102,22 @@ impl Store {
         self.root.join("current")
     }
 
-    /// Creates `releases/` and `.dream/`; refuses a `current` that is a real
-    /// directory (it cannot be replaced atomically).
+    /// Creates `releases/` and `.dream/`; refuses a root that someone else
+    /// could have prepared (see [`trusted_dir`]) and a `current` that is a
+    /// real directory (it cannot be replaced atomically).
     pub fn prepare(&self) -> io::Result<()> {
-        fs::create_dir_all(self.releases())?;
-        fs::create_dir_all(self.staging())?;
+        if !self.root.exists() {
+            fs::create_dir_all(&self.root)?;
+        }
+        trusted_dir(&self.root, true)?;
+        for dir in [self.state(), self.staging(), self.releases()] {
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            trusted_dir(&dir, false)?;
+        }
         if let Ok(meta) = fs::symlink_metadata(self.current_link())
             && !meta.file_type().is_symlink()
         {
@@ -131,7 +143,11 @@ impl Store {
 
     /// The whole history, oldest first; unreadable lines are skipped.
     pub fn history(&self) -> Vec<Event> {
-        let Ok(f) = File::open(self.history_path()) else {
+        let Ok(f) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.history_path())
+        else {
             return Vec::new();
         };
         BufReader::new(f)
@@ -146,6 +162,7 @@ impl Store {
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(self.history_path())?;
         let mut line = serde_json::to_string(event).map_err(io::Error::other)?;
         line.push('\n');
@@ -245,6 +262,52 @@ impl Store {
         fsync_dir(&self.root)?;
         Ok(started.elapsed())
     }
+}
+
+/// Refuses a directory of the deploy root that another user could have
+/// prepared against us: one not owned by us or root, or writable by group
+/// or others, or (unless `follow`) a symlink. A root prepared by another
+/// user could otherwise point `.dream/staging`, `.dream/lock` or
+/// `.dream/history` at files of ours and have our deploy empty, replace or
+/// append to them. The error says why and how to fix it, in one line.
+pub fn trusted_dir(dir: &Path, follow: bool) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = if follow {
+        fs::metadata(dir)?
+    } else {
+        fs::symlink_metadata(dir)?
+    };
+    let refuse = |why: String| {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("refusing {}: {why}", dir.display()),
+        ))
+    };
+    if meta.file_type().is_symlink() {
+        return refuse("it is a symlink (dream never follows one inside a deploy root)".into());
+    }
+    if !meta.is_dir() {
+        return refuse("it is not a directory".into());
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return refuse(format!(
+            "it is owned by uid {}, not by you (uid {me}) or root; chown it, or deploy as its owner",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "it is writable by {} (mode {:o}); chmod go-w it",
+            if meta.mode() & 0o002 != 0 {
+                "others"
+            } else {
+                "its group"
+            },
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// fsync(2) of a directory, making renames and creations in it durable.

@@ -226,8 +226,14 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
 
 fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> {
     let dir = control::state_dir(root);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| SuperviseError::Setup(format!("cannot create {}: {e}", dir.display())))?;
+    let trusted = crate::release::trusted_dir(root, true).and_then(|()| {
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        crate::release::trusted_dir(&dir, false)
+    });
+    trusted.map_err(|e| SuperviseError::Setup(format!("cannot use {}: {e}", dir.display())))?;
     let path = control::socket_path(root);
     if UnixStream::connect(&path).is_ok() {
         return Err(SuperviseError::Setup(format!(
@@ -251,7 +257,11 @@ impl Driver {
         if level <= self.cfg.verbosity {
             let ts = humantime::format_rfc3339_millis(SystemTime::now());
             let mut err = io::stderr().lock();
+            // A message's own lines stay lines; whatever a value inside
+            // it carries (a worker's stderr tail, a control request, a
+            // notify message) cannot forge one, nor send terminal escapes.
             for line in msg.lines() {
+                let line = crate::logtext::bounded(line, 4096);
                 let _ = writeln!(err, "{ts} dream {}: {line}", self.cfg.name);
             }
         }
@@ -507,7 +517,8 @@ impl Driver {
                 || self.cfg.user.is_some_and(|(u, _)| u == uid)
         };
         while let Some((n, uid)) = recv_with_uid(&w.notify, &mut buf) {
-            let text = String::from_utf8_lossy(&buf[..n]).replace('\n', " ");
+            let text =
+                crate::logtext::value(&String::from_utf8_lossy(&buf[..n]).replace('\n', " "));
             // The socket's name is not a secret: only the worker's user (or
             // root, or ours) may make it ready.
             if !uid.is_some_and(trusted) {
@@ -619,10 +630,7 @@ impl Driver {
     }
 
     fn on_request(&mut self, i: usize, id: Waiter, text: &str) {
-        self.log(
-            1,
-            &format!("control: {}", text.chars().take(200).collect::<String>()),
-        );
+        self.log(1, &format!("control: {}", crate::logtext::value(text)));
         let request: Request = match serde_json::from_str(text) {
             Ok(r) => r,
             Err(e) => {

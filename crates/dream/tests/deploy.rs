@@ -340,6 +340,93 @@ fn chains_of_links_reach_nothing_outside_the_release() {
     }
 }
 
+/// A deploy root that someone else could have prepared is refused before
+/// anything in it is touched: world- or group-writable, owned by another
+/// user (as root), or with a symlink where dream keeps its state.
+#[test]
+fn a_root_someone_else_could_have_prepared_is_refused() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let tree = Tree::new();
+    let src = site(&tree, "a");
+    let mode =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+
+    let open = tree.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    mode(&open, 0o777);
+    let (code, _, err) = dream(&open, &["deploy", src.to_str().unwrap()]);
+    assert_eq!(code, Some(100), "{err}");
+    assert!(
+        err.contains("writable by others") && err.contains("chmod go-w"),
+        "{err}"
+    );
+    assert!(!open.join(".dream").exists() && !open.join("releases").exists());
+
+    // Symlinks where dream keeps its state, each at a file or directory
+    // that must stay exactly as it is.
+    let precious = tree.write("precious/file", "keep me\n");
+    mode(&precious, 0o600);
+    for (name, target) in [
+        (".dream/staging", precious.parent().unwrap()),
+        (".dream/lock", precious.as_path()),
+        (".dream/history", precious.as_path()),
+        ("releases", precious.parent().unwrap()),
+        (".dream", precious.parent().unwrap()),
+    ] {
+        let root = tree
+            .path()
+            .join(format!("root-{}", name.replace(['.', '/'], "")));
+        std::fs::create_dir_all(root.join(".dream")).unwrap();
+        if name == ".dream" {
+            std::fs::remove_dir(root.join(".dream")).unwrap();
+        }
+        symlink(target, root.join(name)).unwrap();
+        let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap()]);
+        assert_ne!(code, Some(0), "{name}: {err}");
+        assert!(
+            err.contains("symlink") || err.contains("symbolic link"),
+            "{name}: {err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&precious).unwrap(),
+            "keep me\n",
+            "{name}"
+        );
+        assert_eq!(
+            std::fs::metadata(&precious).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let names: Vec<_> = std::fs::read_dir(precious.parent().unwrap())
+            .unwrap()
+            .collect();
+        assert_eq!(names.len(), 1, "{name}: the directory was written to");
+    }
+
+    if !dream_testkit::prerequisite(
+        nix::unistd::geteuid().is_root(),
+        "needs root to hand a deploy root to another user",
+    ) {
+        return;
+    }
+    let theirs = tree.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    nix::unistd::chown(&theirs, Some(65534.into()), Some(65534.into())).unwrap();
+    let (code, _, err) = dream(&theirs, &["deploy", src.to_str().unwrap()]);
+    assert_eq!(code, Some(100), "{err}");
+    assert!(err.contains("owned by uid 65534"), "{err}");
+    assert!(!theirs.join(".dream").exists());
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+            .arg(&theirs)
+            .args(["--", "true"]),
+        Duration::from_secs(20),
+    );
+    let code = status.code();
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("owned by uid 65534"), "{err}");
+}
+
 fn flate_tar(tar: &Path) -> Vec<u8> {
     let out = Command::new("gzip")
         .arg("-c")

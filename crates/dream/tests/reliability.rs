@@ -178,7 +178,10 @@ fn a_full_disk_during_staging_is_temporary_and_leaves_current_intact() {
     let tree = Tree::new();
     let root = tree.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    let Some(_mount) = Mount::new(&["-t", "tmpfs", "-o", "size=1m", "dream-test"], &root) else {
+    let Some(_mount) = Mount::new(
+        &["-t", "tmpfs", "-o", "size=1m,mode=755", "dream-test"],
+        &root,
+    ) else {
         eprintln!("skipped: cannot mount a small tmpfs here (needs root and mount permission)");
         return;
     };
@@ -343,8 +346,13 @@ fn workers_run_as_the_given_user_on_a_privileged_port() {
     let reports = root.tree.path().join("reports");
     std::fs::create_dir(&reports).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    for p in [root.tree.path().to_path_buf(), reports.clone()] {
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // nobody may pass through the root and write its reports; the root
+    // itself stays writable only by us (dream refuses it otherwise).
+    for (p, mode) in [
+        (root.tree.path().to_path_buf(), 0o755),
+        (reports.clone(), 0o777),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
     root.release(
         "a",
@@ -385,7 +393,7 @@ fn workers_run_as_the_given_user_on_a_privileged_port() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
     // dream listen --user drops privileges before exec'ing its program.
-    let report = root.tree.path().join("listen.json");
+    let report = reports.join("listen.json");
     let port2 = (port + 1..1000)
         .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .expect("a second free port below 1000");

@@ -34,6 +34,20 @@ pub fn probe() -> PathBuf {
 }
 
 /// Polls `f` until it returns `Some`, or panics after `limit` naming `what`.
+/// Whether a test's prerequisite is met. When it is not, the test is
+/// skipped with a message, except under CI (`CI` set), where a missing
+/// prerequisite fails the test: a green CI means every test ran.
+pub fn prerequisite(met: bool, what: &str) -> bool {
+    if !met {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "prerequisite missing under CI: {what}"
+        );
+        eprintln!("skipped: {what}");
+    }
+    met
+}
+
 pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
     let mut pause = Duration::from_millis(1);
