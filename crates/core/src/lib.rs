@@ -12,6 +12,7 @@ pub mod control;
 pub mod deploy;
 pub mod listen;
 pub mod lock;
+pub mod logtext;
 pub mod pool;
 pub mod protocol;
 pub mod release;

@@ -185,6 +185,62 @@ fn never_escapes_its_directory() {
     }
 }
 
+/// `GET //sub` must not answer `Location: //sub/` (another host, to a
+/// browser); every directory redirect stays on this origin.
+#[test]
+fn directory_redirects_never_leave_the_origin() {
+    let w = start(&[]);
+    for (path, want) in [
+        ("/sub", "/sub/"),
+        ("//sub", "/sub/"),
+        ("///sub", "/sub/"),
+        ("/%2Fsub", "/sub/"),
+        ("//sub?x=1", "/sub/?x=1"),
+    ] {
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let r = http_raw(w.addr, &raw);
+        assert_eq!(r.status, 301, "{path}");
+        assert_eq!(r.header("location"), Some(want), "{path}");
+    }
+}
+
+/// A request path cannot forge a log line, send terminal escapes, or
+/// write 60 kB per request into the log.
+#[test]
+fn request_paths_cannot_forge_or_flood_the_log() {
+    let mut w = start(&[]);
+    let long = "y".repeat(60_000);
+    let forged = format!(
+        "/a%0a2026-01-01T00:00:00Z%20dream%20serve:%20FORGED%1b[2J{}{long}",
+        "x".repeat(300)
+    );
+    let raw = format!("GET {forged} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let r = http_raw(w.addr, &raw);
+    assert!(r.status >= 400, "{}", r.status);
+    let line = w.guard.wait_stderr("FORGED", Duration::from_secs(10));
+    // A marker after it, so that every line the request caused is seen.
+    let r = http_raw(
+        w.addr,
+        &format!(
+            "GET /MARK{} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            "z".repeat(300)
+        ),
+    );
+    assert!(r.status >= 400);
+    w.guard.wait_stderr("MARK", Duration::from_secs(10));
+    assert!(
+        line.contains("\\n2026-01-01") && line.contains("\\u{1b}[2J"),
+        "{line}"
+    );
+    for l in &w.guard.stderr_seen {
+        assert!(
+            !l.starts_with("2026-01-01") && !l.contains('\x1b'),
+            "forged: {l:?}"
+        );
+        assert!(l.len() < 1000, "{} bytes logged for one request", l.len());
+    }
+}
+
 fn assert_serving(addr: SocketAddr, within: Duration) {
     let start = Instant::now();
     let r = get(addr, "/", &[]);

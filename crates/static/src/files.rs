@@ -37,6 +37,34 @@ pub fn relative_path(uri_path: &str) -> Result<(PathBuf, bool), PathError> {
     Ok((rel, decoded.ends_with('/')))
 }
 
+/// Where a request for directory `rel` (without its trailing slash) is
+/// sent: the directory's own path with one leading `/`, rebuilt from the
+/// checked segments and percent-encoded. It is always a path on this
+/// origin, never `//host/` or `/\host` (which browsers read as another
+/// host), whatever the request's path looked like.
+pub fn directory_location(rel: &Path) -> String {
+    use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+    const SEGMENT: &AsciiSet = &CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'#')
+        .add(b'%')
+        .add(b'/')
+        .add(b'<')
+        .add(b'>')
+        .add(b'?')
+        .add(b'\\')
+        .add(b'`')
+        .add(b'{')
+        .add(b'}');
+    let mut out = String::from("/");
+    for seg in rel.iter() {
+        out.extend(utf8_percent_encode(&seg.to_string_lossy(), SEGMENT));
+        out.push('/');
+    }
+    out
+}
+
 /// Resolves `rel` under `root` (already canonical), following symlinks,
 /// and refuses anything whose real path leaves `root`.
 pub fn resolve(root: &Path, rel: &Path) -> Option<PathBuf> {
@@ -257,6 +285,26 @@ mod tests {
         assert!(r.open_file(Path::new("../secret")).is_err());
         assert!(r.open_file(Path::new("alias")).is_ok());
         assert!(r.open_file(Path::new("")).is_ok(), "the root itself");
+    }
+
+    #[test]
+    fn directory_redirects_stay_on_this_origin() {
+        for (uri, want) in [
+            ("/sub", "/sub/"),
+            ("//sub", "/sub/"),
+            ("///evil.example//x", "/evil.example/x/"),
+            ("/%2Fevil.example", "/evil.example/"),
+            ("/a%20b", "/a%20b/"),
+            ("/q%3Fx", "/q%3Fx/"),
+        ] {
+            let (rel, _) = relative_path(uri).unwrap();
+            let loc = directory_location(&rel);
+            assert_eq!(loc, want, "{uri}");
+            assert!(
+                !loc.starts_with("//") && !loc.contains('\\'),
+                "{uri}: {loc}"
+            );
+        }
     }
 
     #[test]

@@ -341,7 +341,7 @@ async fn respond(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Respo
     let (file, meta, path) = match opened {
         Ok((_, meta)) if meta.is_dir() => {
             if !trailing_slash {
-                let mut location = format!("{}/", req.uri().path());
+                let mut location = files::directory_location(&rel);
                 if let Some(q) = req.uri().query() {
                     location.push('?');
                     location.push_str(q);
@@ -377,7 +377,10 @@ fn io_response(e: io::Error, root: &Path, rel: &Path) -> Response<Body> {
         }
         io::ErrorKind::PermissionDenied => simple(StatusCode::FORBIDDEN, "forbidden\n"),
         _ => {
-            eprintln!("dream static: {}: {e}", root.join(rel).display());
+            // The path came from a request: escaped and bounded.
+            let path = root.join(rel);
+            let path = dream_core::logtext::value(&path.to_string_lossy());
+            eprintln!("dream static: {path}: {e}");
             simple(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n")
         }
     }
