@@ -609,13 +609,15 @@ impl Pool {
                 ));
             }
             GenState::Live if !stopping && !w.retiring => {
-                match was {
-                    WorkerState::Ready { since, .. } => {
-                        if now.duration_since(since) >= HEALTHY_AFTER {
-                            w.failures = 0;
-                        }
-                    }
-                    _ => w.failures += 1,
+                // Only a minute of health forgives earlier deaths; a worker
+                // that dies soon after becoming ready backs off like one
+                // that never became ready.
+                let healthy = matches!(was, WorkerState::Ready { since, .. }
+                    if now.duration_since(since) >= HEALTHY_AFTER);
+                if healthy {
+                    w.failures = 0;
+                } else {
+                    w.failures += 1;
                 }
                 let delay = backoff(w.failures);
                 // Whatever the dead worker forked dies with it.
@@ -1270,6 +1272,23 @@ mod tests {
         let a = pool.exited(pid, "was killed by SIGKILL", "", now);
         assert_eq!(spawns(&a), 1, "{a:?}");
         assert_eq!(pool.restarts, 5);
+    }
+
+    /// `sleep 0.5; exit 3` after READY=1 restarted "in 0ms" every time.
+    #[test]
+    fn crashes_soon_after_ready_back_off_too() {
+        let (mut pool, mut pid, t0) = live_pool(1);
+        let mut now = t0;
+        for expected in [100, 200, 400, 800, 1600] {
+            now += 500 * MS;
+            let a = pool.exited(pid, "exited with status 3", "", now);
+            assert_eq!(spawns(&a), 0, "restarted at once: {a:?}");
+            assert_eq!(pool.next_deadline(), Some(now + expected * MS));
+            now += expected * MS;
+            let a = pool.tick(now);
+            run(&mut pool, a, &mut pid, now);
+            pool.ready(1, 0, now);
+        }
     }
 
     #[test]
