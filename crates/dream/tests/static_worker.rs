@@ -241,6 +241,28 @@ fn request_paths_cannot_forge_or_flood_the_log() {
     }
 }
 
+/// A FIFO in the served directory hung the worker in `open()`; an
+/// absolute symlink to a file inside the directory answered 404.
+#[test]
+fn only_regular_files_are_served_and_absolute_links_inside_work() {
+    let w = start(&[]);
+    let public = w.tree.path().join("public");
+    nix::unistd::mkfifo(&public.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::os::unix::fs::symlink(public.join("style.css"), public.join("abs.css")).unwrap();
+    std::os::unix::fs::symlink(w.tree.path().join("secret.txt"), public.join("abs-secret"))
+        .unwrap();
+    for _ in 0..3 {
+        let r = get(w.addr, "/fifo", &[]);
+        assert_eq!(r.status, 404);
+    }
+    assert_serving(w.addr, Duration::from_secs(2));
+    let r = get(w.addr, "/abs.css", &[]);
+    assert_eq!((r.status, r.text().as_str()), (200, "body{}\n"));
+    let r = get(w.addr, "/abs-secret", &[]);
+    assert_eq!(r.status, 404);
+    assert!(!r.text().contains("TOP SECRET"));
+}
+
 fn assert_serving(addr: SocketAddr, within: Duration) {
     let start = Instant::now();
     let r = get(addr, "/", &[]);

@@ -100,30 +100,47 @@ impl Root {
         &self.path
     }
 
-    /// Opens `rel` for reading if it stays inside the root. An escape is
-    /// reported as `NotFound`, so it looks like any missing file.
-    pub fn open_file(&self, rel: &Path) -> std::io::Result<std::fs::File> {
+    /// Opens `rel` for reading if it stays inside the root and is a
+    /// regular file or a directory. An escape is reported as `NotFound`, so
+    /// it looks like any missing file. The open never blocks (a FIFO or a
+    /// device would hang the worker in `open`): `O_NONBLOCK`, then
+    /// anything but a file or directory is refused by its `fstat`.
+    pub fn open_file(&self, rel: &Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
         use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+        use std::os::unix::fs::OpenOptionsExt;
         let rel = if rel.as_os_str().is_empty() {
             Path::new(".")
         } else {
             rel
         };
+        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK;
         let how = OpenHow::new()
-            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+            .flags(flags)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        match openat2(&self.dir, rel, how) {
-            Ok(fd) => Ok(std::fs::File::from(fd)),
-            Err(nix::errno::Errno::EXDEV) | Err(nix::errno::Errno::ELOOP) => {
-                Err(std::io::ErrorKind::NotFound.into())
-            }
-            Err(nix::errno::Errno::ENOSYS) => {
+        let file = match openat2(&self.dir, rel, how) {
+            Ok(fd) => std::fs::File::from(fd),
+            // An absolute symlink, or no openat2: resolve the real path and
+            // serve it only if it lies inside the root.
+            Err(nix::errno::Errno::EXDEV) | Err(nix::errno::Errno::ENOSYS) => {
                 let real = resolve(&self.path, rel).ok_or(std::io::ErrorKind::NotFound)?;
-                std::fs::File::open(real)
+                std::fs::File::options()
+                    .read(true)
+                    .custom_flags(libc_flags(flags))
+                    .open(real)?
             }
-            Err(e) => Err(e.into()),
+            Err(nix::errno::Errno::ELOOP) => return Err(std::io::ErrorKind::NotFound.into()),
+            Err(e) => return Err(e.into()),
+        };
+        let meta = file.metadata()?;
+        if !(meta.is_file() || meta.is_dir()) {
+            return Err(std::io::ErrorKind::NotFound.into());
         }
+        Ok((file, meta))
     }
+}
+
+fn libc_flags(flags: nix::fcntl::OFlag) -> i32 {
+    (flags & !nix::fcntl::OFlag::O_RDONLY).bits()
 }
 
 /// A strong validator from size and modification time.
@@ -285,6 +302,15 @@ mod tests {
         assert!(r.open_file(Path::new("../secret")).is_err());
         assert!(r.open_file(Path::new("alias")).is_ok());
         assert!(r.open_file(Path::new("")).is_ok(), "the root itself");
+        // An absolute link is served only when it leads inside the root.
+        std::os::unix::fs::symlink(root.join("ok"), root.join("abs-in")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("abs-out")).unwrap();
+        assert!(r.open_file(Path::new("abs-in")).is_ok());
+        assert!(r.open_file(Path::new("abs-out")).is_err());
+        // A FIFO is refused without blocking in open().
+        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = r.open_file(Path::new("fifo")).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 
     #[test]

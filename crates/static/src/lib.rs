@@ -334,11 +334,7 @@ async fn respond(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Respo
     let Ok((rel, trailing_slash)) = files::relative_path(req.uri().path()) else {
         return not_found();
     };
-    let opened = root.open_file(&rel).and_then(|f| {
-        let meta = f.metadata()?;
-        Ok((f, meta))
-    });
-    let (file, meta, path) = match opened {
+    let (file, meta, path) = match root.open_file(&rel) {
         Ok((_, meta)) if meta.is_dir() => {
             if !trailing_slash {
                 let mut location = files::directory_location(&rel);
@@ -353,10 +349,7 @@ async fn respond(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Respo
                 return r;
             }
             let index = rel.join("index.html");
-            match root.open_file(&index).and_then(|f| {
-                let meta = f.metadata()?;
-                Ok((f, meta))
-            }) {
+            match root.open_file(&index) {
                 Ok((f, m)) => (f, m, index),
                 Err(e) => return io_response(e, root.path(), &index),
             }
