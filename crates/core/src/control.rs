@@ -68,6 +68,22 @@ pub enum ControlError {
     },
     #[error("the supervisor's answer is not JSON: {0:?}")]
     BadResponse(String),
+    /// The supervisor refused to take the request at all (not the outcome
+    /// of carrying it out): too busy, or not allowed.
+    #[error("the supervisor refused the request: {message}")]
+    Refused { busy: bool, message: String },
+}
+
+impl ControlError {
+    /// Whether asking again later may work (busy, timed out, connection
+    /// lost), as opposed to not allowed or nothing running.
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            ControlError::Refused { busy, .. } => *busy,
+            ControlError::Io { source, .. } => source.kind() != io::ErrorKind::PermissionDenied,
+            ControlError::NotRunning { .. } | ControlError::BadResponse(_) => false,
+        }
+    }
 }
 
 /// Sends one request and waits (up to `timeout`, or forever) for its answer.
@@ -111,7 +127,15 @@ pub fn request(
             "the supervisor closed the connection without answering",
         )));
     }
-    serde_json::from_str(answer.trim()).map_err(|_| ControlError::BadResponse(answer))
+    let v: Value =
+        serde_json::from_str(answer.trim()).map_err(|_| ControlError::BadResponse(answer))?;
+    if let Some(why) = v["refused"].as_str() {
+        return Err(ControlError::Refused {
+            busy: why == "busy",
+            message: v["error"].as_str().unwrap_or(why).to_string(),
+        });
+    }
+    Ok(v)
 }
 
 #[cfg(test)]

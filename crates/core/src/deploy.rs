@@ -441,7 +441,8 @@ fn switch_reload_verify(
         p.step("reload", "skipped (--no-reload)".into());
         return Ok(());
     }
-    let answer = control::request(&store.root, &json!({"cmd": "reload"}), None);
+    let deadline = reload_deadline(store);
+    let answer = control::request(&store.root, &json!({"cmd": "reload"}), Some(deadline));
     let failure = match answer {
         Ok(v) if v["ok"] == true => {
             p.report.supervisor = true;
@@ -460,7 +461,7 @@ fn switch_reload_verify(
             );
             return Ok(());
         }
-        Err(e) => e.to_string(),
+        Err(e) => return Err(could_not_ask(store, id, previous, e, deadline)),
     };
     p.report.supervisor = true;
     let mut bad = Event::new("failed", id);
@@ -483,6 +484,75 @@ fn switch_reload_verify(
         Kind::Failed,
         format!("reload failed: {failure}\n{restored}; release {id} is marked bad"),
     ))
+}
+
+/// How long a deploy waits for the supervisor's answer to a reload: the
+/// new generation's ready timeout, once more for a reload queued ahead of
+/// it, its drain timeout, and a margin; without a status, 150 s.
+fn reload_deadline(store: &Store) -> Duration {
+    let status = control::request(
+        &store.root,
+        &json!({"cmd": "status"}),
+        Some(Duration::from_secs(10)),
+    );
+    let ms = |v: &serde_json::Value, key: &str| v["pool"][key].as_u64().map(Duration::from_millis);
+    match status {
+        Ok(v) => match (ms(&v, "ready_timeout_ms"), ms(&v, "drain_timeout_ms")) {
+            (Some(ready), Some(drain)) => 2 * ready + drain + Duration::from_secs(30),
+            _ => Duration::from_secs(150),
+        },
+        Err(_) => Duration::from_secs(150),
+    }
+}
+
+/// The deploy could not get an answer from the supervisor: that says
+/// nothing about the release, so nothing is marked bad, and the exit is
+/// 111 (try again). When the request was never taken (refused, or the
+/// connection failed), `current` is switched back, so that it names what
+/// is served; when it was taken but not answered in time, the supervisor
+/// will carry it out, so `current` stays.
+fn could_not_ask(
+    store: &Store,
+    id: &str,
+    previous: Option<&str>,
+    e: control::ControlError,
+    deadline: Duration,
+) -> DeployError {
+    let timed_out = matches!(&e, control::ControlError::Io { source, .. }
+        if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+    if timed_out {
+        return err(
+            Kind::Temporary,
+            format!(
+                "the supervisor took the reload but did not answer within {}; current names {id}, which it loads when it can (see dream status); nothing is marked bad",
+                crate::fmt_duration(deadline)
+            ),
+        );
+    }
+    let restored = match previous {
+        Some(prev) => match store.switch(prev) {
+            Ok(_) => {
+                let mut ev = Event::new("switched", prev);
+                ev.previous = Some(id.to_string());
+                ev.reason = Some(format!("could not ask the supervisor to reload {id}"));
+                let _ = store.append(&ev);
+                format!("current switched back to {prev}, which is still serving")
+            }
+            Err(e) => format!("could not switch current back to {prev}: {e}"),
+        },
+        None => "there is no previous release to switch back to".into(),
+    };
+    let code = if e.is_temporary() {
+        Kind::Temporary
+    } else {
+        Kind::Failed
+    };
+    err(
+        code,
+        format!(
+            "could not ask the supervisor to reload: {e}\n{restored}; release {id} is not marked bad (deploy again)"
+        ),
+    )
 }
 
 fn run_build(cmd: &str, dir: &Path, id: &str, final_dir: &Path) -> Result<(), DeployError> {

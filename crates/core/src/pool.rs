@@ -958,6 +958,8 @@ impl Pool {
     pub fn status(&self, now: Instant) -> PoolStatus {
         PoolStatus {
             workers_target: self.settings.workers,
+            ready_timeout_ms: self.settings.ready_timeout.as_millis() as u64,
+            drain_timeout_ms: self.settings.drain_timeout.as_millis() as u64,
             reloading: self.reloading(),
             reload_queued: self.queued.is_some() && self.reloading(),
             stopping: self.stopping.is_some(),
@@ -1020,6 +1022,10 @@ impl ReloadFailed {
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolStatus {
     pub workers_target: usize,
+    /// How long a new generation may take to become ready, and an old one
+    /// to drain: a client waiting for a reload bounds its wait with them.
+    pub ready_timeout_ms: u64,
+    pub drain_timeout_ms: u64,
     pub reloading: bool,
     pub reload_queued: bool,
     pub stopping: bool,

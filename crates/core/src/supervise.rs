@@ -553,16 +553,29 @@ impl Driver {
             if !allowed {
                 let _ = reply(
                     &mut stream,
-                    &json!({"ok": false, "error": "permission denied: only the supervisor's user or root may control it"}),
+                    &json!({"ok": false, "refused": "permission", "error": "permission denied: only the supervisor's user or root may control it"}),
                 );
                 continue;
             }
             if self.clients.len() >= MAX_CLIENTS {
-                let _ = reply(
-                    &mut stream,
-                    &json!({"ok": false, "error": "too many control clients; try again"}),
-                );
-                continue;
+                // Make room by dropping the client idle the longest (one
+                // that waits for nothing); refuse only when every client
+                // waits for an answer.
+                let idlest = (0..self.clients.len())
+                    .filter(|&i| self.clients[i].awaiting == 0)
+                    .min_by_key(|&i| self.clients[i].last);
+                match idlest {
+                    Some(i) => {
+                        self.clients.swap_remove(i);
+                    }
+                    None => {
+                        let _ = reply(
+                            &mut stream,
+                            &json!({"ok": false, "refused": "busy", "error": "too many control clients, all waiting for an answer; try again"}),
+                        );
+                        continue;
+                    }
+                }
             }
             if stream.set_nonblocking(true).is_err() {
                 continue;
@@ -648,7 +661,10 @@ impl Driver {
                 self.answer_index(i, &s);
             }
             Request::Reload => {
+                // A request taken is carried out, whether or not its client
+                // is still there to read the answer.
                 if id == 0 {
+                    self.request_reload(None);
                     return;
                 }
                 self.clients[i].awaiting += 1;

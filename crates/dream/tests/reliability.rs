@@ -865,3 +865,98 @@ fn a_privileged_port_without_privileges_explains_the_way_out() {
     );
     assert_eq!(err.lines().count(), 1, "one line: {err}");
 }
+
+/// 64 idle control connections made `deploy` fail with "too many control
+/// clients" and mark a good release bad; a reload whose client hung up at
+/// once was never carried out.
+#[test]
+fn idle_control_clients_make_room_and_a_taken_reload_is_carried_out() {
+    let root = Root::new();
+    for id in ["a", "b", "c"] {
+        root.release(id, STATIC);
+    }
+    root.switch("a");
+    let _sup = serve_on(&root, &["127.0.0.1:0"], &["--workers", "1"]);
+    root.wait_live("a", 1);
+    let sock = root.path().join(".dream/control.sock");
+    let idle: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    let s = root.control(r#"{"cmd":"status"}"#);
+    assert_eq!(s["ok"], true, "{s}");
+    // Taken, then its client is gone before the answer: still carried out.
+    for id in ["b", "c"] {
+        root.switch(id);
+        let mut c = UnixStream::connect(&sock).unwrap();
+        c.write_all(b"{\"cmd\":\"reload\"}\n").unwrap();
+        drop(c);
+        root.wait_live(id, 1);
+    }
+    drop(idle);
+}
+
+/// A supervisor that refuses to take a request ("busy") says nothing about
+/// the release: `deploy` exits 111, switches `current` back, marks nothing
+/// bad; `status` fails instead of printing `supervisor pid null`.
+#[test]
+fn a_supervisor_that_cannot_be_asked_marks_nothing_bad() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    tree.write("a/public/index.html", "a\n");
+    tree.write("b/public/index.html", "b\n");
+    let dream = |args: &[&str]| {
+        run(
+            Command::new(bin("dream"))
+                .args(args)
+                .arg("--root")
+                .arg(&root),
+            Duration::from_secs(60),
+        )
+    };
+    let (st, _, err) = dream(&[
+        "deploy",
+        tree.path().join("a").to_str().unwrap(),
+        "--id",
+        "a",
+    ]);
+    assert!(st.success(), "{err}");
+    // A peer that speaks the control protocol and refuses everything.
+    let listener =
+        std::os::unix::net::UnixListener::bind(root.join(".dream/control.sock")).unwrap();
+    let refuser = std::thread::spawn(move || {
+        for _ in 0..3 {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(&c), &mut line).unwrap();
+            c.write_all(b"{\"ok\":false,\"refused\":\"busy\",\"error\":\"too many control clients, all waiting for an answer; try again\"}\n").unwrap();
+        }
+    });
+    let (st, _, err) = dream(&[
+        "deploy",
+        tree.path().join("b").to_str().unwrap(),
+        "--id",
+        "b",
+    ]);
+    assert_eq!(st.code(), Some(111), "{err}");
+    assert!(err.contains("not marked bad"), "{err}");
+    assert_eq!(
+        std::fs::read_link(root.join("current")).unwrap(),
+        Path::new("releases/a")
+    );
+    let (st, out, err) = dream(&["status", "--json"]);
+    assert_eq!(st.code(), Some(111), "{out} {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    refuser.join().unwrap();
+    let (st, out, _) = dream(&["releases", "--json"]);
+    assert!(st.success());
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let b = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "b")
+        .expect("b kept");
+    assert_eq!(b["state"], "ok", "{v}");
+}
