@@ -128,8 +128,10 @@ impl Progress<'_> {
 
 /// For the crash tests: `DREAM_TEST_STOP_AFTER=<phase>` makes the process
 /// stop itself (SIGSTOP) right after that phase, so a test can kill it there.
+/// Debug builds only: a release build has no such hook, so an inherited
+/// environment variable can never freeze a production deploy.
 fn test_stop_point(phase: &str) {
-    if std::env::var("DREAM_TEST_STOP_AFTER").is_ok_and(|p| p == phase) {
+    if cfg!(debug_assertions) && std::env::var("DREAM_TEST_STOP_AFTER").is_ok_and(|p| p == phase) {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
     }
 }

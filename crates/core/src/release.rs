@@ -46,8 +46,11 @@ pub fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 {
         return Err(format!("release id {id:?} must be 1 to 128 characters"));
     }
-    if id.starts_with('.') {
-        return Err(format!("release id {id:?} must not start with '.'"));
+    if id.starts_with('.') || id.starts_with('-') {
+        return Err(format!(
+            "release id {id:?} must not start with '{}' (it would read as a hidden file or an option)",
+            &id[..1]
+        ));
     }
     if let Some(c) = id
         .chars()
@@ -402,6 +405,8 @@ mod tests {
         for bad in [
             "",
             ".hidden",
+            "-rf",
+            "--help",
             "..",
             "a/b",
             "../x",

@@ -500,9 +500,11 @@ fn bad_ids_and_a_real_current_directory_are_usage_errors() {
     let src = site(&tree, "a");
     let root = tree.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    for id in ["../x", "a/b", ".hidden", "a\u{1}b"] {
-        let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap(), "--id", id]);
+    for id in ["../x", "a/b", ".hidden", "a\u{1}b", "-rf", "--help"] {
+        let arg = format!("--id={id}");
+        let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap(), &arg]);
         assert_eq!(code, Some(100), "{id}: {err}");
+        assert!(!root.join("releases").join(id).exists(), "{id}");
     }
     std::fs::create_dir(root.join("current")).unwrap();
     let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap()]);
