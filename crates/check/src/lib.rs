@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -390,27 +390,33 @@ async fn exchange(opts: &Options, sender: &mut Sender) -> Result<Answer, Failure
             .get(hyper::header::CONNECTION)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        let body = Limited::new(resp.into_body(), BODY_LIMIT).collect().await;
-        Ok::<_, hyper::Error>((status, header_release, close, body))
+        // The whole body is read, however long: a response counts only
+        // once it is complete (a body cut short is an error, and one that
+        // never ends meets the deadline below). Its first BODY_LIMIT bytes
+        // are kept for judging; a longer body is not judged.
+        let mut body = resp.into_body();
+        let mut kept = Some(Vec::new());
+        while let Some(frame) = body.frame().await {
+            if let (Ok(data), Some(k)) = (frame?.into_data(), kept.as_mut()) {
+                if k.len() + data.len() <= BODY_LIMIT {
+                    k.extend_from_slice(&data);
+                } else {
+                    kept = None;
+                }
+            }
+        }
+        Ok::<_, hyper::Error>((status, header_release, close, kept))
     };
+    // One deadline for the whole response, body included.
     match tokio::time::timeout(opts.timeout, work).await {
         Err(_) => Err(Failure::ReadTimeout),
         Ok(Err(e)) => Err(Failure::Read(e)),
-        Ok(Ok((status, header_release, close, body))) => {
-            let body = match body {
-                Ok(b) => Some(b.to_bytes()),
-                Err(e) => match e.downcast::<hyper::Error>() {
-                    Ok(he) => return Err(Failure::Read(*he)),
-                    Err(_) => None, // longer than the limit: not judged
-                },
-            };
-            Ok(Answer {
-                status,
-                header_release,
-                body: body.map(|b| String::from_utf8_lossy(&b).into_owned()),
-                close,
-            })
-        }
+        Ok(Ok((status, header_release, close, body))) => Ok(Answer {
+            status,
+            header_release,
+            body: body.map(|b| String::from_utf8_lossy(&b).into_owned()),
+            close,
+        }),
     }
 }
 

@@ -176,3 +176,56 @@ fn check_rejects_bad_input_with_usage_errors() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// A server that answers every request with `head` and then `body(write)`,
+/// then closes the connection.
+fn raw_server(head: &'static str, body: fn(&mut std::net::TcpStream) -> std::io::Result<()>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    line.clear();
+                }
+                if w.write_all(head.as_bytes()).is_ok() {
+                    let _ = body(&mut w);
+                }
+            });
+        }
+    });
+    format!("http://{addr}/")
+}
+
+/// A body cut short (10 MiB promised, 2 MiB sent, connection closed) and a
+/// chunked body that never ends were counted as 200 OK.
+#[test]
+fn check_counts_truncated_and_endless_bodies_as_errors() {
+    let truncated = raw_server("HTTP/1.1 200 OK\r\nContent-Length: 10485760\r\n\r\n", |w| {
+        w.write_all(&vec![b'x'; 2 << 20])
+    });
+    let (code, v, err) = check_json(&truncated, &[]);
+    assert_eq!(code, Some(1), "{err} {v}");
+    assert_eq!(v["responses"], 0, "{v}");
+    assert!(v["error_total"].as_u64().unwrap() > 0, "{v}");
+
+    let endless = raw_server(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        |w| {
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(20) {
+                w.write_all(b"400\r\n")?;
+                w.write_all(&[b'y'; 0x400])?;
+                w.write_all(b"\r\n")?;
+            }
+            Ok(())
+        },
+    );
+    let (code, v, err) = check_json(&endless, &["--timeout", "500ms"]);
+    assert_eq!(code, Some(1), "{err} {v}");
+    assert!(v["errors"]["read_timeout"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["responses"], 0, "{v}");
+}
