@@ -437,7 +437,21 @@ fn switch_reload_verify(
     p.report.switch_ms = took.as_secs_f64() * 1000.0;
     let mut ev = Event::new(event, id);
     ev.previous = previous.map(str::to_string);
-    store.append(&ev).map_err(|e| io_failure("history", e))?;
+    if let Err(e) = store.append(&ev) {
+        // current must never name a release that the history does not
+        // record and no supervisor was asked to serve: switch it back.
+        let back = match previous {
+            Some(prev) => match store.switch(prev) {
+                Ok(_) => format!("current switched back to {prev}"),
+                Err(e) => format!("could not switch current back to {prev}: {e}"),
+            },
+            None => "there is no previous release to switch back to".into(),
+        };
+        return Err(io_failure(
+            &format!("recording the switch to {id} in the history ({back})"),
+            e,
+        ));
+    }
     p.step("switched", format!("current -> releases/{id}"));
     if !reload {
         p.step("reload", "skipped (--no-reload)".into());

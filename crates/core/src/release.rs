@@ -160,17 +160,46 @@ impl Store {
             .collect()
     }
 
-    /// Appends one event and makes it durable.
+    /// Appends one event, whole or not at all, and makes it durable.
+    ///
+    /// The line goes out in one `write(2)`; if that fails or is short (a
+    /// full disk), the file is cut back to where it was, so a later event
+    /// never merges into a torn line. A torn last line left by an older
+    /// crash is cut off first. Only the deploy lock's holder appends.
     pub fn append(&self, event: &Event) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
         let mut f = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(self.history_path())?;
+        let mut len = f.metadata()?.len();
+        if len > 0 {
+            let mut last = [0u8; 1];
+            f.read_exact_at(&mut last, len - 1)?;
+            if last[0] != b'\n' {
+                // Find the last complete line and cut what follows it.
+                let keep = last_newline(&mut f, len)?;
+                f.set_len(keep)?;
+                len = keep;
+            }
+        }
         let mut line = serde_json::to_string(event).map_err(io::Error::other)?;
         line.push('\n');
-        f.write_all(line.as_bytes())?;
-        f.sync_data()
+        let written = f.write(line.as_bytes());
+        if !matches!(written, Ok(n) if n == line.len()) {
+            let _ = f.set_len(len);
+            return Err(match written {
+                Err(e) => e,
+                Ok(_) => io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        if let Err(e) = f.sync_data() {
+            let _ = f.set_len(len);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Releases whose deploy failed (marked bad), unless switched to
@@ -265,6 +294,24 @@ impl Store {
         fsync_dir(&self.root)?;
         Ok(started.elapsed())
     }
+}
+
+/// The length of `f` up to and including its last newline (0 if none),
+/// read backwards in blocks.
+fn last_newline(f: &mut File, len: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut end = len;
+    let mut buf = vec![0u8; 8192];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        f.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// Refuses a directory of the deploy root that another user could have
@@ -479,6 +526,28 @@ mod tests {
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(reader.join().unwrap() > 0);
+    }
+
+    /// A crash mid-append left a torn last line, and the next event merged
+    /// into it and was lost. The torn line is cut off on the next append.
+    #[test]
+    fn a_torn_last_line_is_cut_and_later_events_stay_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        store.prepare().unwrap();
+        store.append(&Event::new("staged", "a")).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(store.history_path())
+            .unwrap();
+        f.write_all(br#"{"time":"2026-01-01T00:00:00Z","event":"swi"#)
+            .unwrap();
+        drop(f);
+        store.append(&Event::new("switched", "a")).unwrap();
+        let events: Vec<_> = store.history().into_iter().map(|e| e.event).collect();
+        assert_eq!(events, ["staged", "switched"]);
+        let text = fs::read_to_string(store.history_path()).unwrap();
+        assert!(text.ends_with('\n') && text.lines().count() == 2, "{text}");
     }
 
     #[test]

@@ -179,7 +179,10 @@ fn check_rejects_bad_input_with_usage_errors() {
 
 /// A server that answers every request with `head` and then `body(write)`,
 /// then closes the connection.
-fn raw_server(head: &'static str, body: fn(&mut std::net::TcpStream) -> std::io::Result<()>) -> String {
+fn raw_server(
+    head: &'static str,
+    body: fn(&mut std::net::TcpStream) -> std::io::Result<()>,
+) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {

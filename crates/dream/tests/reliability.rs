@@ -221,6 +221,77 @@ fn a_full_disk_during_staging_is_temporary_and_leaves_current_intact() {
     );
 }
 
+/// The disk fills between the release being synced and the switch being
+/// recorded: the history append fails. `current` must not be left naming a
+/// release that nothing records and no supervisor was asked to serve, and
+/// the history keeps whole lines only.
+#[test]
+fn a_full_disk_at_the_switch_leaves_current_on_the_served_release() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let Some(_mount) = Mount::new(
+        &["-t", "tmpfs", "-o", "size=1m,mode=755", "dream-test"],
+        &root,
+    ) else {
+        dream_testkit::prerequisite(false, "needs root and mount permission for a small tmpfs");
+        return;
+    };
+    tree.write("a/public/index.html", "a\n");
+    tree.write("b/public/index.html", "bb\n");
+    let deploy = |src: &str| {
+        let mut c = Command::new(bin("dream"));
+        c.args(["deploy", "--root"])
+            .arg(&root)
+            .arg(tree.path().join(src));
+        c
+    };
+    let (status, _, err) = run(&mut deploy("a"), Duration::from_secs(30));
+    assert!(status.success(), "{err}");
+    let mut stopped_deploy = Guard::spawn(deploy("b").env("DREAM_TEST_STOP_AFTER", "synced"));
+    wait_until(
+        Duration::from_secs(20),
+        "the deploy to stop after syncing",
+        || stopped(stopped_deploy.pid()).then_some(()),
+    );
+    // The history ends on a page boundary, so the next line needs a new
+    // page; then the disk is filled to the last byte.
+    let history = root.join(".dream/history");
+    let len = std::fs::metadata(&history).unwrap().len();
+    let pad = 4096 - (len % 4096);
+    let mut h = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&history)
+        .unwrap();
+    h.write_all(format!("{}\n", "#".repeat(pad as usize - 1)).as_bytes())
+        .unwrap();
+    drop(h);
+    let mut filler = std::fs::File::create(root.join("filler")).unwrap();
+    while filler.write(&[0u8; 4096]).is_ok_and(|n| n > 0) {}
+    drop(filler);
+    let before_len = std::fs::metadata(&history).unwrap().len();
+    stopped_deploy.signal(Signal::SIGCONT);
+    let status = stopped_deploy.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(111), "exit 111: disk full");
+    stopped_deploy.wait_stderr("No space left", Duration::from_secs(5));
+    assert_eq!(
+        std::fs::read_to_string(root.join("current/public/index.html")).unwrap(),
+        "a\n",
+        "current names the release that was served"
+    );
+    let text = std::fs::read(&history).unwrap();
+    assert_eq!(text.len() as u64, before_len, "no torn line");
+    assert!(text.ends_with(b"\n"));
+    // Room again: the next deploy succeeds and its events are whole.
+    std::fs::remove_file(root.join("filler")).unwrap();
+    let (status, _, err) = run(&mut deploy("b"), Duration::from_secs(30));
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(root.join("current/public/index.html")).unwrap(),
+        "bb\n"
+    );
+}
+
 #[test]
 fn a_tar_bomb_is_refused_at_the_entry_limit() {
     let tree = Tree::new();
