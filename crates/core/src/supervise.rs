@@ -162,6 +162,8 @@ struct Driver {
     systemd: Option<OsString>,
     started: Instant,
     nonce: u64,
+    /// Where log lines and workers' stderr go, never blocking the loop.
+    output: crate::output::Output,
 }
 
 /// Runs the supervisor until it is stopped; returns the exit code.
@@ -206,6 +208,7 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
         systemd,
         started: Instant::now(),
         nonce,
+        output: crate::output::Output::stderr(),
     };
     d.log(
         0,
@@ -256,14 +259,16 @@ impl Driver {
     fn log(&self, level: i8, msg: &str) {
         if level <= self.cfg.verbosity {
             let ts = humantime::format_rfc3339_millis(SystemTime::now());
-            let mut err = io::stderr().lock();
             // A message's own lines stay lines; whatever a value inside
             // it carries (a worker's stderr tail, a control request, a
             // notify message) cannot forge one, nor send terminal escapes.
+            use std::fmt::Write as _;
+            let mut text = String::new();
             for line in msg.lines() {
                 let line = crate::logtext::bounded(line, 4096);
-                let _ = writeln!(err, "{ts} dream {}: {line}", self.cfg.name);
+                let _ = writeln!(text, "{ts} dream {}: {line}", self.cfg.name);
             }
+            self.output.write(text.as_bytes());
         }
     }
 
@@ -461,7 +466,7 @@ impl Driver {
                 false
             }
             Ok(n) => {
-                let _ = io::stderr().lock().write_all(&buf[..n]);
+                self.output.write(&buf[..n]);
                 w.tail.extend_from_slice(&buf[..n]);
                 if w.tail.len() > TAIL_BYTES {
                     let cut = w.tail.len() - TAIL_BYTES;
@@ -723,6 +728,8 @@ impl Driver {
             "pid": std::process::id(),
             "root": root,
             "uptime_s": now.duration_since(self.started).as_secs_f64(),
+            // Output dropped because its reader stalled (see output.rs).
+            "output_dropped_bytes": self.output.dropped(),
             "sockets": self.cfg.sockets.iter().map(|(fd, name)| json!({
                 "name": name,
                 "address": protocol::describe_local(fd.as_fd()),
@@ -870,6 +877,7 @@ impl Driver {
     }
 
     fn cleanup(&mut self) {
+        self.output.finish(Duration::from_secs(2));
         if let Mode::Serve { root } = &self.cfg.mode {
             let _ = std::fs::remove_file(control::socket_path(root));
         }

@@ -1031,3 +1031,55 @@ fn a_supervisor_that_cannot_be_asked_marks_nothing_bad() {
         .expect("b kept");
     assert_eq!(b["state"], "ok", "{v}");
 }
+
+/// `dream serve … | cat` with `cat` stopped: a worker writing megabytes to
+/// stderr blocked the supervisor in `write`, so `status` hung and a deploy
+/// waited forever holding the lock. Output now goes through a bounded
+/// queue; what the stalled reader cannot take is dropped and counted.
+#[test]
+fn a_stalled_output_reader_never_stalls_the_supervisor() {
+    use std::os::fd::AsRawFd;
+    let root = Root::new();
+    root.release(
+        "noisy",
+        &format!("head -c 3000000 /dev/zero | tr '\\0' x >&2\n{STATIC}"),
+    );
+    root.release("quiet", STATIC);
+    root.switch("noisy");
+    // stderr into a pipe that nobody reads (64 kB of room).
+    let (_read_end, write_end) = nix::unistd::pipe().unwrap();
+    let child = Command::new(bin("dream"))
+        .args(["serve", "--root"])
+        .arg(root.path())
+        .args(["--listen", "127.0.0.1:0", "--workers", "1", "--", "./run"])
+        .env("DREAM_BIN", bin("dream"))
+        .stderr(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            write_end,
+        )))
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _sup = Kill(child);
+    let _ = _read_end.as_raw_fd();
+    root.wait_supervisor();
+    root.wait_live("noisy", 1);
+    let s = wait_until(
+        Duration::from_secs(20),
+        "output dropped and counted",
+        || {
+            let s = root.control(r#"{"cmd":"status"}"#);
+            (s["output_dropped_bytes"].as_u64()? > 0).then_some(s)
+        },
+    );
+    assert_eq!(s["ok"], true);
+    root.switch("quiet");
+    let v = root.control(r#"{"cmd":"reload"}"#);
+    assert_eq!(v["ok"], true, "{v}");
+    root.wait_live("quiet", 1);
+}
