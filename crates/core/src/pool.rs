@@ -78,7 +78,8 @@ pub struct Settings {
     pub ready_timeout: Duration,
     pub drain_signal: Signal,
     pub drain_timeout: Duration,
-    /// Generations allowed to drain at once; past this the oldest is killed.
+    /// Generations allowed to drain at once; a reload that would make one
+    /// more waits until one has drained or reached its drain deadline.
     pub max_draining: usize,
 }
 
@@ -215,8 +216,12 @@ pub struct Pool {
     settings: Settings,
     gens: Vec<Generation>,
     next_gen: GenId,
-    /// A reload is due once the starting generation resolves.
+    /// A reload is due once the starting generation resolves and there is
+    /// room to drain.
     queued: Option<Vec<Waiter>>,
+    /// A `StartReload` was handed to the driver and not yet answered by
+    /// `begin_generation` or `reload_unavailable`.
+    start_pending: bool,
     stopping: Option<Stop>,
     announced_ready: bool,
     /// Restarts of workers outside reloads, for status.
@@ -243,6 +248,7 @@ impl Pool {
             gens: Vec::new(),
             next_gen: 1,
             queued: None,
+            start_pending: false,
             stopping: None,
             announced_ready: false,
             restarts: 0,
@@ -279,12 +285,34 @@ impl Pool {
         if self.stopping.is_some() {
             return false;
         }
-        if self.starting().is_some() || self.queued.is_some() {
+        if self.starting().is_some() || self.queued.is_some() || !self.room_to_drain() {
             self.queued.get_or_insert_with(Vec::new).extend(waiter);
             return false;
         }
         self.queued = Some(waiter.into_iter().collect());
+        self.start_pending = true;
         true
+    }
+
+    /// Generations draining (not yet killed at their deadline).
+    fn draining(&self) -> usize {
+        self.gens
+            .iter()
+            .filter(|g| matches!(g.state, GenState::Draining { killed: false, .. }))
+            .count()
+    }
+
+    /// Whether a new generation may start: once it is live, the one it
+    /// replaces drains too, so fewer than `max_draining` may be draining.
+    /// Otherwise the reload waits (backpressure) instead of cutting short
+    /// a generation still finishing its clients' requests.
+    fn room_to_drain(&self) -> bool {
+        self.draining() < self.settings.max_draining.max(1)
+    }
+
+    /// Whether a reload is held back until a draining generation finishes.
+    pub fn reload_held(&self) -> bool {
+        self.queued.is_some() && !self.reloading() && !self.room_to_drain()
     }
 
     /// Whether a generation is starting (a reload is in progress).
@@ -294,6 +322,7 @@ impl Pool {
 
     /// Starts a generation in `release`. The first one is live at once.
     pub fn begin_generation(&mut self, release: Release, now: Instant) -> Vec<Action> {
+        self.start_pending = false;
         let waiters = self.queued.take().unwrap_or_default();
         if self.stopping.is_some() {
             return vec![ReloadFailed::stopping(waiters)];
@@ -352,6 +381,7 @@ impl Pool {
 
     /// Resolving `current` failed: the queued reload fails with `reason`.
     pub fn reload_unavailable(&mut self, reason: String) -> Vec<Action> {
+        self.start_pending = false;
         let waiters = self.queued.take().unwrap_or_default();
         vec![
             Action::Log(format!("reload failed: {reason}")),
@@ -473,15 +503,22 @@ impl Pool {
                     outcome: Ok((generation, release)),
                 });
                 actions.extend(self.start_queued());
-                actions.extend(self.limit_draining(now));
             }
             GenState::Draining { .. } => {}
         }
         actions
     }
 
+    /// Hands a queued reload to the driver once nothing is starting and
+    /// there is room to drain; at most once until it is taken up.
     fn start_queued(&mut self) -> Vec<Action> {
-        if self.queued.is_some() && self.stopping.is_none() {
+        if self.queued.is_some()
+            && self.stopping.is_none()
+            && !self.start_pending
+            && !self.reloading()
+            && self.room_to_drain()
+        {
+            self.start_pending = true;
             vec![Action::StartReload]
         } else {
             Vec::new()
@@ -537,25 +574,6 @@ impl Pool {
             }
         }
         actions.extend(self.reap_generations());
-        actions
-    }
-
-    /// Too many generations draining at once: kill the oldest.
-    fn limit_draining(&mut self, now: Instant) -> Vec<Action> {
-        let draining: Vec<GenId> = self
-            .gens
-            .iter()
-            .filter(|g| matches!(g.state, GenState::Draining { killed: false, .. }))
-            .map(|g| g.id)
-            .collect();
-        let excess = draining.len().saturating_sub(self.settings.max_draining);
-        let mut actions = Vec::new();
-        for id in draining.into_iter().take(excess) {
-            actions.push(Action::Log(format!(
-                "too many generations draining: killing generation {id}"
-            )));
-            actions.extend(self.kill(id, now));
-        }
         actions
     }
 
@@ -677,6 +695,7 @@ impl Pool {
     /// process groups are killed then, so no straggler outlives its worker.
     fn reap_generations(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
+        let before = self.gens.len();
         self.gens.retain(|g| {
             let done = matches!(g.state, GenState::Draining { .. })
                 && g.workers.iter().all(|w| w.state == WorkerState::Gone);
@@ -695,6 +714,10 @@ impl Pool {
             }
             !done
         });
+        // A generation gone makes room for a reload held back for it.
+        if self.gens.len() < before {
+            actions.extend(self.start_queued());
+        }
         // Live generations drop retired workers that are gone.
         for g in &mut self.gens {
             g.workers.retain(|w| {
@@ -802,6 +825,8 @@ impl Pool {
                 }
             }
         }
+        // A generation at its drain deadline no longer holds a reload back.
+        actions.extend(self.start_queued());
         actions
     }
 
@@ -961,7 +986,8 @@ impl Pool {
             ready_timeout_ms: self.settings.ready_timeout.as_millis() as u64,
             drain_timeout_ms: self.settings.drain_timeout.as_millis() as u64,
             reloading: self.reloading(),
-            reload_queued: self.queued.is_some() && self.reloading(),
+            reload_queued: self.queued.is_some() && !self.start_pending,
+            reload_held: self.reload_held(),
             stopping: self.stopping.is_some(),
             restarts: self.restarts,
             generations: self
@@ -1028,6 +1054,8 @@ pub struct PoolStatus {
     pub drain_timeout_ms: u64,
     pub reloading: bool,
     pub reload_queued: bool,
+    /// A reload waits for a draining generation to finish (backpressure).
+    pub reload_held: bool,
     pub stopping: bool,
     pub restarts: u64,
     pub generations: Vec<GenerationStatus>,
@@ -1313,26 +1341,51 @@ mod tests {
         );
     }
 
+    /// Rapid deploys killed generations still draining (a 10 MB download
+    /// cut at 8.6 MB). Now a reload waits until a draining generation has
+    /// drained or reached its own drain deadline.
     #[test]
-    fn at_most_max_draining_generations_drain_at_once() {
+    fn a_reload_waits_for_room_to_drain_instead_of_killing() {
         let (mut pool, mut pid, t0) = live_pool(1);
         pool.settings.max_draining = 2;
-        // Each reload leaves one more stubborn generation draining.
-        for (i, id) in ["b", "c", "d"].iter().enumerate() {
-            pool.request_reload(None);
+        // Two reloads leave generations 1 and 2 draining (pids 1 and 2).
+        for (i, id) in ["b", "c"].iter().enumerate() {
+            assert!(pool.request_reload(None));
             let a = pool.begin_generation(rel(id), t0);
             run(&mut pool, a, &mut pid, t0);
             let a = pool.ready(i as u64 + 2, 0, t0);
-            if i < 2 {
-                assert!(kills(&a).is_empty(), "{i}: within the limit");
-            } else {
-                assert_eq!(
-                    kills(&a),
-                    vec![1],
-                    "the oldest draining generation is killed"
-                );
-            }
+            assert!(kills(&a).is_empty(), "{a:?}");
         }
+        // A third is held back: nothing starts, nothing is killed.
+        assert!(!pool.request_reload(Some(7)));
+        assert!(pool.reload_held());
+        assert!(
+            pool.tick(t0 + MS)
+                .iter()
+                .all(|a| !matches!(a, Action::StartReload))
+        );
+        // Generation 1's worker finishes its requests and exits: room.
+        let a = pool.exited(1, "exited with status 0", "", t0 + 2 * MS);
+        assert_eq!(
+            a.iter()
+                .filter(|a| matches!(a, Action::StartReload))
+                .count(),
+            1,
+            "{a:?}"
+        );
+        assert!(
+            kills(&a).iter().all(|p| *p == 1),
+            "only its own group: {a:?}"
+        );
+        let a = pool.begin_generation(rel("d"), t0 + 2 * MS);
+        run(&mut pool, a, &mut pid, t0);
+        assert!(!pool.reload_held());
+        // Held again behind generation 2, until its drain deadline.
+        let a = pool.ready(4, 0, t0 + 3 * MS);
+        assert!(kills(&a).is_empty(), "{a:?}");
+        assert!(!pool.request_reload(None));
+        let a = pool.tick(t0 + Duration::from_secs(3));
+        assert!(a.iter().any(|a| matches!(a, Action::StartReload)), "{a:?}");
     }
 
     #[test]

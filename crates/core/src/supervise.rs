@@ -422,6 +422,11 @@ impl Driver {
             self.apply(vec![Action::StartReload]);
         } else if self.pool.reloading() {
             self.log(0, "reload queued behind the one in progress");
+        } else if self.pool.reload_held() {
+            self.log(
+                0,
+                "reload held until a draining generation finishes or reaches its drain deadline",
+            );
         }
     }
 
