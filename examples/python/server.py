@@ -5,15 +5,31 @@ It answers every request with the release it runs in, says READY=1 when it is
 accepting, and on SIGTERM stops accepting, finishes what it holds, and exits.
 """
 import os
+import select
 import signal
 import socket
 import threading
 
 RELEASE = os.environ.get("DREAM_RELEASE", "dev")
-listener = socket.socket(fileno=0)  # dream's socket: accept only, never bind
-listener.settimeout(0.2)
+# dream's socket: accept only, never bind. It is shared with every other
+# worker, so its flags are left alone (no settimeout, no setblocking): it may
+# be blocking or not, as another worker left it (doc/protocol.md).
+listener = socket.socket(fileno=0)
 stopping = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+waiting = False
+
+
+class Stop(Exception):
+    pass
+
+
+def on_term(*_):
+    stopping.set()
+    if waiting:  # break out of select() or a blocking accept()
+        raise Stop
+
+
+signal.signal(signal.SIGTERM, on_term)
 
 
 def notify(state):
@@ -46,13 +62,20 @@ def handle(conn):
 
 workers = []
 notify("READY=1")
-while not stopping.is_set():
-    try:
-        conn, _ = listener.accept()
-    except socket.timeout:
-        continue
-    t = threading.Thread(target=handle, args=(conn,))
-    t.start()
-    workers.append(t)
+try:
+    while not stopping.is_set():
+        waiting = True
+        select.select([listener], [], [])
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            continue  # another worker took it: nothing now
+        finally:
+            waiting = False
+        t = threading.Thread(target=handle, args=(conn,))
+        t.start()
+        workers.append(t)
+except Stop:
+    pass
 for t in workers:
     t.join()

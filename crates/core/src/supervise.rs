@@ -149,6 +149,8 @@ enum Source {
     Notify(i32),
     Stderr(i32),
     ReadyPipe(i32),
+    /// A listening socket reported a hang-up: it no longer listens.
+    Listener(usize),
 }
 
 struct Driver {
@@ -164,6 +166,11 @@ struct Driver {
     nonce: u64,
     /// Where log lines and workers' stderr go, never blocking the loop.
     output: crate::output::Output,
+    /// Per listening socket: its file status flags as last seen (workers
+    /// share them; see `check_listener_flags`), and whether it could not be
+    /// made to listen again (then it is left out of the poll set).
+    listener_flags: Vec<Option<nix::fcntl::OFlag>>,
+    listener_lost: Vec<bool>,
 }
 
 /// Runs the supervisor until it is stopped; returns the exit code.
@@ -209,7 +216,16 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
         started: Instant::now(),
         nonce,
         output: crate::output::Output::stderr(),
+        listener_flags: Vec::new(),
+        listener_lost: Vec::new(),
     };
+    d.listener_flags = d
+        .cfg
+        .sockets
+        .iter()
+        .map(|(fd, _)| status_flags(fd))
+        .collect();
+    d.listener_lost = vec![false; d.cfg.sockets.len()];
     d.log(
         0,
         &format!(
@@ -289,6 +305,7 @@ impl Driver {
                         self.pump_stderr(pid);
                     }
                     Source::ReadyPipe(pid) => self.on_ready_pipe(pid),
+                    Source::Listener(i) => self.on_listener_hangup(i),
                 }
             }
             self.clients.retain(|c| c.id != 0);
@@ -339,6 +356,16 @@ impl Driver {
             .iter()
             .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
             .collect();
+        // The listeners with no events asked: poll reports only a hang-up,
+        // which a listening socket shows once it no longer listens (a
+        // worker called shutdown(2) on it). Connections waiting do not
+        // wake the supervisor.
+        for (i, (fd, _)) in self.cfg.sockets.iter().enumerate() {
+            if !self.listener_lost[i] {
+                sources.push(Source::Listener(i));
+                polls.push(PollFd::new(fd.as_fd(), PollFlags::empty()));
+            }
+        }
         match poll(&mut polls, timeout_until(deadline)) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
@@ -351,6 +378,73 @@ impl Driver {
             .map(|(_, s)| s)
             .collect();
         Ok(ready)
+    }
+
+    /// A listening socket stopped listening: every worker shares it, so
+    /// one worker's `shutdown(2)` refuses connections for all of them and
+    /// for every later generation. The supervisor owns the sockets: it
+    /// makes this one listen again (same socket, same port, so every
+    /// worker is healed at once) and says so; no release is blamed.
+    fn on_listener_hangup(&mut self, i: usize) {
+        use nix::sys::socket::{Backlog, getsockopt, listen, sockopt::AcceptConn};
+        let (fd, name) = &self.cfg.sockets[i];
+        if getsockopt(fd, AcceptConn).unwrap_or(true) {
+            return;
+        }
+        let before = protocol::describe_local(fd.as_fd());
+        let restored = listen(fd, Backlog::MAXCONN)
+            .map_err(io::Error::from)
+            .and_then(|()| {
+                let after = protocol::describe_local(fd.as_fd());
+                if after == before {
+                    Ok(after)
+                } else {
+                    Err(io::Error::other(format!(
+                        "the kernel gave it another address ({after}): it was bound to port 0"
+                    )))
+                }
+            });
+        let msg = match restored {
+            Ok(addr) => format!(
+                "listening socket {name} ({addr}) stopped listening (a worker called shutdown(2) on it?); listening again"
+            ),
+            Err(e) => {
+                self.listener_lost[i] = true;
+                format!(
+                    "listening socket {name} ({before}) stopped listening (a worker called shutdown(2) on it?) and cannot listen again: {e}; restart dream serve to bind it anew"
+                )
+            }
+        };
+        self.log(0, &msg);
+    }
+
+    /// Workers share each listener's open file description, so a worker
+    /// that sets or clears `O_NONBLOCK` on it changes it for all of them
+    /// (one doing a plain blocking `accept` then fails with `EAGAIN`). The
+    /// supervisor cannot know which worker did it, but it says what changed.
+    fn check_listener_flags(&mut self) {
+        let mut changes = Vec::new();
+        for (i, (fd, name)) in self.cfg.sockets.iter().enumerate() {
+            let now = status_flags(fd);
+            let was = self.listener_flags[i];
+            if now != was
+                && let (Some(now), Some(was)) = (now, was)
+            {
+                let nb = nix::fcntl::OFlag::O_NONBLOCK;
+                let what = match (was.contains(nb), now.contains(nb)) {
+                    (false, true) => "set O_NONBLOCK on it: workers that accept in blocking mode now fail with EAGAIN".to_string(),
+                    (true, false) => "cleared O_NONBLOCK on it: workers that count on non-blocking accept may now block".to_string(),
+                    _ => format!("changed its file status flags ({was:?} -> {now:?})"),
+                };
+                changes.push(format!(
+                    "a worker {what} (listening socket {name} is shared by every worker; see doc/protocol.md)"
+                ));
+            }
+            self.listener_flags[i] = now;
+        }
+        for c in changes {
+            self.log(0, &c);
+        }
     }
 
     fn on_signals(&mut self) -> Result<(), SuperviseError> {
@@ -431,6 +525,8 @@ impl Driver {
     }
 
     fn reap(&mut self) {
+        // A worker that exits may have changed the shared listeners' flags.
+        self.check_listener_flags();
         loop {
             let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
@@ -545,6 +641,7 @@ impl Driver {
             );
         }
         if ready {
+            self.check_listener_flags();
             let actions = self.pool.ready(generation, index, Instant::now());
             self.apply(actions);
         }
@@ -890,6 +987,13 @@ impl Driver {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// A descriptor's file status flags (`O_NONBLOCK`, `O_APPEND`, …).
+fn status_flags(fd: &OwnedFd) -> Option<nix::fcntl::OFlag> {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+        .ok()
+        .map(nix::fcntl::OFlag::from_bits_truncate)
 }
 
 /// One datagram without waiting, and the uid the kernel says sent it.

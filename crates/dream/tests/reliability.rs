@@ -1083,3 +1083,77 @@ fn a_stalled_output_reader_never_stalls_the_supervisor() {
     assert_eq!(v["ok"], true, "{v}");
     root.wait_live("quiet", 1);
 }
+
+/// A free TCP port on 127.0.0.1, to bind explicitly (a socket bound to
+/// port 0 loses its port when it stops listening).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `dream static` set O_NONBLOCK on the listener every worker shares, so a
+/// later release whose server does a plain blocking `accept` (the seed's
+/// own) crash-looped with EAGAIN. dream's workers leave the flags alone;
+/// the supervisor says when a worker changed them.
+#[test]
+fn a_blocking_accept_server_follows_dream_static_and_flag_changes_are_named() {
+    let root = Root::new();
+    root.release("static", STATIC);
+    root.release("seed", r#"exec "$PROBE_BIN" --seed-server"#);
+    root.release("probe", r#"exec "$PROBE_BIN" --serve"#);
+    root.switch("static");
+    let spec = format!("127.0.0.1:{}", free_port());
+    let mut sup = serve_on(&root, &[&spec], &["--workers", "2", "--ready", "notify"]);
+    let addr: std::net::SocketAddr = spec.parse().unwrap();
+    root.wait_live("static", 2);
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/", &[]).status, 200);
+    }
+    root.switch("seed");
+    let v = root.control(r#"{"cmd":"reload"}"#);
+    assert_eq!(v["ok"], true, "{v}");
+    for _ in 0..20 {
+        let r = get(addr, "/", &[]);
+        assert_eq!((r.status, r.text().trim()), (200, "release seed"));
+    }
+    let s = root.control(r#"{"cmd":"status"}"#);
+    assert_eq!(s["pool"]["restarts"], 0, "{s}");
+    // The probe sets O_NONBLOCK on its listener: named, not silent.
+    root.switch("probe");
+    let v = root.control(r#"{"cmd":"reload"}"#);
+    assert_eq!(v["ok"], true, "{v}");
+    sup.wait_stderr("set O_NONBLOCK", Duration::from_secs(10));
+}
+
+/// A worker's `shutdown(SHUT_RDWR)` on its inherited listener killed it
+/// for every worker and every later generation. The supervisor notices
+/// the hang-up and makes the socket listen again; no release is blamed.
+#[test]
+fn a_listener_shut_down_by_a_worker_listens_again() {
+    let root = Root::new();
+    root.release("good", STATIC);
+    root.release(
+        "rogue",
+        &format!("\"$PROBE_BIN\" --shutdown-listener\n{STATIC}"),
+    );
+    root.switch("good");
+    let spec = format!("127.0.0.1:{}", free_port());
+    let mut sup = serve_on(&root, &[&spec], &["--workers", "2"]);
+    let addr: std::net::SocketAddr = spec.parse().unwrap();
+    root.wait_live("good", 2);
+    root.switch("rogue");
+    let v = root.control(r#"{"cmd":"reload"}"#);
+    assert_eq!(v["ok"], true, "{v}");
+    sup.wait_stderr("listening again", Duration::from_secs(10));
+    for _ in 0..20 {
+        let r = get(addr, "/", &[]);
+        assert_eq!((r.status, r.text().trim()), (200, "<p>release rogue</p>"));
+    }
+    root.switch("good");
+    let v = root.control(r#"{"cmd":"reload"}"#);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(get(addr, "/", &[]).status, 200);
+}

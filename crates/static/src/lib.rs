@@ -21,6 +21,7 @@
 //! idle keep-alive time), a cap on header size, and a cap on connections,
 //! past which the worker stops accepting and lets the kernel queue.
 
+mod accept;
 mod files;
 
 use std::convert::Infallible;
@@ -144,41 +145,23 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
         .max_buf_size(64 * 1024)
         .keep_alive(true);
 
+    // Dropping the write end of this pipe stops every accept thread.
+    let (stop_accepting, stop_read) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     for listener in listeners {
-        let ctx = (
-            shared.clone(),
-            permits.clone(),
-            stop_rx.clone(),
-            http.clone(),
-        );
-        match listener {
-            Listener::Tcp(l) => {
-                l.set_nonblocking(true)?;
-                let l = Arc::new(tokio::net::TcpListener::from_std(l)?);
-                tokio::spawn(accept_loop(
-                    move || {
-                        let l = l.clone();
-                        async move {
-                            let (s, _) = l.accept().await?;
-                            let _ = s.set_nodelay(true);
-                            Ok(s)
-                        }
-                    },
-                    ctx,
-                ));
-            }
-            Listener::Unix(l) => {
-                l.set_nonblocking(true)?;
-                let l = Arc::new(tokio::net::UnixListener::from_std(l)?);
-                tokio::spawn(accept_loop(
-                    move || {
-                        let l = l.clone();
-                        async move { Ok(l.accept().await?.0) }
-                    },
-                    ctx,
-                ));
-            }
-        }
+        let (fd, tcp): (std::os::fd::OwnedFd, bool) = match listener {
+            Listener::Tcp(l) => (l.into(), true),
+            Listener::Unix(l) => (l.into(), false),
+        };
+        let sink = Spawner {
+            handle: tokio::runtime::Handle::current(),
+            permits: permits.clone(),
+            stop: stop_rx.clone(),
+            permit: None,
+            shared: shared.clone(),
+            http: http.clone(),
+            tcp,
+        };
+        accept::spawn(fd, stop_read.try_clone()?, sink)?;
     }
     let _ = dream_core::protocol::notify("READY=1");
 
@@ -189,6 +172,7 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
     }
     // 1. Stop accepting. 2. Answer what comes with Connection: close.
     let _ = stop_tx.send(true);
+    drop(stop_accepting);
     shared.draining.store(true, Ordering::SeqCst);
     let _ = dream_core::protocol::notify("STOPPING=1");
     // 3. Idle connections get a grace period before they are closed.
@@ -214,62 +198,60 @@ async fn wait_closed(shared: &Shared, limit: Duration) -> bool {
     }
 }
 
-type LoopCtx = (
-    Arc<Shared>,
-    Arc<Semaphore>,
-    watch::Receiver<bool>,
-    hyper::server::conn::http1::Builder,
-);
+/// Hands each accepted connection to the runtime, within the connection
+/// cap.
+struct Spawner {
+    handle: tokio::runtime::Handle,
+    permits: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+    http: hyper::server::conn::http1::Builder,
+    tcp: bool,
+}
 
-async fn accept_loop<F, Fut, S>(mut accept: F, ctx: LoopCtx)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = io::Result<S>>,
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (shared, permits, mut stop, http) = ctx;
-    let mut warned = false;
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let stream = tokio::select! {
-            r = accept() => r,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning
-                // on a backlog we cannot drain; the clients wait there.
-                if e.raw_os_error().is_some_and(is_resource_error) {
-                    if !warned {
-                        eprintln!("dream static: accept: {e}; pausing accepts");
-                        warned = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                continue;
+impl accept::Sink for Spawner {
+    fn room(&mut self) -> bool {
+        if self.permit.is_some() {
+            return true;
+        }
+        let permits = self.permits.clone();
+        let mut stop = self.stop.clone();
+        self.permit = self.handle.block_on(async move {
+            tokio::select! {
+                p = permits.acquire_owned() => p.ok(),
+                _ = stop.wait_for(|s| *s) => None,
             }
+        });
+        self.permit.is_some()
+    }
+
+    fn accepted(&mut self, conn: std::os::fd::OwnedFd) {
+        let Some(permit) = self.permit.take() else {
+            return;
         };
-        warned = false;
+        let shared = self.shared.clone();
+        let http = self.http.clone();
+        let tcp = self.tcp;
         shared.connections.fetch_add(1, Ordering::SeqCst);
-        let shared = shared.clone();
-        let http = http.clone();
-        tokio::spawn(async move {
-            serve_connection(stream, &shared, &http).await;
+        self.handle.spawn(async move {
+            if tcp {
+                let s = std::net::TcpStream::from(conn);
+                let _ = s.set_nodelay(true);
+                if let Ok(s) = tokio::net::TcpStream::from_std(s) {
+                    serve_connection(s, &shared, &http).await;
+                }
+            } else if let Ok(s) =
+                tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(conn))
+            {
+                serve_connection(s, &shared, &http).await;
+            }
             drop(permit);
             if shared.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
                 shared.closed.notify_waiters();
             }
         });
     }
-}
-
-fn is_resource_error(errno: i32) -> bool {
-    // EMFILE, ENFILE, ENOBUFS, ENOMEM
-    matches!(errno, 24 | 23 | 105 | 12)
 }
 
 async fn serve_connection<S>(

@@ -35,6 +35,11 @@ struct Modes {
     exit_after_ms: Option<u64>,
     /// Write a ready line to this descriptor (s6's notification-fd).
     ready_fd: Option<i32>,
+    /// Serve as the seed's demo server does: a plain blocking `accept` on
+    /// fd 0, exiting 1 on any accept error (EAGAIN included).
+    seed_server: bool,
+    /// `shutdown(SHUT_RDWR)` fd 0 (to wake accept threads), then exit 0.
+    shutdown_listener: bool,
 }
 
 fn main() {
@@ -57,6 +62,8 @@ fn main() {
             "--stderr" => m.stderr = args.next(),
             "--exit-after-ms" => m.exit_after_ms = args.next().and_then(|v| v.parse().ok()),
             "--ready-fd" => m.ready_fd = args.next().and_then(|v| v.parse().ok()),
+            "--seed-server" => m.seed_server = true,
+            "--shutdown-listener" => m.shutdown_listener = true,
             "--send-notify" => {
                 // Send one sd_notify datagram (to test who may), then exit.
                 let (Some(to), Some(text)) = (args.next(), args.next()) else {
@@ -97,6 +104,15 @@ fn main() {
     }
     if m.exit_after_report {
         return;
+    }
+    if m.shutdown_listener {
+        use std::os::fd::AsRawFd;
+        let fd = dream_core::with_raw_fd(0, |fd| fd.as_raw_fd()).expect("fd 0");
+        nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both).expect("shutdown");
+        std::process::exit(0);
+    }
+    if m.seed_server {
+        seed_server();
     }
     let mut signals =
         Signals::new(&[Signal::SIGTERM, Signal::SIGHUP, Signal::SIGINT]).expect("signalfd");
@@ -173,6 +189,26 @@ fn main() {
     // Connections in flight finish; the process exits when they have.
     while active.load(Ordering::SeqCst) > 0 {
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The seed's server: blocking `accept(2)` on fd 0, one answer per
+/// connection, exit 1 on an accept error. It trusts the listener's mode.
+fn seed_server() -> ! {
+    use nix::sys::socket::{SockFlag, accept4};
+    let release = std::env::var("DREAM_RELEASE").unwrap_or_default();
+    let _ = protocol::notify("READY=1");
+    let listener = dream_core::with_raw_fd(0, |fd| fd.try_clone_to_owned())
+        .expect("fd 0")
+        .expect("dup fd 0");
+    loop {
+        match accept4(&listener, SockFlag::SOCK_CLOEXEC) {
+            Ok(conn) => answer(Box::new(std::net::TcpStream::from(conn)), &release, false),
+            Err(e) => {
+                eprintln!("dream-probe: accept: {e}");
+                std::process::exit(1);
+            }
+        }
     }
 }
 
