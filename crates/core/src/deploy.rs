@@ -103,6 +103,10 @@ pub struct DeployOptions {
     pub wait_lock: Wait,
     /// For the lock's holder record.
     pub command: String,
+    /// Most bytes of file content a release may hold; `None`: the free
+    /// space of ROOT's filesystem (so a huge source is refused before it
+    /// fills the disk).
+    pub max_size: Option<u64>,
 }
 
 struct Progress<'a> {
@@ -251,6 +255,10 @@ fn stage_build_switch(
     prev_dir: Option<&Path>,
     p: &mut Progress<'_>,
 ) -> Result<(), DeployError> {
+    let max_bytes = match opts.max_size {
+        Some(n) => n,
+        None => free_space(&store.root).map_err(|e| io_failure("free space", e))?,
+    };
     let mut hash = IdHash::new();
     let mut git_hash = None;
     let stats: Stats = match &opts.source {
@@ -262,14 +270,23 @@ fn stage_build_switch(
             let copy = stage::CopyOptions {
                 share_from: if direct { prev_dir } else { None },
                 freeze: direct,
+                max_bytes,
             };
             stage::copy_dir(src, staged, copy, &mut hash)?
         }
-        Source::Tar(t) => stage::extract_tar(t, staged, &mut hash)?,
+        Source::Tar(t) => stage::extract_tar(t, staged, max_bytes, &mut hash)?,
         Source::Git { url, rev } => {
             let h = stage::git_checkout(url, rev.as_deref(), staged)?;
             git_hash = Some(h);
             let (bytes, files) = release::tree_size(staged);
+            if bytes > max_bytes {
+                return Err(err(
+                    Kind::Failed,
+                    format!(
+                        "refused: the checkout holds {bytes} bytes, more than {max_bytes} (--max-size)"
+                    ),
+                ));
+            }
             Stats {
                 files,
                 bytes,
@@ -602,6 +619,12 @@ fn run_build(cmd: &str, dir: &Path, id: &str, final_dir: &Path) -> Result<(), De
         Kind::Failed,
         format!("build `{cmd}` {how}; nothing was switched. Its output ended with:\n{tail}"),
     ))
+}
+
+/// Bytes an unprivileged writer may still use on `dir`'s filesystem.
+fn free_space(dir: &Path) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir)?;
+    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
 }
 
 /// Makes the staged files durable: one `syncfs(2)` of their filesystem.

@@ -240,6 +240,8 @@ pub struct CopyOptions<'a> {
     /// Make everything below `dst` read-only as it is written (when no build
     /// step will write to it), saving a second walk over the tree.
     pub freeze: bool,
+    /// Most bytes of file content the release may hold.
+    pub max_bytes: u64,
 }
 
 /// Copies directory `src` into `dst` (which must not exist). Copied files
@@ -301,6 +303,9 @@ fn copy_into(
             hash.0.write(target.as_os_str().as_encoded_bytes());
             std::os::unix::fs::symlink(&target, &to).map_err(io_at(&to))?;
         } else if ft.is_file() {
+            if stats.bytes + meta.len() > opts.max_bytes {
+                return Err(too_big(opts.max_bytes));
+            }
             hash.0.write_u64(meta.len());
             hash.0.write_i64(meta.mtime());
             hash.0.write_i64(meta.mtime_nsec());
@@ -359,14 +364,27 @@ fn copy_file(from: &Path, to: &Path, meta: &fs::Metadata, freeze: bool) -> Resul
 /// that would land outside it. Every entry is created relative to the
 /// release's directory descriptor ([`Tree`]): no entry is ever written
 /// through a link, whatever links earlier entries made.
-pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stats, StageError> {
-    let file = File::open(tarball).map_err(io_at(tarball))?;
-    let name = tarball.to_string_lossy().to_ascii_lowercase();
-    let reader: Box<dyn Read> = if name.ends_with(".gz") || name.ends_with(".tgz") {
-        Box::new(flate2::read::GzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
+pub fn extract_tar(
+    tarball: &Path,
+    dst: &Path,
+    max_bytes: u64,
+    hash: &mut IdHash,
+) -> Result<Stats, StageError> {
+    // The limits are checked on the headers alone before anything is
+    // written: a tar bomb costs a read, never a full disk or a million files.
+    let (entries, bytes) = scan_tar(tarball)?;
+    if entries > max_entries() {
+        return Err(StageError::Refused(format!(
+            "the tarball has more than {} entries (DREAM_MAX_ENTRIES); nothing was written",
+            max_entries()
+        )));
+    }
+    if bytes > max_bytes {
+        return Err(StageError::Refused(format!(
+            "the tarball holds {bytes} bytes of files, more than {max_bytes} (--max-size; the default is the free space of ROOT's filesystem); nothing was written"
+        )));
+    }
+    let reader = tar_reader(tarball)?;
     fs::create_dir(dst).map_err(io_at(dst))?;
     let tree = Tree::open(dst).map_err(io_at(dst))?;
     let mut archive = tar::Archive::new(reader);
@@ -398,6 +416,9 @@ pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stat
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 stats.files += 1;
                 let size = entry.header().size().unwrap_or(0);
+                if stats.bytes + size > max_bytes {
+                    return Err(too_big(max_bytes));
+                }
                 stats.bytes += size;
                 hash.0.write_u64(size);
                 let mut out = tree.create_file(&rel, 0o600)?;
@@ -459,6 +480,61 @@ pub fn extract_tar(tarball: &Path, dst: &Path, hash: &mut IdHash) -> Result<Stat
         let _ = tree.chmod_dir(&dir, mode);
     }
     Ok(stats)
+}
+
+fn too_big(max_bytes: u64) -> StageError {
+    StageError::Refused(format!(
+        "the release would hold more than {max_bytes} bytes (--max-size; the default is the free space of ROOT's filesystem)"
+    ))
+}
+
+/// The tarball's contents as a stream, decompressed if its name says so.
+fn tar_reader(tarball: &Path) -> Result<Box<dyn Read>, StageError> {
+    let file = File::open(tarball).map_err(io_at(tarball))?;
+    let name = tarball.to_string_lossy().to_ascii_lowercase();
+    Ok(if name.ends_with(".gz") || name.ends_with(".tgz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    })
+}
+
+/// Counts a tarball's entries and adds up its files' sizes from the
+/// headers, writing nothing (a plain tarball's data is skipped by seeking).
+/// Stops counting one past the entry limit.
+fn scan_tar(tarball: &Path) -> Result<(u64, u64), StageError> {
+    let limit = max_entries();
+    let count = |entries: &mut dyn Iterator<Item = io::Result<(tar::EntryType, u64)>>| {
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for e in entries {
+            let (kind, size) = e.map_err(io_at(tarball))?;
+            n += 1;
+            if matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
+                bytes = bytes.saturating_add(size);
+            }
+            if n > limit {
+                break;
+            }
+        }
+        Ok::<_, StageError>((n, bytes))
+    };
+    fn header<R: Read>(e: io::Result<tar::Entry<'_, R>>) -> io::Result<(tar::EntryType, u64)> {
+        e.map(|e| (e.header().entry_type(), e.header().size().unwrap_or(0)))
+    }
+    let name = tarball.to_string_lossy().to_ascii_lowercase();
+    if name.ends_with(".gz") || name.ends_with(".tgz") {
+        let mut archive = tar::Archive::new(tar_reader(tarball)?);
+        let mut it = archive.entries().map_err(io_at(tarball))?.map(header);
+        count(&mut it)
+    } else {
+        let file = File::open(tarball).map_err(io_at(tarball))?;
+        let mut archive = tar::Archive::new(file);
+        let mut it = archive
+            .entries_with_seek()
+            .map_err(io_at(tarball))?
+            .map(header);
+        count(&mut it)
+    }
 }
 
 /// The target of a link entry.
@@ -711,7 +787,7 @@ mod tests {
             drop(b);
             let dst = top.path().join("r");
             let _ = crate::release::remove_tree(&dst);
-            let _ = extract_tar(&tarball, &dst, &mut IdHash::new());
+            let _ = extract_tar(&tarball, &dst, u64::MAX, &mut IdHash::new());
             let mut seen: Vec<_> = std::fs::read_dir(top.path())
                 .unwrap()
                 .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -19,6 +19,7 @@
 //! build = "make assets"
 //! keep = 5
 //! wait_lock = "1m"
+//! max_size = "10G"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -56,6 +57,7 @@ pub struct Deploy {
     pub build: Option<String>,
     pub keep: Option<usize>,
     pub wait_lock: Option<String>,
+    pub max_size: Option<String>,
 }
 
 /// Loads `explicit` (which must exist), else `ROOT/dream.toml` if present.

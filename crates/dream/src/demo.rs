@@ -71,6 +71,7 @@ fn deploy_site(root: &Path, site: &str) -> std::result::Result<deploy::Report, S
         reload: true,
         wait_lock: Wait::For(Duration::from_secs(30)),
         command: format!("dream demo (deploying {site})"),
+        max_size: None,
     };
     deploy::deploy(&opts, &mut |_| {}).map_err(|e| e.message)
 }

@@ -63,6 +63,7 @@ pub struct DeployArgs<'a> {
     pub keep: usize,
     pub no_reload: bool,
     pub wait_lock: Option<&'a str>,
+    pub max_size: Option<u64>,
     pub json: bool,
     pub quiet: bool,
 }
@@ -82,6 +83,7 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
         reload: !a.no_reload,
         wait_lock: wait(a.wait_lock)?,
         command: format!("dream deploy {}", a.source),
+        max_size: a.max_size,
     };
     let report = deploy::deploy(&opts, &mut progress(a.quiet || a.json)).map_err(failure)?;
     finish(&report, a.json, "deployed");

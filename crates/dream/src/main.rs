@@ -242,6 +242,11 @@ struct DeployCmd {
     /// Wait this long for another deploy's lock (default: fail at once)
     #[arg(long, value_name = "DUR")]
     wait_lock: Option<String>,
+    /// Refuse a source holding more than SIZE of files (500M, 10G; default:
+    /// the free space of ROOT's filesystem); tarballs are checked before
+    /// anything is written
+    #[arg(long, value_name = "SIZE")]
+    max_size: Option<String>,
     /// Print the report as JSON on stdout (progress is not printed)
     #[arg(long)]
     json: bool,
@@ -504,6 +509,12 @@ fn run(cmd: Cmd) -> Result {
                 keep: a.keep.or(file.keep).unwrap_or(5),
                 no_reload: a.no_reload,
                 wait_lock: a.wait_lock.as_deref().or(file.wait_lock.as_deref()),
+                max_size: a
+                    .max_size
+                    .as_deref()
+                    .or(file.max_size.as_deref())
+                    .map(|s| size("max-size", s))
+                    .transpose()?,
                 json: a.json,
                 quiet: a.quiet,
             })
@@ -549,6 +560,38 @@ pub fn print_line(s: &str) {
 
 fn duration(flag: &str, s: &str) -> Result<std::time::Duration> {
     dream_core::signals::parse_duration(s).map_err(|e| Failure::usage(format!("--{flag}: {e}")))
+}
+
+/// A size such as `500M`, `10G`, `1.5T` or `4096` (bytes; K, M, G and T
+/// are powers of 1024, an optional trailing `B` or `iB` is allowed).
+fn size(flag: &str, s: &str) -> Result<u64> {
+    let bad = || {
+        Failure::usage(format!(
+            "--{flag}: {s:?} is not a size (try 500M, 10G or a number of bytes)"
+        ))
+    };
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&t[..i], &t[i..]),
+        None => (t, ""),
+    };
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !n.is_finite() || n <= 0.0 || n * mult as f64 >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok((n * mult as f64) as u64)
 }
 
 fn run_static(a: StaticArgs) -> Result {

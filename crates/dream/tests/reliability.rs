@@ -326,6 +326,68 @@ fn a_tar_bomb_is_refused_at_the_entry_limit() {
     );
 }
 
+/// A 10 MB `.tar.gz` of zeros filled the disk before failing. Sizes and
+/// counts are now checked on the headers before anything is written.
+#[test]
+fn a_compressed_size_bomb_is_refused_before_anything_is_written() {
+    use std::io::Read as _;
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    // 256 MiB of zeros in one entry: about 250 kB compressed.
+    let bomb = tree.path().join("bomb.tar.gz");
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&bomb).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut b = tar::Builder::new(gz);
+    let mut h = tar::Header::new_gnu();
+    h.set_size(256 << 20);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "zeros.bin", std::io::repeat(0).take(256 << 20))
+        .unwrap();
+    b.into_inner().unwrap().finish().unwrap();
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 2 << 20);
+    let deploy = |extra: &[&str]| {
+        run(
+            Command::new(bin("dream"))
+                .args(["deploy", "--root"])
+                .arg(&root)
+                .arg(&bomb)
+                .args(extra),
+            Duration::from_secs(60),
+        )
+    };
+    let (status, _, err) = deploy(&["--max-size", "10M"]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("more than 10485760") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(root.join(".dream/staging"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let (status, _, err) = deploy(&["--max-size", "ten"]);
+    assert_eq!(status.code(), Some(100), "{err}");
+    // A directory source is held to the same limit while it is copied.
+    tree.write("dir/a.bin", vec![1u8; 4096]);
+    tree.write("dir/b.bin", vec![2u8; 4096]);
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["deploy", "--max-size", "6K", "--root"])
+            .arg(&root)
+            .arg(tree.path().join("dir")),
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("more than 6144 bytes"), "{err}");
+    assert!(!root.join("current").exists());
+}
+
 #[test]
 fn the_static_worker_serves_others_past_1000_idle_connections() {
     let tree = Tree::new();
