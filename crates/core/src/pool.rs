@@ -132,6 +132,9 @@ pub enum Action {
     Systemd(String),
     /// A line for the log.
     Log(String),
+    /// Generation `GenId` is over (drained, or killed at its deadline):
+    /// kill whatever it started that left its process group (`setsid`).
+    Sweep(GenId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -711,6 +714,7 @@ impl Pool {
                 if !g.failed {
                     actions.push(Action::Log(format!("generation {} drained", g.id)));
                 }
+                actions.push(Action::Sweep(g.id));
             }
             !done
         });
@@ -823,6 +827,7 @@ impl Pool {
                         crate::fmt_duration(self.settings.drain_timeout)
                     )));
                 }
+                actions.push(Action::Sweep(g.id));
             }
         }
         // A generation at its drain deadline no longer holds a reload back.

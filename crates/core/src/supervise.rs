@@ -198,6 +198,10 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
         Mode::Serve { root } => Some(bind_control(root)?),
         Mode::Pool { .. } => None,
     };
+    // Descendants that leave their worker's process group become our
+    // children when their parents exit, so that `sweep` can end them.
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| SuperviseError::Setup(format!("PR_SET_CHILD_SUBREAPER: {e}")))?;
     let first = release_of(&cfg.mode).map_err(SuperviseError::Setup)?;
     let systemd = std::env::var_os(protocol::NOTIFY_SOCKET);
     let nonce = SystemTime::now()
@@ -886,6 +890,7 @@ impl Driver {
                 }
                 Action::Systemd(msg) => self.tell_systemd(&msg),
                 Action::Log(msg) => self.log(0, &msg),
+                Action::Sweep(generation) => self.sweep(Some(generation)),
             }
         }
     }
@@ -978,7 +983,45 @@ impl Driver {
         Ok(pid)
     }
 
+    /// Kills the processes a generation started that left its process
+    /// group (`setsid`, a daemonizing double fork), or with `None` every
+    /// such process: nothing a generation started may outlive its drain
+    /// deadline, serve an old release after a deploy, or hold a port after
+    /// the supervisor stops. The supervisor is a child subreaper, so they
+    /// become its children when their parents exit; which generation each
+    /// came from is in its environment (`DREAM_GENERATION`), inherited
+    /// from its worker.
+    fn sweep(&mut self, generation: Option<u64>) {
+        let mut killed = Vec::new();
+        for pid in own_children() {
+            if self.workers.contains_key(&pid) {
+                continue;
+            }
+            let theirs = generation_of(pid);
+            if generation.is_none() || theirs == generation {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                killed.push(pid.to_string());
+            }
+        }
+        if !killed.is_empty() {
+            let from = match generation {
+                Some(g) => format!("generation {g}"),
+                None => "the workers".into(),
+            };
+            self.log(
+                0,
+                &format!(
+                    "killed {} process(es) started by {from} that had left its process group: pid {}",
+                    killed.len(),
+                    killed.join(", ")
+                ),
+            );
+        }
+    }
+
     fn cleanup(&mut self) {
+        self.sweep(None);
         self.output.finish(Duration::from_secs(2));
         if let Mode::Serve { root } = &self.cfg.mode {
             let _ = std::fs::remove_file(control::socket_path(root));
@@ -987,6 +1030,34 @@ impl Driver {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// The pids of this process's children (of any of its threads).
+fn own_children() -> Vec<i32> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            pids.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// The generation a process came from, from its `DREAM_GENERATION`.
+fn generation_of(pid: i32) -> Option<u64> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"DREAM_GENERATION="))
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
 }
 
 /// A descriptor's file status flags (`O_NONBLOCK`, `O_APPEND`, …).

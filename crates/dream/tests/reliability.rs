@@ -1219,3 +1219,75 @@ fn a_listener_shut_down_by_a_worker_listens_again() {
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(get(addr, "/", &[]).status, 200);
 }
+
+/// A process that escapes its worker's process group with `setsid` kept
+/// serving the old release after a deploy and held the port after the
+/// supervisor stopped. Nothing a generation started outlives it.
+#[test]
+fn processes_that_escape_with_setsid_end_with_their_generation() {
+    let root = Root::new();
+    let pids = root.tree.path().join("pids");
+    std::fs::create_dir(&pids).unwrap();
+    // Whatever happens, the escapees this test started are ended.
+    struct EndEscapees(std::path::PathBuf);
+    impl Drop for EndEscapees {
+        fn drop(&mut self) {
+            for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+                if let Some(pid) = std::fs::read_to_string(e.path())
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok())
+                {
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+    let _end = EndEscapees(pids.clone());
+    for id in ["a", "b"] {
+        root.release(
+            id,
+            &format!(
+                "setsid sh -c 'echo $$ > {dir}/{id}; exec sleep 1000' </dev/null >/dev/null 2>&1 &\n{STATIC}",
+                dir = pids.display()
+            ),
+        );
+    }
+    root.switch("a");
+    let port = free_port();
+    let spec = format!("127.0.0.1:{port}");
+    let mut sup = serve_on(&root, &[&spec], &["--workers", "1"]);
+    root.wait_live("a", 1);
+    let escapee = |id: &str| -> i64 {
+        wait_until(Duration::from_secs(10), "the escapee's pid", || {
+            std::fs::read_to_string(pids.join(id))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+    };
+    let a = escapee("a");
+    assert!(alive(a));
+    root.switch("b");
+    let v = root.control(r#"{"cmd":"reload"}"#);
+    assert_eq!(v["ok"], true, "{v}");
+    wait_until(
+        Duration::from_secs(20),
+        "generation 1's escapee to die",
+        || (!alive(a)).then_some(()),
+    );
+    sup.wait_stderr("left its process group", Duration::from_secs(10));
+    let b = escapee("b");
+    assert!(alive(b));
+    // The supervisor stops: the live generation's escapee goes too, and the
+    // port is free again.
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(20)).success());
+    wait_until(
+        Duration::from_secs(10),
+        "generation 2's escapee to die",
+        || (!alive(b)).then_some(()),
+    );
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+}
