@@ -261,6 +261,20 @@ fn stage_build_switch(
     };
     let mut hash = IdHash::new();
     let mut git_hash = None;
+    // Over the limit: with --max-size a refusal (exit 1); with the default,
+    // the free space, a full disk (exit 111: free space and retry).
+    let over_limit = |e: StageError| match e {
+        StageError::TooBig { limit, needs } if opts.max_size.is_none() => err(
+            Kind::Temporary,
+            format!(
+                "staging: No space left on device: the release needs more than the {limit} bytes free on ROOT's filesystem{}; nothing was written past that. Free some space and retry, or set --max-size",
+                needs
+                    .map(|n| format!(" ({n} bytes of files)"))
+                    .unwrap_or_default()
+            ),
+        ),
+        e => e.into(),
+    };
     let stats: Stats = match &opts.source {
         Source::Dir(src) => {
             // Without a build step nothing writes to the staged tree, so
@@ -272,9 +286,11 @@ fn stage_build_switch(
                 freeze: direct,
                 max_bytes,
             };
-            stage::copy_dir(src, staged, copy, &mut hash)?
+            stage::copy_dir(src, staged, copy, &mut hash).map_err(over_limit)?
         }
-        Source::Tar(t) => stage::extract_tar(t, staged, max_bytes, &mut hash)?,
+        Source::Tar(t) => {
+            stage::extract_tar(t, staged, max_bytes, &mut hash).map_err(over_limit)?
+        }
         Source::Git { url, rev } => {
             let h = stage::git_checkout(url, rev.as_deref(), staged)?;
             git_hash = Some(h);

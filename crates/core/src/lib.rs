@@ -26,7 +26,9 @@ pub mod supervise;
 mod sys;
 pub mod tree;
 
-pub use sys::{reflink, single_threaded, with_raw_fd};
+pub use sys::{
+    install_interrupt_handler, reflink, release_free_memory, single_threaded, with_raw_fd,
+};
 
 /// `250ms`, `1.5s`, `2m03s`: a duration for log lines.
 pub fn fmt_duration(d: std::time::Duration) -> String {

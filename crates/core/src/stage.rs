@@ -152,6 +152,10 @@ pub enum StageError {
     Refused(String),
     #[error(transparent)]
     Tree(#[from] TreeError),
+    /// The source holds more than the size limit allows; nothing of it
+    /// past the limit was written (a tarball: nothing at all).
+    #[error("refused: the release would hold more than {limit} bytes{}; nothing was written", .needs.map(|n| format!(" ({n} bytes of files)")).unwrap_or_default())]
+    TooBig { limit: u64, needs: Option<u64> },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -380,9 +384,10 @@ pub fn extract_tar(
         )));
     }
     if bytes > max_bytes {
-        return Err(StageError::Refused(format!(
-            "the tarball holds {bytes} bytes of files, more than {max_bytes} (--max-size; the default is the free space of ROOT's filesystem); nothing was written"
-        )));
+        return Err(StageError::TooBig {
+            limit: max_bytes,
+            needs: Some(bytes),
+        });
     }
     let reader = tar_reader(tarball)?;
     fs::create_dir(dst).map_err(io_at(dst))?;
@@ -483,9 +488,10 @@ pub fn extract_tar(
 }
 
 fn too_big(max_bytes: u64) -> StageError {
-    StageError::Refused(format!(
-        "the release would hold more than {max_bytes} bytes (--max-size; the default is the free space of ROOT's filesystem)"
-    ))
+    StageError::TooBig {
+        limit: max_bytes,
+        needs: None,
+    }
 }
 
 /// The tarball's contents as a stream, decompressed if its name says so.

@@ -394,6 +394,36 @@ pub fn reflink(src: &std::fs::File, dst: &std::fs::File) -> io::Result<()> {
     }
 }
 
+extern "C" fn on_interrupt(_: libc::c_int) {}
+
+/// Installs a handler for `signal` that does nothing and is not restarted
+/// (no `SA_RESTART`): sent to one thread with `pthread_kill`, it makes a
+/// blocking system call there (such as `accept(2)`) return `EINTR`.
+pub fn install_interrupt_handler(signal: nix::sys::signal::Signal) -> io::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    let action = SigAction::new(
+        SigHandler::Handler(on_interrupt),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing, so it is trivially async-signal
+    // safe, and it replaces only this one signal's disposition.
+    unsafe { sigaction(signal, &action) }?;
+    Ok(())
+}
+
+/// Hands the allocator's free memory back to the kernel (glibc's
+/// `malloc_trim`), e.g. after a flood of connections has passed; elsewhere
+/// a no-op.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists under
+    // its locks; it has no preconditions and touches no memory of ours.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// True if this process has exactly one thread (from `/proc/self/stat`).
 pub fn single_threaded() -> bool {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {

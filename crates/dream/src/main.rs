@@ -340,7 +340,9 @@ struct StaticArgs {
     /// Time for a request's headers, and for an idle keep-alive connection
     #[arg(long, default_value = "10s", value_name = "DUR")]
     header_timeout: String,
-    /// Connections served at once; beyond it clients wait in the backlog
+    /// Connections served at once; at the cap the connection idle the
+    /// longest (keep-alive, or slow to send its headers) is closed to make
+    /// room, else clients wait in the backlog
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
     /// While draining, how long idle keep-alive connections stay open
@@ -349,6 +351,9 @@ struct StaticArgs {
     /// While draining, when to stop waiting for busy connections
     #[arg(long, default_value = "30s", value_name = "DUR")]
     drain_timeout: String,
+    /// Close a connection whose client takes nothing of a response for this long
+    #[arg(long, default_value = "30s", value_name = "DUR")]
+    send_timeout: String,
 }
 
 #[derive(Args)]
@@ -626,6 +631,7 @@ fn run_static(a: StaticArgs) -> Result {
         max_connections: a.max_connections,
         drain_grace: duration("drain-grace", &a.drain_grace)?,
         drain_timeout: duration("drain-timeout", &a.drain_timeout)?,
+        send_timeout: duration("send-timeout", &a.send_timeout)?,
     };
     dream_static::serve(listeners, config).map_err(Failure::failed)
 }

@@ -439,3 +439,85 @@ fn edited_and_replaced_files_are_never_served_stale() {
     assert_eq!(r.text(), "a{}\n");
     assert_eq!(r.header("content-length"), Some("4"));
 }
+
+/// The open descriptors of a process.
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Its resident memory in kB.
+fn rss_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Clients that ask for an 8 MiB file with a tiny receive buffer and never
+/// read took a worker to 1.5 GB and 20,000 descriptors, and a good client
+/// got no answer. Memory per connection is one chunk, a send that makes no
+/// progress times out, and good clients are served throughout.
+#[test]
+fn clients_that_never_read_cost_little_and_are_cut_off() {
+    use nix::sys::socket::{setsockopt, sockopt::RcvBuf};
+    let w = start(&["--send-timeout", "1s"]);
+    let pid = w.guard.pid();
+    let before = fd_count(pid);
+    let mut hogs = Vec::new();
+    for _ in 0..200 {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, connect, socket};
+        use std::os::fd::AsRawFd;
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, RcvBuf, &1024).unwrap();
+        let std::net::SocketAddr::V4(v4) = w.addr else {
+            unreachable!()
+        };
+        connect(fd.as_raw_fd(), &SockaddrIn::from(v4)).unwrap();
+        let mut s = TcpStream::from(fd);
+        s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        hogs.push(s);
+    }
+    assert_serving(w.addr, Duration::from_secs(3));
+    let rss = rss_kb(pid);
+    assert!(
+        rss < 200_000,
+        "{rss} kB resident with 300 stalled downloads"
+    );
+    // Past the send timeout every stalled connection is closed.
+    dream_testkit::wait_until(
+        Duration::from_secs(15),
+        "stalled connections closed",
+        || (fd_count(pid) <= before + 5).then_some(()),
+    );
+    assert_serving(w.addr, Duration::from_secs(2));
+    drop(hogs);
+}
+
+/// At the connection cap, idle and slow-header connections starved good
+/// clients (they waited in the backlog for a header timeout). Now the
+/// connection idle the longest is shed to make room.
+#[test]
+fn at_the_cap_idle_and_slow_connections_make_room() {
+    let w = start(&["--max-connections", "50", "--header-timeout", "60s"]);
+    let mut idlers = Vec::new();
+    for i in 0..120 {
+        let mut s = TcpStream::connect(w.addr).unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"GET / HTTP/1.1\r\nHost:").unwrap();
+        }
+        idlers.push(s);
+    }
+    for _ in 0..3 {
+        assert_serving(w.addr, Duration::from_secs(5));
+    }
+    drop(idlers);
+}

@@ -30,8 +30,19 @@ pub trait Sink: Send + 'static {
     fn accepted(&mut self, conn: OwnedFd);
 }
 
+/// The signal that interrupts an accept thread blocked in `accept(2)`.
+const INTERRUPT: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGURG;
+
 /// Runs the accept loop on a new thread until `stop` becomes readable.
-pub fn spawn(listener: OwnedFd, stop: OwnedFd, mut sink: impl Sink) -> std::io::Result<()> {
+pub fn spawn(
+    listener: OwnedFd,
+    stop: OwnedFd,
+    mut sink: impl Sink,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    let mut installed = Ok(());
+    HANDLER.call_once(|| installed = dream_core::install_interrupt_handler(INTERRUPT));
+    installed?;
     std::thread::Builder::new()
         .name("dream-accept".into())
         .spawn(move || {
@@ -45,7 +56,8 @@ pub fn spawn(listener: OwnedFd, stop: OwnedFd, mut sink: impl Sink) -> std::io::
                         warned = false;
                         sink.accepted(conn);
                     }
-                    // Another worker took it, or the client left first.
+                    // Another worker took it, the client left first, or
+                    // `stop` interrupted a blocking accept.
                     Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED | Errno::EPROTO) => {}
                     Err(e) => {
                         // Out of descriptors or memory, or a listener that no
@@ -59,8 +71,24 @@ pub fn spawn(listener: OwnedFd, stop: OwnedFd, mut sink: impl Sink) -> std::io::
                     }
                 }
             }
-        })?;
-    Ok(())
+        })
+}
+
+/// Ends accept threads once their stop pipe is closed. A thread in
+/// `poll` sees the pipe at once; one blocked inside `accept` (a blocking
+/// listener whose connection another worker took) would take the next
+/// connection after the drain began, and could be holding it when the
+/// process exits: it is interrupted with a signal (`EINTR`), again until
+/// it has ended, since the signal may land just before it enters `accept`.
+pub fn stop(threads: Vec<std::thread::JoinHandle<()>>) {
+    use std::os::unix::thread::JoinHandleExt;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    for t in threads {
+        while !t.is_finished() && std::time::Instant::now() < deadline {
+            let _ = nix::sys::pthread::pthread_kill(t.as_pthread_t(), INTERRUPT);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 /// Sleeps in `poll(2)` until the listener has a connection (true) or the

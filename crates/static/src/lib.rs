@@ -22,6 +22,7 @@
 //! past which the worker stops accepting and lets the kernel queue.
 
 mod accept;
+mod conn;
 mod files;
 
 use std::convert::Infallible;
@@ -39,7 +40,7 @@ use hyper::body::{Frame, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, Semaphore, watch};
 
 pub use files::{ByteRange, RangeRequest, parse_range, relative_path};
@@ -47,7 +48,12 @@ pub use files::{ByteRange, RangeRequest, parse_range, relative_path};
 /// Files up to this size are read whole in the request handler (from the
 /// page cache this is microseconds); larger ones are streamed.
 const READ_WHOLE_MAX: u64 = 256 * 1024;
-const CHUNK: usize = 64 * 1024;
+/// Connections open at once that count as a flood, whose memory is given
+/// back once they are all gone.
+const FLOOD: usize = 1000;
+
+/// A streamed file goes out this much at a time.
+const CHUNK: usize = 32 * 1024;
 
 /// How the worker behaves; `Default` is what `dream static` uses.
 #[derive(Debug, Clone)]
@@ -65,6 +71,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// While draining, when to give up on connections still busy.
     pub drain_timeout: Duration,
+    /// A connection whose client takes nothing for this long is closed.
+    pub send_timeout: Duration,
 }
 
 impl Default for Config {
@@ -76,6 +84,7 @@ impl Default for Config {
             max_connections: 10_000,
             drain_grace: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -117,6 +126,10 @@ struct Shared {
     connections: AtomicUsize,
     closed: Notify,
     shutdown: watch::Sender<bool>,
+    conns: conn::Registry,
+    send_timeout: Duration,
+    /// Most connections open at once since the last time none was.
+    peak: AtomicUsize,
 }
 
 async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Result<()> {
@@ -136,6 +149,9 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
         connections: AtomicUsize::new(0),
         closed: Notify::new(),
         shutdown: watch::channel(false).0,
+        conns: conn::Registry::default(),
+        send_timeout: config.send_timeout,
+        peak: AtomicUsize::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
@@ -147,6 +163,7 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
 
     // Dropping the write end of this pipe stops every accept thread.
     let (stop_accepting, stop_read) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut accepting = Vec::new();
     for listener in listeners {
         let (fd, tcp): (std::os::fd::OwnedFd, bool) = match listener {
             Listener::Tcp(l) => (l.into(), true),
@@ -161,7 +178,7 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
             http: http.clone(),
             tcp,
         };
-        accept::spawn(fd, stop_read.try_clone()?, sink)?;
+        accepting.push(accept::spawn(fd, stop_read.try_clone()?, sink)?);
     }
     let _ = dream_core::protocol::notify("READY=1");
 
@@ -173,6 +190,9 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
     // 1. Stop accepting. 2. Answer what comes with Connection: close.
     let _ = stop_tx.send(true);
     drop(stop_accepting);
+    tokio::task::spawn_blocking(move || accept::stop(accepting))
+        .await
+        .map_err(io::Error::other)?;
     shared.draining.store(true, Ordering::SeqCst);
     let _ = dream_core::protocol::notify("STOPPING=1");
     // 3. Idle connections get a grace period before they are closed.
@@ -215,6 +235,14 @@ impl accept::Sink for Spawner {
         if self.permit.is_some() {
             return true;
         }
+        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            self.permit = Some(p);
+            return true;
+        }
+        // At the cap: shed the connection idle the longest (an idle
+        // keep-alive one, or one slow to send its headers), so that a new
+        // client is served instead of waiting behind idlers.
+        self.shared.conns.shed_idlest();
         let permits = self.permits.clone();
         let mut stop = self.stop.clone();
         self.permit = self.handle.block_on(async move {
@@ -233,22 +261,30 @@ impl accept::Sink for Spawner {
         let shared = self.shared.clone();
         let http = self.http.clone();
         let tcp = self.tcp;
-        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let open = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.peak.fetch_max(open, Ordering::Relaxed);
+        let (id, me) = shared.conns.add();
         self.handle.spawn(async move {
             if tcp {
                 let s = std::net::TcpStream::from(conn);
                 let _ = s.set_nodelay(true);
                 if let Ok(s) = tokio::net::TcpStream::from_std(s) {
-                    serve_connection(s, &shared, &http).await;
+                    serve_connection(s, me, &shared, &http).await;
                 }
             } else if let Ok(s) =
                 tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(conn))
             {
-                serve_connection(s, &shared, &http).await;
+                serve_connection(s, me, &shared, &http).await;
             }
+            shared.conns.remove(id);
             drop(permit);
             if shared.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
                 shared.closed.notify_waiters();
+                // The last connection of a flood is gone: give its memory
+                // back rather than keep the peak for ever.
+                if shared.peak.swap(0, Ordering::Relaxed) >= FLOOD {
+                    dream_core::release_free_memory();
+                }
             }
         });
     }
@@ -256,21 +292,29 @@ impl accept::Sink for Spawner {
 
 async fn serve_connection<S>(
     stream: S,
+    me: Arc<conn::Conn>,
     shared: &Arc<Shared>,
     http: &hyper::server::conn::http1::Builder,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ctx = shared.clone();
+    let shed = me.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
+        let busy = ctx.conns.busy(&me);
+        async move {
+            let resp = handle(req, &ctx).await;
+            Ok::<_, Infallible>(resp.map(|body| Tracked { body, _busy: busy }))
+        }
     });
+    let stream = conn::SendTimeout::new(stream, shared.send_timeout);
     let conn = http.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let mut shutdown = shared.shutdown.subscribe();
     tokio::select! {
         _ = conn.as_mut() => return,
+        _ = shed.shed.notified() => return,
         _ = shutdown.wait_for(|s| *s) => {}
     }
     conn.as_mut().graceful_shutdown();
@@ -528,11 +572,9 @@ async fn serve_file(
         file.read_exact_at(&mut buf, part.start)?;
         Body::full(Bytes::from(buf))
     } else {
-        use tokio::io::AsyncSeekExt;
-        let mut f = tokio::fs::File::from_std(file);
-        f.seek(io::SeekFrom::Start(part.start)).await?;
         Body::File {
-            file: f,
+            file,
+            offset: part.start,
             remaining: body_len,
         }
     };
@@ -547,11 +589,46 @@ fn truncate_secs(t: SystemTime) -> SystemTime {
     }
 }
 
+/// A response body that keeps its connection marked busy until it has
+/// been written (or abandoned), so that shedding never picks a connection
+/// in the middle of a response.
+struct Tracked {
+    body: Body,
+    _busy: conn::BusyGuard,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A response body: bytes in memory, or a file streamed in chunks.
+///
+/// A file is read with `pread(2)` one chunk at a time, only when hyper asks
+/// for the next frame, which it does once the previous one is written: a
+/// client that does not read holds at most one chunk of this worker's
+/// memory (and no thread, as a blocking-pool read would), until the send
+/// timeout closes it.
 pub enum Body {
     Full(Option<Bytes>),
     File {
-        file: tokio::fs::File,
+        file: std::fs::File,
+        offset: u64,
         remaining: u64,
     },
 }
@@ -572,29 +649,30 @@ impl hyper::body::Body for Body {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::File { file, remaining } => {
+            Body::File {
+                file,
+                offset,
+                remaining,
+            } => {
+                use std::os::unix::fs::FileExt;
                 if *remaining == 0 {
                     return Poll::Ready(None);
                 }
                 let want = (*remaining).min(CHUNK as u64) as usize;
                 let mut buf = vec![0u8; want];
-                let mut rb = ReadBuf::new(&mut buf);
-                match Pin::new(file).poll_read(cx, &mut rb) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            return Poll::Ready(Some(Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "file shrank while being served",
-                            ))));
-                        }
+                match file.read_at(&mut buf, *offset) {
+                    Err(e) => Poll::Ready(Some(Err(e))),
+                    Ok(0) => Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "file shrank while being served",
+                    )))),
+                    Ok(n) => {
                         *remaining -= n as u64;
+                        *offset += n as u64;
                         buf.truncate(n);
                         Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
                     }
