@@ -1100,7 +1100,6 @@ fn a_supervisor_that_cannot_be_asked_marks_nothing_bad() {
 /// queue; what the stalled reader cannot take is dropped and counted.
 #[test]
 fn a_stalled_output_reader_never_stalls_the_supervisor() {
-    use std::os::fd::AsRawFd;
     let root = Root::new();
     root.release(
         "noisy",
@@ -1109,15 +1108,14 @@ fn a_stalled_output_reader_never_stalls_the_supervisor() {
     root.release("quiet", STATIC);
     root.switch("noisy");
     // stderr into a pipe that nobody reads (64 kB of room).
+    // The read end stays open (and unread) until the test ends.
     let (_read_end, write_end) = nix::unistd::pipe().unwrap();
     let child = Command::new(bin("dream"))
         .args(["serve", "--root"])
         .arg(root.path())
         .args(["--listen", "127.0.0.1:0", "--workers", "1", "--", "./run"])
         .env("DREAM_BIN", bin("dream"))
-        .stderr(std::process::Stdio::from(std::os::fd::OwnedFd::from(
-            write_end,
-        )))
+        .stderr(std::process::Stdio::from(write_end))
         .spawn()
         .unwrap();
     struct Kill(std::process::Child);
@@ -1128,7 +1126,6 @@ fn a_stalled_output_reader_never_stalls_the_supervisor() {
         }
     }
     let _sup = Kill(child);
-    let _ = _read_end.as_raw_fd();
     root.wait_supervisor();
     root.wait_live("noisy", 1);
     let s = wait_until(
