@@ -149,12 +149,23 @@ pub fn check_listener(fd: RawFd) -> Result<(), String> {
             Ok(t) if t != socket2::Type::STREAM => Err("not a stream socket".to_string()),
             Ok(_) => match sock.is_listener() {
                 Ok(true) => Ok(()),
+                // Bound, connected to nobody, not listening: a listener
+                // that another worker shut down (shutdown(2)); the
+                // supervisor makes it listen again, and accepting on it
+                // works from then on. A worker must not fail for that.
+                Ok(false) if sock.peer_addr().is_err() && bound(&sock) => Ok(()),
                 Ok(false) => Err("a socket that is not listening".to_string()),
                 Err(e) => Err(format!("not usable: {e}")),
             },
         }
     })
     .unwrap_or_else(|| Err("not open".to_string()))
+}
+
+/// Whether a socket has a local address of its own (a port, a path).
+fn bound(sock: &SockRef<'_>) -> bool {
+    sock.local_addr()
+        .is_ok_and(|a| a.as_socket().is_some_and(|a| a.port() != 0) || a.as_pathname().is_some())
 }
 
 /// A printable local address of a socket.
