@@ -16,7 +16,7 @@ RELEASE = os.environ.get("DREAM_RELEASE", "dev")
 # be blocking or not, as another worker left it (doc/protocol.md).
 listener = socket.socket(fileno=0)
 stopping = threading.Event()
-waiting = False
+in_select = False
 
 
 class Stop(Exception):
@@ -25,7 +25,9 @@ class Stop(Exception):
 
 def on_term(*_):
     stopping.set()
-    if waiting:  # break out of select() or a blocking accept()
+    # Break out of select() only: never out of accept(), which may already
+    # hold a connection (a blocking accept is retried and serves one more).
+    if in_select:
         raise Stop
 
 
@@ -64,14 +66,15 @@ workers = []
 notify("READY=1")
 try:
     while not stopping.is_set():
-        waiting = True
-        select.select([listener], [], [])
+        try:
+            in_select = True
+            select.select([listener], [], [])
+        finally:
+            in_select = False
         try:
             conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             continue  # another worker took it: nothing now
-        finally:
-            waiting = False
         t = threading.Thread(target=handle, args=(conn,))
         t.start()
         workers.append(t)
