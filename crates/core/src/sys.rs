@@ -396,6 +396,59 @@ pub fn reflink(src: &std::fs::File, dst: &std::fs::File) -> io::Result<()> {
 
 extern "C" fn on_interrupt(_: libc::c_int) {}
 
+/// The write end of the pipe that [`signal_pipe`]'s handler writes to.
+static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal_to_pipe(_: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        let saved = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        // SAFETY: write(2) is async-signal-safe; the buffer is a static
+        // byte; a full pipe (EAGAIN) is fine, it is readable already.
+        unsafe { libc::write(fd, b"!".as_ptr().cast(), 1) };
+        // SAFETY: restoring errno, as a handler must, through libc's own
+        // thread-local location.
+        unsafe { *libc::__errno_location() = saved };
+    }
+}
+
+/// A pipe that becomes readable, and stays readable, once any of `signals`
+/// arrives: the handler writes a byte (async-signal safe) and nobody reads
+/// it. Every thread that polls it learns of the signal at once, without
+/// waiting for another thread to pass it on. Once per process.
+pub fn signal_pipe(signals: &[nix::sys::signal::Signal]) -> io::Result<OwnedFd> {
+    use nix::fcntl::OFlag;
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    use std::os::fd::IntoRawFd;
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    let write = write.into_raw_fd();
+    if SIGNAL_PIPE
+        .compare_exchange(
+            -1,
+            write,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        )
+        .is_err()
+    {
+        let _ = nix::unistd::close(write);
+        return Err(io::Error::other(
+            "signal_pipe may be set up once per process",
+        ));
+    }
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal_to_pipe),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in signals {
+        // SAFETY: the handler only calls write(2) on a descriptor that stays
+        // open for the life of the process, and restores errno.
+        unsafe { sigaction(*sig, &action) }?;
+    }
+    Ok(read)
+}
+
 /// Installs a handler for `signal` that does nothing and is not restarted
 /// (no `SA_RESTART`): sent to one thread with `pthread_kill`, it makes a
 /// blocking system call there (such as `accept(2)`) return `EINTR`.

@@ -91,6 +91,17 @@ pub fn stop(threads: Vec<std::thread::JoinHandle<()>>) {
     }
 }
 
+/// Sleeps in `poll(2)` until `fd` is readable.
+pub fn wait_readable_fd(fd: BorrowedFd<'_>) {
+    loop {
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(Errno::EINTR) => {}
+            _ => return,
+        }
+    }
+}
+
 /// Sleeps in `poll(2)` until the listener has a connection (true) or the
 /// stop pipe is readable (false).
 fn wait_readable(listener: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> bool {

@@ -133,10 +133,14 @@ struct Shared {
 }
 
 async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    // HUP, TERM and INT make this pipe readable: the accept threads poll
+    // it beside their listener, so they stop accepting the moment the
+    // drain signal arrives, not once this task has been scheduled.
+    let drain = dream_core::signal_pipe(&[
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ])?;
 
     let shared = Arc::new(Shared {
         root: files::Root::open(&root)?,
@@ -161,8 +165,6 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
         .max_buf_size(64 * 1024)
         .keep_alive(true);
 
-    // Dropping the write end of this pipe stops every accept thread.
-    let (stop_accepting, stop_read) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut accepting = Vec::new();
     for listener in listeners {
         let (fd, tcp): (std::os::fd::OwnedFd, bool) = match listener {
@@ -178,18 +180,16 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
             http: http.clone(),
             tcp,
         };
-        accepting.push(accept::spawn(fd, stop_read.try_clone()?, sink)?);
+        accepting.push(accept::spawn(fd, drain.try_clone()?, sink)?);
     }
     let _ = dream_core::protocol::notify("READY=1");
 
-    tokio::select! {
-        _ = hup.recv() => {}
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    // Sleep (on a blocking-pool thread) until the drain signal.
+    tokio::task::spawn_blocking(move || accept::wait_readable_fd(std::os::fd::AsFd::as_fd(&drain)))
+        .await
+        .map_err(io::Error::other)?;
     // 1. Stop accepting. 2. Answer what comes with Connection: close.
     let _ = stop_tx.send(true);
-    drop(stop_accepting);
     tokio::task::spawn_blocking(move || accept::stop(accepting))
         .await
         .map_err(io::Error::other)?;
