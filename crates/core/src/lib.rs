@@ -27,8 +27,8 @@ mod sys;
 pub mod tree;
 
 pub use sys::{
-    install_interrupt_handler, reflink, release_free_memory, signal_pipe, single_threaded,
-    with_raw_fd,
+    install_interrupt_handler, reflink, release_free_memory, signal_pending, signal_pipe,
+    single_threaded, with_raw_fd,
 };
 
 /// `250ms`, `1.5s`, `2m03s`: a duration for log lines.

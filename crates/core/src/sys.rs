@@ -465,6 +465,23 @@ pub fn install_interrupt_handler(signal: nix::sys::signal::Signal) -> io::Result
     Ok(())
 }
 
+/// Whether any of `signals` is pending for this thread or process while
+/// blocked in this thread (`sigpending(2)` reports only blocked signals).
+pub fn signal_pending(signals: &nix::sys::signal::SigSet) -> bool {
+    let mut pending = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigpending writes a full sigset_t into the buffer we own, and
+    // we read it only if it succeeded; sigismember only reads it.
+    unsafe {
+        if libc::sigpending(pending.as_mut_ptr()) != 0 {
+            return false;
+        }
+        let pending = pending.assume_init();
+        signals
+            .iter()
+            .any(|s| libc::sigismember(&pending, s as libc::c_int) == 1)
+    }
+}
+
 /// Hands the allocator's free memory back to the kernel (glibc's
 /// `malloc_trim`), e.g. after a flood of connections has passed; elsewhere
 /// a no-op.

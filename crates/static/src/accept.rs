@@ -46,9 +46,19 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("dream-accept".into())
         .spawn(move || {
+            // The drain signals go to another thread (whose handler makes
+            // `stop` readable); blocked here, they show in sigpending(2)
+            // from the moment they are sent, which closes the window
+            // between a signal's arrival and its handler having run.
+            let _ = drain_signals().thread_block();
             let mut warned = false;
             while sink.room() {
                 if !wait_readable(listener.as_fd(), stop.as_fd()) {
+                    return;
+                }
+                // The connection that woke us may have arrived after the
+                // drain signal: the next generation's, not ours.
+                if draining(stop.as_fd()) {
                     return;
                 }
                 match accept4(&listener, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC) {
@@ -89,6 +99,26 @@ pub fn stop(threads: Vec<std::thread::JoinHandle<()>>) {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
+}
+
+/// The signals that start a drain.
+pub fn drain_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::Signal;
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        set.add(s);
+    }
+    set
+}
+
+/// Whether a drain signal was sent (pending, or its handler already made
+/// `stop` readable).
+fn draining(stop: BorrowedFd<'_>) -> bool {
+    if dream_core::signal_pending(&drain_signals()) {
+        return true;
+    }
+    let mut fds = [PollFd::new(stop, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 /// Sleeps in `poll(2)` until `fd` is readable.

@@ -136,11 +136,8 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
     // HUP, TERM and INT make this pipe readable: the accept threads poll
     // it beside their listener, so they stop accepting the moment the
     // drain signal arrives, not once this task has been scheduled.
-    let drain = dream_core::signal_pipe(&[
-        nix::sys::signal::Signal::SIGHUP,
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGINT,
-    ])?;
+    let signals: Vec<_> = accept::drain_signals().iter().collect();
+    let drain = dream_core::signal_pipe(&signals)?;
 
     let shared = Arc::new(Shared {
         root: files::Root::open(&root)?,
