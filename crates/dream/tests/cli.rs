@@ -98,7 +98,7 @@ fn systemd_units_verify() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !have {
-        eprintln!("skipped: systemd-analyze is not installed");
+        dream_testkit::prerequisite(false, "systemd-analyze is not installed");
         return;
     }
     // Type=notify-reload needs systemd 253; older ones get the documented

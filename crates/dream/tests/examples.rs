@@ -1,14 +1,15 @@
 //! The worker examples in other languages (`examples/`), each under
 //! `dream serve` with reloads between two releases while the referee
-//! watches. A runtime that is not on the machine is installed into a venv
-//! (Python packages) or the example is skipped with a message saying so.
+//! watches. Runtimes come from the machine and from a venv that `.ci/run`
+//! prepares; a missing one skips its example with a message (and fails it
+//! under CI).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use dream_testkit::{Guard, Referee, Root, bin, run};
+use dream_testkit::{Guard, Referee, Root, bin};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -22,43 +23,26 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// A venv with gunicorn and uvicorn, made once per test run; `None` (with
-/// the reason printed) when it cannot be had.
+/// The `bin` directory of a venv with gunicorn and uvicorn:
+/// `$DREAM_EXAMPLE_VENV` (which `.ci/run` prepares), else
+/// `target/example-venv/bin`. Tests never install anything themselves (they
+/// do not reach the network); without it the Python framework examples are
+/// skipped, or fail under CI.
 fn python_tools() -> Option<&'static Path> {
     static VENV: OnceLock<Option<PathBuf>> = OnceLock::new();
     VENV.get_or_init(|| {
-        let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("example-venv");
-        let bin = venv.join("bin");
-        if bin.join("gunicorn").exists() && bin.join("uvicorn").exists() {
-            return Some(bin);
-        }
-        if !have("python3") {
-            eprintln!("skipped: python3 is not installed");
-            return None;
-        }
-        let (status, _, err) = run(
-            Command::new("python3").arg("-m").arg("venv").arg(&venv),
-            Duration::from_secs(120),
-        );
-        if !status.success() {
-            eprintln!("skipped: cannot create a venv: {err}");
-            return None;
-        }
-        let (status, _, err) = run(
-            Command::new(bin.join("pip")).args([
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "gunicorn",
-                "uvicorn",
-            ]),
-            Duration::from_secs(300),
-        );
-        if !status.success() {
-            eprintln!("skipped: cannot install gunicorn and uvicorn from PyPI: {err}");
-            return None;
-        }
-        Some(bin)
+        let bin = std::env::var_os("DREAM_EXAMPLE_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target/example-venv/bin"));
+        let ok = bin.join("gunicorn").exists() && bin.join("uvicorn").exists();
+        dream_testkit::prerequisite(
+            ok,
+            &format!(
+                "gunicorn and uvicorn in {} (python3 -m venv target/example-venv && target/example-venv/bin/pip install gunicorn uvicorn)",
+                bin.display()
+            ),
+        )
+        .then_some(bin)
     })
     .as_deref()
 }
@@ -129,7 +113,7 @@ fn assert_no_errors(report: &dream_check::Report) {
 #[test]
 fn python_standard_library_on_fd_0() {
     if !have("python3") {
-        eprintln!("skipped: python3 is not installed");
+        dream_testkit::prerequisite(false, "python3 is not installed");
         return;
     }
     let r = exercise(
@@ -144,7 +128,7 @@ fn python_standard_library_on_fd_0() {
 #[test]
 fn node_on_listen_fds() {
     if !have("node") {
-        eprintln!("skipped: node is not installed");
+        dream_testkit::prerequisite(false, "node is not installed");
         return;
     }
     let r = exercise(

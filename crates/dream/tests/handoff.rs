@@ -96,7 +96,7 @@ fn tcp_v4_on_fd0_and_listen_fds() {
 #[test]
 fn tcp_v6_on_fd0_and_listen_fds() {
     if !ipv6_available() {
-        eprintln!("skipped: no IPv6 loopback on this machine");
+        dream_testkit::prerequisite(false, "no IPv6 loopback on this machine");
         return;
     }
     let r = listen_report(&["[::1]:0".into()]);

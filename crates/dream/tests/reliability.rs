@@ -182,7 +182,10 @@ fn a_full_disk_during_staging_is_temporary_and_leaves_current_intact() {
         &["-t", "tmpfs", "-o", "size=1m,mode=755", "dream-test"],
         &root,
     ) else {
-        eprintln!("skipped: cannot mount a small tmpfs here (needs root and mount permission)");
+        dream_testkit::prerequisite(
+            false,
+            "cannot mount a small tmpfs here (needs root and mount permission)",
+        );
         return;
     };
     tree.write("small/public/index.html", "small\n");
@@ -419,7 +422,7 @@ fn another_uid_cannot_control_the_supervisor() {
     if !nix::unistd::geteuid().is_root()
         || Command::new("setpriv").arg("--version").output().is_err()
     {
-        eprintln!("skipped: needs root and setpriv to act as another user");
+        dream_testkit::prerequisite(false, "needs root and setpriv to act as another user");
         return;
     }
     let root = Root::new();
@@ -472,7 +475,10 @@ fn another_uid_cannot_control_the_supervisor() {
 #[test]
 fn workers_run_as_the_given_user_on_a_privileged_port() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to bind a privileged port and switch users");
+        dream_testkit::prerequisite(
+            false,
+            "needs root to bind a privileged port and switch users",
+        );
         return;
     }
     let root = Root::new();
@@ -832,7 +838,7 @@ fn workers_out_of_descriptors_fail_the_reload_not_the_service() {
 #[test]
 fn readiness_from_another_uid_is_ignored() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root and setpriv to send as another user");
+        dream_testkit::prerequisite(false, "needs root and setpriv to send as another user");
         return;
     }
     let root = Root::new();
@@ -891,7 +897,10 @@ fn reflinks_where_the_filesystem_has_them() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !nix::unistd::geteuid().is_root() || !have {
-        eprintln!("skipped: needs root and mkfs.xfs (xfsprogs) to make a reflink filesystem");
+        dream_testkit::prerequisite(
+            false,
+            "needs root and mkfs.xfs (xfsprogs) to make a reflink filesystem",
+        );
         return;
     }
     let tree = Tree::new();
@@ -914,7 +923,7 @@ fn reflinks_where_the_filesystem_has_them() {
     std::fs::create_dir(&mnt).unwrap();
     let image_arg = image.to_str().unwrap();
     let Some(_mount) = Mount::new(&["-o", "loop", image_arg], &mnt) else {
-        eprintln!("skipped: cannot mount a loop device here");
+        dream_testkit::prerequisite(false, "cannot mount a loop device here");
         return;
     };
     let src = mnt.join("src");
@@ -962,7 +971,10 @@ fn reflinks_where_the_filesystem_has_them() {
 #[test]
 fn a_privileged_port_without_privileges_explains_the_way_out() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to act as an unprivileged user with setpriv");
+        dream_testkit::prerequisite(
+            false,
+            "needs root to act as an unprivileged user with setpriv",
+        );
         return;
     }
     let port = (900..1000)
