@@ -16,8 +16,9 @@ use serde_json::json;
 
 use crate::control;
 use crate::lock::{Holder, Lock, LockError, Wait};
+use crate::manifest::{self, Manifest};
 use crate::release::{self, Event, Store};
-use crate::stage::{self, IdHash, Source, StageError, Stats};
+use crate::stage::{self, Source, StageError, Stats};
 
 /// How a deploy failed, for the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,8 +260,18 @@ fn stage_build_switch(
         Some(n) => n,
         None => free_space(&store.root).map_err(|e| io_failure("free space", e))?,
     };
-    let mut hash = IdHash::new();
     let mut git_hash = None;
+    // The previous release's manifest: what sharing compares with. A
+    // release from before manifests gets one now, from its files.
+    let prev_manifest = match (&previous, prev_dir) {
+        (Some(id), Some(dir)) => Some(
+            Manifest::load(&manifest::path(&store.root, id))
+                .or_else(|_| Manifest::of_tree(dir))
+                .map_err(|e| io_failure("reading the previous release's manifest", e))?,
+        ),
+        _ => None,
+    };
+    let prev_pair = prev_dir.zip(prev_manifest.as_ref());
     // Over the limit: with --max-size a refusal (exit 1); with the default,
     // the free space, a full disk (exit 111: free space and retry).
     let over_limit = |e: StageError| match e {
@@ -275,22 +286,20 @@ fn stage_build_switch(
         ),
         e => e.into(),
     };
-    let stats: Stats = match &opts.source {
+    // Without a build step nothing writes to the staged tree, so a
+    // directory's unchanged files are linked straight from the previous
+    // release as they are copied; otherwise sharing comes after the build.
+    let direct = opts.build.is_none() && matches!(opts.source, Source::Dir(_));
+    let (stats, source_manifest) = match &opts.source {
         Source::Dir(src) => {
-            // Without a build step nothing writes to the staged tree, so
-            // unchanged files can be linked straight from the previous
-            // release; with one, they are copied and shared after it.
-            let direct = opts.build.is_none();
             let copy = stage::CopyOptions {
-                share_from: if direct { prev_dir } else { None },
+                share_from: if direct { prev_pair } else { None },
                 freeze: direct,
                 max_bytes,
             };
-            stage::copy_dir(src, staged, copy, &mut hash).map_err(over_limit)?
+            stage::copy_dir(src, staged, copy).map_err(over_limit)?
         }
-        Source::Tar(t) => {
-            stage::extract_tar(t, staged, max_bytes, &mut hash).map_err(over_limit)?
-        }
+        Source::Tar(t) => stage::extract_tar(t, staged, max_bytes).map_err(over_limit)?,
         Source::Git { url, rev } => {
             let h = stage::git_checkout(url, rev.as_deref(), staged)?;
             git_hash = Some(h);
@@ -303,20 +312,25 @@ fn stage_build_switch(
                     ),
                 ));
             }
-            Stats {
+            let m = Manifest::of_tree(staged).map_err(|e| io_failure("hashing the checkout", e))?;
+            let stats = Stats {
                 files,
                 bytes,
                 ..Stats::default()
-            }
+            };
+            (stats, m)
         }
     };
     let id = match &opts.id {
         Some(id) => id.clone(),
         None => {
+            // The same content always gets the same suffix.
             let base = format!(
                 "{}-{}",
                 timestamp(),
-                git_hash.clone().unwrap_or_else(|| hash.short())
+                git_hash
+                    .clone()
+                    .unwrap_or_else(|| source_manifest.digest()[..8].to_string())
             );
             let used = store.used_ids();
             let mut id = base.clone();
@@ -359,10 +373,20 @@ fn stage_build_switch(
         p.step("linked", format!("shared/{{{}}}", linked.join(",")));
     }
 
-    let shared = if opts.build.is_some() || !matches!(opts.source, Source::Dir(_)) {
-        stage::share(staged, prev_dir)?
+    // The release's manifest: the source's, or after a build the tree's
+    // (hashed anew: the build may have rewritten anything).
+    let mut final_manifest = if opts.build.is_some() {
+        Manifest::of_tree(staged).map_err(|e| io_failure("hashing the release", e))?
     } else {
+        source_manifest
+    };
+    if !linked.is_empty() {
+        final_manifest = with_shared_links(&final_manifest, &linked);
+    }
+    let shared = if direct {
         stats
+    } else {
+        stage::share(staged, &final_manifest, prev_pair)?
     };
     p.report.shared_files = shared.shared_files;
     p.report.shared_bytes = shared.shared_bytes;
@@ -384,10 +408,18 @@ fn stage_build_switch(
         },
     );
 
-    let frozen_by_copy = opts.build.is_none() && matches!(opts.source, Source::Dir(_));
-    if !frozen_by_copy {
+    if !direct {
         release::freeze_below(staged).map_err(|e| io_failure("freezing the release", e))?;
     }
+    // The manifest is stored before the release is moved into place, so
+    // that no release exists without one.
+    std::fs::create_dir_all(manifest::dir(&store.root))
+        .and_then(|()| {
+            final_manifest
+                .frozen()
+                .save(&manifest::path(&store.root, &id))
+        })
+        .map_err(|e| io_failure("writing the manifest", e))?;
     sync_tree(staged).map_err(|e| io_failure("syncing the release", e))?;
     std::fs::rename(staged, &final_dir)
         .map_err(|e| io_failure("moving the release into place", e))?;
@@ -402,6 +434,24 @@ fn stage_build_switch(
         p.step("pruned", pruned.join(", "));
     }
     Ok(())
+}
+
+/// `m` with each of `names` (top-level entries of `ROOT/shared/`) as the
+/// symlink `link_shared` made, replacing whatever the source had there.
+fn with_shared_links(m: &Manifest, names: &[String]) -> Manifest {
+    let mut entries: Vec<manifest::Entry> = m
+        .entries()
+        .iter()
+        .filter(|e| !names.iter().any(|n| e.path.starts_with(n)))
+        .cloned()
+        .collect();
+    entries.extend(names.iter().map(|n| manifest::Entry {
+        path: PathBuf::from(n),
+        kind: manifest::Kind::Symlink {
+            target: Path::new("../../shared").join(n),
+        },
+    }));
+    Manifest::new(entries)
 }
 
 /// Refuses a release with a symlink that resolves outside it, judged on
@@ -698,6 +748,7 @@ fn prune(store: &Store, keep: usize, current: &str, previous: Option<&str>) -> V
             continue;
         }
         if release::remove_tree(&store.release_dir(&id)).is_ok() {
+            let _ = std::fs::remove_file(manifest::path(&store.root, &id));
             let _ = store.append(&Event::new("pruned", &id));
             removed.push(id);
         }
@@ -817,6 +868,59 @@ pub fn list(root: &Path) -> Vec<ReleaseInfo> {
             }
         })
         .collect()
+}
+
+/// One release checked against its manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub id: String,
+    pub ok: bool,
+    pub entries: usize,
+    /// One line per difference: `changed PATH`, `missing PATH`, …
+    pub differences: Vec<String>,
+}
+
+/// Hashes every file of each release (or of `only`) and compares it with
+/// the release's stored manifest.
+pub fn verify(root: &Path, only: Option<&str>) -> Result<Vec<Verified>, DeployError> {
+    let store = Store::new(root);
+    let ids = match only {
+        Some(id) => {
+            if !store.release_dir(id).is_dir() {
+                return Err(err(
+                    Kind::Usage,
+                    format!("no release {id} in {}", store.releases().display()),
+                ));
+            }
+            vec![id.to_string()]
+        }
+        None => store.ordered(),
+    };
+    let mut out = Vec::new();
+    for id in ids {
+        let stored = match Manifest::load(&manifest::path(root, &id)) {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(Verified {
+                    id,
+                    ok: false,
+                    entries: 0,
+                    differences: vec![format!("no manifest: {e}")],
+                });
+                continue;
+            }
+        };
+        let actual = Manifest::of_tree(&store.release_dir(&id))
+            .map_err(|e| io_failure(&format!("reading release {id}"), e))?;
+        let differences = stored.differences(&actual);
+        out.push(Verified {
+            ok: differences.is_empty(),
+            entries: stored.entries().len(),
+            id,
+            differences,
+        });
+    }
+    Ok(out)
 }
 
 /// `1.5 MB`.

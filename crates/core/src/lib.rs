@@ -13,6 +13,7 @@ pub mod deploy;
 pub mod listen;
 pub mod lock;
 pub mod logtext;
+pub mod manifest;
 pub mod output;
 pub mod pool;
 pub mod protocol;

@@ -6,13 +6,12 @@
 //! `..`, links pointing out, and device files are refused, and the number of
 //! entries is bounded.
 
-use std::collections::hash_map::DefaultHasher;
 use std::fs::{self, File};
-use std::hash::Hasher;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use crate::manifest::{self, Entry, Kind, Manifest};
 use crate::tree::{Tree, TreeError};
 
 /// Most entries a source may have (a tar bomb is refused, not extracted);
@@ -216,31 +215,24 @@ fn check_link(rel: &Path, target: &Path) -> Result<(), StageError> {
     )))
 }
 
-/// A content hash for the release id.
-pub struct IdHash(DefaultHasher);
-
-impl IdHash {
-    pub fn new() -> IdHash {
-        IdHash(DefaultHasher::new())
-    }
-
-    pub fn short(&self) -> String {
-        format!("{:016x}", self.0.finish())[..8].to_string()
-    }
-}
-
-impl Default for IdHash {
-    fn default() -> IdHash {
-        IdHash::new()
+/// The mode a file or directory has in a frozen release: permission bits
+/// without write bits (set-id bits dropped); a directory stays traversable
+/// and listable by its owner.
+pub fn frozen_mode(is_dir: bool, mode: u32) -> u32 {
+    if is_dir {
+        mode & 0o555 | 0o500
+    } else {
+        mode & 0o555
     }
 }
 
 /// How [`copy_dir`] treats the copy.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct CopyOptions<'a> {
-    /// Files whose size, modification time and mode match this tree's copy
-    /// are hard-linked to it instead of copied (rsync's quick check).
-    pub share_from: Option<&'a Path>,
+    /// Share files whose content hash and mode equal this release's
+    /// manifest entry (the release's directory and its manifest) instead
+    /// of copying them.
+    pub share_from: Option<(&'a Path, &'a Manifest)>,
     /// Make everything below `dst` read-only as it is written (when no build
     /// step will write to it), saving a second walk over the tree.
     pub freeze: bool,
@@ -248,36 +240,55 @@ pub struct CopyOptions<'a> {
     pub max_bytes: u64,
 }
 
-/// Copies directory `src` into `dst` (which must not exist). Copied files
-/// keep their modification time, so the next deploy can share them.
+/// Copies directory `src` into `dst` (which must not exist), hashing every
+/// file as it goes; returns what it did and the manifest of the copy (modes
+/// as the frozen release will have them).
+///
+/// A file is read once: when the previous release has a file of the same
+/// size and mode at the same path, the source is read only to hash it, and
+/// shared if the hashes are equal (else copied); otherwise it is copied and
+/// hashed in the same pass.
 pub fn copy_dir(
     src: &Path,
     dst: &Path,
     opts: CopyOptions<'_>,
-    hash: &mut IdHash,
-) -> Result<Stats, StageError> {
+) -> Result<(Stats, Manifest), StageError> {
     let mut stats = Stats::default();
+    let mut entries = Vec::new();
+    let prev = opts.share_from.map(|(dir, m)| (dir, m.index()));
     fs::create_dir(dst).map_err(io_at(dst))?;
-    copy_into(src, dst, Path::new(""), opts, hash, &mut stats)?;
-    Ok(stats)
+    copy_into(
+        src,
+        dst,
+        Path::new(""),
+        &opts,
+        prev.as_ref(),
+        &mut stats,
+        &mut entries,
+    )?;
+    Ok((stats, Manifest::new(entries)))
 }
+
+type PrevIndex<'a> = (&'a Path, std::collections::HashMap<&'a Path, &'a Kind>);
 
 fn copy_into(
     src_root: &Path,
     dst_root: &Path,
     rel: &Path,
-    opts: CopyOptions<'_>,
-    hash: &mut IdHash,
+    opts: &CopyOptions<'_>,
+    prev: Option<&PrevIndex<'_>>,
     stats: &mut Stats,
+    entries: &mut Vec<Entry>,
 ) -> Result<(), StageError> {
     let dir = src_root.join(rel);
-    let mut entries: Vec<_> = fs::read_dir(&dir)
+    let mut names: Vec<_> = fs::read_dir(&dir)
         .map_err(io_at(&dir))?
+        .map(|e| e.map(|e| e.file_name()))
         .collect::<Result<_, _>>()
         .map_err(io_at(&dir))?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let rel = rel.join(e.file_name());
+    names.sort();
+    for name in names {
+        let rel = rel.join(name);
         let from = src_root.join(&rel);
         let to = dst_root.join(&rel);
         let meta = fs::symlink_metadata(&from).map_err(io_at(&from))?;
@@ -290,40 +301,71 @@ fn copy_into(
                 max_entries()
             )));
         }
-        hash.0.write(rel.as_os_str().as_encoded_bytes());
         let ft = meta.file_type();
         if ft.is_dir() {
             fs::create_dir(&to).map_err(io_at(&to))?;
-            copy_into(src_root, dst_root, &rel, opts, hash, stats)?;
+            copy_into(src_root, dst_root, &rel, opts, prev, stats, entries)?;
             let mode = if opts.freeze {
-                meta.mode() & 0o555 | 0o500
+                frozen_mode(true, meta.mode())
             } else {
                 meta.mode() & 0o777 | 0o700
             };
             fs::set_permissions(&to, fs::Permissions::from_mode(mode)).map_err(io_at(&to))?;
+            entries.push(Entry {
+                path: rel,
+                kind: Kind::Dir {
+                    mode: frozen_mode(true, meta.mode()),
+                },
+            });
         } else if ft.is_symlink() {
             let target = fs::read_link(&from).map_err(io_at(&from))?;
             check_link(&rel, &target)?;
-            hash.0.write(target.as_os_str().as_encoded_bytes());
             std::os::unix::fs::symlink(&target, &to).map_err(io_at(&to))?;
+            entries.push(Entry {
+                path: rel,
+                kind: Kind::Symlink { target },
+            });
         } else if ft.is_file() {
             if stats.bytes + meta.len() > opts.max_bytes {
                 return Err(too_big(opts.max_bytes));
             }
-            hash.0.write_u64(meta.len());
-            hash.0.write_i64(meta.mtime());
-            hash.0.write_i64(meta.mtime_nsec());
             stats.bytes += meta.len();
-            if let Some(prev) = opts.share_from.map(|p| p.join(&rel))
-                && fs::symlink_metadata(&prev).is_ok_and(|o| quick_same(&meta, &o))
-                && let Ok(reflinked) = share_file(&prev, &to, opts.freeze, false)
-            {
-                stats.shared_files += 1;
-                stats.shared_bytes += meta.len();
-                stats.reflinked_files += u64::from(reflinked);
-                continue;
-            }
-            copy_file(&from, &to, &meta, opts.freeze)?;
+            let mode = frozen_mode(false, meta.mode());
+            let candidate = prev.and_then(|(dir, index)| match index.get(rel.as_path()) {
+                Some(Kind::File {
+                    mode: m,
+                    size,
+                    hash,
+                }) if *m == mode && *size == meta.len() => Some((dir.join(&rel), *hash)),
+                _ => None,
+            });
+            let hash = match candidate {
+                Some((prev_file, prev_hash)) => {
+                    // Read only to hash: shared when the content is equal.
+                    let (hash, _) = manifest::hash_file(&from).map_err(io_at(&from))?;
+                    if hash == prev_hash
+                        && let Ok(reflinked) = share_file(&prev_file, &to, opts.freeze, false)
+                    {
+                        stats.shared_files += 1;
+                        stats.shared_bytes += meta.len();
+                        stats.reflinked_files += u64::from(reflinked);
+                    } else {
+                        copy_file(&from, &to, &meta, opts.freeze, false)?;
+                    }
+                    hash
+                }
+                None => {
+                    copy_file(&from, &to, &meta, opts.freeze, true)?.expect("hashed while copied")
+                }
+            };
+            entries.push(Entry {
+                path: rel,
+                kind: Kind::File {
+                    mode,
+                    size: meta.len(),
+                    hash,
+                },
+            });
         } else {
             return Err(StageError::Refused(format!(
                 "{} is not a regular file, directory or symlink",
@@ -334,25 +376,39 @@ fn copy_into(
     Ok(())
 }
 
-/// The same permission bits, write bits aside (a frozen copy has none).
-fn same_mode(a: &fs::Metadata, b: &fs::Metadata) -> bool {
-    (a.mode() | 0o222) & 0o777 == (b.mode() | 0o222) & 0o777
-}
-
-/// Same size, modification time and mode: rsync's quick check.
-fn quick_same(a: &fs::Metadata, b: &fs::Metadata) -> bool {
-    b.is_file()
-        && a.len() == b.len()
-        && a.mtime() == b.mtime()
-        && a.mtime_nsec() == b.mtime_nsec()
-        && same_mode(a, b)
-}
-
-fn copy_file(from: &Path, to: &Path, meta: &fs::Metadata, freeze: bool) -> Result<(), StageError> {
-    fs::copy(from, to).map_err(io_at(from))?;
+/// Copies a file, keeping its modification time; with `hash`, reads and
+/// hashes it in the same pass (one read) and returns the hash, else lets
+/// the kernel copy it.
+fn copy_file(
+    from: &Path,
+    to: &Path,
+    meta: &fs::Metadata,
+    freeze: bool,
+    hash: bool,
+) -> Result<Option<manifest::Hash>, StageError> {
+    let hashed = if hash {
+        let mut src = File::open(from).map_err(io_at(from))?;
+        let mut dst = File::create(to).map_err(io_at(to))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 128 * 1024];
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_at(from)(e)),
+            };
+            hasher.update(&buf[..n]);
+            dst.write_all(&buf[..n]).map_err(io_at(to))?;
+        }
+        Some(*hasher.finalize().as_bytes())
+    } else {
+        fs::copy(from, to).map_err(io_at(from))?;
+        None
+    };
     let f = File::options().write(true).open(to).map_err(io_at(to))?;
     let mode = if freeze {
-        meta.mode() & 0o555
+        frozen_mode(false, meta.mode())
     } else {
         meta.mode() & 0o777 | 0o200
     };
@@ -361,7 +417,7 @@ fn copy_file(from: &Path, to: &Path, meta: &fs::Metadata, freeze: bool) -> Resul
     if let Ok(m) = meta.modified() {
         f.set_modified(m).map_err(io_at(to))?;
     }
-    Ok(())
+    Ok(hashed)
 }
 
 /// Extracts a tarball into `dst` (which must not exist), refusing anything
@@ -372,8 +428,7 @@ pub fn extract_tar(
     tarball: &Path,
     dst: &Path,
     max_bytes: u64,
-    hash: &mut IdHash,
-) -> Result<Stats, StageError> {
+) -> Result<(Stats, Manifest), StageError> {
     // The limits are checked on the headers alone before anything is
     // written: a tar bomb costs a read, never a full disk or a million files.
     let (entries, bytes) = scan_tar(tarball)?;
@@ -395,12 +450,13 @@ pub fn extract_tar(
     let mut archive = tar::Archive::new(reader);
     let mut stats = Stats::default();
     let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
-    let mut entries = 0u64;
+    let mut entries: std::collections::BTreeMap<PathBuf, Kind> = Default::default();
+    let mut count = 0u64;
     let limit = max_entries();
     for entry in archive.entries().map_err(io_at(tarball))? {
         let mut entry = entry.map_err(io_at(tarball))?;
-        entries += 1;
-        if entries > limit {
+        count += 1;
+        if count > limit {
             return Err(StageError::Refused(format!(
                 "the tarball has more than {limit} entries (DREAM_MAX_ENTRIES)"
             )));
@@ -410,12 +466,17 @@ pub fn extract_tar(
         if rel.as_os_str().is_empty() {
             continue;
         }
-        hash.0.write(rel.as_os_str().as_encoded_bytes());
         let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
         let kind = entry.header().entry_type();
         match kind {
             tar::EntryType::Directory => {
                 tree.create_dir(&rel)?;
+                entries.insert(
+                    rel.clone(),
+                    Kind::Dir {
+                        mode: frozen_mode(true, mode),
+                    },
+                );
                 dirs.push((rel, mode | 0o700));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -425,7 +486,7 @@ pub fn extract_tar(
                     return Err(too_big(max_bytes));
                 }
                 stats.bytes += size;
-                hash.0.write_u64(size);
+                let mut hasher = blake3::Hasher::new();
                 let mut out = tree.create_file(&rel, 0o600)?;
                 let mut buf = vec![0u8; 256 * 1024];
                 loop {
@@ -433,7 +494,7 @@ pub fn extract_tar(
                     if n == 0 {
                         break;
                     }
-                    hash.0.write(&buf[..n]);
+                    hasher.update(&buf[..n]);
                     out.write_all(&buf[..n]).map_err(io_at(&rel))?;
                 }
                 out.set_permissions(fs::Permissions::from_mode(mode | 0o200))
@@ -442,12 +503,20 @@ pub fn extract_tar(
                     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
                     let _ = out.set_modified(t);
                 }
+                entries.insert(
+                    rel,
+                    Kind::File {
+                        mode: frozen_mode(false, mode),
+                        size,
+                        hash: *hasher.finalize().as_bytes(),
+                    },
+                );
             }
             tar::EntryType::Symlink => {
                 let target = link_target(&entry, tarball, &rel)?;
                 check_link(&rel, &target)?;
-                hash.0.write(target.as_os_str().as_encoded_bytes());
                 tree.symlink(&rel, &target)?;
+                entries.insert(rel, Kind::Symlink { target });
             }
             tar::EntryType::Link => {
                 let target = link_target(&entry, tarball, &rel)?;
@@ -467,6 +536,19 @@ pub fn extract_tar(
                     )),
                     e => e.into(),
                 })?;
+                // Same inode, same content: the entry of what it links to.
+                match entries.get(&target_rel).cloned() {
+                    Some(kind) => {
+                        entries.insert(rel, kind);
+                    }
+                    None => {
+                        return Err(StageError::Refused(format!(
+                            "hard link {} -> {} names nothing extracted before it",
+                            rel.display(),
+                            target.display()
+                        )));
+                    }
+                }
             }
             tar::EntryType::XGlobalHeader
             | tar::EntryType::XHeader
@@ -484,7 +566,25 @@ pub fn extract_tar(
     for (dir, mode) in dirs {
         let _ = tree.chmod_dir(&dir, mode);
     }
-    Ok(stats)
+    // Directories the archive implied without entries of their own.
+    let implied: Vec<PathBuf> = entries
+        .keys()
+        .flat_map(|p| p.ancestors().skip(1))
+        .filter(|a| !a.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .collect();
+    for dir in implied {
+        entries.entry(dir).or_insert(Kind::Dir {
+            mode: frozen_mode(true, 0o755),
+        });
+    }
+    let manifest = Manifest::new(
+        entries
+            .into_iter()
+            .map(|(path, kind)| Entry { path, kind })
+            .collect(),
+    );
+    Ok((stats, manifest))
 }
 
 fn too_big(max_bytes: u64) -> StageError {
@@ -599,89 +699,42 @@ pub fn git_checkout(url: &str, rev: Option<&str>, dst: &Path) -> Result<String, 
     Ok(hash)
 }
 
-/// Replaces files in `staged` that are identical to the previous release's
-/// with hard links to them; counts the tree.
-pub fn share(staged: &Path, prev: Option<&Path>) -> Result<Stats, StageError> {
+/// Replaces files in `staged` whose content hash and mode equal the
+/// previous release's manifest entry at the same path with links to that
+/// release's files (reflinks where the filesystem has them). `manifest` is
+/// the staged tree's. Counts the tree.
+pub fn share(
+    staged: &Path,
+    manifest: &Manifest,
+    prev: Option<(&Path, &Manifest)>,
+) -> Result<Stats, StageError> {
     let mut stats = Stats::default();
-    share_into(staged, Path::new(""), prev, &mut stats)?;
-    Ok(stats)
-}
-
-fn share_into(
-    root: &Path,
-    rel: &Path,
-    prev: Option<&Path>,
-    stats: &mut Stats,
-) -> Result<(), StageError> {
-    let dir = root.join(rel);
-    for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
-        let e = e.map_err(io_at(&dir))?;
-        let rel = rel.join(e.file_name());
-        let path = root.join(&rel);
-        let meta = fs::symlink_metadata(&path).map_err(io_at(&path))?;
-        if meta.is_dir() {
-            share_into(root, &rel, prev, stats)?;
-            continue;
-        }
-        stats.files += 1;
-        if !meta.is_file() {
-            continue;
-        }
-        stats.bytes += meta.len();
-        let Some(other) = prev.map(|p| p.join(&rel)) else {
-            continue;
-        };
-        let Ok(ometa) = fs::symlink_metadata(&other) else {
-            continue;
-        };
-        if !ometa.is_file()
-            || ometa.len() != meta.len()
-            || ometa.ino() == meta.ino()
-            || !same_mode(&ometa, &meta)
-        {
-            if ometa.ino() == meta.ino() {
-                stats.shared_files += 1;
-                stats.shared_bytes += meta.len();
+    let prev_index = prev.map(|(dir, m)| (dir, m.index()));
+    for e in manifest.entries() {
+        let Kind::File { mode, size, hash } = &e.kind else {
+            if !matches!(e.kind, Kind::Dir { .. }) {
+                stats.files += 1;
             }
             continue;
-        }
-        if !(quick_same(&meta, &ometa) || same_content(&path, &other).map_err(io_at(&path))?) {
+        };
+        stats.files += 1;
+        stats.bytes += size;
+        let Some((dir, index)) = &prev_index else {
+            continue;
+        };
+        let same = matches!(index.get(e.path.as_path()),
+            Some(Kind::File { mode: m, hash: h, .. }) if h == hash && frozen_mode(false, *m) == frozen_mode(false, *mode));
+        if !same {
             continue;
         }
+        let path = staged.join(&e.path);
         // Not frozen yet: the whole tree is frozen after sharing.
-        let reflinked = share_file(&other, &path, false, true).map_err(io_at(&path))?;
+        let reflinked = share_file(&dir.join(&e.path), &path, false, true).map_err(io_at(&path))?;
         stats.shared_files += 1;
-        stats.shared_bytes += meta.len();
+        stats.shared_bytes += size;
         stats.reflinked_files += u64::from(reflinked);
     }
-    Ok(())
-}
-
-fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
-    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
-    let mut ba = vec![0u8; 128 * 1024];
-    let mut bb = vec![0u8; 128 * 1024];
-    loop {
-        let na = read_full(&mut fa, &mut ba)?;
-        let nb = read_full(&mut fb, &mut bb)?;
-        if na != nb || ba[..na] != bb[..nb] {
-            return Ok(false);
-        }
-        if na == 0 {
-            return Ok(true);
-        }
-    }
-}
-
-fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
+    Ok(stats)
 }
 
 #[cfg(test)]
@@ -793,7 +846,7 @@ mod tests {
             drop(b);
             let dst = top.path().join("r");
             let _ = crate::release::remove_tree(&dst);
-            let _ = extract_tar(&tarball, &dst, u64::MAX, &mut IdHash::new());
+            let _ = extract_tar(&tarball, &dst, u64::MAX);
             let mut seen: Vec<_> = std::fs::read_dir(top.path())
                 .unwrap()
                 .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -145,3 +145,45 @@ pub fn releases(root: Option<&Path>, json: bool) -> Result {
     }
     Ok(())
 }
+
+/// `dream releases --verify [ID]`: every release's files (or ID's) against
+/// its manifest; exit 1 naming each difference.
+pub fn verify(root: Option<&Path>, id: Option<&str>, json: bool) -> Result {
+    let root = crate::serve::root_dir(root)?;
+    if let Some(id) = id {
+        dream_core::release::check_id(id).map_err(Failure::usage)?;
+    }
+    let results = deploy::verify(&root, id).map_err(failure)?;
+    let bad: usize = results.iter().filter(|r| !r.ok).count();
+    if json {
+        print_line(
+            &serde_json::json!({
+                "ok": bad == 0,
+                "releases": results,
+                "exit": if bad == 0 { exit::OK } else { exit::FAILED },
+            })
+            .to_string(),
+        );
+    } else {
+        for r in &results {
+            if r.ok {
+                print_line(&format!("ok       {} ({} entries)", r.id, r.entries));
+            } else {
+                print_line(&format!("DIFFERS  {}:", r.id));
+                for d in &r.differences {
+                    print_line(&format!("  {d}"));
+                }
+            }
+        }
+    }
+    if bad == 0 {
+        Ok(())
+    } else if json {
+        Err(Failure::silent(exit::FAILED))
+    } else {
+        Err(Failure::failed(format!(
+            "{bad} of {} release(s) differ from their manifests",
+            results.len()
+        )))
+    }
+}

@@ -58,11 +58,11 @@ enum Cmd {
         after_help = "Releases whose deploy failed are marked bad and skipped.\n\nExamples:\n  dream rollback --root /srv/app\n  dream rollback --root /srv/app 20261126T145506Z-1a2b3c4d"
     )]
     Rollback(RollbackCmd),
-    /// List releases: current marked, state, age, size
+    /// List releases: current marked, state, age, size; --verify checks their files
     #[command(
-        after_help = "Examples:\n  dream releases --root /srv/app\n  dream releases --root /srv/app --json | jq -r '.[] | select(.state == \"bad\") | .id'"
+        after_help = "With --verify, every file of each release (or of ID) is hashed and compared with\nthe release's manifest (.dream/manifests/<id>); each difference is named and the\nexit is 1 if there is any (someone edited a live release).\n\nExamples:\n  dream releases --root /srv/app\n  dream releases --root /srv/app --verify\n  dream releases --root /srv/app --json | jq -r '.[] | select(.state == \"bad\") | .id'"
     )]
-    Releases(StatusArgs),
+    Releases(ReleasesArgs),
     /// Show the running supervisor's generations and workers
     #[command(
         after_help = "Examples:\n  dream status --root /srv/app\n  dream status --root /srv/app --json | jq '.pool.generations'"
@@ -270,6 +270,22 @@ struct RollbackCmd {
     json: bool,
     #[arg(short, long)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct ReleasesArgs {
+    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Check the files of every release (or of ID) against its manifest
+    #[arg(long)]
+    verify: bool,
+    /// With --verify: the release to check (default: all)
+    #[arg(requires = "verify")]
+    id: Option<String>,
+    /// Print JSON on stdout
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -532,6 +548,7 @@ fn run(cmd: Cmd) -> Result {
             a.json,
             a.quiet,
         ),
+        Cmd::Releases(a) if a.verify => deploy::verify(a.root.as_deref(), a.id.as_deref(), a.json),
         Cmd::Releases(a) => deploy::releases(a.root.as_deref(), a.json),
         Cmd::Reload(a) => serve::reload(a.root.as_deref(), a.json),
         Cmd::Pool(a) => serve::pool(

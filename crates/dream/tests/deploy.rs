@@ -767,3 +767,207 @@ fn root_shared_is_linked_into_every_release() {
             .any(|s| s["phase"] == "linked")
     );
 }
+
+/// A small xorshift generator, seeded from the clock (or `DREAM_SEED`),
+/// with the seed printed so that a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("DREAM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        println!("DREAM_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Sets a file's modification time to a fixed instant, as `touch -d` would.
+fn pin_mtime(path: &Path) {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_704_067_200); // 2024-01-01
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+/// Every file below `src` has the same bytes below `dst`.
+fn assert_same_tree(src: &Path, dst: &Path, what: &str) {
+    let mut stack = vec![PathBuf::new()];
+    let mut files = 0;
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(src.join(&rel)).unwrap().flatten() {
+            let rel = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(rel);
+            } else {
+                files += 1;
+                let want = std::fs::read(src.join(&rel)).unwrap();
+                let got = std::fs::read(dst.join(&rel))
+                    .unwrap_or_else(|e| panic!("{what}: {}: {e}", rel.display()));
+                assert!(want == got, "{what}: {} holds stale bytes", rel.display());
+            }
+        }
+    }
+    assert!(files > 0);
+}
+
+/// The repro: two 8-byte files, the same mtime, different bytes.
+#[test]
+fn a_changed_file_with_the_same_size_and_time_is_never_replaced_by_the_old_one() {
+    let tree = Tree::new();
+    let root = tree.path().join("R");
+    std::fs::create_dir(&root).unwrap();
+    let a = tree.write("a/config", "DEBUG=0\n");
+    let b = tree.write("b/config", "DEBUG=1\n");
+    pin_mtime(&a);
+    pin_mtime(&b);
+    deploy_json(&root, &tree.path().join("a"), &[]);
+    let second = deploy_json(&root, &tree.path().join("b"), &[]);
+    assert_eq!(
+        std::fs::read_to_string(root.join("current/config")).unwrap(),
+        "DEBUG=1\n"
+    );
+    assert_eq!(second["shared_files"], 0, "{second}");
+}
+
+/// Randomized rounds over a few hundred files of one size and one mtime:
+/// each round rewrites random files with new bytes of the same length and
+/// restores their mtime, then deploys (a directory, a tarball, and a
+/// directory whose build rewrites files); the release always holds exactly
+/// the source's bytes, and unchanged files are still shared.
+#[test]
+fn randomized_same_size_same_time_rewrites_always_reach_the_release() {
+    let mut rng = Rng::new();
+    let tree = Tree::new();
+    let src = tree.path().join("src");
+    let names: Vec<String> = (0..300)
+        .map(|i| format!("d{}/f {i}%{}.txt", i % 7, ["", "é", "\u{1}", "-x"][i % 4]))
+        .collect();
+    for n in &names {
+        let p = tree.write(&format!("src/{n}"), rng.bytes(16));
+        pin_mtime(&p);
+    }
+    for (kind, extra) in [("dir", None), ("tar", None), ("build", Some("built"))] {
+        let root = tree.path().join(format!("root-{kind}"));
+        std::fs::create_dir(&root).unwrap();
+        for round in 0..6 {
+            let changed: std::collections::BTreeSet<usize> = (0..1 + rng.below(20))
+                .map(|_| rng.below(names.len()))
+                .collect();
+            for i in &changed {
+                let p = src.join(&names[*i]);
+                std::fs::write(&p, rng.bytes(16)).unwrap();
+                pin_mtime(&p);
+            }
+            let mut args: Vec<String> = Vec::new();
+            let source = match kind {
+                "tar" => {
+                    let t = tree.path().join(format!("src-{round}.tar"));
+                    let mut b = tar::Builder::new(std::fs::File::create(&t).unwrap());
+                    b.mode(tar::HeaderMode::Deterministic);
+                    b.append_dir_all(".", &src).unwrap();
+                    b.finish().unwrap();
+                    t
+                }
+                _ => src.clone(),
+            };
+            if let Some(file) = extra {
+                // The build rewrites one of the files with same-length bytes
+                // that differ each round, and pins its mtime again.
+                let name = &names[round % names.len()];
+                let content: String = format!("{:016x}", rng.next());
+                args.push("--build".into());
+                args.push(format!(
+                    "printf '%s' {content} > '{name}' && touch -d 2024-01-01 '{name}' && printf '%s' {content} > {file}"
+                ));
+            }
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            let report = deploy_json(&root, &source, &argv);
+            let what = format!("{kind} round {round} (changed {changed:?})");
+            if kind == "build" {
+                // The build's rewrite is what the release holds.
+                let name = &names[round % names.len()];
+                let built = std::fs::read(root.join("current/built")).unwrap();
+                assert_eq!(
+                    std::fs::read(root.join("current").join(name)).unwrap(),
+                    built,
+                    "{what}"
+                );
+            } else {
+                assert_same_tree(&src, &root.join("current"), &what);
+            }
+            if round > 0 && kind != "build" {
+                let shared = report["shared_files"].as_u64().unwrap();
+                assert!(shared >= 300 - changed.len() as u64, "{what}: {report}");
+            }
+        }
+    }
+}
+
+/// `releases --verify` passes on an intact store and names an edited file;
+/// the same content gets the same id suffix.
+#[test]
+fn verify_names_edited_files_and_ids_follow_content() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    tree.write("a/public/index.html", "one\n");
+    tree.write("a/public/other.html", "two\n");
+    let first = deploy_json(&root, &tree.path().join("a"), &[]);
+    let second = deploy_json(&root, &tree.path().join("a"), &[]);
+    let suffix = |v: &Value| {
+        // <timestamp>-<8 hex of the manifest digest>[-<n> when the second is taken]
+        v["release"]
+            .as_str()
+            .unwrap()
+            .split('-')
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(suffix(&first), suffix(&second), "{first} {second}");
+    assert!(
+        root.join(".dream/manifests")
+            .join(first["release"].as_str().unwrap())
+            .is_file()
+    );
+    let (code, out, err) = dream(&root, &["releases", "--verify"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // Someone edits the live release (root can, through its permissions).
+    let live = root.join("current/public/other.html");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&live, "TWO\n").unwrap();
+    std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let (code, out, err) = dream(&root, &["releases", "--verify"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("changed  public/other.html"), "{out}");
+    let (code, out, _) = dream(&root, &["releases", "--verify", "--json"]);
+    assert_eq!(code, Some(1));
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+}
