@@ -255,30 +255,87 @@ pub fn copy_dir(
 ) -> Result<(Stats, Manifest), StageError> {
     let mut stats = Stats::default();
     let mut entries = Vec::new();
-    let prev = opts.share_from.map(|(dir, m)| (dir, m.index()));
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
     fs::create_dir(dst).map_err(io_at(dst))?;
-    copy_into(
+    // The tree first (directories, links, the list of files), then the
+    // files, on a few threads: most of the time is reading and hashing,
+    // which the cores can share.
+    walk_source(
         src,
         dst,
         Path::new(""),
         &opts,
-        prev.as_ref(),
         &mut stats,
         &mut entries,
+        &mut files,
+        &mut dirs,
     )?;
+    let prev = opts.share_from.map(|(dir, m)| (dir, m.index()));
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<(Vec<Entry>, Stats), StageError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    let mut st = Stats::default();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((rel, meta)) = files.get(i) else {
+                            return Ok((out, st));
+                        };
+                        out.push(copy_one(
+                            src,
+                            dst,
+                            rel,
+                            meta,
+                            &opts,
+                            prev.as_ref(),
+                            &mut st,
+                        )?);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a staging thread panicked"))
+            .collect()
+    });
+    for r in results {
+        let (e, st) = r?;
+        entries.extend(e);
+        stats.shared_files += st.shared_files;
+        stats.shared_bytes += st.shared_bytes;
+        stats.reflinked_files += st.reflinked_files;
+    }
+    // Directories get their final modes last, deepest first (a frozen
+    // directory could not be written into).
+    dirs.sort_by_key(|(rel, _): &(PathBuf, u32)| std::cmp::Reverse(rel.components().count()));
+    for (rel, mode) in dirs {
+        let to = dst.join(&rel);
+        fs::set_permissions(&to, fs::Permissions::from_mode(mode)).map_err(io_at(&to))?;
+    }
     Ok((stats, Manifest::new(entries)))
 }
 
 type PrevIndex<'a> = (&'a Path, std::collections::HashMap<&'a Path, &'a Kind>);
 
-fn copy_into(
+/// Creates the directories and links of the copy and lists its files,
+/// counting them against the limits.
+#[allow(clippy::too_many_arguments)]
+fn walk_source(
     src_root: &Path,
     dst_root: &Path,
     rel: &Path,
     opts: &CopyOptions<'_>,
-    prev: Option<&PrevIndex<'_>>,
     stats: &mut Stats,
     entries: &mut Vec<Entry>,
+    files: &mut Vec<(PathBuf, fs::Metadata)>,
+    dirs: &mut Vec<(PathBuf, u32)>,
 ) -> Result<(), StageError> {
     let dir = src_root.join(rel);
     let mut names: Vec<_> = fs::read_dir(&dir)
@@ -304,13 +361,13 @@ fn copy_into(
         let ft = meta.file_type();
         if ft.is_dir() {
             fs::create_dir(&to).map_err(io_at(&to))?;
-            copy_into(src_root, dst_root, &rel, opts, prev, stats, entries)?;
+            walk_source(src_root, dst_root, &rel, opts, stats, entries, files, dirs)?;
             let mode = if opts.freeze {
                 frozen_mode(true, meta.mode())
             } else {
                 meta.mode() & 0o777 | 0o700
             };
-            fs::set_permissions(&to, fs::Permissions::from_mode(mode)).map_err(io_at(&to))?;
+            dirs.push((rel.clone(), mode));
             entries.push(Entry {
                 path: rel,
                 kind: Kind::Dir {
@@ -330,42 +387,7 @@ fn copy_into(
                 return Err(too_big(opts.max_bytes));
             }
             stats.bytes += meta.len();
-            let mode = frozen_mode(false, meta.mode());
-            let candidate = prev.and_then(|(dir, index)| match index.get(rel.as_path()) {
-                Some(Kind::File {
-                    mode: m,
-                    size,
-                    hash,
-                }) if *m == mode && *size == meta.len() => Some((dir.join(&rel), *hash)),
-                _ => None,
-            });
-            let hash = match candidate {
-                Some((prev_file, prev_hash)) => {
-                    // Read only to hash: shared when the content is equal.
-                    let (hash, _) = manifest::hash_file(&from).map_err(io_at(&from))?;
-                    if hash == prev_hash
-                        && let Ok(reflinked) = share_file(&prev_file, &to, opts.freeze, false)
-                    {
-                        stats.shared_files += 1;
-                        stats.shared_bytes += meta.len();
-                        stats.reflinked_files += u64::from(reflinked);
-                    } else {
-                        copy_file(&from, &to, &meta, opts.freeze, false)?;
-                    }
-                    hash
-                }
-                None => {
-                    copy_file(&from, &to, &meta, opts.freeze, true)?.expect("hashed while copied")
-                }
-            };
-            entries.push(Entry {
-                path: rel,
-                kind: Kind::File {
-                    mode,
-                    size: meta.len(),
-                    hash,
-                },
-            });
+            files.push((rel, meta));
         } else {
             return Err(StageError::Refused(format!(
                 "{} is not a regular file, directory or symlink",
@@ -374,6 +396,57 @@ fn copy_into(
         }
     }
     Ok(())
+}
+
+/// Copies (or shares) one file and returns its manifest entry. A file is
+/// read once: when the previous release has a file of the same size and
+/// mode at the same path, the source is read only to hash it, and shared
+/// if the hashes are equal (else copied); otherwise it is copied and hashed
+/// in the same pass.
+fn copy_one(
+    src_root: &Path,
+    dst_root: &Path,
+    rel: &Path,
+    meta: &fs::Metadata,
+    opts: &CopyOptions<'_>,
+    prev: Option<&PrevIndex<'_>>,
+    stats: &mut Stats,
+) -> Result<Entry, StageError> {
+    let from = src_root.join(rel);
+    let to = dst_root.join(rel);
+    let mode = frozen_mode(false, meta.mode());
+    let candidate = prev.and_then(|(dir, index)| match index.get(rel) {
+        Some(Kind::File {
+            mode: m,
+            size,
+            hash,
+        }) if *m == mode && *size == meta.len() => Some((dir.join(rel), *hash)),
+        _ => None,
+    });
+    let hash = match candidate {
+        Some((prev_file, prev_hash)) => {
+            let (hash, _) = manifest::hash_file(&from).map_err(io_at(&from))?;
+            if hash == prev_hash
+                && let Ok(reflinked) = share_file(&prev_file, &to, opts.freeze, false)
+            {
+                stats.shared_files += 1;
+                stats.shared_bytes += meta.len();
+                stats.reflinked_files += u64::from(reflinked);
+            } else {
+                copy_file(&from, &to, meta, opts.freeze, false)?;
+            }
+            hash
+        }
+        None => copy_file(&from, &to, meta, opts.freeze, true)?.expect("hashed while copied"),
+    };
+    Ok(Entry {
+        path: rel.to_path_buf(),
+        kind: Kind::File {
+            mode,
+            size: meta.len(),
+            hash,
+        },
+    })
 }
 
 /// Copies a file, keeping its modification time; with `hash`, reads and
