@@ -431,6 +431,17 @@ fn edited_and_replaced_files_are_never_served_stale() {
     // Same size, new content, written in place.
     std::fs::write(&path, "p{ }{}\n").unwrap();
     assert_eq!(get(w.addr, "/style.css", &[]).text(), "p{ }{}\n");
+    // Same size again, and the modification time set back: only the
+    // change time (which no one can set) tells.
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::fs::write(&path, "q{ }{}\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_eq!(get(w.addr, "/style.css", &[]).text(), "q{ }{}\n");
     // Replaced by rename: a new inode.
     let tmp = w.tree.path().join("public/.new");
     std::fs::write(&tmp, "a{}\n").unwrap();

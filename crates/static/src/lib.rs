@@ -404,14 +404,18 @@ fn io_response(e: io::Error, root: &Path, rel: &Path) -> Response<Body> {
 
 /// What is worth remembering about a file between requests: its
 /// validators, its headers and, if small, its bytes. An entry is used only
-/// while the inode, size and modification time that `fstat` reports on the
-/// freshly opened file are unchanged, so an edited or replaced file is
-/// never served stale. (Within a dream release nothing changes at all.)
+/// while the inode, size, modification time and change time that `fstat`
+/// reports on the freshly opened file are unchanged, so an edited or
+/// replaced file is never served stale: the change time moves with every
+/// write and no one can set it back (size and modification time alone can
+/// be the same for different bytes). Within a dream release nothing changes
+/// at all.
 #[derive(Clone)]
 struct Cached {
     ino: u64,
     len: u64,
     mtime_ns: i64,
+    ctime_ns: i64,
     etag: HeaderValue,
     last_modified: Option<HeaderValue>,
     content_type: HeaderValue,
@@ -434,7 +438,10 @@ impl FileCache {
         use std::os::unix::fs::MetadataExt;
         let map = self.map.lock().ok()?;
         let c = map.get(path)?;
-        (c.ino == meta.ino() && c.len == meta.len() && c.mtime_ns == mtime_ns(meta))
+        (c.ino == meta.ino()
+            && c.len == meta.len()
+            && c.mtime_ns == mtime_ns(meta)
+            && c.ctime_ns == ctime_ns(meta))
             .then(|| c.clone())
     }
 
@@ -462,6 +469,7 @@ impl FileCache {
             ino: meta.ino(),
             len,
             mtime_ns: mtime_ns(meta),
+            ctime_ns: ctime_ns(meta),
             etag: header(files::etag(len, modified))?,
             last_modified: modified
                 .map(|m| header(httpdate::fmt_http_date(m)))
@@ -486,6 +494,13 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime()
         .saturating_mul(1_000_000_000)
         .saturating_add(meta.mtime_nsec())
+}
+
+fn ctime_ns(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.ctime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.ctime_nsec())
 }
 
 async fn serve_file(
