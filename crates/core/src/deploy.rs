@@ -182,6 +182,7 @@ fn timestamp() -> String {
 
 /// Deploys `opts.source`.
 pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report, DeployError> {
+    refuse_source_in_root(&opts.source, &opts.root)?;
     let store = Store::new(&opts.root);
     store.prepare().map_err(|e| {
         if e.raw_os_error().is_none()
@@ -434,6 +435,35 @@ fn stage_build_switch(
         p.step("pruned", pruned.join(", "));
     }
     Ok(())
+}
+
+/// A directory source that is the deploy root, contains it, or lies
+/// inside it would be copied into itself (staging is inside ROOT): refused
+/// at once, exit 100.
+fn refuse_source_in_root(source: &Source, root: &Path) -> Result<(), DeployError> {
+    let Source::Dir(src) = source else {
+        return Ok(());
+    };
+    let (Ok(src), Ok(root)) = (src.canonicalize(), root.canonicalize()) else {
+        return Ok(());
+    };
+    let how = if src == root {
+        "is"
+    } else if root.starts_with(&src) {
+        "contains"
+    } else if src.starts_with(&root) {
+        "lies inside"
+    } else {
+        return Ok(());
+    };
+    Err(err(
+        Kind::Usage,
+        format!(
+            "refusing source {}: it {how} the deploy root {} (use a root outside the source, e.g. --root /srv/app)",
+            src.display(),
+            root.display()
+        ),
+    ))
 }
 
 /// `m` with each of `names` (top-level entries of `ROOT/shared/`) as the

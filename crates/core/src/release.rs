@@ -46,6 +46,9 @@ pub fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 {
         return Err(format!("release id {id:?} must be 1 to 128 characters"));
     }
+    if id == "current" {
+        return Err("release id \"current\" is reserved (it is the name of the live link)".into());
+    }
     if id.starts_with('.') || id.starts_with('-') {
         return Err(format!(
             "release id {id:?} must not start with '{}' (it would read as a hidden file or an option)",
@@ -454,6 +457,7 @@ mod tests {
             ".hidden",
             "-rf",
             "--help",
+            "current",
             "..",
             "a/b",
             "../x",

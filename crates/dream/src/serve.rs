@@ -15,12 +15,23 @@ use serde_json::{Value, json};
 use crate::exit::{Failure, Result};
 
 /// `--root DIR`, else `$DREAM_ROOT`, else the current directory; absolute.
+/// The deploy root: `--root DIR`, else `$DREAM_ROOT`, else the current
+/// directory if it already is a deploy root (it has `.dream/` or
+/// `dream.toml`); never a silently adopted current directory.
 pub fn root_dir(flag: Option<&Path>) -> Result<PathBuf> {
     let root = match flag {
         Some(p) => p.to_path_buf(),
         None => match std::env::var_os("DREAM_ROOT") {
             Some(r) if !r.is_empty() => PathBuf::from(r),
-            _ => PathBuf::from("."),
+            _ => {
+                let cwd = PathBuf::from(".");
+                if !(cwd.join(".dream").is_dir() || cwd.join("dream.toml").is_file()) {
+                    return Err(Failure::usage(
+                        "no deploy root: give --root DIR or set DREAM_ROOT (the current directory has no .dream/ or dream.toml, so it is not one)",
+                    ));
+                }
+                cwd
+            }
         },
     };
     std::fs::canonicalize(&root)

@@ -500,12 +500,47 @@ fn bad_ids_and_a_real_current_directory_are_usage_errors() {
     let src = site(&tree, "a");
     let root = tree.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    for id in ["../x", "a/b", ".hidden", "a\u{1}b", "-rf", "--help"] {
+    for id in [
+        "../x", "a/b", ".hidden", "a\u{1}b", "-rf", "--help", "current",
+    ] {
         let arg = format!("--id={id}");
         let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap(), &arg]);
         assert_eq!(code, Some(100), "{id}: {err}");
         assert!(!root.join("releases").join(id).exists(), "{id}");
     }
+    // A source that is, contains or lies inside the root (staging is in
+    // it): refused at once, nothing created.
+    let proj = tree.path().join("proj");
+    tree.write("proj/public/index.html", "x\n");
+    for (root, src, how) in [
+        (proj.clone(), proj.clone(), "is"),
+        (proj.join("deploy"), proj.clone(), "contains"),
+        (
+            tree.path().join("r2"),
+            tree.path().join("r2/src"),
+            "lies inside",
+        ),
+    ] {
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&src).unwrap();
+        let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap()]);
+        assert_eq!(code, Some(100), "{how}: {err}");
+        assert!(err.contains(&format!("it {how} the deploy root")), "{err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(!root.join(".dream").exists(), "{how}");
+    }
+    // No --root, no DREAM_ROOT, and the current directory is not a root.
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["deploy", "."])
+            .current_dir(&proj)
+            .env_remove("DREAM_ROOT"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(100), "{err}");
+    assert!(err.contains("no deploy root"), "{err}");
+    assert!(!proj.join(".dream").exists());
+
     std::fs::create_dir(root.join("current")).unwrap();
     let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap()]);
     assert_eq!(code, Some(100), "{err}");

@@ -442,7 +442,7 @@ impl FileCache {
             && c.len == meta.len()
             && c.mtime_ns == mtime_ns(meta)
             && c.ctime_ns == ctime_ns(meta))
-            .then(|| c.clone())
+        .then(|| c.clone())
     }
 
     fn describe(
