@@ -47,11 +47,12 @@ pub struct DemoArgs {
     pub connections: usize,
 }
 
-/// Writes the two sample sites under `ROOT/sites/`.
-fn write_sites(root: &Path) -> std::io::Result<()> {
+/// Writes the two sample sites under `sites/` (outside the deploy root: a
+/// source may not lie inside it).
+fn write_sites(sites: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for (name, html, css) in SITES {
-        let dir = root.join("sites").join(name);
+        let dir = sites.join(name);
         std::fs::create_dir_all(dir.join("public"))?;
         std::fs::write(dir.join("public/index.html"), html)?;
         std::fs::write(dir.join("public/style.css"), css)?;
@@ -61,10 +62,14 @@ fn write_sites(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn deploy_site(root: &Path, site: &str) -> std::result::Result<deploy::Report, String> {
+fn deploy_site(
+    root: &Path,
+    sites: &Path,
+    site: &str,
+) -> std::result::Result<deploy::Report, String> {
     let opts = DeployOptions {
         root: root.to_path_buf(),
-        source: Source::Dir(root.join("sites").join(site)),
+        source: Source::Dir(sites.join(site)),
         id: None,
         build: Some("./build.sh".into()),
         keep: 4,
@@ -94,12 +99,17 @@ pub fn run(a: DemoArgs) -> Result {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    write_sites(&root).map_err(|e| Failure::failed(format!("writing the sample sites: {e}")))?;
+    let sites_dir = tempfile::Builder::new()
+        .prefix("dream-demo-sites-")
+        .tempdir()
+        .map_err(Failure::failed)?;
+    let sites = sites_dir.path().to_path_buf();
+    write_sites(&sites).map_err(|e| Failure::failed(format!("writing the sample sites: {e}")))?;
     let spec = a.listen.parse().map_err(Failure::usage)?;
     let bound =
         crate::tools::bind_all(&[spec], dream_core::listen::DEFAULT_BACKLOG, "demo", false)?;
     let addr = bound[0].local.clone();
-    let first = deploy_site(&root, "blue").map_err(Failure::failed)?;
+    let first = deploy_site(&root, &sites, "blue").map_err(Failure::failed)?;
 
     let exe = std::env::current_exe().map_err(Failure::failed)?;
     let workers = a.workers.to_string();
@@ -148,7 +158,7 @@ pub fn run(a: DemoArgs) -> Result {
     }
 
     let url = format!("http://{addr}/");
-    let green = root.join("sites/green");
+    let green = sites.join("green");
     println!("dream demo: serving {url} from {}", root.display());
     println!(
         "  release {} (blue) is live; open the URL in a browser.",
@@ -195,8 +205,9 @@ pub fn run(a: DemoArgs) -> Result {
         None
     };
     if let Some(every) = auto {
-        let (root, stop, deploys, failures) = (
+        let (root, sites, stop, deploys, failures) = (
             root.clone(),
+            sites.clone(),
             stop.clone(),
             deploys.clone(),
             failures.clone(),
@@ -212,7 +223,7 @@ pub fn run(a: DemoArgs) -> Result {
                 next += every;
                 let site = if i % 2 == 1 { "green" } else { "blue" };
                 i += 1;
-                match deploy_site(&root, site) {
+                match deploy_site(&root, &sites, site) {
                     Ok(_) => {
                         deploys.fetch_add(1, Ordering::SeqCst);
                     }
