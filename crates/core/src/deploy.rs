@@ -841,7 +841,11 @@ pub fn rollback(
         &store,
         &target,
         current.as_deref(),
-        "rolled_back",
+        if id.is_some() {
+            "rolled_back_named"
+        } else {
+            "rolled_back"
+        },
         &mut p,
     )?;
     Ok(report)
@@ -852,7 +856,8 @@ pub fn rollback(
 pub struct ReleaseInfo {
     pub id: String,
     pub current: bool,
-    /// `current`, `ok`, `bad`.
+    /// `current`, `ok`, `bad`, `rolled back` (left by a rollback: skipped
+    /// by the next automatic one).
     pub state: &'static str,
     pub staged: Option<String>,
     pub age_s: Option<f64>,
@@ -866,6 +871,7 @@ pub fn list(root: &Path) -> Vec<ReleaseInfo> {
     let history = store.history();
     let current = store.current();
     let bad = store.bad();
+    let left = store.rolled_back();
     store
         .ordered()
         .into_iter()
@@ -886,6 +892,8 @@ pub fn list(root: &Path) -> Vec<ReleaseInfo> {
                     "current"
                 } else if bad.contains(&id) {
                     "bad"
+                } else if left.contains(&id) {
+                    "rolled back"
                 } else {
                     "ok"
                 },

@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Event {
     pub time: String,
-    /// `staged`, `switched`, `failed`, `rolled_back`, `pruned`.
+    /// `staged`, `switched`, `failed`, `rolled_back` (an automatic
+    /// rollback: the release it left is skipped by the next one),
+    /// `rolled_back_named` (to a release named by hand), `pruned`.
     pub event: String,
     pub release: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -214,7 +216,7 @@ impl Store {
                 "failed" => {
                     bad.insert(e.release);
                 }
-                "switched" | "rolled_back" if e.reason.is_none() => {
+                "switched" | "rolled_back" | "rolled_back_named" if e.reason.is_none() => {
                     bad.remove(&e.release);
                 }
                 _ => {}
@@ -263,20 +265,51 @@ impl Store {
     pub fn went_live(&self) -> Vec<String> {
         self.history()
             .into_iter()
-            .filter(|e| (e.event == "switched" || e.event == "rolled_back") && e.reason.is_none())
+            .filter(|e| {
+                matches!(
+                    e.event.as_str(),
+                    "switched" | "rolled_back" | "rolled_back_named"
+                ) && e.reason.is_none()
+            })
             .map(|e| e.release)
             .collect()
     }
 
+    /// Releases that a rollback left (and that did not go live again
+    /// since): an automatic rollback skips them, so two rollbacks in a row
+    /// go two steps back, never forward to the release just left.
+    pub fn rolled_back(&self) -> HashSet<String> {
+        let mut left = HashSet::new();
+        for e in self.history() {
+            match e.event.as_str() {
+                "rolled_back" if e.reason.is_none() => {
+                    left.remove(&e.release);
+                    if let Some(p) = e.previous {
+                        left.insert(p);
+                    }
+                }
+                // A release named by hand, or deployed anew, is wanted again;
+                // what a named rollback leaves is not marked.
+                "switched" | "rolled_back_named" if e.reason.is_none() => {
+                    left.remove(&e.release);
+                }
+                _ => {}
+            }
+        }
+        left
+    }
+
     /// The release to roll back to: the most recent one that was live
-    /// before the current one, not bad, still present.
+    /// before the current one, not bad, not left by a rollback, still
+    /// present.
     pub fn previous_good(&self) -> Option<String> {
         let current = self.current();
         let bad = self.bad();
+        let left = self.rolled_back();
         self.went_live()
             .into_iter()
             .rev()
-            .filter(|id| Some(id) != current.as_ref() && !bad.contains(id))
+            .filter(|id| Some(id) != current.as_ref() && !bad.contains(id) && !left.contains(id))
             .find(|id| self.release_dir(id).is_dir())
     }
 

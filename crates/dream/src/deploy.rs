@@ -123,6 +123,10 @@ pub fn releases(root: Option<&Path>, json: bool) -> Result {
         print_line(&format!("no releases in {}/releases", root.display()));
         return Ok(());
     }
+    print_line(&format!(
+        "  {:<40} {:<11} {:>12}  {:>9}  {}",
+        "RELEASE", "STATE", "AGE", "SIZE", "FILES"
+    ));
     for r in list {
         let age = r
             .age_s
@@ -134,7 +138,7 @@ pub fn releases(root: Option<&Path>, json: bool) -> Result {
             })
             .unwrap_or_else(|| "age unknown".into());
         print_line(&format!(
-            "{} {:<40} {:<7} {:>12}  {:>9}  {} files",
+            "{} {:<40} {:<11} {:>12}  {:>9}  {} files",
             if r.current { "*" } else { " " },
             r.id,
             r.state,

@@ -1006,3 +1006,45 @@ fn verify_names_edited_files_and_ids_follow_content() {
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["ok"], false, "{v}");
 }
+
+/// With v1, v2, v3 live in turn, two rollbacks went v3 -> v2 -> v3. The
+/// release a rollback leaves is marked "rolled back" and skipped, so the
+/// second goes to v1; a named rollback may still pick any good release.
+#[test]
+fn two_rollbacks_go_two_steps_back_never_forward() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    for v in ["v1", "v2", "v3"] {
+        tree.write(&format!("{v}/index.html"), format!("{v}\n"));
+        deploy_json(&root, &tree.path().join(v), &["--id", v]);
+    }
+    let live = || std::fs::read_to_string(root.join("current/index.html")).unwrap();
+    assert_eq!(live(), "v3\n");
+    let (code, _, err) = dream(&root, &["rollback"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(live(), "v2\n");
+    let (code, _, err) = dream(&root, &["rollback"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(live(), "v1\n", "the second rollback went forward");
+    let (code, out, _) = dream(&root, &["releases"]);
+    assert_eq!(code, Some(0));
+    assert!(out.lines().next().unwrap().contains("STATE"), "{out}");
+    let state = |id: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().any(|w| w == id))
+            .unwrap_or_else(|| panic!("{id} in {out}"))
+            .to_string()
+    };
+    assert!(state("v3").contains("rolled back"), "{out}");
+    assert!(state("v2").contains("rolled back"), "{out}");
+    // Named: any good release, the ones left by rollbacks included.
+    let (code, _, err) = dream(&root, &["rollback", "v3"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(live(), "v3\n");
+    // A named rollback marks nothing: the next automatic one goes back to
+    // v1, which it left, and never to v2, which an automatic one left.
+    let (code, _, err) = dream(&root, &["rollback"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(live(), "v1\n");
+}
