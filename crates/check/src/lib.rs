@@ -95,7 +95,9 @@ pub struct Options {
     pub connections: usize,
     pub duration: Duration,
     pub keep_alive: bool,
-    pub body_pattern: String,
+    /// A regex whose first capture names the release in a body; `None`:
+    /// bodies are not judged, only `X-Dream-Release`.
+    pub body_pattern: Option<String>,
     /// Limit for connecting, and for a whole response.
     pub timeout: Duration,
     /// Stop after this many requests in all (for bounded tests).
@@ -217,7 +219,8 @@ struct Tally {
     mixed: u64,
     releases: BTreeMap<String, u64>,
     hist: Histogram<u64>,
-    examples: Vec<String>,
+    /// Distinct examples and how often each was seen (the first few).
+    examples: Vec<(String, u64)>,
     responses: u64,
 }
 
@@ -234,18 +237,25 @@ impl Tally {
         }
     }
 
-    fn example(&mut self, s: String) {
-        if self.examples.len() < 5 {
-            self.examples.push(s);
+    /// Records an example; the same text is counted, not repeated.
+    fn example(&mut self, s: String, times: u64) {
+        if let Some(e) = self.examples.iter_mut().find(|(t, _)| *t == s) {
+            e.1 += times;
+        } else if self.examples.len() < 5 {
+            self.examples.push((s, times));
         }
     }
 }
 
 /// Runs a check to completion.
 pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
-    let pattern = regex_lite::Regex::new(&opts.body_pattern)
+    let pattern = opts
+        .body_pattern
+        .as_deref()
+        .map(regex_lite::Regex::new)
+        .transpose()
         .map_err(|e| CheckError::Pattern(e.to_string()))?;
-    if pattern.captures_len() < 2 {
+    if pattern.as_ref().is_some_and(|p| p.captures_len() < 2) {
         return Err(CheckError::Pattern(
             "it needs a capture group for the release, e.g. release ([A-Za-z0-9._-]+)".into(),
         ));
@@ -268,7 +278,7 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
             let pattern = pattern.clone();
             let budget = budget.clone();
             handles.push(tokio::spawn(async move {
-                client(&opts, &pattern, deadline, &live, &budget).await
+                client(&opts, pattern.as_ref(), deadline, &live, &budget).await
             }));
         }
         let mut out = Vec::new();
@@ -291,8 +301,8 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
             *all.releases.entry(k).or_default() += v;
         }
         let _ = all.hist.add(&t.hist);
-        for e in t.examples {
-            all.example(e);
+        for (e, n) in t.examples {
+            all.example(e, n);
         }
         all.responses += t.responses;
     }
@@ -312,7 +322,7 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
     };
     let error_total = all.errors.total();
     if all.responses == 0 && error_total == 0 {
-        all.example("no request completed".into());
+        all.example("no request completed".into(), 1);
     }
     Ok(Report {
         url: opts.target.url.clone(),
@@ -329,7 +339,11 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
         mixed: all.mixed,
         releases: all.releases,
         latency,
-        examples: all.examples,
+        examples: all
+            .examples
+            .into_iter()
+            .map(|(e, n)| if n > 1 { format!("{e} ({n} times)") } else { e })
+            .collect(),
     })
 }
 
@@ -422,13 +436,14 @@ async fn exchange(opts: &Options, sender: &mut Sender) -> Result<Answer, Failure
 
 async fn client(
     opts: &Options,
-    pattern: &regex_lite::Regex,
+    pattern: Option<&regex_lite::Regex>,
     deadline: Instant,
     live: &Live,
     budget: &AtomicU64,
 ) -> Tally {
     let mut t = Tally::new();
-    let mut conn: Option<(Sender, Option<String>)> = None;
+    // A connection, and the releases it has answered with, in order.
+    let mut conn: Option<(Sender, Vec<String>)> = None;
     loop {
         if Instant::now() >= deadline || live.stop.load(Ordering::Relaxed) {
             break;
@@ -443,7 +458,7 @@ async fn client(
         live.requests.fetch_add(1, Ordering::Relaxed);
         if conn.is_none() {
             match connect(opts).await {
-                Ok(s) => conn = Some((s, None)),
+                Ok(s) => conn = Some((s, Vec::new())),
                 Err(f) => {
                     record_failure(&mut t, live, f, true);
                     // A refused connection returns at once: pause briefly so
@@ -472,7 +487,8 @@ async fn client(
                 let body_release = a
                     .body
                     .as_deref()
-                    .and_then(|b| pattern.captures(b))
+                    .zip(pattern)
+                    .and_then(|(b, p)| p.captures(b))
                     .and_then(|c| c.get(1))
                     .map(|m| m.as_str().to_string());
                 let mut mixed = None;
@@ -484,24 +500,28 @@ async fn client(
                 let release = a.header_release.clone().or(body_release);
                 if let Some(r) = &release {
                     *t.releases.entry(r.clone()).or_default() += 1;
-                    match seen {
-                        Some(prev) if prev != r && mixed.is_none() => {
+                    // One connection moving to a newer release can be a
+                    // proxy's doing; going back to one it left never is.
+                    match seen.last() {
+                        Some(last) if last != r && seen.contains(r) && mixed.is_none() => {
                             mixed = Some(format!(
-                                "one keep-alive connection answered by release {prev}, then {r}"
+                                "one keep-alive connection went back from release {last} to {r}"
                             ));
                         }
                         _ => {}
                     }
-                    *seen = Some(r.clone());
+                    if seen.last() != Some(r) {
+                        seen.push(r.clone());
+                    }
                 }
                 if let Some(m) = mixed {
                     t.mixed += 1;
                     live.mixed.fetch_add(1, Ordering::Relaxed);
-                    t.example(format!("mixed: {m}"));
+                    t.example(format!("mixed: {m}"), 1);
                 } else if a.status >= 400 {
                     t.errors.bad_status += 1;
                     live.errors.fetch_add(1, Ordering::Relaxed);
-                    t.example(format!("status {}", a.status));
+                    t.example(format!("status {}", a.status), 1);
                 } else {
                     live.ok.fetch_add(1, Ordering::Relaxed);
                 }
@@ -560,7 +580,7 @@ fn record_failure(t: &mut Tally, live: &Live, f: Failure, connecting: bool) {
             format!("response: {he}")
         }
     };
-    t.example(text);
+    t.example(text, 1);
 }
 
 impl Report {

@@ -195,7 +195,7 @@ pub fn run(a: DemoArgs) -> Result {
             connections: a.connections,
             duration: Duration::from_secs(365 * 24 * 3600),
             keep_alive: false,
-            body_pattern: dream_check::DEFAULT_BODY_PATTERN.into(),
+            body_pattern: Some(dream_check::DEFAULT_BODY_PATTERN.into()),
             timeout: Duration::from_secs(10),
             max_requests: None,
         };

@@ -102,7 +102,7 @@ enum Cmd {
     Static(StaticArgs),
     /// Load generator and referee: count errors and mixed-release responses
     #[command(
-        after_help = "A response is mixed when its X-Dream-Release header and the release named in its\nbody differ, or when one keep-alive connection sees two releases. Exits 1 on any\nconnection error, status >= 400 or mixed response, or if nothing answered.\n\nExample:\n  dream check http://127.0.0.1:8080/ --duration 10s --connections 64 --keep-alive"
+        after_help = "A response is mixed when one keep-alive connection goes back to a release it had\nleft, or (with --body-pattern) when its X-Dream-Release header and the release named in\nits body differ. Exits 1 on any connection error, incomplete body, status >= 400 or\nmixed response, or if nothing answered.\n\nExample:\n  dream check http://127.0.0.1:8080/ --duration 10s --connections 64 --keep-alive"
     )]
     Check(CheckArgs),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell
@@ -385,9 +385,11 @@ struct CheckArgs {
     /// Reuse each connection (default: a new connection per request)
     #[arg(short, long)]
     keep_alive: bool,
-    /// Regex whose first capture names the release in a body
-    #[arg(long, default_value = dream_check::DEFAULT_BODY_PATTERN)]
-    body_pattern: String,
+    /// Regex whose first capture names the release in a body, e.g.
+    /// 'release ([A-Za-z0-9._-]+)' (default: bodies are not judged, only the
+    /// X-Dream-Release header)
+    #[arg(long, value_name = "REGEX")]
+    body_pattern: Option<String>,
     /// Limit for connecting and for each response
     #[arg(long, default_value = "5s")]
     timeout: String,

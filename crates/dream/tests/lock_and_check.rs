@@ -139,9 +139,42 @@ fn fake_server(pick: fn(u64) -> (&'static str, &'static str)) -> String {
 #[test]
 fn check_counts_header_body_mismatch_as_mixed() {
     let url = fake_server(|_| ("a", "b"));
+    // Bodies are judged only when asked: "release b" in a page is just text.
     let (code, v, err) = check_json(&url, &["--keep-alive"]);
+    assert_eq!(code, Some(0), "{err} {v}");
+    assert_eq!(v["mixed"], 0, "{v}");
+    let (code, v, err) = check_json(
+        &url,
+        &["--keep-alive", "--body-pattern", "release ([a-z]+)"],
+    );
     assert_eq!(code, Some(1), "{err}");
     assert!(v["mixed"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// One keep-alive connection moving on to a newer release can be a proxy's
+/// doing; going back to one it left is mixed. The same error is one example
+/// with a count, not five copies.
+#[test]
+fn check_judges_a_connection_going_back_and_counts_repeated_examples() {
+    let forward = fake_server(|n| if n < 10 { ("a", "a") } else { ("b", "b") });
+    let (code, v, err) = check_json(&forward, &["--keep-alive"]);
+    assert_eq!(code, Some(0), "{err} {v}");
+    let url = fake_server(|n| if n % 2 == 0 { ("a", "a") } else { ("b", "b") });
+    let (code, v, _) = check_json(&url, &["--keep-alive"]);
+    assert_eq!(code, Some(1));
+    let examples = v["examples"].as_array().unwrap();
+    assert!(
+        examples
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("went back")
+                && e.as_str().unwrap().contains("times")),
+        "{v}"
+    );
+    let texts: std::collections::HashSet<_> = examples
+        .iter()
+        .map(|e| e.as_str().unwrap().split(" (").next().unwrap())
+        .collect();
+    assert_eq!(texts.len(), examples.len(), "no repeated example: {v}");
 }
 
 #[test]

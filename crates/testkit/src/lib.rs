@@ -459,7 +459,7 @@ impl Referee {
             connections: 16,
             duration: Duration::from_secs(300),
             keep_alive,
-            body_pattern: dream_check::DEFAULT_BODY_PATTERN.into(),
+            body_pattern: Some(dream_check::DEFAULT_BODY_PATTERN.into()),
             timeout: Duration::from_secs(10),
             max_requests: None,
         };
