@@ -33,6 +33,20 @@ pub use sys::{
 };
 
 /// `250ms`, `1.5s`, `2m03s`: a duration for log lines.
+/// The time at the start of every log line: RFC 3339, UTC, milliseconds.
+pub fn log_time() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// `1 worker`, `2 workers`.
+pub fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 pub fn fmt_duration(d: std::time::Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {

@@ -47,6 +47,18 @@ pub enum Readiness {
     Auto(Duration),
 }
 
+/// As typed on the command line: `notify`, `fd:3`, `delay:1s`, `auto:1s`.
+impl std::fmt::Display for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Readiness::Notify => write!(f, "notify"),
+            Readiness::Fd(n) => write!(f, "fd:{n}"),
+            Readiness::Delay(d) => write!(f, "delay:{}", crate::fmt_duration(*d)),
+            Readiness::Auto(d) => write!(f, "auto:{}", crate::fmt_duration(*d)),
+        }
+    }
+}
+
 impl std::str::FromStr for Readiness {
     type Err = String;
 
@@ -135,6 +147,10 @@ pub enum Action {
     /// Generation `GenId` is over (drained, or killed at its deadline):
     /// kill whatever it started that left its process group (`setsid`).
     Sweep(GenId),
+    /// The first generation never became ready within the ready timeout:
+    /// there is nothing to serve and nothing older to fall back on, so the
+    /// supervisor stops with this reason and exit status 1.
+    GiveUp(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,6 +243,10 @@ pub struct Pool {
     start_pending: bool,
     stopping: Option<Stop>,
     announced_ready: bool,
+    /// The first generation must be ready by then, or the supervisor gives up.
+    first_ready_by: Option<Instant>,
+    /// Why the last worker died, for giving up.
+    last_death: Option<String>,
     /// Restarts of workers outside reloads, for status.
     pub restarts: u64,
 }
@@ -254,6 +274,8 @@ impl Pool {
             start_pending: false,
             stopping: None,
             announced_ready: false,
+            first_ready_by: None,
+            last_death: None,
             restarts: 0,
         }
     }
@@ -334,6 +356,7 @@ impl Pool {
         self.next_gen += 1;
         let first = self.live().is_none() && self.gens.is_empty();
         let state = if first {
+            self.first_ready_by = Some(now + self.settings.ready_timeout);
             GenState::Live
         } else {
             GenState::Starting {
@@ -341,14 +364,14 @@ impl Pool {
             }
         };
         let mut actions = vec![Action::Log(format!(
-            "{} generation {id}: release {} ({} workers)",
+            "{} generation {id}: release {} ({})",
             if first {
                 "starting"
             } else {
                 "reload: starting"
             },
             release.id,
-            self.settings.workers
+            crate::plural(self.settings.workers, "worker")
         ))];
         if !first {
             actions.push(Action::Systemd("RELOADING=1".into()));
@@ -586,11 +609,18 @@ impl Pool {
         let Some((generation, index)) = self.find_pid(pid) else {
             return Vec::new();
         };
+        // A worker that was asked to drain and exited 0 did as asked: its
+        // last words are not news (they were printed as it wrote them).
+        let drained = self
+            .worker_mut(generation, index)
+            .is_some_and(|(g, i)| matches!(g.workers[i].state, WorkerState::Stopping { .. }))
+            && how == "exited with status 0";
         let mut reason = format!("pid {pid} {how}");
         let tail = tail.trim();
-        if !tail.is_empty() {
+        if !tail.is_empty() && !drained {
             reason.push_str(&format!("; its stderr ended with:\n{tail}"));
         }
+        self.last_death = Some(reason.clone());
         self.worker_died(generation, index, reason, now)
     }
 
@@ -832,6 +862,21 @@ impl Pool {
         }
         // A generation at its drain deadline no longer holds a reload back.
         actions.extend(self.start_queued());
+        if let Some(by) = self.first_ready_by
+            && !self.announced_ready
+            && self.stopping.is_none()
+            && now >= by
+        {
+            self.first_ready_by = None;
+            let why = match &self.last_death {
+                Some(d) => format!("its last worker to exit: {d}"),
+                None => "its workers are running but did not say READY=1".into(),
+            };
+            actions.push(Action::GiveUp(format!(
+                "the first generation was not ready within {} ({why})",
+                crate::fmt_duration(self.settings.ready_timeout)
+            )));
+        }
         actions
     }
 
@@ -843,6 +888,11 @@ impl Pool {
         };
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(by) = self.first_ready_by
+            && !self.announced_ready
+        {
+            consider(by);
+        }
         for g in &self.gens {
             match g.state {
                 GenState::Starting { deadline } => consider(deadline),

@@ -171,6 +171,8 @@ struct Driver {
     /// made to listen again (then it is left out of the poll set).
     listener_flags: Vec<Option<nix::fcntl::OFlag>>,
     listener_lost: Vec<bool>,
+    /// The supervisor's exit status once the pool has finished.
+    exit_code: i32,
 }
 
 /// Runs the supervisor until it is stopped; returns the exit code.
@@ -222,6 +224,7 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
         output: crate::output::Output::stderr(),
         listener_flags: Vec::new(),
         listener_lost: Vec::new(),
+        exit_code: 0,
     };
     d.listener_flags = d
         .cfg
@@ -233,10 +236,10 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
     d.log(
         0,
         &format!(
-            "pid {}, {} socket(s), {} workers, ready {:?}",
+            "pid {}, {}, {}, ready {}",
             std::process::id(),
-            d.cfg.sockets.len(),
-            d.cfg.settings.workers,
+            crate::plural(d.cfg.sockets.len(), "socket"),
+            crate::plural(d.cfg.settings.workers, "worker"),
             d.cfg.settings.readiness
         ),
     );
@@ -244,7 +247,7 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
     d.apply(actions);
     let result = d.event_loop();
     d.cleanup();
-    result.map(|()| 0)
+    result.map(|()| d.exit_code)
 }
 
 fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> {
@@ -891,6 +894,11 @@ impl Driver {
                 Action::Systemd(msg) => self.tell_systemd(&msg),
                 Action::Log(msg) => self.log(0, &msg),
                 Action::Sweep(generation) => self.sweep(Some(generation)),
+                Action::GiveUp(reason) => {
+                    self.log(0, &format!("giving up: {reason}"));
+                    self.exit_code = 1;
+                    queue.extend(self.pool.stop(Stop::Fast, now));
+                }
             }
         }
     }

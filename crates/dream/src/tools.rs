@@ -113,7 +113,8 @@ pub fn bind_all(
             || matches!(spec, ListenSpec::AnyAddress(0) | ListenSpec::Host(_, 0));
         if verbose || port_zero {
             eprintln!(
-                "dream {who}: listening on {} (backlog {effective})",
+                "{} dream {who}: listening on {} (backlog {effective})",
+                dream_core::log_time(),
                 bound.local
             );
         }

@@ -598,3 +598,78 @@ fn status_warns_when_current_and_the_live_generation_disagree() {
     let v: Value = serde_json::from_str(status(true).trim()).unwrap();
     assert_eq!(v["current"], "b");
 }
+
+/// A first generation that never becomes ready (`false`, a missing
+/// program) made `serve` restart it forever. Now it gives up after the
+/// ready timeout and exits 1 with the reason.
+#[test]
+fn a_first_generation_that_never_comes_up_ends_serve_with_the_reason() {
+    for (script, says) in [
+        ("exec false", "exited with status 1"),
+        ("exec ./no-such-server", "exited with status 127"),
+    ] {
+        let root = Root::new();
+        root.release("a", script);
+        root.switch("a");
+        let mut sup = Guard::spawn(
+            Command::new(bin("dream"))
+                .args(["serve", "--root"])
+                .arg(root.path())
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--ready-timeout",
+                    "1s",
+                    "--",
+                    "./run",
+                ])
+                .env_remove("NOTIFY_SOCKET"),
+        );
+        let status = sup.wait_exit(Duration::from_secs(20));
+        assert_eq!(status.code(), Some(1), "{script}");
+        let line = sup.wait_stderr("giving up", Duration::from_secs(5));
+        assert!(line.contains("not ready within 1s"), "{line}");
+        assert!(
+            sup.stderr_seen.iter().any(|l| l.contains(says)),
+            "{script}: {:?}",
+            sup.stderr_seen
+        );
+    }
+}
+
+/// Events print as typed (`ready auto:1s`), with a timestamp on every line
+/// and the right plurals; a worker drained with exit 0 does not have its
+/// last words repeated as a failure would.
+#[test]
+fn serve_tells_the_truth_once() {
+    let root = Root::new();
+    for id in ["a", "b"] {
+        root.release(
+            id,
+            &format!("trap 'echo LAST-WORDS-{id} >&2; exit 0' TERM\nwhile :; do sleep 0.05; done"),
+        );
+    }
+    root.switch("a");
+    let (mut sup, _addr) = serve(&root, &["--workers", "1"]);
+    root.wait_live("a", 1);
+    sup.wait_stderr("ready auto:1s", Duration::from_secs(5));
+    root.switch("b");
+    let (ok, out) = reload(&root);
+    assert!(ok, "{out}");
+    sup.wait_stderr("LAST-WORDS-a", Duration::from_secs(10));
+    sup.wait_stderr("generation 1 drained", Duration::from_secs(10));
+    sup.signal(Signal::SIGTERM);
+    sup.wait_exit(Duration::from_secs(20));
+    sup.wait_stderr("all workers gone", Duration::from_secs(5));
+    let seen = &sup.stderr_seen;
+    let words = seen.iter().filter(|l| l.contains("LAST-WORDS-a")).count();
+    assert_eq!(words, 1, "{seen:#?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("1 socket, 1 worker, ready auto:1s")),
+        "{seen:#?}"
+    );
+    for l in seen.iter().filter(|l| l.contains("dream serve")) {
+        assert!(l.starts_with("20"), "no timestamp: {l}");
+    }
+}
