@@ -431,11 +431,27 @@ fn main() {
         Cmd::Static(_) => "static",
         Cmd::Check(_) => "check",
     };
+    // Every command that takes --json answers on stdout whether it
+    // succeeds or fails: `{"ok":false,"error":…,"exit":N}`.
+    let json = match &cli.command {
+        Cmd::Deploy(a) => a.json,
+        Cmd::Rollback(a) => a.json,
+        Cmd::Releases(a) => a.json,
+        Cmd::Status(a) | Cmd::Reload(a) => a.json,
+        Cmd::Check(a) => a.json,
+        _ => false,
+    };
     let code = match run(cli.command) {
         Ok(()) => exit::OK,
         Err(f) => {
             if !f.message.is_empty() {
                 eprintln!("dream {name}: {}", f.message);
+                if json {
+                    print_line(
+                        &serde_json::json!({"ok": false, "error": f.message, "exit": f.code})
+                            .to_string(),
+                    );
+                }
             }
             f.code
         }

@@ -197,8 +197,8 @@ pub fn pool(
 
 /// Asks the supervisor; a failure to ask is exit 111 only when asking
 /// again may work (busy, timed out), else 1 (nothing running, not allowed).
-/// With `json_out`, a failure is also answered as `{"ok":false,"error":…}`.
-fn ask(root: &Path, request: Value, timeout: Option<Duration>, json_out: bool) -> Result<Value> {
+/// (With --json, `main` answers a failure as `{"ok":false,…}`.)
+fn ask(root: &Path, request: Value, timeout: Option<Duration>) -> Result<Value> {
     use dream_core::control::ControlError;
     let e = match dream_core::control::request(root, &request, timeout) {
         Ok(v) => return Ok(v),
@@ -209,9 +209,6 @@ fn ask(root: &Path, request: Value, timeout: Option<Duration>, json_out: bool) -
         && source.kind() == std::io::ErrorKind::PermissionDenied
     {
         message.push_str(" (run as the supervisor's user or root)");
-    }
-    if json_out {
-        crate::print_line(&json!({"ok": false, "error": message}).to_string());
     }
     Err(if e.is_temporary() {
         Failure::temporary(message)
@@ -226,12 +223,8 @@ pub fn status(root: Option<&Path>, json_out: bool) -> Result {
         &root,
         json!({"cmd": "status"}),
         Some(Duration::from_secs(10)),
-        json_out,
     )?;
     if v["ok"] != true {
-        if json_out {
-            crate::print_line(&v.to_string());
-        }
         let reason = v["error"].as_str().unwrap_or("unknown error");
         return Err(Failure::failed(format!("status failed: {reason}")));
     }
@@ -245,7 +238,7 @@ pub fn status(root: Option<&Path>, json_out: bool) -> Result {
 
 pub fn reload(root: Option<&Path>, json_out: bool) -> Result {
     let root = root_dir(root)?;
-    let v = ask(&root, json!({"cmd": "reload"}), None, json_out)?;
+    let v = ask(&root, json!({"cmd": "reload"}), None)?;
     if json_out {
         crate::print_line(&v.to_string());
     }

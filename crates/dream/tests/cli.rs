@@ -157,3 +157,28 @@ fn systemd_units_verify() {
     assert!(status.success() || complaints.is_empty(), "{out}\n{err}");
     assert!(complaints.is_empty(), "{complaints:#?}");
 }
+
+/// Every command that takes --json answers on stdout when it fails too.
+#[test]
+fn json_answers_failures_too() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let r = root.to_str().unwrap();
+    let missing = tree.path().join("missing");
+    for (args, exit) in [
+        (vec!["deploy", "--json", "--root", r, missing.to_str().unwrap()], 100),
+        (vec!["rollback", "--json", "--root", r], 1),
+        (vec!["status", "--json", "--root", r], 1),
+        (vec!["reload", "--json", "--root", r], 1),
+        (vec!["releases", "--json", "--verify", "--root", r, "nope"], 100),
+    ] {
+        let (code, out, err) = dream(&args);
+        assert_eq!(code, Some(exit), "{args:?}: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON object ({e}): {out:?}"));
+        assert_eq!(v["ok"], false, "{args:?}: {v}");
+        assert_eq!(v["exit"], exit, "{args:?}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+}
