@@ -18,6 +18,7 @@ use crate::control;
 use crate::lock::{Holder, Lock, LockError, Wait};
 use crate::manifest::{self, Manifest};
 use crate::release::{self, Event, Store};
+use crate::signals::Signals;
 use crate::stage::{self, Source, StageError, Stats};
 
 /// How a deploy failed, for the exit code.
@@ -29,6 +30,8 @@ pub enum Kind {
     Failed,
     /// Try again later: lock held, disk full (exit 111).
     Temporary,
+    /// Ended by this signal (exit 128 + the signal's number); nothing changed.
+    Interrupted(i32),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +111,12 @@ pub struct DeployOptions {
     /// space of ROOT's filesystem (so a huge source is refused before it
     /// fills the disk).
     pub max_size: Option<u64>,
+    /// Do not stream the build's output (a failure still shows its tail).
+    pub quiet: bool,
+    /// End the deploy on INT, TERM or HUP: the build's process group is
+    /// killed, staging removed, exit 128 + the signal. Only for a deploy
+    /// that owns its process (the command line, not the demo's thread).
+    pub interruptible: bool,
 }
 
 struct Progress<'a> {
@@ -231,6 +240,20 @@ pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report
     let staged = store
         .staging()
         .join(format!("{}-{}", std::process::id(), timestamp()));
+    // INT, TERM and HUP are read, not fatal, so that an interrupted build
+    // is ended with its whole process group and its staging removed.
+    let mut signals = if opts.interruptible {
+        Some(
+            Signals::new(&[
+                nix::sys::signal::Signal::SIGINT,
+                nix::sys::signal::Signal::SIGTERM,
+                nix::sys::signal::Signal::SIGHUP,
+            ])
+            .map_err(|e| io_failure("signals", e))?,
+        )
+    } else {
+        None
+    };
     let result = stage_build_switch(
         opts,
         &store,
@@ -238,6 +261,7 @@ pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report
         &staged,
         previous.clone(),
         prev_dir.as_deref(),
+        signals.as_mut(),
         &mut p,
     );
     if result.is_err() {
@@ -255,6 +279,7 @@ fn stage_build_switch(
     staged: &Path,
     previous: Option<String>,
     prev_dir: Option<&Path>,
+    mut signals: Option<&mut Signals>,
     p: &mut Progress<'_>,
 ) -> Result<(), DeployError> {
     let max_bytes = match opts.max_size {
@@ -358,9 +383,18 @@ fn stage_build_switch(
         format!("{} files, {}", stats.files, human_bytes(stats.bytes)),
     );
 
+    interrupted(signals.as_deref_mut())?;
     let final_dir = store.release_dir(&id);
     if let Some(cmd) = &opts.build {
-        run_build(cmd, staged, &id, &final_dir).inspect_err(|e| {
+        run_build(
+            cmd,
+            staged,
+            &id,
+            &final_dir,
+            opts.quiet,
+            signals.as_deref_mut(),
+        )
+        .inspect_err(|e| {
             let mut ev = Event::new("failed", &id);
             ev.reason = Some(e.message.clone());
             let _ = store.append(&ev);
@@ -409,6 +443,7 @@ fn stage_build_switch(
         },
     );
 
+    interrupted(signals.as_deref_mut())?;
     if !direct {
         release::freeze_below(staged).map_err(|e| io_failure("freezing the release", e))?;
     }
@@ -427,6 +462,11 @@ fn stage_build_switch(
     release::fsync_dir(&store.releases()).map_err(|e| io_failure("syncing releases/", e))?;
     release::freeze_dir(&final_dir).map_err(|e| io_failure("freezing the release", e))?;
     p.step("synced", format!("releases/{id}"));
+    // The last moment to stop: after the switch the deploy finishes.
+    interrupted(signals.as_deref_mut()).inspect_err(|_| {
+        let _ = release::remove_tree(&final_dir);
+        let _ = std::fs::remove_file(manifest::path(&store.root, &id));
+    })?;
 
     switch_reload_verify(opts.reload, store, &id, previous.as_deref(), "switched", p)?;
     let pruned = prune(store, opts.keep, &id, previous.as_deref());
@@ -684,10 +724,39 @@ fn could_not_ask(
     )
 }
 
-fn run_build(cmd: &str, dir: &Path, id: &str, final_dir: &Path) -> Result<(), DeployError> {
-    let log_path = dir.with_extension("build.log");
-    let log = std::fs::File::create(&log_path).map_err(|e| io_failure("build log", e))?;
-    let status = std::process::Command::new("/bin/sh")
+/// An INT, TERM or HUP received since the deploy began ends it here,
+/// before anything was switched (staging is removed by the caller).
+fn interrupted(signals: Option<&mut Signals>) -> Result<(), DeployError> {
+    match signals.and_then(|s| s.try_next().ok().flatten()) {
+        Some(sig) => Err(err(
+            Kind::Interrupted(sig as i32),
+            format!("interrupted by {sig:?}; nothing was switched"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Runs the build in its own process group, streaming its output (each
+/// line to `show`, unless quiet) and keeping the last lines for a failure
+/// report. An INT, TERM or HUP to the deploy ends the build's whole group
+/// and the deploy (which then removes its staging) with 128 + the signal.
+fn run_build(
+    cmd: &str,
+    dir: &Path,
+    id: &str,
+    final_dir: &Path,
+    quiet: bool,
+    signals: Option<&mut Signals>,
+) -> Result<(), DeployError> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    const TAIL: usize = 20;
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| io_failure("build output pipe", e.into()))?;
+    let wr2 = wr
+        .try_clone()
+        .map_err(|e| io_failure("build output pipe", e))?;
+    let mut child = std::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
         .current_dir(dir)
@@ -695,25 +764,103 @@ fn run_build(cmd: &str, dir: &Path, id: &str, final_dir: &Path) -> Result<(), De
         .env("DREAM_RELEASE_DIR", final_dir)
         .env("DREAM_BUILD_DIR", dir)
         .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map_err(|e| io_failure("build log", e))?)
-        .stderr(log)
-        .status()
+        .stdout(wr)
+        .stderr(wr2)
+        .process_group(0)
+        .spawn()
         .map_err(|e| err(Kind::Failed, format!("cannot run the build: {e}")))?;
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut pipe = std::fs::File::from(rd);
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut partial: Vec<u8> = Vec::new();
+    let line_out = |line: &[u8], tail: &mut std::collections::VecDeque<String>| {
+        let text = crate::logtext::bounded(&String::from_utf8_lossy(line), 4096);
+        if !quiet {
+            eprintln!("dream: build | {text}");
+        }
+        if tail.len() == TAIL {
+            tail.pop_front();
+        }
+        tail.push_back(text);
+    };
+    let mut signals = signals;
+    loop {
+        let got_signal = {
+            let mut fds = vec![nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&pipe),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            if let Some(sig) = signals.as_deref() {
+                fds.push(nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(sig),
+                    nix::poll::PollFlags::POLLIN,
+                ));
+            }
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(io_failure("waiting for the build", e.into())),
+            }
+            fds.get(1)
+                .and_then(|f| f.revents())
+                .is_some_and(|r| !r.is_empty())
+        };
+        if got_signal
+            && let Some(sig) = signals
+                .as_deref_mut()
+                .and_then(|s| s.try_next().ok().flatten())
+        {
+            // The whole group: the build and anything it started.
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            return Err(err(
+                Kind::Interrupted(sig as i32),
+                format!(
+                    "interrupted by {sig:?} during the build: the build's process group was ended and nothing was switched"
+                ),
+            ));
+        }
+        let mut buf = [0u8; 8192];
+        match pipe.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                partial.extend_from_slice(&buf[..n]);
+                while let Some(pos) = partial.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = partial.drain(..=pos).collect();
+                    line_out(&line[..line.len() - 1], &mut tail);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_failure("reading the build's output", e)),
+        }
+    }
+    if !partial.is_empty() {
+        let rest = std::mem::take(&mut partial);
+        line_out(&rest, &mut tail);
+    }
+    let status = child
+        .wait()
+        .map_err(|e| io_failure("waiting for the build", e))?;
     if status.success() {
-        let _ = std::fs::remove_file(&log_path);
         return Ok(());
     }
-    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let _ = std::fs::remove_file(&log_path);
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
     let how = match status.code() {
         Some(c) => format!("exited with status {c}"),
         None => "was killed by a signal".into(),
     };
+    let said = if tail.is_empty() {
+        "It printed nothing.".to_string()
+    } else {
+        let lines: Vec<String> = tail.into_iter().collect();
+        format!("Its output ended with:\n{}", lines.join("\n"))
+    };
     Err(err(
         Kind::Failed,
-        format!("build `{cmd}` {how}; nothing was switched. Its output ended with:\n{tail}"),
+        format!("build `{cmd}` {how}; nothing was switched. {said}"),
     ))
 }
 

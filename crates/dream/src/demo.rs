@@ -77,6 +77,8 @@ fn deploy_site(
         wait_lock: Wait::For(Duration::from_secs(30)),
         command: format!("dream demo (deploying {site})"),
         max_size: None,
+        quiet: true,
+        interruptible: false,
     };
     deploy::deploy(&opts, &mut |_| {}).map_err(|e| e.message)
 }

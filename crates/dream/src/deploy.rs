@@ -14,6 +14,7 @@ fn failure(e: DeployError) -> Failure {
         Kind::Usage => exit::USAGE,
         Kind::Failed => exit::FAILED,
         Kind::Temporary => exit::TEMPORARY,
+        Kind::Interrupted(sig) => 128 + sig,
     };
     Failure {
         code,
@@ -84,6 +85,8 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
         wait_lock: wait(a.wait_lock)?,
         command: format!("dream deploy {}", a.source),
         max_size: a.max_size,
+        quiet: a.quiet || a.json,
+        interruptible: true,
     };
     let report = deploy::deploy(&opts, &mut progress(a.quiet || a.json)).map_err(failure)?;
     finish(&report, a.json, "deployed");

@@ -167,11 +167,17 @@ fn json_answers_failures_too() {
     let r = root.to_str().unwrap();
     let missing = tree.path().join("missing");
     for (args, exit) in [
-        (vec!["deploy", "--json", "--root", r, missing.to_str().unwrap()], 100),
+        (
+            vec!["deploy", "--json", "--root", r, missing.to_str().unwrap()],
+            100,
+        ),
         (vec!["rollback", "--json", "--root", r], 1),
         (vec!["status", "--json", "--root", r], 1),
         (vec!["reload", "--json", "--root", r], 1),
-        (vec!["releases", "--json", "--verify", "--root", r, "nope"], 100),
+        (
+            vec!["releases", "--json", "--verify", "--root", r, "nope"],
+            100,
+        ),
     ] {
         let (code, out, err) = dream(&args);
         assert_eq!(code, Some(exit), "{args:?}: {err}");

@@ -1048,3 +1048,78 @@ fn two_rollbacks_go_two_steps_back_never_forward() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(live(), "v1\n");
 }
+
+/// An interrupted deploy ends its build's whole process group, removes its
+/// staging and exits 128 + the signal; the build's output streams as it
+/// runs; a build that prints nothing says so; -q keeps only the tail.
+#[test]
+fn builds_stream_end_with_their_deploy_and_say_what_they_printed() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let src = site(&tree, "a");
+    let first = deploy_json(&root, &src, &[]);
+    for (sig, code) in [
+        (Signal::SIGTERM, 143),
+        (Signal::SIGINT, 130),
+        (Signal::SIGHUP, 129),
+    ] {
+        let pidfile = tree.path().join(format!("bg-{code}"));
+        let build = format!(
+            "sleep 1000 & echo $! > {}; echo started building; wait",
+            pidfile.display()
+        );
+        let mut d = Guard::spawn(
+            Command::new(bin("dream"))
+                .args(["deploy", "--root"])
+                .arg(&root)
+                .arg(&src)
+                .args(["--build", &build]),
+        );
+        // Streamed while the build still runs.
+        d.wait_stderr("build | started building", Duration::from_secs(20));
+        let bg: i64 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(alive(bg));
+        d.signal(sig);
+        let status = d.wait_exit(Duration::from_secs(20));
+        assert_eq!(status.code(), Some(code), "{sig:?}");
+        wait_until(
+            Duration::from_secs(10),
+            "the build's background job to end",
+            || (!alive(bg)).then_some(()),
+        );
+        assert!(staging_is_empty(&root), "{sig:?}");
+        assert_eq!(current(&root).as_deref(), first["release"].as_str());
+    }
+    // A failing build that printed nothing says so.
+    let (code, _, err) = dream(
+        &root,
+        &["deploy", src.to_str().unwrap(), "--build", "exit 3"],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("exited with status 3") && err.contains("It printed nothing."),
+        "{err}"
+    );
+    // -q: no streaming, but the failure shows the last 20 lines.
+    let (code, _, err) = dream(
+        &root,
+        &[
+            "deploy",
+            "-q",
+            src.to_str().unwrap(),
+            "--build",
+            "for i in $(seq 1 30); do echo line-$i; done; exit 2",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(!err.contains("build | line-30"), "{err}");
+    assert!(
+        err.contains("line-30") && err.contains("line-11") && !err.contains("line-10\n"),
+        "{err}"
+    );
+}
