@@ -463,7 +463,7 @@ fn stage_build_switch(
     release::freeze_dir(&final_dir).map_err(|e| io_failure("freezing the release", e))?;
     p.step("synced", format!("releases/{id}"));
     // The last moment to stop: after the switch the deploy finishes.
-    interrupted(signals.as_deref_mut()).inspect_err(|_| {
+    interrupted(signals).inspect_err(|_| {
         let _ = release::remove_tree(&final_dir);
         let _ = std::fs::remove_file(manifest::path(&store.root, &id));
     })?;
