@@ -74,12 +74,55 @@ pub fn load(root: &Path, explicit: Option<&Path>) -> Result<Config> {
     };
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Failure::usage(format!("config {}: {e}", path.display())))?;
-    parse(&text).map_err(|e| Failure::usage(format!("config {}: {e}", path.display())))
+    parse(&text).map_err(|e| Failure::usage(format!("{}:{e}", path.display())))
 }
 
-/// Parses the file's text.
+/// Parses the file's text. An error reads `LINE: TABLE.KEY: what is
+/// wrong` (`3: serve.listen: expected a list, got a string ":8080"`).
 pub fn parse(text: &str) -> std::result::Result<Config, String> {
-    toml::from_str(text).map_err(|e| e.message().to_string())
+    toml::from_str(text).map_err(|e| {
+        let msg = plain(e.message());
+        let Some(span) = e.span() else {
+            return format!(" {msg}");
+        };
+        let before = &text[..span.start.min(text.len())];
+        let line_no = before.matches('\n').count() + 1;
+        let line = text.lines().nth(line_no - 1).unwrap_or("");
+        let table = before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('[') && l.ends_with(']'))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+        let key = line
+            .split_once('=')
+            .map(|(k, _)| k.trim().trim_matches('"').to_string())
+            .filter(|k| !k.is_empty() && !msg.contains(&format!("`{k}`")));
+        let at = match (table, key) {
+            (Some(t), Some(k)) => format!(" {t}.{k}:"),
+            (None, Some(k)) => format!(" {k}:"),
+            _ => String::new(),
+        };
+        format!("{line_no}:{at} {msg}")
+    })
+}
+
+/// serde's wording made plain: `invalid type: string "x", expected a
+/// sequence` becomes `expected a list, got a string "x"`.
+fn plain(msg: &str) -> String {
+    let msg = msg.trim();
+    let msg = match msg
+        .strip_prefix("invalid type: ")
+        .and_then(|r| r.split_once(", expected "))
+    {
+        Some((got, want)) => format!("expected {want}, got a {got}"),
+        None => msg.to_string(),
+    };
+    let mut msg = msg.replace("a sequence", "a list");
+    for int in ["usize", "u32", "u64", "i32", "i64", "u16"] {
+        msg = msg.replace(&format!("expected {int}"), "expected a whole number");
+    }
+    msg.replace("a a ", "a ")
 }
 
 #[cfg(test)]
@@ -119,6 +162,13 @@ mod tests {
         let err = parse("[sreve]\n").unwrap_err();
         assert!(err.contains("sreve"), "{err}");
         let err = parse("[serve]\nworkers = \"three\"\n").unwrap_err();
-        assert!(err.contains("invalid type"), "{err}");
+        assert!(err.starts_with("2: serve.workers: expected"), "{err}");
+        let err = parse("[serve]\nworkers = 2\nlisten = \"127.0.0.1:8080\"\n").unwrap_err();
+        assert_eq!(
+            err,
+            "3: serve.listen: expected a list, got a string \"127.0.0.1:8080\""
+        );
+        let err = parse("[serve\n").unwrap_err();
+        assert!(err.starts_with("1:"), "{err}");
     }
 }
