@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
 cargo build --release --locked -p dream
 mkdir -p target/assets
-./target/release/dream man > target/assets/dream.1
+rm -rf target/assets/man && mkdir -p target/assets/man
+./target/release/dream man --dir target/assets/man
 ./target/release/dream completions bash > target/assets/dream.bash
 ./target/release/dream completions zsh > target/assets/_dream
 ./target/release/dream completions fish > target/assets/dream.fish

@@ -107,10 +107,24 @@ enum Cmd {
     Check(CheckArgs),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell
     #[command(after_help = "Example:\n  dream completions bash > /etc/bash_completion.d/dream")]
-    Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff) on stdout
-    #[command(after_help = "Example:\n  dream man > /usr/local/share/man/man1/dream.1")]
-    Man,
+    Completions {
+        /// The shell to complete for
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout, or one subcommand's, or write them all
+    #[command(
+        after_help = "dream(1) refers to one page per subcommand, dream-deploy(1) and so on.\n\nExamples:\n  dream man > /usr/local/share/man/man1/dream.1\n  dream man deploy | man -l -\n  dream man --dir /usr/local/share/man/man1"
+    )]
+    Man(ManArgs),
+}
+
+#[derive(Args)]
+struct ManArgs {
+    /// The subcommand whose page to print (default: dream's own)
+    subcommand: Option<String>,
+    /// Write every page (dream.1, dream-deploy.1, …) into DIR instead
+    #[arg(long, value_name = "DIR", conflicts_with = "subcommand")]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -262,12 +276,16 @@ struct RollbackCmd {
     root: Option<PathBuf>,
     /// Release to go back to (default: the previous good one)
     id: Option<String>,
+    /// Switch current but do not ask the supervisor to reload
     #[arg(long)]
     no_reload: bool,
+    /// Wait this long for another deploy's lock (default: fail at once)
     #[arg(long, value_name = "DUR")]
     wait_lock: Option<String>,
+    /// Print the report as JSON on stdout (progress is not printed)
     #[arg(long)]
     json: bool,
+    /// No progress lines
     #[arg(short, long)]
     quiet: bool,
 }
@@ -308,6 +326,7 @@ struct PoolArgs {
     relay_hup: bool,
     #[command(flatten)]
     pool: PoolFlags,
+    /// The program to keep N copies of, and its arguments
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
@@ -321,6 +340,7 @@ struct PoolArgs {
 struct LoopArgs {
     /// Pause after a failed run: 1, 0.5, 250ms, 2s
     delay: String,
+    /// The program to run again after each exit, and its arguments
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
@@ -335,7 +355,9 @@ struct LockArgs {
     /// Fail at once (exit 111) if the lock is held, naming the holder
     #[arg(short = 'n', long = "no-wait")]
     no_wait: bool,
+    /// The lock file (created if missing); the lock is flock(2) on it
     file: PathBuf,
+    /// The program to run while holding the lock, and its arguments
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
@@ -418,7 +440,7 @@ fn main() {
         Cmd::Serve(_) => "serve",
         Cmd::Status(_) => "status",
         Cmd::Completions { .. } => "completions",
-        Cmd::Man => "man",
+        Cmd::Man(_) => "man",
         Cmd::Demo(_) => "demo",
         Cmd::Deploy(_) => "deploy",
         Cmd::Rollback(_) => "rollback",
@@ -520,10 +542,24 @@ fn run(cmd: Cmd) -> Result {
             print_line(String::from_utf8_lossy(&out).trim_end());
             Ok(())
         }
-        Cmd::Man => {
+        Cmd::Man(a) => {
             use clap::CommandFactory;
+            let mut cmd = Cli::command().disable_help_subcommand(true);
+            cmd.build();
+            if let Some(dir) = &a.dir {
+                return clap_mangen::generate_to(cmd, dir)
+                    .map_err(|e| Failure::failed(format!("{}: {e}", dir.display())));
+            }
+            let page = match &a.subcommand {
+                None => cmd,
+                Some(name) => cmd
+                    .get_subcommands()
+                    .find(|s| s.get_name() == name)
+                    .cloned()
+                    .ok_or_else(|| Failure::usage(format!("no subcommand {name:?}")))?,
+            };
             let mut out = Vec::new();
-            clap_mangen::Man::new(Cli::command())
+            clap_mangen::Man::new(page)
                 .render(&mut out)
                 .map_err(Failure::failed)?;
             print_line(String::from_utf8_lossy(&out).trim_end());
@@ -711,5 +747,37 @@ fn run_check(a: CheckArgs) -> Result {
         Ok(())
     } else {
         Err(Failure::silent(exit::FAILED))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every option and positional argument of every subcommand says what
+    /// it is for.
+    #[test]
+    fn every_argument_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "dream", &mut missing);
+        assert!(missing.is_empty(), "undescribed: {missing:#?}");
     }
 }

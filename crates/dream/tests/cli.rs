@@ -188,3 +188,35 @@ fn json_answers_failures_too() {
         assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
     }
 }
+
+/// `dream man` refers to one page per subcommand; each of them exists, and
+/// `--dir` writes them all.
+#[test]
+fn man_pages_exist_for_every_subcommand_they_refer_to() {
+    let (code, out, _) = dream(&["man"]);
+    assert_eq!(code, Some(0));
+    let referred: Vec<String> = out
+        .split("dream\\-")
+        .skip(1)
+        .filter_map(|s| s.split_once("(1)").map(|(n, _)| n.to_string()))
+        .filter(|n| n.chars().all(|c| c.is_ascii_lowercase()))
+        .collect();
+    assert!(referred.len() >= 10, "{referred:?}");
+    for sub in &referred {
+        let (code, page, err) = dream(&["man", sub]);
+        assert_eq!(code, Some(0), "{sub}: {err}");
+        assert!(
+            page.contains(&format!(".TH dream-{sub} 1")),
+            "{sub}: {page}"
+        );
+    }
+    let tree = Tree::new();
+    let dir = tree.path().join("man1");
+    std::fs::create_dir(&dir).unwrap();
+    let (code, _, err) = dream(&["man", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(dir.join("dream.1").is_file());
+    for sub in &referred {
+        assert!(dir.join(format!("dream-{sub}.1")).is_file(), "{sub}");
+    }
+}
