@@ -55,6 +55,7 @@ fn exercise(
     command: &[&str],
     ready: &str,
     path_prefix: Option<&Path>,
+    keep_alive: bool,
 ) -> dream_check::Report {
     let root = Root::new();
     for id in ["a", "b"] {
@@ -90,12 +91,22 @@ fn exercise(
     let addr = sup.listening_addr();
     root.wait_supervisor();
     root.wait_live("a", 2);
-    let referee = Referee::start(addr, false);
+    let referee = Referee::start(addr, keep_alive);
     for next in ["b", "a", "b", "a"] {
         referee.wait_responses(20);
         root.switch(next);
         let answer = root.control(r#"{"cmd":"reload"}"#);
         assert_eq!(answer["ok"], true, "{answer}");
+        // The old generation drains before the next reload, so keep-alive
+        // clients are moved to the new one, as they would be in real life.
+        dream_testkit::wait_until(
+            Duration::from_secs(30),
+            "the old generation to drain",
+            || {
+                let s = root.control(r#"{"cmd":"status"}"#);
+                (s["pool"]["generations"].as_array()?.len() == 1).then_some(())
+            },
+        );
     }
     referee.wait_responses(20);
     let report = referee.finish();
@@ -110,87 +121,118 @@ fn assert_no_errors(report: &dream_check::Report) {
     assert_eq!(report.error_total, 0, "{}", report.human());
 }
 
+/// Each example, under reloads, with a new connection per request and
+/// with keep-alive clients.
+fn both(run: impl Fn(bool) -> dream_check::Report) -> [dream_check::Report; 2] {
+    [run(false), run(true)]
+}
+
 #[test]
 fn python_standard_library_on_fd_0() {
     if !have("python3") {
         dream_testkit::prerequisite(false, "python3 is not installed");
         return;
     }
-    let r = exercise(
-        &["examples/python/server.py"],
-        &["python3", "server.py"],
-        "notify",
-        None,
-    );
-    assert_no_errors(&r);
+    for r in both(|keep_alive| {
+        exercise(
+            &["examples/python/server.py"],
+            &["python3", "server.py"],
+            "notify",
+            None,
+            keep_alive,
+        )
+    }) {
+        assert_no_errors(&r);
+    }
 }
 
+/// Node >= 19's http.Server#close() closes idle keep-alive connections at
+/// once (48 resets in 3 deploys): the example closes only the listener, and
+/// idle connections after a grace.
 #[test]
 fn node_on_listen_fds() {
     if !have("node") {
         dream_testkit::prerequisite(false, "node is not installed");
         return;
     }
-    let r = exercise(
-        &["examples/node/server.js"],
-        &["node", "server.js"],
-        "auto:500ms",
-        None,
-    );
-    assert_no_errors(&r);
+    for r in both(|keep_alive| {
+        exercise(
+            &["examples/node/server.js"],
+            &["node", "server.js"],
+            "auto:500ms",
+            None,
+            keep_alive,
+        )
+    }) {
+        assert_no_errors(&r);
+    }
 }
 
 #[test]
 fn gunicorn_on_fd_0() {
     let Some(venv) = python_tools() else { return };
-    let r = exercise(
-        &["examples/gunicorn/app.py"],
-        &[
-            "gunicorn",
-            "--bind",
-            "fd://0",
-            "--workers",
-            "1",
-            "--log-level",
-            "warning",
-            "app:app",
-        ],
-        "auto:1s",
-        Some(venv),
-    );
-    assert_no_errors(&r);
+    for r in both(|keep_alive| {
+        exercise(
+            &["examples/gunicorn/app.py"],
+            &[
+                "gunicorn",
+                "--bind",
+                "fd://0",
+                "--workers",
+                "1",
+                "--log-level",
+                "warning",
+                "app:app",
+            ],
+            "auto:1s",
+            Some(venv),
+            keep_alive,
+        )
+    }) {
+        assert_no_errors(&r);
+    }
 }
 
 /// uvicorn's shutdown closes every connection that has no request in
 /// progress, including one it accepted a moment ago whose request bytes it
-/// has not read yet (uvicorn `Server.shutdown`), so a few clients of each
-/// reload see a reset. dream cannot prevent that from outside the worker:
-/// this test checks the reloads and the releases, and reports the count.
+/// has not read yet, and every idle keep-alive connection, at once (uvicorn
+/// `Server.shutdown`): a client that sends on it at that moment sees a
+/// reset. dream cannot prevent that from outside the worker. The bound kept
+/// honestly: every error is a reset, and at most two per client connection
+/// per reload (its connection to the draining worker, and possibly one more
+/// to the generation's other worker, draining too): 16 clients x 4 reloads
+/// x 2 = 128.
 #[test]
 fn uvicorn_on_fd_0() {
     let Some(venv) = python_tools() else { return };
-    let r = exercise(
-        &["examples/uvicorn/app.py"],
-        &["uvicorn", "--fd", "0", "--log-level", "warning", "app:app"],
-        "auto:1s",
-        Some(venv),
-    );
-    eprintln!(
-        "uvicorn: {} resets across 4 reloads in {} responses (its own shutdown)",
-        r.error_total, r.responses
-    );
-    assert_eq!(
-        r.error_total,
-        r.errors.read_reset + r.errors.connect_reset,
-        "{}",
-        r.human()
-    );
+    for r in both(|keep_alive| {
+        exercise(
+            &["examples/uvicorn/app.py"],
+            &["uvicorn", "--fd", "0", "--log-level", "warning", "app:app"],
+            "auto:1s",
+            Some(venv),
+            keep_alive,
+        )
+    }) {
+        eprintln!(
+            "uvicorn: {} resets across 4 reloads in {} responses (its own shutdown)",
+            r.error_total, r.responses
+        );
+        assert_eq!(
+            r.error_total,
+            r.errors.read_reset + r.errors.connect_reset,
+            "{}",
+            r.human()
+        );
+        assert!(r.error_total <= 2 * 16 * 4, "{}", r.human());
+    }
 }
 
 #[test]
 fn rust_hyper_with_the_library_function() {
     let hello = bin("examples/hello");
     let root_cmd = hello.to_str().unwrap().to_string();
-    let r = exercise(&[], &[&root_cmd], "notify", None);
-    assert_no_errors(&r);
+    for r in both(|keep_alive| exercise(&[], &[&root_cmd], "notify", None, keep_alive)) {
+        assert_no_errors(&r);
+    }
 }

@@ -32,17 +32,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            // Set on SIGTERM: every further response says `Connection:
+            // close`, so keep-alive clients reconnect (to the next
+            // generation) instead of being cut off between two requests.
+            let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let _ = protocol::notify("READY=1");
             loop {
                 tokio::select! {
                     conn = listener.accept() => {
                         let (stream, _) = conn?;
                         let release = release.clone();
+                        let draining = draining.clone();
                         let service = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
                             let body = format!("<p>release {release}</p>\n");
-                            let resp = Response::builder()
+                            let mut resp = Response::builder()
                                 .header("x-dream-release", release.as_str())
-                                .header("content-type", "text/html")
+                                .header("content-type", "text/html");
+                            if draining.load(std::sync::atomic::Ordering::SeqCst) {
+                                resp = resp.header("connection", "close");
+                            }
+                            let resp = resp
                                 .body(Full::new(Bytes::from(body)))
                                 .expect("valid response");
                             async move { Ok::<_, Infallible>(resp) }
@@ -55,12 +64,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     _ = term.recv() => break,
                 }
             }
-            // Stop accepting. A connection accepted a moment ago may not have
-            // sent its request yet, and hyper's graceful shutdown closes
-            // idle connections at once: give them a short grace first.
-            // (`dream static` goes further: while draining it answers each
-            // request with `Connection: close`.)
+            // Stop accepting; answer further requests with `Connection:
+            // close`. A connection accepted a moment ago may not have sent
+            // its request yet, and hyper's graceful shutdown closes idle
+            // connections at once: give them a short grace first.
             drop(listener);
+            draining.store(true, std::sync::atomic::Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             graceful.shutdown().await;
             Ok::<_, Box<dyn std::error::Error>>(())
