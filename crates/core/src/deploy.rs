@@ -636,23 +636,30 @@ fn switch_reload_verify(
     let mut bad = Event::new("failed", id);
     bad.reason = Some(failure.clone());
     let _ = store.append(&bad);
-    let restored = match previous {
-        Some(prev) => match store.switch(prev) {
-            Ok(_) => {
-                let mut ev = Event::new("switched", prev);
-                ev.previous = Some(id.to_string());
-                ev.reason = Some(format!("{id} failed to start"));
-                let _ = store.append(&ev);
-                format!("current switched back to {prev}, which is still serving")
-            }
-            Err(e) => format!("could not switch current back to {prev}: {e}"),
-        },
-        None => "there is no previous release to switch back to".to_string(),
-    };
+    let restored = switch_back(store, id, previous, format!("{id} failed to start"));
     Err(err(
         Kind::Failed,
         format!("reload failed: {failure}\n{restored}; release {id} is marked bad"),
     ))
+}
+
+/// Switches `current` back to `previous` after `id` did not go live, and
+/// records it (a `switched` event with the reason, which does not count as
+/// going live); returns what happened, for the error message.
+fn switch_back(store: &Store, id: &str, previous: Option<&str>, why: String) -> String {
+    let Some(prev) = previous else {
+        return "there is no previous release to switch back to".into();
+    };
+    match store.switch(prev) {
+        Ok(_) => {
+            let mut ev = Event::new("switched", prev);
+            ev.previous = Some(id.to_string());
+            ev.reason = Some(why);
+            let _ = store.append(&ev);
+            format!("current switched back to {prev}, which is still serving")
+        }
+        Err(e) => format!("could not switch current back to {prev}: {e}"),
+    }
 }
 
 /// How long a deploy waits for the supervisor's answer to a reload: the
@@ -698,19 +705,12 @@ fn could_not_ask(
             ),
         );
     }
-    let restored = match previous {
-        Some(prev) => match store.switch(prev) {
-            Ok(_) => {
-                let mut ev = Event::new("switched", prev);
-                ev.previous = Some(id.to_string());
-                ev.reason = Some(format!("could not ask the supervisor to reload {id}"));
-                let _ = store.append(&ev);
-                format!("current switched back to {prev}, which is still serving")
-            }
-            Err(e) => format!("could not switch current back to {prev}: {e}"),
-        },
-        None => "there is no previous release to switch back to".into(),
-    };
+    let restored = switch_back(
+        store,
+        id,
+        previous,
+        format!("could not ask the supervisor to reload {id}"),
+    );
     let code = if e.is_temporary() {
         Kind::Temporary
     } else {

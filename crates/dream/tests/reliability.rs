@@ -173,19 +173,28 @@ fn workers_that_crash_after_ready_are_respawned_and_reported() {
     );
 }
 
+/// A 1 MiB tmpfs mounted (as root) at `tree/root`, for full-disk tests;
+/// `None` when mounting is not possible here (the test is then skipped, or
+/// fails under CI).
+fn small_disk_root(tree: &Tree) -> Option<(std::path::PathBuf, Mount)> {
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    match Mount::new(
+        &["-t", "tmpfs", "-o", "size=1m,mode=755", "dream-test"],
+        &root,
+    ) {
+        Some(m) => Some((root, m)),
+        None => {
+            dream_testkit::prerequisite(false, "needs root and mount permission for a small tmpfs");
+            None
+        }
+    }
+}
+
 #[test]
 fn a_full_disk_during_staging_is_temporary_and_leaves_current_intact() {
     let tree = Tree::new();
-    let root = tree.path().join("root");
-    std::fs::create_dir(&root).unwrap();
-    let Some(_mount) = Mount::new(
-        &["-t", "tmpfs", "-o", "size=1m,mode=755", "dream-test"],
-        &root,
-    ) else {
-        dream_testkit::prerequisite(
-            false,
-            "cannot mount a small tmpfs here (needs root and mount permission)",
-        );
+    let Some((root, _mount)) = small_disk_root(&tree) else {
         return;
     };
     tree.write("small/public/index.html", "small\n");
@@ -231,13 +240,7 @@ fn a_full_disk_during_staging_is_temporary_and_leaves_current_intact() {
 #[test]
 fn a_full_disk_at_the_switch_leaves_current_on_the_served_release() {
     let tree = Tree::new();
-    let root = tree.path().join("root");
-    std::fs::create_dir(&root).unwrap();
-    let Some(_mount) = Mount::new(
-        &["-t", "tmpfs", "-o", "size=1m,mode=755", "dream-test"],
-        &root,
-    ) else {
-        dream_testkit::prerequisite(false, "needs root and mount permission for a small tmpfs");
+    let Some((root, _mount)) = small_disk_root(&tree) else {
         return;
     };
     tree.write("a/public/index.html", "a\n");
