@@ -251,6 +251,19 @@ pub struct Pool {
     pub restarts: u64,
 }
 
+/// The most workers a generation may have; every path that sets the count
+/// (flag, `dream.toml`, control `scale`, SIGTTIN) is held to 1..=this.
+pub const MAX_WORKERS: usize = 4096;
+
+/// Checks a worker count against 1..=[`MAX_WORKERS`].
+pub fn check_workers(n: usize) -> Result<usize, String> {
+    if (1..=MAX_WORKERS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("workers must be from 1 to {MAX_WORKERS} (got {n})"))
+    }
+}
+
 /// Backoff before respawning after `failures` consecutive early deaths:
 /// 100 ms doubling to 30 s.
 pub fn backoff(failures: u32) -> Duration {
@@ -955,7 +968,7 @@ impl Pool {
     /// Changes the number of workers of the live generation (and of those
     /// started later).
     pub fn scale(&mut self, workers: usize, now: Instant) -> Vec<Action> {
-        let workers = workers.max(1);
+        let workers = workers.clamp(1, MAX_WORKERS);
         self.settings.workers = workers;
         let signal = self.settings.drain_signal;
         let mut actions = vec![Action::Log(format!("scaling to {workers} workers"))];

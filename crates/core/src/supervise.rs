@@ -492,7 +492,7 @@ impl Driver {
                 Signal::SIGTTIN | Signal::SIGTTOU => {
                     let n = self.pool.settings().workers;
                     let n = if sig == Signal::SIGTTIN {
-                        n + 1
+                        (n + 1).min(crate::pool::MAX_WORKERS)
                     } else {
                         n.saturating_sub(1).max(1)
                     };
@@ -758,7 +758,9 @@ impl Driver {
 
     fn on_request(&mut self, i: usize, id: Waiter, text: &str) {
         self.log(1, &format!("control: {}", crate::logtext::value(text)));
-        let request: Request = match serde_json::from_str(text) {
+        // The strict parser: an unknown command or field is refused with
+        // the reason, and nothing is done.
+        let request = match Request::parse(text) {
             Ok(r) => r,
             Err(e) => {
                 self.answer_index(
@@ -785,11 +787,8 @@ impl Driver {
                 self.request_reload(Some(id));
             }
             Request::Scale { workers } => {
-                if workers == 0 || workers > 4096 {
-                    self.answer_index(
-                        i,
-                        &json!({"ok": false, "error": "workers must be from 1 to 4096"}),
-                    );
+                if let Err(e) = crate::pool::check_workers(workers) {
+                    self.answer_index(i, &json!({"ok": false, "error": e}));
                     return;
                 }
                 let actions = self.pool.scale(workers, now);

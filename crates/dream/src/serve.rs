@@ -65,9 +65,7 @@ pub fn settings(o: &PoolOptions<'_>) -> Result<Settings> {
     let workers = o
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if workers == 0 || workers > 4096 {
-        return Err(Failure::usage("--workers must be from 1 to 4096"));
-    }
+    dream_core::pool::check_workers(workers).map_err(|e| Failure::usage(format!("--{e}")))?;
     let readiness: Readiness = o.ready.parse().map_err(Failure::usage)?;
     Ok(Settings {
         workers,

@@ -304,13 +304,23 @@ fn the_control_socket_survives_garbage() {
         &b"not json\n"[..],
         b"{\"cmd\":\"explode\"}\n",
         b"{\"cmd\":\"scale\",\"workers\":0}\n",
+        b"{\"cmd\":\"scale\",\"workers\":5000}\n",
         b"\xff\xfe\x00\x01\n",
         b"[1,2,3]\n",
+        // An unknown field: refused, and the reload is not carried out.
+        b"{\"cmd\":\"reload\",\"bogus\":1}\n",
+        b"{\"cmd\":\"stop\",\"now\":true}\n",
     ] {
         let answer = ask(bad);
         let v: Value = serde_json::from_str(answer.trim()).unwrap_or_else(|_| panic!("{answer:?}"));
         assert_eq!(v["ok"], false, "{answer}");
     }
+    let s = root.control(r#"{"cmd":"status"}"#);
+    assert_eq!(
+        s["pool"]["generations"][0]["id"], 1,
+        "no reload, no stop: {s}"
+    );
+    assert_eq!(s["pool"]["generations"].as_array().unwrap().len(), 1, "{s}");
     // A 100 MB line: refused once it passes the limit, without reading the rest.
     let huge = vec![b'x'; 100 << 20];
     assert!(ask(&huge).contains("longer than"));
