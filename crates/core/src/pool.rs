@@ -142,8 +142,10 @@ pub enum Action {
     },
     /// An sd_notify message for systemd (`READY=1`, `RELOADING=1`).
     Systemd(String),
-    /// A line for the log.
+    /// A line for the log (shown unless `-q`).
     Log(String),
+    /// A warning or failure for the log (shown even with `-q`).
+    Warn(String),
     /// Generation `GenId` is over (drained, or killed at its deadline):
     /// kill whatever it started that left its process group (`setsid`).
     Sweep(GenId),
@@ -423,7 +425,7 @@ impl Pool {
         self.start_pending = false;
         let waiters = self.queued.take().unwrap_or_default();
         vec![
-            Action::Log(format!("reload failed: {reason}")),
+            Action::Warn(format!("reload failed: {reason}")),
             Action::ReloadDone {
                 waiters,
                 outcome: Err(reason),
@@ -663,7 +665,7 @@ impl Pool {
         let mut actions = Vec::new();
         match state {
             GenState::Starting { .. } => {
-                actions.push(Action::Log(format!(
+                actions.push(Action::Warn(format!(
                     "worker {generation}.{index} failed during reload: {reason}"
                 )));
                 actions.extend(self.fail(
@@ -691,7 +693,7 @@ impl Pool {
                 w.restarts += 1;
                 w.state = WorkerState::Waiting { at: now + delay };
                 self.restarts += 1;
-                actions.push(Action::Log(format!(
+                actions.push(Action::Warn(format!(
                     "worker {generation}.{index} exited: {reason}; restarting in {}",
                     crate::fmt_duration(delay)
                 )));
@@ -700,9 +702,13 @@ impl Pool {
                 }
             }
             _ => {
-                actions.push(Action::Log(format!(
-                    "worker {generation}.{index} exited: {reason}"
-                )));
+                // A drained worker exiting 0 is news; any other exit a warning.
+                let line = format!("worker {generation}.{index} exited: {reason}");
+                actions.push(if reason.ends_with("exited with status 0") {
+                    Action::Log(line)
+                } else {
+                    Action::Warn(line)
+                });
                 actions.extend(self.reap_generations());
             }
         }
@@ -725,7 +731,7 @@ impl Pool {
             ),
             None => "nothing is serving".to_string(),
         };
-        actions.push(Action::Log(format!(
+        actions.push(Action::Warn(format!(
             "reload failed: generation {generation} (release {release}) killed; {serving}"
         )));
         actions.push(Action::Systemd("READY=1".into()));
@@ -844,7 +850,7 @@ impl Pool {
                 crate::fmt_duration(self.settings.ready_timeout),
                 not_ready.join(", ")
             );
-            actions.push(Action::Log(format!(
+            actions.push(Action::Warn(format!(
                 "reload: generation {generation} {reason}"
             )));
             actions.extend(self.fail(generation, reason, now));
@@ -864,7 +870,7 @@ impl Pool {
                     }
                 }
                 if any {
-                    actions.push(Action::Log(format!(
+                    actions.push(Action::Warn(format!(
                         "generation {} did not drain within {}: killed",
                         g.id,
                         crate::fmt_duration(self.settings.drain_timeout)

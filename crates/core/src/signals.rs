@@ -113,8 +113,15 @@ mod tests {
 
     #[test]
     fn timeouts_round_up() {
-        let t = timeout_until(Some(Instant::now() + Duration::from_micros(10)));
-        assert!(i32::from(t) >= 0);
+        // A deadline a fraction of a millisecond away is one millisecond,
+        // never zero (which would wake the loop early and make it spin).
+        let t = timeout_until(Some(Instant::now() + Duration::from_micros(300)));
+        assert_eq!(i32::from(t), 1);
+        let t = timeout_until(Some(Instant::now() + Duration::from_millis(1500)));
+        assert!((1400..=1500).contains(&i32::from(t)), "{}", i32::from(t));
+        // A deadline already past polls without waiting.
+        let t = timeout_until(Some(Instant::now() - Duration::from_millis(5)));
+        assert_eq!(i32::from(t), 0);
         assert_eq!(timeout_until(None), PollTimeout::NONE);
     }
 }

@@ -422,7 +422,7 @@ impl Driver {
                 )
             }
         };
-        self.log(0, &msg);
+        self.log(-1, &msg);
     }
 
     /// Workers share each listener's open file description, so a worker
@@ -450,7 +450,7 @@ impl Driver {
             self.listener_flags[i] = now;
         }
         for c in changes {
-            self.log(0, &c);
+            self.log(-1, &c);
         }
     }
 
@@ -892,9 +892,10 @@ impl Driver {
                 }
                 Action::Systemd(msg) => self.tell_systemd(&msg),
                 Action::Log(msg) => self.log(0, &msg),
+                Action::Warn(msg) => self.log(-1, &msg),
                 Action::Sweep(generation) => self.sweep(Some(generation)),
                 Action::GiveUp(reason) => {
-                    self.log(0, &format!("giving up: {reason}"));
+                    self.log(-1, &format!("giving up: {reason}"));
                     self.exit_code = 1;
                     queue.extend(self.pool.stop(Stop::Fast, now));
                 }
@@ -914,7 +915,7 @@ impl Driver {
             text.push_str(&format!("\nMONOTONIC_USEC={usec}"));
         }
         if let Err(e) = protocol::notify_to(path, &text) {
-            self.log(0, &format!("cannot notify systemd: {e}"));
+            self.log(-1, &format!("cannot notify systemd: {e}"));
         }
     }
 
@@ -1017,7 +1018,7 @@ impl Driver {
                 None => "the workers".into(),
             };
             self.log(
-                0,
+                -1,
                 &format!(
                     "killed {} process(es) started by {from} that had left its process group: pid {}",
                     killed.len(),

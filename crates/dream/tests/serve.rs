@@ -683,3 +683,26 @@ fn serve_tells_the_truth_once() {
         assert!(l.starts_with("20"), "no timestamp: {l}");
     }
 }
+
+/// `-q` keeps warnings and failures: a crash-looping worker and a failed
+/// reload are still reported; routine events are not.
+#[test]
+fn quiet_keeps_warnings_and_failures() {
+    let root = Root::new();
+    root.release("a", r#"exec "$PROBE_BIN" --serve --exit-after-ms 300"#);
+    root.release("bad", "echo broken >&2; exit 3");
+    root.switch("a");
+    let (mut sup, _addr) = serve(&root, &["-q", "--workers", "1", "--ready", "notify"]);
+    sup.wait_stderr("exited with status 4", Duration::from_secs(20));
+    root.switch("bad");
+    let (ok, _) = reload(&root);
+    assert!(!ok);
+    sup.wait_stderr("reload failed", Duration::from_secs(20));
+    assert!(
+        !sup.stderr_seen
+            .iter()
+            .any(|l| l.contains("worker 1.0 started")),
+        "-q printed routine events: {:#?}",
+        sup.stderr_seen
+    );
+}
