@@ -1,0 +1,507 @@
+//! The supervisor's driver: one thread, one `poll(2)`, no busy loop.
+//!
+//! It owns the listening sockets, carries out the [`Pool`]'s actions
+//! (spawn, signal, kill), and turns everything that happens into events
+//! for it:
+//!
+//! * signals arrive on a signalfd (HUP reload, TERM/INT graceful stop, QUIT
+//!   fast stop, TTIN/TTOU scale, USR1 status, CHLD reap);
+//! * each worker gets its own sd_notify socket (an abstract Unix datagram
+//!   socket), so a `READY=1` identifies its sender without credentials, even
+//!   when a wrapper script forked the real server;
+//! * each worker's stderr is a pipe that the supervisor copies to its own
+//!   stderr, keeping the tail for failure reports;
+//! * control clients speak [`crate::control`] on `ROOT/.dream/control.sock`.
+//!
+//! Between events the thread sleeps in `poll` until the pool's next
+//! deadline; when idle, it has no deadline at all.
+//!
+//! This file is the loop (waiting, signals, carrying out actions); the
+//! jobs it dispatches to live beside it: `workers` (spawning, notify
+//! sockets, output pipes, reaping, ending escapees), `server` (the control
+//! socket), `listeners` (the shared listening sockets' health) and
+//! `status` (status as JSON and for people).
+//!
+//! Races handled here: a `SIGCHLD` may be read before the worker's last
+//! stderr bytes, so the pipe is drained before the exit is reported; pids are
+//! only signalled while the worker is unreaped (a zombie's pid cannot be
+//! reused), and the process group is killed by its leader's pid.
+
+mod listeners;
+mod server;
+mod status;
+mod workers;
+
+use listeners::status_flags;
+use server::{CLIENT_IDLE, Client, bind_control};
+pub use status::human_status;
+use workers::WorkerIo;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::poll::{PollFd, PollFlags, poll};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use crate::control::{self, Request};
+use crate::pool::{Action, GenId, Pool, Release, Settings, Stop, Waiter};
+use crate::protocol;
+use crate::respawn::describe;
+use crate::signals::{Signals, timeout_until};
+use crate::spawn::{Command, Handoff};
+
+/// Where workers run.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// `dream serve`: each generation runs in what `ROOT/current` resolves
+    /// to; a control socket at `ROOT/.dream/control.sock`.
+    Serve { root: PathBuf },
+    /// `dream pool`: workers run in `dir`; HUP starts a new generation, or
+    /// is relayed to the workers with `relay_hup`.
+    Pool { dir: PathBuf, relay_hup: bool },
+}
+
+/// Everything the supervisor needs.
+pub struct Config {
+    pub mode: Mode,
+    pub program: OsString,
+    pub args: Vec<OsString>,
+    /// Listening sockets with their `LISTEN_FDNAMES` names.
+    pub sockets: Vec<(OwnedFd, String)>,
+    /// Unix socket paths to remove at final shutdown.
+    pub unix_paths: Vec<PathBuf>,
+    pub settings: Settings,
+    /// Run workers as this uid/gid.
+    pub user: Option<(u32, u32)>,
+    /// -1 quiet, 0 normal, 1 verbose.
+    pub verbosity: i8,
+    /// Name for log lines: `serve` or `pool`.
+    pub name: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// What a new generation runs: what `ROOT/current` names now, or the
+/// pool's fixed directory.
+fn release_of(mode: &Mode) -> Result<Release, String> {
+    match mode {
+        Mode::Serve { root } => resolve_current(root),
+        Mode::Pool { dir, .. } => Ok(Release {
+            id: std::env::var("DREAM_RELEASE").unwrap_or_default(),
+            dir: dir.clone(),
+        }),
+    }
+}
+
+/// Resolves `ROOT/current` to a release.
+pub fn resolve_current(root: &Path) -> Result<Release, String> {
+    let current = root.join("current");
+    let dir = std::fs::canonicalize(&current).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            format!(
+                "{} does not exist: deploy a release first (dream deploy SOURCE --root {})",
+                current.display(),
+                root.display()
+            )
+        } else {
+            format!("cannot resolve {}: {e}", current.display())
+        }
+    })?;
+    if !dir.is_dir() {
+        return Err(format!("{} is not a directory", current.display()));
+    }
+    let id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Release { id, dir })
+}
+
+#[derive(Clone, Copy)]
+enum Source {
+    Signals,
+    Control,
+    Client(usize),
+    Notify(i32),
+    Stderr(i32),
+    ReadyPipe(i32),
+    /// A listening socket reported a hang-up: it no longer listens.
+    Listener(usize),
+}
+
+struct Driver {
+    cfg: Config,
+    pool: Pool,
+    signals: Signals,
+    control: Option<UnixListener>,
+    clients: Vec<Client>,
+    next_client: Waiter,
+    workers: HashMap<i32, WorkerIo>,
+    systemd: Option<OsString>,
+    started: Instant,
+    nonce: u64,
+    /// Where log lines and workers' stderr go, never blocking the loop.
+    output: crate::output::Output,
+    /// Per listening socket: its file status flags as last seen (workers
+    /// share them; see `check_listener_flags`), and whether it could not be
+    /// made to listen again (then it is left out of the poll set).
+    listener_flags: Vec<Option<nix::fcntl::OFlag>>,
+    listener_lost: Vec<bool>,
+    /// The supervisor's exit status once the pool has finished.
+    exit_code: i32,
+}
+
+/// Runs the supervisor until it is stopped; returns the exit code.
+pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
+    let signals = Signals::new(&[
+        Signal::SIGCHLD,
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+        Signal::SIGUSR1,
+    ])?;
+    if let crate::pool::Readiness::Fd(n) = cfg.settings.readiness {
+        let first_free = 3 + cfg.sockets.len() as i32;
+        if n < first_free {
+            return Err(SuperviseError::Setup(format!(
+                "--ready fd:{n} would collide with the listening sockets at fds 3..{}; use fd:{first_free} or higher",
+                first_free - 1
+            )));
+        }
+    }
+    let control = match &cfg.mode {
+        Mode::Serve { root } => Some(bind_control(root)?),
+        Mode::Pool { .. } => None,
+    };
+    // Descendants that leave their worker's process group become our
+    // children when their parents exit, so that `sweep` can end them.
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| SuperviseError::Setup(format!("PR_SET_CHILD_SUBREAPER: {e}")))?;
+    let first = release_of(&cfg.mode).map_err(SuperviseError::Setup)?;
+    let systemd = std::env::var_os(protocol::NOTIFY_SOCKET);
+    let nonce = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut d = Driver {
+        pool: Pool::new(cfg.settings.clone()),
+        cfg,
+        signals,
+        control,
+        clients: Vec::new(),
+        next_client: 1,
+        workers: HashMap::new(),
+        systemd,
+        started: Instant::now(),
+        nonce,
+        output: crate::output::Output::stderr(),
+        listener_flags: Vec::new(),
+        listener_lost: Vec::new(),
+        exit_code: 0,
+    };
+    d.listener_flags = d
+        .cfg
+        .sockets
+        .iter()
+        .map(|(fd, _)| status_flags(fd))
+        .collect();
+    d.listener_lost = vec![false; d.cfg.sockets.len()];
+    d.log(
+        0,
+        &format!(
+            "pid {}, {}, {}, ready {}",
+            std::process::id(),
+            crate::plural(d.cfg.sockets.len(), "socket"),
+            crate::plural(d.cfg.settings.workers, "worker"),
+            d.cfg.settings.readiness
+        ),
+    );
+    let actions = d.pool.begin_generation(first, Instant::now());
+    d.apply(actions);
+    let result = d.event_loop();
+    d.cleanup();
+    result.map(|()| d.exit_code)
+}
+
+impl Driver {
+    fn log(&self, level: i8, msg: &str) {
+        if level <= self.cfg.verbosity {
+            let ts = humantime::format_rfc3339_millis(SystemTime::now());
+            // A message's own lines stay lines; whatever a value inside
+            // it carries (a worker's stderr tail, a control request, a
+            // notify message) cannot forge one, nor send terminal escapes.
+            use std::fmt::Write as _;
+            let mut text = String::new();
+            for line in msg.lines() {
+                let line = crate::logtext::bounded(line, 4096);
+                let _ = writeln!(text, "{ts} dream {}: {line}", self.cfg.name);
+            }
+            self.output.write(text.as_bytes());
+        }
+    }
+
+    fn event_loop(&mut self) -> Result<(), SuperviseError> {
+        loop {
+            if self.pool.finished() {
+                self.log(0, "all workers gone; exiting");
+                return Ok(());
+            }
+            let ready = self.wait()?;
+            for source in ready {
+                match source {
+                    Source::Signals => self.on_signals()?,
+                    Source::Control => self.on_accept(),
+                    Source::Client(i) => self.on_client(i),
+                    Source::Notify(pid) => self.on_notify(pid),
+                    Source::Stderr(pid) => {
+                        self.pump_stderr(pid);
+                    }
+                    Source::ReadyPipe(pid) => self.on_ready_pipe(pid),
+                    Source::Listener(i) => self.on_listener_hangup(i),
+                }
+            }
+            self.clients.retain(|c| c.id != 0);
+            let now = Instant::now();
+            self.clients
+                .retain(|c| c.awaiting > 0 || now.duration_since(c.last) < CLIENT_IDLE);
+            let actions = self.pool.tick(now);
+            self.apply(actions);
+        }
+    }
+
+    /// Sleeps in poll until something is readable or a deadline passes.
+    fn wait(&mut self) -> Result<Vec<Source>, SuperviseError> {
+        let mut sources = vec![Source::Signals];
+        let mut fds: Vec<BorrowedFd<'_>> = vec![self.signals.as_fd()];
+        if let Some(c) = &self.control {
+            sources.push(Source::Control);
+            fds.push(c.as_fd());
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            sources.push(Source::Client(i));
+            fds.push(c.stream.as_fd());
+        }
+        for (pid, w) in &self.workers {
+            sources.push(Source::Notify(*pid));
+            fds.push(w.notify.as_fd());
+            if let Some(e) = &w.stderr {
+                sources.push(Source::Stderr(*pid));
+                fds.push(e.as_fd());
+            }
+            if let Some(r) = &w.ready_pipe {
+                sources.push(Source::ReadyPipe(*pid));
+                fds.push(r.as_fd());
+            }
+        }
+        let mut deadline = self.pool.next_deadline();
+        if let Some(oldest) = self
+            .clients
+            .iter()
+            .filter(|c| c.awaiting == 0)
+            .map(|c| c.last)
+            .min()
+        {
+            let t = oldest + CLIENT_IDLE;
+            deadline = Some(deadline.map_or(t, |d| d.min(t)));
+        }
+        let mut polls: Vec<PollFd<'_>> = fds
+            .iter()
+            .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+            .collect();
+        // The listeners with no events asked: poll reports only a hang-up,
+        // which a listening socket shows once it no longer listens (a
+        // worker called shutdown(2) on it). Connections waiting do not
+        // wake the supervisor.
+        for (i, (fd, _)) in self.cfg.sockets.iter().enumerate() {
+            if !self.listener_lost[i] {
+                sources.push(Source::Listener(i));
+                polls.push(PollFd::new(fd.as_fd(), PollFlags::empty()));
+            }
+        }
+        match poll(&mut polls, timeout_until(deadline)) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
+        let ready = polls
+            .iter()
+            .zip(sources)
+            .filter(|(p, _)| p.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(_, s)| s)
+            .collect();
+        Ok(ready)
+    }
+
+    fn on_signals(&mut self) -> Result<(), SuperviseError> {
+        while let Some(sig) = self.signals.try_next()? {
+            let now = Instant::now();
+            match sig {
+                Signal::SIGCHLD => self.reap(),
+                Signal::SIGHUP => {
+                    if let Mode::Pool {
+                        relay_hup: true, ..
+                    } = self.cfg.mode
+                    {
+                        for pid in self.pool.pids() {
+                            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+                        }
+                    } else {
+                        self.log(0, "HUP: reload requested");
+                        self.request_reload(None);
+                    }
+                }
+                Signal::SIGTERM | Signal::SIGINT => {
+                    let how = if self.pool.stopping().is_some() {
+                        Stop::Fast
+                    } else {
+                        Stop::Graceful
+                    };
+                    let actions = self.pool.stop(how, now);
+                    self.apply(actions);
+                }
+                Signal::SIGQUIT => {
+                    let how = match self.cfg.mode {
+                        Mode::Pool { .. } => Stop::Graceful,
+                        Mode::Serve { .. } => Stop::Fast,
+                    };
+                    let actions = self.pool.stop(how, now);
+                    self.apply(actions);
+                }
+                Signal::SIGTTIN | Signal::SIGTTOU => {
+                    let n = self.pool.settings().workers;
+                    let n = if sig == Signal::SIGTTIN {
+                        (n + 1).min(crate::pool::MAX_WORKERS)
+                    } else {
+                        n.saturating_sub(1).max(1)
+                    };
+                    let actions = self.pool.scale(n, now);
+                    self.apply(actions);
+                }
+                Signal::SIGUSR1 => {
+                    let status = self.status();
+                    self.log(-1, &human_status(&status));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn request_reload(&mut self, waiter: Option<Waiter>) {
+        if self.pool.stopping().is_some() {
+            if let Some(w) = waiter {
+                self.answer(
+                    w,
+                    &json!({"ok": false, "error": "the supervisor is stopping"}),
+                );
+            }
+            return;
+        }
+        if self.pool.request_reload(waiter) {
+            self.apply(vec![Action::StartReload]);
+        } else if self.pool.reloading() {
+            self.log(0, "reload queued behind the one in progress");
+        } else if self.pool.reload_held() {
+            self.log(
+                0,
+                "reload held until a draining generation finishes or reaches its drain deadline",
+            );
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            let now = Instant::now();
+            match action {
+                Action::Spawn {
+                    generation,
+                    index,
+                    release,
+                } => match self.spawn(generation, index, &release) {
+                    Ok(pid) => queue.extend(self.pool.spawned(generation, index, pid, now)),
+                    Err(e) => queue.extend(self.pool.spawn_failed(generation, index, e, now)),
+                },
+                Action::Signal { pid, signal } => {
+                    let _ = kill(Pid::from_raw(pid), signal);
+                }
+                Action::KillGroup { pid } => {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                Action::StartReload => {
+                    let resolved = release_of(&self.cfg.mode);
+                    match resolved {
+                        Ok(release) => queue.extend(self.pool.begin_generation(release, now)),
+                        Err(reason) => queue.extend(self.pool.reload_unavailable(reason)),
+                    }
+                }
+                Action::ReloadDone { waiters, outcome } => {
+                    let v = match &outcome {
+                        Ok((generation, release)) => {
+                            json!({"ok": true, "generation": generation, "release": release})
+                        }
+                        Err(e) => json!({"ok": false, "error": e}),
+                    };
+                    for w in waiters {
+                        self.answer(w, &v);
+                    }
+                }
+                Action::Systemd(msg) => self.tell_systemd(&msg),
+                Action::Log(msg) => self.log(0, &msg),
+                Action::Warn(msg) => self.log(-1, &msg),
+                Action::Sweep(generation) => self.sweep(Some(generation)),
+                Action::GiveUp(reason) => {
+                    self.log(-1, &format!("giving up: {reason}"));
+                    self.exit_code = 1;
+                    queue.extend(self.pool.stop(Stop::Fast, now));
+                }
+            }
+        }
+    }
+
+    fn tell_systemd(&self, msg: &str) {
+        let Some(path) = &self.systemd else {
+            return;
+        };
+        let mut text = msg.to_string();
+        if msg == "RELOADING=1"
+            && let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        {
+            let usec = t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000;
+            text.push_str(&format!("\nMONOTONIC_USEC={usec}"));
+        }
+        if let Err(e) = protocol::notify_to(path, &text) {
+            self.log(-1, &format!("cannot notify systemd: {e}"));
+        }
+    }
+
+    fn cleanup(&mut self) {
+        self.sweep(None);
+        self.output.finish(Duration::from_secs(2));
+        if let Mode::Serve { root } = &self.cfg.mode {
+            let _ = std::fs::remove_file(control::socket_path(root));
+        }
+        for p in &self.cfg.unix_paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The control server: accepting clients on `ROOT/.dream/control.sock`
+//! (peer credentials checked), framing request lines, dispatching them,
+//! and answering.
+
+use super::*;
+
+/// Control clients served at once.
+pub(super) const MAX_CLIENTS: usize = 64;
+/// A control client idle this long (and not awaiting a reload) is dropped.
+pub(super) const CLIENT_IDLE: Duration = Duration::from_secs(30);
+pub(super) struct Client {
+    pub(super) id: Waiter,
+    pub(super) stream: UnixStream,
+    pub(super) buf: Vec<u8>,
+    pub(super) awaiting: usize,
+    pub(super) last: Instant,
+}
+pub(super) fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> {
+    let dir = control::state_dir(root);
+    let trusted = crate::release::trusted_dir(root, true).and_then(|()| {
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        crate::release::trusted_dir(&dir, false)
+    });
+    trusted.map_err(|e| SuperviseError::Setup(format!("cannot use {}: {e}", dir.display())))?;
+    let path = control::socket_path(root);
+    if UnixStream::connect(&path).is_ok() {
+        return Err(SuperviseError::Setup(format!(
+            "a supervisor is already running for {} ({} answers); stop it first, or use `dream reload`",
+            root.display(),
+            path.display()
+        )));
+    }
+    let spec = crate::spec::ListenSpec::Unix(path.clone());
+    let bound = crate::listen::bind(&spec, 64)
+        .map_err(|e| SuperviseError::Setup(format!("control socket: {e}")))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener: UnixListener = OwnedFd::from(bound).into();
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+pub(super) fn reply(stream: &mut UnixStream, v: &Value) -> io::Result<()> {
+    let mut line = v.to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes())
+}
+
+impl Driver {
+    pub(super) fn on_accept(&mut self) {
+        let Some(listener) = &self.control else {
+            return;
+        };
+        while let Ok((stream, _)) = listener.accept() {
+            let mut stream = stream;
+            let me = nix::unistd::geteuid().as_raw();
+            let peer =
+                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+            let allowed = peer.is_ok_and(|c| c.uid() == me || c.uid() == 0);
+            if !allowed {
+                let _ = reply(
+                    &mut stream,
+                    &json!({"ok": false, "refused": "permission", "error": "permission denied: only the supervisor's user or root may control it"}),
+                );
+                continue;
+            }
+            if self.clients.len() >= MAX_CLIENTS {
+                // Make room by dropping the client idle the longest (one
+                // that waits for nothing); refuse only when every client
+                // waits for an answer.
+                let idlest = (0..self.clients.len())
+                    .filter(|&i| self.clients[i].awaiting == 0)
+                    .min_by_key(|&i| self.clients[i].last);
+                match idlest {
+                    Some(i) => {
+                        self.clients.swap_remove(i);
+                    }
+                    None => {
+                        let _ = reply(
+                            &mut stream,
+                            &json!({"ok": false, "refused": "busy", "error": "too many control clients, all waiting for an answer; try again"}),
+                        );
+                        continue;
+                    }
+                }
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let id = self.next_client;
+            self.next_client += 1;
+            self.clients.push(Client {
+                id,
+                stream,
+                buf: Vec::new(),
+                awaiting: 0,
+                last: Instant::now(),
+            });
+        }
+    }
+
+    pub(super) fn on_client(&mut self, i: usize) {
+        let mut lines = Vec::new();
+        {
+            let Some(c) = self.clients.get_mut(i) else {
+                return;
+            };
+            c.last = Instant::now();
+            let mut buf = [0u8; 8192];
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        c.id = 0; // closed: dropped after this round
+                        break;
+                    }
+                    Ok(n) => c.buf.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        c.id = 0;
+                        break;
+                    }
+                }
+                if c.buf.len() > control::MAX_LINE {
+                    break;
+                }
+            }
+            while let Some(pos) = c.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = c.buf.drain(..=pos).collect();
+                lines.push(line);
+            }
+            if c.buf.len() > control::MAX_LINE {
+                let _ = reply(
+                    &mut c.stream,
+                    &json!({"ok": false, "error": format!("request longer than {} bytes", control::MAX_LINE)}),
+                );
+                c.id = 0;
+                return;
+            }
+        }
+        let id = self.clients[i].id;
+        for line in lines {
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim();
+            if text.is_empty() {
+                continue;
+            }
+            self.on_request(i, id, text);
+        }
+    }
+
+    pub(super) fn on_request(&mut self, i: usize, id: Waiter, text: &str) {
+        self.log(1, &format!("control: {}", crate::logtext::value(text)));
+        // The strict parser: an unknown command or field is refused with
+        // the reason, and nothing is done.
+        let request = match Request::parse(text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.answer_index(
+                    i,
+                    &json!({"ok": false, "error": format!("bad request: {e}")}),
+                );
+                return;
+            }
+        };
+        let now = Instant::now();
+        match request {
+            Request::Status => {
+                let s = self.status();
+                self.answer_index(i, &s);
+            }
+            Request::Reload => {
+                // A request taken is carried out, whether or not its client
+                // is still there to read the answer.
+                if id == 0 {
+                    self.request_reload(None);
+                    return;
+                }
+                self.clients[i].awaiting += 1;
+                self.request_reload(Some(id));
+            }
+            Request::Scale { workers } => {
+                if let Err(e) = crate::pool::check_workers(workers) {
+                    self.answer_index(i, &json!({"ok": false, "error": e}));
+                    return;
+                }
+                let actions = self.pool.scale(workers, now);
+                self.apply(actions);
+                self.answer_index(i, &json!({"ok": true, "workers": workers}));
+            }
+            Request::Stop => {
+                self.answer_index(i, &json!({"ok": true, "stopping": true}));
+                let actions = self.pool.stop(Stop::Graceful, now);
+                self.apply(actions);
+            }
+        }
+    }
+
+    pub(super) fn answer_index(&mut self, i: usize, v: &Value) {
+        if let Some(c) = self.clients.get_mut(i)
+            && reply(&mut c.stream, v).is_err()
+        {
+            c.id = 0;
+        }
+    }
+
+    pub(super) fn answer(&mut self, waiter: Waiter, v: &Value) {
+        if let Some(c) = self
+            .clients
+            .iter_mut()
+            .find(|c| c.id == waiter && waiter != 0)
+        {
+            c.awaiting = c.awaiting.saturating_sub(1);
+            c.last = Instant::now();
+            if reply(&mut c.stream, v).is_err() {
+                c.id = 0;
+            }
+        }
+    }
+}
