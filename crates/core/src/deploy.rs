@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::control;
 use crate::lock::{Holder, Lock, LockError, Wait};
 use crate::manifest::{self, Manifest};
-use crate::release::{self, Event, Store};
+use crate::release::{self, Event, EventKind, Store};
 use crate::signals::Signals;
 use crate::stage::{self, Source, StageError, Stats};
 
@@ -374,7 +374,7 @@ fn stage_build_switch(
     holder.release = Some(id.clone());
     let _ = lock.record(&holder);
     store
-        .append(&Event::new("staged", &id))
+        .append(&Event::new(EventKind::Staged, &id))
         .map_err(|e| io_failure("history", e))?;
     p.report.files = stats.files;
     p.report.bytes = stats.bytes;
@@ -395,7 +395,7 @@ fn stage_build_switch(
             signals.as_deref_mut(),
         )
         .inspect_err(|e| {
-            let mut ev = Event::new("failed", &id);
+            let mut ev = Event::new(EventKind::Failed, &id);
             ev.reason = Some(e.message.clone());
             let _ = store.append(&ev);
         })?;
@@ -468,7 +468,14 @@ fn stage_build_switch(
         let _ = std::fs::remove_file(manifest::path(&store.root, &id));
     })?;
 
-    switch_reload_verify(opts.reload, store, &id, previous.as_deref(), "switched", p)?;
+    switch_reload_verify(
+        opts.reload,
+        store,
+        &id,
+        previous.as_deref(),
+        EventKind::Switched,
+        p,
+    )?;
     let pruned = prune(store, opts.keep, &id, previous.as_deref());
     if !pruned.is_empty() {
         p.report.pruned = pruned.clone();
@@ -581,7 +588,7 @@ fn switch_reload_verify(
     store: &Store,
     id: &str,
     previous: Option<&str>,
-    event: &str,
+    event: EventKind,
     p: &mut Progress<'_>,
 ) -> Result<(), DeployError> {
     let took = store
@@ -633,7 +640,7 @@ fn switch_reload_verify(
         Err(e) => return Err(could_not_ask(store, id, previous, e, deadline)),
     };
     p.report.supervisor = true;
-    let mut bad = Event::new("failed", id);
+    let mut bad = Event::new(EventKind::Failed, id);
     bad.reason = Some(failure.clone());
     let _ = store.append(&bad);
     let restored = switch_back(store, id, previous, format!("{id} failed to start"));
@@ -652,7 +659,7 @@ fn switch_back(store: &Store, id: &str, previous: Option<&str>, why: String) -> 
     };
     match store.switch(prev) {
         Ok(_) => {
-            let mut ev = Event::new("switched", prev);
+            let mut ev = Event::new(EventKind::Switched, prev);
             ev.previous = Some(id.to_string());
             ev.reason = Some(why);
             let _ = store.append(&ev);
@@ -926,7 +933,7 @@ fn prune(store: &Store, keep: usize, current: &str, previous: Option<&str>) -> V
         }
         if release::remove_tree(&store.release_dir(&id)).is_ok() {
             let _ = std::fs::remove_file(manifest::path(&store.root, &id));
-            let _ = store.append(&Event::new("pruned", &id));
+            let _ = store.append(&Event::new(EventKind::Pruned, &id));
             removed.push(id);
         }
     }
@@ -989,9 +996,9 @@ pub fn rollback(
         &target,
         current.as_deref(),
         if id.is_some() {
-            "rolled_back_named"
+            EventKind::RolledBackNamed
         } else {
-            "rolled_back"
+            EventKind::RolledBack
         },
         &mut p,
     )?;
@@ -1025,7 +1032,7 @@ pub fn list(root: &Path) -> Vec<ReleaseInfo> {
         .map(|id| {
             let staged = history
                 .iter()
-                .find(|e| e.event == "staged" && e.release == id)
+                .find(|e| e.event == EventKind::Staged && e.release == id)
                 .map(|e| e.time.clone());
             let age_s = staged
                 .as_deref()

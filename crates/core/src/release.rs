@@ -15,14 +15,45 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+/// What happened to a release, as `.dream/history` names it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Staged into `.dream/staging` (its id is taken from then on).
+    Staged,
+    /// `current` now names it. With a reason: switched back to after
+    /// another release did not go live, which does not count as going live.
+    Switched,
+    /// Its deploy failed: it is bad, and skipped by rollbacks.
+    Failed,
+    /// An automatic rollback went to it; the release it left is skipped
+    /// by the next automatic rollback.
+    RolledBack,
+    /// A rollback to it by name; marks nothing.
+    RolledBackNamed,
+    /// Removed by pruning.
+    Pruned,
+    /// Written by a newer dream; ignored.
+    #[serde(other)]
+    Other,
+}
+
+impl EventKind {
+    /// Whether the release went live by this event (a switch back after a
+    /// failure carries a reason and does not count).
+    fn went_live(self, e: &Event) -> bool {
+        matches!(
+            self,
+            EventKind::Switched | EventKind::RolledBack | EventKind::RolledBackNamed
+        ) && e.reason.is_none()
+    }
+}
+
 /// One line of `.dream/history`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Event {
     pub time: String,
-    /// `staged`, `switched`, `failed`, `rolled_back` (an automatic
-    /// rollback: the release it left is skipped by the next one),
-    /// `rolled_back_named` (to a release named by hand), `pruned`.
-    pub event: String,
+    pub event: EventKind,
     pub release: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
@@ -31,10 +62,10 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn new(event: &str, release: &str) -> Event {
+    pub fn new(event: EventKind, release: &str) -> Event {
         Event {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            event: event.into(),
+            event,
             release: release.into(),
             previous: None,
             reason: None,
@@ -212,14 +243,10 @@ impl Store {
     pub fn bad(&self) -> HashSet<String> {
         let mut bad = HashSet::new();
         for e in self.history() {
-            match e.event.as_str() {
-                "failed" => {
-                    bad.insert(e.release);
-                }
-                "switched" | "rolled_back" | "rolled_back_named" if e.reason.is_none() => {
-                    bad.remove(&e.release);
-                }
-                _ => {}
+            if e.event == EventKind::Failed {
+                bad.insert(e.release);
+            } else if e.event.went_live(&e) {
+                bad.remove(&e.release);
             }
         }
         bad
@@ -242,7 +269,7 @@ impl Store {
     pub fn ordered(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for e in self.history() {
-            if e.event == "staged" && !out.contains(&e.release) {
+            if e.event == EventKind::Staged && !out.contains(&e.release) {
                 out.push(e.release);
             }
         }
@@ -265,12 +292,7 @@ impl Store {
     pub fn went_live(&self) -> Vec<String> {
         self.history()
             .into_iter()
-            .filter(|e| {
-                matches!(
-                    e.event.as_str(),
-                    "switched" | "rolled_back" | "rolled_back_named"
-                ) && e.reason.is_none()
-            })
+            .filter(|e| e.event.went_live(e))
             .map(|e| e.release)
             .collect()
     }
@@ -281,19 +303,16 @@ impl Store {
     pub fn rolled_back(&self) -> HashSet<String> {
         let mut left = HashSet::new();
         for e in self.history() {
-            match e.event.as_str() {
-                "rolled_back" if e.reason.is_none() => {
-                    left.remove(&e.release);
-                    if let Some(p) = e.previous {
-                        left.insert(p);
-                    }
-                }
-                // A release named by hand, or deployed anew, is wanted again;
-                // what a named rollback leaves is not marked.
-                "switched" | "rolled_back_named" if e.reason.is_none() => {
-                    left.remove(&e.release);
-                }
-                _ => {}
+            if !e.event.went_live(&e) {
+                continue;
+            }
+            left.remove(&e.release);
+            // A release named by hand, or deployed anew, is wanted again;
+            // what a named rollback leaves is not marked.
+            if e.event == EventKind::RolledBack
+                && let Some(p) = e.previous
+            {
+                left.insert(p);
             }
         }
         left
@@ -510,20 +529,20 @@ mod tests {
         store.prepare().unwrap();
         for id in ["b", "a"] {
             fs::create_dir(store.release_dir(id)).unwrap();
-            store.append(&Event::new("staged", id)).unwrap();
+            store.append(&Event::new(EventKind::Staged, id)).unwrap();
         }
         store.switch("b").unwrap();
-        store.append(&Event::new("switched", "b")).unwrap();
+        store.append(&Event::new(EventKind::Switched, "b")).unwrap();
         assert_eq!(store.current().as_deref(), Some("b"));
         store.switch("a").unwrap();
-        store.append(&Event::new("switched", "a")).unwrap();
+        store.append(&Event::new(EventKind::Switched, "a")).unwrap();
         assert_eq!(
             fs::read_link(store.current_link()).unwrap(),
             Path::new("releases/a")
         );
         assert_eq!(store.ordered(), vec!["b", "a"], "staging order, not names");
         assert_eq!(store.previous_good().as_deref(), Some("b"));
-        store.append(&Event::new("failed", "b")).unwrap();
+        store.append(&Event::new(EventKind::Failed, "b")).unwrap();
         assert_eq!(store.previous_good(), None, "bad releases are skipped");
         // No temporary links are left.
         let names: Vec<_> = fs::read_dir(dir.path())
@@ -572,7 +591,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
         store.prepare().unwrap();
-        store.append(&Event::new("staged", "a")).unwrap();
+        store.append(&Event::new(EventKind::Staged, "a")).unwrap();
         let mut f = OpenOptions::new()
             .append(true)
             .open(store.history_path())
@@ -580,9 +599,9 @@ mod tests {
         f.write_all(br#"{"time":"2026-01-01T00:00:00Z","event":"swi"#)
             .unwrap();
         drop(f);
-        store.append(&Event::new("switched", "a")).unwrap();
+        store.append(&Event::new(EventKind::Switched, "a")).unwrap();
         let events: Vec<_> = store.history().into_iter().map(|e| e.event).collect();
-        assert_eq!(events, ["staged", "switched"]);
+        assert_eq!(events, [EventKind::Staged, EventKind::Switched]);
         let text = fs::read_to_string(store.history_path()).unwrap();
         assert!(text.ends_with('\n') && text.lines().count() == 2, "{text}");
     }
