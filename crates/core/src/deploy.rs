@@ -236,13 +236,12 @@ pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report
         ));
     }
     let previous = store.current();
-    let prev_dir = previous.as_ref().map(|id| store.release_dir(id));
     let staged = store
         .staging()
         .join(format!("{}-{}", std::process::id(), timestamp()));
     // INT, TERM and HUP are read, not fatal, so that an interrupted build
     // is ended with its whole process group and its staging removed.
-    let mut signals = if opts.interruptible {
+    let signals = if opts.interruptible {
         Some(
             Signals::new(&[
                 nix::sys::signal::Signal::SIGINT,
@@ -254,234 +253,296 @@ pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report
     } else {
         None
     };
-    let result = stage_build_switch(
+    let mut pipeline = Pipeline {
         opts,
-        &store,
-        &mut lock,
-        &staged,
-        previous.clone(),
-        prev_dir.as_deref(),
-        signals.as_mut(),
-        &mut p,
-    );
+        store: &store,
+        prev_dir: previous.as_ref().map(|id| store.release_dir(id)),
+        previous,
+        staged,
+        signals,
+        p,
+    };
+    let result = pipeline.run(&mut lock);
     if result.is_err() {
-        let _ = release::remove_tree(&staged);
+        let _ = release::remove_tree(&pipeline.staged);
     }
     result?;
     Ok(report)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn stage_build_switch(
-    opts: &DeployOptions,
-    store: &Store,
-    lock: &mut Lock,
-    staged: &Path,
+/// One deploy in progress, after the lock: what it knows so far, and a
+/// method per phase. `run` is the whole pipeline in order.
+struct Pipeline<'a, 'o> {
+    opts: &'a DeployOptions,
+    store: &'a Store,
     previous: Option<String>,
-    prev_dir: Option<&Path>,
-    mut signals: Option<&mut Signals>,
-    p: &mut Progress<'_>,
-) -> Result<(), DeployError> {
-    let max_bytes = match opts.max_size {
-        Some(n) => n,
-        None => free_space(&store.root).map_err(|e| io_failure("free space", e))?,
-    };
-    let mut git_hash = None;
-    // The previous release's manifest: what sharing compares with. A
-    // release from before manifests gets one now, from its files.
-    let prev_manifest = match (&previous, prev_dir) {
-        (Some(id), Some(dir)) => Some(
-            Manifest::load(&manifest::path(&store.root, id))
-                .or_else(|_| Manifest::of_tree(dir))
-                .map_err(|e| io_failure("reading the previous release's manifest", e))?,
-        ),
-        _ => None,
-    };
-    let prev_pair = prev_dir.zip(prev_manifest.as_ref());
-    // Over the limit: with --max-size a refusal (exit 1); with the default,
-    // the free space, a full disk (exit 111: free space and retry).
-    let over_limit = |e: StageError| match e {
-        StageError::TooBig { limit, needs } if opts.max_size.is_none() => err(
-            Kind::Temporary,
-            format!(
-                "staging: No space left on device: the release needs more than the {limit} bytes free on ROOT's filesystem{}; nothing was written past that. Free some space and retry, or set --max-size",
-                needs
-                    .map(|n| format!(" ({n} bytes of files)"))
-                    .unwrap_or_default()
-            ),
-        ),
-        e => e.into(),
-    };
-    // Without a build step nothing writes to the staged tree, so a
-    // directory's unchanged files are linked straight from the previous
-    // release as they are copied; otherwise sharing comes after the build.
-    let direct = opts.build.is_none() && matches!(opts.source, Source::Dir(_));
-    let (stats, source_manifest) = match &opts.source {
-        Source::Dir(src) => {
-            let copy = stage::CopyOptions {
-                share_from: if direct { prev_pair } else { None },
-                freeze: direct,
-                max_bytes,
-            };
-            stage::copy_dir(src, staged, copy).map_err(over_limit)?
-        }
-        Source::Tar(t) => stage::extract_tar(t, staged, max_bytes).map_err(over_limit)?,
-        Source::Git { url, rev } => {
-            let h = stage::git_checkout(url, rev.as_deref(), staged)?;
-            git_hash = Some(h);
-            let (bytes, files) = release::tree_size(staged);
-            if bytes > max_bytes {
-                return Err(err(
-                    Kind::Failed,
-                    format!(
-                        "refused: the checkout holds {bytes} bytes, more than {max_bytes} (--max-size)"
-                    ),
-                ));
-            }
-            let m = Manifest::of_tree(staged).map_err(|e| io_failure("hashing the checkout", e))?;
-            let stats = Stats {
-                files,
-                bytes,
-                ..Stats::default()
-            };
-            (stats, m)
-        }
-    };
-    let id = match &opts.id {
-        Some(id) => id.clone(),
-        None => {
-            // The same content always gets the same suffix.
-            let base = format!(
-                "{}-{}",
-                timestamp(),
-                git_hash
-                    .clone()
-                    .unwrap_or_else(|| source_manifest.digest()[..8].to_string())
-            );
-            let used = store.used_ids();
-            let mut id = base.clone();
-            let mut n = 2;
-            while used.contains(&id) {
-                id = format!("{base}-{n}");
-                n += 1;
-            }
-            id
-        }
-    };
-    p.report.release = id.clone();
-    p.report.previous = previous.clone();
-    let mut holder = Holder::me(&opts.command);
-    holder.release = Some(id.clone());
-    let _ = lock.record(&holder);
-    store
-        .append(&Event::new(EventKind::Staged, &id))
-        .map_err(|e| io_failure("history", e))?;
-    p.report.files = stats.files;
-    p.report.bytes = stats.bytes;
-    p.step(
-        "staged",
-        format!("{} files, {}", stats.files, human_bytes(stats.bytes)),
-    );
+    prev_dir: Option<PathBuf>,
+    /// Where the release is built (`.dream/staging/<pid>-<time>`).
+    staged: PathBuf,
+    /// INT/TERM/HUP, when the deploy owns its process.
+    signals: Option<Signals>,
+    p: Progress<'o>,
+}
 
-    interrupted(signals.as_deref_mut())?;
-    let final_dir = store.release_dir(&id);
-    if let Some(cmd) = &opts.build {
+/// What staging produced.
+struct Staged {
+    id: String,
+    stats: Stats,
+    manifest: Manifest,
+}
+
+impl Pipeline<'_, '_> {
+    fn run(&mut self, lock: &mut Lock) -> Result<(), DeployError> {
+        // The previous release's manifest: what sharing compares with. A
+        // release from before manifests gets one now, from its files.
+        let prev_manifest = match (&self.previous, &self.prev_dir) {
+            (Some(id), Some(dir)) => Some(
+                Manifest::load(&manifest::path(&self.store.root, id))
+                    .or_else(|_| Manifest::of_tree(dir))
+                    .map_err(|e| io_failure("reading the previous release's manifest", e))?,
+            ),
+            _ => None,
+        };
+        let staged = self.stage(lock, prev_manifest.as_ref())?;
+        self.interrupted()?;
+        self.build(&staged.id)?;
+        let id = self.seal(staged, prev_manifest.as_ref())?;
+        self.go_live(&id)
+    }
+
+    /// Without a build step nothing writes to the staged tree, so a
+    /// directory's unchanged files are linked straight from the previous
+    /// release as they are copied; otherwise sharing comes after the build.
+    fn direct(&self) -> bool {
+        self.opts.build.is_none() && matches!(self.opts.source, Source::Dir(_))
+    }
+
+    /// An INT, TERM or HUP received since the deploy began ends it here.
+    fn interrupted(&mut self) -> Result<(), DeployError> {
+        interrupted(self.signals.as_mut())
+    }
+
+    /// Copies, extracts or checks out the source into staging, hashing it;
+    /// picks the id; records the holder and the `staged` event.
+    fn stage(&mut self, lock: &mut Lock, prev: Option<&Manifest>) -> Result<Staged, DeployError> {
+        let (opts, store, staged) = (self.opts, self.store, self.staged.as_path());
+        let max_bytes = match opts.max_size {
+            Some(n) => n,
+            None => free_space(&store.root).map_err(|e| io_failure("free space", e))?,
+        };
+        let prev_pair = self.prev_dir.as_deref().zip(prev);
+        // Over the limit: with --max-size a refusal (exit 1); with the
+        // default, the free space, a full disk (exit 111: free space and
+        // retry).
+        let over_limit = |e: StageError| match e {
+            StageError::TooBig { limit, needs } if opts.max_size.is_none() => err(
+                Kind::Temporary,
+                format!(
+                    "staging: No space left on device: the release needs more than the {limit} bytes free on ROOT's filesystem{}; nothing was written past that. Free some space and retry, or set --max-size",
+                    needs
+                        .map(|n| format!(" ({n} bytes of files)"))
+                        .unwrap_or_default()
+                ),
+            ),
+            e => e.into(),
+        };
+        let mut git_hash = None;
+        let (stats, manifest) = match &opts.source {
+            Source::Dir(src) => {
+                let copy = stage::CopyOptions {
+                    share_from: if self.direct() { prev_pair } else { None },
+                    freeze: self.direct(),
+                    max_bytes,
+                };
+                stage::copy_dir(src, staged, copy).map_err(over_limit)?
+            }
+            Source::Tar(t) => stage::extract_tar(t, staged, max_bytes).map_err(over_limit)?,
+            Source::Git { url, rev } => {
+                let h = stage::git_checkout(url, rev.as_deref(), staged)?;
+                git_hash = Some(h);
+                let (bytes, files) = release::tree_size(staged);
+                if bytes > max_bytes {
+                    return Err(err(
+                        Kind::Failed,
+                        format!(
+                            "refused: the checkout holds {bytes} bytes, more than {max_bytes} (--max-size)"
+                        ),
+                    ));
+                }
+                let m =
+                    Manifest::of_tree(staged).map_err(|e| io_failure("hashing the checkout", e))?;
+                let stats = Stats {
+                    files,
+                    bytes,
+                    ..Stats::default()
+                };
+                (stats, m)
+            }
+        };
+        let id = match &opts.id {
+            Some(id) => id.clone(),
+            None => {
+                // The same content always gets the same suffix.
+                let base = format!(
+                    "{}-{}",
+                    timestamp(),
+                    git_hash.unwrap_or_else(|| manifest.digest()[..8].to_string())
+                );
+                let used = store.used_ids();
+                let mut id = base.clone();
+                let mut n = 2;
+                while used.contains(&id) {
+                    id = format!("{base}-{n}");
+                    n += 1;
+                }
+                id
+            }
+        };
+        let p = &mut self.p;
+        p.report.release = id.clone();
+        p.report.previous = self.previous.clone();
+        let mut holder = Holder::me(&opts.command);
+        holder.release = Some(id.clone());
+        let _ = lock.record(&holder);
+        store
+            .append(&Event::new(EventKind::Staged, &id))
+            .map_err(|e| io_failure("history", e))?;
+        p.report.files = stats.files;
+        p.report.bytes = stats.bytes;
+        p.step(
+            "staged",
+            format!("{} files, {}", stats.files, human_bytes(stats.bytes)),
+        );
+        Ok(Staged {
+            id,
+            stats,
+            manifest,
+        })
+    }
+
+    /// Runs `--build`, if any; a failure marks the release bad.
+    fn build(&mut self, id: &str) -> Result<(), DeployError> {
+        let Some(cmd) = &self.opts.build else {
+            return Ok(());
+        };
+        let store = self.store;
         run_build(
             cmd,
-            staged,
-            &id,
-            &final_dir,
-            opts.quiet,
-            signals.as_deref_mut(),
+            &self.staged,
+            id,
+            &store.release_dir(id),
+            self.opts.quiet,
+            self.signals.as_mut(),
         )
         .inspect_err(|e| {
-            let mut ev = Event::new(EventKind::Failed, &id);
+            let mut ev = Event::new(EventKind::Failed, id);
             ev.reason = Some(e.message.clone());
             let _ = store.append(&ev);
         })?;
-        p.step("built", format!("`{cmd}`"));
+        self.p.step("built", format!("`{cmd}`"));
+        Ok(())
     }
 
-    refuse_escaping_links(staged)?;
-    let linked = link_shared(store, staged).map_err(|e| io_failure("linking ROOT/shared", e))?;
-    if !linked.is_empty() {
-        p.step("linked", format!("shared/{{{}}}", linked.join(",")));
+    /// Makes the staged tree a release: links checked, `ROOT/shared`
+    /// linked, unchanged files shared, frozen, its manifest written, synced
+    /// and renamed into `releases/`. Returns its id.
+    fn seal(&mut self, staged: Staged, prev: Option<&Manifest>) -> Result<String, DeployError> {
+        let (opts, store) = (self.opts, self.store);
+        let dir = self.staged.clone();
+        let Staged {
+            id,
+            stats,
+            manifest: source_manifest,
+        } = staged;
+        refuse_escaping_links(&dir)?;
+        let linked = link_shared(store, &dir).map_err(|e| io_failure("linking ROOT/shared", e))?;
+        if !linked.is_empty() {
+            self.p
+                .step("linked", format!("shared/{{{}}}", linked.join(",")));
+        }
+        // The release's manifest: the source's, or after a build the tree's
+        // (hashed anew: the build may have rewritten anything).
+        let mut final_manifest = if opts.build.is_some() {
+            Manifest::of_tree(&dir).map_err(|e| io_failure("hashing the release", e))?
+        } else {
+            source_manifest
+        };
+        if !linked.is_empty() {
+            final_manifest = with_shared_links(&final_manifest, &linked);
+        }
+        let shared = if self.direct() {
+            stats
+        } else {
+            stage::share(&dir, &final_manifest, self.prev_dir.as_deref().zip(prev))?
+        };
+        let p = &mut self.p;
+        p.report.shared_files = shared.shared_files;
+        p.report.shared_bytes = shared.shared_bytes;
+        p.report.reflinked_files = shared.reflinked_files;
+        p.step(
+            "shared",
+            match &self.previous {
+                Some(prev) => format!(
+                    "{} files, {} with {prev} ({})",
+                    shared.shared_files,
+                    human_bytes(shared.shared_bytes),
+                    if shared.reflinked_files > 0 {
+                        "copy-on-write clones"
+                    } else {
+                        "hard links"
+                    }
+                ),
+                None => "nothing to share with (first release)".into(),
+            },
+        );
+
+        self.interrupted()?;
+        if !self.direct() {
+            release::freeze_below(&dir).map_err(|e| io_failure("freezing the release", e))?;
+        }
+        // The manifest is stored before the release is moved into place, so
+        // that no release exists without one.
+        std::fs::create_dir_all(manifest::dir(&store.root))
+            .and_then(|()| {
+                final_manifest
+                    .frozen()
+                    .save(&manifest::path(&store.root, &id))
+            })
+            .map_err(|e| io_failure("writing the manifest", e))?;
+        sync_tree(&dir).map_err(|e| io_failure("syncing the release", e))?;
+        let final_dir = store.release_dir(&id);
+        std::fs::rename(&dir, &final_dir)
+            .map_err(|e| io_failure("moving the release into place", e))?;
+        release::fsync_dir(&store.releases()).map_err(|e| io_failure("syncing releases/", e))?;
+        release::freeze_dir(&final_dir).map_err(|e| io_failure("freezing the release", e))?;
+        self.p.step("synced", format!("releases/{id}"));
+        Ok(id)
     }
 
-    // The release's manifest: the source's, or after a build the tree's
-    // (hashed anew: the build may have rewritten anything).
-    let mut final_manifest = if opts.build.is_some() {
-        Manifest::of_tree(staged).map_err(|e| io_failure("hashing the release", e))?
-    } else {
-        source_manifest
-    };
-    if !linked.is_empty() {
-        final_manifest = with_shared_links(&final_manifest, &linked);
+    /// Switches `current` to the release, asks the supervisor to reload
+    /// (switching back if that fails), and prunes.
+    fn go_live(&mut self, id: &str) -> Result<(), DeployError> {
+        let (opts, store) = (self.opts, self.store);
+        // The last moment to stop: after the switch the deploy finishes.
+        self.interrupted().inspect_err(|_| {
+            let _ = release::remove_tree(&store.release_dir(id));
+            let _ = std::fs::remove_file(manifest::path(&store.root, id));
+        })?;
+        switch_reload_verify(
+            opts.reload,
+            store,
+            id,
+            self.previous.as_deref(),
+            EventKind::Switched,
+            &mut self.p,
+        )?;
+        let pruned = prune(store, opts.keep, id, self.previous.as_deref());
+        if !pruned.is_empty() {
+            self.p.report.pruned = pruned.clone();
+            self.p.step("pruned", pruned.join(", "));
+        }
+        Ok(())
     }
-    let shared = if direct {
-        stats
-    } else {
-        stage::share(staged, &final_manifest, prev_pair)?
-    };
-    p.report.shared_files = shared.shared_files;
-    p.report.shared_bytes = shared.shared_bytes;
-    p.report.reflinked_files = shared.reflinked_files;
-    p.step(
-        "shared",
-        match &previous {
-            Some(prev) => format!(
-                "{} files, {} with {prev} ({})",
-                shared.shared_files,
-                human_bytes(shared.shared_bytes),
-                if shared.reflinked_files > 0 {
-                    "copy-on-write clones"
-                } else {
-                    "hard links"
-                }
-            ),
-            None => "nothing to share with (first release)".into(),
-        },
-    );
-
-    interrupted(signals.as_deref_mut())?;
-    if !direct {
-        release::freeze_below(staged).map_err(|e| io_failure("freezing the release", e))?;
-    }
-    // The manifest is stored before the release is moved into place, so
-    // that no release exists without one.
-    std::fs::create_dir_all(manifest::dir(&store.root))
-        .and_then(|()| {
-            final_manifest
-                .frozen()
-                .save(&manifest::path(&store.root, &id))
-        })
-        .map_err(|e| io_failure("writing the manifest", e))?;
-    sync_tree(staged).map_err(|e| io_failure("syncing the release", e))?;
-    std::fs::rename(staged, &final_dir)
-        .map_err(|e| io_failure("moving the release into place", e))?;
-    release::fsync_dir(&store.releases()).map_err(|e| io_failure("syncing releases/", e))?;
-    release::freeze_dir(&final_dir).map_err(|e| io_failure("freezing the release", e))?;
-    p.step("synced", format!("releases/{id}"));
-    // The last moment to stop: after the switch the deploy finishes.
-    interrupted(signals).inspect_err(|_| {
-        let _ = release::remove_tree(&final_dir);
-        let _ = std::fs::remove_file(manifest::path(&store.root, &id));
-    })?;
-
-    switch_reload_verify(
-        opts.reload,
-        store,
-        &id,
-        previous.as_deref(),
-        EventKind::Switched,
-        p,
-    )?;
-    let pruned = prune(store, opts.keep, &id, previous.as_deref());
-    if !pruned.is_empty() {
-        p.report.pruned = pruned.clone();
-        p.step("pruned", pruned.join(", "));
-    }
-    Ok(())
 }
 
 /// A directory source that is the deploy root, contains it, or lies
