@@ -163,8 +163,10 @@ fn a_worker_that_ignores_the_drain_signal_is_killed_at_the_deadline() {
             "1",
             "--drain-timeout",
             "500ms",
+            // READY=1 comes once the probe ignores TERM; readiness by time
+            // could drain it before it had, and TERM would kill it.
             "--ready",
-            "delay:0s",
+            "notify",
         ],
     );
     let old = live_pids(&root.wait_live("stubborn", 1))[0];
