@@ -694,8 +694,10 @@ fn pruning_spares_a_release_still_served_by_a_draining_generation() {
                 "127.0.0.1:0",
                 "--workers",
                 "1",
+                // READY=1 comes once the probe ignores TERM (readiness by
+                // time could drain it first, and TERM would kill it).
                 "--ready",
-                "delay:0s",
+                "notify",
                 "--drain-timeout",
                 "60s",
                 "--",
