@@ -706,13 +706,14 @@ fn pruning_spares_a_release_still_served_by_a_draining_generation() {
             .env("DREAM_BIN", bin("dream"))
             .env("PROBE_BIN", dream_testkit::probe()),
     );
-    let r = wait_until(Duration::from_secs(20), "the supervisor", || {
-        dream_core::control::request(
+    let r = wait_until(Duration::from_secs(20), "the stubborn worker ready", || {
+        let v = dream_core::control::request(
             &root,
             &serde_json::json!({"cmd":"status"}),
             Some(Duration::from_secs(5)),
         )
-        .ok()
+        .ok()?;
+        (v["pool"]["generations"][0]["workers"][0]["state"] == "ready").then_some(v)
     });
     let stubborn = live_pids(&r)[0];
     deploy_json(&root, &b, &["--id", "b1", "--keep", "1"]);
