@@ -84,11 +84,13 @@ fn a_killed_supervisor_leaves_no_orphans_and_restarts_on_the_same_addresses() {
     let workers = live_pids(&root.wait_live("a", 2));
     first.signal(Signal::SIGKILL);
     first.wait_exit(Duration::from_secs(10));
+    // Every thread of every worker: a zombie leader whose other threads
+    // are still exiting still holds the listening socket.
     for pid in &workers {
         wait_until(
             Duration::from_secs(10),
             "workers to die with their supervisor",
-            || (!alive(*pid)).then_some(()),
+            || dream_testkit::gone(*pid).then_some(()),
         );
     }
     // Same port, same Unix path (now stale), same control socket path.
@@ -1204,6 +1206,16 @@ fn a_blocking_accept_server_follows_dream_static_and_flag_changes_are_named() {
     root.switch("seed");
     let v = root.control(r#"{"cmd":"reload"}"#);
     assert_eq!(v["ok"], true, "{v}");
+    // Once the old generation has drained, only the seed-style server
+    // accepts (until then a dream static worker may still take one).
+    wait_until(
+        Duration::from_secs(20),
+        "the old generation to drain",
+        || {
+            let s = root.control(r#"{"cmd":"status"}"#);
+            (s["pool"]["generations"].as_array()?.len() == 1).then_some(())
+        },
+    );
     for _ in 0..20 {
         let r = get(addr, "/", &[]);
         assert_eq!((r.status, r.text().trim()), (200, "release seed"));

@@ -438,6 +438,25 @@ pub fn alive(pid: i64) -> bool {
     state(pid).is_some_and(|c| c != 'Z')
 }
 
+/// True once every thread of process `pid` has exited (a zombie leader
+/// whose other threads still run, and still hold its descriptors, is not
+/// gone yet).
+pub fn gone(pid: i64) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().chars().next())
+            })
+            .flatten()
+            .is_none_or(|c| c == 'Z' || c == 'X')
+    })
+}
+
 /// The state letter of process `pid` (`R`, `S`, `T`, `Z`…) from /proc.
 pub fn state(pid: i64) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
