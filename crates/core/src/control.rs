@@ -11,14 +11,14 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Longest request line the supervisor reads.
 pub const MAX_LINE: usize = 64 * 1024;
 
-/// A request, as the supervisor parses it.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
+/// A request, as clients send it and the supervisor parses it.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     Status,
@@ -44,6 +44,81 @@ impl Request {
         }
         serde_json::from_value(v).map_err(|e| e.to_string())
     }
+}
+
+/// Why the supervisor refused to take a request at all (as opposed to
+/// carrying it out and failing).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Refusal {
+    /// Every client slot waits for an answer: ask again later.
+    Busy,
+    /// Not the supervisor's user or root.
+    Permission,
+}
+
+/// The answer to every request but `status` (whose answer is the status
+/// itself, with `"ok": true`): one type for the supervisor that writes it
+/// and every client that reads it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Answer {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Set when the request was not taken at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refusal>,
+    /// `reload`: the generation now live, and its release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    /// `scale`: the new worker count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// `stop`: the supervisor is stopping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopping: Option<bool>,
+}
+
+impl Answer {
+    pub fn done() -> Answer {
+        Answer {
+            ok: true,
+            ..Answer::default()
+        }
+    }
+
+    pub fn failed(error: impl Into<String>) -> Answer {
+        Answer {
+            ok: false,
+            error: Some(error.into()),
+            ..Answer::default()
+        }
+    }
+
+    pub fn refused(why: Refusal, error: impl Into<String>) -> Answer {
+        Answer {
+            refused: Some(why),
+            ..Answer::failed(error)
+        }
+    }
+
+    /// As one JSON value, for the wire.
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).expect("an answer serializes")
+    }
+}
+
+/// Sends `req` and reads the answer as an [`Answer`] (for every request
+/// but `status`).
+pub fn ask(root: &Path, req: &Request, timeout: Option<Duration>) -> Result<Answer, ControlError> {
+    let v = request(
+        root,
+        &serde_json::to_value(req).expect("a request serializes"),
+        timeout,
+    )?;
+    serde_json::from_value(v.clone()).map_err(|_| ControlError::BadResponse(v.to_string()))
 }
 
 /// `ROOT/.dream`.
@@ -129,10 +204,13 @@ pub fn request(
     }
     let v: Value =
         serde_json::from_str(answer.trim()).map_err(|_| ControlError::BadResponse(answer))?;
-    if let Some(why) = v["refused"].as_str() {
+    if let Some(why) = v
+        .get("refused")
+        .and_then(|r| serde_json::from_value::<Refusal>(r.clone()).ok())
+    {
         return Err(ControlError::Refused {
-            busy: why == "busy",
-            message: v["error"].as_str().unwrap_or(why).to_string(),
+            busy: why == Refusal::Busy,
+            message: v["error"].as_str().unwrap_or("refused").to_string(),
         });
     }
     Ok(v)
@@ -141,6 +219,28 @@ pub fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_round_trip_and_refusals_are_typed() {
+        let a = Answer {
+            generation: Some(3),
+            release: Some("r".into()),
+            ..Answer::done()
+        };
+        let v = a.to_value();
+        assert_eq!(
+            v,
+            serde_json::json!({"ok": true, "generation": 3, "release": "r"})
+        );
+        assert_eq!(serde_json::from_value::<Answer>(v).unwrap(), a);
+        let busy = Answer::refused(Refusal::Busy, "try again").to_value();
+        assert_eq!(busy["refused"], "busy");
+        assert_eq!(
+            serde_json::to_value(Request::Scale { workers: 2 }).unwrap(),
+            serde_json::json!({"cmd": "scale", "workers": 2})
+        );
+        assert_eq!(Request::parse(r#"{"cmd":"reload"}"#), Ok(Request::Reload));
+    }
 
     #[test]
     fn parses_requests_strictly() {

@@ -679,18 +679,21 @@ fn switch_reload_verify(
         return Ok(());
     }
     let deadline = reload_deadline(store);
-    let answer = control::request(&store.root, &json!({"cmd": "reload"}), Some(deadline));
+    let answer = control::ask(&store.root, &control::Request::Reload, Some(deadline));
     let failure = match answer {
-        Ok(v) if v["ok"] == true => {
+        Ok(a) if a.ok => {
             p.report.supervisor = true;
-            p.report.generation = v["generation"].as_u64();
+            p.report.generation = a.generation;
             p.step(
                 "reloaded",
-                format!("generation {} is live", v["generation"]),
+                format!(
+                    "generation {} is live",
+                    a.generation.map_or("?".into(), |g| g.to_string())
+                ),
             );
             return Ok(());
         }
-        Ok(v) => v["error"].as_str().unwrap_or("unknown error").to_string(),
+        Ok(a) => a.error.unwrap_or_else(|| "unknown error".into()),
         Err(control::ControlError::NotRunning { .. }) => {
             p.step(
                 "reload",

@@ -237,20 +237,22 @@ pub fn status(root: Option<&Path>, json_out: bool) -> Result {
 pub fn reload(root: Option<&Path>, json_out: bool) -> Result {
     let root = root_dir(root)?;
     let v = ask(&root, json!({"cmd": "reload"}), None)?;
+    let a: dream_core::control::Answer = serde_json::from_value(v.clone())
+        .map_err(|_| Failure::failed(format!("the supervisor's answer is not an answer: {v}")))?;
     if json_out {
         crate::print_line(&v.to_string());
     }
-    if v["ok"] == true {
+    if a.ok {
         if !json_out {
             crate::print_line(&format!(
                 "reloaded: generation {} (release {}) is live",
-                v["generation"],
-                v["release"].as_str().unwrap_or("?")
+                a.generation.map_or("?".into(), |g| g.to_string()),
+                a.release.as_deref().unwrap_or("?")
             ));
         }
         Ok(())
     } else {
-        let reason = v["error"].as_str().unwrap_or("unknown error").to_string();
+        let reason = a.error.unwrap_or_else(|| "unknown error".into());
         if json_out {
             Err(Failure::silent(crate::exit::FAILED))
         } else {

@@ -410,7 +410,7 @@ impl Driver {
             if let Some(w) = waiter {
                 self.answer(
                     w,
-                    &json!({"ok": false, "error": "the supervisor is stopping"}),
+                    &control::Answer::failed("the supervisor is stopping").to_value(),
                 );
             }
             return;
@@ -456,10 +456,13 @@ impl Driver {
                 }
                 Action::ReloadDone { waiters, outcome } => {
                     let v = match &outcome {
-                        Ok((generation, release)) => {
-                            json!({"ok": true, "generation": generation, "release": release})
+                        Ok((generation, release)) => control::Answer {
+                            generation: Some(*generation),
+                            release: Some(release.clone()),
+                            ..control::Answer::done()
                         }
-                        Err(e) => json!({"ok": false, "error": e}),
+                        .to_value(),
+                        Err(e) => control::Answer::failed(e.clone()).to_value(),
                     };
                     for w in waiters {
                         self.answer(w, &v);

@@ -3,6 +3,7 @@
 //! and answering.
 
 use super::*;
+use crate::control::{Answer, Refusal};
 
 /// Control clients served at once.
 pub(super) const MAX_CLIENTS: usize = 64;
@@ -62,7 +63,11 @@ impl Driver {
             if !allowed {
                 let _ = reply(
                     &mut stream,
-                    &json!({"ok": false, "refused": "permission", "error": "permission denied: only the supervisor's user or root may control it"}),
+                    &Answer::refused(
+                        Refusal::Permission,
+                        "permission denied: only the supervisor's user or root may control it",
+                    )
+                    .to_value(),
                 );
                 continue;
             }
@@ -80,7 +85,11 @@ impl Driver {
                     None => {
                         let _ = reply(
                             &mut stream,
-                            &json!({"ok": false, "refused": "busy", "error": "too many control clients, all waiting for an answer; try again"}),
+                            &Answer::refused(
+                                Refusal::Busy,
+                                "too many control clients, all waiting for an answer; try again",
+                            )
+                            .to_value(),
                         );
                         continue;
                     }
@@ -134,7 +143,8 @@ impl Driver {
             if c.buf.len() > control::MAX_LINE {
                 let _ = reply(
                     &mut c.stream,
-                    &json!({"ok": false, "error": format!("request longer than {} bytes", control::MAX_LINE)}),
+                    &Answer::failed(format!("request longer than {} bytes", control::MAX_LINE))
+                        .to_value(),
                 );
                 c.id = 0;
                 return;
@@ -158,10 +168,7 @@ impl Driver {
         let request = match Request::parse(text) {
             Ok(r) => r,
             Err(e) => {
-                self.answer_index(
-                    i,
-                    &json!({"ok": false, "error": format!("bad request: {e}")}),
-                );
+                self.answer_index(i, &Answer::failed(format!("bad request: {e}")).to_value());
                 return;
             }
         };
@@ -183,15 +190,29 @@ impl Driver {
             }
             Request::Scale { workers } => {
                 if let Err(e) = crate::pool::check_workers(workers) {
-                    self.answer_index(i, &json!({"ok": false, "error": e}));
+                    self.answer_index(i, &Answer::failed(e).to_value());
                     return;
                 }
                 let actions = self.pool.scale(workers, now);
                 self.apply(actions);
-                self.answer_index(i, &json!({"ok": true, "workers": workers}));
+                self.answer_index(
+                    i,
+                    &Answer {
+                        workers: Some(workers),
+                        ..Answer::done()
+                    }
+                    .to_value(),
+                );
             }
             Request::Stop => {
-                self.answer_index(i, &json!({"ok": true, "stopping": true}));
+                self.answer_index(
+                    i,
+                    &Answer {
+                        stopping: Some(true),
+                        ..Answer::done()
+                    }
+                    .to_value(),
+                );
                 let actions = self.pool.stop(Stop::Graceful, now);
                 self.apply(actions);
             }
