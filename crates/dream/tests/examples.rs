@@ -99,11 +99,7 @@ fn exercise(
         assert_eq!(answer["ok"], true, "{answer}");
         // The old generation drains before the next reload, so keep-alive
         // clients are moved to the new one, as they would be in real life.
-        dream_testkit::wait_until(
-            Duration::from_secs(30),
-            "the old generation to drain",
-            || {
-                let s = root.control(r#"{"cmd":"status"}"#);
+        root.wait_drained();
                 (s["pool"]["generations"].as_array()?.len() == 1).then_some(())
             },
         );

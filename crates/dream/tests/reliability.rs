@@ -1208,11 +1208,7 @@ fn a_blocking_accept_server_follows_dream_static_and_flag_changes_are_named() {
     assert_eq!(v["ok"], true, "{v}");
     // Once the old generation has drained, only the seed-style server
     // accepts (until then a dream static worker may still take one).
-    wait_until(
-        Duration::from_secs(20),
-        "the old generation to drain",
-        || {
-            let s = root.control(r#"{"cmd":"status"}"#);
+    root.wait_drained();
             (s["pool"]["generations"].as_array()?.len() == 1).then_some(())
         },
     );
@@ -1251,6 +1247,7 @@ fn a_listener_shut_down_by_a_worker_listens_again() {
     let v = root.control(r#"{"cmd":"reload"}"#);
     assert_eq!(v["ok"], true, "{v}");
     sup.wait_stderr("listening again", Duration::from_secs(10));
+    root.wait_drained();
     for _ in 0..20 {
         let r = get(addr, "/", &[]);
         assert_eq!((r.status, r.text().trim()), (200, "<p>release rogue</p>"));

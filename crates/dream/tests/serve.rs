@@ -423,10 +423,7 @@ fn inherited_listen_fds_and_systemd_notifications() {
     );
     assert_eq!(recv(), "READY=1");
     // The old worker may take a connection until it has drained.
-    wait_until(Duration::from_secs(20), "the old generation to drain", || {
-        let s = root.control(r#"{"cmd":"status"}"#);
-        (s["pool"]["generations"].as_array()?.len() == 1).then_some(())
-    });
+    root.wait_drained();
     assert_eq!(get(addr, "/", &[]).text(), "<p>release b</p>\n");
     sup.signal(Signal::SIGTERM);
     assert_eq!(recv(), "STOPPING=1");

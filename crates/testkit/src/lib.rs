@@ -395,6 +395,19 @@ impl Root {
         )
     }
 
+    /// Waits until only one generation is left (the old ones drained): from
+    /// then on no old worker can take a connection.
+    pub fn wait_drained(&self) {
+        wait_until(
+            Duration::from_secs(30),
+            "the old generations to drain",
+            || {
+                let s = self.control(r#"{"cmd":"status"}"#);
+                (s["pool"]["generations"].as_array()?.len() == 1).then_some(())
+            },
+        );
+    }
+
     /// Waits until the live generation has all its workers ready; returns status.
     pub fn wait_live(&self, release: &str, workers: usize) -> serde_json::Value {
         wait_until(
