@@ -57,8 +57,16 @@ pub struct Manifest {
     entries: Vec<Entry>,
 }
 
-/// Hashes a reader to its end; returns the hash and the byte count.
-pub fn hash_reader(r: &mut impl Read) -> io::Result<(Hash, u64)> {
+/// Which side of [`hash_copy`] failed.
+#[derive(Debug)]
+pub enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Copies `r` to its end into `w`, hashing what passes through (one read);
+/// returns the hash and the byte count.
+pub fn hash_copy(r: &mut impl Read, w: &mut impl Write) -> Result<(Hash, u64), CopyError> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 128 * 1024];
     let mut n = 0u64;
@@ -67,13 +75,21 @@ pub fn hash_reader(r: &mut impl Read) -> io::Result<(Hash, u64)> {
             Ok(0) => break,
             Ok(k) => {
                 hasher.update(&buf[..k]);
+                w.write_all(&buf[..k]).map_err(CopyError::Write)?;
                 n += k as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(CopyError::Read(e)),
         }
     }
     Ok((*hasher.finalize().as_bytes(), n))
+}
+
+/// Hashes a reader to its end; returns the hash and the byte count.
+pub fn hash_reader(r: &mut impl Read) -> io::Result<(Hash, u64)> {
+    hash_copy(r, &mut io::sink()).map_err(|e| match e {
+        CopyError::Read(e) | CopyError::Write(e) => e,
+    })
 }
 
 /// Hashes a file's content.

@@ -7,7 +7,7 @@
 //! entries is bounded.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -459,27 +459,19 @@ fn copy_file(
     freeze: bool,
     hash: bool,
 ) -> Result<Option<manifest::Hash>, StageError> {
-    let hashed = if hash {
+    let (f, hashed) = if hash {
         let mut src = File::open(from).map_err(io_at(from))?;
         let mut dst = File::create(to).map_err(io_at(to))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 128 * 1024];
-        loop {
-            let n = match src.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_at(from)(e)),
-            };
-            hasher.update(&buf[..n]);
-            dst.write_all(&buf[..n]).map_err(io_at(to))?;
-        }
-        Some(*hasher.finalize().as_bytes())
+        let (h, _) = manifest::hash_copy(&mut src, &mut dst).map_err(|e| match e {
+            manifest::CopyError::Read(e) => io_at(from)(e),
+            manifest::CopyError::Write(e) => io_at(to)(e),
+        })?;
+        (dst, Some(h))
     } else {
         fs::copy(from, to).map_err(io_at(from))?;
-        None
+        let f = File::options().write(true).open(to).map_err(io_at(to))?;
+        (f, None)
     };
-    let f = File::options().write(true).open(to).map_err(io_at(to))?;
     let mode = if freeze {
         frozen_mode(false, meta.mode())
     } else {
@@ -559,17 +551,11 @@ pub fn extract_tar(
                     return Err(too_big(max_bytes));
                 }
                 stats.bytes += size;
-                let mut hasher = blake3::Hasher::new();
                 let mut out = tree.create_file(&rel, 0o600)?;
-                let mut buf = vec![0u8; 256 * 1024];
-                loop {
-                    let n = entry.read(&mut buf).map_err(io_at(tarball))?;
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buf[..n]);
-                    out.write_all(&buf[..n]).map_err(io_at(&rel))?;
-                }
+                let (hash, _) = manifest::hash_copy(&mut entry, &mut out).map_err(|e| match e {
+                    manifest::CopyError::Read(e) => io_at(tarball)(e),
+                    manifest::CopyError::Write(e) => io_at(&rel)(e),
+                })?;
                 out.set_permissions(fs::Permissions::from_mode(mode | 0o200))
                     .map_err(io_at(&rel))?;
                 if let Ok(mtime) = entry.header().mtime() {
@@ -581,7 +567,7 @@ pub fn extract_tar(
                     Kind::File {
                         mode: frozen_mode(false, mode),
                         size,
-                        hash: *hasher.finalize().as_bytes(),
+                        hash,
                     },
                 );
             }
