@@ -150,12 +150,7 @@ impl Store {
         }
         trusted_dir(&self.root, true)?;
         for dir in [self.state(), self.staging(), self.releases()] {
-            match fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-            trusted_dir(&dir, false)?;
+            trusted_subdir(&dir)?;
         }
         if let Ok(meta) = fs::symlink_metadata(self.current_link())
             && !meta.file_type().is_symlink()
@@ -413,6 +408,17 @@ pub fn trusted_dir(dir: &Path, follow: bool) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Creates directory `dir` of a deploy root if it is missing (never
+/// through a symlink: `mkdir` does not follow one) and checks it with
+/// [`trusted_dir`], without following.
+pub fn trusted_subdir(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    trusted_dir(dir, false)
 }
 
 /// fsync(2) of a directory, making renames and creations in it durable.

@@ -18,13 +18,8 @@ pub(super) struct Client {
 }
 pub(super) fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> {
     let dir = control::state_dir(root);
-    let trusted = crate::release::trusted_dir(root, true).and_then(|()| {
-        match std::fs::create_dir(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
-        }
-        crate::release::trusted_dir(&dir, false)
-    });
+    let trusted =
+        crate::release::trusted_dir(root, true).and_then(|()| crate::release::trusted_subdir(&dir));
     trusted.map_err(|e| SuperviseError::Setup(format!("cannot use {}: {e}", dir.display())))?;
     let path = control::socket_path(root);
     if UnixStream::connect(&path).is_ok() {
