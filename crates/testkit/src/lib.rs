@@ -458,21 +458,19 @@ pub fn gone(pid: i64) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return true;
     };
-    tasks.flatten().all(|t| {
-        std::fs::read_to_string(t.path().join("stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .map(|(_, r)| r.trim_start().chars().next())
-            })
-            .flatten()
-            .is_none_or(|c| c == 'Z' || c == 'X')
-    })
+    tasks
+        .flatten()
+        .all(|t| state_in(&t.path().join("stat")).is_none_or(|c| c == 'Z' || c == 'X'))
 }
 
 /// The state letter of process `pid` (`R`, `S`, `T`, `Z`…) from /proc.
 pub fn state(pid: i64) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    state_in(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// The state letter in a `stat` file of /proc (a process's or a thread's).
+fn state_in(stat: &Path) -> Option<char> {
+    let stat = std::fs::read_to_string(stat).ok()?;
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
