@@ -16,7 +16,6 @@ pub mod logtext;
 pub mod manifest;
 pub mod output;
 pub mod pool;
-pub mod protocol;
 pub mod release;
 pub mod respawn;
 pub mod signals;
@@ -26,6 +25,10 @@ pub mod stage;
 pub mod supervise;
 mod sys;
 pub mod tree;
+
+/// The worker side of the protocols (sockets in, `READY=1` out), also the
+/// home of [`protocol::Listener`], the one named listening socket type.
+pub use dream_protocol as protocol;
 
 pub use sys::{
     install_interrupt_handler, reflink, release_free_memory, signal_pending, signal_pipe,

@@ -8,11 +8,11 @@
 //! `connect()` first and replaced only if nothing answers.
 //!
 //! Every socket is created close-on-exec: it reaches a child only through
-//! [`crate::spawn::Command::sockets`].
+//! [`crate::spawn::Command::sockets`]. What [`bind`] returns is the same
+//! [`Listener`] a worker takes back out of `LISTEN_FDS`.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -24,39 +24,7 @@ use crate::spec::{ListenSpec, Resolved, SpecError};
 /// restart waits in the kernel rather than being dropped.
 pub const DEFAULT_BACKLOG: u32 = 4096;
 
-/// A bound, listening socket.
-#[derive(Debug)]
-pub struct Bound {
-    pub socket: Socket,
-    /// What the user asked for.
-    pub spec: ListenSpec,
-    /// What the socket is bound to (the real port when `:0` was asked).
-    pub local: String,
-    /// The name for `LISTEN_FDNAMES`.
-    pub name: String,
-}
-
-impl Bound {
-    /// This socket as a hand-off to a child (fd 0 / LISTEN_FDS).
-    pub fn handoff(&self) -> crate::spawn::Handoff<'_> {
-        crate::spawn::Handoff {
-            fd: self.socket.as_fd(),
-            name: &self.name,
-        }
-    }
-}
-
-impl AsFd for Bound {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.socket.as_fd()
-    }
-}
-
-impl From<Bound> for OwnedFd {
-    fn from(b: Bound) -> OwnedFd {
-        b.socket.into()
-    }
-}
+pub use dream_protocol::Listener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -119,7 +87,7 @@ pub fn effective_backlog(requested: u32) -> (u32, Option<u32>) {
 }
 
 /// Binds and listens according to `spec`.
-pub fn bind(spec: &ListenSpec, backlog: u32) -> Result<Bound, ListenError> {
+pub fn bind(spec: &ListenSpec, backlog: u32) -> Result<Listener, ListenError> {
     let backlog = backlog.min(i32::MAX as u32) as i32;
     match spec.resolve()? {
         Resolved::Tcp(addr) => bind_tcp(spec, addr, backlog),
@@ -127,7 +95,7 @@ pub fn bind(spec: &ListenSpec, backlog: u32) -> Result<Bound, ListenError> {
     }
 }
 
-fn bind_tcp(spec: &ListenSpec, addr: SocketAddr, backlog: i32) -> Result<Bound, ListenError> {
+fn bind_tcp(spec: &ListenSpec, addr: SocketAddr, backlog: i32) -> Result<Listener, ListenError> {
     let attempt = |addr: SocketAddr| -> io::Result<Socket> {
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         sock.set_reuse_address(true)?;
@@ -145,18 +113,7 @@ fn bind_tcp(spec: &ListenSpec, addr: SocketAddr, backlog: i32) -> Result<Bound, 
         result = attempt(SocketAddr::new([0, 0, 0, 0].into(), addr.port()));
     }
     let sock = result.map_err(|source| tcp_error(spec, addr, source))?;
-    let local = sock
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| addr.to_string());
-    Ok(Bound {
-        socket: sock,
-        spec: spec.clone(),
-        name: socket_name(spec),
-        local,
-    })
+    Ok(Listener::new(sock.into(), socket_name(spec)))
 }
 
 fn tcp_error(spec: &ListenSpec, addr: SocketAddr, source: io::Error) -> ListenError {
@@ -178,7 +135,7 @@ fn tcp_error(spec: &ListenSpec, addr: SocketAddr, source: io::Error) -> ListenEr
     }
 }
 
-fn bind_unix(spec: &ListenSpec, path: &Path, backlog: i32) -> Result<Bound, ListenError> {
+fn bind_unix(spec: &ListenSpec, path: &Path, backlog: i32) -> Result<Listener, ListenError> {
     let io_err = |source| ListenError::Io {
         addr: spec.to_string(),
         source,
@@ -223,12 +180,7 @@ fn bind_unix(spec: &ListenSpec, path: &Path, backlog: i32) -> Result<Bound, List
         let _ = std::fs::remove_file(&tmp);
         return Err(io_err(e));
     }
-    Ok(Bound {
-        socket: sock,
-        spec: spec.clone(),
-        name: socket_name(spec),
-        local: spec.to_string(),
-    })
+    Ok(Listener::new(sock.into(), socket_name(spec)))
 }
 
 /// A `LISTEN_FDNAMES` entry: the spec with `:` (the separator) replaced.
@@ -318,17 +270,17 @@ mod tests {
     #[test]
     fn binds_port_zero_and_reports_the_real_port() {
         let b = bind(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        assert!(!b.local.ends_with(":0"), "{}", b.local);
-        assert!(b.socket.is_listener().unwrap());
+        assert!(!b.local_addr().ends_with(":0"), "{}", b.local_addr());
+        assert!(socket2::SockRef::from(&b).is_listener().unwrap());
     }
 
     #[test]
     fn address_in_use_names_the_holder() {
         let a = bind(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        let err = bind(&a.local.parse().unwrap(), 16).unwrap_err();
+        let err = bind(&a.local_addr().parse().unwrap(), 16).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("address already in use"), "{msg}");
-        assert!(msg.contains(&a.local), "{msg}");
+        assert!(msg.contains(&a.local_addr()), "{msg}");
         assert!(
             msg.contains(&format!("pid {}", std::process::id())),
             "{msg}"
@@ -349,7 +301,7 @@ mod tests {
         drop(live); // the path stays, now stale
         assert!(path.exists());
         let again = bind(&spec, 16).unwrap();
-        assert!(again.socket.is_listener().unwrap());
+        assert!(socket2::SockRef::from(&again).is_listener().unwrap());
         // no temporary names are left behind
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
         assert_eq!(names.len(), 1);

@@ -19,9 +19,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::protocol::{self, Inherited};
+use crate::protocol::{self, Listener};
 use crate::signals::Signals;
-use crate::spawn::{Command, Handoff, SpawnError};
+use crate::spawn::{Command, SpawnError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
@@ -41,17 +41,10 @@ pub fn run(delay: Duration, program: &OsString, args: &[OsString]) -> Result<(),
         Signal::SIGTERM,
         Signal::SIGINT,
     ])?;
-    let sockets: Vec<Inherited> = protocol::listeners_from_env()?.unwrap_or_default();
-    let handoffs: Vec<Handoff<'_>> = sockets
-        .iter()
-        .map(|s| Handoff {
-            fd: std::os::fd::AsFd::as_fd(&s.fd),
-            name: &s.name,
-        })
-        .collect();
+    let sockets: Vec<Listener> = protocol::listeners_from_env()?.unwrap_or_default();
     let mut cmd = Command::new(program);
     cmd.args(args)
-        .sockets(&handoffs)
+        .sockets(&sockets)
         .parent_death_signal(Signal::SIGTERM);
 
     let mut stopping = false;

@@ -21,15 +21,8 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::signal::Signal;
 
-use crate::protocol::{LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, SD_LISTEN_FDS_START};
+use crate::protocol::{LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, Listener, SD_LISTEN_FDS_START};
 use crate::sys::ExecImage;
-
-/// A listening socket to hand down, with its `LISTEN_FDNAMES` name.
-#[derive(Clone, Copy)]
-pub struct Handoff<'a> {
-    pub fd: BorrowedFd<'a>,
-    pub name: &'a str,
-}
 
 /// A program to start, and the exact process state it starts in.
 pub struct Command<'a> {
@@ -37,7 +30,7 @@ pub struct Command<'a> {
     args: Vec<OsString>,
     cwd: Option<PathBuf>,
     env: Vec<(OsString, Option<OsString>)>,
-    sockets: Vec<Handoff<'a>>,
+    sockets: Vec<&'a Listener>,
     stdin: Option<BorrowedFd<'a>>,
     stdout: Option<BorrowedFd<'a>>,
     stderr: Option<BorrowedFd<'a>>,
@@ -119,8 +112,8 @@ impl<'a> Command<'a> {
     /// Hands these listening sockets down (fd 0 and fds 3..). With none,
     /// any `LISTEN_*` variables in dream's own environment are removed from
     /// the child's, so a stale protocol never leaks into it.
-    pub fn sockets(&mut self, sockets: &[Handoff<'a>]) -> &mut Self {
-        self.sockets = sockets.to_vec();
+    pub fn sockets(&mut self, sockets: impl IntoIterator<Item = &'a Listener>) -> &mut Self {
+        self.sockets = sockets.into_iter().collect();
         self
     }
 
@@ -228,7 +221,7 @@ impl<'a> Command<'a> {
                 })?;
         }
         if let Some(first) = self.sockets.first() {
-            image.map_fd(first.fd, 0);
+            image.map_fd(first.fd.as_fd(), 0);
         } else if let Some(fd) = self.stdin {
             image.map_fd(fd, 0);
         }
@@ -239,7 +232,7 @@ impl<'a> Command<'a> {
             image.map_fd(fd, 2);
         }
         for (i, s) in self.sockets.iter().enumerate() {
-            image.map_fd(s.fd, SD_LISTEN_FDS_START + i as RawFd);
+            image.map_fd(s.fd.as_fd(), SD_LISTEN_FDS_START + i as RawFd);
         }
         for fd in &self.keep {
             use std::os::fd::AsRawFd;
@@ -269,7 +262,7 @@ impl<'a> Command<'a> {
             }
         }
         if !self.sockets.is_empty() {
-            let names: Vec<&str> = self.sockets.iter().map(|s| s.name).collect();
+            let names: Vec<&str> = self.sockets.iter().map(|s| s.name.as_str()).collect();
             env.push((
                 LISTEN_FDS.into(),
                 self.sockets.len().to_string().into_bytes(),
@@ -302,15 +295,4 @@ impl<'a> Command<'a> {
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Convenience: hand-offs for a set of owned sockets with names.
-pub fn handoffs<'a, F: AsFd>(sockets: &'a [(F, String)]) -> Vec<Handoff<'a>> {
-    sockets
-        .iter()
-        .map(|(fd, name)| Handoff {
-            fd: fd.as_fd(),
-            name: name.as_str(),
-        })
-        .collect()
 }

@@ -1,6 +1,6 @@
 //! The only module of `dream-core` that uses `unsafe`.
 //!
-//! Three things need it:
+//! What needs it:
 //!
 //! * **fork + exec with an exact descriptor layout.** `std::process::Command`
 //!   cannot set `LISTEN_PID` to the child's own pid (it is known only after
@@ -12,19 +12,18 @@
 //!   other threads: between `fork` and `execve` the child allocates nothing,
 //!   takes no lock and touches only memory that it owns (its private copy of
 //!   the prepared image).
-//! * **taking ownership of inherited descriptors** (fds 3.. of the systemd
-//!   protocol, fd 0 of inetd) by number, exactly once per process.
-//! * **unsetting environment variables**, which is only sound while no other
-//!   thread can read the environment: we check that the process has a single
-//!   thread first.
+//! * **signal handlers, `ioctl`s and `/proc` work** that have no safe
+//!   wrapper (see each block).
+//!
+//! Taking ownership of inherited descriptors and unsetting environment
+//! variables are in `dream_protocol::sys`, the worker-side crate.
 
 #![allow(unsafe_code)]
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Mutex;
 
 /// Digits reserved for the pid in `LISTEN_PID=`; pids fit in 10 digits.
 const PID_DIGITS: usize = 20;
@@ -337,44 +336,10 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
     })
 }
 
-/// Descriptors already claimed by [`claim_inherited_fd`] in this process.
-static CLAIMED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
-
-/// Takes ownership of descriptor `fd`, which this process inherited.
-///
-/// Returns `None` if `fd` is not open or was already claimed: ownership of
-/// an inherited descriptor can be taken once, so two `OwnedFd`s never close
-/// the same number.
-pub fn claim_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
-    let mut claimed = CLAIMED.lock().unwrap_or_else(|e| e.into_inner());
-    if fd < 0 || claimed.contains(&fd) {
-        return None;
-    }
-    // SAFETY: F_GETFD only queries the descriptor table.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return None;
-    }
-    claimed.push(fd);
-    // SAFETY: the descriptor is open (checked above), was handed to this
-    // process by its parent for it to own, and is claimed at most once
-    // (recorded in CLAIMED), so no other owner will close it.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Borrows descriptor `fd` for inspection, if it is open.
-///
-/// The borrow is only used for the duration of `f`, during which this
-/// thread does not close anything.
-pub fn with_raw_fd<T>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> T) -> Option<T> {
-    // SAFETY: F_GETFD only queries the descriptor table.
-    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return None;
-    }
-    // SAFETY: the descriptor is open and the borrow does not outlive `f`;
-    // a descriptor closed concurrently by another thread would at worst make
-    // the queries in `f` fail with EBADF.
-    Some(f(unsafe { BorrowedFd::borrow_raw(fd) }))
-}
+// Claiming inherited descriptors and unsetting environment variables
+// live in `dream_protocol::sys` (workers need them without the rest of
+// dream); one registry of claimed descriptors serves both crates.
+pub use dream_protocol::sys::{single_threaded, with_raw_fd};
 
 /// `ioctl(FICLONE)`: makes `dst` share `src`'s data blocks copy-on-write
 /// (btrfs, XFS with reflink, bcachefs…). Fails with `EOPNOTSUPP`, `EXDEV`
@@ -492,31 +457,6 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// True if this process has exactly one thread (from `/proc/self/stat`).
-pub fn single_threaded() -> bool {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return false;
-    };
-    // Field 20 is num_threads; fields after the `)` of comm are plain.
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(17))
-        .is_some_and(|n| n == "1")
-}
-
-/// Removes environment variables, but only while this process has a single
-/// thread; returns whether it did.
-pub fn remove_env_vars(names: &[&str]) -> bool {
-    if !single_threaded() {
-        return false;
-    }
-    for name in names {
-        // SAFETY: the process has one thread (checked just above), so no
-        // other thread can be reading the environment concurrently.
-        unsafe { std::env::remove_var(name) };
-    }
-    true
 }
 
 #[cfg(test)]

@@ -15,10 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dream_core::deploy::{self, DeployOptions};
-use dream_core::listen::Bound;
 use dream_core::lock::Wait;
 use dream_core::signals::Signals;
-use dream_core::spawn::{Command, Handoff};
+use dream_core::spawn::Command;
 use dream_core::stage::Source;
 use nix::sys::signal::Signal;
 
@@ -110,12 +109,11 @@ pub fn run(a: DemoArgs) -> Result {
     let spec = a.listen.parse().map_err(Failure::usage)?;
     let bound =
         crate::tools::bind_all(&[spec], dream_core::listen::DEFAULT_BACKLOG, "demo", false)?;
-    let addr = bound[0].local.clone();
+    let addr = bound[0].local_addr();
     let first = deploy_site(&root, &sites, "blue").map_err(Failure::failed)?;
 
     let exe = std::env::current_exe().map_err(Failure::failed)?;
     let workers = a.workers.to_string();
-    let handoffs: Vec<Handoff<'_>> = bound.iter().map(Bound::handoff).collect();
     let mut serve = Command::new(&exe);
     serve
         .args([
@@ -131,7 +129,7 @@ pub fn run(a: DemoArgs) -> Result {
         .args(["--drain-timeout", "10s", "--"])
         .args([exe.as_os_str()])
         .args(["static", "--drain-grace", "500ms"])
-        .sockets(&handoffs)
+        .sockets(&bound)
         .parent_death_signal(Signal::SIGTERM);
     let supervisor = serve.spawn().map_err(Failure::from)?;
     let status_ok = || {

@@ -678,8 +678,9 @@ fn run_static(a: StaticArgs) -> Result {
             let bound = tools::bind_all(&[spec], dream_core::listen::DEFAULT_BACKLOG, "static", true)?;
             bound
                 .into_iter()
-                .map(|b| protocol::Listener::Tcp(std::os::fd::OwnedFd::from(b).into()))
-                .collect()
+                .map(|b| b.into_std())
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(Failure::failed)?
         }
         None => protocol::take_listeners()
             .map_err(|e| {
@@ -688,7 +689,7 @@ fn run_static(a: StaticArgs) -> Result {
                 ))
             })?
             .into_iter()
-            .map(|i| i.into_listener())
+            .map(|i| i.into_std())
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(Failure::failed)?,
     };

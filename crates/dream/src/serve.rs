@@ -109,8 +109,7 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
                     "no --listen given and no sockets inherited from systemd (LISTEN_FDS/LISTEN_PID): give --listen SPEC, e.g. --listen 127.0.0.1:8080",
                 )
             })?;
-        let sockets = inherited.into_iter().map(|i| (i.fd, i.name)).collect();
-        (sockets, Vec::new())
+        (inherited, Vec::new())
     } else {
         let specs: Vec<ListenSpec> = o
             .listen
@@ -129,14 +128,7 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
                 _ => None,
             })
             .collect();
-        let sockets = bound
-            .into_iter()
-            .map(|b| {
-                let name = b.name.clone();
-                (std::os::fd::OwnedFd::from(b), name)
-            })
-            .collect();
-        (sockets, unix_paths)
+        (bound, unix_paths)
     };
     let user = o.user.map(worker_ids).transpose()?;
     let cfg = Config {
@@ -175,10 +167,7 @@ pub fn pool(
     settings.workers = workers.max(1);
     let sockets = protocol::listeners_from_env()
         .map_err(|e| Failure::usage(format!("inherited sockets: {e}")))?
-        .unwrap_or_default()
-        .into_iter()
-        .map(|i| (i.fd, i.name))
-        .collect();
+        .unwrap_or_default();
     let dir = std::env::current_dir().map_err(Failure::failed)?;
     run(Config {
         mode: Mode::Pool { dir, relay_hup },

@@ -6,9 +6,9 @@ use std::path::Path;
 
 use std::os::fd::AsFd;
 
-use dream_core::listen::{self, Bound};
+use dream_core::listen::{self, Listener};
 use dream_core::lock::{Holder, Lock, Wait};
-use dream_core::spawn::{Command, Handoff};
+use dream_core::spawn::Command;
 use dream_core::spec::ListenSpec;
 
 use crate::exit::{Failure, Result};
@@ -99,7 +99,7 @@ pub fn bind_all(
     backlog: u32,
     who: &str,
     verbose: bool,
-) -> Result<Vec<Bound>> {
+) -> Result<Vec<Listener>> {
     let (effective, capped) = listen::effective_backlog(backlog);
     if let Some(max) = capped {
         eprintln!(
@@ -112,10 +112,15 @@ pub fn bind_all(
         let port_zero = matches!(spec, ListenSpec::Tcp(a) if a.port() == 0)
             || matches!(spec, ListenSpec::AnyAddress(0) | ListenSpec::Host(_, 0));
         if verbose || port_zero {
+            // A Unix socket is bound under a temporary name and renamed:
+            // the spec names it, not getsockname(2).
+            let shown = match spec {
+                ListenSpec::Unix(_) => spec.to_string(),
+                _ => bound.local_addr(),
+            };
             eprintln!(
-                "{} dream {who}: listening on {} (backlog {effective})",
+                "{} dream {who}: listening on {shown} (backlog {effective})",
                 dream_core::log_time(),
-                bound.local
             );
         }
         out.push(bound);
@@ -136,9 +141,8 @@ pub fn listen(
     if let Some(user) = user {
         crate::privs::drop_to(user)?;
     }
-    let handoffs: Vec<Handoff<'_>> = bound.iter().map(Bound::handoff).collect();
     let mut cmd = Command::new(&program[0]);
-    cmd.args(&program[1..]).sockets(&handoffs);
+    cmd.args(&program[1..]).sockets(&bound);
     Err(cmd.exec().into())
 }
 

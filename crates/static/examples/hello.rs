@@ -1,12 +1,12 @@
 //! A worker in Rust on hyper: takes its listener from LISTEN_FDS or fd 0 with
-//! `dream_core::protocol::take_listeners`, says READY=1, drains on SIGTERM.
+//! `dream_protocol::take_listeners` (the only dream crate it needs), says READY=1, drains on SIGTERM.
 //!
 //! Run under dream:  dream serve --listen :8080 --ready notify -- ./hello
 
 use std::convert::Infallible;
 
 use bytes::Bytes;
-use dream_core::protocol::{self, Listener};
+use dream_protocol::{self as protocol, StdListener};
 use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -15,10 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Take the sockets before any thread starts, so the protocol variables
     // can be cleared.
     let listeners = protocol::take_listeners()?;
-    let Some(Listener::Tcp(listener)) = listeners
+    let Some(StdListener::Tcp(listener)) = listeners
         .into_iter()
         .next()
-        .map(|l| l.into_listener())
+        .map(|l| l.into_std())
         .transpose()?
     else {
         return Err("expected a TCP listener".into());

@@ -1,7 +1,7 @@
 //! `dream static`: a static file worker that follows dream's protocol.
 //!
 //! Theory of operation. The worker never binds: it takes its listening
-//! sockets from `LISTEN_FDS` or fd 0 ([`dream_core::protocol`]), serves
+//! sockets from `LISTEN_FDS` or fd 0 ([`dream_protocol`]), serves
 //! files from one directory with HTTP/1.1 (hyper), and tells the
 //! supervisor it is ready with `READY=1` once it accepts.
 //!
@@ -35,7 +35,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use dream_core::protocol::Listener;
+use dream_protocol::StdListener;
 use hyper::body::{Frame, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -90,7 +90,7 @@ impl Default for Config {
 }
 
 /// Serves until HUP, TERM or INT, then drains and returns.
-pub fn serve(listeners: Vec<Listener>, config: Config) -> io::Result<()> {
+pub fn serve(listeners: Vec<StdListener>, config: Config) -> io::Result<()> {
     if listeners.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -132,7 +132,7 @@ struct Shared {
     peak: AtomicUsize,
 }
 
-async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Result<()> {
+async fn run(listeners: Vec<StdListener>, root: PathBuf, config: Config) -> io::Result<()> {
     // HUP, TERM and INT make this pipe readable: the accept threads poll
     // it beside their listener, so they stop accepting the moment the
     // drain signal arrives, not once this task has been scheduled.
@@ -165,8 +165,8 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
     let mut accepting = Vec::new();
     for listener in listeners {
         let (fd, tcp): (std::os::fd::OwnedFd, bool) = match listener {
-            Listener::Tcp(l) => (l.into(), true),
-            Listener::Unix(l) => (l.into(), false),
+            StdListener::Tcp(l) => (l.into(), true),
+            StdListener::Unix(l) => (l.into(), false),
         };
         let sink = Spawner {
             handle: tokio::runtime::Handle::current(),
@@ -179,7 +179,7 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
         };
         accepting.push(accept::spawn(fd, drain.try_clone()?, sink)?);
     }
-    let _ = dream_core::protocol::notify("READY=1");
+    let _ = dream_protocol::notify("READY=1");
 
     // Sleep (on a blocking-pool thread) until the drain signal.
     tokio::task::spawn_blocking(move || accept::wait_readable_fd(std::os::fd::AsFd::as_fd(&drain)))
@@ -191,7 +191,7 @@ async fn run(listeners: Vec<Listener>, root: PathBuf, config: Config) -> io::Res
         .await
         .map_err(io::Error::other)?;
     shared.draining.store(true, Ordering::SeqCst);
-    let _ = dream_core::protocol::notify("STOPPING=1");
+    let _ = dream_protocol::notify("STOPPING=1");
     // 3. Idle connections get a grace period before they are closed.
     if !wait_closed(&shared, config.drain_grace).await {
         let _ = shared.shutdown.send(true);

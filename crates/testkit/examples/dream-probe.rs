@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use dream_core::protocol::{self, Listener};
+use dream_core::protocol::{self, StdListener as Listener};
 use dream_core::signals::Signals;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::Signal;
@@ -121,7 +121,7 @@ fn main() {
         protocol::take_listeners()
             .expect("a listening socket")
             .into_iter()
-            .map(|l| l.into_listener().expect("listener"))
+            .map(|l| l.into_std().expect("listener"))
             .collect()
     } else {
         Vec::new()

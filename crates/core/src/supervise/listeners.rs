@@ -19,7 +19,7 @@ impl Driver {
     /// worker is healed at once) and says so; no release is blamed.
     pub(super) fn on_listener_hangup(&mut self, i: usize) {
         use nix::sys::socket::{Backlog, getsockopt, listen, sockopt::AcceptConn};
-        let (fd, name) = &self.cfg.sockets[i];
+        let protocol::Listener { fd, name } = &self.cfg.sockets[i];
         if getsockopt(fd, AcceptConn).unwrap_or(true) {
             return;
         }
@@ -56,7 +56,7 @@ impl Driver {
     /// supervisor cannot know which worker did it, but it says what changed.
     pub(super) fn check_listener_flags(&mut self) {
         let mut changes = Vec::new();
-        for (i, (fd, name)) in self.cfg.sockets.iter().enumerate() {
+        for (i, protocol::Listener { fd, name }) in self.cfg.sockets.iter().enumerate() {
             let now = status_flags(fd);
             let was = self.listener_flags[i];
             if now != was

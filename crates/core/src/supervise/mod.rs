@@ -54,10 +54,10 @@ use serde_json::{Value, json};
 
 use crate::control::{self, Request};
 use crate::pool::{Action, GenId, Pool, Release, Settings, Stop, Waiter};
-use crate::protocol;
+use crate::protocol::{self, Listener};
 use crate::respawn::describe;
 use crate::signals::{Signals, timeout_until};
-use crate::spawn::{Command, Handoff};
+use crate::spawn::Command;
 
 /// Where workers run.
 #[derive(Debug, Clone)]
@@ -76,7 +76,7 @@ pub struct Config {
     pub program: OsString,
     pub args: Vec<OsString>,
     /// Listening sockets with their `LISTEN_FDNAMES` names.
-    pub sockets: Vec<(OwnedFd, String)>,
+    pub sockets: Vec<Listener>,
     /// Unix socket paths to remove at final shutdown.
     pub unix_paths: Vec<PathBuf>,
     pub settings: Settings,
@@ -217,12 +217,7 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
         listener_lost: Vec::new(),
         exit_code: 0,
     };
-    d.listener_flags = d
-        .cfg
-        .sockets
-        .iter()
-        .map(|(fd, _)| status_flags(fd))
-        .collect();
+    d.listener_flags = d.cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
     d.listener_lost = vec![false; d.cfg.sockets.len()];
     d.log(
         0,
@@ -330,7 +325,7 @@ impl Driver {
         // which a listening socket shows once it no longer listens (a
         // worker called shutdown(2) on it). Connections waiting do not
         // wake the supervisor.
-        for (i, (fd, _)) in self.cfg.sockets.iter().enumerate() {
+        for (i, Listener { fd, .. }) in self.cfg.sockets.iter().enumerate() {
             if !self.listener_lost[i] {
                 sources.push(Source::Listener(i));
                 polls.push(PollFd::new(fd.as_fd(), PollFlags::empty()));

@@ -34,7 +34,7 @@ pub(super) fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> 
         .map_err(|e| SuperviseError::Setup(format!("control socket: {e}")))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    let listener: UnixListener = OwnedFd::from(bound).into();
+    let listener: UnixListener = bound.fd.into();
     listener.set_nonblocking(true)?;
     Ok(listener)
 }

@@ -91,7 +91,7 @@ impl Driver {
             "uptime_s": now.duration_since(self.started).as_secs_f64(),
             // Output dropped because its reader stalled (see output.rs).
             "output_dropped_bytes": self.output.dropped(),
-            "sockets": self.cfg.sockets.iter().map(|(fd, name)| json!({
+            "sockets": self.cfg.sockets.iter().map(|protocol::Listener { fd, name }| json!({
                 "name": name,
                 "address": protocol::describe_local(fd.as_fd()),
             })).collect::<Vec<_>>(),

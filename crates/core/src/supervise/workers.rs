@@ -212,15 +212,6 @@ impl Driver {
             &wr,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
         );
-        let handoffs: Vec<Handoff<'_>> = self
-            .cfg
-            .sockets
-            .iter()
-            .map(|(fd, name)| Handoff {
-                fd: fd.as_fd(),
-                name: name.as_str(),
-            })
-            .collect();
         let ready_pipe = match self.cfg.settings.readiness {
             crate::pool::Readiness::Fd(_) => Some(
                 nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
@@ -236,7 +227,7 @@ impl Driver {
         }
         cmd.args(&self.cfg.args)
             .cwd(&release.dir)
-            .sockets(&handoffs)
+            .sockets(&self.cfg.sockets)
             .stderr(wr.as_fd())
             .env("DREAM_RELEASE", &release.id)
             .env("DREAM_RELEASE_DIR", &release.dir)

@@ -1,58 +1,89 @@
-//! The socket-passing and readiness protocols, from the worker's side.
+//! The worker's side of dream, and of systemd socket activation.
 //!
-//! A worker finds its listening sockets in one of two places:
+//! A worker under `dream serve` (or systemd, or inetd) does three things
+//! with this crate and nothing else from dream:
 //!
-//! * **systemd**: `LISTEN_PID` equals its own pid and `LISTEN_FDS=N`; the
-//!   sockets are fds 3 .. 3+N, named by the colon-separated
-//!   `LISTEN_FDNAMES`;
+//! ```no_run
+//! // 1. Take the listening sockets, before starting any thread.
+//! let listeners = dream_protocol::take_listeners()?;
+//! let dream_protocol::StdListener::Tcp(listener) = listeners.into_iter().next().unwrap().into_std()?
+//! else { panic!("expected TCP") };
+//! // 2. Say READY=1 once it can serve (a no-op outside a supervisor).
+//! dream_protocol::notify("READY=1")?;
+//! // 3. Accept until SIGTERM, then finish what is in flight and exit 0.
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Sockets come from one of two places:
+//!
+//! * **systemd**: `LISTEN_PID` equals the process's own pid and
+//!   `LISTEN_FDS=N`; the sockets are fds 3 .. 3+N, named by the
+//!   colon-separated `LISTEN_FDNAMES`;
 //! * **inetd**: fd 0 is a listening socket.
 //!
 //! [`take_listeners`] tries both, in that order, checks that every
 //! descriptor really is a listening socket (`SO_ACCEPTCONN`), marks it
 //! close-on-exec and, as `sd_listen_fds(1)` does, removes the variables so
-//! that the worker's own children do not mistake them for theirs.
+//! the worker's own children do not mistake them for theirs.
 //!
-//! Readiness goes the other way: [`notify`] sends an sd_notify datagram
-//! such as `READY=1` to `$NOTIFY_SOCKET`.
-//!
-//! `doc/protocol.md` describes both for worker authors in any language.
+//! [`Listener`] is also the one type dream itself uses for a named
+//! listening socket, from binding (`dream_core::listen::bind`) through
+//! hand-off to workers (`dream_core::spawn::Command::sockets`) to
+//! inheritance here. `doc/protocol.md` describes the protocol for worker
+//! authors in any language.
 
+use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use socket2::{Domain, SockRef};
 
-use crate::sys;
+pub mod sys;
 
 pub const SD_LISTEN_FDS_START: RawFd = 3;
 pub const LISTEN_FDS: &str = "LISTEN_FDS";
 pub const LISTEN_PID: &str = "LISTEN_PID";
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+/// The release id a worker runs (`DREAM_RELEASE`).
+pub const DREAM_RELEASE: &str = "DREAM_RELEASE";
+/// The release's directory, also the worker's working directory.
+pub const DREAM_RELEASE_DIR: &str = "DREAM_RELEASE_DIR";
+/// The generation number (1, 2, …) the worker belongs to.
+pub const DREAM_GENERATION: &str = "DREAM_GENERATION";
+/// The worker's index within its generation (0 ..).
+pub const DREAM_WORKER: &str = "DREAM_WORKER";
 
-/// A listening socket this process inherited.
+/// A listening socket and the name it is handed down under
+/// (`LISTEN_FDNAMES`; `"stdin"` for an inetd socket on fd 0).
 #[derive(Debug)]
-pub struct Inherited {
+pub struct Listener {
     pub fd: OwnedFd,
-    /// Its `LISTEN_FDNAMES` entry, or `"stdin"` for fd 0.
     pub name: String,
 }
 
 /// A listening socket as a std type.
 #[derive(Debug)]
-pub enum Listener {
+pub enum StdListener {
     Tcp(std::net::TcpListener),
     Unix(std::os::unix::net::UnixListener),
 }
 
-impl Inherited {
+impl Listener {
+    pub fn new(fd: OwnedFd, name: impl Into<String>) -> Listener {
+        Listener {
+            fd,
+            name: name.into(),
+        }
+    }
+
     /// Converts to the std listener of the socket's address family.
-    pub fn into_listener(self) -> io::Result<Listener> {
+    pub fn into_std(self) -> io::Result<StdListener> {
         let domain = SockRef::from(&self.fd).domain()?;
         Ok(if domain == Domain::UNIX {
-            Listener::Unix(self.fd.into())
+            StdListener::Unix(self.fd.into())
         } else {
-            Listener::Tcp(self.fd.into())
+            StdListener::Tcp(self.fd.into())
         })
     }
 
@@ -62,24 +93,42 @@ impl Inherited {
     }
 }
 
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 /// Why no listener could be taken.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum ProtocolError {
-    #[error(
-        "no listening socket: fd 0 is not one and LISTEN_FDS is not set for this process{hint}"
-    )]
     NoSockets { hint: String },
-    #[error("LISTEN_FDS={0:?} is not a positive number")]
     BadCount(String),
-    #[error("fd {fd} from LISTEN_FDS is {why}")]
     NotAListener { fd: RawFd, why: String },
 }
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtocolError::NoSockets { hint } => write!(
+                f,
+                "no listening socket: fd 0 is not one and LISTEN_FDS is not set for this process{hint}"
+            ),
+            ProtocolError::BadCount(n) => write!(f, "LISTEN_FDS={n:?} is not a positive number"),
+            ProtocolError::NotAListener { fd, why } => {
+                write!(f, "fd {fd} from LISTEN_FDS is {why}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
 
 /// The sockets of the systemd protocol, if they are meant for this process.
 ///
 /// `Ok(None)` when `LISTEN_FDS` is unset or `LISTEN_PID` names another
 /// process. The variables are removed either way when they were for us.
-pub fn listeners_from_env() -> Result<Option<Vec<Inherited>>, ProtocolError> {
+pub fn listeners_from_env() -> Result<Option<Vec<Listener>>, ProtocolError> {
     let Some(count) = std::env::var_os(LISTEN_FDS) else {
         return Ok(None);
     };
@@ -108,14 +157,14 @@ pub fn listeners_from_env() -> Result<Option<Vec<Inherited>>, ProtocolError> {
             why: "already taken".into(),
         })?;
         set_cloexec(&owned);
-        out.push(Inherited { fd: owned, name });
+        out.push(Listener::new(owned, name));
     }
     Ok(Some(out))
 }
 
 /// Takes this process's listening sockets: systemd's protocol first, then
 /// fd 0.
-pub fn take_listeners() -> Result<Vec<Inherited>, ProtocolError> {
+pub fn take_listeners() -> Result<Vec<Listener>, ProtocolError> {
     let stale_pid = std::env::var(LISTEN_PID).ok();
     if let Some(found) = listeners_from_env()? {
         return Ok(found);
@@ -123,10 +172,7 @@ pub fn take_listeners() -> Result<Vec<Inherited>, ProtocolError> {
     if check_listener(0).is_ok() {
         if let Some(fd) = sys::claim_inherited_fd(0) {
             set_cloexec(&fd);
-            return Ok(vec![Inherited {
-                fd,
-                name: "stdin".into(),
-            }]);
+            return Ok(vec![Listener::new(fd, "stdin")]);
         }
     }
     let hint = match (std::env::var_os(LISTEN_FDS), stale_pid) {
@@ -138,7 +184,6 @@ pub fn take_listeners() -> Result<Vec<Inherited>, ProtocolError> {
     };
     Err(ProtocolError::NoSockets { hint })
 }
-
 /// Ok if `fd` is an open socket in the listening state.
 pub fn check_listener(fd: RawFd) -> Result<(), String> {
     sys::with_raw_fd(fd, |b| {
@@ -169,7 +214,7 @@ fn bound(sock: &SockRef<'_>) -> bool {
 }
 
 /// A printable local address of a socket.
-pub fn describe_local(fd: std::os::fd::BorrowedFd<'_>) -> String {
+pub fn describe_local(fd: BorrowedFd<'_>) -> String {
     let sock = SockRef::from(&fd);
     match sock.local_addr() {
         Ok(addr) => {
@@ -186,8 +231,7 @@ pub fn describe_local(fd: std::os::fd::BorrowedFd<'_>) -> String {
 }
 
 fn set_cloexec(fd: &OwnedFd) {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    let _ = SockRef::from(fd).set_cloexec(true);
 }
 
 /// Sends an sd_notify message (`READY=1`, `STOPPING=1`, ...) to
