@@ -136,17 +136,7 @@ impl Progress<'_> {
         self.started = now;
         (self.out)(&step);
         self.report.steps.push(step);
-        test_stop_point(phase);
-    }
-}
-
-/// For the crash tests: `DREAM_TEST_STOP_AFTER=<phase>` makes the process
-/// stop itself (SIGSTOP) right after that phase, so a test can kill it there.
-/// Debug builds only: a release build has no such hook, so an inherited
-/// environment variable can never freeze a production deploy.
-fn test_stop_point(phase: &str) {
-    if cfg!(debug_assertions) && std::env::var("DREAM_TEST_STOP_AFTER").is_ok_and(|p| p == phase) {
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+        crate::test_point(phase);
     }
 }
 

@@ -35,6 +35,26 @@ pub use sys::{
     single_threaded, with_raw_fd,
 };
 
+/// For the crash tests: `DREAM_TEST_STOP_AFTER=<point>` makes the process
+/// stop itself (SIGSTOP) at that point (a deploy phase, an upgrade step),
+/// so a test can kill it exactly there.
+///
+/// Compiled only with the `test-hooks` feature, which dream's own tests
+/// turn on (a dev-dependency); `cargo build` and `cargo install` leave it
+/// out, so an inherited environment variable can never freeze a
+/// production deploy.
+#[cfg(feature = "test-hooks")]
+pub fn test_point(point: &str) {
+    if std::env::var("DREAM_TEST_STOP_AFTER").is_ok_and(|p| p == point) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    }
+}
+
+/// Without the `test-hooks` feature: nothing.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn test_point(_point: &str) {}
+
 /// `250ms`, `1.5s`, `2m03s`: a duration for log lines.
 /// The time at the start of every log line: RFC 3339, UTC, milliseconds.
 pub fn log_time() -> String {
