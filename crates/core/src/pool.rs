@@ -9,13 +9,17 @@
 //! directory:
 //!
 //! ```text
-//!             all ready                       drain signal sent
-//!  Starting ─────────────▶ Live ─────────────▶ Draining{deadline} ──▶ (gone)
-//!     │ a worker exits,       │ a worker exits:           all exited, or SIGKILL
-//!     │ or not ready in time  │ respawn with backoff      of the groups at deadline
-//!     ▼
-//!  Failed: killed at once; the live generation keeps serving
+//!             all ready                 drain signal sent          deadline: groups SIGKILLed
+//!  Starting ─────────────▶ Live ───────────────────▶ Draining ──────────────▶ Killed
+//!     │ a worker exits,       │ a worker exits:          │ all exited            │ all exited
+//!     │ or not ready in time  │ respawn with backoff     ▼                       ▼
+//!     ▼                       │                       (gone)                  (gone)
+//!  Failed: killed at once;    │ scaled down: the worker is Retiring
+//!  the live one keeps serving │ (drained, never respawned, removed once it exits)
 //! ```
+//!
+//! These are `GenState`'s variants, and every input is one [`Event`] given
+//! to [`Pool::on`].
 //!
 //! The first generation is live from the start (there is nothing older to
 //! protect): its workers are respawned with backoff until they come up. A
@@ -171,9 +175,15 @@ enum WorkerState {
         pid: i32,
         since: Instant,
     },
-    /// Told to drain (or killed); waiting for it to exit.
+    /// Told to drain (or killed) with its generation; waiting for it to exit.
     Stopping {
         pid: i32,
+    },
+    /// Scaled down out of a live generation: told to drain, never
+    /// respawned, removed once it exits. `None` while its spawn is still
+    /// in flight (it is told to drain as soon as it has a pid).
+    Retiring {
+        pid: Option<i32>,
     },
     Gone,
 }
@@ -185,8 +195,6 @@ struct Worker {
     /// Consecutive deaths before ready; drives the backoff.
     failures: u32,
     restarts: u32,
-    /// Scaled down: not respawned once it exits.
-    retiring: bool,
     /// The process group of its latest process (its pid), killed once that
     /// process is gone so that nothing it forked outlives it.
     pgid: Option<i32>,
@@ -197,17 +205,51 @@ impl Worker {
         match self.state {
             WorkerState::Starting { pid, .. }
             | WorkerState::Ready { pid, .. }
-            | WorkerState::Stopping { pid } => Some(pid),
+            | WorkerState::Stopping { pid }
+            | WorkerState::Retiring { pid: Some(pid) } => Some(pid),
             _ => None,
+        }
+    }
+
+    fn retiring(&self) -> bool {
+        matches!(self.state, WorkerState::Retiring { .. })
+    }
+
+    fn new(index: usize, state: WorkerState) -> Worker {
+        Worker {
+            index,
+            state,
+            failures: 0,
+            restarts: 0,
+            pgid: None,
         }
     }
 }
 
+/// The lifecycle of a generation (the diagram at the top of the module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum GenState {
+    /// Workers starting; all must be ready by `deadline`.
     Starting { deadline: Instant },
+    /// Serving; its dead workers are respawned with backoff.
     Live,
-    Draining { deadline: Instant, killed: bool },
+    /// Told to drain; its process groups are killed at `deadline`.
+    Draining { deadline: Instant },
+    /// Past its drain deadline, or stopped fast: killed, exits awaited.
+    Killed,
+    /// Did not come up (a worker died, or not ready in time): killed at
+    /// once, kept until its workers are reaped so status can show it.
+    Failed,
+}
+
+impl GenState {
+    /// On its way out: drained, killed or failed.
+    fn ending(self) -> bool {
+        matches!(
+            self,
+            GenState::Draining { .. } | GenState::Killed | GenState::Failed
+        )
+    }
 }
 
 #[derive(Debug)]
@@ -218,8 +260,47 @@ struct Generation {
     workers: Vec<Worker>,
     started: Instant,
     waiters: Vec<Waiter>,
-    /// Failed generations are drained at once; kept for status.
-    failed: bool,
+}
+
+/// Everything that happens to the pool: the one input of [`Pool::on`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A reload was asked for (HUP, the control socket); `waiter` is the
+    /// control client waiting for its outcome.
+    ReloadRequested {
+        waiter: Option<Waiter>,
+    },
+    /// The driver resolved `current` for a [`Action::StartReload`] (or for
+    /// the first generation): start a generation there, or fail the reload.
+    ReleaseResolved(Result<Release, String>),
+    /// The driver started a worker for an [`Action::Spawn`].
+    Spawned {
+        generation: GenId,
+        index: usize,
+        pid: i32,
+    },
+    /// The driver could not start it (exec failed).
+    SpawnFailed {
+        generation: GenId,
+        index: usize,
+        error: String,
+    },
+    /// A worker said `READY=1` (or wrote to its ready descriptor).
+    Ready {
+        generation: GenId,
+        index: usize,
+    },
+    /// A child exited: `how` in words, `tail` the end of its output.
+    Exited {
+        pid: i32,
+        how: String,
+        tail: String,
+    },
+    /// The worker count changed (control `scale`, TTIN, TTOU).
+    Scale(usize),
+    Stop(Stop),
+    /// Time passed: whatever was due by now ([`Pool::next_deadline`]).
+    Tick,
 }
 
 /// How the supervisor is stopping.
@@ -295,6 +376,52 @@ impl Pool {
         }
     }
 
+    /// The pool's one transition: an event in, the actions to carry out.
+    ///
+    /// Every rule of the lifecycle (when a generation goes live, fails,
+    /// drains; when a worker is respawned, and after what backoff; when a
+    /// queued reload may start) is reached from here, so a change of
+    /// policy is an edit behind this match.
+    pub fn on(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        match event {
+            Event::ReloadRequested { waiter } => {
+                if self.request_reload(waiter) {
+                    vec![Action::StartReload]
+                } else if self.stopping.is_some() {
+                    vec![ReloadFailed::stopping(waiter.into_iter().collect())]
+                } else if self.reloading() {
+                    vec![Action::Log(
+                        "reload queued behind the one in progress".into(),
+                    )]
+                } else if self.reload_held() {
+                    vec![Action::Log(
+                        "reload held until a draining generation finishes or reaches its drain deadline"
+                            .into(),
+                    )]
+                } else {
+                    Vec::new()
+                }
+            }
+            Event::ReleaseResolved(Ok(release)) => self.begin_generation(release, now),
+            Event::ReleaseResolved(Err(reason)) => self.reload_unavailable(reason),
+            Event::Spawned {
+                generation,
+                index,
+                pid,
+            } => self.spawned(generation, index, pid, now),
+            Event::SpawnFailed {
+                generation,
+                index,
+                error,
+            } => self.spawn_failed(generation, index, error, now),
+            Event::Ready { generation, index } => self.ready(generation, index, now),
+            Event::Exited { pid, how, tail } => self.exited(pid, &how, &tail, now),
+            Event::Scale(workers) => self.scale(workers, now),
+            Event::Stop(how) => self.stop(how, now),
+            Event::Tick => self.tick(now),
+        }
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -321,7 +448,7 @@ impl Pool {
     /// Asks for a reload. Returns true if the driver should resolve
     /// `current` and call [`Pool::begin_generation`] now; otherwise the
     /// request is queued behind the reload in progress.
-    pub fn request_reload(&mut self, waiter: Option<Waiter>) -> bool {
+    fn request_reload(&mut self, waiter: Option<Waiter>) -> bool {
         if self.stopping.is_some() {
             return false;
         }
@@ -338,7 +465,7 @@ impl Pool {
     fn draining(&self) -> usize {
         self.gens
             .iter()
-            .filter(|g| matches!(g.state, GenState::Draining { killed: false, .. }))
+            .filter(|g| matches!(g.state, GenState::Draining { .. }))
             .count()
     }
 
@@ -361,7 +488,7 @@ impl Pool {
     }
 
     /// Starts a generation in `release`. The first one is live at once.
-    pub fn begin_generation(&mut self, release: Release, now: Instant) -> Vec<Action> {
+    fn begin_generation(&mut self, release: Release, now: Instant) -> Vec<Action> {
         self.start_pending = false;
         let waiters = self.queued.take().unwrap_or_default();
         if self.stopping.is_some() {
@@ -398,14 +525,7 @@ impl Pool {
                     index,
                     release: release.clone(),
                 });
-                Worker {
-                    index,
-                    state: WorkerState::Spawning,
-                    failures: 0,
-                    restarts: 0,
-                    retiring: false,
-                    pgid: None,
-                }
+                Worker::new(index, WorkerState::Spawning)
             })
             .collect();
         self.gens.push(Generation {
@@ -415,13 +535,12 @@ impl Pool {
             workers,
             started: now,
             waiters,
-            failed: false,
         });
         actions
     }
 
     /// Resolving `current` failed: the queued reload fails with `reason`.
-    pub fn reload_unavailable(&mut self, reason: String) -> Vec<Action> {
+    fn reload_unavailable(&mut self, reason: String) -> Vec<Action> {
         self.start_pending = false;
         let waiters = self.queued.take().unwrap_or_default();
         vec![
@@ -440,26 +559,34 @@ impl Pool {
     }
 
     /// The driver started a worker.
-    pub fn spawned(
-        &mut self,
-        generation: GenId,
-        index: usize,
-        pid: i32,
-        now: Instant,
-    ) -> Vec<Action> {
-        if let Some((g, i)) = self.worker_mut(generation, index) {
-            g.workers[i].state = WorkerState::Starting { pid, since: now };
-            g.workers[i].pgid = Some(pid);
-            return vec![Action::Log(format!(
-                "worker {generation}.{index} started: pid {pid}"
-            ))];
+    fn spawned(&mut self, generation: GenId, index: usize, pid: i32, now: Instant) -> Vec<Action> {
+        let signal = self.settings.drain_signal;
+        let Some((g, i)) = self.worker_mut(generation, index) else {
+            // A generation that failed meanwhile: nothing wants this worker.
+            return vec![Action::KillGroup { pid }];
+        };
+        let w = &mut g.workers[i];
+        w.pgid = Some(pid);
+        let started = Action::Log(format!("worker {generation}.{index} started: pid {pid}"));
+        match w.state {
+            WorkerState::Spawning => {
+                w.state = WorkerState::Starting { pid, since: now };
+                vec![started]
+            }
+            // Scaled down while its spawn was in flight.
+            WorkerState::Retiring { pid: None } => {
+                w.state = WorkerState::Retiring { pid: Some(pid) };
+                vec![started, Action::Signal { pid, signal }]
+            }
+            _ => {
+                w.state = WorkerState::Stopping { pid };
+                vec![started, Action::KillGroup { pid }]
+            }
         }
-        // A generation that failed meanwhile: nothing wants this worker.
-        vec![Action::KillGroup { pid }]
     }
 
     /// The driver could not start a worker (exec failed).
-    pub fn spawn_failed(
+    fn spawn_failed(
         &mut self,
         generation: GenId,
         index: usize,
@@ -470,7 +597,7 @@ impl Pool {
     }
 
     /// A worker sent `READY=1`.
-    pub fn ready(&mut self, generation: GenId, index: usize, now: Instant) -> Vec<Action> {
+    fn ready(&mut self, generation: GenId, index: usize, now: Instant) -> Vec<Action> {
         if matches!(self.settings.readiness, Readiness::Delay(_)) {
             return Vec::new();
         }
@@ -501,7 +628,7 @@ impl Pool {
         let all_ready = g
             .workers
             .iter()
-            .filter(|w| !w.retiring)
+            .filter(|w| !w.retiring())
             .all(|w| matches!(w.state, WorkerState::Ready { .. }));
         if !all_ready {
             return actions;
@@ -545,7 +672,7 @@ impl Pool {
                 });
                 actions.extend(self.start_queued());
             }
-            GenState::Draining { .. } => {}
+            GenState::Draining { .. } | GenState::Killed | GenState::Failed => {}
         }
         actions
     }
@@ -573,10 +700,7 @@ impl Pool {
         let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
             return Vec::new();
         };
-        g.state = GenState::Draining {
-            deadline,
-            killed: false,
-        };
+        g.state = GenState::Draining { deadline };
         let mut actions = vec![Action::Log(format!(
             "draining generation {generation} (release {})",
             g.release.id
@@ -595,15 +719,13 @@ impl Pool {
         actions
     }
 
-    /// Kills a generation's workers now (a failed start, or a fast stop).
-    fn kill(&mut self, generation: GenId, now: Instant) -> Vec<Action> {
+    /// Kills a generation's workers now: `Failed` for a failed start,
+    /// `Killed` for a fast stop.
+    fn kill(&mut self, generation: GenId, state: GenState) -> Vec<Action> {
         let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
             return Vec::new();
         };
-        g.state = GenState::Draining {
-            deadline: now,
-            killed: true,
-        };
+        g.state = state;
         let mut actions = Vec::new();
         for w in &mut g.workers {
             match w.pid() {
@@ -620,7 +742,7 @@ impl Pool {
 
     /// A child exited. `how` is its exit status in words; `tail` is the
     /// end of its stderr.
-    pub fn exited(&mut self, pid: i32, how: &str, tail: &str, now: Instant) -> Vec<Action> {
+    fn exited(&mut self, pid: i32, how: &str, tail: &str, now: Instant) -> Vec<Action> {
         let Some((generation, index)) = self.find_pid(pid) else {
             return Vec::new();
         };
@@ -663,18 +785,27 @@ impl Pool {
         let w = &mut g.workers[i];
         let was = std::mem::replace(&mut w.state, WorkerState::Gone);
         let mut actions = Vec::new();
+        if let WorkerState::Retiring { .. } = was {
+            // Scaled down and gone: it leaves the generation, and whatever
+            // it forked goes with it.
+            let pgid = w.pgid;
+            g.workers.remove(i);
+            actions.extend(pgid.map(|pid| Action::KillGroup { pid }));
+            actions.push(Action::Log(format!(
+                "worker {generation}.{index} retired: {reason}"
+            )));
+            actions.extend(self.reap_generations());
+            return actions;
+        }
         match state {
             GenState::Starting { .. } => {
                 actions.push(Action::Warn(format!(
                     "worker {generation}.{index} failed during reload: {reason}"
                 )));
-                actions.extend(self.fail(
-                    generation,
-                    format!("worker {generation}.{index} {reason}"),
-                    now,
-                ));
+                actions
+                    .extend(self.fail(generation, format!("worker {generation}.{index} {reason}")));
             }
-            GenState::Live if !stopping && !w.retiring => {
+            GenState::Live if !stopping => {
                 // Only a minute of health forgives earlier deaths; a worker
                 // that dies soon after becoming ready backs off like one
                 // that never became ready.
@@ -716,14 +847,13 @@ impl Pool {
     }
 
     /// A starting generation failed: kill it, keep the live one.
-    fn fail(&mut self, generation: GenId, reason: String, now: Instant) -> Vec<Action> {
+    fn fail(&mut self, generation: GenId, reason: String) -> Vec<Action> {
         let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
             return Vec::new();
         };
-        g.failed = true;
         let waiters = std::mem::take(&mut g.waiters);
         let release = g.release.id.clone();
-        let mut actions = self.kill(generation, now);
+        let mut actions = self.kill(generation, GenState::Failed);
         let serving = match self.live() {
             Some(l) => format!(
                 "generation {} (release {}) still serving",
@@ -749,8 +879,7 @@ impl Pool {
         let mut actions = Vec::new();
         let before = self.gens.len();
         self.gens.retain(|g| {
-            let done = matches!(g.state, GenState::Draining { .. })
-                && g.workers.iter().all(|w| w.state == WorkerState::Gone);
+            let done = g.state.ending() && g.workers.iter().all(|w| w.state == WorkerState::Gone);
             if done {
                 // Helpers the workers forked (and that ignored the drain
                 // signal) die with their groups.
@@ -760,7 +889,7 @@ impl Pool {
                         .filter_map(|w| w.pgid)
                         .map(|pid| Action::KillGroup { pid }),
                 );
-                if !g.failed {
+                if g.state != GenState::Failed {
                     actions.push(Action::Log(format!("generation {} drained", g.id)));
                 }
                 actions.push(Action::Sweep(g.id));
@@ -771,21 +900,11 @@ impl Pool {
         if self.gens.len() < before {
             actions.extend(self.start_queued());
         }
-        // Live generations drop retired workers that are gone.
-        for g in &mut self.gens {
-            g.workers.retain(|w| {
-                let done = w.retiring && w.state == WorkerState::Gone;
-                if done && let Some(pid) = w.pgid {
-                    actions.push(Action::KillGroup { pid });
-                }
-                !done
-            });
-        }
         actions
     }
 
     /// Deadlines: readiness by time, ready timeouts, respawns, drain ends.
-    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+    fn tick(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let readiness = self.settings.readiness;
         // Workers that became ready by time.
@@ -853,15 +972,14 @@ impl Pool {
             actions.push(Action::Warn(format!(
                 "reload: generation {generation} {reason}"
             )));
-            actions.extend(self.fail(generation, reason, now));
+            actions.extend(self.fail(generation, reason));
         }
         // Drain deadlines.
         for g in &mut self.gens {
-            if let GenState::Draining { deadline, killed } = &mut g.state
-                && *deadline <= now
-                && !*killed
+            if let GenState::Draining { deadline } = g.state
+                && deadline <= now
             {
-                *killed = true;
+                g.state = GenState::Killed;
                 let mut any = false;
                 for w in &g.workers {
                     if let Some(pid) = w.pid() {
@@ -915,10 +1033,7 @@ impl Pool {
         for g in &self.gens {
             match g.state {
                 GenState::Starting { deadline } => consider(deadline),
-                GenState::Draining {
-                    deadline,
-                    killed: false,
-                } => consider(deadline),
+                GenState::Draining { deadline } => consider(deadline),
                 _ => {}
             }
             for w in &g.workers {
@@ -937,7 +1052,7 @@ impl Pool {
     }
 
     /// Stop the pool.
-    pub fn stop(&mut self, how: Stop, now: Instant) -> Vec<Action> {
+    fn stop(&mut self, how: Stop, now: Instant) -> Vec<Action> {
         let escalate = self.stopping == Some(Stop::Graceful) && how == Stop::Fast;
         if self.stopping.is_some() && !escalate {
             return Vec::new();
@@ -961,10 +1076,10 @@ impl Pool {
                             actions.push(ReloadFailed::stopping(waiters));
                         }
                     }
-                    actions.extend(self.kill(id, now));
+                    actions.extend(self.kill(id, GenState::Killed));
                 }
                 (Stop::Graceful, GenState::Live) => actions.extend(self.drain(id, now)),
-                (Stop::Graceful, GenState::Draining { .. }) => {}
+                (Stop::Graceful, _) => {}
             }
         }
         actions.extend(self.reap_generations());
@@ -973,7 +1088,7 @@ impl Pool {
 
     /// Changes the number of workers of the live generation (and of those
     /// started later).
-    pub fn scale(&mut self, workers: usize, now: Instant) -> Vec<Action> {
+    fn scale(&mut self, workers: usize, now: Instant) -> Vec<Action> {
         let workers = workers.clamp(1, MAX_WORKERS);
         self.settings.workers = workers;
         let signal = self.settings.drain_signal;
@@ -984,36 +1099,33 @@ impl Pool {
         let active: Vec<usize> = g
             .workers
             .iter()
-            .filter(|w| !w.retiring)
+            .filter(|w| !w.retiring())
             .map(|w| w.index)
             .collect();
         if workers > active.len() {
             let first = g.workers.iter().map(|w| w.index + 1).max().unwrap_or(0);
             for index in first..first + (workers - active.len()) {
-                g.workers.push(Worker {
-                    index,
-                    state: WorkerState::Waiting { at: now },
-                    failures: 0,
-                    restarts: 0,
-                    retiring: false,
-                    pgid: None,
-                });
+                g.workers
+                    .push(Worker::new(index, WorkerState::Waiting { at: now }));
             }
         } else {
             for index in active.iter().rev().take(active.len() - workers) {
-                let w = g
+                let i = g
                     .workers
-                    .iter_mut()
-                    .find(|w| w.index == *index)
+                    .iter()
+                    .position(|w| w.index == *index)
                     .expect("active worker");
-                w.retiring = true;
+                let w = &mut g.workers[i];
                 match w.state {
                     WorkerState::Starting { pid, .. } | WorkerState::Ready { pid, .. } => {
                         actions.push(Action::Signal { pid, signal });
-                        w.state = WorkerState::Stopping { pid };
+                        w.state = WorkerState::Retiring { pid: Some(pid) };
                     }
-                    WorkerState::Waiting { .. } => w.state = WorkerState::Gone,
-                    _ => {}
+                    WorkerState::Spawning => w.state = WorkerState::Retiring { pid: None },
+                    // Waiting out a backoff: nothing to stop.
+                    _ => {
+                        g.workers.remove(i);
+                    }
                 }
             }
         }
@@ -1072,8 +1184,8 @@ impl Pool {
                     state: match g.state {
                         GenState::Starting { .. } => "starting",
                         GenState::Live => "live",
-                        GenState::Draining { .. } if g.failed => "failed",
-                        GenState::Draining { .. } => "draining",
+                        GenState::Failed => "failed",
+                        GenState::Draining { .. } | GenState::Killed => "draining",
                     },
                     release: g.release.id.clone(),
                     release_dir: g.release.dir.clone(),
@@ -1089,7 +1201,9 @@ impl Pool {
                                 WorkerState::Spawning => "spawning",
                                 WorkerState::Starting { .. } => "starting",
                                 WorkerState::Ready { .. } => "ready",
-                                WorkerState::Stopping { .. } => "stopping",
+                                WorkerState::Stopping { .. } | WorkerState::Retiring { .. } => {
+                                    "stopping"
+                                }
                                 WorkerState::Gone => "gone",
                             },
                             restarts: w.restarts,
@@ -1187,11 +1301,23 @@ mod tests {
             } = &a
             {
                 *next_pid += 1;
-                queue.extend(pool.spawned(*generation, *index, *next_pid, now));
+                queue.extend(pool.on(
+                    Event::Spawned {
+                        generation: *generation,
+                        index: *index,
+                        pid: *next_pid,
+                    },
+                    now,
+                ));
             }
             out.push(a);
         }
         out
+    }
+
+    /// Whether the pool asked the driver to start a reload now.
+    fn starts(a: &[Action]) -> bool {
+        a.iter().any(|a| matches!(a, Action::StartReload))
     }
 
     fn spawns(a: &[Action]) -> usize {
@@ -1230,12 +1356,18 @@ mod tests {
         let t0 = Instant::now();
         let mut pool = Pool::new(settings(n, Readiness::Notify));
         let mut pid = 0;
-        let a = pool.begin_generation(rel("a"), t0);
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("a"))), t0);
         let a = run(&mut pool, a, &mut pid, t0);
         assert_eq!(spawns(&a), n);
         let mut all = Vec::new();
         for i in 0..n {
-            all.extend(pool.ready(1, i, t0));
+            all.extend(pool.on(
+                Event::Ready {
+                    generation: 1,
+                    index: i,
+                },
+                t0,
+            ));
         }
         assert_eq!(
             all.iter()
@@ -1252,12 +1384,12 @@ mod tests {
         let t0 = Instant::now();
         let mut pool = Pool::new(settings(2, Readiness::Auto(Duration::from_secs(1))));
         let mut pid = 0;
-        let a = pool.begin_generation(rel("a"), t0);
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("a"))), t0);
         run(&mut pool, a, &mut pid, t0);
         assert_eq!(pool.live_pids(), vec![1, 2]);
         assert_eq!(pool.next_deadline(), Some(t0 + Duration::from_secs(1)));
-        assert!(pool.tick(t0 + 999 * MS).is_empty());
-        let a = pool.tick(t0 + Duration::from_secs(1));
+        assert!(pool.on(Event::Tick, t0 + 999 * MS).is_empty());
+        let a = pool.on(Event::Tick, t0 + Duration::from_secs(1));
         assert!(a.contains(&Action::Systemd("READY=1".into())));
         assert_eq!(pool.next_deadline(), None, "idle: nothing to wake up for");
     }
@@ -1265,23 +1397,51 @@ mod tests {
     #[test]
     fn reload_swaps_only_when_every_new_worker_is_ready() {
         let (mut pool, mut pid, t0) = live_pool(2);
-        assert!(pool.request_reload(Some(7)));
-        let a = pool.begin_generation(rel("b"), t0);
+        assert!(starts(
+            &pool.on(Event::ReloadRequested { waiter: Some(7) }, t0)
+        ));
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
         assert!(a.contains(&Action::Systemd("RELOADING=1".into())));
         run(&mut pool, a, &mut pid, t0);
         assert!(pool.reloading());
-        let a = pool.ready(2, 0, t0);
+        let a = pool.on(
+            Event::Ready {
+                generation: 2,
+                index: 0,
+            },
+            t0,
+        );
         assert!(
             signals(&a).is_empty(),
             "old generation untouched until all are ready"
         );
-        let a = pool.ready(2, 1, t0);
+        let a = pool.on(
+            Event::Ready {
+                generation: 2,
+                index: 1,
+            },
+            t0,
+        );
         assert_eq!(signals(&a), vec![1, 2], "old generation drained");
         assert_eq!(outcome(&a), Some((vec![7], Ok((2, "b".to_string())))));
         assert_eq!(pool.live_pids(), vec![3, 4]);
         // The old workers exit: the generation is gone.
-        pool.exited(1, "exited with status 0", "", t0);
-        let a = pool.exited(2, "exited with status 0", "", t0);
+        pool.on(
+            Event::Exited {
+                pid: 1,
+                how: ("exited with status 0").to_string(),
+                tail: ("").to_string(),
+            },
+            t0,
+        );
+        let a = pool.on(
+            Event::Exited {
+                pid: 2,
+                how: ("exited with status 0").to_string(),
+                tail: ("").to_string(),
+            },
+            t0,
+        );
         assert!(
             a.contains(&Action::Log("generation 1 drained".into())),
             "{a:?}"
@@ -1292,10 +1452,19 @@ mod tests {
     #[test]
     fn a_crashing_new_generation_is_killed_and_the_old_keeps_serving() {
         let (mut pool, mut pid, t0) = live_pool(2);
-        assert!(pool.request_reload(Some(1)));
-        let a = pool.begin_generation(rel("bad"), t0);
+        assert!(starts(
+            &pool.on(Event::ReloadRequested { waiter: Some(1) }, t0)
+        ));
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("bad"))), t0);
         run(&mut pool, a, &mut pid, t0);
-        let a = pool.exited(3, "exited with status 3", "boom: config missing", t0);
+        let a = pool.on(
+            Event::Exited {
+                pid: 3,
+                how: ("exited with status 3").to_string(),
+                tail: ("boom: config missing").to_string(),
+            },
+            t0,
+        );
         assert_eq!(kills(&a), vec![4], "its sibling is killed");
         let (w, o) = outcome(&a).unwrap();
         assert_eq!(w, vec![1]);
@@ -1315,11 +1484,11 @@ mod tests {
     #[test]
     fn a_never_ready_generation_times_out() {
         let (mut pool, mut pid, t0) = live_pool(1);
-        pool.request_reload(None);
-        let a = pool.begin_generation(rel("slow"), t0);
+        pool.on(Event::ReloadRequested { waiter: None }, t0);
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("slow"))), t0);
         run(&mut pool, a, &mut pid, t0);
         assert_eq!(pool.next_deadline(), Some(t0 + Duration::from_secs(5)));
-        let a = pool.tick(t0 + Duration::from_secs(5));
+        let a = pool.on(Event::Tick, t0 + Duration::from_secs(5));
         assert_eq!(kills(&a), vec![2]);
         let err = outcome(&a).unwrap().1.unwrap_err();
         assert!(err.contains("not ready within 5s"), "{err}");
@@ -1329,18 +1498,35 @@ mod tests {
     #[test]
     fn reloads_during_a_reload_are_queued_and_coalesced() {
         let (mut pool, mut pid, t0) = live_pool(1);
-        assert!(pool.request_reload(Some(1)));
-        let a = pool.begin_generation(rel("b"), t0);
+        assert!(starts(
+            &pool.on(Event::ReloadRequested { waiter: Some(1) }, t0)
+        ));
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
         run(&mut pool, a, &mut pid, t0);
         for w in 2..52 {
-            assert!(!pool.request_reload(Some(w)), "queued, not started");
+            assert!(
+                !starts(&pool.on(Event::ReloadRequested { waiter: Some(w) }, t0)),
+                "queued, not started"
+            );
         }
-        let a = pool.ready(2, 0, t0);
+        let a = pool.on(
+            Event::Ready {
+                generation: 2,
+                index: 0,
+            },
+            t0,
+        );
         assert_eq!(outcome(&a).unwrap().0, vec![1]);
         assert_eq!(a.iter().filter(|a| **a == Action::StartReload).count(), 1);
-        let a = pool.begin_generation(rel("c"), t0);
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("c"))), t0);
         run(&mut pool, a, &mut pid, t0);
-        let a = pool.ready(3, 0, t0);
+        let a = pool.on(
+            Event::Ready {
+                generation: 3,
+                index: 0,
+            },
+            t0,
+        );
         let (waiters, o) = outcome(&a).unwrap();
         assert_eq!(
             waiters,
@@ -1363,21 +1549,41 @@ mod tests {
         let t0 = Instant::now();
         let mut pool = Pool::new(settings(1, Readiness::Notify));
         let mut pid = 0;
-        let a = pool.begin_generation(rel("a"), t0);
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("a"))), t0);
         run(&mut pool, a, &mut pid, t0);
         let mut now = t0;
         for expected in [100, 200, 400, 800] {
-            let a = pool.exited(pid, "exited with status 1", "", now);
+            let a = pool.on(
+                Event::Exited {
+                    pid,
+                    how: ("exited with status 1").to_string(),
+                    tail: ("").to_string(),
+                },
+                now,
+            );
             assert_eq!(spawns(&a), 0);
             assert_eq!(pool.next_deadline(), Some(now + expected * MS));
             now += expected * MS;
-            let a = pool.tick(now);
+            let a = pool.on(Event::Tick, now);
             run(&mut pool, a, &mut pid, now);
         }
         // Ready, healthy for a minute, then a crash: restarted at once.
-        pool.ready(1, 0, now);
+        pool.on(
+            Event::Ready {
+                generation: 1,
+                index: 0,
+            },
+            now,
+        );
         now += HEALTHY_AFTER;
-        let a = pool.exited(pid, "was killed by SIGKILL", "", now);
+        let a = pool.on(
+            Event::Exited {
+                pid,
+                how: ("was killed by SIGKILL").to_string(),
+                tail: ("").to_string(),
+            },
+            now,
+        );
         assert_eq!(spawns(&a), 1, "{a:?}");
         assert_eq!(pool.restarts, 5);
     }
@@ -1389,28 +1595,50 @@ mod tests {
         let mut now = t0;
         for expected in [100, 200, 400, 800, 1600] {
             now += 500 * MS;
-            let a = pool.exited(pid, "exited with status 3", "", now);
+            let a = pool.on(
+                Event::Exited {
+                    pid,
+                    how: ("exited with status 3").to_string(),
+                    tail: ("").to_string(),
+                },
+                now,
+            );
             assert_eq!(spawns(&a), 0, "restarted at once: {a:?}");
             assert_eq!(pool.next_deadline(), Some(now + expected * MS));
             now += expected * MS;
-            let a = pool.tick(now);
+            let a = pool.on(Event::Tick, now);
             run(&mut pool, a, &mut pid, now);
-            pool.ready(1, 0, now);
+            pool.on(
+                Event::Ready {
+                    generation: 1,
+                    index: 0,
+                },
+                now,
+            );
         }
     }
 
     #[test]
     fn drain_deadline_kills_the_process_groups() {
         let (mut pool, mut pid, t0) = live_pool(1);
-        pool.request_reload(None);
-        let a = pool.begin_generation(rel("b"), t0);
+        pool.on(Event::ReloadRequested { waiter: None }, t0);
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
         run(&mut pool, a, &mut pid, t0);
-        pool.ready(2, 0, t0);
+        pool.on(
+            Event::Ready {
+                generation: 2,
+                index: 0,
+            },
+            t0,
+        );
         assert_eq!(pool.next_deadline(), Some(t0 + Duration::from_secs(3)));
-        assert!(kills(&pool.tick(t0 + 2999 * MS)).is_empty());
-        assert_eq!(kills(&pool.tick(t0 + Duration::from_secs(3))), vec![1]);
+        assert!(kills(&pool.on(Event::Tick, t0 + 2999 * MS)).is_empty());
+        assert_eq!(
+            kills(&pool.on(Event::Tick, t0 + Duration::from_secs(3))),
+            vec![1]
+        );
         assert!(
-            kills(&pool.tick(t0 + Duration::from_secs(4))).is_empty(),
+            kills(&pool.on(Event::Tick, t0 + Duration::from_secs(4))).is_empty(),
             "once"
         );
     }
@@ -1424,22 +1652,39 @@ mod tests {
         pool.settings.max_draining = 2;
         // Two reloads leave generations 1 and 2 draining (pids 1 and 2).
         for (i, id) in ["b", "c"].iter().enumerate() {
-            assert!(pool.request_reload(None));
-            let a = pool.begin_generation(rel(id), t0);
+            assert!(starts(
+                &pool.on(Event::ReloadRequested { waiter: None }, t0)
+            ));
+            let a = pool.on(Event::ReleaseResolved(Ok(rel(id))), t0);
             run(&mut pool, a, &mut pid, t0);
-            let a = pool.ready(i as u64 + 2, 0, t0);
+            let a = pool.on(
+                Event::Ready {
+                    generation: i as u64 + 2,
+                    index: 0,
+                },
+                t0,
+            );
             assert!(kills(&a).is_empty(), "{a:?}");
         }
         // A third is held back: nothing starts, nothing is killed.
-        assert!(!pool.request_reload(Some(7)));
+        assert!(!starts(
+            &pool.on(Event::ReloadRequested { waiter: Some(7) }, t0)
+        ));
         assert!(pool.reload_held());
         assert!(
-            pool.tick(t0 + MS)
+            pool.on(Event::Tick, t0 + MS)
                 .iter()
                 .all(|a| !matches!(a, Action::StartReload))
         );
         // Generation 1's worker finishes its requests and exits: room.
-        let a = pool.exited(1, "exited with status 0", "", t0 + 2 * MS);
+        let a = pool.on(
+            Event::Exited {
+                pid: 1,
+                how: ("exited with status 0").to_string(),
+                tail: ("").to_string(),
+            },
+            t0 + 2 * MS,
+        );
         assert_eq!(
             a.iter()
                 .filter(|a| matches!(a, Action::StartReload))
@@ -1451,47 +1696,124 @@ mod tests {
             kills(&a).iter().all(|p| *p == 1),
             "only its own group: {a:?}"
         );
-        let a = pool.begin_generation(rel("d"), t0 + 2 * MS);
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("d"))), t0 + 2 * MS);
         run(&mut pool, a, &mut pid, t0);
         assert!(!pool.reload_held());
         // Held again behind generation 2, until its drain deadline.
-        let a = pool.ready(4, 0, t0 + 3 * MS);
+        let a = pool.on(
+            Event::Ready {
+                generation: 4,
+                index: 0,
+            },
+            t0 + 3 * MS,
+        );
         assert!(kills(&a).is_empty(), "{a:?}");
-        assert!(!pool.request_reload(None));
-        let a = pool.tick(t0 + Duration::from_secs(3));
+        assert!(!starts(
+            &pool.on(Event::ReloadRequested { waiter: None }, t0)
+        ));
+        let a = pool.on(Event::Tick, t0 + Duration::from_secs(3));
         assert!(a.iter().any(|a| matches!(a, Action::StartReload)), "{a:?}");
     }
 
     #[test]
     fn graceful_stop_drains_then_finishes() {
         let (mut pool, _, t0) = live_pool(2);
-        let a = pool.stop(Stop::Graceful, t0);
+        let a = pool.on(Event::Stop(Stop::Graceful), t0);
         assert_eq!(signals(&a), vec![1, 2]);
         assert!(!pool.finished());
-        assert!(!pool.request_reload(Some(1)), "no reloads while stopping");
-        pool.exited(1, "exited with status 0", "", t0);
-        let a = pool.exited(2, "exited with status 0", "", t0);
+        assert!(
+            !starts(&pool.on(Event::ReloadRequested { waiter: Some(1) }, t0)),
+            "no reloads while stopping"
+        );
+        pool.on(
+            Event::Exited {
+                pid: 1,
+                how: ("exited with status 0").to_string(),
+                tail: ("").to_string(),
+            },
+            t0,
+        );
+        let a = pool.on(
+            Event::Exited {
+                pid: 2,
+                how: ("exited with status 0").to_string(),
+                tail: ("").to_string(),
+            },
+            t0,
+        );
         assert_eq!(spawns(&a), 0, "not respawned while stopping");
         assert!(pool.finished());
         // Fast stop kills at once.
         let (mut pool, _, t0) = live_pool(2);
-        assert_eq!(kills(&pool.stop(Stop::Fast, t0)), vec![1, 2]);
+        assert_eq!(kills(&pool.on(Event::Stop(Stop::Fast), t0)), vec![1, 2]);
     }
 
     #[test]
     fn scale_up_and_down() {
         let (mut pool, mut pid, t0) = live_pool(2);
-        let a = pool.scale(3, t0);
+        let a = pool.on(Event::Scale(3), t0);
         let a = run(&mut pool, a, &mut pid, t0);
         assert_eq!(spawns(&a), 1);
         assert_eq!(pool.live_pids(), vec![1, 2, 3]);
-        let a = pool.scale(1, t0);
+        let a = pool.on(Event::Scale(1), t0);
         assert_eq!(signals(&a), vec![3, 2]);
-        pool.exited(3, "exited with status 0", "", t0);
-        let a = pool.exited(2, "exited with status 0", "", t0);
+        pool.on(
+            Event::Exited {
+                pid: 3,
+                how: ("exited with status 0").to_string(),
+                tail: ("").to_string(),
+            },
+            t0,
+        );
+        let a = pool.on(
+            Event::Exited {
+                pid: 2,
+                how: ("exited with status 0").to_string(),
+                tail: ("").to_string(),
+            },
+            t0,
+        );
         assert_eq!(spawns(&a), 0, "retired workers are not respawned");
         assert_eq!(pool.live_pids(), vec![1]);
         assert_eq!(pool.status(t0).generations[0].workers.len(), 1);
+    }
+
+    #[test]
+    fn a_worker_scaled_down_while_its_spawn_is_in_flight_is_retired_not_kept() {
+        let (mut pool, _, t0) = live_pool(2);
+        let a = pool.on(Event::Scale(3), t0);
+        assert_eq!(spawns(&a), 1, "{a:?}");
+        // Scaled back down before the driver reported the pid.
+        let a = pool.on(Event::Scale(2), t0);
+        assert!(signals(&a).is_empty(), "{a:?}");
+        let a = pool.on(
+            Event::Spawned {
+                generation: 1,
+                index: 2,
+                pid: 99,
+            },
+            t0,
+        );
+        assert_eq!(
+            signals(&a),
+            vec![99],
+            "told to drain as soon as it has a pid"
+        );
+        let a = pool.on(
+            Event::Exited {
+                pid: 99,
+                how: "exited with status 0".into(),
+                tail: String::new(),
+            },
+            t0 + MS,
+        );
+        assert_eq!(spawns(&a), 0, "a retired worker is not respawned: {a:?}");
+        assert_eq!(kills(&a), vec![99], "its group goes with it");
+        let st = pool.status(t0 + MS);
+        assert_eq!(st.generations[0].workers.len(), 2);
+        // And a retiring worker does not hold a reload's promotion back.
+        let a = pool.on(Event::Tick, t0 + 2 * MS);
+        assert_eq!(spawns(&a), 0, "{a:?}");
     }
 
     #[test]

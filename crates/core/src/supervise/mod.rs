@@ -53,7 +53,7 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use crate::control::{self, Request};
-use crate::pool::{Action, GenId, Pool, Release, Settings, Stop, Waiter};
+use crate::pool::{Action, Event, GenId, Pool, Release, Settings, Stop, Waiter};
 use crate::protocol::{self, Listener};
 use crate::respawn::describe;
 use crate::signals::{Signals, timeout_until};
@@ -229,7 +229,7 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
             d.cfg.settings.readiness
         ),
     );
-    let actions = d.pool.begin_generation(first, Instant::now());
+    let actions = d.pool.on(Event::ReleaseResolved(Ok(first)), Instant::now());
     d.apply(actions);
     let result = d.event_loop();
     d.cleanup();
@@ -277,8 +277,7 @@ impl Driver {
             let now = Instant::now();
             self.clients
                 .retain(|c| c.awaiting > 0 || now.duration_since(c.last) < CLIENT_IDLE);
-            let actions = self.pool.tick(now);
-            self.apply(actions);
+            self.on(Event::Tick);
         }
     }
 
@@ -347,7 +346,6 @@ impl Driver {
 
     fn on_signals(&mut self) -> Result<(), SuperviseError> {
         while let Some(sig) = self.signals.try_next()? {
-            let now = Instant::now();
             match sig {
                 Signal::SIGCHLD => self.reap(),
                 Signal::SIGHUP => {
@@ -369,16 +367,14 @@ impl Driver {
                     } else {
                         Stop::Graceful
                     };
-                    let actions = self.pool.stop(how, now);
-                    self.apply(actions);
+                    self.on(Event::Stop(how));
                 }
                 Signal::SIGQUIT => {
                     let how = match self.cfg.mode {
                         Mode::Pool { .. } => Stop::Graceful,
                         Mode::Serve { .. } => Stop::Fast,
                     };
-                    let actions = self.pool.stop(how, now);
-                    self.apply(actions);
+                    self.on(Event::Stop(how));
                 }
                 Signal::SIGTTIN | Signal::SIGTTOU => {
                     let n = self.pool.settings().workers;
@@ -387,8 +383,7 @@ impl Driver {
                     } else {
                         n.saturating_sub(1).max(1)
                     };
-                    let actions = self.pool.scale(n, now);
-                    self.apply(actions);
+                    self.on(Event::Scale(n));
                 }
                 Signal::SIGUSR1 => {
                     let status = self.status();
@@ -401,25 +396,13 @@ impl Driver {
     }
 
     fn request_reload(&mut self, waiter: Option<Waiter>) {
-        if self.pool.stopping().is_some() {
-            if let Some(w) = waiter {
-                self.answer(
-                    w,
-                    &control::Answer::failed("the supervisor is stopping").to_value(),
-                );
-            }
-            return;
-        }
-        if self.pool.request_reload(waiter) {
-            self.apply(vec![Action::StartReload]);
-        } else if self.pool.reloading() {
-            self.log(0, "reload queued behind the one in progress");
-        } else if self.pool.reload_held() {
-            self.log(
-                0,
-                "reload held until a draining generation finishes or reaches its drain deadline",
-            );
-        }
+        self.on(Event::ReloadRequested { waiter });
+    }
+
+    /// Feeds the pool one event and carries out what it answers.
+    fn on(&mut self, event: Event) {
+        let actions = self.pool.on(event, Instant::now());
+        self.apply(actions);
     }
 
     fn apply(&mut self, actions: Vec<Action>) {
@@ -432,8 +415,22 @@ impl Driver {
                     index,
                     release,
                 } => match self.spawn(generation, index, &release) {
-                    Ok(pid) => queue.extend(self.pool.spawned(generation, index, pid, now)),
-                    Err(e) => queue.extend(self.pool.spawn_failed(generation, index, e, now)),
+                    Ok(pid) => queue.extend(self.pool.on(
+                        Event::Spawned {
+                            generation,
+                            index,
+                            pid,
+                        },
+                        now,
+                    )),
+                    Err(error) => queue.extend(self.pool.on(
+                        Event::SpawnFailed {
+                            generation,
+                            index,
+                            error,
+                        },
+                        now,
+                    )),
                 },
                 Action::Signal { pid, signal } => {
                     let _ = kill(Pid::from_raw(pid), signal);
@@ -444,10 +441,7 @@ impl Driver {
                 }
                 Action::StartReload => {
                     let resolved = release_of(&self.cfg.mode);
-                    match resolved {
-                        Ok(release) => queue.extend(self.pool.begin_generation(release, now)),
-                        Err(reason) => queue.extend(self.pool.reload_unavailable(reason)),
-                    }
+                    queue.extend(self.pool.on(Event::ReleaseResolved(resolved), now));
                 }
                 Action::ReloadDone { waiters, outcome } => {
                     let v = match &outcome {
@@ -470,7 +464,7 @@ impl Driver {
                 Action::GiveUp(reason) => {
                     self.log(-1, &format!("giving up: {reason}"));
                     self.exit_code = 1;
-                    queue.extend(self.pool.stop(Stop::Fast, now));
+                    queue.extend(self.pool.on(Event::Stop(Stop::Fast), now));
                 }
             }
         }

@@ -167,7 +167,6 @@ impl Driver {
                 return;
             }
         };
-        let now = Instant::now();
         match request {
             Request::Status => {
                 let s = self.status();
@@ -188,8 +187,7 @@ impl Driver {
                     self.answer_index(i, &Answer::failed(e).to_value());
                     return;
                 }
-                let actions = self.pool.scale(workers, now);
-                self.apply(actions);
+                self.on(Event::Scale(workers));
                 self.answer_index(
                     i,
                     &Answer {
@@ -208,8 +206,7 @@ impl Driver {
                     }
                     .to_value(),
                 );
-                let actions = self.pool.stop(Stop::Graceful, now);
-                self.apply(actions);
+                self.on(Event::Stop(Stop::Graceful));
             }
         }
     }

@@ -84,10 +84,11 @@ impl Driver {
             } else {
                 String::new()
             };
-            let actions = self
-                .pool
-                .exited(pid, &describe(status), &tail, Instant::now());
-            self.apply(actions);
+            self.on(Event::Exited {
+                pid,
+                how: describe(status),
+                tail,
+            });
         }
     }
 
@@ -144,8 +145,7 @@ impl Driver {
                 1,
                 &format!("worker {generation}.{index} (pid {pid}) wrote its ready line"),
             );
-            let actions = self.pool.ready(generation, index, Instant::now());
-            self.apply(actions);
+            self.on(Event::Ready { generation, index });
         }
     }
 
@@ -182,8 +182,7 @@ impl Driver {
         }
         if ready {
             self.check_listener_flags();
-            let actions = self.pool.ready(generation, index, Instant::now());
-            self.apply(actions);
+            self.on(Event::Ready { generation, index });
         }
     }
 
