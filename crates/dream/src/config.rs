@@ -23,8 +23,14 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use dream_core::pool::Readiness;
+use dream_core::spec::ListenSpec;
+use nix::sys::signal::Signal;
 use serde::Deserialize;
+
+use crate::values::de;
 
 use crate::exit::{Failure, Result};
 
@@ -40,14 +46,19 @@ pub struct Config {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Serve {
-    pub listen: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "de::listen")]
+    pub listen: Option<Vec<ListenSpec>>,
     pub backlog: Option<u32>,
     pub workers: Option<usize>,
     pub user: Option<String>,
-    pub ready: Option<String>,
-    pub ready_timeout: Option<String>,
-    pub drain_signal: Option<String>,
-    pub drain_timeout: Option<String>,
+    #[serde(default, deserialize_with = "de::readiness")]
+    pub ready: Option<Readiness>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub ready_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de::signal")]
+    pub drain_signal: Option<Signal>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub drain_timeout: Option<Duration>,
     pub command: Option<Vec<String>>,
 }
 
@@ -56,8 +67,10 @@ pub struct Serve {
 pub struct Deploy {
     pub build: Option<String>,
     pub keep: Option<usize>,
-    pub wait_lock: Option<String>,
-    pub max_size: Option<String>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub wait_lock: Option<Duration>,
+    #[serde(default, deserialize_with = "de::size")]
+    pub max_size: Option<u64>,
 }
 
 /// Loads `explicit` (which must exist), else `ROOT/dream.toml` if present.
@@ -168,6 +181,20 @@ mod tests {
             err,
             "3: serve.listen: expected a list, got a string \"127.0.0.1:8080\""
         );
+        let err = parse("[serve]\nready_timeout = \"soon\"\n").unwrap_err();
+        assert!(
+            err.starts_with("2: serve.ready_timeout: invalid duration \"soon\""),
+            "{err}"
+        );
+        let err = parse("[serve]\ndrain_signal = \"NOPE\"\n").unwrap_err();
+        assert!(
+            err.starts_with("2: serve.drain_signal: unknown signal"),
+            "{err}"
+        );
+        let err = parse("[deploy]\nmax_size = \"lots\"\n").unwrap_err();
+        assert!(err.starts_with("2: deploy.max_size:"), "{err}");
+        let err = parse("[serve]\nlisten = [\"nowhere\"]\n").unwrap_err();
+        assert!(err.starts_with("2: serve.listen:"), "{err}");
         let err = parse("[serve\n").unwrap_err();
         assert!(err.starts_with("1:"), "{err}");
     }

@@ -39,9 +39,9 @@ const BUILD: &str = include_str!("../demo/build.sh");
 
 pub struct DemoArgs {
     pub root: Option<PathBuf>,
-    pub listen: String,
-    pub auto_deploy: Option<String>,
-    pub duration: Option<String>,
+    pub listen: dream_core::spec::ListenSpec,
+    pub auto_deploy: Option<Duration>,
+    pub duration: Option<Duration>,
     pub workers: usize,
     pub connections: usize,
 }
@@ -106,9 +106,12 @@ pub fn run(a: DemoArgs) -> Result {
         .map_err(Failure::failed)?;
     let sites = sites_dir.path().to_path_buf();
     write_sites(&sites).map_err(|e| Failure::failed(format!("writing the sample sites: {e}")))?;
-    let spec = a.listen.parse().map_err(Failure::usage)?;
-    let bound =
-        crate::tools::bind_all(&[spec], dream_core::listen::DEFAULT_BACKLOG, "demo", false)?;
+    let bound = crate::tools::bind_all(
+        std::slice::from_ref(&a.listen),
+        dream_core::listen::DEFAULT_BACKLOG,
+        "demo",
+        false,
+    )?;
     let addr = bound[0].local_addr();
     let first = deploy_site(&root, &sites, "blue").map_err(Failure::failed)?;
 
@@ -173,16 +176,8 @@ pub fn run(a: DemoArgs) -> Result {
     );
     println!("  Ctrl-C stops the demo.");
 
-    let auto = a
-        .auto_deploy
-        .as_deref()
-        .map(|d| crate::duration("auto-deploy", d))
-        .transpose()?;
-    let limit = a
-        .duration
-        .as_deref()
-        .map(|d| crate::duration("duration", d))
-        .transpose()?;
+    let auto = a.auto_deploy;
+    let limit = a.duration;
     let deadline = limit.map(|d| Instant::now() + d);
     let live = Arc::new(dream_check::Live::with_latency());
     let stop = Arc::new(AtomicBool::new(false));

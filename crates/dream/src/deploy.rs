@@ -2,31 +2,15 @@
 
 use std::path::Path;
 
-use dream_core::deploy::{self, DeployError, Kind, Report, Step};
+use dream_core::deploy::{self, Report, Step};
 use dream_core::lock::Wait;
 use dream_core::stage::Source;
 
 use crate::exit::{self, Failure, Result};
 use crate::print_line;
 
-fn failure(e: DeployError) -> Failure {
-    let code = match e.kind {
-        Kind::Usage => exit::USAGE,
-        Kind::Failed => exit::FAILED,
-        Kind::Temporary => exit::TEMPORARY,
-        Kind::Interrupted(sig) => 128 + sig,
-    };
-    Failure {
-        code,
-        message: e.message,
-    }
-}
-
-fn wait(flag: Option<&str>) -> Result<Wait> {
-    match flag {
-        None => Ok(Wait::No),
-        Some(d) => Ok(Wait::For(crate::duration("wait-lock", d)?)),
-    }
+fn wait(flag: Option<std::time::Duration>) -> Wait {
+    flag.map_or(Wait::No, Wait::For)
 }
 
 /// Progress on stderr, one line per phase with its time.
@@ -63,7 +47,7 @@ pub struct DeployArgs<'a> {
     pub build: Option<String>,
     pub keep: usize,
     pub no_reload: bool,
-    pub wait_lock: Option<&'a str>,
+    pub wait_lock: Option<std::time::Duration>,
     pub max_size: Option<u64>,
     pub json: bool,
     pub quiet: bool,
@@ -82,13 +66,13 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
         build: a.build,
         keep: a.keep,
         reload: !a.no_reload,
-        wait_lock: wait(a.wait_lock)?,
+        wait_lock: wait(a.wait_lock),
         command: format!("dream deploy {}", a.source),
         max_size: a.max_size,
         quiet: a.quiet || a.json,
         interruptible: true,
     };
-    let report = deploy::deploy(&opts, &mut progress(a.quiet || a.json)).map_err(failure)?;
+    let report = deploy::deploy(&opts, &mut progress(a.quiet || a.json))?;
     finish(&report, a.json, "deployed");
     Ok(())
 }
@@ -97,7 +81,7 @@ pub fn rollback(
     root: Option<&Path>,
     id: Option<&str>,
     no_reload: bool,
-    wait_lock: Option<&str>,
+    wait_lock: Option<std::time::Duration>,
     json: bool,
     quiet: bool,
 ) -> Result {
@@ -106,11 +90,10 @@ pub fn rollback(
         &root,
         id,
         !no_reload,
-        wait(wait_lock)?,
+        wait(wait_lock),
         "dream rollback",
         &mut progress(quiet || json),
-    )
-    .map_err(failure)?;
+    )?;
     finish(&report, json, "rolled back to");
     Ok(())
 }
@@ -160,7 +143,7 @@ pub fn verify(root: Option<&Path>, id: Option<&str>, json: bool) -> Result {
     if let Some(id) = id {
         dream_core::release::check_id(id).map_err(Failure::usage)?;
     }
-    let results = deploy::verify(&root, id).map_err(failure)?;
+    let results = deploy::verify(&root, id)?;
     let bad: usize = results.iter().filter(|r| !r.ok).count();
     if json {
         print_line(

@@ -67,6 +67,32 @@ impl From<dream_core::listen::ListenError> for Failure {
     }
 }
 
+impl From<dream_core::deploy::DeployError> for Failure {
+    fn from(e: dream_core::deploy::DeployError) -> Failure {
+        use dream_core::deploy::Kind;
+        let code = match e.kind {
+            Kind::Usage => USAGE,
+            Kind::Failed => FAILED,
+            Kind::Temporary => TEMPORARY,
+            // As a shell reports a command killed by a signal.
+            Kind::Interrupted(sig) => 128 + sig,
+        };
+        Failure {
+            code,
+            message: e.message,
+        }
+    }
+}
+
+impl From<dream_core::supervise::SuperviseError> for Failure {
+    fn from(e: dream_core::supervise::SuperviseError) -> Failure {
+        match e {
+            dream_core::supervise::SuperviseError::Setup(msg) => Failure::failed(msg),
+            e => Failure::failed(e),
+        }
+    }
+}
+
 impl From<dream_core::spawn::SpawnError> for Failure {
     fn from(e: dream_core::spawn::SpawnError) -> Failure {
         // setlock and tcpserver exit 111 when they cannot run the program.

@@ -11,13 +11,18 @@ mod exit;
 mod privs;
 mod serve;
 mod tools;
+mod values;
 
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use dream_core::pool::Readiness;
+use dream_core::spec::ListenSpec;
+use nix::sys::signal::Signal;
 
 use exit::{Failure, Result};
 
@@ -151,17 +156,17 @@ struct ListenArgs {
 #[derive(Args)]
 struct PoolFlags {
     /// When a worker counts as ready: notify (READY=1), fd:N (a line on fd N), delay:DUR, auto:DUR [default: auto:1s]
-    #[arg(long, value_name = "MODE")]
-    ready: Option<String>,
+    #[arg(long, value_name = "MODE", value_parser = values::readiness)]
+    ready: Option<Readiness>,
     /// A new generation not ready by then is killed (the old keeps serving) [default: 60s]
-    #[arg(long, value_name = "DUR")]
-    ready_timeout: Option<String>,
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    ready_timeout: Option<Duration>,
     /// Signal that tells a worker to finish what it holds and exit [default: TERM]
-    #[arg(long, value_name = "SIG")]
-    drain_signal: Option<String>,
+    #[arg(long, value_name = "SIG", value_parser = values::signal)]
+    drain_signal: Option<Signal>,
     /// Then SIGKILL to the worker's process group [default: 30s]
-    #[arg(long, value_name = "DUR")]
-    drain_timeout: Option<String>,
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    drain_timeout: Option<Duration>,
     /// Only warnings and failures
     #[arg(short, long, conflicts_with = "verbose")]
     quiet: bool,
@@ -191,8 +196,8 @@ struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to listen on (repeatable); none: inherit LISTEN_FDS from systemd
-    #[arg(short, long, value_name = "SPEC")]
-    listen: Vec<String>,
+    #[arg(short, long, value_name = "SPEC", value_parser = values::listen)]
+    listen: Vec<ListenSpec>,
     /// listen(2) backlog, capped by net.core.somaxconn [default: 4096]
     #[arg(long)]
     backlog: Option<u32>,
@@ -215,14 +220,14 @@ struct DemoCmd {
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// Address to serve on
-    #[arg(short, long, default_value = "127.0.0.1:5555", value_name = "SPEC")]
-    listen: String,
+    #[arg(short, long, default_value = "127.0.0.1:5555", value_name = "SPEC", value_parser = values::listen)]
+    listen: ListenSpec,
     /// Deploy the sites alternately this often, under load from the referee
-    #[arg(long, value_name = "DUR")]
-    auto_deploy: Option<String>,
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    auto_deploy: Option<Duration>,
     /// Stop after this long (default: at Ctrl-C)
-    #[arg(long, value_name = "DUR")]
-    duration: Option<String>,
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    duration: Option<Duration>,
     /// Workers per generation
     #[arg(short, long, default_value_t = 2)]
     workers: usize,
@@ -254,13 +259,13 @@ struct DeployCmd {
     #[arg(long)]
     no_reload: bool,
     /// Wait this long for another deploy's lock (default: fail at once)
-    #[arg(long, value_name = "DUR")]
-    wait_lock: Option<String>,
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    wait_lock: Option<Duration>,
     /// Refuse a source holding more than SIZE of files (500M, 10G; default:
     /// the free space of ROOT's filesystem); tarballs are checked before
     /// anything is written
-    #[arg(long, value_name = "SIZE")]
-    max_size: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = values::size)]
+    max_size: Option<u64>,
     /// Print the report as JSON on stdout (progress is not printed)
     #[arg(long)]
     json: bool,
@@ -280,8 +285,8 @@ struct RollbackCmd {
     #[arg(long)]
     no_reload: bool,
     /// Wait this long for another deploy's lock (default: fail at once)
-    #[arg(long, value_name = "DUR")]
-    wait_lock: Option<String>,
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    wait_lock: Option<Duration>,
     /// Print the report as JSON on stdout (progress is not printed)
     #[arg(long)]
     json: bool,
@@ -339,7 +344,8 @@ struct PoolArgs {
 #[derive(Args)]
 struct LoopArgs {
     /// Pause after a failed run: 1, 0.5, 250ms, 2s
-    delay: String,
+    #[arg(value_parser = values::duration)]
+    delay: Duration,
     /// The program to run again after each exit, and its arguments
     #[arg(
         trailing_var_arg = true,
@@ -373,25 +379,25 @@ struct StaticArgs {
     #[arg(default_value = "public")]
     dir: PathBuf,
     /// Bind this address itself instead of taking an inherited socket
-    #[arg(long, value_name = "SPEC")]
-    listen: Option<String>,
+    #[arg(long, value_name = "SPEC", value_parser = values::listen)]
+    listen: Option<ListenSpec>,
     /// Time for a request's headers, and for an idle keep-alive connection
-    #[arg(long, default_value = "10s", value_name = "DUR")]
-    header_timeout: String,
+    #[arg(long, default_value = "10s", value_name = "DUR", value_parser = values::duration)]
+    header_timeout: Duration,
     /// Connections served at once; at the cap the connection idle the
     /// longest (keep-alive, or slow to send its headers) is closed to make
     /// room, else clients wait in the backlog
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
     /// While draining, how long idle keep-alive connections stay open
-    #[arg(long, default_value = "1s", value_name = "DUR")]
-    drain_grace: String,
+    #[arg(long, default_value = "1s", value_name = "DUR", value_parser = values::duration)]
+    drain_grace: Duration,
     /// While draining, when to stop waiting for busy connections
-    #[arg(long, default_value = "30s", value_name = "DUR")]
-    drain_timeout: String,
+    #[arg(long, default_value = "30s", value_name = "DUR", value_parser = values::duration)]
+    drain_timeout: Duration,
     /// Close a connection whose client takes nothing of a response for this long
-    #[arg(long, default_value = "30s", value_name = "DUR")]
-    send_timeout: String,
+    #[arg(long, default_value = "30s", value_name = "DUR", value_parser = values::duration)]
+    send_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -399,8 +405,8 @@ struct CheckArgs {
     /// http://HOST:PORT/PATH
     url: String,
     /// How long to run: 10s, 500ms, 1m
-    #[arg(short, long, default_value = "10s")]
-    duration: String,
+    #[arg(short, long, default_value = "10s", value_parser = values::duration)]
+    duration: Duration,
     /// Concurrent clients
     #[arg(short, long, default_value_t = 16)]
     connections: usize,
@@ -413,8 +419,8 @@ struct CheckArgs {
     #[arg(long, value_name = "REGEX")]
     body_pattern: Option<String>,
     /// Limit for connecting and for each response
-    #[arg(long, default_value = "5s")]
-    timeout: String,
+    #[arg(long, default_value = "5s", value_parser = values::duration)]
+    timeout: Duration,
     /// Stop after this many requests in all
     #[arg(long)]
     requests: Option<u64>,
@@ -433,6 +439,20 @@ fn main() {
                 exit::OK
             };
             let _ = e.print();
+            // A bad value is refused by clap before a command runs; one
+            // that was asked for --json still gets its answer on stdout.
+            let json = std::env::args_os()
+                .skip(1)
+                .take_while(|a| a != "--")
+                .any(|a| a == "--json");
+            if code == exit::USAGE && json {
+                let rendered = e.render().to_string();
+                let first = rendered.lines().next().unwrap_or_default();
+                let message = first.strip_prefix("error: ").unwrap_or(first);
+                print_line(
+                    &serde_json::json!({"ok": false, "error": message, "exit": code}).to_string(),
+                );
+            }
             std::process::exit(code);
         }
     };
@@ -481,22 +501,27 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Flag, else the config file's value, else the built-in default.
-fn pick<'a>(flag: &'a Option<String>, file: &'a Option<String>, default: &'a str) -> &'a str {
-    flag.as_deref().or(file.as_deref()).unwrap_or(default)
-}
-
-fn pool_options<'a>(
-    f: &'a PoolFlags,
-    file: &'a config::Serve,
-    workers: Option<usize>,
-) -> serve::PoolOptions<'a> {
+/// The pool's settings: each flag, else the config file's value, else the
+/// built-in default.
+fn pool_options(f: &PoolFlags, file: &config::Serve, workers: Option<usize>) -> serve::PoolOptions {
     serve::PoolOptions {
         workers: workers.or(file.workers),
-        ready: pick(&f.ready, &file.ready, "auto:1s"),
-        ready_timeout: pick(&f.ready_timeout, &file.ready_timeout, "60s"),
-        drain_signal: pick(&f.drain_signal, &file.drain_signal, "TERM"),
-        drain_timeout: pick(&f.drain_timeout, &file.drain_timeout, "30s"),
+        ready: f
+            .ready
+            .or(file.ready)
+            .unwrap_or(Readiness::Auto(Duration::from_secs(1))),
+        ready_timeout: f
+            .ready_timeout
+            .or(file.ready_timeout)
+            .unwrap_or(Duration::from_secs(60)),
+        drain_signal: f
+            .drain_signal
+            .or(file.drain_signal)
+            .unwrap_or(Signal::SIGTERM),
+        drain_timeout: f
+            .drain_timeout
+            .or(file.drain_timeout)
+            .unwrap_or(Duration::from_secs(30)),
     }
 }
 
@@ -583,13 +608,8 @@ fn run(cmd: Cmd) -> Result {
                 build: a.build.or(file.build),
                 keep: a.keep.or(file.keep).unwrap_or(5),
                 no_reload: a.no_reload,
-                wait_lock: a.wait_lock.as_deref().or(file.wait_lock.as_deref()),
-                max_size: a
-                    .max_size
-                    .as_deref()
-                    .or(file.max_size.as_deref())
-                    .map(|s| size("max-size", s))
-                    .transpose()?,
+                wait_lock: a.wait_lock.or(file.wait_lock),
+                max_size: a.max_size.or(file.max_size),
                 json: a.json,
                 quiet: a.quiet,
             })
@@ -598,7 +618,7 @@ fn run(cmd: Cmd) -> Result {
             a.root.as_deref(),
             a.id.as_deref(),
             a.no_reload,
-            a.wait_lock.as_deref(),
+            a.wait_lock,
             a.json,
             a.quiet,
         ),
@@ -622,7 +642,7 @@ fn run(cmd: Cmd) -> Result {
                 &line.program,
             )
         }
-        Cmd::Loop(a) => tools::run_loop(&a.delay, &a.program),
+        Cmd::Loop(a) => tools::run_loop(a.delay, &a.program),
         Cmd::Lock(a) => tools::lock(&a.file, a.no_wait, &a.program),
         Cmd::Static(a) => run_static(a),
         Cmd::Check(a) => run_check(a),
@@ -634,48 +654,16 @@ pub fn print_line(s: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{s}");
 }
 
-fn duration(flag: &str, s: &str) -> Result<std::time::Duration> {
-    dream_core::signals::parse_duration(s).map_err(|e| Failure::usage(format!("--{flag}: {e}")))
-}
-
-/// A size such as `500M`, `10G`, `1.5T` or `4096` (bytes; K, M, G and T
-/// are powers of 1024, an optional trailing `B` or `iB` is allowed).
-fn size(flag: &str, s: &str) -> Result<u64> {
-    let bad = || {
-        Failure::usage(format!(
-            "--{flag}: {s:?} is not a size (try 500M, 10G or a number of bytes)"
-        ))
-    };
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => (&t[..i], &t[i..]),
-        None => (t, ""),
-    };
-    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        _ => return Err(bad()),
-    };
-    let n: f64 = num.trim().parse().map_err(|_| bad())?;
-    if !n.is_finite() || n <= 0.0 || n * mult as f64 >= u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok((n * mult as f64) as u64)
-}
-
 fn run_static(a: StaticArgs) -> Result {
     use dream_core::protocol;
     let listeners = match &a.listen {
         Some(spec) => {
-            let spec = spec.parse().map_err(Failure::usage)?;
-            let bound = tools::bind_all(&[spec], dream_core::listen::DEFAULT_BACKLOG, "static", true)?;
+            let bound = tools::bind_all(
+                std::slice::from_ref(spec),
+                dream_core::listen::DEFAULT_BACKLOG,
+                "static",
+                true,
+            )?;
             bound
                 .into_iter()
                 .map(|b| b.into_std())
@@ -699,11 +687,11 @@ fn run_static(a: StaticArgs) -> Result {
         release: std::env::var("DREAM_RELEASE")
             .ok()
             .filter(|s| !s.is_empty()),
-        header_timeout: duration("header-timeout", &a.header_timeout)?,
+        header_timeout: a.header_timeout,
         max_connections: a.max_connections,
-        drain_grace: duration("drain-grace", &a.drain_grace)?,
-        drain_timeout: duration("drain-timeout", &a.drain_timeout)?,
-        send_timeout: duration("send-timeout", &a.send_timeout)?,
+        drain_grace: a.drain_grace,
+        drain_timeout: a.drain_timeout,
+        send_timeout: a.send_timeout,
     };
     dream_static::serve(listeners, config).map_err(Failure::failed)
 }
@@ -727,10 +715,10 @@ fn run_check(a: CheckArgs) -> Result {
     let opts = dream_check::Options {
         target,
         connections: a.connections,
-        duration: duration("duration", &a.duration)?,
+        duration: a.duration,
         keep_alive: a.keep_alive,
         body_pattern: a.body_pattern,
-        timeout: duration("timeout", &a.timeout)?,
+        timeout: a.timeout,
         max_requests: a.requests,
     };
     let live = Arc::new(dream_check::Live::default());

@@ -38,41 +38,26 @@ pub fn root_dir(flag: Option<&Path>) -> Result<PathBuf> {
         .map_err(|e| Failure::usage(format!("root {}: {e}", root.display())))
 }
 
-/// Parses `TERM`, `SIGTERM`, `15`.
-pub fn parse_signal(s: &str) -> Result<Signal> {
-    if let Ok(n) = s.parse::<i32>() {
-        return Signal::try_from(n).map_err(|_| Failure::usage(format!("no signal number {n}")));
-    }
-    let upper = s.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    name.parse()
-        .map_err(|_| Failure::usage(format!("unknown signal {s:?} (e.g. TERM, QUIT, INT, USR1)")))
-}
-
-pub struct PoolOptions<'a> {
+/// The pool's settings, typed (flags and `dream.toml` merged).
+pub struct PoolOptions {
     pub workers: Option<usize>,
-    pub ready: &'a str,
-    pub ready_timeout: &'a str,
-    pub drain_signal: &'a str,
-    pub drain_timeout: &'a str,
+    pub ready: Readiness,
+    pub ready_timeout: Duration,
+    pub drain_signal: Signal,
+    pub drain_timeout: Duration,
 }
 
-pub fn settings(o: &PoolOptions<'_>) -> Result<Settings> {
+pub fn settings(o: &PoolOptions) -> Result<Settings> {
     let workers = o
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     dream_core::pool::check_workers(workers).map_err(|e| Failure::usage(format!("--{e}")))?;
-    let readiness: Readiness = o.ready.parse().map_err(Failure::usage)?;
     Ok(Settings {
         workers,
-        readiness,
-        ready_timeout: crate::duration("ready-timeout", o.ready_timeout)?,
-        drain_signal: parse_signal(o.drain_signal)?,
-        drain_timeout: crate::duration("drain-timeout", o.drain_timeout)?,
+        readiness: o.ready,
+        ready_timeout: o.ready_timeout,
+        drain_signal: o.drain_signal,
+        drain_timeout: o.drain_timeout,
         ..Settings::default()
     })
 }
@@ -90,10 +75,10 @@ fn worker_ids(spec: &str) -> Result<(u32, u32)> {
 
 pub struct ServeOptions<'a> {
     pub root: Option<&'a Path>,
-    pub listen: &'a [String],
+    pub listen: &'a [ListenSpec],
     pub backlog: u32,
     pub user: Option<&'a str>,
-    pub pool: PoolOptions<'a>,
+    pub pool: PoolOptions,
     pub verbosity: i8,
     pub command: &'a [OsString],
 }
@@ -111,13 +96,9 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
             })?;
         (inherited, Vec::new())
     } else {
-        let specs: Vec<ListenSpec> = o
+        let bound = crate::tools::bind_all(o.listen, o.backlog, "serve", true)?;
+        let unix_paths = o
             .listen
-            .iter()
-            .map(|s| s.parse().map_err(Failure::usage))
-            .collect::<Result<_>>()?;
-        let bound = crate::tools::bind_all(&specs, o.backlog, "serve", true)?;
-        let unix_paths = specs
             .iter()
             .filter_map(|s| match s {
                 ListenSpec::Unix(p) => Some(if p.is_absolute() {
@@ -146,11 +127,9 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
 }
 
 fn run(cfg: Config) -> Result {
-    match supervise::run(cfg) {
-        Ok(0) => Ok(()),
-        Ok(code) => Err(Failure::silent(code)),
-        Err(supervise::SuperviseError::Setup(msg)) => Err(Failure::failed(msg)),
-        Err(e) => Err(Failure::failed(e)),
+    match supervise::run(cfg)? {
+        0 => Ok(()),
+        code => Err(Failure::silent(code)),
     }
 }
 
@@ -159,7 +138,7 @@ fn run(cfg: Config) -> Result {
 pub fn pool(
     workers: usize,
     relay_hup: bool,
-    pool: PoolOptions<'_>,
+    pool: PoolOptions,
     verbosity: i8,
     command: &[OsString],
 ) -> Result {

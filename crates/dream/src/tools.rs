@@ -147,8 +147,7 @@ pub fn listen(
 }
 
 /// `dream loop`.
-pub fn run_loop(delay: &str, program: &[OsString]) -> Result {
-    let delay = dream_core::signals::parse_duration(delay).map_err(Failure::usage)?;
+pub fn run_loop(delay: std::time::Duration, program: &[OsString]) -> Result {
     dream_core::respawn::run(delay, &program[0], &program[1..]).map_err(|e| match e {
         dream_core::respawn::LoopError::Spawn(s) => s.into(),
         other => Failure::failed(other),

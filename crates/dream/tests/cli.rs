@@ -178,6 +178,23 @@ fn json_answers_failures_too() {
             vec!["releases", "--json", "--verify", "--root", r, "nope"],
             100,
         ),
+        // Refused by the argument parser itself, before the command runs.
+        (
+            vec![
+                "deploy",
+                "--json",
+                "--wait-lock",
+                "soon",
+                "--root",
+                r,
+                "src",
+            ],
+            100,
+        ),
+        (
+            vec!["check", "--json", "--timeout", "-1", "http://127.0.0.1:1/"],
+            100,
+        ),
     ] {
         let (code, out, err) = dream(&args);
         assert_eq!(code, Some(exit), "{args:?}: {err}");
