@@ -14,6 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::pool::{GenerationState, GenerationStatus, PoolStatus};
+
 /// Longest request line the supervisor reads.
 pub const MAX_LINE: usize = 64 * 1024;
 
@@ -110,6 +112,124 @@ impl Answer {
     }
 }
 
+/// The answer to `status`: the supervisor writes it, `dream status`, the
+/// deploy and the demo read it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub ok: bool,
+    pub pid: u32,
+    /// The deploy root (`dream serve`), none for `dream pool`.
+    pub root: Option<PathBuf>,
+    pub uptime_s: f64,
+    /// Output dropped because its reader stalled (see `output.rs`).
+    pub output_dropped_bytes: u64,
+    pub sockets: Vec<SocketStatus>,
+    pub pool: PoolStatus,
+    /// What `current` names now, which may differ from what the live
+    /// generation runs (a reload pending, or one that failed).
+    pub current: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SocketStatus {
+    /// Its `LISTEN_FDNAMES` name.
+    pub name: String,
+    pub address: String,
+}
+
+impl Status {
+    /// The live generation, if any.
+    pub fn live(&self) -> Option<&GenerationStatus> {
+        self.pool
+            .generations
+            .iter()
+            .find(|g| g.state == GenerationState::Live)
+    }
+
+    /// A few lines for people (`dream status`, SIGUSR1).
+    pub fn human(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "supervisor pid {}, up {}{}",
+            self.pid,
+            crate::fmt_duration(Duration::from_secs_f64(self.uptime_s.max(0.0))),
+            self.root
+                .as_ref()
+                .map(|r| format!(", root {}", r.display()))
+                .unwrap_or_default()
+        );
+        for sock in &self.sockets {
+            let _ = writeln!(s, "listening on {}", sock.address);
+        }
+        if let (Some(current), Some(live)) = (&self.current, self.live())
+            && *current != live.release
+        {
+            let _ = writeln!(
+                s,
+                "warning: current is {current}, but the live generation runs {} (a reload failed or has not run: dream reload, or dream rollback)",
+                live.release
+            );
+        }
+        let pool = &self.pool;
+        let _ = writeln!(
+            s,
+            "workers: {} wanted, {} restarts{}",
+            pool.workers_target,
+            pool.restarts,
+            if pool.reloading {
+                ", reload in progress"
+            } else {
+                ""
+            }
+        );
+        for g in &pool.generations {
+            let _ = writeln!(
+                s,
+                "generation {} {}: release {} ({}), age {}",
+                g.id,
+                g.state.as_str(),
+                g.release,
+                g.release_dir.display(),
+                crate::fmt_duration(Duration::from_secs_f64(g.age_s.max(0.0)))
+            );
+            for w in &g.workers {
+                let _ = writeln!(
+                    s,
+                    "  worker {}.{} pid {} {}, restarts {}",
+                    g.id,
+                    w.index,
+                    w.pid.map_or("-".to_string(), |p| p.to_string()),
+                    w.state.as_str(),
+                    w.restarts
+                );
+            }
+        }
+        s.trim_end().to_string()
+    }
+}
+
+/// Asks for the status.
+pub fn status(root: &Path, timeout: Option<Duration>) -> Result<Status, ControlError> {
+    let v = request(
+        root,
+        &serde_json::to_value(Request::Status).expect("a request serializes"),
+        timeout,
+    )?;
+    if v["ok"] != true {
+        let message = v["error"].as_str().unwrap_or("unknown error").to_string();
+        return Err(match v["refused"].as_str() {
+            Some(why) => ControlError::Refused {
+                busy: why == "busy",
+                message,
+            },
+            None => ControlError::Failed(message),
+        });
+    }
+    serde_json::from_value(v.clone()).map_err(|_| ControlError::BadResponse(v.to_string()))
+}
+
 /// Sends `req` and reads the answer as an [`Answer`] (for every request
 /// but `status`).
 pub fn ask(root: &Path, req: &Request, timeout: Option<Duration>) -> Result<Answer, ControlError> {
@@ -147,6 +267,9 @@ pub enum ControlError {
     /// of carrying it out): too busy, or not allowed.
     #[error("the supervisor refused the request: {message}")]
     Refused { busy: bool, message: String },
+    /// Taken, and answered with a failure.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl ControlError {
@@ -156,7 +279,9 @@ impl ControlError {
         match self {
             ControlError::Refused { busy, .. } => *busy,
             ControlError::Io { source, .. } => source.kind() != io::ErrorKind::PermissionDenied,
-            ControlError::NotRunning { .. } | ControlError::BadResponse(_) => false,
+            ControlError::NotRunning { .. }
+            | ControlError::BadResponse(_)
+            | ControlError::Failed(_) => false,
         }
     }
 }

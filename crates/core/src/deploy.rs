@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::json;
 
 use crate::control;
 use crate::lock::{Holder, Lock, LockError, Wait};
@@ -727,17 +726,11 @@ fn switch_back(store: &Store, id: &str, previous: Option<&str>, why: String) -> 
 /// new generation's ready timeout, once more for a reload queued ahead of
 /// it, its drain timeout, and a margin; without a status, 150 s.
 fn reload_deadline(store: &Store) -> Duration {
-    let status = control::request(
-        &store.root,
-        &json!({"cmd": "status"}),
-        Some(Duration::from_secs(10)),
-    );
-    let ms = |v: &serde_json::Value, key: &str| v["pool"][key].as_u64().map(Duration::from_millis);
-    match status {
-        Ok(v) => match (ms(&v, "ready_timeout_ms"), ms(&v, "drain_timeout_ms")) {
-            (Some(ready), Some(drain)) => 2 * ready + drain + Duration::from_secs(30),
-            _ => Duration::from_secs(150),
-        },
+    match control::status(&store.root, Some(Duration::from_secs(10))) {
+        Ok(s) => {
+            let ms = Duration::from_millis;
+            2 * ms(s.pool.ready_timeout_ms) + ms(s.pool.drain_timeout_ms) + Duration::from_secs(30)
+        }
         Err(_) => Duration::from_secs(150),
     }
 }
@@ -942,16 +935,8 @@ fn sync_tree(dir: &Path) -> std::io::Result<()> {
 /// process whose cwd is inside one.
 fn in_use(store: &Store) -> Vec<String> {
     let mut used = Vec::new();
-    if let Ok(v) = control::request(
-        &store.root,
-        &json!({"cmd": "status"}),
-        Some(Duration::from_secs(10)),
-    ) {
-        for g in v["pool"]["generations"].as_array().into_iter().flatten() {
-            if let Some(r) = g["release"].as_str() {
-                used.push(r.to_string());
-            }
-        }
+    if let Ok(s) = control::status(&store.root, Some(Duration::from_secs(10))) {
+        used.extend(s.pool.generations.into_iter().map(|g| g.release));
     }
     let releases = store
         .releases()

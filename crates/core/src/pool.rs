@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub type GenId = u64;
 /// A control client waiting for the outcome of a reload.
@@ -1182,10 +1182,11 @@ impl Pool {
                 .map(|g| GenerationStatus {
                     id: g.id,
                     state: match g.state {
-                        GenState::Starting { .. } => "starting",
-                        GenState::Live => "live",
-                        GenState::Failed => "failed",
-                        GenState::Draining { .. } | GenState::Killed => "draining",
+                        GenState::Starting { .. } => GenerationState::Starting,
+                        GenState::Live => GenerationState::Live,
+                        GenState::Draining { .. } => GenerationState::Draining,
+                        GenState::Killed => GenerationState::Killed,
+                        GenState::Failed => GenerationState::Failed,
                     },
                     release: g.release.id.clone(),
                     release_dir: g.release.dir.clone(),
@@ -1197,14 +1198,13 @@ impl Pool {
                             index: w.index,
                             pid: w.pid(),
                             state: match w.state {
-                                WorkerState::Waiting { .. } => "waiting",
-                                WorkerState::Spawning => "spawning",
-                                WorkerState::Starting { .. } => "starting",
-                                WorkerState::Ready { .. } => "ready",
-                                WorkerState::Stopping { .. } | WorkerState::Retiring { .. } => {
-                                    "stopping"
-                                }
-                                WorkerState::Gone => "gone",
+                                WorkerState::Waiting { .. } => WorkerPhase::Waiting,
+                                WorkerState::Spawning => WorkerPhase::Spawning,
+                                WorkerState::Starting { .. } => WorkerPhase::Starting,
+                                WorkerState::Ready { .. } => WorkerPhase::Ready,
+                                WorkerState::Stopping { .. } => WorkerPhase::Stopping,
+                                WorkerState::Retiring { .. } => WorkerPhase::Retiring,
+                                WorkerState::Gone => WorkerPhase::Gone,
                             },
                             restarts: w.restarts,
                             uptime_s: match w.state {
@@ -1233,7 +1233,8 @@ impl ReloadFailed {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// The pool's part of `dream status` (`control::Status::pool`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolStatus {
     pub workers_target: usize,
     /// How long a new generation may take to become ready, and an old one
@@ -1249,21 +1250,72 @@ pub struct PoolStatus {
     pub generations: Vec<GenerationStatus>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// A generation's state as status shows it: `GenState` without its
+/// deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GenerationState {
+    Starting,
+    Live,
+    Draining,
+    Killed,
+    Failed,
+}
+
+/// A worker's state as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerPhase {
+    Waiting,
+    Spawning,
+    Starting,
+    Ready,
+    Stopping,
+    Retiring,
+    Gone,
+}
+
+impl GenerationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GenerationState::Starting => "starting",
+            GenerationState::Live => "live",
+            GenerationState::Draining => "draining",
+            GenerationState::Killed => "killed",
+            GenerationState::Failed => "failed",
+        }
+    }
+}
+
+impl WorkerPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerPhase::Waiting => "waiting",
+            WorkerPhase::Spawning => "spawning",
+            WorkerPhase::Starting => "starting",
+            WorkerPhase::Ready => "ready",
+            WorkerPhase::Stopping => "stopping",
+            WorkerPhase::Retiring => "retiring",
+            WorkerPhase::Gone => "gone",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerationStatus {
     pub id: GenId,
-    pub state: &'static str,
+    pub state: GenerationState,
     pub release: String,
     pub release_dir: PathBuf,
     pub age_s: f64,
     pub workers: Vec<WorkerStatus>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerStatus {
     pub index: usize,
     pub pid: Option<i32>,
-    pub state: &'static str,
+    pub state: WorkerPhase,
     pub restarts: u32,
     pub uptime_s: Option<f64>,
 }

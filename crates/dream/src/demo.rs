@@ -136,16 +136,8 @@ pub fn run(a: DemoArgs) -> Result {
         .parent_death_signal(Signal::SIGTERM);
     let supervisor = serve.spawn().map_err(Failure::from)?;
     let status_ok = || {
-        dream_core::control::request(
-            &root,
-            &serde_json::json!({"cmd": "status"}),
-            Some(Duration::from_secs(2)),
-        )
-        .is_ok_and(|v| {
-            v["pool"]["generations"]
-                .as_array()
-                .is_some_and(|g| g.iter().any(|g| g["state"] == "live"))
-        })
+        dream_core::control::status(&root, Some(Duration::from_secs(2)))
+            .is_ok_and(|s| s.live().is_some())
     };
     let started = Instant::now();
     while !status_ok() {

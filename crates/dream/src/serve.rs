@@ -5,12 +5,12 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dream_core::control::{self, ControlError, Request};
 use dream_core::pool::{Readiness, Settings};
 use dream_core::protocol;
 use dream_core::spec::ListenSpec;
 use dream_core::supervise::{self, Config, Mode};
 use nix::sys::signal::Signal;
-use serde_json::{Value, json};
 
 use crate::exit::{Failure, Result};
 
@@ -161,54 +161,42 @@ pub fn pool(
     })
 }
 
-/// Asks the supervisor; a failure to ask is exit 111 only when asking
-/// again may work (busy, timed out), else 1 (nothing running, not allowed).
-/// (With --json, `main` answers a failure as `{"ok":false,…}`.)
-fn ask(root: &Path, request: Value, timeout: Option<Duration>) -> Result<Value> {
-    use dream_core::control::ControlError;
-    let e = match dream_core::control::request(root, &request, timeout) {
-        Ok(v) => return Ok(v),
-        Err(e) => e,
-    };
+/// A failure to ask the supervisor is exit 111 only when asking again may
+/// work (busy, timed out), else 1 (nothing running, not allowed). (With
+/// --json, `main` answers a failure as `{"ok":false,…}`.)
+fn control_failure(e: ControlError) -> Failure {
     let mut message = e.to_string();
     if let ControlError::Io { source, .. } = &e
         && source.kind() == std::io::ErrorKind::PermissionDenied
     {
         message.push_str(" (run as the supervisor's user or root)");
     }
-    Err(if e.is_temporary() {
+    if e.is_temporary() {
         Failure::temporary(message)
     } else {
         Failure::failed(message)
-    })
+    }
 }
 
 pub fn status(root: Option<&Path>, json_out: bool) -> Result {
     let root = root_dir(root)?;
-    let v = ask(
-        &root,
-        json!({"cmd": "status"}),
-        Some(Duration::from_secs(10)),
-    )?;
-    if v["ok"] != true {
-        let reason = v["error"].as_str().unwrap_or("unknown error");
-        return Err(Failure::failed(format!("status failed: {reason}")));
-    }
+    let s = control::status(&root, Some(Duration::from_secs(10))).map_err(|e| match e {
+        ControlError::Failed(reason) => Failure::failed(format!("status failed: {reason}")),
+        e => control_failure(e),
+    })?;
     if json_out {
-        crate::print_line(&v.to_string());
+        crate::print_line(&serde_json::to_string(&s).expect("a status serializes"));
     } else {
-        crate::print_line(&supervise::human_status(&v));
+        crate::print_line(&s.human());
     }
     Ok(())
 }
 
 pub fn reload(root: Option<&Path>, json_out: bool) -> Result {
     let root = root_dir(root)?;
-    let v = ask(&root, json!({"cmd": "reload"}), None)?;
-    let a: dream_core::control::Answer = serde_json::from_value(v.clone())
-        .map_err(|_| Failure::failed(format!("the supervisor's answer is not an answer: {v}")))?;
+    let a = control::ask(&root, &Request::Reload, None).map_err(control_failure)?;
     if json_out {
-        crate::print_line(&v.to_string());
+        crate::print_line(&serde_json::to_string(&a).expect("an answer serializes"));
     }
     if a.ok {
         if !json_out {
@@ -221,10 +209,19 @@ pub fn reload(root: Option<&Path>, json_out: bool) -> Result {
         Ok(())
     } else {
         let reason = a.error.unwrap_or_else(|| "unknown error".into());
-        if json_out {
-            Err(Failure::silent(crate::exit::FAILED))
+        // Refused as busy: nothing was done, and asking again may work.
+        let code = if a.refused == Some(control::Refusal::Busy) {
+            crate::exit::TEMPORARY
         } else {
-            Err(Failure::failed(format!("reload failed: {reason}")))
+            crate::exit::FAILED
+        };
+        if json_out {
+            Err(Failure::silent(code))
+        } else {
+            Err(Failure {
+                code,
+                message: format!("reload failed: {reason}"),
+            })
         }
     }
 }

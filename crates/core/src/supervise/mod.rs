@@ -34,7 +34,6 @@ mod workers;
 
 use listeners::status_flags;
 use server::{CLIENT_IDLE, Client, bind_control};
-pub use status::human_status;
 use workers::WorkerIo;
 
 use std::collections::HashMap;
@@ -50,7 +49,7 @@ use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::control::{self, Request};
 use crate::pool::{Action, Event, GenId, Pool, Release, Settings, Stop, Waiter};
@@ -386,8 +385,8 @@ impl Driver {
                     self.on(Event::Scale(n));
                 }
                 Signal::SIGUSR1 => {
-                    let status = self.status();
-                    self.log(-1, &human_status(&status));
+                    let status = self.status().human();
+                    self.log(-1, &status);
                 }
                 _ => {}
             }

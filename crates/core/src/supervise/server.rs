@@ -169,7 +169,7 @@ impl Driver {
         };
         match request {
             Request::Status => {
-                let s = self.status();
+                let s = serde_json::to_value(self.status()).expect("a status serializes");
                 self.answer_index(i, &s);
             }
             Request::Reload => {
