@@ -241,14 +241,9 @@ pub fn ask(root: &Path, req: &Request, timeout: Option<Duration>) -> Result<Answ
     serde_json::from_value(v.clone()).map_err(|_| ControlError::BadResponse(v.to_string()))
 }
 
-/// `ROOT/.dream`.
-pub fn state_dir(root: &Path) -> PathBuf {
-    root.join(".dream")
-}
-
-/// `ROOT/.dream/control.sock`.
+/// `ROOT/.dream/control.sock` (the paths under a root are `release::Store`'s).
 pub fn socket_path(root: &Path) -> PathBuf {
-    state_dir(root).join("control.sock")
+    crate::release::Store::new(root).control_socket()
 }
 
 #[derive(Debug, thiserror::Error)]

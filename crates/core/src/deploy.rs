@@ -286,7 +286,7 @@ impl Pipeline<'_, '_> {
         // release from before manifests gets one now, from its files.
         let prev_manifest = match (&self.previous, &self.prev_dir) {
             (Some(id), Some(dir)) => Some(
-                Manifest::load(&manifest::path(&self.store.root, id))
+                Manifest::load(&self.store.manifest_path(id))
                     .or_else(|_| Manifest::of_tree(dir))
                     .map_err(|e| io_failure("reading the previous release's manifest", e))?,
             ),
@@ -491,11 +491,11 @@ impl Pipeline<'_, '_> {
         }
         // The manifest is stored before the release is moved into place, so
         // that no release exists without one.
-        std::fs::create_dir_all(manifest::dir(&store.root))
+        std::fs::create_dir_all(store.manifests())
             .and_then(|()| {
                 final_manifest
                     .frozen()
-                    .save(&manifest::path(&store.root, &id))
+                    .save(&store.manifest_path(&id))
             })
             .map_err(|e| io_failure("writing the manifest", e))?;
         sync_tree(&dir).map_err(|e| io_failure("syncing the release", e))?;
@@ -515,7 +515,7 @@ impl Pipeline<'_, '_> {
         // The last moment to stop: after the switch the deploy finishes.
         self.interrupted().inspect_err(|_| {
             let _ = release::remove_tree(&store.release_dir(id));
-            let _ = std::fs::remove_file(manifest::path(&store.root, id));
+            let _ = std::fs::remove_file(store.manifest_path(id));
         })?;
         switch_reload_verify(
             opts.reload,
@@ -971,7 +971,7 @@ fn prune(store: &Store, keep: usize, current: &str, previous: Option<&str>) -> V
             continue;
         }
         if release::remove_tree(&store.release_dir(&id)).is_ok() {
-            let _ = std::fs::remove_file(manifest::path(&store.root, &id));
+            let _ = std::fs::remove_file(store.manifest_path(&id));
             let _ = store.append(&Event::new(EventKind::Pruned, &id));
             removed.push(id);
         }
@@ -1129,7 +1129,7 @@ pub fn verify(root: &Path, only: Option<&str>) -> Result<Vec<Verified>, DeployEr
     };
     let mut out = Vec::new();
     for id in ids {
-        let stored = match Manifest::load(&manifest::path(root, &id)) {
+        let stored = match Manifest::load(&Store::new(root).manifest_path(&id)) {
             Ok(m) => m,
             Err(e) => {
                 out.push(Verified {

@@ -354,15 +354,6 @@ impl Manifest {
     }
 }
 
-/// `ROOT/.dream/manifests`.
-pub fn dir(root: &Path) -> PathBuf {
-    root.join(".dream").join("manifests")
-}
-
-/// The stored manifest of release `id`.
-pub fn path(root: &Path, id: &str) -> PathBuf {
-    dir(root).join(id)
-}
 
 #[cfg(test)]
 mod tests {

@@ -141,6 +141,48 @@ impl Store {
         self.root.join("current")
     }
 
+    /// `.dream/control.sock`, where the supervisor answers.
+    pub fn control_socket(&self) -> PathBuf {
+        self.state().join("control.sock")
+    }
+
+    /// `.dream/manifests/`, one manifest per release.
+    pub fn manifests(&self) -> PathBuf {
+        self.state().join("manifests")
+    }
+
+    /// The stored manifest of release `id`.
+    pub fn manifest_path(&self, id: &str) -> PathBuf {
+        self.manifests().join(id)
+    }
+
+    /// What `current` names: the release's id and its real directory.
+    /// The one place `current` is resolved; the supervisor starts each
+    /// generation in the directory this returns, so a later switch never
+    /// moves a running generation.
+    pub fn resolve_current(&self) -> Result<crate::pool::Release, String> {
+        let current = self.current_link();
+        let dir = fs::canonicalize(&current).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                format!(
+                    "{} does not exist: deploy a release first (dream deploy SOURCE --root {})",
+                    current.display(),
+                    self.root.display()
+                )
+            } else {
+                format!("cannot resolve {}: {e}", current.display())
+            }
+        })?;
+        if !dir.is_dir() {
+            return Err(format!("{} is not a directory", current.display()));
+        }
+        let id = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(crate::pool::Release { id, dir })
+    }
+
     /// Creates `releases/` and `.dream/`; refuses a root that someone else
     /// could have prepared (see [`trusted_dir`]) and a `current` that is a
     /// real directory (it cannot be replaced atomically).
@@ -170,9 +212,9 @@ impl Store {
 
     /// The id `current` points at, if it points into `releases/`.
     pub fn current(&self) -> Option<String> {
-        let target = fs::read_link(self.current_link()).ok()?;
-        let name = target.file_name()?.to_str()?.to_string();
-        self.release_dir(&name).is_dir().then_some(name)
+        let release = self.resolve_current().ok()?;
+        let releases = fs::canonicalize(self.releases()).ok()?;
+        (release.dir.parent() == Some(releases.as_path())).then_some(release.id)
     }
 
     /// The whole history, oldest first; unreadable lines are skipped.

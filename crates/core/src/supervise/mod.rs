@@ -109,26 +109,7 @@ fn release_of(mode: &Mode) -> Result<Release, String> {
 
 /// Resolves `ROOT/current` to a release.
 pub fn resolve_current(root: &Path) -> Result<Release, String> {
-    let current = root.join("current");
-    let dir = std::fs::canonicalize(&current).map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound {
-            format!(
-                "{} does not exist: deploy a release first (dream deploy SOURCE --root {})",
-                current.display(),
-                root.display()
-            )
-        } else {
-            format!("cannot resolve {}: {e}", current.display())
-        }
-    })?;
-    if !dir.is_dir() {
-        return Err(format!("{} is not a directory", current.display()));
-    }
-    let id = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Ok(Release { id, dir })
+    crate::release::Store::new(root).resolve_current()
 }
 
 #[derive(Clone, Copy)]

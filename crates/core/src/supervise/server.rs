@@ -17,11 +17,12 @@ pub(super) struct Client {
     pub(super) last: Instant,
 }
 pub(super) fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> {
-    let dir = control::state_dir(root);
+    let store = crate::release::Store::new(root);
+    let dir = store.state();
     let trusted =
         crate::release::trusted_dir(root, true).and_then(|()| crate::release::trusted_subdir(&dir));
     trusted.map_err(|e| SuperviseError::Setup(format!("cannot use {}: {e}", dir.display())))?;
-    let path = control::socket_path(root);
+    let path = store.control_socket();
     if UnixStream::connect(&path).is_ok() {
         return Err(SuperviseError::Setup(format!(
             "a supervisor is already running for {} ({} answers); stop it first, or use `dream reload`",
