@@ -25,8 +25,16 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub enum Request {
     Status,
     Reload,
-    Scale { workers: usize },
+    Scale {
+        workers: usize,
+    },
     Stop,
+    /// Replace the supervisor's program in place (default: the path it
+    /// started from).
+    Upgrade {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<PathBuf>,
+    },
 }
 
 impl Request {
@@ -36,10 +44,10 @@ impl Request {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
         let obj = v.as_object().ok_or("a request is a JSON object")?;
         let cmd = obj.get("cmd").and_then(Value::as_str).unwrap_or_default();
-        let allowed: &[&str] = if cmd == "scale" {
-            &["cmd", "workers"]
-        } else {
-            &["cmd"]
+        let allowed: &[&str] = match cmd {
+            "scale" => &["cmd", "workers"],
+            "upgrade" => &["cmd", "binary"],
+            _ => &["cmd"],
         };
         if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(format!("unknown field {k:?} for {cmd:?}"));
@@ -81,6 +89,11 @@ pub struct Answer {
     /// `stop`: the supervisor is stopping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopping: Option<bool>,
+    /// `upgrade`: the version now running, and the one before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_version: Option<String>,
 }
 
 impl Answer {
@@ -118,6 +131,11 @@ impl Answer {
 pub struct Status {
     pub ok: bool,
     pub pid: u32,
+    /// The supervisor's version, the program `dream upgrade` execs by
+    /// default, and how many upgrades it has been through.
+    pub version: String,
+    pub binary: PathBuf,
+    pub upgrades: u64,
     /// The deploy root (`dream serve`), none for `dream pool`.
     pub root: Option<PathBuf>,
     pub uptime_s: f64,
@@ -152,8 +170,14 @@ impl Status {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "supervisor pid {}, up {}{}",
+            "supervisor pid {} (dream {}{}), up {}{}",
             self.pid,
+            self.version,
+            match self.upgrades {
+                0 => String::new(),
+                1 => ", upgraded once".to_string(),
+                n => format!(", upgraded {n} times"),
+            },
             crate::fmt_duration(Duration::from_secs_f64(self.uptime_s.max(0.0))),
             self.root
                 .as_ref()

@@ -492,11 +492,7 @@ impl Pipeline<'_, '_> {
         // The manifest is stored before the release is moved into place, so
         // that no release exists without one.
         std::fs::create_dir_all(store.manifests())
-            .and_then(|()| {
-                final_manifest
-                    .frozen()
-                    .save(&store.manifest_path(&id))
-            })
+            .and_then(|()| final_manifest.frozen().save(&store.manifest_path(&id)))
             .map_err(|e| io_failure("writing the manifest", e))?;
         sync_tree(&dir).map_err(|e| io_failure("syncing the release", e))?;
         let final_dir = store.release_dir(&id);

@@ -184,7 +184,7 @@ fn bind_unix(spec: &ListenSpec, path: &Path, backlog: i32) -> Result<Listener, L
 }
 
 /// A `LISTEN_FDNAMES` entry: the spec with `:` (the separator) replaced.
-fn socket_name(spec: &ListenSpec) -> String {
+pub fn socket_name(spec: &ListenSpec) -> String {
     let s: String = spec
         .to_string()
         .chars()

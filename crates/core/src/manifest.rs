@@ -354,7 +354,6 @@ impl Manifest {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

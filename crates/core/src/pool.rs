@@ -38,7 +38,7 @@ pub type GenId = u64;
 pub type Waiter = u64;
 
 /// When a worker counts as ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Readiness {
     /// Only when it sends `READY=1`.
     Notify,
@@ -87,11 +87,12 @@ impl std::str::FromStr for Readiness {
 }
 
 /// Tunables of a pool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     pub workers: usize,
     pub readiness: Readiness,
     pub ready_timeout: Duration,
+    #[serde(with = "crate::signals::by_number")]
     pub drain_signal: Signal,
     pub drain_timeout: Duration,
     /// Generations allowed to drain at once; a reload that would make one
@@ -113,7 +114,7 @@ impl Default for Settings {
 }
 
 /// The release a generation runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Release {
     pub id: String,
     pub dir: PathBuf,
@@ -159,20 +160,23 @@ pub enum Action {
     GiveUp(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum WorkerState {
     /// To be started at this time (after a backoff).
     Waiting {
+        #[serde(with = "crate::clock::mono")]
         at: Instant,
     },
     /// A `Spawn` action was issued; the pid comes with `spawned`.
     Spawning,
     Starting {
         pid: i32,
+        #[serde(with = "crate::clock::mono")]
         since: Instant,
     },
     Ready {
         pid: i32,
+        #[serde(with = "crate::clock::mono")]
         since: Instant,
     },
     /// Told to drain (or killed) with its generation; waiting for it to exit.
@@ -188,7 +192,7 @@ enum WorkerState {
     Gone,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Worker {
     index: usize,
     state: WorkerState,
@@ -227,14 +231,20 @@ impl Worker {
 }
 
 /// The lifecycle of a generation (the diagram at the top of the module).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum GenState {
     /// Workers starting; all must be ready by `deadline`.
-    Starting { deadline: Instant },
+    Starting {
+        #[serde(with = "crate::clock::mono")]
+        deadline: Instant,
+    },
     /// Serving; its dead workers are respawned with backoff.
     Live,
     /// Told to drain; its process groups are killed at `deadline`.
-    Draining { deadline: Instant },
+    Draining {
+        #[serde(with = "crate::clock::mono")]
+        deadline: Instant,
+    },
     /// Past its drain deadline, or stopped fast: killed, exits awaited.
     Killed,
     /// Did not come up (a worker died, or not ready in time): killed at
@@ -252,12 +262,13 @@ impl GenState {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Generation {
     id: GenId,
     release: Release,
     state: GenState,
     workers: Vec<Worker>,
+    #[serde(with = "crate::clock::mono")]
     started: Instant,
     waiters: Vec<Waiter>,
 }
@@ -304,7 +315,7 @@ pub enum Event {
 }
 
 /// How the supervisor is stopping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stop {
     /// Drain every generation, then exit.
     Graceful,
@@ -312,8 +323,9 @@ pub enum Stop {
     Fast,
 }
 
-/// The pool.
-#[derive(Debug)]
+/// The pool. It serializes whole (deadlines as monotonic times), so
+/// that a supervisor upgrading itself hands it to the new program as is.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Pool {
     settings: Settings,
     gens: Vec<Generation>,
@@ -327,6 +339,7 @@ pub struct Pool {
     stopping: Option<Stop>,
     announced_ready: bool,
     /// The first generation must be ready by then, or the supervisor gives up.
+    #[serde(with = "crate::clock::mono_opt")]
     first_ready_by: Option<Instant>,
     /// Why the last worker died, for giving up.
     last_death: Option<String>,
@@ -480,6 +493,11 @@ impl Pool {
     /// Whether a reload is held back until a draining generation finishes.
     pub fn reload_held(&self) -> bool {
         self.queued.is_some() && !self.reloading() && !self.room_to_drain()
+    }
+
+    /// Whether a reload is queued or handed to the driver and not started.
+    pub fn reload_pending(&self) -> bool {
+        self.queued.is_some() || self.start_pending
     }
 
     /// Whether a generation is starting (a reload is in progress).

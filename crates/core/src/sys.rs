@@ -339,7 +339,7 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 // Claiming inherited descriptors and unsetting environment variables
 // live in `dream_protocol::sys` (workers need them without the rest of
 // dream); one registry of claimed descriptors serves both crates.
-pub use dream_protocol::sys::{single_threaded, with_raw_fd};
+pub use dream_protocol::sys::{claim_inherited_fd, remove_env_vars, single_threaded, with_raw_fd};
 
 /// `ioctl(FICLONE)`: makes `dst` share `src`'s data blocks copy-on-write
 /// (btrfs, XFS with reflink, bcachefs…). Fails with `EOPNOTSUPP`, `EXDEV`
@@ -456,6 +456,63 @@ pub fn release_free_memory() {
     // its locks; it has no preconditions and touches no memory of ours.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// `pidfd_open(2)`: a descriptor that becomes readable when process `pid`
+/// (a child of ours, not yet reaped) exits, so a wait for it can sit in
+/// `poll(2)` with a deadline beside other descriptors.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new descriptor
+    // or -1; it touches no memory of this process.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing
+    // else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+/// Replaces this process's program in place, as the supervisor's upgrade
+/// does: `execve(path)` (or, with `exe`, `execveat(exe, "", AT_EMPTY_PATH)`
+/// on a descriptor kept from start) with the signal mask, the pending
+/// signals and every descriptor not marked close-on-exec left as they are.
+///
+/// Unlike `std::process::Command::exec` and [`ExecImage::exec`], nothing
+/// is reset first: std clears the signal mask before `execve`, which would
+/// turn a HUP arriving during the upgrade into the default action (death).
+/// Returns only on failure.
+pub fn reexec(
+    program: Result<&std::path::Path, BorrowedFd<'_>>,
+    argv: &[std::ffi::OsString],
+    env: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> io::Error {
+    let cstr = |b: &[u8]| CString::new(b).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let argv: io::Result<Vec<CString>> = argv.iter().map(|a| cstr(a.as_bytes())).collect();
+    let env: io::Result<Vec<CString>> = env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstr(&kv)
+        })
+        .collect();
+    let (argv, env) = match (argv, env) {
+        (Ok(a), Ok(e)) => (a, e),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    let result = match program {
+        Ok(path) => match cstr(path.as_os_str().as_bytes()) {
+            Ok(path) => nix::unistd::execve(&path, &argv, &env),
+            Err(e) => return e,
+        },
+        Err(fd) => nix::unistd::execveat(fd, c"", &argv, &env, nix::fcntl::AtFlags::AT_EMPTY_PATH),
+    };
+    match result {
+        Ok(never) => match never {},
+        Err(e) => e.into(),
     }
 }
 

@@ -50,7 +50,7 @@ enum Cmd {
     Demo(DemoCmd),
     /// Hold the sockets and run a pool of workers from ROOT/current; reload on HUP
     #[command(
-        after_help = "Each worker runs in the release directory that ROOT/current named when its\ngeneration started, with the first socket on fd 0, all sockets on fds 3..\n(LISTEN_FDS, LISTEN_PID), and DREAM_RELEASE, DREAM_RELEASE_DIR,\nDREAM_GENERATION, DREAM_WORKER, NOTIFY_SOCKET set.\n\nSignals: HUP reload; TERM/INT drain and exit; QUIT stop now; TTIN/TTOU one\nworker more/less; USR1 status on stderr.\n\nExamples:\n  dream serve --root /srv/app --listen :8080 -- ./bin/server\n  dream serve --listen 127.0.0.1:8080 --workers 4 --ready notify -- dream static\n  dream reload --root /srv/app    # from another terminal, waits for the outcome"
+        after_help = "Each worker runs in the release directory that ROOT/current named when its\ngeneration started, with the first socket on fd 0, all sockets on fds 3..\n(LISTEN_FDS, LISTEN_PID), and DREAM_RELEASE, DREAM_RELEASE_DIR,\nDREAM_GENERATION, DREAM_WORKER, NOTIFY_SOCKET set.\n\nSignals: HUP reload; TERM/INT drain and exit; QUIT stop now; TTIN/TTOU one\nworker more/less; USR1 status on stderr; USR2 upgrade in place (dream upgrade).\n\nExamples:\n  dream serve --root /srv/app --listen :8080 -- ./bin/server\n  dream serve --listen 127.0.0.1:8080 --workers 4 --ready notify -- dream static\n  dream reload --root /srv/app    # from another terminal, waits for the outcome"
     )]
     Serve(ServeArgs),
     /// Stage, build, switch, reload, verify; roll back on failure
@@ -78,6 +78,20 @@ enum Cmd {
         after_help = "Waits until every new worker is ready (or the reload fails and the old generation\nkeeps serving). Same as `kill -HUP`, but with the outcome.\n\nExample:\n  dream reload --root /srv/app && echo live"
     )]
     Reload(StatusArgs),
+    /// Replace the running supervisor's program in place: same pid, sockets and workers
+    #[command(
+        after_help = "The supervisor checks the new program first (PATH --upgrade-check), waits for a
+reload in progress, then execs it in place with its state: the listening sockets,
+the workers (not restarted, not reloaded), the control socket. The answer comes
+from the new program. If the new program cannot take over, the old one keeps
+running and says why (exit 1). SIGUSR2 to the supervisor does the same with the
+default PATH.
+
+Examples:
+  apt upgrade dream && dream upgrade --root /srv/app
+  dream upgrade --root /srv/app --binary /opt/dream-2/bin/dream"
+    )]
+    Upgrade(UpgradeArgs),
     /// Keep N copies of PROGRAM running on the inherited sockets (forkpool)
     #[command(
         after_help = "HUP starts a fresh set of N beside the old ones and drains the old ones once\nthe new are ready (with --relay-hup, HUP is passed to the children instead).\nQUIT or TERM drains every child and exits.\n\nExample:\n  dream listen 127.0.0.1:8080 dream pool -n 4 dream static"
@@ -322,6 +336,19 @@ struct StatusArgs {
 }
 
 #[derive(Args)]
+struct UpgradeArgs {
+    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// The new dream program (default: the path the supervisor started from)
+    #[arg(long, value_name = "PATH")]
+    binary: Option<PathBuf>,
+    /// Print the answer as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct PoolArgs {
     /// Number of children
     #[arg(short = 'n', long = "workers", default_value_t = 1)]
@@ -430,6 +457,24 @@ struct CheckArgs {
 }
 
 fn main() {
+    // A supervisor that has just upgraded itself: its state, not its
+    // command line, says what to do.
+    if dream_core::supervise::resuming() {
+        let code = match dream_core::supervise::resume() {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("{} dream serve: {e}", dream_core::log_time());
+                exit::FAILED
+            }
+        };
+        std::process::exit(code);
+    }
+    // The pre-flight a running supervisor asks of a new program.
+    let args: Vec<OsString> = std::env::args_os().take(3).collect();
+    if args.get(1).is_some_and(|a| a == "--upgrade-check") {
+        let v = args.get(2).map(|v| v.to_string_lossy()).unwrap_or_default();
+        std::process::exit(dream_core::supervise::upgrade_check(&v));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -466,6 +511,7 @@ fn main() {
         Cmd::Rollback(_) => "rollback",
         Cmd::Releases(_) => "releases",
         Cmd::Reload(_) => "reload",
+        Cmd::Upgrade(_) => "upgrade",
         Cmd::Pool(_) => "pool",
         Cmd::Listen(_) => "listen",
         Cmd::Loop(_) => "loop",
@@ -480,6 +526,7 @@ fn main() {
         Cmd::Rollback(a) => a.json,
         Cmd::Releases(a) => a.json,
         Cmd::Status(a) | Cmd::Reload(a) => a.json,
+        Cmd::Upgrade(a) => a.json,
         Cmd::Check(a) => a.json,
         _ => false,
     };
@@ -625,6 +672,7 @@ fn run(cmd: Cmd) -> Result {
         Cmd::Releases(a) if a.verify => deploy::verify(a.root.as_deref(), a.id.as_deref(), a.json),
         Cmd::Releases(a) => deploy::releases(a.root.as_deref(), a.json),
         Cmd::Reload(a) => serve::reload(a.root.as_deref(), a.json),
+        Cmd::Upgrade(a) => serve::upgrade(a.root.as_deref(), a.binary, a.json),
         Cmd::Pool(a) => serve::pool(
             a.workers,
             a.relay_hup,

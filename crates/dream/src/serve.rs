@@ -96,7 +96,36 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
             })?;
         (inherited, Vec::new())
     } else {
-        let bound = crate::tools::bind_all(o.listen, o.backlog, "serve", true)?;
+        // Sockets systemd kept for us (its fd store, after a restart or a
+        // crash) are taken again by name; only the others are bound.
+        let mut kept = protocol::listeners_from_env()
+            .map_err(|e| Failure::usage(format!("sockets from systemd: {e}")))?
+            .unwrap_or_default();
+        let mut taken: Vec<Option<protocol::Listener>> = Vec::new();
+        let mut to_bind = Vec::new();
+        for spec in o.listen {
+            let name = dream_core::listen::socket_name(spec);
+            match kept.iter().position(|l| l.name == name) {
+                Some(i) => {
+                    let l = kept.remove(i);
+                    eprintln!(
+                        "{} dream serve: listening on {} (the socket systemd kept)",
+                        dream_core::log_time(),
+                        l.local_addr()
+                    );
+                    taken.push(Some(l));
+                }
+                None => {
+                    taken.push(None);
+                    to_bind.push(spec.clone());
+                }
+            }
+        }
+        let mut fresh = crate::tools::bind_all(&to_bind, o.backlog, "serve", true)?.into_iter();
+        let bound: Vec<protocol::Listener> = taken
+            .into_iter()
+            .map(|t| t.or_else(|| fresh.next()).expect("one bound per spec"))
+            .collect();
         let unix_paths = o
             .listen
             .iter()
@@ -223,5 +252,42 @@ pub fn reload(root: Option<&Path>, json_out: bool) -> Result {
                 message: format!("reload failed: {reason}"),
             })
         }
+    }
+}
+
+/// `dream upgrade`: asks the supervisor to exec a new program in place and
+/// waits for the answer, which the new program sends (or the old one,
+/// saying why it still runs).
+pub fn upgrade(root: Option<&Path>, binary: Option<PathBuf>, json_out: bool) -> Result {
+    let root = root_dir(root)?;
+    let binary = binary
+        .map(|b| {
+            std::path::absolute(&b).map_err(|e| Failure::usage(format!("{}: {e}", b.display())))
+        })
+        .transpose()?;
+    let a = control::ask(
+        &root,
+        &Request::Upgrade { binary },
+        Some(Duration::from_secs(120)),
+    )
+    .map_err(control_failure)?;
+    if json_out {
+        crate::print_line(&serde_json::to_string(&a).expect("an answer serializes"));
+    }
+    if a.ok {
+        if !json_out {
+            crate::print_line(&format!(
+                "upgraded: dream {} -> {}",
+                a.previous_version.as_deref().unwrap_or("?"),
+                a.version.as_deref().unwrap_or("?")
+            ));
+        }
+        return Ok(());
+    }
+    let reason = a.error.unwrap_or_else(|| "unknown error".into());
+    if json_out {
+        Err(Failure::silent(crate::exit::FAILED))
+    } else {
+        Err(Failure::failed(reason))
     }
 }

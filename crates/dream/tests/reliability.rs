@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dream_testkit::{
-    Guard, Referee, Root, Tree, alive, bin, children, get, live_pids, probe, read_report, run,
-    stopped, wait_until,
+    Guard, Referee, Root, Tree, alive, bin, children, free_port, get, live_pids, probe,
+    read_report, run, stopped, wait_until,
 };
 use nix::sys::signal::Signal;
 
@@ -1164,27 +1164,6 @@ fn a_stalled_output_reader_never_stalls_the_supervisor() {
 /// bind explicitly (a socket bound to port 0 loses its port when it stops
 /// listening). Below that range no other test's `bind(port 0)` can take it
 /// between this check and the supervisor's bind.
-fn free_port() -> u16 {
-    let (low, _) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| {
-            let mut it = r.split_whitespace().map(|p| p.parse::<u16>().ok());
-            Some((it.next()??, it.next()??))
-        })
-        .unwrap_or((32768, 60999));
-    let start = 10_000u16.min(low.saturating_sub(1000));
-    let span = low.saturating_sub(start).max(1);
-    let seed = std::process::id() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos() as u64;
-    (0..span as u64)
-        .map(|i| start + ((seed + i * 7919) % span as u64) as u16)
-        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .expect("a free port below the ephemeral range")
-}
-
 /// `dream static` set O_NONBLOCK on the listener every worker shares, so a
 /// later release whose server does a plain blocking `accept` (the seed's
 /// own) crash-looped with EAGAIN. dream's workers leave the flags alone;

@@ -407,12 +407,23 @@ fn inherited_listen_fds_and_systemd_notifications() {
             .env("NOTIFY_SOCKET", &notify_path),
     );
     let addr = sup.listening_addr();
+    let stored = std::cell::Cell::new(0);
     let recv = || {
-        let mut buf = [0u8; 1024];
-        let n = notify.recv(&mut buf).expect("a notification");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        loop {
+            let mut buf = [0u8; 1024];
+            let n = notify.recv(&mut buf).expect("a notification");
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            // The listening socket handed to the fd store (tested with
+            // the upgrade); here only the state changes are followed.
+            if text.starts_with("FDSTORE=1\n") {
+                stored.set(stored.get() + 1);
+                continue;
+            }
+            return text;
+        }
     };
     assert_eq!(recv(), "READY=1");
+    assert_eq!(stored.get(), 1, "the one socket went to the fd store");
     assert_eq!(get(addr, "/", &[]).text(), "<p>release a</p>\n");
     root.switch("b");
     sup.signal(Signal::SIGHUP);

@@ -568,3 +568,26 @@ pub fn serve_root(root: &Path, extra: &[&str]) -> (Guard, SocketAddr) {
     });
     (sup, addr)
 }
+
+/// A TCP port free on 127.0.0.1 now, chosen below the ephemeral range so
+/// that no outgoing connection takes it before the test binds it.
+pub fn free_port() -> u16 {
+    let (low, _) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| {
+            let mut it = r.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let start = 10_000u16.min(low.saturating_sub(1000));
+    let span = low.saturating_sub(start).max(1);
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    (0..span as u64)
+        .map(|i| start + ((seed + i * 7919) % span as u64) as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below the ephemeral range")
+}

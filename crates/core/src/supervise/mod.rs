@@ -30,7 +30,10 @@
 mod listeners;
 mod server;
 mod status;
+mod upgrade;
 mod workers;
+
+pub use upgrade::{STATE_VERSION, resume, resuming, upgrade_check, version};
 
 use listeners::status_flags;
 use server::{CLIENT_IDLE, Client, bind_control};
@@ -59,7 +62,7 @@ use crate::signals::{Signals, timeout_until};
 use crate::spawn::Command;
 
 /// Where workers run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Mode {
     /// `dream serve`: each generation runs in what `ROOT/current` resolves
     /// to; a control socket at `ROOT/.dream/control.sock`.
@@ -144,20 +147,38 @@ struct Driver {
     listener_lost: Vec<bool>,
     /// The supervisor's exit status once the pool has finished.
     exit_code: i32,
+    /// The path this supervisor's program had when it first started: what
+    /// `dream upgrade` execs by default (after a package upgrade, the new
+    /// program is there).
+    exe: PathBuf,
+    /// An `O_PATH` descriptor of the running program, to go back to.
+    self_exe: OwnedFd,
+    /// The command line it started with, kept across upgrades.
+    argv: Vec<OsString>,
+    upgrades: u64,
+    upgrade: Option<upgrade::Pending>,
+    /// The version that ran before the last upgrade (this one's, at first).
+    previous_version: String,
+    /// After an upgrade: the client that asked for it, to be answered.
+    resumed_asker: Option<Waiter>,
 }
+
+/// The signals the supervisor takes from its signalfd.
+const SIGNALS: &[Signal] = &[
+    Signal::SIGCHLD,
+    Signal::SIGHUP,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
 
 /// Runs the supervisor until it is stopped; returns the exit code.
 pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
-    let signals = Signals::new(&[
-        Signal::SIGCHLD,
-        Signal::SIGHUP,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGQUIT,
-        Signal::SIGTTIN,
-        Signal::SIGTTOU,
-        Signal::SIGUSR1,
-    ])?;
+    let signals = Signals::new(SIGNALS)?;
     if let crate::pool::Readiness::Fd(n) = cfg.settings.readiness {
         let first_free = 3 + cfg.sockets.len() as i32;
         if n < first_free {
@@ -196,8 +217,17 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
         listener_flags: Vec::new(),
         listener_lost: Vec::new(),
         exit_code: 0,
+        exe: std::env::current_exe()
+            .map_err(|e| SuperviseError::Setup(format!("the supervisor's own path: {e}")))?,
+        self_exe: upgrade::open_self_exe()?,
+        argv: std::env::args_os().collect(),
+        upgrades: 0,
+        upgrade: None,
+        previous_version: version(),
+        resumed_asker: None,
     };
     d.listener_flags = d.cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
+    d.store_sockets_with_systemd();
     d.listener_lost = vec![false; d.cfg.sockets.len()];
     d.log(
         0,
@@ -258,6 +288,7 @@ impl Driver {
             self.clients
                 .retain(|c| c.awaiting > 0 || now.duration_since(c.last) < CLIENT_IDLE);
             self.on(Event::Tick);
+            self.upgrade_if_due();
         }
     }
 
@@ -365,6 +396,12 @@ impl Driver {
                     };
                     self.on(Event::Scale(n));
                 }
+                Signal::SIGUSR2 => {
+                    if let Mode::Serve { .. } = self.cfg.mode {
+                        self.log(0, "USR2: upgrade requested");
+                        self.request_upgrade(None, None);
+                    }
+                }
                 Signal::SIGUSR1 => {
                     let status = self.status().human();
                     self.log(-1, &status);
@@ -450,7 +487,27 @@ impl Driver {
         }
     }
 
-    fn tell_systemd(&self, msg: &str) {
+    /// Under systemd, hands the listening sockets to the service's file
+    /// descriptor store (`FDSTORE=1`, one message per socket, named): if
+    /// this process ever dies, systemd restarts it with the same sockets
+    /// in `LISTEN_FDS`, and clients wait in their backlog meanwhile.
+    /// Needs `FileDescriptorStoreMax=` in the unit (the shipped ones have it).
+    fn store_sockets_with_systemd(&self) {
+        let Some(path) = &self.systemd else {
+            return;
+        };
+        for l in &self.cfg.sockets {
+            let msg = format!("FDSTORE=1\nFDNAME={}", l.name);
+            if let Err(e) = notify_with_fd(path, &msg, l.fd.as_fd()) {
+                self.log(
+                    -1,
+                    &format!("cannot store {} with systemd: {e}", l.local_addr()),
+                );
+            }
+        }
+    }
+
+    pub(super) fn tell_systemd(&self, msg: &str) {
         let Some(path) = &self.systemd else {
             return;
         };
@@ -476,4 +533,28 @@ impl Driver {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// An sd_notify message carrying one descriptor (`SCM_RIGHTS`), as
+/// `FDSTORE=1` needs.
+fn notify_with_fd(path: &std::ffi::OsStr, msg: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::new_abstract(name)?,
+        None => UnixAddr::new(Path::new(path))?,
+    };
+    let sock = UnixDatagram::unbound()?;
+    let fds = [fd.as_raw_fd()];
+    let iov = [io::IoSlice::new(msg.as_bytes())];
+    sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        Some(&addr),
+    )?;
+    Ok(())
 }

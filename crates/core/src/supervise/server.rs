@@ -198,6 +198,10 @@ impl Driver {
                     .to_value(),
                 );
             }
+            Request::Upgrade { binary } => {
+                // Answered when the new program runs (or the upgrade failed).
+                self.request_upgrade((id != 0).then_some(id), binary);
+            }
             Request::Stop => {
                 self.answer_index(
                     i,

@@ -9,6 +9,9 @@ impl Driver {
         control::Status {
             ok: true,
             pid: std::process::id(),
+            version: version(),
+            binary: self.exe.clone(),
+            upgrades: self.upgrades,
             root: match &self.cfg.mode {
                 Mode::Serve { root } => Some(root.clone()),
                 Mode::Pool { .. } => None,

@@ -1,0 +1,709 @@
+//! The supervisor replacing its own program in place (`dream upgrade`,
+//! SIGUSR2): same pid, same listening sockets, same workers.
+//!
+//! 1. **Pre-flight**: `NEW --upgrade-check STATE_VERSION` must exit 0 and
+//!    say it reads that state version; otherwise nothing changes.
+//! 2. **Wait** until no reload is starting or queued (an upgrade never cuts
+//!    one short); a second upgrade meanwhile is refused.
+//! 3. **State**: the pool (deadlines as monotonic times), every worker's
+//!    notify socket, output pipe and ready pipe, the control listener and
+//!    every control client (the one that asked included), the listening
+//!    sockets, and an `O_PATH` descriptor of the running program, written
+//!    as JSON into a sealed memfd. Those descriptors, and only those, lose
+//!    close-on-exec for the exec.
+//! 4. **Exec** `NEW` with the original argv and `DREAM_UPGRADE_STATE_FD`,
+//!    through [`crate::sys::reexec`], which keeps the signal mask: a HUP,
+//!    TERM or CHLD that arrives in the window stays pending and is read
+//!    from the new program's signalfd.
+//! 5. **Resume** ([`resume`], called by `main` before anything else): read
+//!    the state, take the descriptors back (close-on-exec again), reap the
+//!    workers that exited in the window, answer the client that asked. A
+//!    program that cannot take the state over (an unknown version, a
+//!    parse error) execs the old program again from its `O_PATH`
+//!    descriptor, with the same state and the reason, and that one keeps
+//!    serving and reports why.
+
+use std::io::Seek;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// The layout of [`State`]; a program reads only the versions it knows.
+pub const STATE_VERSION: u32 = 1;
+/// The memfd holding the state, in the new program's environment.
+pub const STATE_FD_ENV: &str = "DREAM_UPGRADE_STATE_FD";
+/// The old program's `O_PATH` descriptor, for falling back to it.
+const OLD_EXE_FD_ENV: &str = "DREAM_UPGRADE_OLD_EXE_FD";
+/// Why the new program handed the state back (set for the old program).
+const FALLBACK_ENV: &str = "DREAM_UPGRADE_FALLBACK";
+/// The longest a pre-flight check may take.
+const PREFLIGHT_LIMIT: Duration = Duration::from_secs(10);
+
+/// This build's version, as status and upgrade answers show it.
+pub fn version() -> String {
+    // The upgrade tests run two copies of one build; this hook gives each
+    // its own version: `DREAM_TEST_VERSIONS=PATH=VERSION;PATH=VERSION`.
+    #[cfg(feature = "test-hooks")]
+    if let (Ok(map), Ok(exe)) = (
+        std::env::var("DREAM_TEST_VERSIONS"),
+        std::env::current_exe(),
+    ) && let Some(v) = map
+        .split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(p, _)| Path::new(p) == exe)
+        .map(|(_, v)| v.to_string())
+    {
+        return v;
+    }
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+/// `dream --upgrade-check V`: whether this program can take over a state
+/// of version `V`. Prints one line and returns the exit code.
+pub fn upgrade_check(v: &str) -> i32 {
+    match v.parse::<u32>() {
+        Ok(STATE_VERSION) => {
+            println!("dream {} reads upgrade state {STATE_VERSION}", version());
+            0
+        }
+        _ => {
+            eprintln!(
+                "dream {}: cannot take over upgrade state version {v:?} (reads {STATE_VERSION})",
+                version()
+            );
+            1
+        }
+    }
+}
+
+/// An upgrade asked for and not yet carried out.
+pub(super) struct Pending {
+    pub(super) asker: Option<Waiter>,
+    pub(super) binary: PathBuf,
+    pub(super) to_version: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WorkerFds {
+    pid: i32,
+    generation: GenId,
+    index: usize,
+    notify: RawFd,
+    stderr: Option<RawFd>,
+    ready_pipe: Option<RawFd>,
+    tail: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ClientFds {
+    id: Waiter,
+    fd: RawFd,
+    buf: Vec<u8>,
+    awaiting: usize,
+    #[serde(with = "crate::clock::mono")]
+    last: Instant,
+}
+
+/// Everything the supervisor is, by value or by descriptor number.
+#[derive(Serialize, Deserialize)]
+struct State {
+    version: u32,
+    written_by: String,
+    argv: Vec<Vec<u8>>,
+    mode: Mode,
+    program: Vec<u8>,
+    args: Vec<Vec<u8>>,
+    sockets: Vec<(RawFd, String)>,
+    unix_paths: Vec<PathBuf>,
+    user: Option<(u32, u32)>,
+    verbosity: i8,
+    /// The [`Pool`], whole.
+    pool: Value,
+    workers: Vec<WorkerFds>,
+    control: Option<RawFd>,
+    clients: Vec<ClientFds>,
+    next_client: Waiter,
+    nonce: u64,
+    #[serde(with = "crate::clock::mono")]
+    started: Instant,
+    listener_lost: Vec<bool>,
+    exit_code: i32,
+    exe: PathBuf,
+    upgrades: u64,
+    /// The client that asked for this upgrade, to be answered by the new
+    /// program (or by the old one, after a fallback).
+    asker: Option<Waiter>,
+}
+
+fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let flag = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    crate::with_raw_fd(fd, |b| fcntl(b, FcntlArg::F_SETFD(flag)))
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?
+        .map(|_| ())
+        .map_err(io::Error::from)
+}
+
+/// Runs `NEW --upgrade-check STATE_VERSION`, waiting (in `poll`, on a
+/// pidfd) at most [`PREFLIGHT_LIMIT`]. Returns the new program's version.
+fn preflight(binary: &Path) -> Result<String, String> {
+    use std::process::{Command, Stdio};
+    let shown = binary.display();
+    let meta = std::fs::metadata(binary).map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a file"));
+    }
+    let mut child = Command::new(binary)
+        .args(["--upgrade-check", &STATE_VERSION.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let exited = crate::sys::pidfd_open(child.id() as i32);
+    let deadline = Instant::now() + PREFLIGHT_LIMIT;
+    let mut done = false;
+    if let Ok(pidfd) = &exited {
+        loop {
+            let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, timeout_until(Some(deadline))) {
+                Ok(0) => break,
+                Ok(_) => {
+                    done = true;
+                    break;
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    if !done && exited.is_ok() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!(
+            "{shown} --upgrade-check did not finish within {}",
+            crate::fmt_duration(PREFLIGHT_LIMIT)
+        ));
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let said = stderr.trim().lines().last().unwrap_or("").to_string();
+    if !out.status.success() {
+        return Err(format!(
+            "{shown} --upgrade-check {}{}",
+            describe_exit(out.status),
+            if said.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", crate::logtext::value(&said))
+            }
+        ));
+    }
+    let line = stdout.lines().next().unwrap_or("").trim();
+    let accepted = format!("reads upgrade state {STATE_VERSION}");
+    match line
+        .strip_prefix("dream ")
+        .and_then(|r| r.strip_suffix(&accepted))
+    {
+        Some(v) => Ok(v.trim().to_string()),
+        None => Err(format!(
+            "{shown} --upgrade-check did not say it reads upgrade state {STATE_VERSION} (it said {:?})",
+            crate::logtext::value(line)
+        )),
+    }
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (_, Some(s)) => format!("was killed by signal {s}"),
+        _ => "failed".into(),
+    }
+}
+
+impl Driver {
+    /// `dream upgrade` or SIGUSR2: checks the new program now, and carries
+    /// the upgrade out once no reload is in progress.
+    pub(super) fn request_upgrade(&mut self, asker: Option<Waiter>, binary: Option<PathBuf>) {
+        let refuse = |d: &mut Driver, msg: String| {
+            d.log(-1, &format!("upgrade refused: {msg}"));
+            if let Some(w) = asker {
+                d.answer(w, &control::Answer::failed(msg).to_value());
+            }
+        };
+        if self.upgrade.is_some() {
+            return refuse(self, "an upgrade is already in progress".into());
+        }
+        if self.pool.stopping().is_some() {
+            return refuse(self, "the supervisor is stopping".into());
+        }
+        let binary = binary.unwrap_or_else(|| self.exe.clone());
+        let to_version = match preflight(&binary) {
+            Ok(v) => v,
+            Err(e) => return refuse(self, format!("pre-flight failed: {e}")),
+        };
+        self.log(
+            0,
+            &format!(
+                "upgrade to {} (dream {to_version}) checked{}",
+                binary.display(),
+                if self.pool.reloading() || self.pool.reload_pending() {
+                    "; waiting for the reload in progress"
+                } else {
+                    ""
+                }
+            ),
+        );
+        if let Some(w) = asker
+            && let Some(c) = self.clients.iter_mut().find(|c| c.id == w)
+        {
+            c.awaiting += 1;
+        }
+        self.upgrade = Some(Pending {
+            asker,
+            binary,
+            to_version,
+        });
+    }
+
+    /// Carries out a pending upgrade if nothing holds it back. On success
+    /// this never returns: the new program continues.
+    pub(super) fn upgrade_if_due(&mut self) {
+        if self.upgrade.is_none()
+            || self.pool.reloading()
+            || self.pool.reload_pending()
+            || self.pool.stopping().is_some()
+        {
+            if self.pool.stopping().is_some()
+                && let Some(p) = self.upgrade.take()
+                && let Some(w) = p.asker
+            {
+                self.answer(
+                    w,
+                    &control::Answer::failed("the supervisor is stopping").to_value(),
+                );
+            }
+            return;
+        }
+        let pending = self.upgrade.take().expect("checked");
+        let err = self.exec_upgrade(&pending);
+        // Still here: the exec failed, and nothing was handed over.
+        self.output = crate::output::Output::stderr();
+        let msg = format!("upgrade to {} failed: {err}", pending.binary.display());
+        self.log(-1, &msg);
+        if let Some(w) = pending.asker {
+            self.answer(w, &control::Answer::failed(msg).to_value());
+        }
+    }
+
+    fn state(&self, asker: Option<Waiter>) -> State {
+        State {
+            version: STATE_VERSION,
+            written_by: version(),
+            argv: self.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            mode: self.cfg.mode.clone(),
+            program: self.cfg.program.as_bytes().to_vec(),
+            args: self
+                .cfg
+                .args
+                .iter()
+                .map(|a| a.as_bytes().to_vec())
+                .collect(),
+            sockets: self
+                .cfg
+                .sockets
+                .iter()
+                .map(|l| (l.fd.as_raw_fd(), l.name.clone()))
+                .collect(),
+            unix_paths: self.cfg.unix_paths.clone(),
+            user: self.cfg.user,
+            verbosity: self.cfg.verbosity,
+            pool: serde_json::to_value(&self.pool).expect("a pool serializes"),
+            workers: self
+                .workers
+                .iter()
+                .map(|(pid, w)| WorkerFds {
+                    pid: *pid,
+                    generation: w.generation,
+                    index: w.index,
+                    notify: w.notify.as_raw_fd(),
+                    stderr: w.stderr.as_ref().map(|f| f.as_raw_fd()),
+                    ready_pipe: w.ready_pipe.as_ref().map(|f| f.as_raw_fd()),
+                    tail: w.tail.clone(),
+                })
+                .collect(),
+            control: self.control.as_ref().map(|c| c.as_raw_fd()),
+            clients: self
+                .clients
+                .iter()
+                .filter(|c| c.id != 0)
+                .map(|c| ClientFds {
+                    id: c.id,
+                    fd: c.stream.as_raw_fd(),
+                    buf: c.buf.clone(),
+                    awaiting: c.awaiting,
+                    last: c.last,
+                })
+                .collect(),
+            next_client: self.next_client,
+            nonce: self.nonce,
+            started: self.started,
+            listener_lost: self.listener_lost.clone(),
+            exit_code: self.exit_code,
+            exe: self.exe.clone(),
+            upgrades: self.upgrades,
+            asker,
+        }
+    }
+
+    /// Writes the state and execs the new program. Returns only if the
+    /// exec failed, with every descriptor close-on-exec again.
+    fn exec_upgrade(&mut self, pending: &Pending) -> io::Error {
+        self.log(
+            0,
+            &format!(
+                "upgrading in place: dream {} -> {} ({}), pid {}, {} kept",
+                version(),
+                pending.to_version,
+                pending.binary.display(),
+                std::process::id(),
+                crate::plural(self.workers.len(), "worker")
+            ),
+        );
+        // What is queued for stderr is written before the writer thread
+        // ends with the exec.
+        self.output.finish(Duration::from_secs(1));
+        let state = self.state(pending.asker);
+        let memfd = match write_state(&state) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        let mut keep: Vec<RawFd> = vec![memfd.as_raw_fd(), self.self_exe.as_raw_fd()];
+        keep.extend(state.sockets.iter().map(|(fd, _)| *fd));
+        keep.extend(state.control);
+        keep.extend(state.clients.iter().map(|c| c.fd));
+        for w in &state.workers {
+            keep.push(w.notify);
+            keep.extend(w.stderr);
+            keep.extend(w.ready_pipe);
+        }
+        for fd in &keep {
+            if let Err(e) = set_cloexec(*fd, false) {
+                restore_cloexec(&keep);
+                return e;
+            }
+        }
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| k != STATE_FD_ENV && k != OLD_EXE_FD_ENV && k != FALLBACK_ENV)
+            .collect();
+        env.push((STATE_FD_ENV.into(), memfd.as_raw_fd().to_string().into()));
+        env.push((
+            OLD_EXE_FD_ENV.into(),
+            self.self_exe.as_raw_fd().to_string().into(),
+        ));
+        crate::test_point("upgrade-exec");
+        let err = crate::sys::reexec(Ok(&pending.binary), &self.argv, &env);
+        restore_cloexec(&keep);
+        err
+    }
+}
+
+fn restore_cloexec(fds: &[RawFd]) {
+    for fd in fds {
+        let _ = set_cloexec(*fd, true);
+    }
+}
+
+/// The state as JSON in a sealed memfd (close-on-exec until the exec).
+fn write_state(state: &State) -> io::Result<OwnedFd> {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let fd = memfd_create(
+        c"dream-upgrade-state",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    serde_json::to_writer(&mut file, state).map_err(io::Error::other)?;
+    file.rewind()?;
+    fcntl(
+        &file,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(file.into())
+}
+
+/// Why a program could not take a state over.
+fn take_over_refusal(text: &str) -> Result<State, String> {
+    #[derive(Deserialize)]
+    struct Head {
+        version: u32,
+        written_by: String,
+    }
+    let head: Head = serde_json::from_str(text).map_err(|e| format!("unreadable state: {e}"))?;
+    if head.version != STATE_VERSION {
+        return Err(format!(
+            "state version {} (written by dream {}) is not the one this program reads ({STATE_VERSION})",
+            head.version, head.written_by
+        ));
+    }
+    #[cfg(feature = "test-hooks")]
+    if std::env::var_os("DREAM_TEST_UPGRADE_REFUSE")
+        .is_some_and(|p| std::env::current_exe().is_ok_and(|e| e.as_os_str() == p))
+    {
+        return Err("refused by the test hook DREAM_TEST_UPGRADE_REFUSE".into());
+    }
+    serde_json::from_str(text).map_err(|e| format!("unreadable state: {e}"))
+}
+
+/// Whether this process was started by an upgrade (its state descriptor
+/// is in the environment).
+pub fn resuming() -> bool {
+    std::env::var_os(STATE_FD_ENV).is_some()
+}
+
+/// Continues a supervisor from the state an upgrade handed over. Call it
+/// first thing in `main`, while the process has one thread. If this program
+/// cannot take the state over, it execs the old program with it instead;
+/// on success it runs the supervisor until it stops and returns its exit
+/// code.
+pub fn resume() -> Result<i32, SuperviseError> {
+    let number = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<RawFd>().ok())
+    };
+    let state_fd = number(STATE_FD_ENV);
+    let old_exe = number(OLD_EXE_FD_ENV);
+    let fallback = std::env::var(FALLBACK_ENV).ok();
+    // Workers must not see these.
+    crate::sys::remove_env_vars(&[STATE_FD_ENV, OLD_EXE_FD_ENV, FALLBACK_ENV]);
+    let Some(state_fd) = state_fd.and_then(crate::sys::claim_inherited_fd) else {
+        return Err(SuperviseError::Setup(format!(
+            "{STATE_FD_ENV} does not name an open descriptor"
+        )));
+    };
+    let mut file = std::fs::File::from(state_fd);
+    let mut text = String::new();
+    let read = file.read_to_string(&mut text);
+    let state = read
+        .map_err(|e| format!("cannot read the state: {e}"))
+        .and_then(|_| take_over_refusal(&text));
+    let state = match state {
+        Ok(s) => s,
+        Err(why) => {
+            // Give the state back to the program that wrote it.
+            let Some(old) = old_exe.and_then(crate::sys::claim_inherited_fd) else {
+                return Err(SuperviseError::Setup(format!(
+                    "cannot take over the upgrade ({why}), and the old program is not at hand"
+                )));
+            };
+            let _ = file.rewind();
+            let _ = set_cloexec(file.as_raw_fd(), false);
+            let _ = set_cloexec(old.as_raw_fd(), false);
+            let argv: Vec<OsString> = std::env::args_os().collect();
+            let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+            env.push((STATE_FD_ENV.into(), file.as_raw_fd().to_string().into()));
+            env.push((OLD_EXE_FD_ENV.into(), old.as_raw_fd().to_string().into()));
+            env.push((FALLBACK_ENV.into(), why.clone().into()));
+            let err = crate::sys::reexec(Err(old.as_fd()), &argv, &env);
+            return Err(SuperviseError::Setup(format!(
+                "cannot take over the upgrade ({why}), and cannot go back to the old program: {err}"
+            )));
+        }
+    };
+    drop(file);
+    // The old program's descriptor: this one keeps its own from now on.
+    if let Some(fd) = old_exe.and_then(crate::sys::claim_inherited_fd) {
+        drop(fd);
+    }
+    let mut d = adopt(state)?;
+    let asker = d.resumed_asker.take();
+    match &fallback {
+        None => {
+            d.upgrades += 1;
+            let msg = format!(
+                "upgraded in place: dream {} -> {}, pid {}, {} kept, {} upgrade{} so far",
+                d.previous_version,
+                version(),
+                std::process::id(),
+                crate::plural(d.workers.len(), "worker"),
+                d.upgrades,
+                if d.upgrades == 1 { "" } else { "s" }
+            );
+            d.log(0, &msg);
+            if let Some(w) = asker {
+                let v = control::Answer {
+                    version: Some(version()),
+                    previous_version: Some(d.previous_version.clone()),
+                    ..control::Answer::done()
+                };
+                d.answer(w, &v.to_value());
+            }
+        }
+        Some(why) => {
+            let msg = format!(
+                "upgrade failed: the new program could not take over ({why}); dream {} keeps running",
+                version()
+            );
+            d.log(-1, &msg);
+            if let Some(w) = asker {
+                d.answer(w, &control::Answer::failed(msg).to_value());
+            }
+        }
+    }
+    // Exits and signals from the window: reaped and handled now.
+    d.reap();
+    d.tell_systemd("READY=1");
+    let result = d.event_loop();
+    d.cleanup();
+    result.map(|()| d.exit_code)
+}
+
+/// Takes every descriptor named in the state back and builds the driver.
+fn adopt(state: State) -> Result<Driver, SuperviseError> {
+    let claim = |fd: RawFd| -> Result<OwnedFd, SuperviseError> {
+        let owned = crate::sys::claim_inherited_fd(fd).ok_or_else(|| {
+            SuperviseError::Setup(format!("upgrade state names fd {fd}, which is not open"))
+        })?;
+        set_cloexec(owned.as_raw_fd(), true)?;
+        Ok(owned)
+    };
+    let sockets = state
+        .sockets
+        .iter()
+        .map(|(fd, name)| Ok(Listener::new(claim(*fd)?, name.clone())))
+        .collect::<Result<Vec<_>, SuperviseError>>()?;
+    let mut workers = HashMap::new();
+    for w in state.workers {
+        workers.insert(
+            w.pid,
+            WorkerIo {
+                generation: w.generation,
+                index: w.index,
+                notify: UnixDatagram::from(claim(w.notify)?),
+                stderr: w.stderr.map(claim).transpose()?.map(std::fs::File::from),
+                tail: w.tail,
+                ready_pipe: w
+                    .ready_pipe
+                    .map(claim)
+                    .transpose()?
+                    .map(std::fs::File::from),
+            },
+        );
+    }
+    let control = state
+        .control
+        .map(claim)
+        .transpose()?
+        .map(UnixListener::from);
+    let clients = state
+        .clients
+        .into_iter()
+        .map(|c| {
+            Ok(Client {
+                id: c.id,
+                stream: UnixStream::from(claim(c.fd)?),
+                buf: c.buf,
+                awaiting: c.awaiting,
+                last: c.last,
+            })
+        })
+        .collect::<Result<Vec<_>, SuperviseError>>()?;
+    let os = |b: Vec<u8>| OsString::from_vec(b);
+    let pool: Pool = serde_json::from_value(state.pool)
+        .map_err(|e| SuperviseError::Setup(format!("upgrade state: the pool: {e}")))?;
+    let settings = pool.settings().clone();
+    let name = match state.mode {
+        Mode::Serve { .. } => "serve",
+        Mode::Pool { .. } => "pool",
+    };
+    let cfg = Config {
+        mode: state.mode,
+        program: os(state.program),
+        args: state.args.into_iter().map(os).collect(),
+        sockets,
+        unix_paths: state.unix_paths,
+        settings,
+        user: state.user,
+        verbosity: state.verbosity,
+        name,
+    };
+    let signals = Signals::new(SIGNALS)?;
+    let listener_flags = cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
+    let mut d = Driver {
+        pool,
+        cfg,
+        signals,
+        control,
+        clients,
+        next_client: state.next_client,
+        workers,
+        systemd: std::env::var_os(protocol::NOTIFY_SOCKET),
+        started: state.started,
+        nonce: state.nonce,
+        output: crate::output::Output::stderr(),
+        listener_flags,
+        listener_lost: state.listener_lost,
+        exit_code: state.exit_code,
+        exe: state.exe,
+        self_exe: open_self_exe()?,
+        argv: state.argv.into_iter().map(os).collect(),
+        upgrades: state.upgrades,
+        upgrade: None,
+        previous_version: state.written_by,
+        resumed_asker: None,
+    };
+    d.resumed_asker = state.asker;
+    Ok(d)
+}
+
+/// An `O_PATH` descriptor of the running program: it stays valid when a
+/// package manager replaces the file, so a failed upgrade can always go
+/// back to exactly this program.
+pub(super) fn open_self_exe() -> Result<OwnedFd, SuperviseError> {
+    nix::fcntl::open(
+        "/proc/self/exe",
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| SuperviseError::Setup(format!("/proc/self/exe: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_of_another_version_is_refused_with_both_versions_named() {
+        let err = take_over_refusal(r#"{"version": 99, "written_by": "9.9.9"}"#)
+            .err()
+            .expect("refused");
+        assert!(err.contains("99") && err.contains("9.9.9"), "{err}");
+        assert!(err.contains(&STATE_VERSION.to_string()), "{err}");
+        let err = take_over_refusal("{").err().expect("refused");
+        assert!(err.starts_with("unreadable state"), "{err}");
+    }
+
+    #[test]
+    fn the_check_accepts_only_its_own_state_version() {
+        assert_eq!(upgrade_check(&STATE_VERSION.to_string()), 0);
+        assert_eq!(upgrade_check("0"), 1);
+        assert_eq!(upgrade_check("two"), 1);
+    }
+}
