@@ -560,8 +560,11 @@ fn record_failure(t: &mut Tally, live: &Live, f: Failure, connecting: bool) {
             let io_kind = std::error::Error::source(&he)
                 .and_then(|s| s.downcast_ref::<std::io::Error>())
                 .map(|io| io.kind());
+            // Canceled: hyper dropped the request because its connection
+            // closed before the request went out, a reset by another name.
             if he.is_incomplete_message()
                 || he.is_closed()
+                || he.is_canceled()
                 || matches!(
                     io_kind,
                     Some(ConnectionReset | ConnectionAborted | BrokenPipe)

@@ -24,7 +24,17 @@ pub const MAX_LINE: usize = 64 * 1024;
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Reload,
+    /// With `confirm_within_ms`, a provisional reload: the new generation
+    /// reverts unless confirmed within that long of going live.
+    Reload {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        confirm_within_ms: Option<u64>,
+    },
+    /// Keeps a provisional generation (default: the live one).
+    Confirm {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
+    },
     Scale {
         workers: usize,
     },
@@ -47,6 +57,8 @@ impl Request {
         let allowed: &[&str] = match cmd {
             "scale" => &["cmd", "workers"],
             "upgrade" => &["cmd", "binary"],
+            "reload" => &["cmd", "confirm_within_ms"],
+            "confirm" => &["cmd", "generation"],
             _ => &["cmd"],
         };
         if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -209,14 +221,25 @@ impl Status {
             }
         );
         for g in &pool.generations {
+            let secs = |s: f64| crate::fmt_duration(Duration::from_secs_f64(s.max(0.0)));
+            let mut trial = String::new();
+            if let Some(c) = g.confirm_in_s {
+                trial.push_str(&format!(", unconfirmed: reverts in {}", secs(c)));
+            }
+            if let Some(p) = g.probation_s {
+                trial.push_str(&format!(", on probation for {}", secs(p)));
+            }
+            if g.reverted {
+                trial.push_str(", reverted");
+            }
             let _ = writeln!(
                 s,
-                "generation {} {}: release {} ({}), age {}",
+                "generation {} {}: release {} ({}), age {}{trial}",
                 g.id,
                 g.state.as_str(),
                 g.release,
                 g.release_dir.display(),
-                crate::fmt_duration(Duration::from_secs_f64(g.age_s.max(0.0)))
+                secs(g.age_s)
             );
             for w in &g.workers {
                 let _ = writeln!(
@@ -383,14 +406,43 @@ mod tests {
             serde_json::to_value(Request::Scale { workers: 2 }).unwrap(),
             serde_json::json!({"cmd": "scale", "workers": 2})
         );
-        assert_eq!(Request::parse(r#"{"cmd":"reload"}"#), Ok(Request::Reload));
+        assert_eq!(
+            Request::parse(r#"{"cmd":"reload"}"#),
+            Ok(Request::Reload {
+                confirm_within_ms: None
+            })
+        );
+        assert_eq!(
+            serde_json::to_value(Request::Reload {
+                confirm_within_ms: None
+            })
+            .unwrap(),
+            serde_json::json!({"cmd": "reload"})
+        );
     }
 
     #[test]
     fn parses_requests_strictly() {
         let p = Request::parse;
         assert_eq!(p(r#"{"cmd":"status"}"#).unwrap(), Request::Status);
-        assert_eq!(p(r#"{"cmd":"reload"}"#).unwrap(), Request::Reload);
+        assert_eq!(
+            p(r#"{"cmd":"reload","confirm_within_ms":500}"#).unwrap(),
+            Request::Reload {
+                confirm_within_ms: Some(500)
+            }
+        );
+        assert_eq!(
+            p(r#"{"cmd":"confirm","generation":4}"#).unwrap(),
+            Request::Confirm {
+                generation: Some(4)
+            }
+        );
+        assert_eq!(
+            p(r#"{"cmd":"upgrade","binary":"/usr/bin/dream"}"#).unwrap(),
+            Request::Upgrade {
+                binary: Some("/usr/bin/dream".into())
+            }
+        );
         assert_eq!(
             p(r#"{"cmd":"scale","workers":3}"#).unwrap(),
             Request::Scale { workers: 3 }
@@ -401,6 +453,9 @@ mod tests {
             r#"{"cmd":"scale"}"#,
             r#"{"cmd":"scale","workers":-1}"#,
             r#"{"cmd":"status","extra":1}"#,
+            r#"{"cmd":"reload","generation":1}"#,
+            r#"{"cmd":"confirm","generation":"two"}"#,
+            r#"{"cmd":"upgrade","binary":1}"#,
             r#"[]"#,
             "garbage",
         ] {

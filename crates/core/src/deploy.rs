@@ -103,6 +103,11 @@ pub struct DeployOptions {
     pub build: Option<String>,
     pub keep: usize,
     pub reload: bool,
+    /// A provisional reload: the supervisor reverts the new generation
+    /// unless this deploy confirms it within this long (it does, once the
+    /// reload succeeded), so a deploy killed or cut off in between still
+    /// leaves a consistent host.
+    pub confirm_within: Option<Duration>,
     pub wait_lock: Wait,
     /// For the lock's holder record.
     pub command: String,
@@ -519,6 +524,7 @@ impl Pipeline<'_, '_> {
             id,
             self.previous.as_deref(),
             EventKind::Switched,
+            opts.confirm_within,
             &mut self.p,
         )?;
         let pruned = prune(store, opts.keep, id, self.previous.as_deref());
@@ -635,6 +641,7 @@ fn switch_reload_verify(
     id: &str,
     previous: Option<&str>,
     event: EventKind,
+    confirm_within: Option<Duration>,
     p: &mut Progress<'_>,
 ) -> Result<(), DeployError> {
     let took = store
@@ -664,7 +671,10 @@ fn switch_reload_verify(
         return Ok(());
     }
     let deadline = reload_deadline(store);
-    let answer = control::ask(&store.root, &control::Request::Reload, Some(deadline));
+    let request = control::Request::Reload {
+        confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
+    };
+    let answer = control::ask(&store.root, &request, Some(deadline));
     let failure = match answer {
         Ok(a) if a.ok => {
             p.report.supervisor = true;
@@ -672,10 +682,18 @@ fn switch_reload_verify(
             p.step(
                 "reloaded",
                 format!(
-                    "generation {} is live",
-                    a.generation.map_or("?".into(), |g| g.to_string())
+                    "generation {} is live{}",
+                    a.generation.map_or("?".into(), |g| g.to_string()),
+                    if confirm_within.is_some() {
+                        ", provisionally"
+                    } else {
+                        ""
+                    }
                 ),
             );
+            if confirm_within.is_some() {
+                confirm(store, id, a.generation, p)?;
+            }
             return Ok(());
         }
         Ok(a) => a.error.unwrap_or_else(|| "unknown error".into()),
@@ -697,6 +715,38 @@ fn switch_reload_verify(
         Kind::Failed,
         format!("reload failed: {failure}\n{restored}; release {id} is marked bad"),
     ))
+}
+
+/// Confirms a provisional generation. If the supervisor reverted it
+/// meanwhile (it crashed on probation, or the confirmation came too late),
+/// the deploy fails: the supervisor has already switched `current` back
+/// and marked the release bad.
+fn confirm(
+    store: &Store,
+    id: &str,
+    generation: Option<u64>,
+    p: &mut Progress<'_>,
+) -> Result<(), DeployError> {
+    let request = control::Request::Confirm { generation };
+    match control::ask(&store.root, &request, Some(Duration::from_secs(30))) {
+        Ok(a) if a.ok => {
+            p.step("confirmed", format!("release {id} stays"));
+            Ok(())
+        }
+        Ok(a) => Err(err(
+            Kind::Failed,
+            format!(
+                "the supervisor reverted release {id}: {}",
+                a.error.unwrap_or_else(|| "unknown error".into())
+            ),
+        )),
+        Err(e) => Err(err(
+            Kind::Temporary,
+            format!(
+                "could not confirm release {id} ({e}); the supervisor reverts it when its confirmation deadline passes"
+            ),
+        )),
+    }
 }
 
 /// Switches `current` back to `previous` after `id` did not go live, and
@@ -1035,6 +1085,7 @@ pub fn rollback(
         } else {
             EventKind::RolledBack
         },
+        None,
         &mut p,
     )?;
     Ok(report)

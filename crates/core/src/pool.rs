@@ -98,6 +98,11 @@ pub struct Settings {
     /// Generations allowed to drain at once; a reload that would make one
     /// more waits until one has drained or reached its drain deadline.
     pub max_draining: usize,
+    /// For this long after a reload goes live, crashes count against it:
+    /// three, or all its workers down at once, and it is reverted to the
+    /// release it replaced. Zero turns probation off.
+    #[serde(default)]
+    pub probation: Duration,
 }
 
 impl Default for Settings {
@@ -109,6 +114,7 @@ impl Default for Settings {
             drain_signal: Signal::SIGTERM,
             drain_timeout: Duration::from_secs(30),
             max_draining: 4,
+            probation: Duration::from_secs(10),
         }
     }
 }
@@ -154,6 +160,16 @@ pub enum Action {
     /// Generation `GenId` is over (drained, or killed at its deadline):
     /// kill whatever it started that left its process group (`setsid`).
     Sweep(GenId),
+    /// A generation on trial failed it: switch `current` back from
+    /// `release` to `to` (if it still names `release`), and record the
+    /// revert (`release` is bad). The pool itself starts the generation of
+    /// `to`.
+    Revert {
+        generation: GenId,
+        release: String,
+        to: Release,
+        reason: String,
+    },
     /// The first generation never became ready within the ready timeout:
     /// there is nothing to serve and nothing older to fall back on, so the
     /// supervisor stops with this reason and exit status 1.
@@ -262,6 +278,25 @@ impl GenState {
     }
 }
 
+/// What is still undecided about a generation that went live by a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+enum Trial {
+    /// Nothing: the first generation, a revert, or one that passed.
+    #[default]
+    Settled,
+    /// Crashes count until `until` (probation); it reverts at `confirm_by`
+    /// unless confirmed first (a provisional reload).
+    Pending {
+        #[serde(with = "crate::clock::mono_opt")]
+        until: Option<Instant>,
+        #[serde(with = "crate::clock::mono_opt")]
+        confirm_by: Option<Instant>,
+        crashes: u32,
+    },
+    /// Reverted: a generation of the release it replaced takes over.
+    Reverted,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Generation {
     id: GenId,
@@ -271,14 +306,34 @@ struct Generation {
     #[serde(with = "crate::clock::mono")]
     started: Instant,
     waiters: Vec<Waiter>,
+    /// The release of the generation it replaced, to revert to.
+    #[serde(default)]
+    previous: Option<Release>,
+    #[serde(default)]
+    trial: Trial,
+    /// Started by a reload that must be confirmed within this long once
+    /// live (`None`: not provisional).
+    #[serde(default)]
+    confirm_within: Option<Duration>,
+    /// A revert: it goes live settled, never on trial (no ping-pong).
+    #[serde(default)]
+    revert: bool,
 }
 
 /// Everything that happens to the pool: the one input of [`Pool::on`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A reload was asked for (HUP, the control socket); `waiter` is the
-    /// control client waiting for its outcome.
+    /// control client waiting for its outcome. With `confirm_within`, the
+    /// new generation reverts unless confirmed within that long of going
+    /// live.
     ReloadRequested {
+        waiter: Option<Waiter>,
+        confirm_within: Option<Duration>,
+    },
+    /// A provisional generation is confirmed (`None`: the live one).
+    Confirm {
+        generation: Option<GenId>,
         waiter: Option<Waiter>,
     },
     /// The driver resolved `current` for a [`Action::StartReload`] (or for
@@ -345,6 +400,15 @@ pub struct Pool {
     last_death: Option<String>,
     /// Restarts of workers outside reloads, for status.
     pub restarts: u64,
+    /// The shortest confirmation window among the queued reloads.
+    #[serde(default)]
+    queued_confirm: Option<Duration>,
+    /// Generations reverted lately, and why (for `confirm` to answer).
+    #[serde(default)]
+    reverted: Vec<(GenId, String)>,
+    /// Reverts so far, for status.
+    #[serde(default)]
+    pub reverts: u64,
 }
 
 /// The most workers a generation may have; every path that sets the count
@@ -386,6 +450,9 @@ impl Pool {
             first_ready_by: None,
             last_death: None,
             restarts: 0,
+            queued_confirm: None,
+            reverted: Vec::new(),
+            reverts: 0,
         }
     }
 
@@ -397,7 +464,15 @@ impl Pool {
     /// policy is an edit behind this match.
     pub fn on(&mut self, event: Event, now: Instant) -> Vec<Action> {
         match event {
-            Event::ReloadRequested { waiter } => {
+            Event::ReloadRequested {
+                waiter,
+                confirm_within,
+            } => {
+                if self.stopping.is_none()
+                    && let Some(d) = confirm_within
+                {
+                    self.queued_confirm = Some(self.queued_confirm.map_or(d, |q| q.min(d)));
+                }
                 if self.request_reload(waiter) {
                     vec![Action::StartReload]
                 } else if self.stopping.is_some() {
@@ -415,6 +490,7 @@ impl Pool {
                     Vec::new()
                 }
             }
+            Event::Confirm { generation, waiter } => self.confirm(generation, waiter, now),
             Event::ReleaseResolved(Ok(release)) => self.begin_generation(release, now),
             Event::ReleaseResolved(Err(reason)) => self.reload_unavailable(reason),
             Event::Spawned {
@@ -509,9 +585,21 @@ impl Pool {
     fn begin_generation(&mut self, release: Release, now: Instant) -> Vec<Action> {
         self.start_pending = false;
         let waiters = self.queued.take().unwrap_or_default();
+        let confirm_within = self.queued_confirm.take();
         if self.stopping.is_some() {
             return vec![ReloadFailed::stopping(waiters)];
         }
+        self.start_generation(release, waiters, confirm_within, false, now)
+    }
+
+    fn start_generation(
+        &mut self,
+        release: Release,
+        waiters: Vec<Waiter>,
+        confirm_within: Option<Duration>,
+        revert: bool,
+        now: Instant,
+    ) -> Vec<Action> {
         let id = self.next_gen;
         self.next_gen += 1;
         let first = self.live().is_none() && self.gens.is_empty();
@@ -527,6 +615,8 @@ impl Pool {
             "{} generation {id}: release {} ({})",
             if first {
                 "starting"
+            } else if revert {
+                "revert: starting"
             } else {
                 "reload: starting"
             },
@@ -553,6 +643,10 @@ impl Pool {
             workers,
             started: now,
             waiters,
+            previous: None,
+            trial: Trial::Settled,
+            confirm_within,
+            revert,
         });
         actions
     }
@@ -668,6 +762,12 @@ impl Pool {
                     .filter(|o| o.state == GenState::Live)
                     .map(|o| o.id)
                     .collect();
+                let previous = self
+                    .gens
+                    .iter()
+                    .find(|o| o.state == GenState::Live)
+                    .map(|o| o.release.clone());
+                let probation = self.settings.probation;
                 let g = self
                     .gens
                     .iter_mut()
@@ -679,6 +779,24 @@ impl Pool {
                     "reload finished: generation {generation} (release {release}) live after {}",
                     crate::fmt_duration(elapsed)
                 )));
+                if !g.revert && previous.is_some() {
+                    let until = (!probation.is_zero()).then_some(now + probation);
+                    let confirm_by = g.confirm_within.map(|d| now + d);
+                    if let Some(d) = g.confirm_within {
+                        actions.push(Action::Log(format!(
+                            "generation {generation} is provisional: it reverts unless confirmed within {}",
+                            crate::fmt_duration(d)
+                        )));
+                    }
+                    if until.is_some() || confirm_by.is_some() {
+                        g.trial = Trial::Pending {
+                            until,
+                            confirm_by,
+                            crashes: 0,
+                        };
+                    }
+                    g.previous = previous;
+                }
                 for o in old {
                     actions.extend(self.drain(o, now));
                 }
@@ -796,6 +914,7 @@ impl Pool {
         now: Instant,
     ) -> Vec<Action> {
         let stopping = self.stopping.is_some();
+        let on_trial = self.counts_against_trial(generation, now);
         let Some((g, i)) = self.worker_mut(generation, index) else {
             return Vec::new();
         };
@@ -822,6 +941,12 @@ impl Pool {
                 )));
                 actions
                     .extend(self.fail(generation, format!("worker {generation}.{index} {reason}")));
+            }
+            GenState::Live if !stopping && on_trial => {
+                actions.push(Action::Warn(format!(
+                    "worker {generation}.{index} exited: {reason}"
+                )));
+                actions.extend(self.crashed_on_trial(generation, index, now));
             }
             GenState::Live if !stopping => {
                 // Only a minute of health forgives earlier deaths; a worker
@@ -861,6 +986,162 @@ impl Pool {
                 actions.extend(self.reap_generations());
             }
         }
+        actions
+    }
+
+    /// Whether a worker of `generation` dying now counts against its
+    /// probation.
+    fn counts_against_trial(&self, generation: GenId, now: Instant) -> bool {
+        self.gens.iter().any(|g| {
+            g.id == generation
+                && matches!(g.trial, Trial::Pending { until: Some(u), .. } if now < u)
+        })
+    }
+
+    /// A worker of a generation on probation died: three crashes, or no
+    /// worker left ready, and the generation is reverted; otherwise the
+    /// worker is respawned as usual.
+    fn crashed_on_trial(&mut self, generation: GenId, index: usize, now: Instant) -> Vec<Action> {
+        let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
+            return Vec::new();
+        };
+        let Trial::Pending { crashes, .. } = &mut g.trial else {
+            return Vec::new();
+        };
+        *crashes += 1;
+        let crashes = *crashes;
+        let none_ready = !g
+            .workers
+            .iter()
+            .any(|w| matches!(w.state, WorkerState::Ready { .. }));
+        if crashes >= 3 || none_ready {
+            let why = if crashes >= 3 {
+                format!("{crashes} crashes within its probation")
+            } else {
+                "no worker left running within its probation".to_string()
+            };
+            return self.revert(generation, why, now);
+        }
+        // Not yet: respawn it at once, like a first failure.
+        let w = g
+            .workers
+            .iter_mut()
+            .find(|w| w.index == index)
+            .expect("the worker that died");
+        let mut actions = Vec::new();
+        if let Some(pgid) = w.pgid.take() {
+            actions.push(Action::KillGroup { pid: pgid });
+        }
+        w.failures += 1;
+        w.restarts += 1;
+        w.state = WorkerState::Waiting {
+            at: now + backoff(w.failures),
+        };
+        self.restarts += 1;
+        actions.extend(self.tick(now));
+        actions
+    }
+
+    /// Reverts a live generation to the release it replaced: its
+    /// replacement starts now and drains it once ready.
+    fn revert(&mut self, generation: GenId, reason: String, now: Instant) -> Vec<Action> {
+        let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
+            return Vec::new();
+        };
+        let Some(to) = g.previous.clone() else {
+            return Vec::new();
+        };
+        if g.trial == Trial::Reverted {
+            return Vec::new();
+        }
+        g.trial = Trial::Reverted;
+        let release = g.release.id.clone();
+        self.reverts += 1;
+        self.reverted.push((
+            generation,
+            format!("generation {generation} (release {release}) was reverted: {reason}"),
+        ));
+        if self.reverted.len() > 16 {
+            self.reverted.remove(0);
+        }
+        let mut actions = vec![
+            Action::Warn(format!(
+                "reverting generation {generation} (release {release}): {reason}; back to release {}",
+                to.id
+            )),
+            Action::Revert {
+                generation,
+                release,
+                to: to.clone(),
+                reason,
+            },
+        ];
+        // A reload already starting replaces it anyway once ready.
+        if self.starting().is_none() && self.stopping.is_none() {
+            actions.extend(self.start_generation(to, Vec::new(), None, true, now));
+        }
+        actions
+    }
+
+    /// `confirm`: a provisional generation stays.
+    fn confirm(
+        &mut self,
+        generation: Option<GenId>,
+        waiter: Option<Waiter>,
+        now: Instant,
+    ) -> Vec<Action> {
+        let waiters: Vec<Waiter> = waiter.into_iter().collect();
+        let target = match generation {
+            Some(id) => self.gens.iter_mut().find(|g| g.id == id),
+            None => self.gens.iter_mut().find(|g| g.state == GenState::Live),
+        };
+        let Some(g) = target else {
+            let why = match generation.and_then(|id| self.reverted.iter().find(|(g, _)| *g == id)) {
+                Some((_, why)) => why.clone(),
+                None => match generation {
+                    Some(id) => format!("no generation {id}"),
+                    None => "no generation is live".to_string(),
+                },
+            };
+            return vec![Action::ReloadDone {
+                waiters,
+                outcome: Err(why),
+            }];
+        };
+        let id = g.id;
+        if g.trial == Trial::Reverted {
+            let why = self
+                .reverted
+                .iter()
+                .find(|(r, _)| *r == id)
+                .map(|(_, w)| w.clone())
+                .unwrap_or_else(|| format!("generation {id} was reverted"));
+            return vec![Action::ReloadDone {
+                waiters,
+                outcome: Err(why),
+            }];
+        }
+        if g.state != GenState::Live {
+            return vec![Action::ReloadDone {
+                waiters,
+                outcome: Err(format!("generation {id} is not live")),
+            }];
+        }
+        let mut actions = Vec::new();
+        if let Trial::Pending {
+            until, confirm_by, ..
+        } = &mut g.trial
+            && confirm_by.take().is_some()
+        {
+            actions.push(Action::Log(format!("generation {id} confirmed")));
+            if until.is_none_or(|u| u <= now) {
+                g.trial = Trial::Settled;
+            }
+        }
+        actions.push(Action::ReloadDone {
+            waiters,
+            outcome: Ok((id, g.release.id.clone())),
+        });
         actions
     }
 
@@ -1015,6 +1296,30 @@ impl Pool {
                 actions.push(Action::Sweep(g.id));
             }
         }
+        // Probations that ended, provisional generations not confirmed.
+        let mut unconfirmed = Vec::new();
+        for g in &mut self.gens {
+            if let Trial::Pending {
+                until, confirm_by, ..
+            } = &mut g.trial
+            {
+                if until.is_some_and(|u| u <= now) {
+                    *until = None;
+                }
+                if confirm_by.is_some_and(|c| c <= now) {
+                    unconfirmed.push((g.id, g.confirm_within.unwrap_or_default()));
+                } else if until.is_none() && confirm_by.is_none() {
+                    g.trial = Trial::Settled;
+                }
+            }
+        }
+        for (generation, within) in unconfirmed {
+            actions.extend(self.revert(
+                generation,
+                format!("not confirmed within {}", crate::fmt_duration(within)),
+                now,
+            ));
+        }
         // A generation at its drain deadline no longer holds a reload back.
         actions.extend(self.start_queued());
         if let Some(by) = self.first_ready_by
@@ -1049,6 +1354,12 @@ impl Pool {
             consider(by);
         }
         for g in &self.gens {
+            if let Trial::Pending {
+                until, confirm_by, ..
+            } = g.trial
+            {
+                until.into_iter().chain(confirm_by).for_each(&mut consider);
+            }
             match g.state {
                 GenState::Starting { deadline } => consider(deadline),
                 GenState::Draining { deadline } => consider(deadline),
@@ -1194,6 +1505,7 @@ impl Pool {
             reload_held: self.reload_held(),
             stopping: self.stopping.is_some(),
             restarts: self.restarts,
+            reverts: self.reverts,
             generations: self
                 .gens
                 .iter()
@@ -1209,6 +1521,20 @@ impl Pool {
                     release: g.release.id.clone(),
                     release_dir: g.release.dir.clone(),
                     age_s: now.duration_since(g.started).as_secs_f64(),
+                    confirm_in_s: match g.trial {
+                        Trial::Pending {
+                            confirm_by: Some(c),
+                            ..
+                        } => Some(c.saturating_duration_since(now).as_secs_f64()),
+                        _ => None,
+                    },
+                    probation_s: match g.trial {
+                        Trial::Pending { until: Some(u), .. } => {
+                            Some(u.saturating_duration_since(now).as_secs_f64())
+                        }
+                        _ => None,
+                    },
+                    reverted: g.trial == Trial::Reverted,
                     workers: g
                         .workers
                         .iter()
@@ -1265,6 +1591,9 @@ pub struct PoolStatus {
     pub reload_held: bool,
     pub stopping: bool,
     pub restarts: u64,
+    /// Generations the supervisor reverted on its own.
+    #[serde(default)]
+    pub reverts: u64,
     pub generations: Vec<GenerationStatus>,
 }
 
@@ -1326,6 +1655,15 @@ pub struct GenerationStatus {
     pub release: String,
     pub release_dir: PathBuf,
     pub age_s: f64,
+    /// Provisional: seconds left to confirm it before it reverts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_in_s: Option<f64>,
+    /// On probation: seconds of it left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probation_s: Option<f64>,
+    /// Reverted; a generation of the release it replaced takes over.
+    #[serde(default)]
+    pub reverted: bool,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -1467,9 +1805,13 @@ mod tests {
     #[test]
     fn reload_swaps_only_when_every_new_worker_is_ready() {
         let (mut pool, mut pid, t0) = live_pool(2);
-        assert!(starts(
-            &pool.on(Event::ReloadRequested { waiter: Some(7) }, t0)
-        ));
+        assert!(starts(&pool.on(
+            Event::ReloadRequested {
+                waiter: Some(7),
+                confirm_within: None
+            },
+            t0
+        )));
         let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
         assert!(a.contains(&Action::Systemd("RELOADING=1".into())));
         run(&mut pool, a, &mut pid, t0);
@@ -1522,9 +1864,13 @@ mod tests {
     #[test]
     fn a_crashing_new_generation_is_killed_and_the_old_keeps_serving() {
         let (mut pool, mut pid, t0) = live_pool(2);
-        assert!(starts(
-            &pool.on(Event::ReloadRequested { waiter: Some(1) }, t0)
-        ));
+        assert!(starts(&pool.on(
+            Event::ReloadRequested {
+                waiter: Some(1),
+                confirm_within: None
+            },
+            t0
+        )));
         let a = pool.on(Event::ReleaseResolved(Ok(rel("bad"))), t0);
         run(&mut pool, a, &mut pid, t0);
         let a = pool.on(
@@ -1554,7 +1900,13 @@ mod tests {
     #[test]
     fn a_never_ready_generation_times_out() {
         let (mut pool, mut pid, t0) = live_pool(1);
-        pool.on(Event::ReloadRequested { waiter: None }, t0);
+        pool.on(
+            Event::ReloadRequested {
+                waiter: None,
+                confirm_within: None,
+            },
+            t0,
+        );
         let a = pool.on(Event::ReleaseResolved(Ok(rel("slow"))), t0);
         run(&mut pool, a, &mut pid, t0);
         assert_eq!(pool.next_deadline(), Some(t0 + Duration::from_secs(5)));
@@ -1568,14 +1920,24 @@ mod tests {
     #[test]
     fn reloads_during_a_reload_are_queued_and_coalesced() {
         let (mut pool, mut pid, t0) = live_pool(1);
-        assert!(starts(
-            &pool.on(Event::ReloadRequested { waiter: Some(1) }, t0)
-        ));
+        assert!(starts(&pool.on(
+            Event::ReloadRequested {
+                waiter: Some(1),
+                confirm_within: None
+            },
+            t0
+        )));
         let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
         run(&mut pool, a, &mut pid, t0);
         for w in 2..52 {
             assert!(
-                !starts(&pool.on(Event::ReloadRequested { waiter: Some(w) }, t0)),
+                !starts(&pool.on(
+                    Event::ReloadRequested {
+                        waiter: Some(w),
+                        confirm_within: None
+                    },
+                    t0
+                )),
                 "queued, not started"
             );
         }
@@ -1691,7 +2053,13 @@ mod tests {
     #[test]
     fn drain_deadline_kills_the_process_groups() {
         let (mut pool, mut pid, t0) = live_pool(1);
-        pool.on(Event::ReloadRequested { waiter: None }, t0);
+        pool.on(
+            Event::ReloadRequested {
+                waiter: None,
+                confirm_within: None,
+            },
+            t0,
+        );
         let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
         run(&mut pool, a, &mut pid, t0);
         pool.on(
@@ -1722,9 +2090,13 @@ mod tests {
         pool.settings.max_draining = 2;
         // Two reloads leave generations 1 and 2 draining (pids 1 and 2).
         for (i, id) in ["b", "c"].iter().enumerate() {
-            assert!(starts(
-                &pool.on(Event::ReloadRequested { waiter: None }, t0)
-            ));
+            assert!(starts(&pool.on(
+                Event::ReloadRequested {
+                    waiter: None,
+                    confirm_within: None
+                },
+                t0
+            )));
             let a = pool.on(Event::ReleaseResolved(Ok(rel(id))), t0);
             run(&mut pool, a, &mut pid, t0);
             let a = pool.on(
@@ -1737,9 +2109,13 @@ mod tests {
             assert!(kills(&a).is_empty(), "{a:?}");
         }
         // A third is held back: nothing starts, nothing is killed.
-        assert!(!starts(
-            &pool.on(Event::ReloadRequested { waiter: Some(7) }, t0)
-        ));
+        assert!(!starts(&pool.on(
+            Event::ReloadRequested {
+                waiter: Some(7),
+                confirm_within: None
+            },
+            t0
+        )));
         assert!(pool.reload_held());
         assert!(
             pool.on(Event::Tick, t0 + MS)
@@ -1778,9 +2154,13 @@ mod tests {
             t0 + 3 * MS,
         );
         assert!(kills(&a).is_empty(), "{a:?}");
-        assert!(!starts(
-            &pool.on(Event::ReloadRequested { waiter: None }, t0)
-        ));
+        assert!(!starts(&pool.on(
+            Event::ReloadRequested {
+                waiter: None,
+                confirm_within: None
+            },
+            t0
+        )));
         let a = pool.on(Event::Tick, t0 + Duration::from_secs(3));
         assert!(a.iter().any(|a| matches!(a, Action::StartReload)), "{a:?}");
     }
@@ -1792,7 +2172,13 @@ mod tests {
         assert_eq!(signals(&a), vec![1, 2]);
         assert!(!pool.finished());
         assert!(
-            !starts(&pool.on(Event::ReloadRequested { waiter: Some(1) }, t0)),
+            !starts(&pool.on(
+                Event::ReloadRequested {
+                    waiter: Some(1),
+                    confirm_within: None
+                },
+                t0
+            )),
             "no reloads while stopping"
         );
         pool.on(
@@ -1884,6 +2270,194 @@ mod tests {
         // And a retiring worker does not hold a reload's promotion back.
         let a = pool.on(Event::Tick, t0 + 2 * MS);
         assert_eq!(spawns(&a), 0, "{a:?}");
+    }
+
+    /// Reloads a live pool of `n` (pids 1..=n, release a) to release b,
+    /// with `confirm_within`, and makes it live (pids n+1..=2n); the old
+    /// workers exit. Returns the time it went live.
+    fn reloaded_to_b(
+        pool: &mut Pool,
+        pid: &mut i32,
+        t0: Instant,
+        n: usize,
+        confirm_within: Option<Duration>,
+    ) -> Instant {
+        let a = pool.on(
+            Event::ReloadRequested {
+                waiter: None,
+                confirm_within,
+            },
+            t0,
+        );
+        assert!(starts(&a));
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
+        run(pool, a, pid, t0);
+        for index in 0..n {
+            pool.on(
+                Event::Ready {
+                    generation: 2,
+                    index,
+                },
+                t0,
+            );
+        }
+        for old in 1..=n as i32 {
+            pool.on(exit(old, "exited with status 0"), t0);
+        }
+        assert_eq!(pool.live_release().map(|r| r.id.as_str()), Some("b"));
+        t0
+    }
+
+    fn exit(pid: i32, how: &str) -> Event {
+        Event::Exited {
+            pid,
+            how: how.into(),
+            tail: String::new(),
+        }
+    }
+
+    fn reverted_to(a: &[Action]) -> Option<(String, String)> {
+        a.iter().find_map(|a| match a {
+            Action::Revert { release, to, .. } => Some((release.clone(), to.id.clone())),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn three_crashes_on_probation_revert_to_the_release_replaced() {
+        let (mut pool, mut pid, t0) = live_pool(2);
+        let live = reloaded_to_b(&mut pool, &mut pid, t0, 2, None);
+        assert!(pool.status(live).generations[0].probation_s.is_some());
+        // Worker 2.0 (pid 3) crashes a second after going live, again and
+        // again; worker 2.1 stays up.
+        let mut t = live + Duration::from_secs(1);
+        let mut victim = 3;
+        for crash in 1..=2 {
+            let a = pool.on(exit(victim, "exited with status 1"), t);
+            assert_eq!(reverted_to(&a), None, "crash {crash}: {a:?}");
+            t += Duration::from_millis(500);
+            let a = pool.on(Event::Tick, t);
+            let a = run(&mut pool, a, &mut pid, t);
+            assert_eq!(spawns(&a), 1, "crash {crash}: respawned: {a:?}");
+            victim = pid;
+        }
+        let a = pool.on(exit(victim, "exited with status 1"), t);
+        assert_eq!(reverted_to(&a), Some(("b".into(), "a".into())), "{a:?}");
+        let a = run(&mut pool, a, &mut pid, t);
+        assert_eq!(spawns(&a), 2, "a generation of a starts: {a:?}");
+        assert_eq!(pool.status(t).reverts, 1);
+        // Once it is ready, b drains and a is live, settled (a later
+        // crash of a is respawned, never reverted back to b).
+        let mut last = Vec::new();
+        for index in 0..2 {
+            last = pool.on(
+                Event::Ready {
+                    generation: 3,
+                    index,
+                },
+                t,
+            );
+        }
+        assert!(!signals(&last).is_empty(), "b drains: {last:?}");
+        assert_eq!(pool.live_release().map(|r| r.id.as_str()), Some("a"));
+        let s = pool.status(t);
+        let g3 = s.generations.iter().find(|g| g.id == 3).unwrap();
+        assert_eq!(g3.probation_s, None);
+        let a = pool.on(exit(pid, "exited with status 1"), t);
+        assert_eq!(reverted_to(&a), None, "{a:?}");
+    }
+
+    #[test]
+    fn one_crash_on_probation_is_forgiven_and_probation_ends() {
+        let (mut pool, mut pid, t0) = live_pool(2);
+        let live = reloaded_to_b(&mut pool, &mut pid, t0, 2, None);
+        let t = live + Duration::from_secs(1);
+        let a = pool.on(exit(3, "exited with status 1"), t);
+        assert_eq!(reverted_to(&a), None);
+        // Probation (10 s by default) ends by time: later crashes are
+        // ordinary respawns.
+        let after = live + Duration::from_secs(11);
+        assert!(
+            pool.next_deadline()
+                .is_some_and(|d| d <= live + Duration::from_secs(10))
+        );
+        let a = pool.on(Event::Tick, after);
+        run(&mut pool, a, &mut pid, after);
+        assert_eq!(pool.status(after).generations[0].probation_s, None);
+        for _ in 0..5 {
+            let a = pool.on(exit(4, "exited with status 1"), after);
+            assert_eq!(reverted_to(&a), None, "{a:?}");
+            let a = pool.on(Event::Tick, after + Duration::from_secs(60));
+            run(&mut pool, a, &mut pid, after);
+        }
+        assert_eq!(pool.live_release().map(|r| r.id.as_str()), Some("b"));
+    }
+
+    #[test]
+    fn all_workers_down_at_once_on_probation_reverts() {
+        let (mut pool, mut pid, t0) = live_pool(2);
+        let live = reloaded_to_b(&mut pool, &mut pid, t0, 2, None);
+        let t = live + Duration::from_secs(1);
+        assert_eq!(
+            reverted_to(&pool.on(exit(3, "was killed by SIGSEGV"), t)),
+            None
+        );
+        let a = pool.on(exit(4, "was killed by SIGSEGV"), t);
+        assert_eq!(reverted_to(&a), Some(("b".into(), "a".into())), "{a:?}");
+    }
+
+    #[test]
+    fn a_provisional_generation_reverts_unless_confirmed_in_time() {
+        let within = Duration::from_secs(5);
+        // Not confirmed: reverted at its deadline, and confirming it later
+        // says why.
+        let (mut pool, mut pid, t0) = live_pool(1);
+        let live = reloaded_to_b(&mut pool, &mut pid, t0, 1, Some(within));
+        assert!(pool.status(live).generations[0].confirm_in_s.is_some());
+        assert!(pool.next_deadline().is_some_and(|d| d <= live + within));
+        let a = pool.on(Event::Tick, live + within);
+        assert_eq!(reverted_to(&a), Some(("b".into(), "a".into())), "{a:?}");
+        let a = pool.on(
+            Event::Confirm {
+                generation: Some(2),
+                waiter: Some(9),
+            },
+            live + within,
+        );
+        let (waiters, answer) = outcome(&a).expect("answered");
+        assert_eq!(waiters, vec![9]);
+        assert!(
+            answer
+                .as_ref()
+                .is_err_and(|e| e.contains("not confirmed within 5s")),
+            "{answer:?}"
+        );
+        // Confirmed in time: it stays, past the deadline too.
+        let (mut pool, mut pid, t0) = live_pool(1);
+        let live = reloaded_to_b(&mut pool, &mut pid, t0, 1, Some(within));
+        let a = pool.on(
+            Event::Confirm {
+                generation: None,
+                waiter: Some(9),
+            },
+            live + Duration::from_secs(1),
+        );
+        assert_eq!(outcome(&a), Some((vec![9], Ok((2, "b".to_string())))));
+        let a = pool.on(Event::Tick, live + within + Duration::from_secs(60));
+        assert_eq!(reverted_to(&a), None, "{a:?}");
+        assert_eq!(pool.live_release().map(|r| r.id.as_str()), Some("b"));
+    }
+
+    #[test]
+    fn the_first_generation_has_nothing_to_revert_to() {
+        let (mut pool, mut pid, t0) = live_pool(1);
+        for i in 0..5 {
+            let t = t0 + Duration::from_secs(i);
+            let a = pool.on(exit(pid, "exited with status 1"), t);
+            assert_eq!(reverted_to(&a), None);
+            let a = pool.on(Event::Tick, t + Duration::from_secs(31));
+            run(&mut pool, a, &mut pid, t);
+        }
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub enum EventKind {
     RolledBack,
     /// A rollback to it by name; marks nothing.
     RolledBackNamed,
+    /// The supervisor reverted it (it crashed on probation, or was not
+    /// confirmed in time): it is bad, like a failed deploy.
+    Reverted,
     /// Removed by pruning.
     Pruned,
     /// Written by a newer dream; ignored.
@@ -280,7 +283,7 @@ impl Store {
     pub fn bad(&self) -> HashSet<String> {
         let mut bad = HashSet::new();
         for e in self.history() {
-            if e.event == EventKind::Failed {
+            if matches!(e.event, EventKind::Failed | EventKind::Reverted) {
                 bad.insert(e.release);
             } else if e.event.went_live(&e) {
                 bad.remove(&e.release);

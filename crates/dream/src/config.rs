@@ -11,6 +11,7 @@
 //! ready_timeout = "60s"
 //! drain_signal = "TERM"
 //! drain_timeout = "30s"
+//! probation = "10s"
 //! backlog = 4096
 //! user = "www-data"
 //! command = ["./bin/server"]
@@ -20,6 +21,7 @@
 //! keep = 5
 //! wait_lock = "1m"
 //! max_size = "10G"
+//! confirm_within = "30s"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -59,6 +61,8 @@ pub struct Serve {
     pub drain_signal: Option<Signal>,
     #[serde(default, deserialize_with = "de::duration")]
     pub drain_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub probation: Option<Duration>,
     pub command: Option<Vec<String>>,
 }
 
@@ -71,6 +75,8 @@ pub struct Deploy {
     pub wait_lock: Option<Duration>,
     #[serde(default, deserialize_with = "de::size")]
     pub max_size: Option<u64>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub confirm_within: Option<Duration>,
 }
 
 /// Loads `explicit` (which must exist), else `ROOT/dream.toml` if present.

@@ -73,6 +73,7 @@ fn deploy_site(
         build: Some("./build.sh".into()),
         keep: 4,
         reload: true,
+        confirm_within: None,
         wait_lock: Wait::For(Duration::from_secs(30)),
         command: format!("dream demo (deploying {site})"),
         max_size: None,

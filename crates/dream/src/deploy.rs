@@ -49,6 +49,7 @@ pub struct DeployArgs<'a> {
     pub no_reload: bool,
     pub wait_lock: Option<std::time::Duration>,
     pub max_size: Option<u64>,
+    pub confirm_within: Option<std::time::Duration>,
     pub json: bool,
     pub quiet: bool,
 }
@@ -66,6 +67,7 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
         build: a.build,
         keep: a.keep,
         reload: !a.no_reload,
+        confirm_within: a.confirm_within,
         wait_lock: wait(a.wait_lock),
         command: format!("dream deploy {}", a.source),
         max_size: a.max_size,

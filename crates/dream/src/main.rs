@@ -77,7 +77,12 @@ enum Cmd {
     #[command(
         after_help = "Waits until every new worker is ready (or the reload fails and the old generation\nkeeps serving). Same as `kill -HUP`, but with the outcome.\n\nExample:\n  dream reload --root /srv/app && echo live"
     )]
-    Reload(StatusArgs),
+    Reload(ReloadArgs),
+    /// Keep a provisional generation (one started with --confirm-within)
+    #[command(
+        after_help = "A provisional reload (dream reload --confirm-within DUR, dream deploy\n--confirm-within DUR) reverts to the previous release unless confirmed in time.\nExits 1 if the generation was already reverted, naming why.\n\nExamples:\n  dream reload --root /srv/app --confirm-within 60s && ./smoke-test && dream confirm --root /srv/app"
+    )]
+    Confirm(ConfirmArgs),
     /// Replace the running supervisor's program in place: same pid, sockets and workers
     #[command(
         after_help = "The supervisor checks the new program first (PATH --upgrade-check), waits for a
@@ -221,6 +226,9 @@ struct ServeArgs {
     /// Run workers as USER[:GROUP] (dream must start as root)
     #[arg(long, value_name = "USER[:GROUP]")]
     user: Option<String>,
+    /// After a reload goes live, revert it by itself if its workers crash 3 times, or all at once, within DUR; 0 turns it off [default: 10s]
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    probation: Option<Duration>,
     #[command(flatten)]
     pool: PoolFlags,
     /// COMMAND [ARGS...] (relative paths resolve in the release directory; or `command` in dream.toml)
@@ -280,6 +288,9 @@ struct DeployCmd {
     /// anything is written
     #[arg(long, value_name = "SIZE", value_parser = values::size)]
     max_size: Option<u64>,
+    /// A provisional reload: the supervisor reverts the release unless this deploy confirms it within DUR (it does once the reload succeeded), so a deploy killed or cut off in between still ends consistent
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    confirm_within: Option<Duration>,
     /// Print the report as JSON on stdout (progress is not printed)
     #[arg(long)]
     json: bool,
@@ -331,6 +342,31 @@ struct StatusArgs {
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// Print JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ReloadArgs {
+    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Provisional: the new generation reverts unless `dream confirm` comes within DUR of it going live
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    confirm_within: Option<Duration>,
+    /// Print the answer as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ConfirmArgs {
+    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// The generation to keep (default: the live one)
+    generation: Option<u64>,
+    /// Print the answer as JSON on stdout
     #[arg(long)]
     json: bool,
 }
@@ -511,6 +547,7 @@ fn main() {
         Cmd::Rollback(_) => "rollback",
         Cmd::Releases(_) => "releases",
         Cmd::Reload(_) => "reload",
+        Cmd::Confirm(_) => "confirm",
         Cmd::Upgrade(_) => "upgrade",
         Cmd::Pool(_) => "pool",
         Cmd::Listen(_) => "listen",
@@ -525,7 +562,9 @@ fn main() {
         Cmd::Deploy(a) => a.json,
         Cmd::Rollback(a) => a.json,
         Cmd::Releases(a) => a.json,
-        Cmd::Status(a) | Cmd::Reload(a) => a.json,
+        Cmd::Status(a) => a.json,
+        Cmd::Reload(a) => a.json,
+        Cmd::Confirm(a) => a.json,
         Cmd::Upgrade(a) => a.json,
         Cmd::Check(a) => a.json,
         _ => false,
@@ -569,6 +608,8 @@ fn pool_options(f: &PoolFlags, file: &config::Serve, workers: Option<usize>) -> 
             .drain_timeout
             .or(file.drain_timeout)
             .unwrap_or(Duration::from_secs(30)),
+        // `dream pool` runs one directory: nothing to revert to.
+        probation: Duration::ZERO,
     }
 }
 
@@ -600,7 +641,13 @@ fn run(cmd: Cmd) -> Result {
                     .or(file.backlog)
                     .unwrap_or(dream_core::listen::DEFAULT_BACKLOG),
                 user: a.user.as_deref().or(file.user.as_deref()),
-                pool: pool_options(&a.pool, &file, a.workers),
+                pool: serve::PoolOptions {
+                    probation: a
+                        .probation
+                        .or(file.probation)
+                        .unwrap_or(Duration::from_secs(10)),
+                    ..pool_options(&a.pool, &file, a.workers)
+                },
                 verbosity: a.pool.verbosity(),
                 command: &command,
             })
@@ -657,6 +704,7 @@ fn run(cmd: Cmd) -> Result {
                 no_reload: a.no_reload,
                 wait_lock: a.wait_lock.or(file.wait_lock),
                 max_size: a.max_size.or(file.max_size),
+                confirm_within: a.confirm_within.or(file.confirm_within),
                 json: a.json,
                 quiet: a.quiet,
             })
@@ -671,7 +719,8 @@ fn run(cmd: Cmd) -> Result {
         ),
         Cmd::Releases(a) if a.verify => deploy::verify(a.root.as_deref(), a.id.as_deref(), a.json),
         Cmd::Releases(a) => deploy::releases(a.root.as_deref(), a.json),
-        Cmd::Reload(a) => serve::reload(a.root.as_deref(), a.json),
+        Cmd::Reload(a) => serve::reload(a.root.as_deref(), a.confirm_within, a.json),
+        Cmd::Confirm(a) => serve::confirm(a.root.as_deref(), a.generation, a.json),
         Cmd::Upgrade(a) => serve::upgrade(a.root.as_deref(), a.binary, a.json),
         Cmd::Pool(a) => serve::pool(
             a.workers,

@@ -45,6 +45,7 @@ pub struct PoolOptions {
     pub ready_timeout: Duration,
     pub drain_signal: Signal,
     pub drain_timeout: Duration,
+    pub probation: Duration,
 }
 
 pub fn settings(o: &PoolOptions) -> Result<Settings> {
@@ -58,6 +59,7 @@ pub fn settings(o: &PoolOptions) -> Result<Settings> {
         ready_timeout: o.ready_timeout,
         drain_signal: o.drain_signal,
         drain_timeout: o.drain_timeout,
+        probation: o.probation,
         ..Settings::default()
     })
 }
@@ -221,9 +223,12 @@ pub fn status(root: Option<&Path>, json_out: bool) -> Result {
     Ok(())
 }
 
-pub fn reload(root: Option<&Path>, json_out: bool) -> Result {
+pub fn reload(root: Option<&Path>, confirm_within: Option<Duration>, json_out: bool) -> Result {
     let root = root_dir(root)?;
-    let a = control::ask(&root, &Request::Reload, None).map_err(control_failure)?;
+    let request = Request::Reload {
+        confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
+    };
+    let a = control::ask(&root, &request, None).map_err(control_failure)?;
     if json_out {
         crate::print_line(&serde_json::to_string(&a).expect("an answer serializes"));
     }
@@ -280,6 +285,36 @@ pub fn upgrade(root: Option<&Path>, binary: Option<PathBuf>, json_out: bool) -> 
                 "upgraded: dream {} -> {}",
                 a.previous_version.as_deref().unwrap_or("?"),
                 a.version.as_deref().unwrap_or("?")
+            ));
+        }
+        return Ok(());
+    }
+    let reason = a.error.unwrap_or_else(|| "unknown error".into());
+    if json_out {
+        Err(Failure::silent(crate::exit::FAILED))
+    } else {
+        Err(Failure::failed(reason))
+    }
+}
+
+/// `dream confirm`: keeps a provisional generation.
+pub fn confirm(root: Option<&Path>, generation: Option<u64>, json_out: bool) -> Result {
+    let root = root_dir(root)?;
+    let a = control::ask(
+        &root,
+        &Request::Confirm { generation },
+        Some(Duration::from_secs(30)),
+    )
+    .map_err(control_failure)?;
+    if json_out {
+        crate::print_line(&serde_json::to_string(&a).expect("an answer serializes"));
+    }
+    if a.ok {
+        if !json_out {
+            crate::print_line(&format!(
+                "confirmed: generation {} (release {}) stays",
+                a.generation.map_or("?".into(), |g| g.to_string()),
+                a.release.as_deref().unwrap_or("?")
             ));
         }
         return Ok(());

@@ -369,7 +369,7 @@ impl Driver {
                         }
                     } else {
                         self.log(0, "HUP: reload requested");
-                        self.request_reload(None);
+                        self.request_reload(None, None);
                     }
                 }
                 Signal::SIGTERM | Signal::SIGINT => {
@@ -412,8 +412,47 @@ impl Driver {
         Ok(())
     }
 
-    fn request_reload(&mut self, waiter: Option<Waiter>) {
-        self.on(Event::ReloadRequested { waiter });
+    fn request_reload(&mut self, waiter: Option<Waiter>, confirm_within: Option<Duration>) {
+        self.on(Event::ReloadRequested {
+            waiter,
+            confirm_within,
+        });
+    }
+
+    /// The pool reverted a generation: `current` goes back to `to` if it
+    /// still names the failing release, and the history says so (the
+    /// failing release is bad from then on). The deploy lock is taken if
+    /// it is free; a deploy holding it (waiting to confirm this very
+    /// generation, say) learns of the revert from its answer.
+    fn record_revert(&self, generation: GenId, release: &str, to: &Release, reason: &str) {
+        let Mode::Serve { root } = &self.cfg.mode else {
+            return;
+        };
+        let store = crate::release::Store::new(root);
+        let _lock = crate::lock::Lock::acquire(
+            &store.lock_path(),
+            &crate::lock::Holder::me("dream serve (reverting a release)"),
+            crate::lock::Wait::No,
+        );
+        let mut ev = crate::release::Event::new(crate::release::EventKind::Reverted, release);
+        ev.previous = Some(to.id.clone());
+        ev.reason = Some(format!("generation {generation}: {reason}"));
+        if let Err(e) = store.append(&ev) {
+            self.log(-1, &format!("cannot record the revert of {release}: {e}"));
+        }
+        if store.current().as_deref() == Some(release) {
+            match store.switch(&to.id) {
+                Ok(_) => {
+                    let mut back =
+                        crate::release::Event::new(crate::release::EventKind::Switched, &to.id);
+                    back.previous = Some(release.to_string());
+                    back.reason = Some(format!("reverted from {release}: {reason}"));
+                    let _ = store.append(&back);
+                    self.log(0, &format!("current switched back to {}", to.id));
+                }
+                Err(e) => self.log(-1, &format!("cannot switch current back to {}: {e}", to.id)),
+            }
+        }
     }
 
     /// Feeds the pool one event and carries out what it answers.
@@ -478,6 +517,12 @@ impl Driver {
                 Action::Log(msg) => self.log(0, &msg),
                 Action::Warn(msg) => self.log(-1, &msg),
                 Action::Sweep(generation) => self.sweep(Some(generation)),
+                Action::Revert {
+                    generation,
+                    release,
+                    to,
+                    reason,
+                } => self.record_revert(generation, &release, &to, &reason),
                 Action::GiveUp(reason) => {
                     self.log(-1, &format!("giving up: {reason}"));
                     self.exit_code = 1;

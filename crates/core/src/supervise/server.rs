@@ -173,15 +173,25 @@ impl Driver {
                 let s = serde_json::to_value(self.status()).expect("a status serializes");
                 self.answer_index(i, &s);
             }
-            Request::Reload => {
+            Request::Reload { confirm_within_ms } => {
+                let confirm = confirm_within_ms.map(Duration::from_millis);
                 // A request taken is carried out, whether or not its client
                 // is still there to read the answer.
                 if id == 0 {
-                    self.request_reload(None);
+                    self.request_reload(None, confirm);
                     return;
                 }
                 self.clients[i].awaiting += 1;
-                self.request_reload(Some(id));
+                self.request_reload(Some(id), confirm);
+            }
+            Request::Confirm { generation } => {
+                if id != 0 {
+                    self.clients[i].awaiting += 1;
+                }
+                self.on(Event::Confirm {
+                    generation,
+                    waiter: (id != 0).then_some(id),
+                });
             }
             Request::Scale { workers } => {
                 if let Err(e) = crate::pool::check_workers(workers) {
