@@ -197,7 +197,10 @@ fn a_provisional_reload_reverts_at_its_deadline_unless_confirmed() {
         .find(|g| g["state"] == "live")
         .cloned()
         .unwrap();
-    assert!(live["confirm_in_s"].as_f64().is_some_and(|c| c > 0.0), "{s}");
+    assert!(
+        live["confirm_in_s"].as_f64().is_some_and(|c| c > 0.0),
+        "{s}"
+    );
     let (code, out, _) = dream(root.path(), &["status"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("unconfirmed: reverts in"), "{out}");
