@@ -103,6 +103,10 @@ pub struct DeployOptions {
     pub build: Option<String>,
     pub keep: usize,
     pub reload: bool,
+    /// Switch and reload once the release is built (the default); without,
+    /// the deploy ends with the release in `releases/`, ready for
+    /// [`go_live_prepared`] (what a fleet host does between its phases).
+    pub go_live: bool,
     /// A provisional reload: the supervisor reverts the new generation
     /// unless this deploy confirms it within this long (it does, once the
     /// reload succeeded), so a deploy killed or cut off in between still
@@ -183,6 +187,13 @@ fn timestamp() -> String {
         .replace(['-', ':'], "")
 }
 
+/// A new release's id: the UTC time and the manifest's digest (the same
+/// content always gets the same suffix). A fleet's coordinator picks it,
+/// so every host names the release alike.
+pub fn new_release_id(m: &Manifest) -> String {
+    format!("{}-{}", timestamp(), &m.digest()[..8])
+}
+
 /// Deploys `opts.source`.
 pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report, DeployError> {
     refuse_source_in_root(&opts.source, &opts.root)?;
@@ -203,6 +214,17 @@ pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report
         release::check_id(id).map_err(|e| err(Kind::Usage, e))?;
     }
     let mut lock = take_lock(&store, &opts.command, opts.wait_lock)?;
+    deploy_locked(opts, &mut lock, out)
+}
+
+/// [`deploy`] for a caller that already holds the root's deploy lock (a
+/// fleet host's agent holds it for the whole fleet run).
+pub fn deploy_locked(
+    opts: &DeployOptions,
+    lock: &mut Lock,
+    out: &mut dyn FnMut(&Step),
+) -> Result<Report, DeployError> {
+    let store = Store::new(&opts.root);
     let mut report = Report::default();
     let mut p = Progress {
         started: Instant::now(),
@@ -256,7 +278,7 @@ pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report
         signals,
         p,
     };
-    let result = pipeline.run(&mut lock);
+    let result = pipeline.run(lock);
     if result.is_err() {
         let _ = release::remove_tree(&pipeline.staged);
     }
@@ -301,6 +323,11 @@ impl Pipeline<'_, '_> {
         self.interrupted()?;
         self.build(&staged.id)?;
         let id = self.seal(staged, prev_manifest.as_ref())?;
+        if !self.opts.go_live {
+            self.p
+                .step("prepared", format!("releases/{id}, not switched"));
+            return Ok(());
+        }
         self.go_live(&id)
     }
 
@@ -351,6 +378,33 @@ impl Pipeline<'_, '_> {
                 stage::copy_dir(src, staged, copy).map_err(over_limit)?
             }
             Source::Tar(t) => stage::extract_tar(t, staged, max_bytes).map_err(over_limit)?,
+            Source::Objects { manifest, objects } => {
+                let m = Manifest::load(manifest)
+                    .map_err(|e| io_failure("reading the fleet's manifest", e))?;
+                // What the current release holds is not sent: taken from it.
+                let local: std::collections::HashMap<crate::manifest::Hash, PathBuf> = prev_pair
+                    .map(|(dir, pm)| {
+                        pm.entries()
+                            .iter()
+                            .filter_map(|e| match &e.kind {
+                                crate::manifest::Kind::File { hash, .. } => {
+                                    Some((*hash, dir.join(&e.path)))
+                                }
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let content = |h: &crate::manifest::Hash| {
+                    let o = objects.join(crate::manifest::hex(h));
+                    if o.is_file() {
+                        Some(o)
+                    } else {
+                        local.get(h).cloned()
+                    }
+                };
+                stage::from_manifest(&m, &content, staged, max_bytes).map_err(over_limit)?
+            }
             Source::Git { url, rev } => {
                 let h = stage::git_checkout(url, rev.as_deref(), staged)?;
                 git_hash = Some(h);
@@ -524,7 +578,10 @@ impl Pipeline<'_, '_> {
             id,
             self.previous.as_deref(),
             EventKind::Switched,
-            opts.confirm_within,
+            opts.confirm_within.map(|within| Provisional {
+                within,
+                confirm_now: true,
+            }),
             &mut self.p,
         )?;
         let pruned = prune(store, opts.keep, id, self.previous.as_deref());
@@ -641,7 +698,7 @@ fn switch_reload_verify(
     id: &str,
     previous: Option<&str>,
     event: EventKind,
-    confirm_within: Option<Duration>,
+    provisional: Option<Provisional>,
     p: &mut Progress<'_>,
 ) -> Result<(), DeployError> {
     let took = store
@@ -671,6 +728,10 @@ fn switch_reload_verify(
         return Ok(());
     }
     let deadline = reload_deadline(store);
+    let (confirm_within, confirm_now) = match provisional {
+        Some(p) => (Some(p.within), p.confirm_now),
+        None => (None, false),
+    };
     let request = control::Request::Reload {
         confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
     };
@@ -691,7 +752,7 @@ fn switch_reload_verify(
                     }
                 ),
             );
-            if confirm_within.is_some() {
+            if confirm_within.is_some() && confirm_now {
                 confirm(store, id, a.generation, p)?;
             }
             return Ok(());
@@ -715,6 +776,15 @@ fn switch_reload_verify(
         Kind::Failed,
         format!("reload failed: {failure}\n{restored}; release {id} is marked bad"),
     ))
+}
+
+/// A provisional reload: the supervisor reverts it unless confirmed
+/// within `within`; `confirm_now`: this deploy confirms it as soon as the
+/// reload succeeded (a fleet host waits for the fleet's decision).
+#[derive(Debug, Clone, Copy)]
+pub struct Provisional {
+    pub within: Duration,
+    pub confirm_now: bool,
 }
 
 /// Confirms a provisional generation. If the supervisor reverted it
@@ -1214,5 +1284,95 @@ pub fn human_bytes(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Switches `current` to a release prepared earlier (`go_live: false`)
+/// and asks the supervisor for a reload, provisional if `provisional`;
+/// the caller holds the deploy lock. Returns the live generation.
+pub fn go_live_prepared(
+    root: &Path,
+    id: &str,
+    provisional: Option<Provisional>,
+    out: &mut dyn FnMut(&Step),
+) -> Result<Report, DeployError> {
+    let store = Store::new(root);
+    release::check_id(id).map_err(|e| err(Kind::Usage, e))?;
+    if !store.release_dir(id).is_dir() {
+        return Err(err(Kind::Failed, format!("no prepared release {id}")));
+    }
+    let previous = store.current();
+    let mut report = Report {
+        release: id.to_string(),
+        previous: previous.clone(),
+        ..Report::default()
+    };
+    if previous.as_deref() == Some(id) {
+        // Already live (a repeated fleet deploy converging): nothing to do.
+        return Ok(report);
+    }
+    let mut p = Progress {
+        started: Instant::now(),
+        report: &mut report,
+        out,
+    };
+    switch_reload_verify(
+        true,
+        &store,
+        id,
+        previous.as_deref(),
+        EventKind::Switched,
+        provisional,
+        &mut p,
+    )?;
+    Ok(report)
+}
+
+/// Asks the supervisor to keep provisional generation `generation`;
+/// without a supervisor there is nothing to confirm.
+pub fn confirm_generation(root: &Path, generation: Option<u64>) -> Result<(), DeployError> {
+    let request = control::Request::Confirm { generation };
+    match control::ask(root, &request, Some(Duration::from_secs(30))) {
+        Ok(a) if a.ok => Ok(()),
+        Ok(a) => Err(err(
+            Kind::Failed,
+            a.error.unwrap_or_else(|| "unknown error".into()),
+        )),
+        Err(control::ControlError::NotRunning { .. }) => Ok(()),
+        Err(e) => Err(err(Kind::Temporary, e.to_string())),
+    }
+}
+
+/// Puts a host back on `to` after a fleet decided against `from`: `current`
+/// switched back (if it names `from`), `from` marked bad with `reason`, and
+/// a reload. The caller holds the deploy lock.
+pub fn revert_to(root: &Path, from: &str, to: &str, reason: &str) -> Result<(), DeployError> {
+    let store = Store::new(root);
+    let mut bad = Event::new(EventKind::Failed, from);
+    bad.reason = Some(reason.to_string());
+    let _ = store.append(&bad);
+    if store.current().as_deref() == Some(from) {
+        store
+            .switch(to)
+            .map_err(|e| io_failure("switching current back", e))?;
+        let mut ev = Event::new(EventKind::Switched, to);
+        ev.previous = Some(from.to_string());
+        ev.reason = Some(reason.to_string());
+        let _ = store.append(&ev);
+    }
+    let request = control::Request::Reload {
+        confirm_within_ms: None,
+    };
+    match control::ask(&store.root, &request, Some(reload_deadline(&store))) {
+        Ok(a) if a.ok => Ok(()),
+        Ok(a) => Err(err(
+            Kind::Failed,
+            format!(
+                "reload of {to} failed: {}",
+                a.error.unwrap_or_else(|| "unknown error".into())
+            ),
+        )),
+        Err(control::ControlError::NotRunning { .. }) => Ok(()),
+        Err(e) => Err(err(Kind::Temporary, e.to_string())),
     }
 }

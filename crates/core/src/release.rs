@@ -34,6 +34,9 @@ pub enum EventKind {
     /// The supervisor reverted it (it crashed on probation, or was not
     /// confirmed in time): it is bad, like a failed deploy.
     Reverted,
+    /// A fleet deploy decided it: live on every host (recorded on the
+    /// fleet's primary host).
+    FleetCommitted,
     /// Removed by pruning.
     Pruned,
     /// Written by a newer dream; ignored.

@@ -33,7 +33,17 @@ fn max_entries() -> u64 {
 pub enum Source {
     Dir(PathBuf),
     Tar(PathBuf),
-    Git { url: String, rev: Option<String> },
+    Git {
+        url: String,
+        rev: Option<String>,
+    },
+    /// A manifest and a directory of content objects named by their hash
+    /// (what a `dream fleet` coordinator sent); content the host already
+    /// has in its current release is taken from there.
+    Objects {
+        manifest: PathBuf,
+        objects: PathBuf,
+    },
 }
 
 impl Source {
@@ -756,6 +766,82 @@ pub fn git_checkout(url: &str, rev: Option<&str>, dst: &Path) -> Result<String, 
     let dotgit = dst.join(".git");
     fs::remove_dir_all(&dotgit).map_err(io_at(&dotgit))?;
     Ok(hash)
+}
+
+/// Builds a release's tree in `dst` from a manifest alone: directories and
+/// links as it says, each file's content from `content(hash)` (a received
+/// object, or a local release's file of that hash), copied and hashed
+/// again on the way, so a file whose bytes are not what the manifest says
+/// is refused. What `dream fleet` sends a host: the manifest, and only the
+/// objects it lacks. Entries are created beneath `dst`'s descriptor, as
+/// for a tarball.
+pub fn from_manifest(
+    manifest: &Manifest,
+    content: &dyn Fn(&crate::manifest::Hash) -> Option<PathBuf>,
+    dst: &Path,
+    max_bytes: u64,
+) -> Result<(Stats, Manifest), StageError> {
+    let total: u64 = manifest
+        .entries()
+        .iter()
+        .map(|e| match e.kind {
+            Kind::File { size, .. } => size,
+            _ => 0,
+        })
+        .sum();
+    if total > max_bytes {
+        return Err(StageError::TooBig {
+            limit: max_bytes,
+            needs: Some(total),
+        });
+    }
+    fs::create_dir(dst).map_err(io_at(dst))?;
+    let tree = crate::tree::Tree::open(dst).map_err(io_at(dst))?;
+    let mut stats = Stats::default();
+    let mut dirs = Vec::new();
+    for e in manifest.entries() {
+        match &e.kind {
+            Kind::Dir { mode } => {
+                tree.create_dir(&e.path)?;
+                dirs.push((e.path.clone(), *mode));
+            }
+            Kind::Symlink { target } => {
+                tree.symlink(&e.path, target)?;
+                stats.files += 1;
+            }
+            Kind::File { mode, size, hash } => {
+                let from = content(hash).ok_or_else(|| {
+                    StageError::Refused(format!(
+                        "{}: its content ({}) was neither sent nor found on this host",
+                        e.path.display(),
+                        crate::manifest::hex(hash)
+                    ))
+                })?;
+                let mut src = fs::File::open(&from).map_err(io_at(&from))?;
+                let mut out = tree.create_file(&e.path, *mode)?;
+                let at = dst.join(&e.path);
+                let (got, n) =
+                    crate::manifest::hash_copy(&mut src, &mut out).map_err(|c| match c {
+                        crate::manifest::CopyError::Read(err) => io_at(&from)(err),
+                        crate::manifest::CopyError::Write(err) => io_at(&at)(err),
+                    })?;
+                if got != *hash || n != *size {
+                    return Err(StageError::Refused(format!(
+                        "{}: its content does not match the manifest (hash {}, {n} bytes)",
+                        e.path.display(),
+                        crate::manifest::hex(&got)
+                    )));
+                }
+                stats.files += 1;
+                stats.bytes += size;
+            }
+        }
+    }
+    // Directory modes last: a read-only directory could not be filled.
+    for (rel, mode) in dirs.iter().rev() {
+        tree.chmod_dir(rel, *mode)?;
+    }
+    Ok((stats, manifest.clone()))
 }
 
 /// Replaces files in `staged` whose content hash and mode equal the

@@ -43,6 +43,37 @@ pub struct Config {
     pub serve: Serve,
     #[serde(default)]
     pub deploy: Deploy,
+    #[serde(default)]
+    pub fleet: FleetConfig,
+}
+
+/// `[fleet]`: the hosts and how to reach them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    pub hosts: Option<Vec<FleetHost>>,
+    pub root: Option<String>,
+    pub ssh: Option<SshCommand>,
+    pub remote_dream: Option<String>,
+    pub parallel: Option<usize>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub confirm_within: Option<Duration>,
+}
+
+/// A host: `"web1"`, or `{ host = "web1", root = "/srv/a" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum FleetHost {
+    Name(String),
+    Table { host: String, root: Option<String> },
+}
+
+/// The ssh command: a command line (split on spaces) or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SshCommand {
+    Line(String),
+    List(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -68,6 +68,7 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
         keep: a.keep,
         reload: !a.no_reload,
         confirm_within: a.confirm_within,
+        go_live: true,
         wait_lock: wait(a.wait_lock),
         command: format!("dream deploy {}", a.source),
         max_size: a.max_size,

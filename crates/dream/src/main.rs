@@ -8,6 +8,7 @@ mod config;
 mod demo;
 mod deploy;
 mod exit;
+mod fleet;
 mod privs;
 mod serve;
 mod tools;
@@ -15,7 +16,7 @@ mod values;
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,6 +98,17 @@ Examples:
   dream upgrade --root /srv/app --binary /opt/dream-2/bin/dream"
     )]
     Upgrade(UpgradeArgs),
+    /// One release onto many hosts over OpenSSH: all new or all old, never half
+    #[command(
+        subcommand,
+        after_help = "Each host runs `dream agent --root ROOT` over ssh (your ~/.ssh/config, agent and\nknown_hosts; BatchMode). The first host's lock is the fleet's.\n\nExamples:\n  dream fleet deploy ./build --hosts web1,web2,web3 --root /srv/app\n  dream fleet status --hosts web1,web2,web3 --root /srv/app\n  dream fleet lock -m 'db migration' --hosts web1 --root /srv/app\n\nExit codes: 0 new everywhere; 1 failed, every host on the old release; 2 hosts\ndiffer (named; the same command again converges); 100 usage; 111 locked or\nunreachable before anything changed."
+    )]
+    Fleet(FleetCmd),
+    /// The host side of `dream fleet` (run by the coordinator over ssh)
+    #[command(
+        after_help = "Speaks dream's fleet protocol on stdin and stdout; not for people. Ends, removing\nwhat it staged and releasing its locks, when its input closes or is silent for 20s."
+    )]
+    Agent(AgentArgs),
     /// Keep N copies of PROGRAM running on the inherited sockets (forkpool)
     #[command(
         after_help = "HUP starts a fresh set of N beside the old ones and drains the old ones once\nthe new are ready (with --relay-hup, HUP is passed to the children instead).\nQUIT or TERM drains every child and exits.\n\nExample:\n  dream listen 127.0.0.1:8080 dream pool -n 4 dream static"
@@ -371,6 +383,92 @@ struct ConfirmArgs {
     json: bool,
 }
 
+#[derive(Subcommand)]
+enum FleetCmd {
+    /// Prepare SOURCE on every host, switch (canary first), confirm; revert all on failure
+    Deploy(FleetDeployArgs),
+    /// Every host back to ID (default: the primary's previous good release)
+    Rollback(FleetRollbackArgs),
+    /// What each host runs; exit 2 if they differ
+    Status(FleetArgs),
+    /// Hold the fleet by hand: deploys refuse at once until `dream fleet unlock`
+    Lock(FleetLockArgs),
+    /// Release a hold taken with `dream fleet lock`
+    Unlock(FleetArgs),
+}
+
+#[derive(Args, Clone)]
+struct FleetArgs {
+    /// Hosts, comma-separated: [user@]host[:port] (or [fleet] hosts in dream.toml)
+    #[arg(long, value_delimiter = ',', value_name = "HOSTS")]
+    hosts: Vec<String>,
+    /// A command printing the hosts, one per line
+    #[arg(long, value_name = "CMD", conflicts_with = "hosts")]
+    hosts_from: Option<String>,
+    /// The deploy root on the hosts (or [fleet] root; per host in [fleet] hosts)
+    #[arg(long, value_name = "DIR")]
+    root: Option<String>,
+    /// Settings file with a [fleet] table (default: ./dream.toml if it exists)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The ssh command, split on spaces (default: ssh)
+    #[arg(long, value_name = "CMD")]
+    ssh: Option<String>,
+    /// dream on the hosts [default: dream]
+    #[arg(long, value_name = "PATH")]
+    remote_dream: Option<String>,
+    /// At most this many ssh sessions starting at once [default: 8]
+    #[arg(long, value_name = "N")]
+    parallel: Option<usize>,
+    /// Print the outcome as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct FleetDeployArgs {
+    /// DIR, TARBALL or git:URL[#REV], staged once here
+    source: String,
+    /// Release id (default: UTC time and the content hash)
+    #[arg(long)]
+    id: Option<String>,
+    /// Shell command run in each host's staged release before the switch
+    #[arg(long, value_name = "CMD")]
+    build: Option<String>,
+    /// Each host's reload is provisional for this long: a host the run cannot confirm reverts itself [default: 30s]
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    confirm_within: Option<Duration>,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+#[derive(Args)]
+struct FleetRollbackArgs {
+    /// The release to go back to (default: the primary's previous good one)
+    id: Option<String>,
+    /// As for deploy [default: 30s]
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    confirm_within: Option<Duration>,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+#[derive(Args)]
+struct FleetLockArgs {
+    /// Why (shown to whoever tries to deploy)
+    #[arg(short, long, value_name = "MSG")]
+    message: String,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The deploy root on this host
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+}
+
 #[derive(Args)]
 struct UpgradeArgs {
     /// Deploy root (default: $DREAM_ROOT, else the current directory)
@@ -549,6 +647,8 @@ fn main() {
         Cmd::Reload(_) => "reload",
         Cmd::Confirm(_) => "confirm",
         Cmd::Upgrade(_) => "upgrade",
+        Cmd::Fleet(_) => "fleet",
+        Cmd::Agent(_) => "agent",
         Cmd::Pool(_) => "pool",
         Cmd::Listen(_) => "listen",
         Cmd::Loop(_) => "loop",
@@ -566,6 +666,10 @@ fn main() {
         Cmd::Reload(a) => a.json,
         Cmd::Confirm(a) => a.json,
         Cmd::Upgrade(a) => a.json,
+        Cmd::Fleet(FleetCmd::Deploy(a)) => a.fleet.json,
+        Cmd::Fleet(FleetCmd::Rollback(a)) => a.fleet.json,
+        Cmd::Fleet(FleetCmd::Lock(a)) => a.fleet.json,
+        Cmd::Fleet(FleetCmd::Status(a) | FleetCmd::Unlock(a)) => a.json,
         Cmd::Check(a) => a.json,
         _ => false,
     };
@@ -722,6 +826,14 @@ fn run(cmd: Cmd) -> Result {
         Cmd::Reload(a) => serve::reload(a.root.as_deref(), a.confirm_within, a.json),
         Cmd::Confirm(a) => serve::confirm(a.root.as_deref(), a.generation, a.json),
         Cmd::Upgrade(a) => serve::upgrade(a.root.as_deref(), a.binary, a.json),
+        Cmd::Fleet(cmd) => run_fleet(cmd),
+        Cmd::Agent(a) => {
+            let root = std::path::absolute(&a.root)
+                .map_err(|e| Failure::usage(format!("{}: {e}", a.root.display())))?;
+            dream_core::fleet::Agent::new(&root)
+                .serve()
+                .map_err(|e| Failure::failed(format!("the session: {e}")))
+        }
         Cmd::Pool(a) => serve::pool(
             a.workers,
             a.relay_hup,
@@ -749,6 +861,119 @@ fn run(cmd: Cmd) -> Result {
 /// Prints a line on stdout; a closed pipe is not an error.
 pub fn print_line(s: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{s}");
+}
+
+/// The fleet from flags, then `[fleet]` in the config file.
+fn fleet_of(a: &FleetArgs) -> Result<(fleet::Fleet, config::FleetConfig)> {
+    let path = a.config.clone().or_else(|| {
+        let p = PathBuf::from("dream.toml");
+        p.is_file().then_some(p)
+    });
+    let file = match path {
+        Some(p) => config::load(Path::new("."), Some(&p))?.fleet,
+        None => config::FleetConfig::default(),
+    };
+    let root = a.root.clone().or(file.root.clone());
+    let names: Vec<(String, Option<String>)> = if let Some(cmd) = &a.hosts_from {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .output()
+            .map_err(|e| Failure::usage(format!("--hosts-from: {e}")))?;
+        if !out.status.success() {
+            return Err(Failure::usage(format!(
+                "--hosts-from {cmd:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| (l.to_string(), None))
+            .collect()
+    } else if !a.hosts.is_empty() {
+        a.hosts.iter().map(|h| (h.clone(), None)).collect()
+    } else {
+        file.hosts
+            .iter()
+            .flatten()
+            .map(|h| match h {
+                config::FleetHost::Name(n) => (n.clone(), None),
+                config::FleetHost::Table { host, root } => (host.clone(), root.clone()),
+            })
+            .collect()
+    };
+    if names.is_empty() {
+        return Err(Failure::usage(
+            "no hosts: give --hosts H1,H2, --hosts-from CMD, or [fleet] hosts in dream.toml",
+        ));
+    }
+    let hosts = names
+        .iter()
+        .map(|(n, r)| {
+            let root = r.clone().or(root.clone()).ok_or_else(|| {
+                Failure::usage(format!(
+                    "no deploy root for {n}: give --root DIR or [fleet] root"
+                ))
+            })?;
+            fleet::HostSpec::parse(n, &root).map_err(Failure::usage)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ssh: Vec<String> = match (&a.ssh, &file.ssh) {
+        (Some(s), _) | (None, Some(config::SshCommand::Line(s))) => {
+            s.split_whitespace().map(str::to_string).collect()
+        }
+        (None, Some(config::SshCommand::List(l))) => l.clone(),
+        (None, None) => vec!["ssh".into()],
+    };
+    if ssh.is_empty() {
+        return Err(Failure::usage("--ssh: an empty command"));
+    }
+    let f = fleet::Fleet {
+        hosts,
+        ssh,
+        remote_dream: a
+            .remote_dream
+            .clone()
+            .or(file.remote_dream.clone())
+            .unwrap_or_else(|| "dream".into()),
+        parallel: a.parallel.or(file.parallel).unwrap_or(8).max(1),
+        json: a.json,
+    };
+    Ok((f, file))
+}
+
+fn run_fleet(cmd: FleetCmd) -> Result {
+    match cmd {
+        FleetCmd::Deploy(a) => {
+            let (f, file) = fleet_of(&a.fleet)?;
+            fleet::deploy(
+                &f,
+                &fleet::DeployPlan {
+                    source: a.source,
+                    id: a.id,
+                    build: a.build,
+                    confirm_within: a
+                        .confirm_within
+                        .or(file.confirm_within)
+                        .unwrap_or(Duration::from_secs(30)),
+                },
+            )
+        }
+        FleetCmd::Rollback(a) => {
+            let (f, file) = fleet_of(&a.fleet)?;
+            fleet::rollback(
+                &f,
+                a.id.as_deref(),
+                a.confirm_within
+                    .or(file.confirm_within)
+                    .unwrap_or(Duration::from_secs(30)),
+            )
+        }
+        FleetCmd::Status(a) => fleet::status(&fleet_of(&a)?.0),
+        FleetCmd::Lock(a) => fleet::hold(&fleet_of(&a.fleet)?.0, Some(a.message)),
+        FleetCmd::Unlock(a) => fleet::hold(&fleet_of(&a)?.0, None),
+    }
 }
 
 fn run_static(a: StaticArgs) -> Result {

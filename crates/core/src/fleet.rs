@@ -1,0 +1,717 @@
+//! `dream fleet`'s wire: the coordinator and each host's `dream agent`,
+//! over the stdin and stdout of an OpenSSH session.
+//!
+//! **Frames**: a 4-byte big-endian length, a kind byte (`0` a JSON
+//! message, `1` a chunk of a blob's bytes, deflate-compressed), the
+//! payload. A blob is a [`ToAgent::Blob`] message followed by its chunks
+//! and an empty chunk.
+//!
+//! **Conversation**: `hello` (versions; an incompatible coordinator is
+//! refused with both named), `lock`, `offer` (the manifest; the agent
+//! answers with the hashes it lacks), blobs, `prepare` (the same pipeline
+//! as `dream deploy`, stopping before the switch), `switch` (a
+//! provisional reload), `confirm` or `revert`, `bye`. Every request gets
+//! one [`Reply`]. `ping` frames keep the session alive while the
+//! coordinator works on other hosts; an agent that hears nothing for
+//! [`SILENCE`], or reads EOF, treats the coordinator as gone: it removes
+//! what it staged, releases its locks and exits, leaving a switched but
+//! unconfirmed release to its supervisor's confirmation deadline.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::deploy::{self, DeployOptions, Provisional};
+use crate::lock::{Holder, Lock, LockError, Wait};
+use crate::manifest::{self, Manifest};
+use crate::release::{self, Store};
+use crate::stage::Source;
+
+/// The protocol's version; both sides must speak the same.
+pub const PROTOCOL: u32 = 1;
+/// How often the coordinator pings an idle session.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long an agent waits for a frame before it calls the coordinator gone.
+pub const SILENCE: Duration = Duration::from_secs(20);
+/// The largest frame either side accepts.
+const MAX_FRAME: usize = 16 << 20;
+/// A blob is sent in chunks of this much (before compression).
+pub const CHUNK: usize = 256 << 10;
+
+/// A request from the coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToAgent {
+    Hello {
+        protocol: u32,
+        version: String,
+    },
+    /// Take this host's deploy lock for the session; `fleet`: this host is
+    /// the primary, and its lock is the fleet's (a manual hold refuses).
+    Lock {
+        command: String,
+        fleet: bool,
+    },
+    /// The release to prepare; the answer lists the content hashes this
+    /// host lacks.
+    Offer {
+        id: String,
+        manifest: String,
+    },
+    /// A blob of content follows in chunk frames, then an empty chunk.
+    Blob {
+        hash: String,
+    },
+    /// Build the offered release into `releases/ID` (not switched).
+    Prepare {
+        id: String,
+        build: Option<String>,
+    },
+    /// Switch to the prepared release; a provisional reload.
+    Switch {
+        id: String,
+        confirm_within_ms: u64,
+    },
+    Confirm {
+        generation: Option<u64>,
+    },
+    /// Back to `to` (the previous release this host recorded).
+    Revert {
+        from: String,
+        to: String,
+        reason: String,
+    },
+    /// Record the fleet's decision in this host's history (the primary).
+    Commit {
+        id: String,
+        hosts: Vec<String>,
+    },
+    /// What this host runs.
+    Status,
+    /// Set or clear the manual fleet hold (`dream fleet lock -m MSG`).
+    Hold {
+        message: Option<String>,
+    },
+    Ping,
+    Bye,
+}
+
+/// The answer to every request but `ping` and blobs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The failure may pass (a lock held, the link busy): exit 111.
+    #[serde(default)]
+    pub temporary: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `offer`: the content hashes this host lacks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lacks: Vec<String>,
+    /// `offer`: the release is already prepared (or live) here.
+    #[serde(default)]
+    pub present: bool,
+    /// What `current` named before this session changed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// `status`: the manual hold's message, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<String>,
+}
+
+impl Reply {
+    pub fn ok() -> Reply {
+        Reply {
+            ok: true,
+            ..Reply::default()
+        }
+    }
+
+    pub fn failed(error: impl Into<String>) -> Reply {
+        Reply {
+            error: Some(error.into()),
+            ..Reply::default()
+        }
+    }
+}
+
+/// A frame read off the wire.
+#[derive(Debug)]
+pub enum Frame {
+    Message(Vec<u8>),
+    Chunk(Vec<u8>),
+}
+
+pub fn write_message(w: &mut impl Write, msg: &impl Serialize) -> io::Result<()> {
+    let body = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    write_frame(w, 0, &body)
+}
+
+pub fn write_chunk(w: &mut impl Write, data: &[u8]) -> io::Result<()> {
+    write_frame(w, 1, data)
+}
+
+fn write_frame(w: &mut impl Write, kind: u8, body: &[u8]) -> io::Result<()> {
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&(body.len() as u32).to_be_bytes());
+    head[4] = kind;
+    w.write_all(&head)?;
+    w.write_all(body)?;
+    w.flush()
+}
+
+/// Reads one frame; `Ok(None)` at a clean EOF.
+pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
+    let mut head = [0u8; 5];
+    let mut got = 0;
+    while got < head.len() {
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes (the limit is {MAX_FRAME})"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    match head[4] {
+        0 => Ok(Some(Frame::Message(body))),
+        1 => Ok(Some(Frame::Chunk(body))),
+        k => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown frame kind {k}"),
+        )),
+    }
+}
+
+/// Sends a blob: its message, its content compressed in chunks, an empty
+/// chunk.
+pub fn write_blob(w: &mut impl Write, hash: &str, mut content: impl Read) -> io::Result<u64> {
+    write_message(
+        w,
+        &ToAgent::Blob {
+            hash: hash.to_string(),
+        },
+    )?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut sent = 0u64;
+    loop {
+        let n = content.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(&buf[..n])?;
+        let packed = z.finish()?;
+        sent += packed.len() as u64 + 5;
+        write_chunk(w, &packed)?;
+    }
+    write_chunk(w, &[])?;
+    Ok(sent + 5)
+}
+
+/// The manual hold on the primary: `ROOT/.dream/fleet-hold`.
+fn hold_path(store: &Store) -> PathBuf {
+    store.state().join("fleet-hold")
+}
+
+/// One agent session: `dream agent --root ROOT` on a host.
+pub struct Agent {
+    store: Store,
+    lock: Option<Lock>,
+    offered: Option<(String, PathBuf)>,
+    /// Where received objects and the offered manifest wait.
+    incoming: PathBuf,
+    prepared: Option<String>,
+    /// What `current` named before this session switched it.
+    previous: Option<String>,
+    generation: Option<u64>,
+}
+
+impl Agent {
+    pub fn new(root: &Path) -> Agent {
+        let store = Store::new(root);
+        // Not under staging/: the deploy pipeline clears that when it
+        // starts, and the objects must outlive its start.
+        let incoming = store
+            .state()
+            .join("incoming")
+            .join(std::process::id().to_string());
+        // What agents that were killed left behind.
+        if let Ok(dir) = std::fs::read_dir(store.state().join("incoming")) {
+            for e in dir.flatten() {
+                let pid = e.file_name().to_string_lossy().parse::<i32>().ok();
+                let alive = pid.is_some_and(|p| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
+                });
+                if !alive {
+                    let _ = release::remove_tree(&e.path());
+                }
+            }
+        }
+        Agent {
+            store,
+            lock: None,
+            offered: None,
+            incoming,
+            prepared: None,
+            previous: None,
+            generation: None,
+        }
+    }
+
+    /// Serves one session on stdin/stdout until `bye`, EOF or silence.
+    ///
+    /// A coordinator that dies while this agent is busy (a build) closes
+    /// the session's input: a watcher thread sees the hang-up and raises
+    /// SIGHUP, which the deploy pipeline reads from its signalfd and
+    /// answers by ending the build's process group and its staging. (INT,
+    /// TERM and HUP are blocked first, so the signal is read, never
+    /// delivered to a thread.)
+    pub fn serve(mut self) -> io::Result<()> {
+        use nix::sys::signal::{SigSet, Signal};
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            set.add(s);
+        }
+        set.thread_block()?;
+        std::thread::spawn(|| {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            let stdin = io::stdin();
+            // No events asked: poll reports only a hang-up or an error.
+            let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::empty())];
+            loop {
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) if fds[0].revents().is_some_and(|r| !r.is_empty()) => break,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return,
+                }
+            }
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGHUP);
+        });
+        let stdin = io::stdin();
+        let mut input = stdin.lock();
+        let stdout = io::stdout();
+        let mut out = stdout.lock();
+        let result = self.session(&mut input, &mut out);
+        self.abandon();
+        result
+    }
+
+    fn session(&mut self, input: &mut impl Read, out: &mut impl Write) -> io::Result<()> {
+        loop {
+            if !readable_within(SILENCE)? {
+                eprintln!("dream agent: no word from the coordinator in {SILENCE:?}: it is gone");
+                return Ok(());
+            }
+            let Some(frame) = read_frame(input)? else {
+                return Ok(());
+            };
+            let Frame::Message(body) = frame else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a chunk outside a blob",
+                ));
+            };
+            let msg: ToAgent = match serde_json::from_slice(&body) {
+                Ok(m) => m,
+                Err(e) => {
+                    write_message(out, &Reply::failed(format!("bad request: {e}")))?;
+                    continue;
+                }
+            };
+            let reply = match msg {
+                ToAgent::Ping => continue,
+                ToAgent::Bye => {
+                    write_message(out, &Reply::ok())?;
+                    return Ok(());
+                }
+                ToAgent::Blob { hash } => self.receive_blob(&hash, input),
+                other => self.handle(other),
+            };
+            write_message(out, &reply)?;
+        }
+    }
+
+    fn handle(&mut self, msg: ToAgent) -> Reply {
+        match msg {
+            ToAgent::Hello { protocol, version } => {
+                if protocol != PROTOCOL {
+                    return Reply::failed(format!(
+                        "the coordinator (dream {version}) speaks fleet protocol {protocol}; this host's agent (dream {}) speaks {PROTOCOL}: install a matching dream here, or run the coordinator with --install",
+                        crate::supervise::version()
+                    ));
+                }
+                Reply {
+                    protocol: Some(PROTOCOL),
+                    version: Some(crate::supervise::version()),
+                    current: self.store.current(),
+                    ..Reply::ok()
+                }
+            }
+            ToAgent::Lock { command, fleet } => self.take_lock(&command, fleet),
+            ToAgent::Offer { id, manifest } => self.offer(&id, &manifest),
+            ToAgent::Prepare { id, build } => self.prepare(&id, build),
+            ToAgent::Switch {
+                id,
+                confirm_within_ms,
+            } => self.switch(&id, confirm_within_ms),
+            ToAgent::Confirm { generation } => {
+                match deploy::confirm_generation(&self.store.root, generation.or(self.generation)) {
+                    Ok(()) => {
+                        self.previous = None;
+                        Reply::ok()
+                    }
+                    Err(e) => Reply::failed(e.message),
+                }
+            }
+            ToAgent::Revert { from, to, reason } => {
+                match deploy::revert_to(&self.store.root, &from, &to, &reason) {
+                    Ok(()) => Reply {
+                        current: self.store.current(),
+                        ..Reply::ok()
+                    },
+                    Err(e) => Reply::failed(e.message),
+                }
+            }
+            ToAgent::Commit { id, hosts } => {
+                let mut commit = release::Event::new(release::EventKind::FleetCommitted, &id);
+                commit.reason = Some(format!("live on {}", hosts.join(", ")));
+                match self.store.append(&commit) {
+                    Ok(()) => Reply::ok(),
+                    Err(e) => Reply::failed(format!("recording the commit: {e}")),
+                }
+            }
+            ToAgent::Status => Reply {
+                current: self.store.current(),
+                previous: self.store.previous_good(),
+                hold: std::fs::read_to_string(hold_path(&self.store)).ok(),
+                version: Some(crate::supervise::version()),
+                ..Reply::ok()
+            },
+            ToAgent::Hold { message } => {
+                let path = hold_path(&self.store);
+                let done = match message {
+                    Some(m) => self.store.prepare().and_then(|()| std::fs::write(&path, m)),
+                    None => match std::fs::remove_file(&path) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                        _ => Ok(()),
+                    },
+                };
+                match done {
+                    Ok(()) => Reply::ok(),
+                    Err(e) => Reply::failed(format!("{}: {e}", path.display())),
+                }
+            }
+            ToAgent::Ping | ToAgent::Bye | ToAgent::Blob { .. } => Reply::ok(),
+        }
+    }
+
+    fn take_lock(&mut self, command: &str, fleet: bool) -> Reply {
+        if let Err(e) = self.store.prepare() {
+            return Reply::failed(format!("{}: {e}", self.store.root.display()));
+        }
+        if fleet && let Ok(message) = std::fs::read_to_string(hold_path(&self.store)) {
+            return Reply {
+                temporary: true,
+                ..Reply::failed(format!(
+                    "the fleet is held by hand: {} (dream fleet unlock releases it)",
+                    message.trim()
+                ))
+            };
+        }
+        match Lock::acquire(&self.store.lock_path(), &Holder::me(command), Wait::No) {
+            Ok(lock) => {
+                self.lock = Some(lock);
+                Reply {
+                    current: self.store.current(),
+                    ..Reply::ok()
+                }
+            }
+            Err(e @ LockError::Held { .. }) => Reply {
+                temporary: true,
+                ..Reply::failed(e.to_string())
+            },
+            Err(e) => Reply::failed(e.to_string()),
+        }
+    }
+
+    fn offer(&mut self, id: &str, text: &str) -> Reply {
+        if let Err(e) = release::check_id(id) {
+            return Reply::failed(e);
+        }
+        if self.lock.is_none() {
+            return Reply::failed("offer before lock");
+        }
+        if self.store.release_dir(id).is_dir() {
+            self.prepared = Some(id.to_string());
+            return Reply {
+                present: true,
+                current: self.store.current(),
+                ..Reply::ok()
+            };
+        }
+        let m = match Manifest::parse(text) {
+            Ok(m) => m,
+            Err(e) => return Reply::failed(format!("the manifest: {e}")),
+        };
+        // What the current release holds need not be sent.
+        let have: std::collections::HashSet<manifest::Hash> = self
+            .store
+            .current()
+            .and_then(|c| Manifest::load(&self.store.manifest_path(&c)).ok())
+            .map(|pm| {
+                pm.entries()
+                    .iter()
+                    .filter_map(|e| match &e.kind {
+                        manifest::Kind::File { hash, .. } => Some(*hash),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut lacks: Vec<String> = m
+            .entries()
+            .iter()
+            .filter_map(|e| match &e.kind {
+                manifest::Kind::File { hash, .. } if !have.contains(hash) => {
+                    Some(manifest::hex(hash))
+                }
+                _ => None,
+            })
+            .collect();
+        lacks.sort();
+        lacks.dedup();
+        let objects = self.incoming.join("objects");
+        let saved = std::fs::create_dir_all(&objects)
+            .and_then(|()| m.save(&self.incoming.join("manifest")));
+        if let Err(e) = saved {
+            return Reply::failed(format!("{}: {e}", self.incoming.display()));
+        }
+        self.offered = Some((id.to_string(), self.incoming.join("manifest")));
+        Reply {
+            lacks,
+            current: self.store.current(),
+            ..Reply::ok()
+        }
+    }
+
+    /// Reads a blob's chunks, checks its hash, stores it by name.
+    fn receive_blob(&mut self, hash: &str, input: &mut impl Read) -> Reply {
+        let valid = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+        let objects = self.incoming.join("objects");
+        let tmp = objects.join(format!("{hash}.part"));
+        let mut file = match (valid, self.offered.is_some()) {
+            (true, true) => std::fs::File::create(&tmp).ok(),
+            _ => None,
+        };
+        let mut hasher = blake3::Hasher::new();
+        let mut failure = None;
+        loop {
+            match read_frame(input) {
+                Ok(Some(Frame::Chunk(c))) if c.is_empty() => break,
+                Ok(Some(Frame::Chunk(c))) => {
+                    let mut data = Vec::new();
+                    if let Err(e) = flate2::read::DeflateDecoder::new(&c[..]).read_to_end(&mut data)
+                    {
+                        failure.get_or_insert(format!("blob {hash}: {e}"));
+                        continue;
+                    }
+                    hasher.update(&data);
+                    if let Some(f) = file.as_mut()
+                        && let Err(e) = f.write_all(&data)
+                    {
+                        failure.get_or_insert(format!("blob {hash}: {e}"));
+                    }
+                }
+                Ok(_) => return Reply::failed(format!("blob {hash}: ended without its end")),
+                Err(e) => return Reply::failed(format!("blob {hash}: {e}")),
+            }
+        }
+        if !valid || self.offered.is_none() {
+            return Reply::failed(format!("blob {hash:?}: not expected"));
+        }
+        if let Some(f) = failure {
+            let _ = std::fs::remove_file(&tmp);
+            return Reply::failed(f);
+        }
+        if hasher.finalize().to_hex().as_str() != hash {
+            let _ = std::fs::remove_file(&tmp);
+            return Reply::failed(format!("blob {hash}: its content has another hash"));
+        }
+        match std::fs::rename(&tmp, objects.join(hash)) {
+            Ok(()) => Reply::ok(),
+            Err(e) => Reply::failed(format!("blob {hash}: {e}")),
+        }
+    }
+
+    fn prepare(&mut self, id: &str, build: Option<String>) -> Reply {
+        if self.prepared.as_deref() == Some(id) {
+            return Reply {
+                current: self.store.current(),
+                ..Reply::ok()
+            };
+        }
+        let Some((offered, manifest)) = self.offered.clone() else {
+            return Reply::failed("prepare before offer");
+        };
+        if offered != id {
+            return Reply::failed(format!("prepare {id}, but {offered} was offered"));
+        }
+        let Some(lock) = self.lock.as_mut() else {
+            return Reply::failed("prepare before lock");
+        };
+        let opts = DeployOptions {
+            root: self.store.root.clone(),
+            source: Source::Objects {
+                manifest,
+                objects: self.incoming.join("objects"),
+            },
+            id: Some(id.to_string()),
+            build,
+            keep: 5,
+            reload: false,
+            go_live: false,
+            confirm_within: None,
+            wait_lock: Wait::No,
+            command: format!("dream fleet deploy {id}"),
+            max_size: None,
+            quiet: true,
+            interruptible: true,
+        };
+        let result = deploy::deploy_locked(&opts, lock, &mut |_| {});
+        let _ = release::remove_tree(&self.incoming);
+        match result {
+            Ok(_) => {
+                self.prepared = Some(id.to_string());
+                Reply {
+                    current: self.store.current(),
+                    ..Reply::ok()
+                }
+            }
+            Err(e) => Reply {
+                temporary: e.kind == deploy::Kind::Temporary,
+                ..Reply::failed(e.message)
+            },
+        }
+    }
+
+    fn switch(&mut self, id: &str, confirm_within_ms: u64) -> Reply {
+        if self.lock.is_none() {
+            return Reply::failed("switch before lock");
+        }
+        let provisional = Provisional {
+            within: Duration::from_millis(confirm_within_ms),
+            confirm_now: false,
+        };
+        let before = self.store.current();
+        match deploy::go_live_prepared(&self.store.root, id, Some(provisional), &mut |_| {}) {
+            Ok(report) => {
+                self.previous = before.clone();
+                self.generation = report.generation;
+                Reply {
+                    previous: before,
+                    current: self.store.current(),
+                    generation: report.generation,
+                    ..Reply::ok()
+                }
+            }
+            Err(e) => Reply {
+                previous: before,
+                current: self.store.current(),
+                temporary: e.kind == deploy::Kind::Temporary,
+                ..Reply::failed(e.message)
+            },
+        }
+    }
+
+    /// The session ended (bye, EOF, silence): what was staged goes; a
+    /// prepared release that never went live stays for the next run to
+    /// reuse; a switched one is the supervisor's to confirm or revert; the
+    /// lock goes with this process.
+    fn abandon(&mut self) {
+        let _ = release::remove_tree(&self.incoming);
+        self.lock = None;
+    }
+}
+
+/// Waits until stdin has something (or EOF) for at most `limit`.
+fn readable_within(limit: Duration) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let stdin = io::stdin();
+    let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(limit.as_millis().min(i32::MAX as u128) as i32)
+        .unwrap_or(PollTimeout::MAX);
+    loop {
+        match poll(&mut fds, ms) {
+            Ok(n) => return Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_refused() {
+        let mut wire = Vec::new();
+        write_message(&mut wire, &ToAgent::Ping).unwrap();
+        let content = b"x".repeat(CHUNK * 2 + 17);
+        let hash = blake3::hash(&content).to_hex().to_string();
+        write_blob(&mut wire, &hash, &content[..]).unwrap();
+        let mut r = &wire[..];
+        let Some(Frame::Message(m)) = read_frame(&mut r).unwrap() else {
+            panic!("a message")
+        };
+        assert_eq!(
+            serde_json::from_slice::<ToAgent>(&m).unwrap(),
+            ToAgent::Ping
+        );
+        let Some(Frame::Message(_)) = read_frame(&mut r).unwrap() else {
+            panic!("the blob's message")
+        };
+        let mut got = Vec::new();
+        while let Some(Frame::Chunk(c)) = read_frame(&mut r).unwrap() {
+            if c.is_empty() {
+                break;
+            }
+            flate2::read::DeflateDecoder::new(&c[..])
+                .read_to_end(&mut got)
+                .unwrap();
+        }
+        assert_eq!(got, content);
+        assert!(read_frame(&mut r).unwrap().is_none(), "clean EOF");
+        let huge = [0xffu8, 0xff, 0xff, 0xff, 0];
+        assert!(read_frame(&mut &huge[..]).is_err());
+        let kind = [0u8, 0, 0, 0, 9];
+        assert!(read_frame(&mut &kind[..]).is_err());
+        assert!(read_frame(&mut &[0u8, 0][..]).is_err(), "a torn header");
+        assert!(
+            serde_json::from_str::<ToAgent>(r#"{"msg":"confirm","generation":1,"x":1}"#).is_err(),
+            "unknown fields are refused"
+        );
+        assert!(serde_json::from_str::<ToAgent>(r#"{"msg":"explode"}"#).is_err());
+    }
+}

@@ -1,0 +1,864 @@
+//! `dream fleet`: one release onto many hosts over OpenSSH, ending on the
+//! new release everywhere or on the old one everywhere.
+//!
+//! The coordinator runs the system's `ssh` once per host (a private
+//! ControlMaster per host, `BatchMode=yes`, the user's `~/.ssh/config`,
+//! agent and `known_hosts` as they are) with `dream agent --root ROOT` on
+//! the other end, and speaks `dream_core::fleet`'s protocol over it. The
+//! phases: connect and lock (the first host's lock is the fleet's), offer
+//! the manifest and send each host only the content it lacks, prepare
+//! everywhere, switch (canary first) with provisional reloads, then record
+//! the decision on the primary and confirm everywhere. A failure before
+//! the commit reverts every switched host to the release it recorded as
+//! previous; a host that cannot be confirmed reverts itself at its
+//! supervisor's deadline, and the run says so (exit 2).
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dream_core::fleet::{self, Frame, Reply, ToAgent};
+use dream_core::manifest::{self, Manifest};
+
+use crate::exit::{self, Failure, Result};
+
+/// Where and how to reach the hosts.
+pub struct Fleet {
+    pub hosts: Vec<HostSpec>,
+    /// The ssh command and its own options (`--ssh`).
+    pub ssh: Vec<String>,
+    pub remote_dream: String,
+    pub parallel: usize,
+    pub json: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    /// As given: `[user@]host[:port]`.
+    pub name: String,
+    pub root: String,
+}
+
+impl HostSpec {
+    /// `[user@]host[:port]` with the fleet's root.
+    pub fn parse(s: &str, root: &str) -> std::result::Result<HostSpec, String> {
+        let s = s.trim();
+        let host = s.rsplit_once('@').map_or(s, |(_, h)| h);
+        let bad = host.is_empty()
+            || s.starts_with('-')
+            || s.chars().any(|c| c.is_whitespace() || c.is_control());
+        if bad {
+            return Err(format!("invalid host {s:?} (expected [user@]host[:port])"));
+        }
+        if let Some((_, port)) = host.rsplit_once(':')
+            && !host.contains('[')
+            && port.parse::<u16>().is_err()
+        {
+            return Err(format!("invalid port in host {s:?}"));
+        }
+        Ok(HostSpec {
+            name: s.to_string(),
+            root: root.to_string(),
+        })
+    }
+
+    /// The ssh destination and port arguments.
+    fn ssh_args(&self) -> Vec<String> {
+        match self.name.rsplit_once(':') {
+            Some((dest, port)) if port.parse::<u16>().is_ok() => {
+                vec!["-p".into(), port.into(), dest.into()]
+            }
+            _ => vec![self.name.clone()],
+        }
+    }
+}
+
+/// One host's agent session.
+struct Conn {
+    host: HostSpec,
+    child: Child,
+    writer: Arc<Mutex<ChildStdin>>,
+    reader: BufReader<ChildStdout>,
+    stop: Arc<AtomicBool>,
+    /// What the host ran before this run switched it.
+    previous: Option<String>,
+    switched: bool,
+    generation: Option<u64>,
+    /// Bytes of content sent to it.
+    sent: u64,
+}
+
+impl Conn {
+    fn ask(&mut self, msg: &ToAgent) -> std::result::Result<Reply, String> {
+        let written = {
+            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            fleet::write_message(&mut *w, msg)
+        };
+        written.map_err(|e| self.gone(e))?;
+        self.reply()
+    }
+
+    fn reply(&mut self) -> std::result::Result<Reply, String> {
+        match fleet::read_frame(&mut self.reader) {
+            Ok(Some(Frame::Message(body))) => serde_json::from_slice(&body)
+                .map_err(|e| format!("{}: an answer that is not one ({e})", self.host.name)),
+            Ok(Some(Frame::Chunk(_))) => Err(format!("{}: a stray chunk", self.host.name)),
+            Ok(None) => Err(self.gone("the session ended")),
+            Err(e) => Err(self.gone(e)),
+        }
+    }
+
+    /// Asks, and turns a refusal into an error naming the host.
+    fn must(&mut self, msg: &ToAgent) -> std::result::Result<Reply, (String, bool)> {
+        match self.ask(msg) {
+            Ok(r) if r.ok => Ok(r),
+            Ok(r) => Err((
+                format!(
+                    "{}: {}",
+                    self.host.name,
+                    r.error.unwrap_or_else(|| "failed".into())
+                ),
+                r.temporary,
+            )),
+            Err(e) => Err((e, true)),
+        }
+    }
+
+    fn gone(&mut self, e: impl std::fmt::Display) -> String {
+        let mut stderr = String::new();
+        if let Some(mut s) = self.child.stderr.take() {
+            let _ = s.read_to_string(&mut stderr);
+        }
+        let said = stderr.trim().lines().last().unwrap_or("").to_string();
+        format!(
+            "{}: the connection failed ({e}){}",
+            self.host.name,
+            if said.is_empty() {
+                String::new()
+            } else {
+                format!(": {said}")
+            }
+        )
+    }
+
+    fn bye(mut self) {
+        let _ = self.ask(&ToAgent::Bye);
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Prints a progress line (stderr), unless `--json`.
+fn say(json: bool, line: &str) {
+    if !json {
+        eprintln!("dream fleet: {line}");
+    }
+}
+
+impl Fleet {
+    /// Opens a session on every host (at most `parallel` starting at once),
+    /// each with its own ControlMaster under `control`.
+    fn connect(&self, control: &Path) -> std::result::Result<Vec<Conn>, Vec<String>> {
+        let mut conns = Vec::new();
+        let mut errors = Vec::new();
+        for batch in self.hosts.chunks(self.parallel.max(1)) {
+            let results: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = batch
+                    .iter()
+                    .map(|h| s.spawn(move || self.open(h, control)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("connect thread"))
+                    .collect()
+            });
+            for r in results {
+                match r {
+                    Ok(c) => conns.push(c),
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(conns)
+        } else {
+            for c in conns {
+                c.bye();
+            }
+            Err(errors)
+        }
+    }
+
+    fn open(&self, host: &HostSpec, control: &Path) -> std::result::Result<Conn, String> {
+        let started = Instant::now();
+        let mut cmd = Command::new(&self.ssh[0]);
+        cmd.args(&self.ssh[1..])
+            .args(["-o", "BatchMode=yes"])
+            .args(["-o", "ControlMaster=auto"])
+            .arg("-o")
+            .arg(format!("ControlPath={}/%C", control.display()))
+            .args(["-o", "ControlPersist=no"])
+            .args(["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"])
+            .args(host.ssh_args())
+            .arg("--")
+            .arg(format!(
+                "{} agent --root {}",
+                shell_quote(&self.remote_dream),
+                shell_quote(&host.root)
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("{}: cannot run {}: {e}", host.name, self.ssh[0]))?;
+        let writer = Arc::new(Mutex::new(child.stdin.take().expect("piped")));
+        let reader = BufReader::new(child.stdout.take().expect("piped"));
+        let stop = Arc::new(AtomicBool::new(false));
+        // Pings keep the agent's patience while other hosts are busy.
+        {
+            let (writer, stop) = (writer.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::park_timeout(fleet::HEARTBEAT);
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+                    if fleet::write_message(&mut *w, &ToAgent::Ping).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut conn = Conn {
+            host: host.clone(),
+            child,
+            writer,
+            reader,
+            stop,
+            previous: None,
+            switched: false,
+            generation: None,
+            sent: 0,
+        };
+        let hello = conn.ask(&ToAgent::Hello {
+            protocol: fleet::PROTOCOL,
+            version: dream_core::supervise::version(),
+        })?;
+        if !hello.ok {
+            return Err(format!(
+                "{}: {}",
+                host.name,
+                hello.error.unwrap_or_else(|| "refused".into())
+            ));
+        }
+        conn.previous = hello.current;
+        say(
+            self.json,
+            &format!(
+                "{}: connected in {} (dream {}, current {})",
+                host.name,
+                dream_core::fmt_duration(started.elapsed()),
+                hello.version.as_deref().unwrap_or("?"),
+                conn.previous.as_deref().unwrap_or("none")
+            ),
+        );
+        Ok(conn)
+    }
+}
+
+/// Single quotes for the remote shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Runs `f` on every connection at once; the errors, by host.
+fn each<T: Send>(
+    conns: &mut [Conn],
+    f: impl Fn(&mut Conn) -> std::result::Result<T, (String, bool)> + Sync,
+) -> Vec<std::result::Result<T, (String, bool)>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = conns.iter_mut().map(|c| s.spawn(|| f(c))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("host thread"))
+            .collect()
+    })
+}
+
+/// What `dream fleet deploy` is asked to do.
+pub struct DeployPlan {
+    pub source: String,
+    pub id: Option<String>,
+    pub build: Option<String>,
+    pub confirm_within: Duration,
+}
+
+#[derive(serde::Serialize, Default)]
+struct HostReport {
+    host: String,
+    previous: Option<String>,
+    current: Option<String>,
+    sent_bytes: u64,
+    error: Option<String>,
+}
+
+#[derive(serde::Serialize, Default)]
+struct FleetReport {
+    ok: bool,
+    release: String,
+    hosts: Vec<HostReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    exit: i32,
+    duration_s: f64,
+}
+
+/// The private directory for this run's ControlMaster sockets: short (a
+/// Unix socket path has ~100 bytes), owned by us, mode 0700.
+fn control_dir() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("dream-f")
+        .tempdir_in("/tmp")
+        .map_err(|e| Failure::failed(format!("a directory for ssh's control sockets: {e}")))
+}
+
+/// Stages the source locally (a directory as it is; a tarball or git
+/// revision into a temporary directory) and hashes it.
+fn stage_source(source: &str) -> Result<(PathBuf, Manifest, Option<tempfile::TempDir>)> {
+    use dream_core::stage::Source;
+    let src = Source::parse(source).map_err(Failure::usage)?;
+    let (dir, tmp) = match src {
+        Source::Dir(d) => {
+            if !d.is_dir() {
+                return Err(Failure::usage(format!("{}: not a directory", d.display())));
+            }
+            (d, None)
+        }
+        Source::Tar(t) => {
+            let tmp = tempfile::tempdir().map_err(Failure::failed)?;
+            let dir = tmp.path().join("src");
+            dream_core::stage::extract_tar(&t, &dir, u64::MAX)
+                .map_err(|e| Failure::failed(format!("{}: {e}", t.display())))?;
+            (dir, Some(tmp))
+        }
+        Source::Git { url, rev } => {
+            let tmp = tempfile::tempdir().map_err(Failure::failed)?;
+            let dir = tmp.path().join("src");
+            dream_core::stage::git_checkout(&url, rev.as_deref(), &dir)
+                .map_err(|e| Failure::failed(e.to_string()))?;
+            (dir, Some(tmp))
+        }
+        Source::Objects { .. } => return Err(Failure::usage("not a source")),
+    };
+    let m = Manifest::of_tree(&dir)
+        .map_err(|e| Failure::failed(format!("hashing {}: {e}", dir.display())))?;
+    Ok((dir, m, tmp))
+}
+
+/// Ends the run: a report on stdout with `--json`, the exit code.
+fn finish(f: &Fleet, started: Instant, mut report: FleetReport, conns: &[Conn]) -> Result {
+    report.duration_s = started.elapsed().as_secs_f64();
+    if report.hosts.is_empty() {
+        report.hosts = conns
+            .iter()
+            .map(|c| HostReport {
+                host: c.host.name.clone(),
+                previous: c.previous.clone(),
+                current: None,
+                sent_bytes: c.sent,
+                error: None,
+            })
+            .collect();
+    }
+    if f.json {
+        crate::print_line(&serde_json::to_string(&report).expect("a report serializes"));
+    } else {
+        for h in &report.hosts {
+            eprintln!(
+                "  {:<24} {:<36} {}",
+                h.host,
+                h.current.as_deref().unwrap_or("-"),
+                h.error.as_deref().unwrap_or("ok")
+            );
+        }
+    }
+    match report.exit {
+        0 => Ok(()),
+        code if f.json => Err(Failure::silent(code)),
+        code => Err(Failure {
+            code,
+            message: report.error.unwrap_or_default(),
+        }),
+    }
+}
+
+fn fail(report: &mut FleetReport, code: i32, message: String) {
+    report.ok = false;
+    report.exit = code;
+    report.error = Some(message);
+}
+
+/// `dream fleet deploy SOURCE`.
+pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
+    let started = Instant::now();
+    let (dir, manifest, _tmp) = stage_source(&plan.source)?;
+    let id = match &plan.id {
+        Some(id) => {
+            dream_core::release::check_id(id).map_err(Failure::usage)?;
+            id.clone()
+        }
+        None => dream_core::deploy::new_release_id(&manifest),
+    };
+    let by_hash: HashMap<String, PathBuf> = manifest
+        .entries()
+        .iter()
+        .filter_map(|e| match &e.kind {
+            manifest::Kind::File { hash, .. } => Some((manifest::hex(hash), dir.join(&e.path))),
+            _ => None,
+        })
+        .collect();
+    say(
+        f.json,
+        &format!(
+            "release {id}: {} entries, {} hosts",
+            manifest.entries().len(),
+            f.hosts.len()
+        ),
+    );
+    let control = control_dir()?;
+    let mut report = FleetReport {
+        release: id.clone(),
+        ..FleetReport::default()
+    };
+    let mut conns = match f.connect(control.path()) {
+        Ok(c) => c,
+        Err(errors) => {
+            fail(
+                &mut report,
+                exit::TEMPORARY,
+                format!("nothing changed; unreachable: {}", errors.join("; ")),
+            );
+            return finish(f, started, report, &[]);
+        }
+    };
+    let command = format!("dream fleet deploy {id}");
+    // The primary's lock is the fleet's: taken first, so two fleet deploys
+    // never both get as far as the other hosts.
+    let locked = conns[0].must(&ToAgent::Lock {
+        command: command.clone(),
+        fleet: true,
+    });
+    let locked = locked.and_then(|_| {
+        each(&mut conns[1..], |c| {
+            c.must(&ToAgent::Lock {
+                command: command.clone(),
+                fleet: false,
+            })
+        })
+        .into_iter()
+        .find_map(|r| r.err())
+        .map_or(Ok(()), Err)
+    });
+    if let Err((e, _)) = locked {
+        fail(
+            &mut report,
+            exit::TEMPORARY,
+            format!("nothing changed; {e}"),
+        );
+        return end(f, started, report, conns);
+    }
+    say(f.json, "locked every host");
+    // Prepare: the manifest, the content each host lacks, the release
+    // built everywhere; nothing is switched if any host fails.
+    let text = manifest.to_text();
+    let results = each(&mut conns, |c| {
+        let t = Instant::now();
+        let offer = c.must(&ToAgent::Offer {
+            id: id.clone(),
+            manifest: text.clone(),
+        })?;
+        let lacking = offer.lacks.len();
+        for hash in &offer.lacks {
+            let path = by_hash.get(hash).ok_or_else(|| {
+                (
+                    format!("{}: asked for unknown content {hash}", c.host.name),
+                    false,
+                )
+            })?;
+            let file = std::fs::File::open(path)
+                .map_err(|e| (format!("{}: {e}", path.display()), false))?;
+            let sent = {
+                let mut w = c.writer.lock().unwrap_or_else(|e| e.into_inner());
+                fleet::write_blob(&mut *w, hash, file)
+            };
+            c.sent += sent.map_err(|e| (c.gone(e), true))?;
+            match c.reply() {
+                Ok(r) if r.ok => {}
+                Ok(r) => {
+                    return Err((
+                        format!("{}: {}", c.host.name, r.error.unwrap_or_default()),
+                        false,
+                    ));
+                }
+                Err(e) => return Err((e, true)),
+            }
+        }
+        c.must(&ToAgent::Prepare {
+            id: id.clone(),
+            build: plan.build.clone(),
+        })?;
+        say(
+            f.json,
+            &format!(
+                "{}: prepared in {} ({} of {} files sent, {})",
+                c.host.name,
+                dream_core::fmt_duration(t.elapsed()),
+                lacking,
+                by_hash.len(),
+                dream_core::deploy::human_bytes(c.sent)
+            ),
+        );
+        Ok(())
+    });
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.0))
+        .collect();
+    if !failed.is_empty() {
+        fail(
+            &mut report,
+            exit::FAILED,
+            format!(
+                "nothing was switched; prepare failed: {}",
+                failed.join("; ")
+            ),
+        );
+        return end(f, started, report, conns);
+    }
+    switch_commit(f, started, report, conns, &id, plan.confirm_within)
+}
+
+/// Switches every host (the first alone, as a canary), then commits and
+/// confirms; on a failure before the commit, reverts every switched host.
+fn switch_commit(
+    f: &Fleet,
+    started: Instant,
+    mut report: FleetReport,
+    mut conns: Vec<Conn>,
+    id: &str,
+    confirm_within: Duration,
+) -> Result {
+    let switch = |c: &mut Conn| {
+        let t = Instant::now();
+        let r = c.ask(&ToAgent::Switch {
+            id: id.to_string(),
+            confirm_within_ms: confirm_within.as_millis() as u64,
+        });
+        match r {
+            Ok(r) if r.ok => {
+                c.switched = r.previous.as_deref() != Some(id);
+                c.previous = r.previous;
+                c.generation = r.generation;
+                say(
+                    f.json,
+                    &format!(
+                        "{}: switched in {} (generation {}, provisional for {})",
+                        c.host.name,
+                        dream_core::fmt_duration(t.elapsed()),
+                        r.generation.map_or("-".into(), |g| g.to_string()),
+                        dream_core::fmt_duration(confirm_within)
+                    ),
+                );
+                Ok(())
+            }
+            Ok(r) => {
+                // It may have switched and then failed its reload (it then
+                // switched back by itself).
+                Err((
+                    format!("{}: {}", c.host.name, r.error.unwrap_or_default()),
+                    r.temporary,
+                ))
+            }
+            Err(e) => {
+                // Unknown: it may be switched; its supervisor reverts it at
+                // the deadline if so.
+                c.switched = true;
+                Err((e, true))
+            }
+        }
+    };
+    let (canary, rest) = conns.split_at_mut(1);
+    let mut failures: Vec<String> = each(canary, switch)
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.0))
+        .collect();
+    if failures.is_empty() {
+        failures = each(rest, switch)
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.0))
+            .collect();
+    }
+    if !failures.is_empty() {
+        let reason = format!("fleet deploy of {id} failed: {}", failures.join("; "));
+        let reverted = each(&mut conns, |c| {
+            if !c.switched {
+                return Ok(());
+            }
+            let Some(to) = c.previous.clone() else {
+                return Err((
+                    format!("{}: no previous release to go back to", c.host.name),
+                    false,
+                ));
+            };
+            c.must(&ToAgent::Revert {
+                from: id.to_string(),
+                to: to.clone(),
+                reason: reason.clone(),
+            })?;
+            say(f.json, &format!("{}: reverted to {to}", c.host.name));
+            Ok(())
+        });
+        let stuck: Vec<String> = reverted
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.0))
+            .collect();
+        if stuck.is_empty() {
+            fail(
+                &mut report,
+                exit::FAILED,
+                format!("{reason}; every host is back on its previous release"),
+            );
+        } else {
+            fail(
+                &mut report,
+                2,
+                format!(
+                    "{reason}; could not revert: {} (their supervisors revert them at their confirmation deadline)",
+                    stuck.join("; ")
+                ),
+            );
+        }
+        return end(f, started, report, conns);
+    }
+    // The decision, recorded on the primary, then confirmed everywhere.
+    let hosts: Vec<String> = conns.iter().map(|c| c.host.name.clone()).collect();
+    if let Err((e, _)) = conns[0].must(&ToAgent::Commit {
+        id: id.to_string(),
+        hosts,
+    }) {
+        say(f.json, &format!("recording the commit: {e}"));
+    }
+    let confirmed = each(&mut conns, |c| {
+        c.must(&ToAgent::Confirm {
+            generation: c.generation,
+        })
+        .map(|_| ())
+    });
+    let unconfirmed: Vec<String> = confirmed
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.0))
+        .collect();
+    if unconfirmed.is_empty() {
+        report.ok = true;
+        say(
+            f.json,
+            &format!(
+                "{id} is live on every host ({} in all)",
+                dream_core::fmt_duration(started.elapsed())
+            ),
+        );
+    } else {
+        fail(
+            &mut report,
+            2,
+            format!(
+                "the fleet is inconsistent: not confirmed on {} (they revert at their deadline); run the same deploy again to converge",
+                unconfirmed.join("; ")
+            ),
+        );
+    }
+    end(f, started, report, conns)
+}
+
+/// Says goodbye to every agent and finishes.
+fn end(f: &Fleet, started: Instant, mut report: FleetReport, conns: Vec<Conn>) -> Result {
+    report.hosts = conns
+        .iter()
+        .map(|c| HostReport {
+            host: c.host.name.clone(),
+            previous: c.previous.clone(),
+            current: None,
+            sent_bytes: c.sent,
+            error: None,
+        })
+        .collect();
+    let mut currents = Vec::new();
+    for mut c in conns {
+        currents.push(c.ask(&ToAgent::Status).ok().and_then(|r| r.current));
+        c.bye();
+    }
+    for (h, cur) in report.hosts.iter_mut().zip(currents) {
+        h.current = cur;
+    }
+    finish(f, started, report, &[])
+}
+
+/// `dream fleet rollback [ID]`: every host to ID (default: the release
+/// each host recorded as previous), with the same switch and commit.
+pub fn rollback(f: &Fleet, id: Option<&str>, confirm_within: Duration) -> Result {
+    let started = Instant::now();
+    let control = control_dir()?;
+    let mut report = FleetReport::default();
+    let mut conns = match f.connect(control.path()) {
+        Ok(c) => c,
+        Err(errors) => {
+            fail(
+                &mut report,
+                exit::TEMPORARY,
+                format!("nothing changed; unreachable: {}", errors.join("; ")),
+            );
+            return finish(f, started, report, &[]);
+        }
+    };
+    let command = "dream fleet rollback".to_string();
+    let mut locked = conns[0].must(&ToAgent::Lock {
+        command: command.clone(),
+        fleet: true,
+    });
+    if locked.is_ok() {
+        locked = each(&mut conns[1..], |c| {
+            c.must(&ToAgent::Lock {
+                command: command.clone(),
+                fleet: false,
+            })
+        })
+        .into_iter()
+        .find(|r| r.is_err())
+        .unwrap_or(Ok(Reply::ok()));
+    }
+    if let Err((e, _)) = locked {
+        fail(
+            &mut report,
+            exit::TEMPORARY,
+            format!("nothing changed; {e}"),
+        );
+        return end(f, started, report, conns);
+    }
+    let target = match id {
+        Some(id) => id.to_string(),
+        None => match conns[0].must(&ToAgent::Status) {
+            Ok(r) => match r.previous {
+                Some(p) => p,
+                None => {
+                    fail(
+                        &mut report,
+                        exit::FAILED,
+                        "no previous release recorded on the primary; name one".into(),
+                    );
+                    return end(f, started, report, conns);
+                }
+            },
+            Err((e, _)) => {
+                fail(&mut report, exit::TEMPORARY, e);
+                return end(f, started, report, conns);
+            }
+        },
+    };
+    report.release = target.clone();
+    switch_commit(f, started, report, conns, &target, confirm_within)
+}
+
+/// `dream fleet status`: what each host runs, and the manual hold.
+pub fn status(f: &Fleet) -> Result {
+    let control = control_dir()?;
+    let conns = f
+        .connect(control.path())
+        .map_err(|errors| Failure::temporary(format!("unreachable: {}", errors.join("; "))))?;
+    let mut rows = Vec::new();
+    for mut c in conns {
+        let r = c.ask(&ToAgent::Status);
+        rows.push(serde_json::json!({
+            "host": c.host.name,
+            "current": r.as_ref().ok().and_then(|r| r.current.clone()),
+            "version": r.as_ref().ok().and_then(|r| r.version.clone()),
+            "hold": r.as_ref().ok().and_then(|r| r.hold.clone()),
+        }));
+        c.bye();
+    }
+    let currents: std::collections::BTreeSet<String> = rows
+        .iter()
+        .map(|r| r["current"].as_str().unwrap_or("-").to_string())
+        .collect();
+    if f.json {
+        crate::print_line(
+            &serde_json::json!({"ok": true, "consistent": currents.len() == 1, "hosts": rows})
+                .to_string(),
+        );
+    } else {
+        for r in &rows {
+            crate::print_line(&format!(
+                "{:<24} {:<36} dream {}{}",
+                r["host"].as_str().unwrap_or("?"),
+                r["current"].as_str().unwrap_or("-"),
+                r["version"].as_str().unwrap_or("?"),
+                r["hold"]
+                    .as_str()
+                    .map(|h| format!("  held: {}", h.trim()))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    if currents.len() == 1 {
+        Ok(())
+    } else if f.json {
+        Err(Failure::silent(2))
+    } else {
+        Err(Failure {
+            code: 2,
+            message: "the hosts run different releases".into(),
+        })
+    }
+}
+
+/// `dream fleet lock -m MSG` / `dream fleet unlock`: a manual hold on the
+/// primary that automatic deploys refuse at once (never wait on).
+pub fn hold(f: &Fleet, message: Option<String>) -> Result {
+    let control = control_dir()?;
+    let primary = Fleet {
+        hosts: f.hosts[..1].to_vec(),
+        ssh: f.ssh.clone(),
+        remote_dream: f.remote_dream.clone(),
+        parallel: 1,
+        json: f.json,
+    };
+    let mut conns = primary
+        .connect(control.path())
+        .map_err(|errors| Failure::temporary(format!("unreachable: {}", errors.join("; "))))?;
+    let mut c = conns.remove(0);
+    let set = message.is_some();
+    let r = c.must(&ToAgent::Hold { message });
+    c.bye();
+    r.map_err(|(e, _)| Failure::failed(e))?;
+    if f.json {
+        crate::print_line(&serde_json::json!({"ok": true, "held": set}).to_string());
+    } else {
+        crate::print_line(if set {
+            "the fleet is held: deploys refuse until dream fleet unlock"
+        } else {
+            "the fleet is no longer held"
+        });
+    }
+    Ok(())
+}
