@@ -149,16 +149,15 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
         args: o.command[1..].to_vec(),
         sockets,
         unix_paths,
-        settings,
         user,
         verbosity: o.verbosity,
         name: "serve",
     };
-    run(cfg)
+    run(cfg, settings)
 }
 
-fn run(cfg: Config) -> Result {
-    match supervise::run(cfg)? {
+fn run(cfg: Config, settings: Settings) -> Result {
+    match supervise::run(cfg, settings)? {
         0 => Ok(()),
         code => Err(Failure::silent(code)),
     }
@@ -179,17 +178,19 @@ pub fn pool(
         .map_err(|e| Failure::usage(format!("inherited sockets: {e}")))?
         .unwrap_or_default();
     let dir = std::env::current_dir().map_err(Failure::failed)?;
-    run(Config {
-        mode: Mode::Pool { dir, relay_hup },
-        program: command[0].clone(),
-        args: command[1..].to_vec(),
-        sockets,
-        unix_paths: Vec::new(),
+    run(
+        Config {
+            mode: Mode::Pool { dir, relay_hup },
+            program: command[0].clone(),
+            args: command[1..].to_vec(),
+            sockets,
+            unix_paths: Vec::new(),
+            user: None,
+            verbosity,
+            name: "pool",
+        },
         settings,
-        user: None,
-        verbosity,
-        name: "pool",
-    })
+    )
 }
 
 /// A failure to ask the supervisor is exit 111 only when asking again may

@@ -81,7 +81,6 @@ pub struct Config {
     pub sockets: Vec<Listener>,
     /// Unix socket paths to remove at final shutdown.
     pub unix_paths: Vec<PathBuf>,
-    pub settings: Settings,
     /// Run workers as this uid/gid.
     pub user: Option<(u32, u32)>,
     /// -1 quiet, 0 normal, 1 verbose.
@@ -177,9 +176,11 @@ const SIGNALS: &[Signal] = &[
 ];
 
 /// Runs the supervisor until it is stopped; returns the exit code.
-pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
+/// `settings` become the pool's: from then on `Pool::settings` is the one
+/// copy (`scale` changes it there).
+pub fn run(cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
     let signals = Signals::new(SIGNALS)?;
-    if let crate::pool::Readiness::Fd(n) = cfg.settings.readiness {
+    if let crate::pool::Readiness::Fd(n) = settings.readiness {
         let first_free = 3 + cfg.sockets.len() as i32;
         if n < first_free {
             return Err(SuperviseError::Setup(format!(
@@ -203,7 +204,7 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let mut d = Driver {
-        pool: Pool::new(cfg.settings.clone()),
+        pool: Pool::new(settings),
         cfg,
         signals,
         control,
@@ -235,8 +236,8 @@ pub fn run(cfg: Config) -> Result<i32, SuperviseError> {
             "pid {}, {}, {}, ready {}",
             std::process::id(),
             crate::plural(d.cfg.sockets.len(), "socket"),
-            crate::plural(d.cfg.settings.workers, "worker"),
-            d.cfg.settings.readiness
+            crate::plural(d.pool.settings().workers, "worker"),
+            d.pool.settings().readiness
         ),
     );
     let actions = d.pool.on(Event::ReleaseResolved(Ok(first)), Instant::now());

@@ -628,7 +628,6 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
     let os = |b: Vec<u8>| OsString::from_vec(b);
     let pool: Pool = serde_json::from_value(state.pool)
         .map_err(|e| SuperviseError::Setup(format!("upgrade state: the pool: {e}")))?;
-    let settings = pool.settings().clone();
     let name = match state.mode {
         Mode::Serve { .. } => "serve",
         Mode::Pool { .. } => "pool",
@@ -639,7 +638,6 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         args: state.args.into_iter().map(os).collect(),
         sockets,
         unix_paths: state.unix_paths,
-        settings,
         user: state.user,
         verbosity: state.verbosity,
         name,

@@ -211,7 +211,7 @@ impl Driver {
             &wr,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
         );
-        let ready_pipe = match self.cfg.settings.readiness {
+        let ready_pipe = match self.pool.settings().readiness {
             crate::pool::Readiness::Fd(_) => Some(
                 nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
                     .map_err(|e| format!("pipe: {e}"))?,
@@ -220,7 +220,7 @@ impl Driver {
         };
         let mut cmd = Command::new(&self.cfg.program);
         if let (crate::pool::Readiness::Fd(n), Some((_, w))) =
-            (self.cfg.settings.readiness, &ready_pipe)
+            (self.pool.settings().readiness, &ready_pipe)
         {
             cmd.map_fd(w.as_fd(), n);
         }
