@@ -33,6 +33,17 @@ use std::path::{Path, PathBuf};
 
 const VERSION_LINE: &str = "dream-manifest 1";
 
+/// The mode a file or directory has in a frozen release: permission bits
+/// without write bits (set-id bits dropped); a directory stays traversable
+/// and listable by its owner.
+pub fn frozen_mode(is_dir: bool, mode: u32) -> u32 {
+    if is_dir {
+        mode & 0o555 | 0o500
+    } else {
+        mode & 0o555
+    }
+}
+
 /// A BLAKE3 hash of a file's content.
 pub type Hash = [u8; 32];
 
@@ -157,7 +168,7 @@ impl Manifest {
     }
 
     /// The same entries with the modes a frozen release has (no write
-    /// bits; see [`crate::stage::frozen_mode`]).
+    /// bits; see [`frozen_mode`]).
     pub fn frozen(&self) -> Manifest {
         let entries = self
             .entries
@@ -166,10 +177,10 @@ impl Manifest {
                 path: e.path.clone(),
                 kind: match &e.kind {
                     Kind::Dir { mode } => Kind::Dir {
-                        mode: crate::stage::frozen_mode(true, *mode),
+                        mode: frozen_mode(true, *mode),
                     },
                     Kind::File { mode, size, hash } => Kind::File {
-                        mode: crate::stage::frozen_mode(false, *mode),
+                        mode: frozen_mode(false, *mode),
                         size: *size,
                         hash: *hash,
                     },

@@ -225,16 +225,7 @@ fn check_link(rel: &Path, target: &Path) -> Result<(), StageError> {
     )))
 }
 
-/// The mode a file or directory has in a frozen release: permission bits
-/// without write bits (set-id bits dropped); a directory stays traversable
-/// and listable by its owner.
-pub fn frozen_mode(is_dir: bool, mode: u32) -> u32 {
-    if is_dir {
-        mode & 0o555 | 0o500
-    } else {
-        mode & 0o555
-    }
-}
+pub use crate::manifest::frozen_mode;
 
 /// How [`copy_dir`] treats the copy.
 #[derive(Clone, Copy)]
