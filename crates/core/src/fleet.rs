@@ -61,6 +61,11 @@ pub enum ToAgent {
         id: String,
         manifest: String,
     },
+    /// What this host would need for the release (a dry run): the same
+    /// answer as `offer`, with nothing locked or written.
+    Plan {
+        manifest: String,
+    },
     /// A blob of content follows in chunk frames, then an empty chunk.
     Blob {
         hash: String,
@@ -370,6 +375,14 @@ impl Agent {
             }
             ToAgent::Lock { command, fleet } => self.take_lock(&command, fleet),
             ToAgent::Offer { id, manifest } => self.offer(&id, &manifest),
+            ToAgent::Plan { manifest } => match Manifest::parse(&manifest) {
+                Ok(m) => Reply {
+                    lacks: self.lacking(&m),
+                    current: self.store.current(),
+                    ..Reply::ok()
+                },
+                Err(e) => Reply::failed(format!("the manifest: {e}")),
+            },
             ToAgent::Prepare { id, build } => self.prepare(&id, build),
             ToAgent::Switch {
                 id,
@@ -474,6 +487,23 @@ impl Agent {
             Ok(m) => m,
             Err(e) => return Reply::failed(format!("the manifest: {e}")),
         };
+        let lacks = self.lacking(&m);
+        let objects = self.incoming.join("objects");
+        let saved = std::fs::create_dir_all(&objects)
+            .and_then(|()| m.save(&self.incoming.join("manifest")));
+        if let Err(e) = saved {
+            return Reply::failed(format!("{}: {e}", self.incoming.display()));
+        }
+        self.offered = Some((id.to_string(), self.incoming.join("manifest")));
+        Reply {
+            lacks,
+            current: self.store.current(),
+            ..Reply::ok()
+        }
+    }
+
+    /// The content hashes of `m` this host's current release lacks.
+    fn lacking(&self, m: &Manifest) -> Vec<String> {
         // What the current release holds need not be sent.
         let have: std::collections::HashSet<manifest::Hash> = self
             .store
@@ -501,18 +531,7 @@ impl Agent {
             .collect();
         lacks.sort();
         lacks.dedup();
-        let objects = self.incoming.join("objects");
-        let saved = std::fs::create_dir_all(&objects)
-            .and_then(|()| m.save(&self.incoming.join("manifest")));
-        if let Err(e) = saved {
-            return Reply::failed(format!("{}: {e}", self.incoming.display()));
-        }
-        self.offered = Some((id.to_string(), self.incoming.join("manifest")));
-        Reply {
-            lacks,
-            current: self.store.current(),
-            ..Reply::ok()
-        }
+        lacks
     }
 
     /// Reads a blob's chunks, checks its hash, stores it by name.

@@ -58,6 +58,13 @@ pub struct FleetConfig {
     pub parallel: Option<usize>,
     #[serde(default, deserialize_with = "de::duration")]
     pub confirm_within: Option<Duration>,
+    pub canary: Option<usize>,
+    /// `3` or `"25%"`.
+    pub group: Option<String>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub wait: Option<Duration>,
+    pub max_fail: Option<usize>,
+    pub install: Option<bool>,
 }
 
 /// A host: `"web1"`, or `{ host = "web1", root = "/srv/a" }`.

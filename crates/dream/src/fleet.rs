@@ -29,11 +29,73 @@ use crate::exit::{self, Failure, Result};
 /// Where and how to reach the hosts.
 pub struct Fleet {
     pub hosts: Vec<HostSpec>,
+    /// How the switch rolls out.
+    pub rollout: Rollout,
+    /// Copy this program to hosts whose dream is missing or speaks
+    /// another protocol (into `ROOT/.dream/bin/dream`).
+    pub install: bool,
     /// The ssh command and its own options (`--ssh`).
     pub ssh: Vec<String>,
     pub remote_dream: String,
     pub parallel: usize,
     pub json: bool,
+}
+
+/// The switch's order: `canary` hosts alone first, then groups of
+/// `group` (all the rest when `None`; a number, or a percentage of the
+/// hosts), `wait` between groups; up to `max_fail` hosts may fail their
+/// switch before the fleet reverts.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    pub canary: usize,
+    pub group: Option<Group>,
+    pub wait: Duration,
+    pub max_fail: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Group {
+    Hosts(usize),
+    Percent(u32),
+}
+
+impl std::str::FromStr for Group {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Group, String> {
+        let bad = || format!("{s:?}: a number of hosts (3) or a percentage (25%)");
+        match s.strip_suffix('%') {
+            Some(p) => match p.parse::<u32>() {
+                Ok(p) if (1..=100).contains(&p) => Ok(Group::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => match s.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Group::Hosts(n)),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl Rollout {
+    /// The hosts' indexes, wave by wave.
+    fn waves(&self, hosts: usize) -> Vec<std::ops::Range<usize>> {
+        let canary = self.canary.min(hosts);
+        let mut waves = Vec::new();
+        if canary > 0 {
+            waves.push(0..canary);
+        }
+        let size = match self.group {
+            None => hosts.saturating_sub(canary).max(1),
+            Some(Group::Hosts(n)) => n,
+            Some(Group::Percent(p)) => (hosts * p as usize).div_ceil(100).max(1),
+        };
+        let mut at = canary;
+        while at < hosts {
+            waves.push(at..(at + size).min(hosts));
+            at += size;
+        }
+        waves
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -199,7 +261,73 @@ impl Fleet {
         }
     }
 
+    /// Opens a session; with `--install`, a host whose dream is missing
+    /// or speaks another protocol gets this program first.
     fn open(&self, host: &HostSpec, control: &Path) -> std::result::Result<Conn, String> {
+        match self.open_with(host, control, &self.remote_dream) {
+            Ok(c) => Ok(c),
+            Err(e) if self.install => {
+                let installed = format!("{}/.dream/bin/dream", host.root.trim_end_matches('/'));
+                say(
+                    self.json,
+                    &format!("{}: installing this dream as {installed} ({e})", host.name),
+                );
+                self.install_on(host, control, &installed)?;
+                self.open_with(host, control, &installed)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Copies this program to `path` on the host, through its master.
+    fn install_on(
+        &self,
+        host: &HostSpec,
+        control: &Path,
+        path: &str,
+    ) -> std::result::Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+        let file = std::fs::File::open(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+        let part = format!("{path}.part");
+        let dir = Path::new(path)
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| ".".into());
+        let script = format!(
+            "mkdir -p {d} && cat > {p} && chmod 755 {p} && mv -f {p} {f}",
+            d = shell_quote(&dir),
+            p = shell_quote(&part),
+            f = shell_quote(path)
+        );
+        let out = Command::new(&self.ssh[0])
+            .args(&self.ssh[1..])
+            .args(["-o", "BatchMode=yes", "-o", "ControlMaster=auto"])
+            .arg("-o")
+            .arg(format!("ControlPath={}/%C", control.display()))
+            .args(["-o", "ControlPersist=60"])
+            .args(host.ssh_args())
+            .arg("--")
+            .arg(script)
+            .stdin(Stdio::from(file))
+            .output()
+            .map_err(|e| format!("{}: cannot run {}: {e}", host.name, self.ssh[0]))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: installing dream failed: {}",
+                host.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    fn open_with(
+        &self,
+        host: &HostSpec,
+        control: &Path,
+        remote_dream: &str,
+    ) -> std::result::Result<Conn, String> {
         let started = Instant::now();
         let mut cmd = Command::new(&self.ssh[0]);
         cmd.args(&self.ssh[1..])
@@ -207,13 +335,13 @@ impl Fleet {
             .args(["-o", "ControlMaster=auto"])
             .arg("-o")
             .arg(format!("ControlPath={}/%C", control.display()))
-            .args(["-o", "ControlPersist=no"])
+            .args(["-o", "ControlPersist=60"])
             .args(["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"])
             .args(host.ssh_args())
             .arg("--")
             .arg(format!(
                 "{} agent --root {}",
-                shell_quote(&self.remote_dream),
+                shell_quote(remote_dream),
                 shell_quote(&host.root)
             ))
             .stdin(Stdio::piped())
@@ -302,6 +430,7 @@ pub struct DeployPlan {
     pub source: String,
     pub id: Option<String>,
     pub build: Option<String>,
+    pub dry_run: bool,
     pub confirm_within: Duration,
 }
 
@@ -325,13 +454,48 @@ struct FleetReport {
     duration_s: f64,
 }
 
-/// The private directory for this run's ControlMaster sockets: short (a
-/// Unix socket path has ~100 bytes), owned by us, mode 0700.
-fn control_dir() -> Result<tempfile::TempDir> {
-    tempfile::Builder::new()
+/// This run's ControlMasters: their sockets live in a private directory,
+/// short (a Unix socket path has ~100 bytes), owned by us, mode 0700; each
+/// master is told to exit when the run ends.
+struct Masters {
+    dir: tempfile::TempDir,
+    ssh: Vec<String>,
+    hosts: Vec<HostSpec>,
+}
+
+impl Masters {
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Masters {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            let _ = Command::new(&self.ssh[0])
+                .args(&self.ssh[1..])
+                .arg("-o")
+                .arg(format!("ControlPath={}/%C", self.dir.path().display()))
+                .args(["-O", "exit"])
+                .args(h.ssh_args())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn control_dir(f: &Fleet) -> Result<Masters> {
+    let dir = tempfile::Builder::new()
         .prefix("dream-f")
         .tempdir_in("/tmp")
-        .map_err(|e| Failure::failed(format!("a directory for ssh's control sockets: {e}")))
+        .map_err(|e| Failure::failed(format!("a directory for ssh's control sockets: {e}")))?;
+    Ok(Masters {
+        dir,
+        ssh: f.ssh.clone(),
+        hosts: f.hosts.clone(),
+    })
 }
 
 /// Stages the source locally (a directory as it is; a tarball or git
@@ -437,11 +601,14 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
             f.hosts.len()
         ),
     );
-    let control = control_dir()?;
+    let control = control_dir(f)?;
     let mut report = FleetReport {
         release: id.clone(),
         ..FleetReport::default()
     };
+    if plan.dry_run {
+        return dry_run(f, &control, &id, &manifest);
+    }
     let mut conns = match f.connect(control.path()) {
         Ok(c) => c,
         Err(errors) => {
@@ -550,6 +717,97 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
     switch_commit(f, started, report, conns, &id, plan.confirm_within)
 }
 
+/// `--dry-run`: the plan, from each host's answer to what it lacks; no
+/// lock taken, nothing written anywhere.
+fn dry_run(f: &Fleet, control: &Masters, id: &str, manifest: &Manifest) -> Result {
+    let sizes: HashMap<String, u64> = manifest
+        .entries()
+        .iter()
+        .filter_map(|e| match &e.kind {
+            manifest::Kind::File { hash, size, .. } => Some((manifest::hex(hash), *size)),
+            _ => None,
+        })
+        .collect();
+    let mut conns = f
+        .connect(control.path())
+        .map_err(|errors| Failure::temporary(format!("unreachable: {}", errors.join("; "))))?;
+    let text = manifest.to_text();
+    let answers = each(&mut conns, |c| {
+        c.must(&ToAgent::Plan {
+            manifest: text.clone(),
+        })
+    });
+    let mut rows = Vec::new();
+    for (c, a) in conns.iter().zip(answers) {
+        let (files, bytes, error) = match &a {
+            Ok(r) => (
+                r.lacks.len(),
+                r.lacks.iter().filter_map(|h| sizes.get(h)).sum::<u64>(),
+                None,
+            ),
+            Err((e, _)) => (0, 0, Some(e.clone())),
+        };
+        rows.push(serde_json::json!({
+            "host": c.host.name,
+            "current": a.as_ref().ok().and_then(|r| r.current.clone()),
+            "lacks_files": files,
+            "lacks_bytes": bytes,
+            "error": error,
+        }));
+    }
+    let waves: Vec<Vec<String>> = f
+        .rollout
+        .waves(conns.len())
+        .into_iter()
+        .map(|w| conns[w].iter().map(|c| c.host.name.clone()).collect())
+        .collect();
+    for c in conns {
+        c.bye();
+    }
+    let failed = rows.iter().any(|r| !r["error"].is_null());
+    if f.json {
+        crate::print_line(
+            &serde_json::json!({"ok": !failed, "dry_run": true, "release": id, "groups": waves, "hosts": rows})
+                .to_string(),
+        );
+    } else {
+        crate::print_line(&format!(
+            "plan for {id} ({} entries); nothing is changed",
+            manifest.entries().len()
+        ));
+        for (n, w) in waves.iter().enumerate() {
+            crate::print_line(&format!(
+                "  {} {}: {}",
+                if n == 0 && f.rollout.canary > 0 {
+                    "canary"
+                } else {
+                    "group "
+                },
+                n + 1,
+                w.join(", ")
+            ));
+        }
+        for r in &rows {
+            crate::print_line(&format!(
+                "  {:<24} on {:<36} lacks {} files, {}{}",
+                r["host"].as_str().unwrap_or("?"),
+                r["current"].as_str().unwrap_or("nothing"),
+                r["lacks_files"],
+                dream_core::deploy::human_bytes(r["lacks_bytes"].as_u64().unwrap_or(0)),
+                r["error"]
+                    .as_str()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    if failed {
+        Err(Failure::silent(exit::TEMPORARY))
+    } else {
+        Ok(())
+    }
+}
+
 /// Switches every host (the first alone, as a canary), then commits and
 /// confirms; on a failure before the commit, reverts every switched host.
 fn switch_commit(
@@ -599,18 +857,40 @@ fn switch_commit(
             }
         }
     };
-    let (canary, rest) = conns.split_at_mut(1);
-    let mut failures: Vec<String> = each(canary, switch)
-        .into_iter()
-        .filter_map(|r| r.err().map(|e| e.0))
-        .collect();
-    if failures.is_empty() {
-        failures = each(rest, switch)
-            .into_iter()
-            .filter_map(|r| r.err().map(|e| e.0))
-            .collect();
+    let waves = f.rollout.waves(conns.len());
+    let mut failures: Vec<String> = Vec::new();
+    for (n, wave) in waves.iter().enumerate() {
+        if n > 0 && !f.rollout.wait.is_zero() {
+            say(
+                f.json,
+                &format!(
+                    "waiting {} before the next group",
+                    dream_core::fmt_duration(f.rollout.wait)
+                ),
+            );
+            std::thread::sleep(f.rollout.wait);
+        }
+        failures.extend(
+            each(&mut conns[wave.clone()], switch)
+                .into_iter()
+                .filter_map(|r| r.err().map(|e| e.0)),
+        );
+        if failures.len() > f.rollout.max_fail {
+            break;
+        }
     }
-    if !failures.is_empty() {
+    let tolerated = failures.len() <= f.rollout.max_fail;
+    if !failures.is_empty() && tolerated {
+        say(
+            f.json,
+            &format!(
+                "{} failed, within --max-fail {}: going on",
+                failures.join("; "),
+                f.rollout.max_fail
+            ),
+        );
+    }
+    if !tolerated {
         let reason = format!("fleet deploy of {id} failed: {}", failures.join("; "));
         let reverted = each(&mut conns, |c| {
             if !c.switched {
@@ -661,6 +941,9 @@ fn switch_commit(
         say(f.json, &format!("recording the commit: {e}"));
     }
     let confirmed = each(&mut conns, |c| {
+        if !c.switched {
+            return Ok(());
+        }
         c.must(&ToAgent::Confirm {
             generation: c.generation,
         })
@@ -670,6 +953,14 @@ fn switch_commit(
         .into_iter()
         .filter_map(|r| r.err().map(|e| e.0))
         .collect();
+    let mut unconfirmed = unconfirmed;
+    if tolerated {
+        unconfirmed.extend(
+            failures
+                .iter()
+                .map(|f| format!("{f} (still on its previous release)")),
+        );
+    }
     if unconfirmed.is_empty() {
         report.ok = true;
         say(
@@ -719,7 +1010,7 @@ fn end(f: &Fleet, started: Instant, mut report: FleetReport, conns: Vec<Conn>) -
 /// each host recorded as previous), with the same switch and commit.
 pub fn rollback(f: &Fleet, id: Option<&str>, confirm_within: Duration) -> Result {
     let started = Instant::now();
-    let control = control_dir()?;
+    let control = control_dir(f)?;
     let mut report = FleetReport::default();
     let mut conns = match f.connect(control.path()) {
         Ok(c) => c,
@@ -782,7 +1073,7 @@ pub fn rollback(f: &Fleet, id: Option<&str>, confirm_within: Duration) -> Result
 
 /// `dream fleet status`: what each host runs, and the manual hold.
 pub fn status(f: &Fleet) -> Result {
-    let control = control_dir()?;
+    let control = control_dir(f)?;
     let conns = f
         .connect(control.path())
         .map_err(|errors| Failure::temporary(format!("unreachable: {}", errors.join("; "))))?;
@@ -835,14 +1126,16 @@ pub fn status(f: &Fleet) -> Result {
 /// `dream fleet lock -m MSG` / `dream fleet unlock`: a manual hold on the
 /// primary that automatic deploys refuse at once (never wait on).
 pub fn hold(f: &Fleet, message: Option<String>) -> Result {
-    let control = control_dir()?;
     let primary = Fleet {
         hosts: f.hosts[..1].to_vec(),
         ssh: f.ssh.clone(),
         remote_dream: f.remote_dream.clone(),
         parallel: 1,
         json: f.json,
+        rollout: f.rollout.clone(),
+        install: f.install,
     };
+    let control = control_dir(&primary)?;
     let mut conns = primary
         .connect(control.path())
         .map_err(|errors| Failure::temporary(format!("unreachable: {}", errors.join("; "))))?;

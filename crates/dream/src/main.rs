@@ -420,9 +420,28 @@ struct FleetArgs {
     /// At most this many ssh sessions starting at once [default: 8]
     #[arg(long, value_name = "N")]
     parallel: Option<usize>,
+    /// Copy this dream to hosts whose dream is missing or incompatible (into ROOT/.dream/bin/)
+    #[arg(long)]
+    install: bool,
     /// Print the outcome as JSON on stdout
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Default)]
+struct RolloutArgs {
+    /// Hosts switched first, alone [default: 1]
+    #[arg(long, value_name = "N")]
+    canary: Option<usize>,
+    /// Then groups of N hosts or P% of them [default: all the rest at once]
+    #[arg(long, value_name = "N|P%")]
+    group: Option<fleet::Group>,
+    /// Pause between groups
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    wait: Option<Duration>,
+    /// Hosts allowed to fail their switch before the whole fleet reverts (they stay on the old release; exit 2) [default: 0]
+    #[arg(long, value_name = "N")]
+    max_fail: Option<usize>,
 }
 
 #[derive(Args)]
@@ -438,6 +457,11 @@ struct FleetDeployArgs {
     /// Each host's reload is provisional for this long: a host the run cannot confirm reverts itself [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     confirm_within: Option<Duration>,
+    /// Print the plan (hosts, groups, what each host lacks) and change nothing
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    rollout: RolloutArgs,
     #[command(flatten)]
     fleet: FleetArgs,
 }
@@ -449,6 +473,8 @@ struct FleetRollbackArgs {
     /// As for deploy [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     confirm_within: Option<Duration>,
+    #[command(flatten)]
+    rollout: RolloutArgs,
     #[command(flatten)]
     fleet: FleetArgs,
 }
@@ -864,7 +890,7 @@ pub fn print_line(s: &str) {
 }
 
 /// The fleet from flags, then `[fleet]` in the config file.
-fn fleet_of(a: &FleetArgs) -> Result<(fleet::Fleet, config::FleetConfig)> {
+fn fleet_of(a: &FleetArgs, r: &RolloutArgs) -> Result<(fleet::Fleet, config::FleetConfig)> {
     let path = a.config.clone().or_else(|| {
         let p = PathBuf::from("dream.toml");
         p.is_file().then_some(p)
@@ -939,6 +965,20 @@ fn fleet_of(a: &FleetArgs) -> Result<(fleet::Fleet, config::FleetConfig)> {
             .unwrap_or_else(|| "dream".into()),
         parallel: a.parallel.or(file.parallel).unwrap_or(8).max(1),
         json: a.json,
+        install: a.install || file.install.unwrap_or(false),
+        rollout: fleet::Rollout {
+            canary: r.canary.or(file.canary).unwrap_or(1),
+            group: match (r.group, &file.group) {
+                (Some(g), _) => Some(g),
+                (None, Some(g)) => Some(
+                    g.parse()
+                        .map_err(|e| Failure::usage(format!("[fleet] group: {e}")))?,
+                ),
+                (None, None) => None,
+            },
+            wait: r.wait.or(file.wait).unwrap_or_default(),
+            max_fail: r.max_fail.or(file.max_fail).unwrap_or(0),
+        },
     };
     Ok((f, file))
 }
@@ -946,13 +986,14 @@ fn fleet_of(a: &FleetArgs) -> Result<(fleet::Fleet, config::FleetConfig)> {
 fn run_fleet(cmd: FleetCmd) -> Result {
     match cmd {
         FleetCmd::Deploy(a) => {
-            let (f, file) = fleet_of(&a.fleet)?;
+            let (f, file) = fleet_of(&a.fleet, &a.rollout)?;
             fleet::deploy(
                 &f,
                 &fleet::DeployPlan {
                     source: a.source,
                     id: a.id,
                     build: a.build,
+                    dry_run: a.dry_run,
                     confirm_within: a
                         .confirm_within
                         .or(file.confirm_within)
@@ -961,7 +1002,7 @@ fn run_fleet(cmd: FleetCmd) -> Result {
             )
         }
         FleetCmd::Rollback(a) => {
-            let (f, file) = fleet_of(&a.fleet)?;
+            let (f, file) = fleet_of(&a.fleet, &a.rollout)?;
             fleet::rollback(
                 &f,
                 a.id.as_deref(),
@@ -970,9 +1011,12 @@ fn run_fleet(cmd: FleetCmd) -> Result {
                     .unwrap_or(Duration::from_secs(30)),
             )
         }
-        FleetCmd::Status(a) => fleet::status(&fleet_of(&a)?.0),
-        FleetCmd::Lock(a) => fleet::hold(&fleet_of(&a.fleet)?.0, Some(a.message)),
-        FleetCmd::Unlock(a) => fleet::hold(&fleet_of(&a)?.0, None),
+        FleetCmd::Status(a) => fleet::status(&fleet_of(&a, &RolloutArgs::default())?.0),
+        FleetCmd::Lock(a) => fleet::hold(
+            &fleet_of(&a.fleet, &RolloutArgs::default())?.0,
+            Some(a.message),
+        ),
+        FleetCmd::Unlock(a) => fleet::hold(&fleet_of(&a, &RolloutArgs::default())?.0, None),
     }
 }
 

@@ -134,7 +134,7 @@ impl Lab {
         }
         std::fs::write(dir.join("known_hosts"), known).unwrap();
         let ssh = format!(
-            "ssh -F /dev/null -i {d}/id -o UserKnownHostsFile={d}/known_hosts -o StrictHostKeyChecking=yes -o ConnectTimeout=5",
+            "ssh -F /dev/null -i {d}/id -o UserKnownHostsFile={d}/known_hosts -o StrictHostKeyChecking=yes -o ConnectTimeout=5 -o ServerAliveInterval=1 -o ServerAliveCountMax=3",
             d = dir.display()
         );
         let lab = Lab { tree, hosts, ssh };
@@ -158,6 +158,10 @@ impl Lab {
     }
 
     fn fleet_cmd(&self, args: &[&str]) -> Command {
+        self.fleet_cmd_with(args, &bin("dream").to_string_lossy())
+    }
+
+    fn fleet_cmd_with(&self, args: &[&str], remote_dream: &str) -> Command {
         let mut config = String::from("[fleet]\nhosts = [\n");
         for h in &self.hosts {
             config.push_str(&format!(
@@ -167,9 +171,8 @@ impl Lab {
             ));
         }
         config.push_str(&format!(
-            "]\nssh = \"{}\"\nremote_dream = \"{}\"\n",
+            "]\nssh = \"{}\"\nremote_dream = \"{remote_dream}\"\n",
             self.ssh,
-            bin("dream").display()
         ));
         let path = self.tree.path().join("fleet.toml");
         std::fs::write(&path, config).unwrap();
@@ -212,10 +215,15 @@ impl Lab {
 /// A site whose `run` serves `public/` with `dream static`, except on the
 /// host named `fail_on` (by `$HOST_NAME`), where it exits at once.
 fn site(tree: &Tree, name: &str, fail_on: Option<&str>) -> PathBuf {
-    tree.write(&format!("{name}/public/index.html"), "<p>release @R@</p>\n");
     let guard = fail_on
         .map(|h| format!("[ \"$HOST_NAME\" = {h} ] && {{ echo 'refusing on {h}' >&2; exit 1; }}\n"))
         .unwrap_or_default();
+    site_with(tree, name, &guard)
+}
+
+/// A site whose `run` does `prelude`, then serves `public/`.
+fn site_with(tree: &Tree, name: &str, guard: &str) -> PathBuf {
+    tree.write(&format!("{name}/public/index.html"), "<p>release @R@</p>\n");
     tree.write(
         &format!("{name}/run"),
         format!("#!/bin/sh\n{guard}exec \"$DREAM_BIN\" static --drain-grace 300ms\n"),
@@ -345,4 +353,178 @@ fn locks_are_never_waited_on_and_never_left_behind() {
         let staging = lab.hosts[i].root.join(".dream/staging");
         assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
     }
+}
+
+/// Runs `dream fleet deploy` until it is not refused for a lock that a
+/// killed run's agents are still letting go of; returns its outcome.
+fn deploy_when_free(lab: &Lab, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["deploy"];
+    all.extend_from_slice(args);
+    wait_until(
+        Duration::from_secs(60),
+        "the fleet's locks to be free",
+        || {
+            let r = lab.fleet(&all);
+            (r.0 != Some(111)).then_some(r)
+        },
+    )
+}
+
+#[test]
+fn a_host_cut_off_during_its_switch_reverts_itself_and_the_next_run_converges() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new(3);
+    let v1 = site(&lab.tree, "v1", None);
+    let (code, _, err) = lab.fleet(&[
+        "deploy",
+        v1.to_str().unwrap(),
+        "--id",
+        "one",
+        "--build",
+        STAMP,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    lab.serve();
+    let referees: Vec<Referee> = [0, 2]
+        .iter()
+        .map(|i| Referee::start(lab.addr(*i), false))
+        .collect();
+    // h1 takes two seconds to come up: its link goes down meanwhile.
+    let v2 = site_with(&lab.tree, "v2", "[ \"$HOST_NAME\" = h1 ] && sleep 2\n");
+    let mut run = Guard::spawn(&mut lab.fleet_cmd(&[
+        "deploy",
+        v2.to_str().unwrap(),
+        "--id",
+        "two",
+        "--build",
+        STAMP,
+        "--confirm-within",
+        "4s",
+    ]));
+    wait_until(Duration::from_secs(60), "h1 to switch", || {
+        (lab.current(1) == "two").then_some(())
+    });
+    sh(&format!("ip link set {} down", lab.hosts[1].veth));
+    let status = run.wait_exit(Duration::from_secs(90));
+    let said = run.stderr_now();
+    assert_eq!(status.code(), Some(2), "{said}");
+    assert!(said.contains(&lab.hosts[1].addr), "names the host: {said}");
+    // Cut off, h1's supervisor reverts it at its deadline; the others were
+    // reverted by the run.
+    wait_until(Duration::from_secs(30), "h1 to revert itself", || {
+        (lab.current(1) == "one").then_some(())
+    });
+    assert_eq!(lab.current(0), "one");
+    assert_eq!(lab.current(2), "one");
+    // The link back: the same deploy converges.
+    sh(&format!("ip link set {} up", lab.hosts[1].veth));
+    let (code, _, err) = deploy_when_free(
+        &lab,
+        &[v2.to_str().unwrap(), "--id", "two", "--build", STAMP],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    for i in 0..3 {
+        assert_eq!(lab.current(i), "two", "host {i}");
+    }
+    for r in referees {
+        let report = r.finish();
+        assert_eq!(report.error_total, 0, "{}", report.human());
+        assert_eq!(report.mixed, 0, "{}", report.human());
+    }
+}
+
+#[test]
+fn a_coordinator_killed_in_any_phase_leaves_a_consistent_fleet() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new(3);
+    let v1 = site(&lab.tree, "v1", None);
+    let (code, _, err) = lab.fleet(&[
+        "deploy",
+        v1.to_str().unwrap(),
+        "--id",
+        "one",
+        "--build",
+        STAMP,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    lab.serve();
+    let referees: Vec<Referee> = (0..3).map(|i| Referee::start(lab.addr(i), false)).collect();
+    // Slow to build (killed while preparing), slow to come up on the
+    // hosts after the canary (killed while switching).
+    let slow = site_with(&lab.tree, "slow", "[ \"$HOST_NAME\" != h0 ] && sleep 2\n");
+    for (n, (phase, build)) in [
+        ("locked every host", "sleep 30"),
+        ("prepared in", "sleep 1"),
+        ("switched in", STAMP),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("killed{n}");
+        let mut run = Guard::spawn(&mut lab.fleet_cmd(&[
+            "deploy",
+            slow.to_str().unwrap(),
+            "--id",
+            &id,
+            "--build",
+            build,
+            "--confirm-within",
+            "3s",
+        ]));
+        run.wait_stderr(phase, Duration::from_secs(60));
+        run.signal(nix::sys::signal::Signal::SIGKILL);
+        run.wait_exit(Duration::from_secs(10));
+        drop(run);
+        // Whatever was switched reverts at its deadline; the next deploy
+        // runs without anyone's help.
+        let next = format!("after{n}");
+        let (code, _, err) = deploy_when_free(
+            &lab,
+            &[v1.to_str().unwrap(), "--id", &next, "--build", STAMP],
+        );
+        assert_eq!(code, Some(0), "after a kill at {phase}: {err}");
+        for i in 0..3 {
+            assert_eq!(lab.current(i), next, "after a kill at {phase}: host {i}");
+            let staging = lab.hosts[i].root.join(".dream/staging");
+            assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "{phase}");
+        }
+    }
+    for r in referees {
+        let report = r.finish();
+        assert_eq!(report.error_total, 0, "{}", report.human());
+        assert_eq!(report.mixed, 0, "{}", report.human());
+    }
+}
+
+#[test]
+fn install_brings_a_host_without_dream_to_a_working_state() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new(1);
+    let v1 = site(&lab.tree, "v1", None);
+    let (status, _, err) = run(
+        &mut lab.fleet_cmd_with(
+            &["deploy", v1.to_str().unwrap(), "--id", "one"],
+            "/nowhere/dream",
+        ),
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(111), "without --install: {err}");
+    let (status, _, err) = run(
+        &mut lab.fleet_cmd_with(
+            &["deploy", v1.to_str().unwrap(), "--id", "one", "--install"],
+            "/nowhere/dream",
+        ),
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("installing this dream"), "{err}");
+    let installed = lab.hosts[0].root.join(".dream/bin/dream");
+    assert!(installed.is_file(), "{}", installed.display());
+    assert_eq!(lab.current(0), "one");
 }
