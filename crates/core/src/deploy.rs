@@ -112,6 +112,11 @@ pub struct DeployOptions {
     /// reload succeeded), so a deploy killed or cut off in between still
     /// leaves a consistent host.
     pub confirm_within: Option<Duration>,
+    /// Paths requested through the supervisor's first listening socket
+    /// once the new generation is live: a status outside 2xx/3xx, or an
+    /// `X-Dream-Release` naming another release, fails the deploy and
+    /// puts the previous release back.
+    pub verify: Vec<String>,
     pub wait_lock: Wait,
     /// For the lock's holder record.
     pub command: String,
@@ -573,15 +578,18 @@ impl Pipeline<'_, '_> {
             let _ = std::fs::remove_file(store.manifest_path(id));
         })?;
         switch_reload_verify(
-            opts.reload,
             store,
             id,
             self.previous.as_deref(),
             EventKind::Switched,
-            opts.confirm_within.map(|within| Provisional {
-                within,
-                confirm_now: true,
-            }),
+            &ReloadHow {
+                reload: opts.reload,
+                provisional: opts.confirm_within.map(|within| Provisional {
+                    within,
+                    confirm_now: true,
+                }),
+                verify: opts.verify.clone(),
+            },
             &mut self.p,
         )?;
         let pruned = prune(store, opts.keep, id, self.previous.as_deref());
@@ -693,14 +701,14 @@ fn link_shared(store: &Store, staged: &Path) -> std::io::Result<Vec<String>> {
 /// Switches `current` to `id`, asks a running supervisor to reload, and
 /// switches back (marking `id` bad) if the reload fails.
 fn switch_reload_verify(
-    reload: bool,
     store: &Store,
     id: &str,
     previous: Option<&str>,
     event: EventKind,
-    provisional: Option<Provisional>,
+    how: &ReloadHow,
     p: &mut Progress<'_>,
 ) -> Result<(), DeployError> {
+    let (reload, provisional) = (how.reload, how.provisional);
     let took = store
         .switch(id)
         .map_err(|e| io_failure("switching current", e))?;
@@ -752,6 +760,9 @@ fn switch_reload_verify(
                     }
                 ),
             );
+            if !how.verify.is_empty() {
+                verify_or_go_back(store, id, previous, &how.verify, p)?;
+            }
             if confirm_within.is_some() && confirm_now {
                 confirm(store, id, a.generation, p)?;
             }
@@ -776,6 +787,137 @@ fn switch_reload_verify(
         Kind::Failed,
         format!("reload failed: {failure}\n{restored}; release {id} is marked bad"),
     ))
+}
+
+/// How a switch asks the supervisor: whether to reload at all, whether
+/// provisionally, and what to request through it afterwards.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadHow {
+    pub reload: bool,
+    pub provisional: Option<Provisional>,
+    pub verify: Vec<String>,
+}
+
+/// Requests each of `paths` through the supervisor's first listening
+/// socket; on a failure the release is marked bad, `current` switched
+/// back and the supervisor reloaded onto the previous release.
+fn verify_or_go_back(
+    store: &Store,
+    id: &str,
+    previous: Option<&str>,
+    paths: &[String],
+    p: &mut Progress<'_>,
+) -> Result<(), DeployError> {
+    let why = match verify_release(store, id, paths) {
+        Ok(()) => {
+            p.step("verified", paths.join(" "));
+            return Ok(());
+        }
+        Err(why) => why,
+    };
+    let mut bad = Event::new(EventKind::Failed, id);
+    bad.reason = Some(format!("verification failed: {why}"));
+    let _ = store.append(&bad);
+    let restored = switch_back(store, id, previous, format!("{id} failed verification"));
+    let reloaded = if previous.is_some() {
+        let request = control::Request::Reload {
+            confirm_within_ms: None,
+        };
+        match control::ask(&store.root, &request, Some(reload_deadline(store))) {
+            Ok(a) if a.ok => ", and reloaded".to_string(),
+            Ok(a) => format!(
+                ", but its reload failed: {}",
+                a.error.unwrap_or_else(|| "unknown error".into())
+            ),
+            Err(e) => format!(", but the supervisor could not be asked to reload: {e}"),
+        }
+    } else {
+        String::new()
+    };
+    Err(err(
+        Kind::Failed,
+        format!("verification failed: {why}\n{restored}{reloaded}; release {id} is marked bad"),
+    ))
+}
+
+/// `GET path` for each path, through the supervisor's first listening
+/// socket (an unspecified address is reached on loopback): each must
+/// answer 2xx or 3xx, and an `X-Dream-Release` header must name `id`.
+pub fn verify_release(store: &Store, id: &str, paths: &[String]) -> Result<(), String> {
+    let status = control::status(&store.root, Some(Duration::from_secs(10)))
+        .map_err(|e| format!("cannot find the supervisor's socket: {e}"))?;
+    let address = status
+        .sockets
+        .first()
+        .map(|s| s.address.clone())
+        .ok_or("the supervisor has no listening socket")?;
+    for path in paths {
+        let (code, release) = http_get(&address, path)?;
+        if !(200..400).contains(&code) {
+            return Err(format!("GET {path} answered {code}"));
+        }
+        if let Some(r) = release
+            && r != id
+        {
+            return Err(format!("GET {path} was answered by release {r}, not {id}"));
+        }
+    }
+    Ok(())
+}
+
+/// A plain HTTP/1.1 GET: the status code and the `X-Dream-Release` header.
+fn http_get(address: &str, path: &str) -> Result<(u16, Option<String>), String> {
+    use std::io::{Read, Write};
+    let limit = Duration::from_secs(10);
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: dream-verify\r\nConnection: close\r\n\r\n"
+    );
+    let fail = |e: std::io::Error| format!("GET {path} on {address}: {e}");
+    let mut head = Vec::new();
+    let mut read_head = |s: &mut dyn Read| -> Result<(), String> {
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        Ok(())
+    };
+    if let Some(p) = address.strip_prefix("unix:") {
+        let mut s = std::os::unix::net::UnixStream::connect(p).map_err(fail)?;
+        s.set_read_timeout(Some(limit)).map_err(fail)?;
+        s.write_all(request.as_bytes()).map_err(fail)?;
+        read_head(&mut s)?;
+    } else {
+        let mut addr: std::net::SocketAddr = address
+            .parse()
+            .map_err(|_| format!("cannot verify through {address}"))?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let mut s = std::net::TcpStream::connect_timeout(&addr, limit).map_err(fail)?;
+        s.set_read_timeout(Some(limit)).map_err(fail)?;
+        s.write_all(request.as_bytes()).map_err(fail)?;
+        read_head(&mut s)?;
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut lines = text.lines();
+    let code = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| format!("GET {path}: no HTTP answer"))?;
+    let release = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("x-dream-release"))
+        .map(|(_, v)| v.trim().to_string());
+    Ok((code, release))
 }
 
 /// A provisional reload: the supervisor reverts it unless confirmed
@@ -1100,6 +1242,7 @@ pub fn rollback(
     root: &Path,
     id: Option<&str>,
     reload: bool,
+    verify: &[String],
     wait_lock: Wait,
     command: &str,
     out: &mut dyn FnMut(&Step),
@@ -1146,7 +1289,6 @@ pub fn rollback(
         ),
     );
     switch_reload_verify(
-        reload,
         &store,
         &target,
         current.as_deref(),
@@ -1155,7 +1297,11 @@ pub fn rollback(
         } else {
             EventKind::RolledBack
         },
-        None,
+        &ReloadHow {
+            reload,
+            provisional: None,
+            verify: verify.to_vec(),
+        },
         &mut p,
     )?;
     Ok(report)
@@ -1294,6 +1440,7 @@ pub fn go_live_prepared(
     root: &Path,
     id: &str,
     provisional: Option<Provisional>,
+    verify: &[String],
     out: &mut dyn FnMut(&Step),
 ) -> Result<Report, DeployError> {
     let store = Store::new(root);
@@ -1317,12 +1464,15 @@ pub fn go_live_prepared(
         out,
     };
     switch_reload_verify(
-        true,
         &store,
         id,
         previous.as_deref(),
         EventKind::Switched,
-        provisional,
+        &ReloadHow {
+            reload: true,
+            provisional,
+            verify: verify.to_vec(),
+        },
         &mut p,
     )?;
     Ok(report)

@@ -75,10 +75,13 @@ pub enum ToAgent {
         id: String,
         build: Option<String>,
     },
-    /// Switch to the prepared release; a provisional reload.
+    /// Switch to the prepared release; a provisional reload, then each of
+    /// `verify` requested through the host's own socket.
     Switch {
         id: String,
         confirm_within_ms: u64,
+        #[serde(default)]
+        verify: Vec<String>,
     },
     Confirm {
         generation: Option<u64>,
@@ -387,7 +390,8 @@ impl Agent {
             ToAgent::Switch {
                 id,
                 confirm_within_ms,
-            } => self.switch(&id, confirm_within_ms),
+                verify,
+            } => self.switch(&id, confirm_within_ms, &verify),
             ToAgent::Confirm { generation } => {
                 match deploy::confirm_generation(&self.store.root, generation.or(self.generation)) {
                     Ok(()) => {
@@ -611,6 +615,7 @@ impl Agent {
             reload: false,
             go_live: false,
             confirm_within: None,
+            verify: Vec::new(),
             wait_lock: Wait::No,
             command: format!("dream fleet deploy {id}"),
             max_size: None,
@@ -634,7 +639,7 @@ impl Agent {
         }
     }
 
-    fn switch(&mut self, id: &str, confirm_within_ms: u64) -> Reply {
+    fn switch(&mut self, id: &str, confirm_within_ms: u64, verify: &[String]) -> Reply {
         if self.lock.is_none() {
             return Reply::failed("switch before lock");
         }
@@ -643,7 +648,8 @@ impl Agent {
             confirm_now: false,
         };
         let before = self.store.current();
-        match deploy::go_live_prepared(&self.store.root, id, Some(provisional), &mut |_| {}) {
+        match deploy::go_live_prepared(&self.store.root, id, Some(provisional), verify, &mut |_| {})
+        {
             Ok(report) => {
                 self.previous = before.clone();
                 self.generation = report.generation;

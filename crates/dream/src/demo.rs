@@ -74,6 +74,7 @@ fn deploy_site(
         keep: 4,
         reload: true,
         confirm_within: None,
+        verify: Vec::new(),
         go_live: true,
         wait_lock: Wait::For(Duration::from_secs(30)),
         command: format!("dream demo (deploying {site})"),

@@ -34,6 +34,8 @@ pub struct Fleet {
     /// Copy this program to hosts whose dream is missing or speaks
     /// another protocol (into `ROOT/.dream/bin/dream`).
     pub install: bool,
+    /// Paths each host requests through its own socket after its switch.
+    pub verify: Vec<String>,
     /// The ssh command and its own options (`--ssh`).
     pub ssh: Vec<String>,
     pub remote_dream: String,
@@ -823,6 +825,7 @@ fn switch_commit(
         let r = c.ask(&ToAgent::Switch {
             id: id.to_string(),
             confirm_within_ms: confirm_within.as_millis() as u64,
+            verify: f.verify.clone(),
         });
         match r {
             Ok(r) if r.ok => {
@@ -1134,6 +1137,7 @@ pub fn hold(f: &Fleet, message: Option<String>) -> Result {
         json: f.json,
         rollout: f.rollout.clone(),
         install: f.install,
+        verify: Vec::new(),
     };
     let control = control_dir(&primary)?;
     let mut conns = primary

@@ -303,6 +303,9 @@ struct DeployCmd {
     /// A provisional reload: the supervisor reverts the release unless this deploy confirms it within DUR (it does once the reload succeeded), so a deploy killed or cut off in between still ends consistent
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     confirm_within: Option<Duration>,
+    /// After the reload, GET PATH through the supervisor's own socket (repeatable): a status outside 2xx/3xx or another release's X-Dream-Release puts the previous release back
+    #[arg(long, value_name = "PATH", value_parser = values::url_path)]
+    verify: Vec<String>,
     /// Print the report as JSON on stdout (progress is not printed)
     #[arg(long)]
     json: bool,
@@ -321,6 +324,9 @@ struct RollbackCmd {
     /// Switch current but do not ask the supervisor to reload
     #[arg(long)]
     no_reload: bool,
+    /// After the reload, GET PATH through the supervisor's own socket (repeatable), as for deploy
+    #[arg(long, value_name = "PATH", value_parser = values::url_path)]
+    verify: Vec<String>,
     /// Wait this long for another deploy's lock (default: fail at once)
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     wait_lock: Option<Duration>,
@@ -442,6 +448,9 @@ struct RolloutArgs {
     /// Hosts allowed to fail their switch before the whole fleet reverts (they stay on the old release; exit 2) [default: 0]
     #[arg(long, value_name = "N")]
     max_fail: Option<usize>,
+    /// After each host's switch, GET PATH through that host's own socket (repeatable): a failure reverts the fleet
+    #[arg(long, value_name = "PATH", value_parser = values::url_path)]
+    verify: Vec<String>,
 }
 
 #[derive(Args)]
@@ -835,6 +844,7 @@ fn run(cmd: Cmd) -> Result {
                 wait_lock: a.wait_lock.or(file.wait_lock),
                 max_size: a.max_size.or(file.max_size),
                 confirm_within: a.confirm_within.or(file.confirm_within),
+                verify: a.verify,
                 json: a.json,
                 quiet: a.quiet,
             })
@@ -843,6 +853,7 @@ fn run(cmd: Cmd) -> Result {
             a.root.as_deref(),
             a.id.as_deref(),
             a.no_reload,
+            &a.verify,
             a.wait_lock,
             a.json,
             a.quiet,
@@ -966,6 +977,7 @@ fn fleet_of(a: &FleetArgs, r: &RolloutArgs) -> Result<(fleet::Fleet, config::Fle
         parallel: a.parallel.or(file.parallel).unwrap_or(8).max(1),
         json: a.json,
         install: a.install || file.install.unwrap_or(false),
+        verify: r.verify.clone(),
         rollout: fleet::Rollout {
             canary: r.canary.or(file.canary).unwrap_or(1),
             group: match (r.group, &file.group) {

@@ -41,6 +41,17 @@ pub fn listen(s: &str) -> Result<ListenSpec, String> {
         .map_err(|e: dream_core::spec::SpecError| e.to_string())
 }
 
+/// A URL path to request: `/`, `/healthz?full=1` (no spaces, no host).
+pub fn url_path(s: &str) -> Result<String, String> {
+    if s.starts_with('/') && !s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a path (it starts with /, e.g. /healthz)"
+        ))
+    }
+}
+
 /// A size such as `500M`, `10G`, `1.5T` or `4096` (bytes; K, M, G and T
 /// are powers of 1024, an optional trailing `B` or `iB` is allowed).
 pub fn size(s: &str) -> Result<u64, String> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use dream_testkit::{Guard, Referee, Tree, alive, bin, live_pids, run, stopped, wait_until};
+use dream_testkit::{Guard, Referee, Tree, alive, bin, get, live_pids, run, stopped, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -1125,4 +1125,77 @@ fn builds_stream_end_with_their_deploy_and_say_what_they_printed() {
         err.contains("line-30") && err.contains("line-11") && !err.contains("line-10\n"),
         "{err}"
     );
+}
+
+/// `--verify PATH`: after the reload, the path is requested through the
+/// supervisor's own socket; a release that does not answer it well is
+/// marked bad and the previous one put back, and no client notices.
+#[test]
+fn verify_puts_the_previous_release_back_when_a_path_fails() {
+    let tree = Tree::new();
+    let good = site(&tree, "good");
+    tree.write("good/public/healthz", "ok\n");
+    let broken = site(&tree, "broken");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let stamp = r#"echo "<p>release $DREAM_RELEASE</p>" > public/index.html"#;
+    deploy_json(&root, &good, &["--id", "g1", "--build", stamp]);
+    let (_sup, addr) = dream_testkit::serve_root(&root, &["--workers", "2", "--ready", "notify"]);
+    let referee = Referee::start(addr, true);
+    referee.wait_responses(20);
+    let (code, _, err) = dream(
+        &root,
+        &[
+            "deploy",
+            broken.to_str().unwrap(),
+            "--id",
+            "b1",
+            "--build",
+            stamp,
+            "--verify",
+            "/healthz",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("GET /healthz answered 404"), "{err}");
+    assert_eq!(current(&root).as_deref(), Some("g1"));
+    wait_until(Duration::from_secs(20), "g1 served again", || {
+        (get(addr, "/", &[]).header("x-dream-release") == Some("g1")).then_some(())
+    });
+    let (code, out, _) = dream(&root, &["releases", "--json"]);
+    assert_eq!(code, Some(0));
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == "b1" && r["state"] == "bad"),
+        "{list}"
+    );
+    let (code, _, err) = dream(
+        &root,
+        &[
+            "deploy",
+            good.to_str().unwrap(),
+            "--id",
+            "g2",
+            "--build",
+            stamp,
+            "--verify",
+            "/healthz",
+            "--verify",
+            "/",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("verified"), "{err}");
+    let (code, _, err) = dream(
+        &root,
+        &["deploy", good.to_str().unwrap(), "--verify", "healthz"],
+    );
+    assert_eq!(code, Some(100), "a path starts with /: {err}");
+    referee.wait_responses(20);
+    let report = referee.finish();
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
 }

@@ -295,6 +295,22 @@ fn a_fleet_deploy_ends_new_everywhere_or_old_everywhere() {
     for i in 0..3 {
         assert_eq!(lab.current(i), "two", "host {i}: {v}");
     }
+    // A release that answers badly on its hosts' own sockets: reverted.
+    let (code, _, err) = lab.fleet(&[
+        "deploy",
+        v2.to_str().unwrap(),
+        "--id",
+        "four",
+        "--build",
+        STAMP,
+        "--verify",
+        "/healthz",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("GET /healthz answered 404"), "{err}");
+    for i in 0..3 {
+        assert_eq!(lab.current(i), "two", "host {i}");
+    }
     let (code, out, _) = lab.fleet(&["status"]);
     assert_eq!(code, Some(0), "{out}");
     for r in &referees {

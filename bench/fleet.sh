@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# One release onto 4 hosts, side by side in one run (needs root: each host is a network
+# namespace with its own sshd, deploy root and `dream serve`, joined to this one by a veth):
+#   dream:    `dream fleet deploy` (the manifest, then only the content each host lacks);
+#   rsync:    the Capistrano way: `rsync -a --link-dest=../current` over ssh to every host in
+#             parallel, then `ln -s` + `mv -T` on each, then a reload;
+#   tar|ssh:  the whole tree to every host in parallel, then the same switch and reload.
+# A tree of FILES files (BYTES in all), FRACTION of them rewritten each round (same sizes, new
+# random content). Per round and per tool: wall time, bytes sent over the links (the veths'
+# counters), and for dream the switch skew (first host live to last, from the supervisors' logs).
+# Usage: bench/fleet.sh [ROUNDS] [FILES] [MB]   (default 3 rounds, 10000 files, 100 MB, 1%)
+# (The hosts share this machine's disk and CPUs: the links are real, the disks are not apart.)
+source "$(dirname "$0")/lib.sh"
+ROUNDS=${1:-3}
+FILES=${2:-10000}
+MB=${3:-100}
+HOSTS=4
+[ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)"; exit 1; }
+need openssh-server openssh-client rsync iproute2
+mkdir -p /run/sshd "$WORK/src"
+ssh-keygen -q -t ed25519 -N '' -f "$WORK/id"
+cp "$WORK/id.pub" "$WORK/authorized_keys"
+: > "$WORK/known_hosts"
+LAB=$(( $$ % 200 ))
+addr() { echo "10.$((200 + LAB / 250)).$((LAB % 250)).$((4 * $1 + 2))"; }
+ours() { echo "10.$((200 + LAB / 250)).$((LAB % 250)).$((4 * $1 + 1))"; }
+teardown() {
+  for i in $(seq 0 $((HOSTS - 1))); do
+    [ -f "$WORK/h$i/sshd.pid" ] && kill "$(cat "$WORK/h$i/sshd.pid")" 2>/dev/null || true
+    ip link del "dbf$LAB-$i" 2>/dev/null || true
+    ip netns del "dbf$LAB-$i" 2>/dev/null || true
+  done
+  cleanup
+}
+trap teardown EXIT
+for i in $(seq 0 $((HOSTS - 1))); do
+  ns=dbf$LAB-$i; v=dbf$LAB-$i; h=$WORK/h$i
+  mkdir -p "$h"
+  ip netns add $ns
+  ip link add $v type veth peer name ${v}p
+  ip link set ${v}p netns $ns
+  ip addr add "$(ours $i)/30" dev $v; ip link set $v up
+  ip netns exec $ns ip addr add "$(addr $i)/30" dev ${v}p
+  ip netns exec $ns ip link set ${v}p up; ip netns exec $ns ip link set lo up
+  ssh-keygen -q -t ed25519 -N '' -f "$h/hostkey"
+  cat > "$h/sshd_config" <<CONF
+ListenAddress $(addr $i)
+HostKey $h/hostkey
+PidFile $h/sshd.pid
+AuthorizedKeysFile $WORK/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+UsePAM no
+StrictModes no
+LogLevel ERROR
+CONF
+  ip netns exec $ns /usr/sbin/sshd -f "$h/sshd_config"
+  echo "$(addr $i) $(cat "$h/hostkey.pub")" >> "$WORK/known_hosts"
+done
+SSH="ssh -F /dev/null -i $WORK/id -o UserKnownHostsFile=$WORK/known_hosts -o StrictHostKeyChecking=yes -o BatchMode=yes"
+for i in $(seq 0 $((HOSTS - 1))); do until $SSH root@"$(addr $i)" true 2>/dev/null; do sleep 0.1; done; done
+
+# The tree: FILES files of random content, sizes around BYTES/FILES, in 100 directories.
+python3 - "$WORK/src" "$FILES" "$MB" <<'PY'
+import os, random, sys
+root, n, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+avg = mb * 1024 * 1024 // n
+rnd = random.Random(7)
+for i in range(n):
+    d = os.path.join(root, "public", f"d{i % 100:02d}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i:05d}.bin"), "wb") as f:
+        f.write(os.urandom(max(1, int(rnd.uniform(0.5, 1.5) * avg))))
+PY
+printf '#!/bin/sh\nexec "$DREAM_BIN" static --drain-grace 200ms\n' > "$WORK/src/run"; chmod +x "$WORK/src/run"
+echo "<p>release x</p>" > "$WORK/src/public/index.html"
+change() {  # rewrite FRACTION (1%) of the files: same size, new bytes
+  python3 - "$WORK/src" "$FILES" "$1" <<'PY'
+import os, random, sys
+root, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rnd = random.Random(seed)
+for i in rnd.sample(range(n), max(1, n // 100)):
+    p = os.path.join(root, "public", f"d{i % 100:02d}", f"f{i:05d}.bin")
+    size = os.path.getsize(p)
+    with open(p, "wb") as f:
+        f.write(os.urandom(size))
+PY
+}
+hosts_csv() { local s=""; for i in $(seq 0 $((HOSTS - 1))); do s="$s${s:+,}root@$(addr $i)"; done; echo "$s"; }
+sent() { local t=0; for i in $(seq 0 $((HOSTS - 1))); do t=$((t + $(cat /sys/class/net/dbf$LAB-$i/statistics/tx_bytes))); done; echo $t; }
+# The hosts share this machine's filesystem, so each has its own roots: $WORK/hI/{dream,rsync,tar}.
+{ echo "[fleet]"; echo "hosts = ["
+  for i in $(seq 0 $((HOSTS - 1))); do echo "  { host = \"root@$(addr $i)\", root = \"$WORK/h$i/dream\" },"; done
+  echo "]"; } > "$WORK/fleet.toml"
+fleet() { "$DREAM" fleet deploy "$WORK/src" --config "$WORK/fleet.toml" --ssh "$SSH" --remote-dream "$DREAM" --canary 0 --json "$@"; }
+port() { case $1 in dream) echo 8081 ;; rsync) echo 8082 ;; tar) echo 8083 ;; esac; }
+
+# First releases everywhere (dream's and the baselines' roots), then the supervisors.
+fleet >/dev/null
+for i in $(seq 0 $((HOSTS - 1))); do
+  h=$WORK/h$i; a=$(addr $i)
+  mkdir -p "$h/rsync/releases" "$h/tar/releases"
+  rsync -a -e "$SSH" "$WORK/src/" root@$a:"$h/rsync/releases/r0/"
+  cp -a "$h/rsync/releases/r0" "$h/tar/releases/r0"
+  ln -sfn releases/r0 "$h/rsync/current"; ln -sfn releases/r0 "$h/tar/current"
+  for r in dream rsync tar; do
+    ip netns exec dbf$LAB-$i env DREAM_BIN="$DREAM" "$DREAM" serve --root "$h/$r" --listen "$a:$(port $r)" --workers 1 --ready notify -- ./run >"$h/serve-$r.log" 2>&1 &
+  done
+done
+sleep 2
+
+switch_and_reload() {  # on every host: current -> releases/$2 in its $1 root, reload
+  for i in $(seq 0 $((HOSTS - 1))); do
+    $SSH root@"$(addr $i)" "cd $WORK/h$i/$1 && ln -s releases/$2 current.tmp && mv -T current.tmp current && $DREAM reload --root $WORK/h$i/$1 >/dev/null" </dev/null &
+  done
+  wait
+}
+CHANGED_BYTES=0
+echo "== $HOSTS hosts, $FILES files, ${MB} MB, 1% rewritten per round; $ROUNDS rounds"
+for r in $(seq "$ROUNDS"); do
+  change "$r"
+  CHANGED=$(python3 -c "import os,random,sys; n=$FILES; rnd=random.Random($r); print(sum(os.path.getsize(os.path.join('$WORK/src','public',f'd{i%100:02d}',f'f{i:05d}.bin')) for i in rnd.sample(range(n), max(1,n//100))))")
+  # dream
+  b0=$(sent); t0=$(date +%s.%N)
+  fleet --id "d$r" >/dev/null
+  t1=$(date +%s.%N); b1=$(sent)
+  skew=$(python3 - "$WORK" "$HOSTS" <<'PY'
+import re, sys, datetime
+work, n = sys.argv[1], int(sys.argv[2])
+ts = []
+for i in range(n):
+    lines = [l for l in open(f"{work}/h{i}/serve-dream.log") if "reload finished" in l]
+    t = lines[-1].split()[0]
+    ts.append(datetime.datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp())
+print(round((max(ts) - min(ts)) * 1000, 1))
+PY
+)
+  # rsync --link-dest
+  b2=$(sent); t2=$(date +%s.%N)
+  for i in $(seq 0 $((HOSTS - 1))); do
+    rsync -a --delete --link-dest=../r$((r - 1)) -e "$SSH" "$WORK/src/" root@"$(addr $i)":"$WORK/h$i/rsync/releases/r$r/" &
+  done
+  wait
+  switch_and_reload rsync "r$r"
+  t3=$(date +%s.%N); b3=$(sent)
+  # tar | ssh
+  b4=$(sent); t4=$(date +%s.%N)
+  for i in $(seq 0 $((HOSTS - 1))); do
+    tar -C "$WORK/src" -cf - . | $SSH root@"$(addr $i)" "mkdir $WORK/h$i/tar/releases/r$r && tar -C $WORK/h$i/tar/releases/r$r -xf -" &
+  done
+  wait
+  switch_and_reload tar "r$r"
+  t5=$(date +%s.%N); b5=$(sent)
+  python3 - "$r" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$b0" "$b1" "$b2" "$b3" "$b4" "$b5" "$CHANGED" "$HOSTS" "$skew" <<'PY'
+import sys
+r, t0, t1, t2, t3, t4, t5, b0, b1, b2, b3, b4, b5, changed, hosts, skew = sys.argv[1:]
+t = [float(x) for x in (t0, t1, t2, t3, t4, t5)]
+b = [int(x) for x in (b0, b1, b2, b3, b4, b5)]
+d, rs, tr = t[1] - t[0], t[3] - t[2], t[5] - t[4]
+bd, brs, btr = b[1] - b[0], b[3] - b[2], b[5] - b[4]
+goal = int(changed) * int(hosts)
+print(f"round {r}: dream {d:.2f}s {bd/1e6:.1f} MB (skew {skew} ms) | rsync {rs:.2f}s {brs/1e6:.1f} MB | tar|ssh {tr:.2f}s {btr/1e6:.1f} MB "
+      f"| dream/rsync time {d/rs:.2f} | dream bytes / (changed x hosts) {bd/goal:.2f}")
+PY
+done
