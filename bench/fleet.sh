@@ -109,11 +109,14 @@ for i in $(seq 0 $((HOSTS - 1))); do
 done
 sleep 2
 
+# (`wait` alone would also wait for the supervisors: each waits for its own jobs.)
 switch_and_reload() {  # on every host: current -> releases/$2 in its $1 root, reload
+  local pids=()
   for i in $(seq 0 $((HOSTS - 1))); do
     $SSH root@"$(addr $i)" "cd $WORK/h$i/$1 && ln -s releases/$2 current.tmp && mv -T current.tmp current && $DREAM reload --root $WORK/h$i/$1 >/dev/null" </dev/null &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"
 }
 CHANGED_BYTES=0
 echo "== $HOSTS hosts, $FILES files, ${MB} MB, 1% rewritten per round; $ROUNDS rounds"
@@ -137,18 +140,22 @@ PY
 )
   # rsync --link-dest
   b2=$(sent); t2=$(date +%s.%N)
+  pids=()
   for i in $(seq 0 $((HOSTS - 1))); do
     rsync -a --delete --link-dest=../r$((r - 1)) -e "$SSH" "$WORK/src/" root@"$(addr $i)":"$WORK/h$i/rsync/releases/r$r/" &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"
   switch_and_reload rsync "r$r"
   t3=$(date +%s.%N); b3=$(sent)
   # tar | ssh
   b4=$(sent); t4=$(date +%s.%N)
+  pids=()
   for i in $(seq 0 $((HOSTS - 1))); do
     tar -C "$WORK/src" -cf - . | $SSH root@"$(addr $i)" "mkdir $WORK/h$i/tar/releases/r$r && tar -C $WORK/h$i/tar/releases/r$r -xf -" &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"
   switch_and_reload tar "r$r"
   t5=$(date +%s.%N); b5=$(sent)
   python3 - "$r" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$b0" "$b1" "$b2" "$b3" "$b4" "$b5" "$CHANGED" "$HOSTS" "$skew" <<'PY'
