@@ -340,7 +340,8 @@ impl Pipeline<'_, '_> {
     /// directory's unchanged files are linked straight from the previous
     /// release as they are copied; otherwise sharing comes after the build.
     fn direct(&self) -> bool {
-        self.opts.build.is_none() && matches!(self.opts.source, Source::Dir(_))
+        self.opts.build.is_none()
+            && matches!(self.opts.source, Source::Dir(_) | Source::Objects { .. })
     }
 
     /// An INT, TERM or HUP received since the deploy began ends it here.
@@ -386,29 +387,39 @@ impl Pipeline<'_, '_> {
             Source::Objects { manifest, objects } => {
                 let m = Manifest::load(manifest)
                     .map_err(|e| io_failure("reading the fleet's manifest", e))?;
-                // What the current release holds is not sent: taken from it.
-                let local: std::collections::HashMap<crate::manifest::Hash, PathBuf> = prev_pair
-                    .map(|(dir, pm)| {
-                        pm.entries()
-                            .iter()
-                            .filter_map(|e| match &e.kind {
-                                crate::manifest::Kind::File { hash, .. } => {
-                                    Some((*hash, dir.join(&e.path)))
-                                }
-                                _ => None,
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                // What the current release holds is not sent: taken from
+                // it (shared, without a build; copied, with one).
+                let local: std::collections::HashMap<crate::manifest::Hash, (PathBuf, u32)> =
+                    prev_pair
+                        .map(|(dir, pm)| {
+                            pm.entries()
+                                .iter()
+                                .filter_map(|e| match &e.kind {
+                                    crate::manifest::Kind::File { hash, mode, .. } => {
+                                        Some((*hash, (dir.join(&e.path), *mode)))
+                                    }
+                                    _ => None,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
                 let content = |h: &crate::manifest::Hash| {
                     let o = objects.join(crate::manifest::hex(h));
                     if o.is_file() {
                         Some(o)
                     } else {
-                        local.get(h).cloned()
+                        local.get(h).map(|(p, _)| p.clone())
                     }
                 };
-                stage::from_manifest(&m, &content, staged, max_bytes).map_err(over_limit)?
+                let share = |h: &crate::manifest::Hash, frozen: u32| {
+                    local
+                        .get(h)
+                        .filter(|(_, m)| stage::frozen_mode(false, *m) == frozen)
+                        .map(|(p, _)| p.clone())
+                };
+                let share: Option<&stage::ShareFrom<'_>> =
+                    if self.direct() { Some(&share) } else { None };
+                stage::from_manifest(&m, &content, share, staged, max_bytes).map_err(over_limit)?
             }
             Source::Git { url, rev } => {
                 let h = stage::git_checkout(url, rev.as_deref(), staged)?;

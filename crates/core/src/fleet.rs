@@ -55,17 +55,16 @@ pub enum ToAgent {
         command: String,
         fleet: bool,
     },
-    /// The release to prepare; the answer lists the content hashes this
-    /// host lacks.
+    /// The release to prepare; its manifest follows in chunk frames
+    /// (compressed, as a blob's content), and the answer lists the content
+    /// hashes this host lacks.
     Offer {
         id: String,
-        manifest: String,
     },
     /// What this host would need for the release (a dry run): the same
-    /// answer as `offer`, with nothing locked or written.
-    Plan {
-        manifest: String,
-    },
+    /// answer as `offer` (its manifest follows the same way), with
+    /// nothing locked or written.
+    Plan,
     /// A blob of content follows in chunk frames, then an empty chunk.
     Blob {
         hash: String,
@@ -213,13 +212,52 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
 
 /// Sends a blob: its message, its content compressed in chunks, an empty
 /// chunk.
-pub fn write_blob(w: &mut impl Write, hash: &str, mut content: impl Read) -> io::Result<u64> {
+pub fn write_blob(w: &mut impl Write, hash: &str, content: impl Read) -> io::Result<u64> {
     write_message(
         w,
         &ToAgent::Blob {
             hash: hash.to_string(),
         },
     )?;
+    write_chunks(w, content)
+}
+
+/// Sends a request whose payload follows it in chunks (a manifest).
+pub fn write_with_payload(w: &mut impl Write, msg: &ToAgent, payload: &[u8]) -> io::Result<u64> {
+    write_message(w, msg)?;
+    write_chunks(w, payload)
+}
+
+/// Reads chunks up to the empty one, decompressed, at most `limit` bytes.
+pub fn read_chunks(r: &mut impl Read, limit: usize) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        match read_frame(r)? {
+            Some(Frame::Chunk(c)) if c.is_empty() => return Ok(out),
+            Some(Frame::Chunk(c)) => {
+                flate2::read::DeflateDecoder::new(&c[..])
+                    .take((limit - out.len().min(limit)) as u64 + 1)
+                    .read_to_end(&mut out)?;
+                if out.len() > limit {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("a payload over {limit} bytes"),
+                    ));
+                }
+            }
+            Some(Frame::Message(_)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a message inside a payload",
+                ));
+            }
+            None => return Err(io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+}
+
+/// Content as compressed chunks, then an empty chunk; the bytes sent.
+fn write_chunks(w: &mut impl Write, mut content: impl Read) -> io::Result<u64> {
     let mut buf = vec![0u8; CHUNK];
     let mut sent = 0u64;
     loop {
@@ -354,6 +392,21 @@ impl Agent {
                     return Ok(());
                 }
                 ToAgent::Blob { hash } => self.receive_blob(&hash, input),
+                ToAgent::Offer { id } => match read_manifest(input) {
+                    Ok(text) => self.offer(&id, &text),
+                    Err(e) => Reply::failed(format!("the manifest: {e}")),
+                },
+                ToAgent::Plan => match read_manifest(input) {
+                    Ok(text) => match Manifest::parse(&text) {
+                        Ok(m) => Reply {
+                            lacks: self.lacking(&m),
+                            current: self.store.current(),
+                            ..Reply::ok()
+                        },
+                        Err(e) => Reply::failed(format!("the manifest: {e}")),
+                    },
+                    Err(e) => Reply::failed(format!("the manifest: {e}")),
+                },
                 other => self.handle(other),
             };
             write_message(out, &reply)?;
@@ -377,15 +430,7 @@ impl Agent {
                 }
             }
             ToAgent::Lock { command, fleet } => self.take_lock(&command, fleet),
-            ToAgent::Offer { id, manifest } => self.offer(&id, &manifest),
-            ToAgent::Plan { manifest } => match Manifest::parse(&manifest) {
-                Ok(m) => Reply {
-                    lacks: self.lacking(&m),
-                    current: self.store.current(),
-                    ..Reply::ok()
-                },
-                Err(e) => Reply::failed(format!("the manifest: {e}")),
-            },
+
             ToAgent::Prepare { id, build } => self.prepare(&id, build),
             ToAgent::Switch {
                 id,
@@ -439,7 +484,11 @@ impl Agent {
                     Err(e) => Reply::failed(format!("{}: {e}", path.display())),
                 }
             }
-            ToAgent::Ping | ToAgent::Bye | ToAgent::Blob { .. } => Reply::ok(),
+            ToAgent::Ping
+            | ToAgent::Bye
+            | ToAgent::Blob { .. }
+            | ToAgent::Offer { .. }
+            | ToAgent::Plan => Reply::ok(),
         }
     }
 
@@ -677,6 +726,12 @@ impl Agent {
         let _ = release::remove_tree(&self.incoming);
         self.lock = None;
     }
+}
+
+/// A manifest's text from the chunks after an `offer` or a `plan`.
+fn read_manifest(input: &mut impl Read) -> io::Result<String> {
+    let bytes = read_chunks(input, 1 << 30)?;
+    String::from_utf8(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8"))
 }
 
 /// Waits until stdin has something (or EOF) for at most `limit`.

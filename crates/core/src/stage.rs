@@ -759,6 +759,9 @@ pub fn git_checkout(url: &str, rev: Option<&str>, dst: &Path) -> Result<String, 
     Ok(hash)
 }
 
+/// Where [`from_manifest`] finds a local file of a content and frozen mode.
+pub type ShareFrom<'a> = dyn Fn(&crate::manifest::Hash, u32) -> Option<PathBuf> + 'a;
+
 /// Builds a release's tree in `dst` from a manifest alone: directories and
 /// links as it says, each file's content from `content(hash)` (a received
 /// object, or a local release's file of that hash), copied and hashed
@@ -766,12 +769,19 @@ pub fn git_checkout(url: &str, rev: Option<&str>, dst: &Path) -> Result<String, 
 /// is refused. What `dream fleet` sends a host: the manifest, and only the
 /// objects it lacks. Entries are created beneath `dst`'s descriptor, as
 /// for a tarball.
+///
+/// With `share` (no build will write to the tree), a file whose content
+/// and frozen mode a file of the current release already has is shared
+/// with it (reflink, else hard link) instead of copied, and the tree is
+/// made frozen as it is built, as for a directory source.
 pub fn from_manifest(
     manifest: &Manifest,
     content: &dyn Fn(&crate::manifest::Hash) -> Option<PathBuf>,
+    share: Option<&ShareFrom<'_>>,
     dst: &Path,
     max_bytes: u64,
 ) -> Result<(Stats, Manifest), StageError> {
+    let freeze = share.is_some();
     let total: u64 = manifest
         .entries()
         .iter()
@@ -801,6 +811,17 @@ pub fn from_manifest(
                 stats.files += 1;
             }
             Kind::File { mode, size, hash } => {
+                let frozen = frozen_mode(false, *mode);
+                if let Some(prev) = share.and_then(|s| s(hash, frozen)) {
+                    let at = dst.join(&e.path);
+                    let reflinked = share_file(&prev, &at, true, false).map_err(io_at(&at))?;
+                    stats.files += 1;
+                    stats.bytes += size;
+                    stats.shared_files += 1;
+                    stats.shared_bytes += size;
+                    stats.reflinked_files += u64::from(reflinked);
+                    continue;
+                }
                 let from = content(hash).ok_or_else(|| {
                     StageError::Refused(format!(
                         "{}: its content ({}) was neither sent nor found on this host",
@@ -809,7 +830,7 @@ pub fn from_manifest(
                     ))
                 })?;
                 let mut src = fs::File::open(&from).map_err(io_at(&from))?;
-                let mut out = tree.create_file(&e.path, *mode)?;
+                let mut out = tree.create_file(&e.path, if freeze { frozen } else { *mode })?;
                 let at = dst.join(&e.path);
                 let (got, n) =
                     crate::manifest::hash_copy(&mut src, &mut out).map_err(|c| match c {
@@ -830,7 +851,14 @@ pub fn from_manifest(
     }
     // Directory modes last: a read-only directory could not be filled.
     for (rel, mode) in dirs.iter().rev() {
-        tree.chmod_dir(rel, *mode)?;
+        tree.chmod_dir(
+            rel,
+            if freeze {
+                frozen_mode(true, *mode)
+            } else {
+                *mode
+            },
+        )?;
     }
     Ok((stats, manifest.clone()))
 }

@@ -192,6 +192,34 @@ impl Conn {
         }
     }
 
+    /// [`Conn::must`] for a request whose payload follows it (a manifest).
+    fn must_with(
+        &mut self,
+        msg: &ToAgent,
+        payload: &[u8],
+    ) -> std::result::Result<Reply, (String, bool)> {
+        let written = {
+            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            fleet::write_with_payload(&mut *w, msg, payload)
+        };
+        match written {
+            Ok(n) => self.sent += n,
+            Err(e) => return Err((self.gone(e), true)),
+        }
+        match self.reply() {
+            Ok(r) if r.ok => Ok(r),
+            Ok(r) => Err((
+                format!(
+                    "{}: {}",
+                    self.host.name,
+                    r.error.unwrap_or_else(|| "failed".into())
+                ),
+                r.temporary,
+            )),
+            Err(e) => Err((e, true)),
+        }
+    }
+
     fn gone(&mut self, e: impl std::fmt::Display) -> String {
         let mut stderr = String::new();
         if let Some(mut s) = self.child.stderr.take() {
@@ -654,10 +682,7 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
     let text = manifest.to_text();
     let results = each(&mut conns, |c| {
         let t = Instant::now();
-        let offer = c.must(&ToAgent::Offer {
-            id: id.clone(),
-            manifest: text.clone(),
-        })?;
+        let offer = c.must_with(&ToAgent::Offer { id: id.clone() }, text.as_bytes())?;
         let lacking = offer.lacks.len();
         for hash in &offer.lacks {
             let path = by_hash.get(hash).ok_or_else(|| {
@@ -734,11 +759,7 @@ fn dry_run(f: &Fleet, control: &Masters, id: &str, manifest: &Manifest) -> Resul
         .connect(control.path())
         .map_err(|errors| Failure::temporary(format!("unreachable: {}", errors.join("; "))))?;
     let text = manifest.to_text();
-    let answers = each(&mut conns, |c| {
-        c.must(&ToAgent::Plan {
-            manifest: text.clone(),
-        })
-    });
+    let answers = each(&mut conns, |c| c.must_with(&ToAgent::Plan, text.as_bytes()));
     let mut rows = Vec::new();
     for (c, a) in conns.iter().zip(answers) {
         let (files, bytes, error) = match &a {
