@@ -607,7 +607,22 @@ fn fail(report: &mut FleetReport, code: i32, message: String) {
 /// `dream fleet deploy SOURCE`.
 pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
     let started = Instant::now();
-    let (dir, manifest, _tmp) = stage_source(&plan.source)?;
+    let control = control_dir(f)?;
+    // The source is hashed here while the ssh sessions start.
+    let (staged, connected) = std::thread::scope(|s| {
+        let connecting = s.spawn(|| f.connect(control.path()));
+        let staged = stage_source(&plan.source);
+        (staged, connecting.join().expect("connect thread"))
+    });
+    let (dir, manifest, _tmp) = match staged {
+        Ok(s) => s,
+        Err(e) => {
+            for c in connected.into_iter().flatten() {
+                c.bye();
+            }
+            return Err(e);
+        }
+    };
     let id = match &plan.id {
         Some(id) => {
             dream_core::release::check_id(id).map_err(Failure::usage)?;
@@ -631,15 +646,14 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
             f.hosts.len()
         ),
     );
-    let control = control_dir(f)?;
     let mut report = FleetReport {
         release: id.clone(),
         ..FleetReport::default()
     };
     if plan.dry_run {
-        return dry_run(f, &control, &id, &manifest);
+        return dry_run(f, connected, &id, &manifest);
     }
-    let mut conns = match f.connect(control.path()) {
+    let mut conns = match connected {
         Ok(c) => c,
         Err(errors) => {
             fail(
@@ -746,7 +760,12 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
 
 /// `--dry-run`: the plan, from each host's answer to what it lacks; no
 /// lock taken, nothing written anywhere.
-fn dry_run(f: &Fleet, control: &Masters, id: &str, manifest: &Manifest) -> Result {
+fn dry_run(
+    f: &Fleet,
+    connected: std::result::Result<Vec<Conn>, Vec<String>>,
+    id: &str,
+    manifest: &Manifest,
+) -> Result {
     let sizes: HashMap<String, u64> = manifest
         .entries()
         .iter()
@@ -755,8 +774,7 @@ fn dry_run(f: &Fleet, control: &Masters, id: &str, manifest: &Manifest) -> Resul
             _ => None,
         })
         .collect();
-    let mut conns = f
-        .connect(control.path())
+    let mut conns = connected
         .map_err(|errors| Failure::temporary(format!("unreachable: {}", errors.join("; "))))?;
     let text = manifest.to_text();
     let answers = each(&mut conns, |c| c.must_with(&ToAgent::Plan, text.as_bytes()));
