@@ -94,6 +94,10 @@ pub struct Report {
     pub pruned: Vec<String>,
     pub steps: Vec<Step>,
     pub switch_ms: f64,
+    /// What a directory source left out (`.git/`, `.dreamignore`,
+    /// `--exclude`), relative to the source.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
 }
 
 pub struct DeployOptions {
@@ -117,6 +121,10 @@ pub struct DeployOptions {
     /// `X-Dream-Release` naming another release, fails the deploy and
     /// puts the previous release back.
     pub verify: Vec<String>,
+    /// Left out of a directory source (gitignore syntax), besides its own
+    /// `.dreamignore` and, unless `keep_git`, `.git/`.
+    pub exclude: Vec<String>,
+    pub keep_git: bool,
     pub wait_lock: Wait,
     /// For the lock's holder record.
     pub command: String,
@@ -376,12 +384,21 @@ impl Pipeline<'_, '_> {
         let mut git_hash = None;
         let (stats, manifest) = match &opts.source {
             Source::Dir(src) => {
+                let exclude = stage::Exclude::new(src, &opts.exclude, opts.keep_git)
+                    .map_err(|e| err(Kind::Usage, e))?;
                 let copy = stage::CopyOptions {
+                    exclude: Some(&exclude),
                     share_from: if self.direct() { prev_pair } else { None },
                     freeze: self.direct(),
                     max_bytes,
                 };
-                stage::copy_dir(src, staged, copy).map_err(over_limit)?
+                let staged = stage::copy_dir(src, staged, copy).map_err(over_limit)?;
+                self.p.report.excluded = exclude
+                    .left_out()
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                staged
             }
             Source::Tar(t) => stage::extract_tar(t, staged, max_bytes).map_err(over_limit)?,
             Source::Objects { manifest, objects } => {
@@ -473,9 +490,25 @@ impl Pipeline<'_, '_> {
             .map_err(|e| io_failure("history", e))?;
         p.report.files = stats.files;
         p.report.bytes = stats.bytes;
+        let left_out = match p.report.excluded.len() {
+            0 => String::new(),
+            n => format!(
+                "; left out {}{}",
+                p.report.excluded[..n.min(3)].join(", "),
+                if n > 3 {
+                    format!(" and {} more", n - 3)
+                } else {
+                    String::new()
+                }
+            ),
+        };
         p.step(
             "staged",
-            format!("{} files, {}", stats.files, human_bytes(stats.bytes)),
+            format!(
+                "{} files, {}{left_out}",
+                stats.files,
+                human_bytes(stats.bytes)
+            ),
         );
         Ok(Staged {
             id,
@@ -1536,4 +1569,94 @@ pub fn revert_to(root: &Path, from: &str, to: &str, reason: &str) -> Result<(), 
         Err(control::ControlError::NotRunning { .. }) => Ok(()),
         Err(e) => Err(err(Kind::Temporary, e.to_string())),
     }
+}
+
+/// What `deploy --dry-run` would do: nothing is written and no lock taken.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub release: String,
+    pub previous: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+    /// Unchanged since the previous release (same path, content and mode):
+    /// shared with it rather than copied.
+    pub shared_files: u64,
+    pub shared_bytes: u64,
+    /// New or changed: copied.
+    pub copied_files: u64,
+    pub copied_bytes: u64,
+    pub excluded: Vec<String>,
+    pub build: Option<String>,
+    /// `current` would name the new release, and the supervisor reload.
+    pub switch: String,
+}
+
+/// `deploy --dry-run` for a directory source: hashes it (with the same
+/// exclusions) and compares it with the current release's manifest.
+pub fn plan(opts: &DeployOptions) -> Result<Plan, DeployError> {
+    let Source::Dir(src) = &opts.source else {
+        return Err(err(
+            Kind::Usage,
+            "--dry-run needs a directory source (a tarball or a git revision is only known once staged)",
+        ));
+    };
+    refuse_source_in_root(&opts.source, &opts.root)?;
+    let exclude =
+        stage::Exclude::new(src, &opts.exclude, opts.keep_git).map_err(|e| err(Kind::Usage, e))?;
+    let m = Manifest::of_tree_but(src, &|rel, dir| exclude.leaves_out(rel, dir))
+        .map_err(|e| io_failure(&format!("reading {}", src.display()), e))?;
+    let store = Store::new(&opts.root);
+    let previous = store.current();
+    let prev = previous
+        .as_ref()
+        .and_then(|id| Manifest::load(&store.manifest_path(id)).ok());
+    let prev_index = prev.as_ref().map(|m| m.index());
+    let mut plan = Plan {
+        release: opts.id.clone().unwrap_or_else(|| new_release_id(&m)),
+        previous: previous.clone(),
+        files: 0,
+        bytes: 0,
+        shared_files: 0,
+        shared_bytes: 0,
+        copied_files: 0,
+        copied_bytes: 0,
+        excluded: exclude
+            .left_out()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        build: opts.build.clone(),
+        switch: String::new(),
+    };
+    for e in m.entries() {
+        let crate::manifest::Kind::File { mode, size, hash } = &e.kind else {
+            continue;
+        };
+        plan.files += 1;
+        plan.bytes += size;
+        let same = prev_index.as_ref().is_some_and(|idx| {
+            matches!(idx.get(e.path.as_path()),
+                Some(crate::manifest::Kind::File { mode: m, hash: h, .. })
+                    if h == hash && stage::frozen_mode(false, *m) == stage::frozen_mode(false, *mode))
+        });
+        // With a build, sharing is judged after it; before, it is a guess.
+        if same && opts.build.is_none() {
+            plan.shared_files += 1;
+            plan.shared_bytes += size;
+        } else {
+            plan.copied_files += 1;
+            plan.copied_bytes += size;
+        }
+    }
+    plan.switch = format!(
+        "current: {} -> {}{}",
+        previous.as_deref().unwrap_or("nothing"),
+        plan.release,
+        if opts.reload {
+            ", then the supervisor reloads (if one runs)"
+        } else {
+            " (no reload)"
+        }
+    );
+    Ok(plan)
 }

@@ -665,6 +665,8 @@ impl Agent {
             go_live: false,
             confirm_within: None,
             verify: Vec::new(),
+            exclude: Vec::new(),
+            keep_git: true,
             wait_lock: Wait::No,
             command: format!("dream fleet deploy {id}"),
             max_size: None,

@@ -282,6 +282,12 @@ impl Manifest {
 
     /// The manifest of a tree as it is on disk: every file read and hashed.
     pub fn of_tree(root: &Path) -> io::Result<Manifest> {
+        Manifest::of_tree_but(root, &|_, _| false)
+    }
+
+    /// [`Manifest::of_tree`], leaving out what `skip(rel, is_dir)` says
+    /// (a skipped directory is not entered).
+    pub fn of_tree_but(root: &Path, skip: &dyn Fn(&Path, bool) -> bool) -> io::Result<Manifest> {
         let mut entries = Vec::new();
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
@@ -290,6 +296,9 @@ impl Manifest {
                 let rel = rel.join(e.file_name());
                 let path = root.join(&rel);
                 let meta = fs::symlink_metadata(&path)?;
+                if skip(&rel, meta.is_dir()) {
+                    continue;
+                }
                 let mode = meta.permissions().mode() & 0o7777;
                 let kind = if meta.is_dir() {
                     stack.push(rel.clone());

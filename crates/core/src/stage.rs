@@ -227,9 +227,68 @@ fn check_link(rel: &Path, target: &Path) -> Result<(), StageError> {
 
 pub use crate::manifest::frozen_mode;
 
+/// What a directory source leaves out of its release: `.git/` (unless
+/// kept), the source's own `.dreamignore`, and `--exclude` patterns, all
+/// in gitignore syntax (matched by the `ignore` crate, as git would).
+/// What was left out is recorded for the report.
+pub struct Exclude {
+    matcher: ignore::gitignore::Gitignore,
+    left_out: std::sync::Mutex<Vec<PathBuf>>,
+}
+
+impl Exclude {
+    pub fn new(src: &Path, patterns: &[String], keep_git: bool) -> Result<Exclude, String> {
+        let mut b = ignore::gitignore::GitignoreBuilder::new(src);
+        if !keep_git {
+            b.add_line(None, "/.git/")
+                .map_err(|e| format!(".git/: {e}"))?;
+        }
+        let own = src.join(".dreamignore");
+        if own.is_file()
+            && let Some(e) = b.add(&own)
+        {
+            return Err(format!("{}: {e}", own.display()));
+        }
+        for p in patterns {
+            b.add_line(None, p)
+                .map_err(|e| format!("--exclude {p:?}: {e}"))?;
+        }
+        let matcher = b.build().map_err(|e| e.to_string())?;
+        Ok(Exclude {
+            matcher,
+            left_out: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Whether `rel` (relative to the source) is left out; it is recorded.
+    pub fn leaves_out(&self, rel: &Path, is_dir: bool) -> bool {
+        let out = self.matcher.matched(rel, is_dir).is_ignore();
+        if out {
+            self.left_out
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(rel.to_path_buf());
+        }
+        out
+    }
+
+    /// What was left out so far (a directory stands for all it holds).
+    pub fn left_out(&self) -> Vec<PathBuf> {
+        let mut v = self
+            .left_out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        v.sort();
+        v
+    }
+}
+
 /// How [`copy_dir`] treats the copy.
 #[derive(Clone, Copy)]
 pub struct CopyOptions<'a> {
+    /// Paths the release leaves out.
+    pub exclude: Option<&'a Exclude>,
     /// Share files whose content hash and mode equal this release's
     /// manifest entry (the release's directory and its manifest) instead
     /// of copying them.
@@ -350,6 +409,12 @@ fn walk_source(
         let from = src_root.join(&rel);
         let to = dst_root.join(&rel);
         let meta = fs::symlink_metadata(&from).map_err(io_at(&from))?;
+        if opts
+            .exclude
+            .is_some_and(|x| x.leaves_out(&rel, meta.is_dir()))
+        {
+            continue;
+        }
         if !meta.is_dir() {
             stats.files += 1;
         }

@@ -115,6 +115,8 @@ pub struct Deploy {
     pub max_size: Option<u64>,
     #[serde(default, deserialize_with = "de::duration")]
     pub confirm_within: Option<Duration>,
+    /// Patterns left out of a directory source (gitignore syntax).
+    pub exclude: Option<Vec<String>>,
 }
 
 /// Loads `explicit` (which must exist), else `ROOT/dream.toml` if present.

@@ -75,6 +75,8 @@ fn deploy_site(
         reload: true,
         confirm_within: None,
         verify: Vec::new(),
+        exclude: Vec::new(),
+        keep_git: false,
         go_live: true,
         wait_lock: Wait::For(Duration::from_secs(30)),
         command: format!("dream demo (deploying {site})"),

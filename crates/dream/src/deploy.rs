@@ -51,6 +51,9 @@ pub struct DeployArgs<'a> {
     pub max_size: Option<u64>,
     pub confirm_within: Option<std::time::Duration>,
     pub verify: Vec<String>,
+    pub exclude: Vec<String>,
+    pub keep_git: bool,
+    pub dry_run: bool,
     pub json: bool,
     pub quiet: bool,
 }
@@ -70,6 +73,8 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
         reload: !a.no_reload,
         confirm_within: a.confirm_within,
         verify: a.verify,
+        exclude: a.exclude,
+        keep_git: a.keep_git,
         go_live: true,
         wait_lock: wait(a.wait_lock),
         command: format!("dream deploy {}", a.source),
@@ -77,6 +82,31 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
         quiet: a.quiet || a.json,
         interruptible: true,
     };
+    if a.dry_run {
+        let plan = deploy::plan(&opts)?;
+        if a.json {
+            print_line(&serde_json::to_string(&plan).expect("a plan serializes"));
+        } else {
+            print_line(&format!("plan for {} (nothing is written):", plan.release));
+            print_line(&format!(
+                "  {} files, {}: {} shared with {}, {} copied ({})",
+                plan.files,
+                deploy::human_bytes(plan.bytes),
+                plan.shared_files,
+                plan.previous.as_deref().unwrap_or("nothing"),
+                plan.copied_files,
+                deploy::human_bytes(plan.copied_bytes)
+            ));
+            if !plan.excluded.is_empty() {
+                print_line(&format!("  left out: {}", plan.excluded.join(", ")));
+            }
+            if let Some(b) = &plan.build {
+                print_line(&format!("  build: {b}"));
+            }
+            print_line(&format!("  {}", plan.switch));
+        }
+        return Ok(());
+    }
     let report = deploy::deploy(&opts, &mut progress(a.quiet || a.json))?;
     finish(&report, a.json, "deployed");
     Ok(())

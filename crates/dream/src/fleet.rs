@@ -461,6 +461,8 @@ pub struct DeployPlan {
     pub id: Option<String>,
     pub build: Option<String>,
     pub dry_run: bool,
+    pub exclude: Vec<String>,
+    pub keep_git: bool,
     pub confirm_within: Duration,
 }
 
@@ -530,7 +532,11 @@ fn control_dir(f: &Fleet) -> Result<Masters> {
 
 /// Stages the source locally (a directory as it is; a tarball or git
 /// revision into a temporary directory) and hashes it.
-fn stage_source(source: &str) -> Result<(PathBuf, Manifest, Option<tempfile::TempDir>)> {
+fn stage_source(
+    source: &str,
+    exclude: &[String],
+    keep_git: bool,
+) -> Result<(PathBuf, Manifest, Option<tempfile::TempDir>)> {
     use dream_core::stage::Source;
     let src = Source::parse(source).map_err(Failure::usage)?;
     let (dir, tmp) = match src {
@@ -556,7 +562,10 @@ fn stage_source(source: &str) -> Result<(PathBuf, Manifest, Option<tempfile::Tem
         }
         Source::Objects { .. } => return Err(Failure::usage("not a source")),
     };
-    let m = Manifest::of_tree(&dir)
+    // What a directory source leaves out, as for dream deploy.
+    let left_out = dream_core::stage::Exclude::new(&dir, exclude, keep_git || tmp.is_some())
+        .map_err(Failure::usage)?;
+    let m = Manifest::of_tree_but(&dir, &|rel, is_dir| left_out.leaves_out(rel, is_dir))
         .map_err(|e| Failure::failed(format!("hashing {}: {e}", dir.display())))?;
     Ok((dir, m, tmp))
 }
@@ -611,7 +620,7 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
     // The source is hashed here while the ssh sessions start.
     let (staged, connected) = std::thread::scope(|s| {
         let connecting = s.spawn(|| f.connect(control.path()));
-        let staged = stage_source(&plan.source);
+        let staged = stage_source(&plan.source, &plan.exclude, plan.keep_git);
         (staged, connecting.join().expect("connect thread"))
     });
     let (dir, manifest, _tmp) = match staged {

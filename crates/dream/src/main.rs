@@ -306,6 +306,15 @@ struct DeployCmd {
     /// After the reload, GET PATH through the supervisor's own socket (repeatable): a status outside 2xx/3xx or another release's X-Dream-Release puts the previous release back
     #[arg(long, value_name = "PATH", value_parser = values::url_path)]
     verify: Vec<String>,
+    /// Leave PATTERN out of a directory source (gitignore syntax, repeatable; the source's .dreamignore too)
+    #[arg(long, value_name = "PATTERN")]
+    exclude: Vec<String>,
+    /// Keep the source's .git/ in the release (left out by default)
+    #[arg(long)]
+    keep_git: bool,
+    /// Print what would be copied, shared, left out, built and switched; write nothing, take no lock
+    #[arg(long)]
+    dry_run: bool,
     /// Print the report as JSON on stdout (progress is not printed)
     #[arg(long)]
     json: bool,
@@ -469,6 +478,12 @@ struct FleetDeployArgs {
     /// Print the plan (hosts, groups, what each host lacks) and change nothing
     #[arg(long)]
     dry_run: bool,
+    /// Leave PATTERN out of a directory source (gitignore syntax, repeatable; its .dreamignore too)
+    #[arg(long, value_name = "PATTERN")]
+    exclude: Vec<String>,
+    /// Keep the source's .git/ (left out by default)
+    #[arg(long)]
+    keep_git: bool,
     #[command(flatten)]
     rollout: RolloutArgs,
     #[command(flatten)]
@@ -845,6 +860,13 @@ fn run(cmd: Cmd) -> Result {
                 max_size: a.max_size.or(file.max_size),
                 confirm_within: a.confirm_within.or(file.confirm_within),
                 verify: a.verify,
+                exclude: if a.exclude.is_empty() {
+                    file.exclude.clone().unwrap_or_default()
+                } else {
+                    a.exclude.clone()
+                },
+                keep_git: a.keep_git,
+                dry_run: a.dry_run,
                 json: a.json,
                 quiet: a.quiet,
             })
@@ -1006,6 +1028,8 @@ fn run_fleet(cmd: FleetCmd) -> Result {
                     id: a.id,
                     build: a.build,
                     dry_run: a.dry_run,
+                    exclude: a.exclude,
+                    keep_git: a.keep_git,
                     confirm_within: a
                         .confirm_within
                         .or(file.confirm_within)

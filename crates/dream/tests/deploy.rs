@@ -1199,3 +1199,86 @@ fn verify_puts_the_previous_release_back_when_a_path_fails() {
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.mixed, 0, "{}", report.human());
 }
+
+/// A directory source leaves out `.git/` (unless kept), what its
+/// `.dreamignore` names, and `--exclude` patterns; the report and the dry
+/// run name what was left out, and a dry run writes nothing.
+#[test]
+fn exclusions_and_dry_runs() {
+    let tree = Tree::new();
+    let src = site(&tree, "src");
+    tree.write("src/.git/HEAD", "ref: refs/heads/main\n");
+    tree.write("src/.dreamignore", "*.log\nnode_modules/\n");
+    tree.write("src/app.log", "noise\n");
+    tree.write("src/public/deep/debug.log", "more noise\n");
+    tree.write("src/node_modules/x/index.js", "module.exports = 1\n");
+    tree.write("src/secret.env", "TOKEN=1\n");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let s = src.to_str().unwrap();
+    // A dry run: the plan, and nothing written.
+    let (code, out, err) = dream(
+        &root,
+        &[
+            "deploy",
+            s,
+            "--dry-run",
+            "--json",
+            "--exclude",
+            "secret.env",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let plan: Value = serde_json::from_str(out.trim()).unwrap();
+    let excluded: Vec<&str> = plan["excluded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    for left in [
+        ".git",
+        "app.log",
+        "node_modules",
+        "public/deep/debug.log",
+        "secret.env",
+    ] {
+        assert!(excluded.contains(&left), "{left} in {excluded:?}");
+    }
+    assert_eq!(plan["previous"], Value::Null);
+    assert!(plan["copied_files"].as_u64().unwrap() >= 3, "{plan}");
+    assert!(
+        !root.join("releases").exists()
+            || std::fs::read_dir(root.join("releases")).unwrap().count() == 0,
+        "a dry run writes no release"
+    );
+    assert!(!root.join(".dream/history").exists(), "nor history");
+    // The deploy leaves the same out.
+    let r = deploy_json(&root, &src, &["--id", "one", "--exclude", "secret.env"]);
+    let rel = root.join("releases/one");
+    for gone in [
+        ".git",
+        "app.log",
+        "node_modules",
+        "public/deep/debug.log",
+        "secret.env",
+    ] {
+        assert!(!rel.join(gone).exists(), "{gone} was left out");
+    }
+    assert!(rel.join("public/index.html").is_file());
+    assert!(rel.join(".dreamignore").is_file());
+    assert!(r["excluded"].as_array().unwrap().len() >= 5, "{r}");
+    let manifest = std::fs::read_to_string(root.join(".dream/manifests/one")).unwrap();
+    assert!(
+        !manifest.contains("secret.env") && !manifest.contains(".git"),
+        "{manifest}"
+    );
+    let (code, _, err) = dream(&root, &["releases", "--verify", "one"]);
+    assert_eq!(code, Some(0), "{err}");
+    // Asked for, .git/ comes along; a dry run against a release compares.
+    deploy_json(&root, &src, &["--id", "two", "--keep-git"]);
+    assert!(root.join("releases/two/.git/HEAD").is_file());
+    let (code, out, _) = dream(&root, &["deploy", s, "--dry-run"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("shared with two"), "{out}");
+}
