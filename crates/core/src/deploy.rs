@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::control;
+use crate::hooks;
 use crate::lock::{Holder, Lock, LockError, Wait};
 use crate::manifest::{self, Manifest};
 use crate::release::{self, Event, EventKind, Store};
@@ -124,6 +125,8 @@ pub struct DeployOptions {
     /// Left out of a directory source (gitignore syntax), besides its own
     /// `.dreamignore` and, unless `keep_git`, `.git/`.
     pub exclude: Vec<String>,
+    /// Run the hooks in `ROOT/.dream/hooks` (`--no-hooks` turns them off).
+    pub hooks: bool,
     pub keep_git: bool,
     pub wait_lock: Wait,
     /// For the lock's holder record.
@@ -227,7 +230,26 @@ pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report
         release::check_id(id).map_err(|e| err(Kind::Usage, e))?;
     }
     let mut lock = take_lock(&store, &opts.command, opts.wait_lock)?;
-    deploy_locked(opts, &mut lock, out)
+    let result = deploy_locked(opts, &mut lock, out);
+    // The lock is still held: a waiting deploy cannot interleave with
+    // what these hooks do (Kamal #1517).
+    if opts.hooks {
+        let previous = result.as_ref().ok().and_then(|r| r.previous.clone());
+        let release = match &result {
+            Ok(r) => r.release.clone(),
+            Err(_) => opts.id.clone().unwrap_or_default(),
+        };
+        let (name, error) = match &result {
+            Ok(_) => ("post-deploy", None),
+            Err(e) => ("deploy-failed", Some(e.message.clone())),
+        };
+        let mut event = hooks::HookEvent::new(name, &opts.root, &release, previous.as_deref());
+        event.error = error.as_deref();
+        if let Err(e) = hooks::run(&event, opts.quiet) {
+            eprintln!("dream: {e}");
+        }
+    }
+    result
 }
 
 /// [`deploy`] for a caller that already holds the root's deploy lock (a
@@ -633,6 +655,8 @@ impl Pipeline<'_, '_> {
                     confirm_now: true,
                 }),
                 verify: opts.verify.clone(),
+                hooks: opts.hooks,
+                quiet: opts.quiet,
             },
             &mut self.p,
         )?;
@@ -753,6 +777,18 @@ fn switch_reload_verify(
     p: &mut Progress<'_>,
 ) -> Result<(), DeployError> {
     let (reload, provisional) = (how.reload, how.provisional);
+    if how.hooks {
+        let event = hooks::HookEvent::new("pre-switch", &store.root, id, previous);
+        if hooks::path(&store.root, "pre-switch").is_some() {
+            hooks::run(&event, how.quiet).map_err(|e| {
+                let mut bad = Event::new(EventKind::Failed, id);
+                bad.reason = Some(e.clone());
+                let _ = store.append(&bad);
+                err(Kind::Failed, format!("{e}; nothing was switched"))
+            })?;
+            p.step("pre-switch", "hook passed".into());
+        }
+    }
     let took = store
         .switch(id)
         .map_err(|e| io_failure("switching current", e))?;
@@ -810,6 +846,7 @@ fn switch_reload_verify(
             if confirm_within.is_some() && confirm_now {
                 confirm(store, id, a.generation, p)?;
             }
+            post_switch(store, id, previous, how, p);
             return Ok(());
         }
         Ok(a) => a.error.unwrap_or_else(|| "unknown error".into()),
@@ -818,6 +855,7 @@ fn switch_reload_verify(
                 "reload",
                 "no supervisor is running for this root; current is switched".into(),
             );
+            post_switch(store, id, previous, how, p);
             return Ok(());
         }
         Err(e) => return Err(could_not_ask(store, id, previous, e, deadline)),
@@ -833,6 +871,25 @@ fn switch_reload_verify(
     ))
 }
 
+/// `post-switch`: the release is live; a failing hook is reported, and
+/// changes nothing.
+fn post_switch(
+    store: &Store,
+    id: &str,
+    previous: Option<&str>,
+    how: &ReloadHow,
+    p: &mut Progress<'_>,
+) {
+    if !how.hooks || hooks::path(&store.root, "post-switch").is_none() {
+        return;
+    }
+    let event = hooks::HookEvent::new("post-switch", &store.root, id, previous);
+    match hooks::run(&event, how.quiet) {
+        Ok(()) => p.step("post-switch", "hook passed".into()),
+        Err(e) => p.step("post-switch", format!("{e} (the release stays live)")),
+    }
+}
+
 /// How a switch asks the supervisor: whether to reload at all, whether
 /// provisionally, and what to request through it afterwards.
 #[derive(Debug, Clone, Default)]
@@ -840,6 +897,10 @@ pub struct ReloadHow {
     pub reload: bool,
     pub provisional: Option<Provisional>,
     pub verify: Vec<String>,
+    /// Run `pre-switch` and `post-switch` from `ROOT/.dream/hooks`.
+    pub hooks: bool,
+    /// Hooks' output is not shown.
+    pub quiet: bool,
 }
 
 /// Requests each of `paths` through the supervisor's first listening
@@ -1345,6 +1406,8 @@ pub fn rollback(
             reload,
             provisional: None,
             verify: verify.to_vec(),
+            hooks: true,
+            quiet: false,
         },
         &mut p,
     )?;
@@ -1516,6 +1579,8 @@ pub fn go_live_prepared(
             reload: true,
             provisional,
             verify: verify.to_vec(),
+            hooks: true,
+            quiet: true,
         },
         &mut p,
     )?;

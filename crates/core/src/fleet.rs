@@ -667,6 +667,7 @@ impl Agent {
             verify: Vec::new(),
             exclude: Vec::new(),
             keep_git: true,
+            hooks: true,
             wait_lock: Wait::No,
             command: format!("dream fleet deploy {id}"),
             max_size: None,

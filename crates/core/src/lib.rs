@@ -12,6 +12,7 @@ pub mod clock;
 pub mod control;
 pub mod deploy;
 pub mod fleet;
+pub mod hooks;
 pub mod listen;
 pub mod lock;
 pub mod logtext;

@@ -114,6 +114,19 @@ pub fn run(delay: Duration, program: &OsString, args: &[OsString]) -> Result<(),
 }
 
 /// `exited with status 3`, `was killed by SIGKILL`.
+/// A std child's exit status in the same words as [`describe`].
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (_, Some(s)) => match Signal::try_from(s) {
+            Ok(sig) => format!("was killed by {}", sig.as_str()),
+            Err(_) => format!("was killed by signal {s}"),
+        },
+        _ => "failed".into(),
+    }
+}
+
 pub fn describe(status: WaitStatus) -> String {
     match status {
         WaitStatus::Exited(_, code) => format!("exited with status {code}"),

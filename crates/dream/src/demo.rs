@@ -77,6 +77,7 @@ fn deploy_site(
         verify: Vec::new(),
         exclude: Vec::new(),
         keep_git: false,
+        hooks: false,
         go_live: true,
         wait_lock: Wait::For(Duration::from_secs(30)),
         command: format!("dream demo (deploying {site})"),

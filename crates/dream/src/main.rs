@@ -312,6 +312,9 @@ struct DeployCmd {
     /// Keep the source's .git/ in the release (left out by default)
     #[arg(long)]
     keep_git: bool,
+    /// Do not run ROOT/.dream/hooks/{pre-switch,post-switch,post-deploy,deploy-failed}
+    #[arg(long)]
+    no_hooks: bool,
     /// Print what would be copied, shared, left out, built and switched; write nothing, take no lock
     #[arg(long)]
     dry_run: bool,
@@ -866,6 +869,7 @@ fn run(cmd: Cmd) -> Result {
                     a.exclude.clone()
                 },
                 keep_git: a.keep_git,
+                no_hooks: a.no_hooks,
                 dry_run: a.dry_run,
                 json: a.json,
                 quiet: a.quiet,

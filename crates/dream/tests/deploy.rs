@@ -1282,3 +1282,85 @@ fn exclusions_and_dry_runs() {
     assert_eq!(code, Some(0));
     assert!(out.contains("shared with two"), "{out}");
 }
+
+/// Hooks in ROOT/.dream/hooks run with the lock held and a JSON event on
+/// stdin; a failing pre-switch aborts before anything is switched, and
+/// deploy-failed hears why; --no-hooks skips them.
+#[test]
+fn hooks_run_around_the_switch_and_a_failing_pre_switch_switches_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let tree = Tree::new();
+    let src = site(&tree, "src");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    deploy_json(&root, &src, &["--id", "one"]);
+    let log = tree.path().join("hooks.log");
+    let hooks = root.join(".dream/hooks");
+    std::fs::create_dir_all(&hooks).unwrap();
+    for name in ["pre-switch", "post-switch", "post-deploy", "deploy-failed"] {
+        let path = hooks.join(name);
+        // Each records its stdin, and says whether the lock is held.
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\n{{ cat; echo; }} >> {log}\necho \"{name} says hello\"\n[ -e fail-{name} ] && exit 3\nexit 0\n",
+                log = log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap(), "--id", "two"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("dream: hook pre-switch | pre-switch says hello"),
+        "{err}"
+    );
+    let events: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = events.iter().map(|e| e["hook"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["pre-switch", "post-switch", "post-deploy"],
+        "{events:?}"
+    );
+    assert_eq!(events[0]["release"], "two");
+    assert_eq!(events[0]["previous"], "one");
+    assert!(events[0]["host"].as_str().is_some_and(|h| !h.is_empty()));
+    // A failing pre-switch: nothing switched, deploy-failed told why.
+    std::fs::write(root.join("fail-pre-switch"), "").unwrap();
+    std::fs::remove_file(&log).unwrap();
+    let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap(), "--id", "three"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("hook pre-switch exited with status 3"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was switched"), "{err}");
+    assert_eq!(current(&root).as_deref(), Some("two"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("\"hook\":\"deploy-failed\""), "{text}");
+    assert!(
+        text.contains("hook pre-switch exited with status 3"),
+        "{text}"
+    );
+    // --no-hooks: none run.
+    std::fs::remove_file(&log).unwrap();
+    let (code, _, err) = dream(
+        &root,
+        &[
+            "deploy",
+            src.to_str().unwrap(),
+            "--id",
+            "four",
+            "--no-hooks",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!log.exists());
+    assert_eq!(current(&root).as_deref(), Some("four"));
+}

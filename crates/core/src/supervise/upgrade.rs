@@ -201,7 +201,7 @@ fn preflight(binary: &Path) -> Result<String, String> {
     if !out.status.success() {
         return Err(format!(
             "{shown} --upgrade-check {}{}",
-            describe_exit(out.status),
+            crate::respawn::describe_exit(out.status),
             if said.is_empty() {
                 String::new()
             } else {
@@ -220,15 +220,6 @@ fn preflight(binary: &Path) -> Result<String, String> {
             "{shown} --upgrade-check did not say it reads upgrade state {STATE_VERSION} (it said {:?})",
             crate::logtext::value(line)
         )),
-    }
-}
-
-fn describe_exit(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exited with status {c}"),
-        (_, Some(s)) => format!("was killed by signal {s}"),
-        _ => "failed".into(),
     }
 }
 
