@@ -246,7 +246,7 @@ pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report
         let mut event = hooks::HookEvent::new(name, &opts.root, &release, previous.as_deref());
         event.error = error.as_deref();
         if let Err(e) = hooks::run(&event, opts.quiet) {
-            eprintln!("dream: {e}");
+            crate::logtext::say(crate::logtext::Level::Warn, "hook_failed", &e, &[]);
         }
     }
     result
@@ -1193,7 +1193,12 @@ fn run_build(
     let line_out = |line: &[u8], tail: &mut std::collections::VecDeque<String>| {
         let text = crate::logtext::bounded(&String::from_utf8_lossy(line), 4096);
         if !quiet {
-            eprintln!("dream: build | {text}");
+            crate::logtext::say(
+                crate::logtext::Level::Info,
+                "build_output",
+                &format!("build | {text}"),
+                &[("line", text.clone().into())],
+            );
         }
         if tail.len() == TAIL {
             tail.pop_front();

@@ -93,7 +93,12 @@ pub fn run(event: &HookEvent<'_>, quiet: bool) -> Result<(), String> {
     let show = |line: &[u8], tail: &mut Vec<String>| {
         let text = crate::logtext::bounded(&String::from_utf8_lossy(line), 4096);
         if !quiet {
-            eprintln!("dream: hook {name} | {text}");
+            crate::logtext::say(
+                crate::logtext::Level::Info,
+                "hook_output",
+                &format!("hook {name} | {text}"),
+                &[("hook", name.into()), ("line", text.clone().into())],
+            );
         }
         tail.push(text);
         if tail.len() > 10 {

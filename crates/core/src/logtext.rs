@@ -7,6 +7,81 @@
 //! a fixed length with a note of how much was left out.
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// `--log-format json`: dream's own lines on stderr become JSON objects.
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Turns JSON log lines on (for the whole process).
+pub fn set_json(on: bool) {
+    JSON.store(on, Ordering::Relaxed);
+}
+
+/// Whether log lines are JSON.
+pub fn json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
+
+/// How much a line matters: `-q` keeps `Warn`, `-v` adds `Debug`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+        }
+    }
+}
+
+/// One JSON log line: time, level, the event's kind, its message and
+/// fields (values are JSON-escaped, so a message cannot forge a line).
+pub fn json_line(
+    level: Level,
+    event: &str,
+    msg: &str,
+    fields: &[(&str, serde_json::Value)],
+) -> String {
+    let mut o = serde_json::Map::new();
+    o.insert("time".into(), crate::log_time().into());
+    o.insert("level".into(), level.as_str().into());
+    o.insert("event".into(), event.into());
+    o.insert("msg".into(), bounded_lines(msg, 16 * 1024).into());
+    for (k, v) in fields {
+        o.insert((*k).into(), v.clone());
+    }
+    let mut line = serde_json::Value::Object(o).to_string();
+    line.push('\n');
+    line
+}
+
+/// `s` bounded to `max` bytes (at a character boundary), newlines kept.
+fn bounded_lines(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} more bytes)", &s[..end], s.len() - end)
+}
+
+/// One of dream's own lines on stderr: `dream: TEXT`, or with JSON logs an
+/// object whose `event` is `event`.
+pub fn say(level: Level, event: &str, text: &str, fields: &[(&str, serde_json::Value)]) {
+    if json() {
+        eprint!("{}", json_line(level, event, text, fields));
+    } else {
+        eprintln!("dream: {text}");
+    }
+}
 
 /// The most characters of one value that reach the log.
 pub const MAX_VALUE: usize = 256;

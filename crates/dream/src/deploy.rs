@@ -22,10 +22,15 @@ fn progress(quiet: bool) -> impl FnMut(&Step) {
             } else {
                 format!(": {}", s.detail)
             };
-            eprintln!(
-                "dream: {:<9} {:>8}{detail}",
-                s.phase,
-                format!("{:.3}s", s.seconds)
+            dream_core::logtext::say(
+                dream_core::logtext::Level::Info,
+                "deploy_step",
+                &format!("{:<9} {:>8}{detail}", s.phase, format!("{:.3}s", s.seconds)),
+                &[
+                    ("phase", s.phase.into()),
+                    ("seconds", s.seconds.into()),
+                    ("detail", s.detail.clone().into()),
+                ],
             );
         }
     }

@@ -252,7 +252,14 @@ impl Drop for Conn {
 
 /// Prints a progress line (stderr), unless `--json`.
 fn say(json: bool, line: &str) {
-    if !json {
+    if dream_core::logtext::json() {
+        dream_core::logtext::say(
+            dream_core::logtext::Level::Info,
+            "fleet",
+            line,
+            &[("from", "fleet".into())],
+        );
+    } else if !json {
         eprintln!("dream fleet: {line}");
     }
 }

@@ -204,6 +204,15 @@ struct PoolFlags {
     /// Also log control requests and workers' notifications
     #[arg(short, long)]
     verbose: bool,
+    /// Log lines as text, or as one JSON object each (time, level, event, msg); workers' own output passes through untouched
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 impl PoolFlags {
@@ -318,6 +327,9 @@ struct DeployCmd {
     /// Print what would be copied, shared, left out, built and switched; write nothing, take no lock
     #[arg(long)]
     dry_run: bool,
+    /// Progress lines as text, or as one JSON object each (time, level, event, msg, fields)
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Print the report as JSON on stdout (progress is not printed)
     #[arg(long)]
     json: bool,
@@ -441,6 +453,9 @@ struct FleetArgs {
     /// Copy this dream to hosts whose dream is missing or incompatible (into ROOT/.dream/bin/)
     #[arg(long)]
     install: bool,
+    /// Progress lines as text, or as one JSON object each
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Print the outcome as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -771,6 +786,20 @@ fn pool_options(f: &PoolFlags, file: &config::Serve, workers: Option<usize>) -> 
 }
 
 fn run(cmd: Cmd) -> Result {
+    let json_logs = match &cmd {
+        Cmd::Serve(a) => a.pool.log_format,
+        Cmd::Pool(a) => a.pool.log_format,
+        Cmd::Deploy(a) => a.log_format,
+        Cmd::Fleet(
+            FleetCmd::Deploy(FleetDeployArgs { fleet, .. })
+            | FleetCmd::Rollback(FleetRollbackArgs { fleet, .. })
+            | FleetCmd::Lock(FleetLockArgs { fleet, .. })
+            | FleetCmd::Status(fleet)
+            | FleetCmd::Unlock(fleet),
+        ) => fleet.log_format,
+        _ => LogFormat::Text,
+    } == LogFormat::Json;
+    dream_core::logtext::set_json(json_logs);
     match cmd {
         Cmd::Serve(a) => {
             let root = serve::root_dir(a.root.as_deref())?;

@@ -721,3 +721,69 @@ fn quiet_keeps_warnings_and_failures() {
         sup.stderr_seen
     );
 }
+
+/// `--log-format json`: every line of the supervisor's is one JSON object
+/// with time, level, event and msg (the first, `listening`, included);
+/// what a worker writes passes through untouched.
+#[test]
+fn json_logs_are_one_object_per_line_and_workers_pass_through() {
+    let root = Root::new();
+    root.release(
+        "a",
+        &format!("echo 'worker says hi, in its own format' >&2\n{STATIC}"),
+    );
+    root.switch("a");
+    let mut sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["serve", "--root"])
+            .arg(root.path())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "1",
+                "--ready",
+                "notify",
+            ])
+            .args(["--log-format", "json", "--", "./run"])
+            .env("DREAM_BIN", bin("dream")),
+    );
+    sup.wait_stderr("\"event\":\"generation_ready\"", Duration::from_secs(20));
+    assert_eq!(root.control(r#"{"cmd":"reload"}"#)["ok"], true);
+    sup.wait_stderr("\"event\":\"generation_drained\"", Duration::from_secs(20));
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(20)).success());
+    sup.wait_stderr("\"event\":\"exiting\"", Duration::from_secs(10));
+    let lines = sup.stderr_now();
+    let mut worker_lines = 0;
+    let mut events = Vec::new();
+    for line in lines.lines() {
+        if line.starts_with("worker says hi") {
+            worker_lines += 1;
+            continue;
+        }
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line:?}"));
+        for key in ["time", "level", "event", "msg"] {
+            assert!(v[key].is_string(), "{key} in {line}");
+        }
+        events.push(v["event"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        worker_lines, 2,
+        "the workers' own lines, untouched:\n{lines}"
+    );
+    assert_eq!(
+        events.first().map(String::as_str),
+        Some("listening"),
+        "{events:?}"
+    );
+    for e in [
+        "worker_started",
+        "worker_ready",
+        "reload_finished",
+        "stopping",
+    ] {
+        assert!(events.iter().any(|x| x == e), "{e} in {events:?}");
+    }
+}

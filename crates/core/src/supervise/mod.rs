@@ -249,7 +249,20 @@ pub fn run(cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
 
 impl Driver {
     fn log(&self, level: i8, msg: &str) {
-        if level <= self.cfg.verbosity {
+        if level <= self.cfg.verbosity && crate::logtext::json() {
+            let level = match level {
+                ..0 => crate::logtext::Level::Warn,
+                0 => crate::logtext::Level::Info,
+                _ => crate::logtext::Level::Debug,
+            };
+            let line = crate::logtext::json_line(
+                level,
+                event_kind(msg),
+                msg,
+                &[("from", self.cfg.name.into())],
+            );
+            self.output.write(line.as_bytes());
+        } else if level <= self.cfg.verbosity {
             let ts = humantime::format_rfc3339_millis(SystemTime::now());
             // A message's own lines stay lines; whatever a value inside
             // it carries (a worker's stderr tail, a control request, a
@@ -603,4 +616,48 @@ fn notify_with_fd(path: &std::ffi::OsStr, msg: &str, fd: BorrowedFd<'_>) -> io::
         Some(&addr),
     )?;
     Ok(())
+}
+
+/// The kind of a supervisor's log line, for JSON logs (`event`): named
+/// from the line's opening words, which every message of a kind shares.
+fn event_kind(msg: &str) -> &'static str {
+    const KINDS: &[(&str, &str)] = &[
+        ("reload finished", "reload_finished"),
+        ("reload failed", "reload_failed"),
+        ("reload queued", "reload_queued"),
+        ("reload held", "reload_held"),
+        ("reload: starting", "generation_starting"),
+        ("reload: generation", "reload_failed"),
+        ("revert: starting", "generation_starting"),
+        ("starting generation", "generation_starting"),
+        ("reverting generation", "reverted"),
+        ("draining generation", "generation_draining"),
+        ("current switched back", "reverted"),
+        ("stopping", "stopping"),
+        ("scaling to", "scaled"),
+        ("upgrad", "upgrade"),
+        ("giving up", "gave_up"),
+        ("control:", "control_request"),
+        ("listening on", "listening"),
+        ("pid ", "started"),
+        ("all workers gone", "exiting"),
+    ];
+    if let Some((_, k)) = KINDS.iter().find(|(p, _)| msg.starts_with(p)) {
+        return k;
+    }
+    let words: Vec<&str> = msg.split_whitespace().take(3).collect();
+    match words.as_slice() {
+        ["worker", _, "started:", ..] => "worker_started",
+        ["worker", _, "ready:", ..] => "worker_ready",
+        ["worker", _, "exited:", ..] => "worker_exited",
+        ["worker", _, "retired:", ..] => "worker_retired",
+        ["worker", _, "failed", ..] => "worker_failed",
+        ["worker", ..] => "worker",
+        ["generation", _, "ready"] => "generation_ready",
+        ["generation", _, "drained"] => "generation_drained",
+        ["generation", _, "confirmed"] => "generation_confirmed",
+        ["generation", _, "is"] => "generation_provisional",
+        ["generation", ..] => "generation",
+        _ => "supervisor",
+    }
 }
