@@ -409,6 +409,40 @@ pub struct Pool {
     /// Reverts so far, for status.
     #[serde(default)]
     pub reverts: u64,
+    /// Reloads by outcome, with how long the successful ones took.
+    #[serde(default)]
+    pub reloads: ReloadStats,
+}
+
+/// Upper bounds (seconds) of the reload duration histogram's buckets.
+pub const RELOAD_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Reloads by outcome, and a histogram of how long the successful ones
+/// took from start to live (for `--metrics`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReloadStats {
+    pub ok: u64,
+    pub failed: u64,
+    /// Per bucket of [`RELOAD_BUCKETS`]: reloads that took at most that
+    /// long (not cumulative; the exposition sums them).
+    pub buckets: Vec<u64>,
+    pub sum_s: f64,
+}
+
+impl ReloadStats {
+    fn went_live(&mut self, took: Duration) {
+        let s = took.as_secs_f64();
+        self.ok += 1;
+        self.sum_s += s;
+        if self.buckets.len() != RELOAD_BUCKETS.len() + 1 {
+            self.buckets = vec![0; RELOAD_BUCKETS.len() + 1];
+        }
+        let i = RELOAD_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(RELOAD_BUCKETS.len());
+        self.buckets[i] += 1;
+    }
 }
 
 /// The most workers a generation may have; every path that sets the count
@@ -453,6 +487,7 @@ impl Pool {
             queued_confirm: None,
             reverted: Vec::new(),
             reverts: 0,
+            reloads: ReloadStats::default(),
         }
     }
 
@@ -779,6 +814,7 @@ impl Pool {
                     "reload finished: generation {generation} (release {release}) live after {}",
                     crate::fmt_duration(elapsed)
                 )));
+                self.reloads.went_live(elapsed);
                 if !g.revert && previous.is_some() {
                     let until = (!probation.is_zero()).then_some(now + probation);
                     let confirm_by = g.confirm_within.map(|d| now + d);
@@ -1147,6 +1183,7 @@ impl Pool {
 
     /// A starting generation failed: kill it, keep the live one.
     fn fail(&mut self, generation: GenId, reason: String) -> Vec<Action> {
+        self.reloads.failed += 1;
         let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
             return Vec::new();
         };
@@ -1506,6 +1543,7 @@ impl Pool {
             stopping: self.stopping.is_some(),
             restarts: self.restarts,
             reverts: self.reverts,
+            reloads: self.reloads.clone(),
             generations: self
                 .gens
                 .iter()
@@ -1594,6 +1632,8 @@ pub struct PoolStatus {
     /// Generations the supervisor reverted on its own.
     #[serde(default)]
     pub reverts: u64,
+    #[serde(default)]
+    pub reloads: ReloadStats,
     pub generations: Vec<GenerationStatus>,
 }
 

@@ -516,6 +516,30 @@ pub fn reexec(
     }
 }
 
+/// A listening TCP socket's accept queue: the connections waiting to be
+/// accepted, and the queue's limit (the backlog), from `TCP_INFO` (for a
+/// socket in LISTEN state Linux reports them in `tcpi_unacked` and
+/// `tcpi_sacked`). `None` for other sockets (a Unix one).
+pub fn listen_queue(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers, valid when zeroed.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is
+    // that large and lives across the call; `fd` is borrowed, so open.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // TCP_LISTEN is state 10 in the kernel's numbering.
+    (r == 0 && info.tcpi_state == 10).then_some((info.tcpi_unacked, info.tcpi_sacked))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -101,6 +101,8 @@ pub struct Serve {
     pub drain_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de::duration")]
     pub probation: Option<Duration>,
+    #[serde(default, deserialize_with = "de::listen_one")]
+    pub metrics: Option<ListenSpec>,
     pub command: Option<Vec<String>>,
 }
 

@@ -247,6 +247,9 @@ struct ServeArgs {
     /// Run workers as USER[:GROUP] (dream must start as root)
     #[arg(long, value_name = "USER[:GROUP]")]
     user: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (127.0.0.1:9101, or unix:/run/dream.metrics), from the supervisor itself
+    #[arg(long, value_name = "ADDR", value_parser = values::listen)]
+    metrics: Option<ListenSpec>,
     /// After a reload goes live, revert it by itself if its workers crash 3 times, or all at once, within DUR; 0 turns it off [default: 10s]
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     probation: Option<Duration>,
@@ -822,6 +825,7 @@ fn run(cmd: Cmd) -> Result {
             serve::serve(serve::ServeOptions {
                 root: Some(&root),
                 listen: &listen,
+                metrics: a.metrics.clone().or(file.metrics.clone()),
                 backlog: a
                     .backlog
                     .or(file.backlog)

@@ -78,6 +78,7 @@ fn worker_ids(spec: &str) -> Result<(u32, u32)> {
 pub struct ServeOptions<'a> {
     pub root: Option<&'a Path>,
     pub listen: &'a [ListenSpec],
+    pub metrics: Option<ListenSpec>,
     pub backlog: u32,
     pub user: Option<&'a str>,
     pub pool: PoolOptions,
@@ -142,8 +143,15 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
             .collect();
         (bound, unix_paths)
     };
+    let metrics = o
+        .metrics
+        .as_ref()
+        .map(|spec| crate::tools::bind_all(std::slice::from_ref(spec), 64, "serve", true))
+        .transpose()?
+        .and_then(|mut v| v.pop());
     let user = o.user.map(worker_ids).transpose()?;
     let cfg = Config {
+        metrics,
         mode: Mode::Serve { root },
         program: o.command[0].clone(),
         args: o.command[1..].to_vec(),
@@ -180,6 +188,7 @@ pub fn pool(
     let dir = std::env::current_dir().map_err(Failure::failed)?;
     run(
         Config {
+            metrics: None,
             mode: Mode::Pool { dir, relay_hup },
             program: command[0].clone(),
             args: command[1..].to_vec(),

@@ -109,6 +109,10 @@ pub mod de {
         through(d, super::size)
     }
 
+    pub fn listen_one<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ListenSpec>, D::Error> {
+        through(d, super::listen)
+    }
+
     pub fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<ListenSpec>>, D::Error> {
         let v = Vec::<String>::deserialize(d)?;
         v.iter()

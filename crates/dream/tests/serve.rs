@@ -787,3 +787,84 @@ fn json_logs_are_one_object_per_line_and_workers_pass_through() {
         assert!(events.iter().any(|x| x == e), "{e} in {events:?}");
     }
 }
+
+/// `--metrics ADDR`: Prometheus text from the supervisor itself, across a
+/// reload and an upgrade.
+#[test]
+fn metrics_count_workers_reloads_and_the_accept_queue() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    let port = dream_testkit::free_port();
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let _sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["serve", "--root"])
+            .arg(root.path())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+                "--ready",
+                "notify",
+            ])
+            .args(["--metrics", &maddr.to_string(), "--", "./run"])
+            .env("DREAM_BIN", bin("dream")),
+    );
+    root.wait_supervisor();
+    root.wait_live("a", 2);
+    let scrape = || {
+        let r = get(maddr, "/metrics", &[]);
+        assert_eq!(r.status, 200);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+            "{:?}",
+            r.header("content-type")
+        );
+        r.text()
+    };
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} in:\n{text}"))
+    };
+    let m = scrape();
+    assert_eq!(value(&m, r#"dream_workers{state="ready"}"#), 2.0);
+    assert_eq!(value(&m, r#"dream_generations{state="live"}"#), 1.0);
+    assert_eq!(value(&m, r#"dream_reloads_total{outcome="ok"}"#), 0.0);
+    assert!(
+        value(&m, r#"dream_listen_queue_limit{socket="127.0.0.1_0"}"#) >= 128.0,
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, r#"dream_listen_queue{socket="127.0.0.1_0"}"#),
+        0.0
+    );
+    assert!(
+        m.contains("# TYPE dream_reload_duration_seconds histogram"),
+        "{m}"
+    );
+    assert_eq!(root.control(r#"{"cmd":"reload"}"#)["ok"], true);
+    root.wait_drained();
+    let m = scrape();
+    assert_eq!(value(&m, r#"dream_reloads_total{outcome="ok"}"#), 1.0);
+    assert_eq!(value(&m, "dream_reload_duration_seconds_count"), 1.0);
+    assert_eq!(
+        value(&m, r#"dream_reload_duration_seconds_bucket{le="+Inf"}"#),
+        1.0
+    );
+    assert_eq!(get(maddr, "/", &[]).status, 404);
+    // The metrics listener crosses an upgrade with the rest.
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["upgrade", "--root"])
+            .arg(root.path()),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{err}");
+    let m = scrape();
+    assert_eq!(value(&m, "dream_upgrades_total"), 1.0);
+    assert_eq!(value(&m, r#"dream_reloads_total{outcome="ok"}"#), 1.0);
+}

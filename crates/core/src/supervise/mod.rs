@@ -28,6 +28,7 @@
 //! reused), and the process group is killed by its leader's pid.
 
 mod listeners;
+mod metrics;
 mod server;
 mod status;
 mod upgrade;
@@ -81,6 +82,8 @@ pub struct Config {
     pub sockets: Vec<Listener>,
     /// Unix socket paths to remove at final shutdown.
     pub unix_paths: Vec<PathBuf>,
+    /// Where to serve Prometheus metrics (`--metrics`).
+    pub metrics: Option<Listener>,
     /// Run workers as this uid/gid.
     pub user: Option<(u32, u32)>,
     /// -1 quiet, 0 normal, 1 verbose.
@@ -124,6 +127,8 @@ enum Source {
     ReadyPipe(i32),
     /// A listening socket reported a hang-up: it no longer listens.
     Listener(usize),
+    Metrics,
+    Scraper(usize),
 }
 
 struct Driver {
@@ -160,6 +165,9 @@ struct Driver {
     previous_version: String,
     /// After an upgrade: the client that asked for it, to be answered.
     resumed_asker: Option<Waiter>,
+    /// `--metrics`: its listener and the scrapers being answered.
+    metrics: Option<crate::protocol::StdListener>,
+    scrapers: Vec<metrics::Scraper>,
 }
 
 /// The signals the supervisor takes from its signalfd.
@@ -178,7 +186,8 @@ const SIGNALS: &[Signal] = &[
 /// Runs the supervisor until it is stopped; returns the exit code.
 /// `settings` become the pool's: from then on `Pool::settings` is the one
 /// copy (`scale` changes it there).
-pub fn run(cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
+pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
+    let metrics = cfg.metrics.take().map(metrics_listener).transpose()?;
     let signals = Signals::new(SIGNALS)?;
     if let crate::pool::Readiness::Fd(n) = settings.readiness {
         let first_free = 3 + cfg.sockets.len() as i32;
@@ -226,6 +235,8 @@ pub fn run(cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         upgrade: None,
         previous_version: version(),
         resumed_asker: None,
+        metrics,
+        scrapers: Vec::new(),
     };
     d.listener_flags = d.cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
     d.store_sockets_with_systemd();
@@ -295,6 +306,8 @@ impl Driver {
                     }
                     Source::ReadyPipe(pid) => self.on_ready_pipe(pid),
                     Source::Listener(i) => self.on_listener_hangup(i),
+                    Source::Metrics => self.on_metrics_accept(),
+                    Source::Scraper(i) => self.on_scraper(i),
                 }
             }
             self.clients.retain(|c| c.id != 0);
@@ -317,6 +330,17 @@ impl Driver {
         for (i, c) in self.clients.iter().enumerate() {
             sources.push(Source::Client(i));
             fds.push(c.stream.as_fd());
+        }
+        if let Some(m) = &self.metrics {
+            sources.push(Source::Metrics);
+            fds.push(match m {
+                crate::protocol::StdListener::Tcp(l) => l.as_fd(),
+                crate::protocol::StdListener::Unix(l) => l.as_fd(),
+            });
+        }
+        for (i, s) in self.scrapers.iter().enumerate() {
+            sources.push(Source::Scraper(i));
+            fds.push(s.fd());
         }
         for (pid, w) in &self.workers {
             sources.push(Source::Notify(*pid));
@@ -660,4 +684,14 @@ fn event_kind(msg: &str) -> &'static str {
         ["generation", ..] => "generation",
         _ => "supervisor",
     }
+}
+
+/// The metrics listener, non-blocking, as a std listener.
+fn metrics_listener(l: Listener) -> Result<crate::protocol::StdListener, SuperviseError> {
+    let l = l.into_std()?;
+    match &l {
+        crate::protocol::StdListener::Tcp(t) => t.set_nonblocking(true)?,
+        crate::protocol::StdListener::Unix(u) => u.set_nonblocking(true)?,
+    }
+    Ok(l)
 }

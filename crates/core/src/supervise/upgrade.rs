@@ -124,6 +124,9 @@ struct State {
     pool: Value,
     workers: Vec<WorkerFds>,
     control: Option<RawFd>,
+    /// `--metrics`' listener (its scrapers are let go).
+    #[serde(default)]
+    metrics: Option<RawFd>,
     clients: Vec<ClientFds>,
     next_client: Waiter,
     nonce: u64,
@@ -335,6 +338,10 @@ impl Driver {
                 })
                 .collect(),
             control: self.control.as_ref().map(|c| c.as_raw_fd()),
+            metrics: self.metrics.as_ref().map(|m| match m {
+                crate::protocol::StdListener::Tcp(l) => l.as_raw_fd(),
+                crate::protocol::StdListener::Unix(l) => l.as_raw_fd(),
+            }),
             clients: self
                 .clients
                 .iter()
@@ -383,6 +390,7 @@ impl Driver {
         let mut keep: Vec<RawFd> = vec![memfd.as_raw_fd(), self.self_exe.as_raw_fd()];
         keep.extend(state.sockets.iter().map(|(fd, _)| *fd));
         keep.extend(state.control);
+        keep.extend(state.metrics);
         keep.extend(state.clients.iter().map(|c| c.fd));
         for w in &state.workers {
             keep.push(w.notify);
@@ -623,7 +631,14 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         Mode::Serve { .. } => "serve",
         Mode::Pool { .. } => "pool",
     };
+    let metrics = state
+        .metrics
+        .map(|fd| claim(fd).map(|fd| Listener::new(fd, "metrics")))
+        .transpose()?
+        .map(super::metrics_listener)
+        .transpose()?;
     let cfg = Config {
+        metrics: None,
         mode: state.mode,
         program: os(state.program),
         args: state.args.into_iter().map(os).collect(),
@@ -657,6 +672,8 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         upgrade: None,
         previous_version: state.written_by,
         resumed_asker: None,
+        metrics,
+        scrapers: Vec::new(),
     };
     d.resumed_asker = state.asker;
     Ok(d)
