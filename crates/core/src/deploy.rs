@@ -99,6 +99,8 @@ pub struct Report {
     /// `--exclude`), relative to the source.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<String>,
+    /// Files bridged from the previous release (`--bridge`).
+    pub bridged: u64,
 }
 
 pub struct DeployOptions {
@@ -127,6 +129,10 @@ pub struct DeployOptions {
     pub exclude: Vec<String>,
     /// Run the hooks in `ROOT/.dream/hooks` (`--no-hooks` turns them off).
     pub hooks: bool,
+    /// `--bridge DIR`: files under these directories (relative to the
+    /// release) in the previous release that the new one lacks are linked
+    /// into it.
+    pub bridge: Vec<PathBuf>,
     pub keep_git: bool,
     pub wait_lock: Wait,
     /// For the lock's holder record.
@@ -370,7 +376,9 @@ impl Pipeline<'_, '_> {
     /// directory's unchanged files are linked straight from the previous
     /// release as they are copied; otherwise sharing comes after the build.
     fn direct(&self) -> bool {
+        // (Bridging adds files after staging, so the tree stays writable.)
         self.opts.build.is_none()
+            && self.opts.bridge.is_empty()
             && matches!(self.opts.source, Source::Dir(_) | Source::Objects { .. })
     }
 
@@ -588,6 +596,26 @@ impl Pipeline<'_, '_> {
         };
         if !linked.is_empty() {
             final_manifest = with_shared_links(&final_manifest, &linked);
+        }
+        if let (false, Some(prev_dir), Some(prev)) =
+            (opts.bridge.is_empty(), self.prev_dir.as_deref(), prev)
+        {
+            let (added, bridged) =
+                stage::bridge(&dir, &final_manifest, (prev_dir, prev), &opts.bridge)?;
+            if !bridged.is_empty() {
+                self.p.step(
+                    "bridged",
+                    format!(
+                        "{} files from {}",
+                        bridged.len(),
+                        self.previous.as_deref().unwrap_or("?")
+                    ),
+                );
+            }
+            self.p.report.bridged = bridged.len() as u64;
+            let mut entries = final_manifest.entries().to_vec();
+            entries.extend(added);
+            final_manifest = Manifest::new(entries).with_bridged(bridged);
         }
         let shared = if self.direct() {
             stats

@@ -69,10 +69,13 @@ pub enum ToAgent {
     Blob {
         hash: String,
     },
-    /// Build the offered release into `releases/ID` (not switched).
+    /// Build the offered release into `releases/ID` (not switched),
+    /// bridging `bridge` directories from the current release.
     Prepare {
         id: String,
         build: Option<String>,
+        #[serde(default)]
+        bridge: Vec<PathBuf>,
     },
     /// Switch to the prepared release; a provisional reload, then each of
     /// `verify` requested through the host's own socket.
@@ -431,7 +434,7 @@ impl Agent {
             }
             ToAgent::Lock { command, fleet } => self.take_lock(&command, fleet),
 
-            ToAgent::Prepare { id, build } => self.prepare(&id, build),
+            ToAgent::Prepare { id, build, bridge } => self.prepare(&id, build, bridge),
             ToAgent::Switch {
                 id,
                 confirm_within_ms,
@@ -636,7 +639,7 @@ impl Agent {
         }
     }
 
-    fn prepare(&mut self, id: &str, build: Option<String>) -> Reply {
+    fn prepare(&mut self, id: &str, build: Option<String>, bridge: Vec<PathBuf>) -> Reply {
         if self.prepared.as_deref() == Some(id) {
             return Reply {
                 current: self.store.current(),
@@ -668,6 +671,7 @@ impl Agent {
             exclude: Vec::new(),
             keep_git: true,
             hooks: true,
+            bridge,
             wait_lock: Wait::No,
             command: format!("dream fleet deploy {id}"),
             max_size: None,

@@ -66,6 +66,9 @@ pub struct Entry {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifest {
     entries: Vec<Entry>,
+    /// Files bridged from the previous release (`--bridge`): entries like
+    /// the others, also listed as `b PATH` lines.
+    bridged: Vec<PathBuf>,
 }
 
 /// Which side of [`hash_copy`] failed.
@@ -152,7 +155,22 @@ fn path_of(s: &str) -> Option<PathBuf> {
 impl Manifest {
     pub fn new(mut entries: Vec<Entry>) -> Manifest {
         entries.sort_by(|a, b| a.path.as_os_str().cmp(b.path.as_os_str()));
-        Manifest { entries }
+        Manifest {
+            entries,
+            bridged: Vec::new(),
+        }
+    }
+
+    /// The same manifest, recording `paths` as bridged.
+    pub fn with_bridged(mut self, mut paths: Vec<PathBuf>) -> Manifest {
+        paths.sort();
+        self.bridged = paths;
+        self
+    }
+
+    /// The files bridged from the previous release.
+    pub fn bridged(&self) -> &[PathBuf] {
+        &self.bridged
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -188,7 +206,10 @@ impl Manifest {
                 },
             })
             .collect();
-        Manifest { entries }
+        Manifest {
+            entries,
+            bridged: self.bridged.clone(),
+        }
     }
 
     /// The manifest as text (the file's bytes).
@@ -208,6 +229,9 @@ impl Manifest {
                 )),
             }
         }
+        for b in &self.bridged {
+            s.push_str(&format!("b {}\n", escape(b.as_os_str().as_bytes())));
+        }
         s
     }
 
@@ -220,9 +244,14 @@ impl Manifest {
             None => return Err("empty manifest".into()),
         }
         let mut entries = Vec::new();
+        let mut bridged = Vec::new();
         for (i, line) in lines {
             let bad = || format!("line {}: malformed entry {line:?}", i + 1);
             let f: Vec<&str> = line.split(' ').collect();
+            if let ["b", path] = f.as_slice() {
+                bridged.push(path_of(path).ok_or_else(bad)?);
+                continue;
+            }
             let kind_path = match f.as_slice() {
                 ["d", mode, path] => (
                     Kind::Dir {
@@ -251,7 +280,7 @@ impl Manifest {
                 kind: kind_path.0,
             });
         }
-        Ok(Manifest::new(entries))
+        Ok(Manifest::new(entries).with_bridged(bridged))
     }
 
     /// The digest of the manifest's text: the same content (paths, types,

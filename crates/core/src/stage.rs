@@ -928,6 +928,75 @@ pub fn from_manifest(
     Ok((stats, manifest.clone()))
 }
 
+/// `--bridge DIR`: files under each of `dirs` in the previous release that
+/// the staged one lacks are linked into it (reflink, else hard link),
+/// never over anything the new release has; missing parent directories
+/// are made. Returns the entries added (directories and files) and the
+/// bridged files' paths. Pages the previous release rendered can then
+/// still load their assets from a host that has already switched.
+pub fn bridge(
+    staged: &Path,
+    manifest: &Manifest,
+    prev: (&Path, &Manifest),
+    dirs: &[PathBuf],
+) -> Result<(Vec<Entry>, Vec<PathBuf>), StageError> {
+    let have = manifest.index();
+    let prev_index = prev.1.index();
+    let mut added: Vec<Entry> = Vec::new();
+    let mut bridged = Vec::new();
+    for e in prev.1.entries() {
+        let Kind::File { .. } = &e.kind else {
+            continue;
+        };
+        if !dirs.iter().any(|d| e.path.starts_with(d)) || have.contains_key(e.path.as_path()) {
+            continue;
+        }
+        // Every parent must be a directory in the new release (or one made
+        // here); a file or link in the way means: leave it.
+        let mut blocked = false;
+        let mut made = Vec::new();
+        for parent in e
+            .path
+            .ancestors()
+            .skip(1)
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            match have.get(parent) {
+                Some(Kind::Dir { .. }) => break,
+                Some(_) => {
+                    blocked = true;
+                    break;
+                }
+                None if added.iter().any(|a| a.path == parent) => break,
+                None => made.push(parent.to_path_buf()),
+            }
+        }
+        if blocked {
+            continue;
+        }
+        for dir in made.iter().rev() {
+            let at = staged.join(dir);
+            fs::create_dir_all(&at).map_err(io_at(&at))?;
+            let mode = match prev_index.get(dir.as_path()) {
+                Some(Kind::Dir { mode }) => *mode,
+                _ => 0o755,
+            };
+            added.push(Entry {
+                path: dir.clone(),
+                kind: Kind::Dir { mode },
+            });
+        }
+        let at = staged.join(&e.path);
+        if fs::symlink_metadata(&at).is_ok() {
+            continue;
+        }
+        share_file(&prev.0.join(&e.path), &at, false, false).map_err(io_at(&at))?;
+        added.push(e.clone());
+        bridged.push(e.path.clone());
+    }
+    Ok((added, bridged))
+}
+
 /// Replaces files in `staged` whose content hash and mode equal the
 /// previous release's manifest entry at the same path with links to that
 /// release's files (reflinks where the filesystem has them). `manifest` is
@@ -957,8 +1026,20 @@ pub fn share(
             continue;
         }
         let path = staged.join(&e.path);
+        let prev_path = dir.join(&e.path);
+        // Already that very file (bridged): rename(2) over a hard link to
+        // the same inode does nothing and would leave the temporary name.
+        let same_inode = match (fs::metadata(&path), fs::metadata(&prev_path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        if same_inode {
+            stats.shared_files += 1;
+            stats.shared_bytes += size;
+            continue;
+        }
         // Not frozen yet: the whole tree is frozen after sharing.
-        let reflinked = share_file(&dir.join(&e.path), &path, false, true).map_err(io_at(&path))?;
+        let reflinked = share_file(&prev_path, &path, false, true).map_err(io_at(&path))?;
         stats.shared_files += 1;
         stats.shared_bytes += size;
         stats.reflinked_files += u64::from(reflinked);

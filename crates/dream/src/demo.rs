@@ -78,6 +78,7 @@ fn deploy_site(
         exclude: Vec::new(),
         keep_git: false,
         hooks: false,
+        bridge: Vec::new(),
         go_live: true,
         wait_lock: Wait::For(Duration::from_secs(30)),
         command: format!("dream demo (deploying {site})"),

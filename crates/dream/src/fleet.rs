@@ -470,6 +470,7 @@ pub struct DeployPlan {
     pub dry_run: bool,
     pub exclude: Vec<String>,
     pub keep_git: bool,
+    pub bridge: Vec<PathBuf>,
     pub confirm_within: Duration,
 }
 
@@ -742,6 +743,7 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
         c.must(&ToAgent::Prepare {
             id: id.clone(),
             build: plan.build.clone(),
+            bridge: plan.bridge.clone(),
         })?;
         say(
             f.json,

@@ -327,6 +327,9 @@ struct DeployCmd {
     /// Do not run ROOT/.dream/hooks/{pre-switch,post-switch,post-deploy,deploy-failed}
     #[arg(long)]
     no_hooks: bool,
+    /// Link files under DIR (in the release) that the previous release has and this one lacks, never overwriting (repeatable): old pages keep finding their assets
+    #[arg(long, value_name = "DIR", value_parser = values::release_dir)]
+    bridge: Vec<PathBuf>,
     /// Print what would be copied, shared, left out, built and switched; write nothing, take no lock
     #[arg(long)]
     dry_run: bool,
@@ -505,6 +508,9 @@ struct FleetDeployArgs {
     /// Keep the source's .git/ (left out by default)
     #[arg(long)]
     keep_git: bool,
+    /// As for deploy: files under DIR each host's previous release has and the new one lacks are linked in
+    #[arg(long, value_name = "DIR", value_parser = values::release_dir)]
+    bridge: Vec<PathBuf>,
     #[command(flatten)]
     rollout: RolloutArgs,
     #[command(flatten)]
@@ -903,6 +909,7 @@ fn run(cmd: Cmd) -> Result {
                 },
                 keep_git: a.keep_git,
                 no_hooks: a.no_hooks,
+                bridge: a.bridge,
                 dry_run: a.dry_run,
                 json: a.json,
                 quiet: a.quiet,
@@ -1067,6 +1074,7 @@ fn run_fleet(cmd: FleetCmd) -> Result {
                     dry_run: a.dry_run,
                     exclude: a.exclude,
                     keep_git: a.keep_git,
+                    bridge: a.bridge,
                     confirm_within: a
                         .confirm_within
                         .or(file.confirm_within)

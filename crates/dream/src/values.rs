@@ -52,6 +52,21 @@ pub fn url_path(s: &str) -> Result<String, String> {
     }
 }
 
+/// A directory inside a release: relative, without `..` (`public/assets`).
+pub fn release_dir(s: &str) -> Result<std::path::PathBuf, String> {
+    let p = std::path::Path::new(s.trim_end_matches('/'));
+    let inside = !s.is_empty()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if inside {
+        Ok(p.to_path_buf())
+    } else {
+        Err(format!(
+            "{s:?}: a directory inside the release, relative, without .. (e.g. public/assets)"
+        ))
+    }
+}
+
 /// A size such as `500M`, `10G`, `1.5T` or `4096` (bytes; K, M, G and T
 /// are powers of 1024, an optional trailing `B` or `iB` is allowed).
 pub fn size(s: &str) -> Result<u64, String> {

@@ -1364,3 +1364,54 @@ fn hooks_run_around_the_switch_and_a_failing_pre_switch_switches_nothing() {
     assert!(!log.exists());
     assert_eq!(current(&root).as_deref(), Some("four"));
 }
+
+/// `--bridge DIR`: files under DIR that the previous release has and the
+/// new one lacks are linked in, never over the new release's own, and the
+/// manifest says which.
+#[test]
+fn bridge_links_the_previous_releases_assets_and_never_overwrites() {
+    let tree = Tree::new();
+    let v1 = site(&tree, "v1");
+    tree.write("v1/public/assets/app-1111.js", "old app\n");
+    tree.write("v1/public/assets/common.js", "old common\n");
+    tree.write("v1/public/other/gone.txt", "not bridged\n");
+    let v2 = site(&tree, "v2");
+    tree.write("v2/public/assets/app-2222.js", "new app\n");
+    tree.write("v2/public/assets/common.js", "new common\n");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    deploy_json(&root, &v1, &["--id", "one"]);
+    let r = deploy_json(&root, &v2, &["--id", "two", "--bridge", "public/assets"]);
+    assert_eq!(r["bridged"], 1, "{r}");
+    let two = root.join("releases/two/public");
+    assert_eq!(
+        std::fs::read_to_string(two.join("assets/app-1111.js")).unwrap(),
+        "old app\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(two.join("assets/app-2222.js")).unwrap(),
+        "new app\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(two.join("assets/common.js")).unwrap(),
+        "new common\n",
+        "the new release's own file is never overwritten"
+    );
+    assert!(!two.join("other/gone.txt").exists(), "only under --bridge");
+    let manifest = std::fs::read_to_string(root.join(".dream/manifests/two")).unwrap();
+    assert!(
+        manifest.lines().any(|l| l == "b public/assets/app-1111.js"),
+        "{manifest}"
+    );
+    let (code, _, err) = dream(&root, &["releases", "--verify", "two"]);
+    assert_eq!(code, Some(0), "{err}");
+    // Without it, the new release holds only its own.
+    deploy_json(&root, &v2, &["--id", "three"]);
+    assert!(
+        !root
+            .join("releases/three/public/assets/app-1111.js")
+            .exists()
+    );
+    let (code, _, err) = dream(&root, &["deploy", v2.to_str().unwrap(), "--bridge", "../x"]);
+    assert_eq!(code, Some(100), "{err}");
+}
