@@ -985,14 +985,24 @@ pub fn verify_release(store: &Store, id: &str, paths: &[String]) -> Result<(), S
         .map(|s| s.address.clone())
         .ok_or("the supervisor has no listening socket")?;
     for path in paths {
-        let (code, release) = http_get(&address, path)?;
-        if !(200..400).contains(&code) {
-            return Err(format!("GET {path} answered {code}"));
-        }
-        if let Some(r) = release
-            && r != id
-        {
-            return Err(format!("GET {path} was answered by release {r}, not {id}"));
+        // Right after the reload a worker of the previous generation may
+        // still take a connection or two while it drains: an answer from
+        // another release is asked again, for a few seconds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (code, release) = http_get(&address, path)?;
+            match release {
+                Some(r) if r != id => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(format!("GET {path} was answered by release {r}, not {id}"));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ if !(200..400).contains(&code) => {
+                    return Err(format!("GET {path} answered {code}"));
+                }
+                _ => break,
+            }
         }
     }
     Ok(())
@@ -1391,24 +1401,7 @@ pub fn rollback(
         .map_err(|e| err(Kind::Usage, e.to_string()))?;
     let _lock = take_lock(&store, command, wait_lock)?;
     let current = store.current();
-    let target = match id {
-        Some(id) => {
-            release::check_id(id).map_err(|e| err(Kind::Usage, e))?;
-            if !store.release_dir(id).is_dir() {
-                return Err(err(
-                    Kind::Usage,
-                    format!("no release {id} in {}", store.releases().display()),
-                ));
-            }
-            id.to_string()
-        }
-        None => store.previous_good().ok_or_else(|| {
-            err(
-                Kind::Failed,
-                "no previous good release to roll back to (see dream releases)",
-            )
-        })?,
-    };
+    let target = rollback_target(&store, id)?;
     let mut report = Report {
         release: target.clone(),
         previous: current.clone(),
@@ -1757,4 +1750,26 @@ pub fn plan(opts: &DeployOptions) -> Result<Plan, DeployError> {
         }
     );
     Ok(plan)
+}
+
+/// The release a rollback goes to: `id`, or the previous good one.
+pub fn rollback_target(store: &Store, id: Option<&str>) -> Result<String, DeployError> {
+    match id {
+        Some(id) => {
+            release::check_id(id).map_err(|e| err(Kind::Usage, e))?;
+            if !store.release_dir(id).is_dir() {
+                return Err(err(
+                    Kind::Usage,
+                    format!("no release {id} in {}", store.releases().display()),
+                ));
+            }
+            Ok(id.to_string())
+        }
+        None => store.previous_good().ok_or_else(|| {
+            err(
+                Kind::Failed,
+                "no previous good release to roll back to (see dream releases)",
+            )
+        }),
+    }
 }

@@ -121,16 +121,46 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
     Ok(())
 }
 
-pub fn rollback(
-    root: Option<&Path>,
-    id: Option<&str>,
-    no_reload: bool,
-    verify: &[String],
-    wait_lock: Option<std::time::Duration>,
-    json: bool,
-    quiet: bool,
-) -> Result {
+pub struct RollbackArgs<'a> {
+    pub root: Option<&'a Path>,
+    pub id: Option<&'a str>,
+    pub no_reload: bool,
+    pub verify: &'a [String],
+    pub wait_lock: Option<std::time::Duration>,
+    pub dry_run: bool,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+pub fn rollback(a: RollbackArgs<'_>) -> Result {
+    let RollbackArgs {
+        root,
+        id,
+        no_reload,
+        verify,
+        wait_lock,
+        dry_run,
+        json,
+        quiet,
+    } = a;
     let root = crate::serve::root_dir(root)?;
+    if dry_run {
+        let store = dream_core::release::Store::new(&root);
+        let target = deploy::rollback_target(&store, id)?;
+        let current = store.current();
+        if json {
+            print_line(
+                &serde_json::json!({"ok": true, "dry_run": true, "previous": current, "release": target})
+                    .to_string(),
+            );
+        } else {
+            print_line(&format!(
+                "would roll back: current: {} -> {target}, then reload (nothing is written)",
+                current.as_deref().unwrap_or("nothing")
+            ));
+        }
+        return Ok(());
+    }
     let report = deploy::rollback(
         &root,
         id,

@@ -357,6 +357,9 @@ struct RollbackCmd {
     /// After the reload, GET PATH through the supervisor's own socket (repeatable), as for deploy
     #[arg(long, value_name = "PATH", value_parser = values::url_path)]
     verify: Vec<String>,
+    /// Print which release it would go back to; write nothing, take no lock
+    #[arg(long)]
+    dry_run: bool,
     /// Wait this long for another deploy's lock (default: fail at once)
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     wait_lock: Option<Duration>,
@@ -915,15 +918,16 @@ fn run(cmd: Cmd) -> Result {
                 quiet: a.quiet,
             })
         }
-        Cmd::Rollback(a) => deploy::rollback(
-            a.root.as_deref(),
-            a.id.as_deref(),
-            a.no_reload,
-            &a.verify,
-            a.wait_lock,
-            a.json,
-            a.quiet,
-        ),
+        Cmd::Rollback(a) => deploy::rollback(deploy::RollbackArgs {
+            root: a.root.as_deref(),
+            id: a.id.as_deref(),
+            no_reload: a.no_reload,
+            verify: &a.verify,
+            wait_lock: a.wait_lock,
+            dry_run: a.dry_run,
+            json: a.json,
+            quiet: a.quiet,
+        }),
         Cmd::Releases(a) if a.verify => deploy::verify(a.root.as_deref(), a.id.as_deref(), a.json),
         Cmd::Releases(a) => deploy::releases(a.root.as_deref(), a.json),
         Cmd::Reload(a) => serve::reload(a.root.as_deref(), a.confirm_within, a.json),

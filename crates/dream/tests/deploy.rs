@@ -1278,9 +1278,50 @@ fn exclusions_and_dry_runs() {
     // Asked for, .git/ comes along; a dry run against a release compares.
     deploy_json(&root, &src, &["--id", "two", "--keep-git"]);
     assert!(root.join("releases/two/.git/HEAD").is_file());
+    let before = snapshot(&root);
     let (code, out, _) = dream(&root, &["deploy", s, "--dry-run"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("shared with two"), "{out}");
+    let (code, out, _) = dream(&root, &["rollback", "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("two -> one"), "{out}");
+    assert_eq!(
+        snapshot(&root),
+        before,
+        "a dry run leaves the store byte-identical"
+    );
+}
+
+/// Every path under `dir` with its type, mode, size, mtime and content.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let content = if m.is_file() {
+                format!("{:?}", std::fs::read(&p).unwrap())
+            } else if m.is_symlink() {
+                format!("-> {:?}", std::fs::read_link(&p).unwrap())
+            } else {
+                stack.push(p.clone());
+                String::new()
+            };
+            out.push((
+                p,
+                format!(
+                    "{:o} {} {} {content}",
+                    m.mode(),
+                    m.size(),
+                    m.mtime_nsec() + m.mtime() * 1_000_000_000
+                ),
+            ));
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Hooks in ROOT/.dream/hooks run with the lock held and a JSON event on
@@ -1331,6 +1372,36 @@ fn hooks_run_around_the_switch_and_a_failing_pre_switch_switches_nothing() {
     assert_eq!(events[0]["release"], "two");
     assert_eq!(events[0]["previous"], "one");
     assert!(events[0]["host"].as_str().is_some_and(|h| !h.is_empty()));
+    // The lock is held while a hook runs: a concurrent deploy exits 111.
+    let gate = root.join("open-gate");
+    std::fs::write(
+        hooks.join("post-deploy"),
+        format!(
+            "#!/bin/sh\ncat > /dev/null\ntouch {waiting}\nwhile [ ! -e {gate} ]; do sleep 0.05; done\n",
+            waiting = root.join("hook-waiting").display(),
+            gate = gate.display()
+        ),
+    )
+    .unwrap();
+    let mut slow = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["deploy", src.to_str().unwrap(), "--id", "held", "--root"])
+            .arg(&root),
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the post-deploy hook to run",
+        || root.join("hook-waiting").exists().then_some(()),
+    );
+    let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap(), "--id", "blocked"]);
+    assert_eq!(
+        code,
+        Some(111),
+        "the lock is held while the hook runs: {err}"
+    );
+    std::fs::write(&gate, "").unwrap();
+    assert!(slow.wait_exit(Duration::from_secs(20)).success());
+    std::fs::remove_file(hooks.join("post-deploy")).unwrap();
     // A failing pre-switch: nothing switched, deploy-failed told why.
     std::fs::write(root.join("fail-pre-switch"), "").unwrap();
     std::fs::remove_file(&log).unwrap();
@@ -1341,7 +1412,7 @@ fn hooks_run_around_the_switch_and_a_failing_pre_switch_switches_nothing() {
         "{err}"
     );
     assert!(err.contains("nothing was switched"), "{err}");
-    assert_eq!(current(&root).as_deref(), Some("two"));
+    assert_eq!(current(&root).as_deref(), Some("held"));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("\"hook\":\"deploy-failed\""), "{text}");
     assert!(
@@ -1381,8 +1452,16 @@ fn bridge_links_the_previous_releases_assets_and_never_overwrites() {
     let root = tree.path().join("root");
     std::fs::create_dir(&root).unwrap();
     deploy_json(&root, &v1, &["--id", "one"]);
+    let (_sup, addr) = dream_testkit::serve_root(&root, &["--workers", "1", "--ready", "notify"]);
     let r = deploy_json(&root, &v2, &["--id", "two", "--bridge", "public/assets"]);
     assert_eq!(r["bridged"], 1, "{r}");
+    // A page the old release rendered still finds its asset, from the new one.
+    let asset = wait_until(Duration::from_secs(20), "two to serve", || {
+        let r = get(addr, "/assets/app-1111.js", &[]);
+        (r.header("x-dream-release") == Some("two")).then_some(r)
+    });
+    assert_eq!(asset.status, 200);
+    assert_eq!(asset.text(), "old app\n");
     let two = root.join("releases/two/public");
     assert_eq!(
         std::fs::read_to_string(two.join("assets/app-1111.js")).unwrap(),

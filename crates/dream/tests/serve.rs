@@ -856,6 +856,44 @@ fn metrics_count_workers_reloads_and_the_accept_queue() {
         1.0
     );
     assert_eq!(get(maddr, "/", &[]).status, 404);
+    // Workers that stop accepting (stopped): clients wait in the backlog,
+    // and the accept queue shows them.
+    let s = root.control(r#"{"cmd":"status"}"#);
+    let pids = dream_testkit::live_pids(&s);
+    for p in &pids {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p as i32), Signal::SIGSTOP).unwrap();
+    }
+    // (kill returns before the stop takes effect: until then a worker
+    // could still accept.)
+    for p in &pids {
+        wait_until(Duration::from_secs(10), "the worker to stop", || {
+            dream_testkit::stopped(*p as i32).then_some(())
+        });
+    }
+    let addr: std::net::SocketAddr = s["sockets"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let waiting: Vec<std::net::TcpStream> = (0..5)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape();
+        if value(&m, r#"dream_listen_queue{socket="127.0.0.1_0"}"#) >= 5.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queue never showed the 5 waiting clients ({pids:?} stopped):\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in &pids {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p as i32), Signal::SIGCONT).unwrap();
+    }
+    drop(waiting);
     // The metrics listener crosses an upgrade with the rest.
     let (status, _, err) = run(
         Command::new(bin("dream"))
