@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -471,6 +472,8 @@ pub struct DeployPlan {
     pub exclude: Vec<String>,
     pub keep_git: bool,
     pub bridge: Vec<PathBuf>,
+    /// Run `build` once here rather than on every host.
+    pub build_on_local: bool,
     pub confirm_within: Duration,
 }
 
@@ -578,6 +581,60 @@ fn stage_source(
     Ok((dir, m, tmp))
 }
 
+/// `--build-on local`: copies the source (as hashed: its exclusions
+/// applied) into a temporary directory, runs the build there with the
+/// release's id in `DREAM_RELEASE`, and hashes the result.
+fn build_locally(
+    src: &Path,
+    manifest: &Manifest,
+    id: &str,
+    cmd: &str,
+    json: bool,
+) -> Result<(PathBuf, Manifest, tempfile::TempDir)> {
+    let tmp = tempfile::tempdir().map_err(Failure::failed)?;
+    let dir = tmp.path().join("build");
+    for e in manifest.entries() {
+        let (from, to) = (src.join(&e.path), dir.join(&e.path));
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(Failure::failed)?;
+        }
+        match &e.kind {
+            manifest::Kind::Dir { .. } => std::fs::create_dir_all(&to).map_err(Failure::failed)?,
+            manifest::Kind::Symlink { target } => {
+                std::os::unix::fs::symlink(target, &to).map_err(Failure::failed)?
+            }
+            manifest::Kind::File { .. } => {
+                std::fs::copy(&from, &to)
+                    .map_err(|e| Failure::failed(format!("{}: {e}", from.display())))?;
+            }
+        }
+    }
+    say(json, &format!("building here: {cmd}"));
+    let status = Command::new("/bin/sh")
+        .args(["-c", cmd])
+        .current_dir(&dir)
+        .env("DREAM_RELEASE", id)
+        .env("DREAM_BUILD_DIR", &dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(
+            std::io::stderr()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(Failure::failed)?,
+        ))
+        .status()
+        .map_err(|e| Failure::failed(format!("cannot run the build: {e}")))?;
+    if !status.success() {
+        return Err(Failure::failed(format!(
+            "the build {} here; nothing was sent anywhere",
+            dream_core::respawn::describe_exit(status)
+        )));
+    }
+    let built =
+        Manifest::of_tree(&dir).map_err(|e| Failure::failed(format!("hashing the build: {e}")))?;
+    Ok((dir, built, tmp))
+}
+
 /// Ends the run: a report on stdout with `--json`, the exit code.
 fn finish(f: &Fleet, started: Instant, mut report: FleetReport, conns: &[Conn]) -> Result {
     report.duration_s = started.elapsed().as_secs_f64();
@@ -631,21 +688,39 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
         let staged = stage_source(&plan.source, &plan.exclude, plan.keep_git);
         (staged, connecting.join().expect("connect thread"))
     });
+    let hang_up = |connected: std::result::Result<Vec<Conn>, Vec<String>>| {
+        for c in connected.into_iter().flatten() {
+            c.bye();
+        }
+    };
     let (dir, manifest, _tmp) = match staged {
         Ok(s) => s,
         Err(e) => {
-            for c in connected.into_iter().flatten() {
-                c.bye();
-            }
+            hang_up(connected);
             return Err(e);
         }
     };
     let id = match &plan.id {
-        Some(id) => {
-            dream_core::release::check_id(id).map_err(Failure::usage)?;
-            id.clone()
-        }
+        Some(id) => match dream_core::release::check_id(id) {
+            Ok(()) => id.clone(),
+            Err(e) => {
+                hang_up(connected);
+                return Err(Failure::usage(e));
+            }
+        },
         None => dream_core::deploy::new_release_id(&manifest),
+    };
+    // --build-on local: built once here, and the built tree is what the
+    // hosts get (they build nothing).
+    let (dir, manifest, _built, build) = match (&plan.build, plan.build_on_local) {
+        (Some(cmd), true) => match build_locally(&dir, &manifest, &id, cmd, f.json) {
+            Ok((d, m, t)) => (d, m, Some(t), None),
+            Err(e) => {
+                hang_up(connected);
+                return Err(e);
+            }
+        },
+        _ => (dir, manifest, None, plan.build.clone()),
     };
     let by_hash: HashMap<String, PathBuf> = manifest
         .entries()
@@ -742,7 +817,7 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
         }
         c.must(&ToAgent::Prepare {
             id: id.clone(),
-            build: plan.build.clone(),
+            build: build.clone(),
             bridge: plan.bridge.clone(),
         })?;
         say(

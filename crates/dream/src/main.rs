@@ -210,6 +210,12 @@ struct PoolFlags {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BuildOn {
+    Hosts,
+    Local,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -499,6 +505,9 @@ struct FleetDeployArgs {
     /// Shell command run in each host's staged release before the switch
     #[arg(long, value_name = "CMD")]
     build: Option<String>,
+    /// Where --build runs: on every host, or once here (the hosts then get the built tree)
+    #[arg(long, value_enum, default_value_t = BuildOn::Hosts)]
+    build_on: BuildOn,
     /// Each host's reload is provisional for this long: a host the run cannot confirm reverts itself [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     confirm_within: Option<Duration>,
@@ -1079,6 +1088,7 @@ fn run_fleet(cmd: FleetCmd) -> Result {
                     exclude: a.exclude,
                     keep_git: a.keep_git,
                     bridge: a.bridge,
+                    build_on_local: a.build_on == BuildOn::Local,
                     confirm_within: a
                         .confirm_within
                         .or(file.confirm_within)

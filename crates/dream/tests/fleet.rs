@@ -544,3 +544,41 @@ fn install_brings_a_host_without_dream_to_a_working_state() {
     assert!(installed.is_file(), "{}", installed.display());
     assert_eq!(lab.current(0), "one");
 }
+
+/// `--build-on local`: the build runs once, here, and every host gets the
+/// built tree (the hosts build nothing).
+#[test]
+fn build_on_local_builds_once_and_ships_the_result() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new(2);
+    let v1 = site(&lab.tree, "v1", None);
+    let count = lab.tree.path().join("builds");
+    let build = format!("echo built >> {}; {STAMP}", count.display());
+    let (code, _, err) = lab.fleet(&[
+        "deploy",
+        v1.to_str().unwrap(),
+        "--id",
+        "local1",
+        "--build",
+        &build,
+        "--build-on",
+        "local",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&count).unwrap(),
+        "built\n",
+        "built once"
+    );
+    for i in 0..2 {
+        assert_eq!(lab.current(i), "local1");
+        let page =
+            std::fs::read_to_string(lab.hosts[i].root.join("current/public/index.html")).unwrap();
+        assert_eq!(
+            page, "<p>release local1</p>\n",
+            "host {i} got the built tree"
+        );
+    }
+}
