@@ -762,6 +762,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_incompatible_coordinator_is_refused_with_both_versions_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = Agent::new(dir.path());
+        let r = agent.handle(ToAgent::Hello {
+            protocol: PROTOCOL + 1,
+            version: "9.9.9".into(),
+        });
+        assert!(!r.ok);
+        let e = r.error.unwrap();
+        assert!(
+            e.contains("9.9.9") && e.contains(&crate::supervise::version()),
+            "{e}"
+        );
+        assert!(e.contains(&format!("protocol {}", PROTOCOL + 1)), "{e}");
+        let r = agent.handle(ToAgent::Hello {
+            protocol: PROTOCOL,
+            version: "x".into(),
+        });
+        assert!(r.ok, "{r:?}");
+        // Nothing before a lock: an offer or a switch is refused.
+        assert!(!agent.offer("one", "dream-manifest 1\n").ok);
+        assert!(!agent.switch("one", 1000, &[]).ok);
+    }
+
+    #[test]
     fn frames_round_trip_and_garbage_is_refused() {
         let mut wire = Vec::new();
         write_message(&mut wire, &ToAgent::Ping).unwrap();

@@ -1068,6 +1068,7 @@ fn switch_commit(
         return end(f, started, report, conns);
     }
     // The decision, recorded on the primary, then confirmed everywhere.
+    dream_core::test_point("fleet-commit");
     let hosts: Vec<String> = conns.iter().map(|c| c.host.name.clone()).collect();
     if let Err((e, _)) = conns[0].must(&ToAgent::Commit {
         id: id.to_string(),

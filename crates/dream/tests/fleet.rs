@@ -509,6 +509,48 @@ fn a_coordinator_killed_in_any_phase_leaves_a_consistent_fleet() {
             assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "{phase}");
         }
     }
+    // Stopped (then killed) just before the commit: every host switched,
+    // none confirmed. Each reverts itself at its deadline: old everywhere.
+    let before = lab.current(0);
+    let mut run = Guard::spawn(
+        lab.fleet_cmd(&[
+            "deploy",
+            v1.to_str().unwrap(),
+            "--id",
+            "uncommitted",
+            "--build",
+            STAMP,
+            "--confirm-within",
+            "3s",
+        ])
+        .env("DREAM_TEST_STOP_AFTER", "fleet-commit"),
+    );
+    let pid = run.pid();
+    wait_until(
+        Duration::from_secs(60),
+        "the run to stop before its commit",
+        || dream_testkit::stopped(pid).then_some(()),
+    );
+    for i in 0..3 {
+        assert_eq!(
+            lab.current(i),
+            "uncommitted",
+            "switched, unconfirmed: host {i}"
+        );
+    }
+    run.signal(nix::sys::signal::Signal::SIGKILL);
+    run.wait_exit(Duration::from_secs(10));
+    drop(run);
+    for i in 0..3 {
+        wait_until(Duration::from_secs(30), "the host to revert itself", || {
+            (lab.current(i) == before).then_some(())
+        });
+    }
+    let (code, _, err) = deploy_when_free(
+        &lab,
+        &[v1.to_str().unwrap(), "--id", "final", "--build", STAMP],
+    );
+    assert_eq!(code, Some(0), "{err}");
     for r in referees {
         let report = r.finish();
         assert_eq!(report.error_total, 0, "{}", report.human());
