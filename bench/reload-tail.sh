@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The two figures of issue 16, measured as a user would, side by side in one run:
+#   1. reloads under keep-alive load: `dream serve --workers 4 -- dream static public`,
+#      `wrk -t2 -c64 --latency` on a small file; each round 4 s steady, then 4 s with a
+#      reload every 250 ms alternating two releases; p99 during / steady, errors;
+#   2. dream static against nginx, 2 workers each (nginx worker_processes 2, sendfile on),
+#      `wrk -t2 -c64 -d3s` on a 10-byte file, alternated; requests per second.
+# The median of ROUNDS rounds of each. Usage: bench/reload-tail.sh [ROUNDS]   (default 3)
+source "$(dirname "$0")/lib.sh"
+ROUNDS=${1:-3}
+need wrk nginx-light curl
+mkdir -p "$WORK/a/public" "$WORK/b/public" "$WORK/root" "$WORK/nginx"
+chmod 755 "$WORK"
+printf '0123456789' > "$WORK/a/public/small"; printf '0123456789' > "$WORK/b/public/small"
+"$DREAM" deploy -q --root "$WORK/root" "$WORK/a" --id a >/dev/null
+"$DREAM" deploy -q --root "$WORK/root" "$WORK/b" --id b >/dev/null
+"$DREAM" rollback -q --root "$WORK/root" a >/dev/null
+SP=$(free_port); S2=$(free_port); NP=$(free_port)
+"$DREAM" serve -q --root "$WORK/root" --listen 127.0.0.1:$SP --workers 4 --ready notify -- "$DREAM" static public &
+"$DREAM" serve -q --root "$WORK/root" --listen 127.0.0.1:$S2 --workers 2 --ready notify -- "$DREAM" static public &
+cat > "$WORK/nginx/nginx.conf" <<CONF
+worker_processes 2;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$NP; root $WORK/a/public; }
+}
+CONF
+nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+for p in $SP $S2 $NP; do wait_http http://127.0.0.1:$p/small; done
+
+# wrk's p99 in microseconds, its requests/s, and its error count.
+wrk_run() { run wrk -t2 -c64 -d"$2" --latency "$1" 2>/dev/null; }
+p99_us() { awk '/ 99%/ {v=$2; if (v ~ /ms$/) {sub(/ms$/,"",v); v*=1000} else if (v ~ /us$/) {sub(/us$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000000}; print v}'; }
+rps() { awk '/Requests\/sec/ {print $2}'; }
+errs() { awk '/Socket errors/ {gsub(/,/,""); print $4+$6+$8+$10; f=1} /Non-2xx/ {n=$5} END {if (!f) print 0+n}'; }
+
+echo "== 1. p99 during reloads / steady (wrk -t2 -c64, 4 workers, a reload every 250 ms)"
+ratios=()
+for r in $(seq "$ROUNDS"); do
+  S=$(wrk_run http://127.0.0.1:$SP/small 4s)
+  ( end=$((SECONDS + 4)); n=0
+    while [ $SECONDS -lt $end ]; do
+      if [ $((n % 2)) -eq 0 ]; then id=b; else id=a; fi
+      "$DREAM" rollback -q --root "$WORK/root" $id >/dev/null 2>&1 || true
+      n=$((n + 1)); sleep 0.25
+    done ) &
+  R=$(wrk_run http://127.0.0.1:$SP/small 4s); wait $!
+  s=$(echo "$S" | p99_us); d=$(echo "$R" | p99_us)
+  ratio=$(python3 -c "print(round($d/$s,2))"); ratios+=("$ratio")
+  echo "round $r: steady p99 ${s}us $(echo "$S" | rps) req/s | reloading p99 ${d}us $(echo "$R" | rps) req/s errors $(echo "$R" | errs) | ratio $ratio"
+done
+echo "median p99 ratio: $(printf '%s\n' "${ratios[@]}" | sort -n | sed -n "$(( (ROUNDS + 1) / 2 ))p")"
+
+echo "== 2. dream static vs nginx, 2 workers each (wrk -t2 -c64 -d3s, a 10-byte file)"
+ratios=()
+for r in $(seq "$ROUNDS"); do
+  a=$(wrk_run http://127.0.0.1:$S2/small 3s | rps); b=$(wrk_run http://127.0.0.1:$NP/small 3s | rps)
+  ratio=$(python3 -c "print(round($a/$b,2))"); ratios+=("$ratio")
+  echo "round $r: dream $a req/s | nginx $b req/s | ratio $ratio"
+done
+echo "median dream/nginx: $(printf '%s\n' "${ratios[@]}" | sort -n | sed -n "$(( (ROUNDS + 1) / 2 ))p")"
