@@ -9,15 +9,22 @@
 source "$(dirname "$0")/lib.sh"
 ROUNDS=${1:-3}
 need wrk nginx-light curl
-mkdir -p "$WORK/a/public" "$WORK/b/public" "$WORK/root" "$WORK/nginx"
+mkdir -p "$WORK/a/public" "$WORK/b/public" "$WORK/root" "$WORK/root1" "$WORK/root2" "$WORK/nginx"
 chmod 755 "$WORK"
 printf '0123456789' > "$WORK/a/public/small"; printf '0123456789' > "$WORK/b/public/small"
 "$DREAM" deploy -q --root "$WORK/root" "$WORK/a" --id a >/dev/null
 "$DREAM" deploy -q --root "$WORK/root" "$WORK/b" --id b >/dev/null
 "$DREAM" rollback -q --root "$WORK/root" a >/dev/null
-SP=$(free_port); S2=$(free_port); NP=$(free_port)
+for id in a b; do "$DREAM" deploy -q --root "$WORK/root1" "$WORK/$id" --id $id >/dev/null; done
+"$DREAM" rollback -q --root "$WORK/root1" a >/dev/null
+SP=$(free_port); S1=$(free_port); S2=$(free_port); NP=$(free_port)
 "$DREAM" serve -q --root "$WORK/root" --listen 127.0.0.1:$SP --workers 4 --ready notify -- "$DREAM" static public &
-"$DREAM" serve -q --root "$WORK/root" --listen 127.0.0.1:$S2 --workers 2 --ready notify -- "$DREAM" static public &
+# A second supervisor like the first, measured in turn with it: the spread
+# between two identical servers in one run is the noise floor of the figure.
+"$DREAM" serve -q --root "$WORK/root1" --listen 127.0.0.1:$S1 --workers 4 --ready notify -- "$DREAM" static public &
+# The static comparison's own root: one supervisor per root.
+"$DREAM" deploy -q --root "$WORK/root2" "$WORK/a" --id a >/dev/null
+"$DREAM" serve -q --root "$WORK/root2" --listen 127.0.0.1:$S2 --workers 2 --ready notify -- "$DREAM" static public &
 cat > "$WORK/nginx/nginx.conf" <<CONF
 worker_processes 2;
 daemon off;
@@ -30,7 +37,7 @@ http {
 }
 CONF
 nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
-for p in $SP $S2 $NP; do wait_http http://127.0.0.1:$p/small; done
+for p in $SP $S1 $S2 $NP; do wait_http http://127.0.0.1:$p/small; done
 
 # wrk's p99 in microseconds, its requests/s, and its error count.
 wrk_run() { run wrk -t2 -c64 -d"$2" --latency "$1" 2>/dev/null; }
@@ -38,22 +45,30 @@ p99_us() { awk '/ 99%/ {v=$2; if (v ~ /ms$/) {sub(/ms$/,"",v); v*=1000} else if 
 rps() { awk '/Requests\/sec/ {print $2}'; }
 errs() { awk '/Socket errors/ {gsub(/,/,""); print $4+$6+$8+$10; f=1} /Non-2xx/ {n=$5} END {if (!f) print 0+n}'; }
 
-echo "== 1. p99 during reloads / steady (wrk -t2 -c64, 4 workers, a reload every 250 ms)"
-ratios=()
-for r in $(seq "$ROUNDS"); do
-  S=$(wrk_run http://127.0.0.1:$SP/small 4s)
+echo "== 1. p99 during reloads / steady (wrk -t2 -c64, 4 workers, a reload every 250 ms; two identical supervisors in turn)"
+# One round of one server: steady, then reloading; prints the p99 ratio.
+reload_round() {  # PORT ROOT LABEL ROUND
+  local S R s d ratio
+  S=$(wrk_run http://127.0.0.1:$1/small 4s)
   ( end=$((SECONDS + 4)); n=0
     while [ $SECONDS -lt $end ]; do
       if [ $((n % 2)) -eq 0 ]; then id=b; else id=a; fi
-      "$DREAM" rollback -q --root "$WORK/root" $id >/dev/null 2>&1 || true
+      "$DREAM" rollback -q --root "$2" $id >/dev/null 2>&1 || true
       n=$((n + 1)); sleep 0.25
     done ) &
-  R=$(wrk_run http://127.0.0.1:$SP/small 4s); wait $!
+  R=$(wrk_run http://127.0.0.1:$1/small 4s); wait $!
   s=$(echo "$S" | p99_us); d=$(echo "$R" | p99_us)
-  ratio=$(python3 -c "print(round($d/$s,2))"); ratios+=("$ratio")
-  echo "round $r: steady p99 ${s}us $(echo "$S" | rps) req/s | reloading p99 ${d}us $(echo "$R" | rps) req/s errors $(echo "$R" | errs) | ratio $ratio"
+  ratio=$(python3 -c "print(round($d/$s,2))")
+  echo "round $4 $3: steady p99 ${s}us $(echo "$S" | rps) req/s | reloading p99 ${d}us $(echo "$R" | rps) req/s errors $(echo "$R" | errs) | ratio $ratio" >&2
+  echo "$ratio"
+}
+all=(); obo=()
+for r in $(seq "$ROUNDS"); do
+  all+=("$(reload_round $SP "$WORK/root" first $r)")
+  obo+=("$(reload_round $S1 "$WORK/root1" second $r)")
 done
-echo "median p99 ratio: $(printf '%s\n' "${ratios[@]}" | sort -n | sed -n "$(( (ROUNDS + 1) / 2 ))p")"
+med() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
+echo "median p99 ratio: first $(med "${all[@]}"), second $(med "${obo[@]}")"
 
 echo "== 2. dream static vs nginx, 2 workers each (wrk -t2 -c64 -d3s, a 10-byte file)"
 ratios=()
