@@ -179,7 +179,17 @@ impl Conn {
 
     /// Asks, and turns a refusal into an error naming the host.
     fn must(&mut self, msg: &ToAgent) -> std::result::Result<Reply, (String, bool)> {
-        match self.ask(msg) {
+        let reply = self.ask(msg);
+        self.accepted(reply)
+    }
+
+    /// A reply that is not `ok` as an error naming the host (and whether
+    /// trying again may work); a lost session is temporary.
+    fn accepted(
+        &self,
+        reply: std::result::Result<Reply, String>,
+    ) -> std::result::Result<Reply, (String, bool)> {
+        match reply {
             Ok(r) if r.ok => Ok(r),
             Ok(r) => Err((
                 format!(
@@ -207,18 +217,8 @@ impl Conn {
             Ok(n) => self.sent += n,
             Err(e) => return Err((self.gone(e), true)),
         }
-        match self.reply() {
-            Ok(r) if r.ok => Ok(r),
-            Ok(r) => Err((
-                format!(
-                    "{}: {}",
-                    self.host.name,
-                    r.error.unwrap_or_else(|| "failed".into())
-                ),
-                r.temporary,
-            )),
-            Err(e) => Err((e, true)),
-        }
+        let reply = self.reply();
+        self.accepted(reply)
     }
 
     fn gone(&mut self, e: impl std::fmt::Display) -> String {
@@ -804,16 +804,8 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
                 fleet::write_blob(&mut *w, hash, file)
             };
             c.sent += sent.map_err(|e| (c.gone(e), true))?;
-            match c.reply() {
-                Ok(r) if r.ok => {}
-                Ok(r) => {
-                    return Err((
-                        format!("{}: {}", c.host.name, r.error.unwrap_or_default()),
-                        false,
-                    ));
-                }
-                Err(e) => return Err((e, true)),
-            }
+            let reply = c.reply();
+            c.accepted(reply)?;
         }
         c.must(&ToAgent::Prepare {
             id: id.clone(),

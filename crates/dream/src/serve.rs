@@ -239,35 +239,49 @@ pub fn reload(root: Option<&Path>, confirm_within: Option<Duration>, json_out: b
         confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
     };
     let a = control::ask(&root, &request, None).map_err(control_failure)?;
+    answered(a, json_out, "reload failed: ", |a| {
+        format!(
+            "reloaded: generation {} (release {}) is live",
+            a.generation.map_or("?".into(), |g| g.to_string()),
+            a.release.as_deref().unwrap_or("?")
+        )
+    })
+}
+
+/// Prints a control answer (JSON with `--json`, else `done(answer)` when it
+/// succeeded) and maps a failure to its exit code: 111 when the supervisor
+/// was too busy to take the request, else 1 with `what` and the reason.
+fn answered(
+    a: control::Answer,
+    json_out: bool,
+    what: &str,
+    done: impl FnOnce(&control::Answer) -> String,
+) -> Result {
     if json_out {
         crate::print_line(&serde_json::to_string(&a).expect("an answer serializes"));
     }
     if a.ok {
         if !json_out {
-            crate::print_line(&format!(
-                "reloaded: generation {} (release {}) is live",
-                a.generation.map_or("?".into(), |g| g.to_string()),
-                a.release.as_deref().unwrap_or("?")
-            ));
+            crate::print_line(&done(&a));
         }
-        Ok(())
-    } else {
-        let reason = a.error.unwrap_or_else(|| "unknown error".into());
-        // Refused as busy: nothing was done, and asking again may work.
-        let code = if a.refused == Some(control::Refusal::Busy) {
-            crate::exit::TEMPORARY
-        } else {
-            crate::exit::FAILED
-        };
-        if json_out {
-            Err(Failure::silent(code))
-        } else {
-            Err(Failure {
-                code,
-                message: format!("reload failed: {reason}"),
-            })
-        }
+        return Ok(());
     }
+    // Refused as busy: nothing was done, and asking again may work.
+    let code = if a.refused == Some(control::Refusal::Busy) {
+        crate::exit::TEMPORARY
+    } else {
+        crate::exit::FAILED
+    };
+    if json_out {
+        return Err(Failure::silent(code));
+    }
+    Err(Failure {
+        code,
+        message: format!(
+            "{what}{}",
+            a.error.unwrap_or_else(|| "unknown error".into())
+        ),
+    })
 }
 
 /// `dream upgrade`: asks the supervisor to exec a new program in place and
@@ -286,25 +300,13 @@ pub fn upgrade(root: Option<&Path>, binary: Option<PathBuf>, json_out: bool) -> 
         Some(Duration::from_secs(120)),
     )
     .map_err(control_failure)?;
-    if json_out {
-        crate::print_line(&serde_json::to_string(&a).expect("an answer serializes"));
-    }
-    if a.ok {
-        if !json_out {
-            crate::print_line(&format!(
-                "upgraded: dream {} -> {}",
-                a.previous_version.as_deref().unwrap_or("?"),
-                a.version.as_deref().unwrap_or("?")
-            ));
-        }
-        return Ok(());
-    }
-    let reason = a.error.unwrap_or_else(|| "unknown error".into());
-    if json_out {
-        Err(Failure::silent(crate::exit::FAILED))
-    } else {
-        Err(Failure::failed(reason))
-    }
+    answered(a, json_out, "", |a| {
+        format!(
+            "upgraded: dream {} -> {}",
+            a.previous_version.as_deref().unwrap_or("?"),
+            a.version.as_deref().unwrap_or("?")
+        )
+    })
 }
 
 /// `dream confirm`: keeps a provisional generation.
@@ -316,23 +318,11 @@ pub fn confirm(root: Option<&Path>, generation: Option<u64>, json_out: bool) -> 
         Some(Duration::from_secs(30)),
     )
     .map_err(control_failure)?;
-    if json_out {
-        crate::print_line(&serde_json::to_string(&a).expect("an answer serializes"));
-    }
-    if a.ok {
-        if !json_out {
-            crate::print_line(&format!(
-                "confirmed: generation {} (release {}) stays",
-                a.generation.map_or("?".into(), |g| g.to_string()),
-                a.release.as_deref().unwrap_or("?")
-            ));
-        }
-        return Ok(());
-    }
-    let reason = a.error.unwrap_or_else(|| "unknown error".into());
-    if json_out {
-        Err(Failure::silent(crate::exit::FAILED))
-    } else {
-        Err(Failure::failed(reason))
-    }
+    answered(a, json_out, "", |a| {
+        format!(
+            "confirmed: generation {} (release {}) stays",
+            a.generation.map_or("?".into(), |g| g.to_string()),
+            a.release.as_deref().unwrap_or("?")
+        )
+    })
 }

@@ -13,7 +13,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use dream_testkit::{Guard, Referee, Tree, bin, prerequisite, run, wait_until};
+use dream_testkit::{
+    Guard, Referee, STAMP, Tree, bin, prerequisite, run, stamped_site, wait_until,
+};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -218,23 +220,8 @@ fn site(tree: &Tree, name: &str, fail_on: Option<&str>) -> PathBuf {
     let guard = fail_on
         .map(|h| format!("[ \"$HOST_NAME\" = {h} ] && {{ echo 'refusing on {h}' >&2; exit 1; }}\n"))
         .unwrap_or_default();
-    site_with(tree, name, &guard)
+    stamped_site(tree, name, &guard)
 }
-
-/// A site whose `run` does `prelude`, then serves `public/`.
-fn site_with(tree: &Tree, name: &str, guard: &str) -> PathBuf {
-    tree.write(&format!("{name}/public/index.html"), "<p>release @R@</p>\n");
-    tree.write(
-        &format!("{name}/run"),
-        format!("#!/bin/sh\n{guard}exec \"$DREAM_BIN\" static --drain-grace 300ms\n"),
-    );
-    use std::os::unix::fs::PermissionsExt;
-    let run = tree.path().join(name).join("run");
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
-    tree.path().join(name)
-}
-
-const STAMP: &str = r#"sed -i "s/@R@/$DREAM_RELEASE/" public/index.html"#;
 
 #[test]
 fn a_fleet_deploy_ends_new_everywhere_or_old_everywhere() {
@@ -408,7 +395,7 @@ fn a_host_cut_off_during_its_switch_reverts_itself_and_the_next_run_converges() 
         .map(|i| Referee::start(lab.addr(*i), false))
         .collect();
     // h1 takes two seconds to come up: its link goes down meanwhile.
-    let v2 = site_with(&lab.tree, "v2", "[ \"$HOST_NAME\" = h1 ] && sleep 2\n");
+    let v2 = stamped_site(&lab.tree, "v2", "[ \"$HOST_NAME\" = h1 ] && sleep 2\n");
     let mut run = Guard::spawn(&mut lab.fleet_cmd(&[
         "deploy",
         v2.to_str().unwrap(),
@@ -471,7 +458,7 @@ fn a_coordinator_killed_in_any_phase_leaves_a_consistent_fleet() {
     let referees: Vec<Referee> = (0..3).map(|i| Referee::start(lab.addr(i), false)).collect();
     // Slow to build (killed while preparing), slow to come up on the
     // hosts after the canary (killed while switching).
-    let slow = site_with(&lab.tree, "slow", "[ \"$HOST_NAME\" != h0 ] && sleep 2\n");
+    let slow = stamped_site(&lab.tree, "slow", "[ \"$HOST_NAME\" != h0 ] && sleep 2\n");
     for (n, (phase, build)) in [
         ("locked every host", "sleep 30"),
         ("prepared in", "sleep 1"),

@@ -4,11 +4,13 @@
 //! and no client refused, reset or served a mix.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use dream_testkit::{Guard, Referee, Root, Tree, bin, probe, run, stopped, wait_until};
+use dream_testkit::{
+    Guard, Referee, Root, STAMP, Tree, bin, probe, run, stamped_site, stopped, wait_until,
+};
 use nix::sys::signal::Signal;
 
 const STATIC: &str = r#"exec "$DREAM_BIN" static --drain-grace 300ms"#;
@@ -232,24 +234,13 @@ fn a_provisional_reload_reverts_at_its_deadline_unless_confirmed() {
     assert_eq!(report.mixed, 0, "{}", report.human());
 }
 
-fn stamped_site(tree: &Tree, name: &str) -> PathBuf {
-    tree.write(&format!("{name}/public/index.html"), "<p>release @R@</p>\n");
-    tree.write(&format!("{name}/run"), format!("#!/bin/sh\n{STATIC}\n"));
-    use std::os::unix::fs::PermissionsExt;
-    let run = tree.path().join(name).join("run");
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
-    tree.path().join(name)
-}
-
-const STAMP: &str = r#"sed -i "s/@R@/$DREAM_RELEASE/" public/index.html"#;
-
 /// A deploy with --confirm-within killed between its reload and its
 /// confirmation: the supervisor reverts at the deadline, and the host ends
 /// consistent (current, history, lock) with no client noticing.
 #[test]
 fn a_deploy_killed_before_it_confirms_is_reverted_by_the_supervisor() {
     let tree = Tree::new();
-    let site = stamped_site(&tree, "site");
+    let site = stamped_site(&tree, "site", "");
     let root = tree.path().join("root");
     std::fs::create_dir(&root).unwrap();
     let deploy = |id: &str| {

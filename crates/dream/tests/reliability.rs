@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dream_testkit::{
-    Guard, Referee, Root, Tree, alive, bin, children, free_port, get, live_pids, probe,
-    read_report, run, stopped, wait_until,
+    Guard, Referee, Root, STAMP, Tree, alive, bin, children, free_port, get, live_pids, probe,
+    read_report, run, stamped_site, stopped, wait_until,
 };
 use nix::sys::signal::Signal;
 
@@ -628,26 +628,13 @@ fn soak_reloads_without_growth() {
     assert!(sup.wait_exit(Duration::from_secs(20)).success());
 }
 
-/// A site whose page names its release (stamped by the build) and whose
-/// `./run` serves it with dream static.
-fn stamped_site(tree: &Tree, name: &str) -> std::path::PathBuf {
-    tree.write(&format!("{name}/public/index.html"), "<p>release @R@</p>\n");
-    tree.write(&format!("{name}/run"), format!("#!/bin/sh\n{STATIC}\n"));
-    use std::os::unix::fs::PermissionsExt;
-    let run = tree.path().join(name).join("run");
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
-    tree.path().join(name)
-}
-
-const STAMP: &str = r#"sed -i "s/@R@/$DREAM_RELEASE/" public/index.html"#;
-
 /// kill -9 of `dream deploy` at every phase boundary, and while it waits for
 /// the reload, with a supervisor serving under load: `current` always names
 /// a complete release, the next deploy succeeds, no client sees an error.
 #[test]
 fn killed_deploys_under_load_lose_nothing() {
     let tree = Tree::new();
-    let a = stamped_site(&tree, "a");
+    let a = stamped_site(&tree, "a", "");
     let root = tree.path().join("root");
     std::fs::create_dir(&root).unwrap();
     let deploy = |extra: &[(&str, &str)]| {
@@ -694,7 +681,7 @@ fn killed_deploys_under_load_lose_nothing() {
     }
     // Killed while waiting for the reload (a release whose workers take a
     // second to come up): the supervisor finishes the reload anyway.
-    let slow = stamped_site(&tree, "slow");
+    let slow = stamped_site(&tree, "slow", "");
     tree.write("slow/run", format!("#!/bin/sh\nsleep 1\n{STATIC}\n"));
     let g = Guard::spawn(
         Command::new(bin("dream"))
@@ -757,7 +744,7 @@ fn soak_deploys_without_errors_or_leftovers() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
     let tree = Tree::new();
-    let sites = [stamped_site(&tree, "a"), stamped_site(&tree, "b")];
+    let sites = [stamped_site(&tree, "a", ""), stamped_site(&tree, "b", "")];
     let root = tree.path().join("root");
     std::fs::create_dir(&root).unwrap();
     let deploy = |site: &Path| {

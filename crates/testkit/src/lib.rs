@@ -591,3 +591,22 @@ pub fn free_port() -> u16 {
         .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .expect("a free port below the ephemeral range")
 }
+
+/// The `--build` that writes the release's id into a [`stamped_site`]'s
+/// page, as the referee expects.
+pub const STAMP: &str = r#"sed -i "s/@R@/$DREAM_RELEASE/" public/index.html"#;
+
+/// A deployable site in `tree/name`: `public/index.html` saying `release
+/// @R@` (for [`STAMP`]) and a `run` script that does `prelude` (shell
+/// lines, may be empty), then serves `public/` with `dream static`.
+pub fn stamped_site(tree: &Tree, name: &str, prelude: &str) -> PathBuf {
+    tree.write(&format!("{name}/public/index.html"), "<p>release @R@</p>\n");
+    tree.write(
+        &format!("{name}/run"),
+        format!("#!/bin/sh\n{prelude}exec \"$DREAM_BIN\" static --drain-grace 300ms\n"),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let run = tree.path().join(name).join("run");
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    tree.path().join(name)
+}
