@@ -3,6 +3,8 @@
 #   1. reloads under keep-alive load: `dream serve --workers 4 -- dream static public`,
 #      `wrk -t2 -c64 --latency` on a small file; each round 4 s steady, then 4 s with a
 #      reload every 250 ms alternating two releases; p99 during / steady, errors;
+#   1b. the same reloads with an open-loop client at a fixed rate (dream check --rate), which
+#       leaves the machine headroom, so the figure is the reload's, not the saturation's;
 #   2. dream static against nginx, 2 workers each (nginx worker_processes 2, sendfile on),
 #      `wrk -t2 -c64 -d3s` on a 10-byte file, alternated; requests per second.
 # The median of ROUNDS rounds of each. Usage: bench/reload-tail.sh [ROUNDS]   (default 3)
@@ -69,6 +71,24 @@ for r in $(seq "$ROUNDS"); do
 done
 med() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
 echo "median p99 ratio: first $(med "${all[@]}"), second $(med "${obo[@]}")"
+
+echo "== 1b. the same reloads under a fixed request rate (dream check --rate 20000 --keep-alive, 64 connections: an open loop that leaves the machine headroom)"
+rate_check() { run "$DREAM" check "$1" --keep-alive --connections 64 --rate 20000 --duration 4s --json 2>/dev/null || true; }
+rates=()
+for r in $(seq "$ROUNDS"); do
+  S=$(rate_check http://127.0.0.1:$SP/small)
+  ( end=$((SECONDS + 4)); n=0
+    while [ $SECONDS -lt $end ]; do
+      if [ $((n % 2)) -eq 0 ]; then id=b; else id=a; fi
+      "$DREAM" rollback -q --root "$WORK/root" $id >/dev/null 2>&1 || true
+      n=$((n + 1)); sleep 0.25
+    done ) &
+  R=$(rate_check http://127.0.0.1:$SP/small); wait $!
+  s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']")
+  ratio=$(python3 -c "print(round($d/$s,2))"); rates+=("$ratio")
+  echo "round $r: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") | ratio $ratio"
+done
+echo "median p99 ratio at a fixed rate: $(med "${rates[@]}")"
 
 echo "== 2. dream static vs nginx, 2 workers each (wrk -t2 -c64 -d3s, a 10-byte file)"
 ratios=()

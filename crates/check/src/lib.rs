@@ -102,6 +102,11 @@ pub struct Options {
     pub timeout: Duration,
     /// Stop after this many requests in all (for bounded tests).
     pub max_requests: Option<u64>,
+    /// Requests per second in all, sent on a schedule whatever the
+    /// answers (an open loop): each response's latency counts from when
+    /// its request was due, so a stall is not hidden by the client waiting
+    /// it out. `None`: each connection sends as soon as it has an answer.
+    pub rate: Option<f64>,
 }
 
 /// Counters readable while a run goes on.
@@ -272,13 +277,20 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
     let budget = Arc::new(AtomicU64::new(opts.max_requests.unwrap_or(u64::MAX)));
     let tallies = rt.block_on(async {
         let mut handles = Vec::new();
-        for _ in 0..opts.connections.max(1) {
+        let connections = opts.connections.max(1);
+        for i in 0..connections {
             let opts = opts.clone();
             let live = live.clone();
             let pattern = pattern.clone();
             let budget = budget.clone();
+            // Open loop: connection i sends every connections/rate
+            // seconds, the connections spread evenly over one interval.
+            let schedule = opts.rate.filter(|r| *r > 0.0).map(|r| {
+                let every = Duration::from_secs_f64(connections as f64 / r);
+                (start + every.mul_f64(i as f64 / connections as f64), every)
+            });
             handles.push(tokio::spawn(async move {
-                client(&opts, pattern.as_ref(), deadline, &live, &budget).await
+                client(&opts, pattern.as_ref(), deadline, &live, &budget, schedule).await
             }));
         }
         let mut out = Vec::new();
@@ -440,6 +452,7 @@ async fn client(
     deadline: Instant,
     live: &Live,
     budget: &AtomicU64,
+    mut schedule: Option<(Instant, Duration)>,
 ) -> Tally {
     let mut t = Tally::new();
     // A connection, and the releases it has answered with, in order.
@@ -454,7 +467,18 @@ async fn client(
         {
             break;
         }
-        let began = Instant::now();
+        let began = match &mut schedule {
+            Some((due, every)) => {
+                let this = *due;
+                *due += *every;
+                tokio::time::sleep_until(this.into()).await;
+                if this >= deadline || live.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                this
+            }
+            None => Instant::now(),
+        };
         live.requests.fetch_add(1, Ordering::Relaxed);
         if conn.is_none() {
             match connect(opts).await {

@@ -192,6 +192,7 @@ pub fn run(a: DemoArgs) -> Result {
             body_pattern: Some(dream_check::DEFAULT_BODY_PATTERN.into()),
             timeout: Duration::from_secs(10),
             max_requests: None,
+            rate: None,
         };
         let live = live.clone();
         Some(std::thread::spawn(move || dream_check::run(&opts, live)))

@@ -674,6 +674,9 @@ struct CheckArgs {
     /// Stop after this many requests in all
     #[arg(long)]
     requests: Option<u64>,
+    /// Send this many requests per second in all, on a schedule (an open loop: latency counts from when each was due) instead of as fast as answers come
+    #[arg(long, value_name = "PER_SECOND")]
+    rate: Option<f64>,
     /// Print the report as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -1181,6 +1184,7 @@ fn run_check(a: CheckArgs) -> Result {
         body_pattern: a.body_pattern,
         timeout: a.timeout,
         max_requests: a.requests,
+        rate: a.rate,
     };
     let live = Arc::new(dream_check::Live::default());
     let report = dream_check::run(&opts, live).map_err(|e| match e {

@@ -265,3 +265,17 @@ fn check_counts_truncated_and_endless_bodies_as_errors() {
     assert!(v["errors"]["read_timeout"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(v["responses"], 0, "{v}");
 }
+
+/// `--rate`: an open loop sends on schedule, whatever the answers: about
+/// rate x duration requests, and a server that stalls shows in the
+/// latency (counted from when each request was due), not in a slower
+/// client.
+#[test]
+fn check_rate_sends_on_a_schedule() {
+    let url = fake_server(|_| ("a", "a"));
+    let (code, v, err) = check_json(&url, &["--keep-alive", "--rate", "200"]);
+    assert_eq!(code, Some(0), "{err}");
+    let n = v["requests"].as_u64().unwrap();
+    // 200 due in the second; a loaded machine may start late, never early.
+    assert!((120..=204).contains(&n), "{n} requests: {v}");
+}

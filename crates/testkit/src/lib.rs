@@ -492,6 +492,7 @@ impl Referee {
             body_pattern: Some(dream_check::DEFAULT_BODY_PATTERN.into()),
             timeout: Duration::from_secs(10),
             max_requests: None,
+            rate: None,
         };
         let l = live.clone();
         let handle = std::thread::spawn(move || dream_check::run(&opts, l).expect("referee"));
