@@ -483,7 +483,6 @@ struct HostReport {
     previous: Option<String>,
     current: Option<String>,
     sent_bytes: u64,
-    error: Option<String>,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -636,29 +635,17 @@ fn build_locally(
 }
 
 /// Ends the run: a report on stdout with `--json`, the exit code.
-fn finish(f: &Fleet, started: Instant, mut report: FleetReport, conns: &[Conn]) -> Result {
+fn finish(f: &Fleet, started: Instant, mut report: FleetReport) -> Result {
     report.duration_s = started.elapsed().as_secs_f64();
-    if report.hosts.is_empty() {
-        report.hosts = conns
-            .iter()
-            .map(|c| HostReport {
-                host: c.host.name.clone(),
-                previous: c.previous.clone(),
-                current: None,
-                sent_bytes: c.sent,
-                error: None,
-            })
-            .collect();
-    }
     if f.json {
         crate::print_line(&serde_json::to_string(&report).expect("a report serializes"));
     } else {
         for h in &report.hosts {
             eprintln!(
-                "  {:<24} {:<36} {}",
+                "  {:<24} now {:<36} was {}",
                 h.host,
                 h.current.as_deref().unwrap_or("-"),
-                h.error.as_deref().unwrap_or("ok")
+                h.previous.as_deref().unwrap_or("-")
             );
         }
     }
@@ -670,6 +657,25 @@ fn finish(f: &Fleet, started: Instant, mut report: FleetReport, conns: &[Conn]) 
             message: report.error.unwrap_or_default(),
         }),
     }
+}
+
+/// Takes the fleet's lock (the primary's, first, so two fleet runs never
+/// both get as far as the other hosts), then every other host's.
+fn lock_everywhere(conns: &mut [Conn], command: &str) -> std::result::Result<(), String> {
+    let lock = |c: &mut Conn, fleet: bool| {
+        c.must(&ToAgent::Lock {
+            command: command.to_string(),
+            fleet,
+        })
+        .map(|_| ())
+        .map_err(|(e, _)| e)
+    };
+    let (primary, others) = conns.split_at_mut(1);
+    lock(&mut primary[0], true)?;
+    each(others, |c| lock(c, false).map_err(|e| (e, true)))
+        .into_iter()
+        .find_map(|r| r.err())
+        .map_or(Ok(()), |(e, _)| Err(e))
 }
 
 fn fail(report: &mut FleetReport, code: i32, message: String) {
@@ -753,28 +759,11 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
                 exit::TEMPORARY,
                 format!("nothing changed; unreachable: {}", errors.join("; ")),
             );
-            return finish(f, started, report, &[]);
+            return finish(f, started, report);
         }
     };
     let command = format!("dream fleet deploy {id}");
-    // The primary's lock is the fleet's: taken first, so two fleet deploys
-    // never both get as far as the other hosts.
-    let locked = conns[0].must(&ToAgent::Lock {
-        command: command.clone(),
-        fleet: true,
-    });
-    let locked = locked.and_then(|_| {
-        each(&mut conns[1..], |c| {
-            c.must(&ToAgent::Lock {
-                command: command.clone(),
-                fleet: false,
-            })
-        })
-        .into_iter()
-        .find_map(|r| r.err())
-        .map_or(Ok(()), Err)
-    });
-    if let Err((e, _)) = locked {
+    if let Err(e) = lock_everywhere(&mut conns, &command) {
         fail(
             &mut report,
             exit::TEMPORARY,
@@ -1120,7 +1109,6 @@ fn end(f: &Fleet, started: Instant, mut report: FleetReport, conns: Vec<Conn>) -
             previous: c.previous.clone(),
             current: None,
             sent_bytes: c.sent,
-            error: None,
         })
         .collect();
     let mut currents = Vec::new();
@@ -1131,7 +1119,7 @@ fn end(f: &Fleet, started: Instant, mut report: FleetReport, conns: Vec<Conn>) -
     for (h, cur) in report.hosts.iter_mut().zip(currents) {
         h.current = cur;
     }
-    finish(f, started, report, &[])
+    finish(f, started, report)
 }
 
 /// `dream fleet rollback [ID]`: every host to ID (default: the release
@@ -1148,26 +1136,10 @@ pub fn rollback(f: &Fleet, id: Option<&str>, confirm_within: Duration) -> Result
                 exit::TEMPORARY,
                 format!("nothing changed; unreachable: {}", errors.join("; ")),
             );
-            return finish(f, started, report, &[]);
+            return finish(f, started, report);
         }
     };
-    let command = "dream fleet rollback".to_string();
-    let mut locked = conns[0].must(&ToAgent::Lock {
-        command: command.clone(),
-        fleet: true,
-    });
-    if locked.is_ok() {
-        locked = each(&mut conns[1..], |c| {
-            c.must(&ToAgent::Lock {
-                command: command.clone(),
-                fleet: false,
-            })
-        })
-        .into_iter()
-        .find(|r| r.is_err())
-        .unwrap_or(Ok(Reply::ok()));
-    }
-    if let Err((e, _)) = locked {
+    if let Err(e) = lock_everywhere(&mut conns, "dream fleet rollback") {
         fail(
             &mut report,
             exit::TEMPORARY,
