@@ -195,6 +195,22 @@ pub struct Latency {
     pub mean_us: f64,
 }
 
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: h.mean(),
+        }
+    }
+}
+
 /// The outcome of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -212,6 +228,12 @@ pub struct Report {
     /// Responses per release seen (header, else body).
     pub releases: BTreeMap<String, u64>,
     pub latency: Latency,
+    /// Connections opened (in keep-alive mode, a reconnect after the
+    /// server closed one counts too).
+    pub connects: u64,
+    /// Latency of the requests that had to open their connection first:
+    /// set beside `latency`, it shows how much of a tail reconnects make.
+    pub connect_latency: Latency,
     /// A few examples of what went wrong, for diagnosis.
     pub examples: Vec<String>,
     pub ok: bool,
@@ -224,6 +246,9 @@ struct Tally {
     mixed: u64,
     releases: BTreeMap<String, u64>,
     hist: Histogram<u64>,
+    /// Requests that opened their connection first.
+    connect_hist: Histogram<u64>,
+    connects: u64,
     /// Distinct examples and how often each was seen (the first few).
     examples: Vec<(String, u64)>,
     responses: u64,
@@ -237,6 +262,8 @@ impl Tally {
             mixed: 0,
             releases: BTreeMap::new(),
             hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            connect_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            connects: 0,
             examples: Vec::new(),
             responses: 0,
         }
@@ -313,25 +340,15 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
             *all.releases.entry(k).or_default() += v;
         }
         let _ = all.hist.add(&t.hist);
+        let _ = all.connect_hist.add(&t.connect_hist);
+        all.connects += t.connects;
         for (e, n) in t.examples {
             all.example(e, n);
         }
         all.responses += t.responses;
     }
     let requests = live.requests.load(Ordering::SeqCst);
-    let h = &all.hist;
-    let latency = if h.is_empty() {
-        Latency::default()
-    } else {
-        Latency {
-            p50_us: h.value_at_quantile(0.5),
-            p90_us: h.value_at_quantile(0.9),
-            p99_us: h.value_at_quantile(0.99),
-            p999_us: h.value_at_quantile(0.999),
-            max_us: h.max(),
-            mean_us: h.mean(),
-        }
-    };
+    let latency = Latency::of(&all.hist);
     let error_total = all.errors.total();
     if all.responses == 0 && error_total == 0 {
         all.example("no request completed".into(), 1);
@@ -351,6 +368,8 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
         mixed: all.mixed,
         releases: all.releases,
         latency,
+        connects: all.connects,
+        connect_latency: Latency::of(&all.connect_hist),
         examples: all
             .examples
             .into_iter()
@@ -480,7 +499,9 @@ async fn client(
             None => Instant::now(),
         };
         live.requests.fetch_add(1, Ordering::Relaxed);
-        if conn.is_none() {
+        let connecting = conn.is_none();
+        if connecting {
+            t.connects += 1;
             match connect(opts).await {
                 Ok(s) => conn = Some((s, Vec::new())),
                 Err(f) => {
@@ -501,6 +522,9 @@ async fn client(
             Ok(a) => {
                 let micros = began.elapsed().as_micros().max(1) as u64;
                 let _ = t.hist.record(micros.min(3_600_000_000));
+                if connecting {
+                    let _ = t.connect_hist.record(micros.min(3_600_000_000));
+                }
                 if let Some(h) = &live.latency
                     && let Ok(mut h) = h.lock()
                 {
@@ -673,6 +697,14 @@ impl Report {
             ms(l.p999_us),
             ms(l.max_us)
         );
+        if self.keep_alive {
+            let _ = writeln!(
+                s,
+                "  connects   {} (their first request: p99 {})",
+                self.connects,
+                ms(self.connect_latency.p99_us)
+            );
+        }
         for ex in &self.examples {
             let _ = writeln!(s, "  e.g.       {ex}");
         }
