@@ -642,6 +642,11 @@ struct StaticArgs {
     /// While draining, how long idle keep-alive connections stay open
     #[arg(long, default_value = "1s", value_name = "DUR", value_parser = values::duration)]
     drain_grace: Duration,
+    /// While draining, tell keep-alive connections to close spread over
+    /// this window, so their clients reconnect to the new workers a few at
+    /// a time (0: all on their next request)
+    #[arg(long, default_value = "150ms", value_name = "DUR", value_parser = values::duration)]
+    drain_spread: Duration,
     /// While draining, when to stop waiting for busy connections
     #[arg(long, default_value = "30s", value_name = "DUR", value_parser = values::duration)]
     drain_timeout: Duration,
@@ -1154,6 +1159,7 @@ fn run_static(a: StaticArgs) -> Result {
         header_timeout: a.header_timeout,
         max_connections: a.max_connections,
         drain_grace: a.drain_grace,
+        drain_spread: a.drain_spread,
         drain_timeout: a.drain_timeout,
         send_timeout: a.send_timeout,
     };

@@ -338,7 +338,7 @@ fn oversized_headers_are_refused_and_it_keeps_serving() {
 
 #[test]
 fn drain_finishes_in_flight_work_and_closes_keep_alive_politely() {
-    let mut w = start(&["--drain-grace", "2s"]);
+    let mut w = start(&["--drain-grace", "2s", "--drain-spread", "0s"]);
     // A keep-alive connection, used once.
     let mut ka = TcpStream::connect(w.addr).unwrap();
     ka.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -372,6 +372,56 @@ fn drain_finishes_in_flight_work_and_closes_keep_alive_politely() {
     let status = w.guard.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
     drop(w.tree);
+}
+
+#[test]
+fn drain_spreads_the_closes_of_busy_keep_alive_connections() {
+    let mut w = start(&["--drain-grace", "5s", "--drain-spread", "600ms"]);
+    // Eight keep-alive connections, each used once before the drain.
+    let mut conns: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut c = TcpStream::connect(w.addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            assert_eq!(read_response(&mut c, false).status, 200);
+            c
+        })
+        .collect();
+    w.drain(Signal::SIGHUP);
+    let signalled = Instant::now();
+    // Every connection keeps asking until it is told to close; when each
+    // was told is recorded.
+    let mut told = vec![None; conns.len()];
+    while told.iter().any(Option::is_none) {
+        assert!(
+            signalled.elapsed() < Duration::from_secs(4),
+            "not all told to close within the spread: {told:?}"
+        );
+        for (i, c) in conns.iter_mut().enumerate() {
+            if told[i].is_some() {
+                continue;
+            }
+            c.write_all(b"GET /style.css HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+            let r = read_response(c, false);
+            assert_eq!(r.status, 200, "served while draining");
+            if r.header("connection") == Some("close") {
+                told[i] = Some(signalled.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let told: Vec<Duration> = told.into_iter().flatten().collect();
+    let (first, last) = (told.iter().min().unwrap(), told.iter().max().unwrap());
+    // Not all at once: spread over most of the window, none after it.
+    assert!(*first < Duration::from_millis(300), "{told:?}");
+    assert!(*last - *first >= Duration::from_millis(300), "{told:?}");
+    assert!(*last < Duration::from_millis(600 + 1000), "{told:?}");
+    for c in &mut conns {
+        let mut rest = Vec::new();
+        assert_eq!(c.read_to_end(&mut rest).unwrap(), 0, "then closed cleanly");
+    }
+    assert!(w.guard.wait_exit(Duration::from_secs(10)).success());
 }
 
 #[test]

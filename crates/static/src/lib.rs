@@ -9,9 +9,12 @@
 //!
 //! 1. stop accepting at once: new connections wait in the shared backlog
 //!    for the next generation;
-//! 2. keep serving requests already on open connections, but answer each
+//! 2. keep serving requests already on open connections, but answer them
 //!    with `Connection: close`, so a keep-alive client reconnects (to the
 //!    new generation) instead of sending on a socket we are about to close;
+//!    each connection starts doing so at its own offset within the drain
+//!    spread (150 ms), so that a few clients at a time reconnect to workers
+//!    that have just started, not all of them at once;
 //! 3. close connections that stayed idle only after a grace period: closing
 //!    an idle keep-alive connection at the very moment its client sends a
 //!    request is what makes clients such as `wrk` count read errors;
@@ -69,6 +72,12 @@ pub struct Config {
     pub max_connections: usize,
     /// While draining, how long an idle keep-alive connection is kept open.
     pub drain_grace: Duration,
+    /// While draining, keep-alive connections are told to close spread
+    /// over this window (each at its own offset) rather than all on their
+    /// next request: their clients then reconnect to the new workers a few
+    /// at a time instead of in one burst that lands on processes just
+    /// started.
+    pub drain_spread: Duration,
     /// While draining, when to give up on connections still busy.
     pub drain_timeout: Duration,
     /// A connection whose client takes nothing for this long is closed.
@@ -83,6 +92,7 @@ impl Default for Config {
             header_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             drain_grace: Duration::from_secs(1),
+            drain_spread: Duration::from_millis(150),
             drain_timeout: Duration::from_secs(30),
             send_timeout: Duration::from_secs(30),
         }
@@ -123,6 +133,10 @@ struct Shared {
     cache: FileCache,
     release: Option<HeaderValue>,
     draining: AtomicBool,
+    /// When the drain began; each connection is told to close once its own
+    /// share of `drain_spread` has passed since.
+    drain_began: std::sync::OnceLock<std::time::Instant>,
+    drain_spread: Duration,
     connections: AtomicUsize,
     closed: Notify,
     shutdown: watch::Sender<bool>,
@@ -147,6 +161,8 @@ async fn run(listeners: Vec<StdListener>, root: PathBuf, config: Config) -> io::
             .as_deref()
             .and_then(|r| HeaderValue::from_str(r).ok()),
         draining: AtomicBool::new(false),
+        drain_began: std::sync::OnceLock::new(),
+        drain_spread: config.drain_spread,
         connections: AtomicUsize::new(0),
         closed: Notify::new(),
         shutdown: watch::channel(false).0,
@@ -190,6 +206,7 @@ async fn run(listeners: Vec<StdListener>, root: PathBuf, config: Config) -> io::
     tokio::task::spawn_blocking(move || accept::stop(accepting))
         .await
         .map_err(io::Error::other)?;
+    let _ = shared.drain_began.set(std::time::Instant::now());
     shared.draining.store(true, Ordering::SeqCst);
     let _ = dream_protocol::notify("STOPPING=1");
     // 3. Idle connections get a grace period before they are closed.
@@ -266,12 +283,12 @@ impl accept::Sink for Spawner {
                 let s = std::net::TcpStream::from(conn);
                 let _ = s.set_nodelay(true);
                 if let Ok(s) = tokio::net::TcpStream::from_std(s) {
-                    serve_connection(s, me, &shared, &http).await;
+                    serve_connection(s, id, me, &shared, &http).await;
                 }
             } else if let Ok(s) =
                 tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(conn))
             {
-                serve_connection(s, me, &shared, &http).await;
+                serve_connection(s, id, me, &shared, &http).await;
             }
             shared.conns.remove(id);
             drop(permit);
@@ -289,6 +306,7 @@ impl accept::Sink for Spawner {
 
 async fn serve_connection<S>(
     stream: S,
+    id: u64,
     me: Arc<conn::Conn>,
     shared: &Arc<Shared>,
     http: &hyper::server::conn::http1::Builder,
@@ -297,11 +315,17 @@ async fn serve_connection<S>(
 {
     let ctx = shared.clone();
     let shed = me.clone();
+    // When this connection is told to close, after the drain began:
+    // consecutive connections land far apart (golden-ratio steps), so
+    // any number of them covers the spread evenly.
+    let share = shared
+        .drain_spread
+        .mul_f64((id as f64 * 0.618_033_988_749_895).fract());
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         let busy = ctx.conns.busy(&me);
         async move {
-            let resp = handle(req, &ctx).await;
+            let resp = handle(req, &ctx, share).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked { body, _busy: busy }))
         }
     });
@@ -318,14 +342,23 @@ async fn serve_connection<S>(
     let _ = conn.await;
 }
 
-async fn handle(req: Request<hyper::body::Incoming>, shared: &Shared) -> Response<Body> {
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    shared: &Shared,
+    share: Duration,
+) -> Response<Body> {
     let mut resp = respond(&req, shared).await;
     let h = resp.headers_mut();
     h.insert(header::SERVER, HeaderValue::from_static("dream"));
     if let Some(r) = &shared.release {
         h.insert("x-dream-release", r.clone());
     }
-    if shared.draining.load(Ordering::SeqCst) {
+    if shared.draining.load(Ordering::SeqCst)
+        && shared
+            .drain_began
+            .get()
+            .is_some_and(|t| t.elapsed() >= share)
+    {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
