@@ -34,8 +34,8 @@ pub mod tree;
 pub use dream_protocol as protocol;
 
 pub use sys::{
-    install_interrupt_handler, listen_queue, reflink, release_free_memory, signal_pending,
-    signal_pipe, single_threaded, with_raw_fd,
+    install_interrupt_handler, listen_queue, may_foreground, reflink, release_free_memory,
+    signal_pending, signal_pipe, single_threaded, with_raw_fd,
 };
 
 /// For the crash tests: `DREAM_TEST_STOP_AFTER=<point>` makes the process

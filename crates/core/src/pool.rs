@@ -103,7 +103,17 @@ pub struct Settings {
     /// release it replaced. Zero turns probation off.
     #[serde(default)]
     pub probation: Duration,
+    /// Start workers under `SCHED_IDLE` while others serve, and put them
+    /// back at normal priority once ready (or after [`BACKGROUND_MAX`]):
+    /// the serving workers keep the CPU while the new ones start.
+    #[serde(default)]
+    pub background_start: bool,
 }
+
+/// The longest a worker runs in the background before it is put back at
+/// normal priority even though not ready: on a machine busy to the last
+/// cycle a `SCHED_IDLE` start would otherwise wait for the ready timeout.
+pub const BACKGROUND_MAX: Duration = Duration::from_secs(1);
 
 impl Default for Settings {
     fn default() -> Settings {
@@ -115,6 +125,7 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(30),
             max_draining: 4,
             probation: Duration::from_secs(10),
+            background_start: false,
         }
     }
 }
@@ -138,7 +149,11 @@ pub enum Action {
         generation: GenId,
         index: usize,
         release: Release,
+        /// Under `SCHED_IDLE`, until an [`Action::Foreground`].
+        background: bool,
     },
+    /// Put a worker started in the background back at normal priority.
+    Foreground { pid: i32 },
     /// Send a signal to a worker process.
     Signal { pid: i32, signal: Signal },
     /// SIGKILL a worker's whole process group.
@@ -218,6 +233,10 @@ struct Worker {
     /// The process group of its latest process (its pid), killed once that
     /// process is gone so that nothing it forked outlives it.
     pgid: Option<i32>,
+    /// Its latest process was started in the background and has not been
+    /// put back at normal priority yet.
+    #[serde(default)]
+    background: bool,
 }
 
 impl Worker {
@@ -242,6 +261,7 @@ impl Worker {
             failures: 0,
             restarts: 0,
             pgid: None,
+            background: false,
         }
     }
 }
@@ -550,6 +570,18 @@ impl Pool {
         &self.settings
     }
 
+    /// Whether a worker started now goes in the background: only while
+    /// some other worker serves (the first generation, or a pool with
+    /// every worker down, starts at full speed).
+    fn background_now(&self) -> bool {
+        self.settings.background_start
+            && self.gens.iter().any(|g| {
+                g.workers
+                    .iter()
+                    .any(|w| matches!(w.state, WorkerState::Ready { .. }))
+            })
+    }
+
     fn live(&self) -> Option<&Generation> {
         self.gens.iter().find(|g| g.state == GenState::Live)
     }
@@ -661,14 +693,18 @@ impl Pool {
         if !first {
             actions.push(Action::Systemd("RELOADING=1".into()));
         }
+        let background = self.background_now();
         let workers = (0..self.settings.workers)
             .map(|index| {
                 actions.push(Action::Spawn {
                     generation: id,
                     index,
                     release: release.clone(),
+                    background,
                 });
-                Worker::new(index, WorkerState::Spawning)
+                let mut w = Worker::new(index, WorkerState::Spawning);
+                w.background = background;
+                w
             })
             .collect();
         self.gens.push(Generation {
@@ -762,6 +798,9 @@ impl Pool {
         let mut actions = vec![Action::Log(format!(
             "worker {generation}.{index} ready: pid {pid}"
         ))];
+        if std::mem::take(&mut g.workers[i].background) {
+            actions.push(Action::Foreground { pid });
+        }
         actions.extend(self.promote(generation, now));
         actions
     }
@@ -1270,13 +1309,34 @@ impl Pool {
         }
         if self.stopping.is_none() {
             for (generation, index, release) in due_spawn {
+                let background = self.background_now();
                 if let Some((g, i)) = self.worker_mut(generation, index) {
                     g.workers[i].state = WorkerState::Spawning;
+                    g.workers[i].background = background;
                     actions.push(Action::Spawn {
                         generation,
                         index,
                         release,
+                        background,
                     });
+                }
+            }
+        }
+        // Background starts that took too long go on at normal priority.
+        for g in &mut self.gens {
+            for w in &mut g.workers {
+                if let WorkerState::Starting { pid, since } = w.state
+                    && w.background
+                    && since + BACKGROUND_MAX <= now
+                {
+                    w.background = false;
+                    actions.push(Action::Log(format!(
+                        "worker {}.{} not ready after {} in the background: now at normal priority",
+                        g.id,
+                        w.index,
+                        crate::fmt_duration(BACKGROUND_MAX)
+                    )));
+                    actions.push(Action::Foreground { pid });
                 }
             }
         }
@@ -1407,6 +1467,9 @@ impl Pool {
                     WorkerState::Starting { since, .. } => {
                         if let Some(d) = readiness {
                             consider(since + d);
+                        }
+                        if w.background {
+                            consider(since + BACKGROUND_MAX);
                         }
                     }
                     WorkerState::Waiting { at } if g.state == GenState::Live => consider(at),
@@ -1825,6 +1888,120 @@ mod tests {
             "READY=1 once, when the last worker is ready"
         );
         (pool, pid, t0)
+    }
+
+    fn backgrounds(a: &[Action]) -> Vec<bool> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Spawn { background, .. } => Some(*background),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn foregrounds(a: &[Action]) -> Vec<i32> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Foreground { pid } => Some(*pid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn workers_start_in_the_background_only_while_others_serve() {
+        let t0 = Instant::now();
+        let mut pool = Pool::new(Settings {
+            background_start: true,
+            ..settings(2, Readiness::Notify)
+        });
+        let mut pid = 0;
+        // The first generation: no one serves, full speed.
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("a"))), t0);
+        let a = run(&mut pool, a, &mut pid, t0);
+        assert_eq!(backgrounds(&a), vec![false, false]);
+        for index in 0..2 {
+            let a = pool.on(
+                Event::Ready {
+                    generation: 1,
+                    index,
+                },
+                t0,
+            );
+            assert_eq!(foregrounds(&a), Vec::<i32>::new());
+        }
+        // A reload: in the background, each back in front when ready.
+        assert!(starts(&pool.on(
+            Event::ReloadRequested {
+                waiter: None,
+                confirm_within: None
+            },
+            t0
+        )));
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
+        let a = run(&mut pool, a, &mut pid, t0);
+        assert_eq!(backgrounds(&a), vec![true, true]);
+        let a = pool.on(
+            Event::Ready {
+                generation: 2,
+                index: 0,
+            },
+            t0 + 5 * MS,
+        );
+        assert_eq!(foregrounds(&a), vec![3]);
+        // One slow to get ready goes on at normal priority after
+        // BACKGROUND_MAX, once; the tick is due then.
+        assert_eq!(pool.next_deadline(), Some(t0 + BACKGROUND_MAX));
+        let a = pool.on(Event::Tick, t0 + BACKGROUND_MAX - MS);
+        assert_eq!(foregrounds(&a), Vec::<i32>::new());
+        let a = pool.on(Event::Tick, t0 + BACKGROUND_MAX);
+        assert_eq!(foregrounds(&a), vec![4]);
+        let a = pool.on(
+            Event::Ready {
+                generation: 2,
+                index: 1,
+            },
+            t0 + BACKGROUND_MAX + MS,
+        );
+        assert_eq!(foregrounds(&a), Vec::<i32>::new());
+        // A crashed worker of the live generation is respawned in the
+        // background while its sibling serves.
+        let a = pool.on(
+            Event::Exited {
+                pid: 3,
+                how: "killed by SIGKILL".into(),
+                tail: String::new(),
+            },
+            t0 + 2 * BACKGROUND_MAX,
+        );
+        let due = pool.next_deadline().expect("a respawn is due");
+        let mut a = a;
+        a.extend(pool.on(Event::Tick, due));
+        let a = run(&mut pool, a, &mut pid, due);
+        assert_eq!(backgrounds(&a), vec![true]);
+    }
+
+    #[test]
+    fn without_background_start_every_worker_starts_in_front() {
+        let (mut pool, mut pid, t0) = live_pool(2);
+        assert!(starts(&pool.on(
+            Event::ReloadRequested {
+                waiter: None,
+                confirm_within: None
+            },
+            t0
+        )));
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
+        let a = run(&mut pool, a, &mut pid, t0);
+        assert_eq!(backgrounds(&a), vec![false, false]);
+        let a = pool.on(
+            Event::Ready {
+                generation: 2,
+                index: 0,
+            },
+            t0,
+        );
+        assert_eq!(foregrounds(&a), Vec::<i32>::new());
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub struct Command<'a> {
     process_group: bool,
     parent_death_signal: Option<Signal>,
     ids: Option<(u32, u32)>,
+    background: bool,
 }
 
 /// What went wrong starting a program.
@@ -82,6 +83,7 @@ impl<'a> Command<'a> {
             process_group: false,
             parent_death_signal: None,
             ids: None,
+            background: false,
         }
     }
 
@@ -156,6 +158,13 @@ impl<'a> Command<'a> {
     /// Signal the child receives when dream dies (`PR_SET_PDEATHSIG`).
     pub fn parent_death_signal(&mut self, signal: Signal) -> &mut Self {
         self.parent_death_signal = Some(signal);
+        self
+    }
+
+    /// Start the program under `SCHED_IDLE`: it runs only on CPU time no
+    /// one else wants, until `sys::foreground` puts it back.
+    pub fn background(&mut self, yes: bool) -> &mut Self {
+        self.background = yes;
         self
     }
 
@@ -243,6 +252,7 @@ impl<'a> Command<'a> {
         }
         image.set_new_process_group(self.process_group);
         image.set_parent_death_signal(self.parent_death_signal);
+        image.set_background(self.background);
         if let Some((uid, gid)) = self.ids {
             image.set_ids(uid, gid);
         }

@@ -46,6 +46,8 @@ pub struct ExecImage {
     parent_death_signal: Option<libc::c_int>,
     /// Switch to this uid and gid (dropping supplementary groups).
     ids: Option<(libc::uid_t, libc::gid_t)>,
+    /// Start under `SCHED_IDLE` (every thread the program makes inherits it).
+    background: bool,
 }
 
 // SAFETY: the raw pointers in `argv_ptrs` point into `argv`, which the image
@@ -104,6 +106,7 @@ impl ExecImage {
             new_process_group: false,
             parent_death_signal: None,
             ids: None,
+            background: false,
         })
     }
 
@@ -126,6 +129,12 @@ impl ExecImage {
 
     pub fn set_ids(&mut self, uid: u32, gid: u32) {
         self.ids = Some((uid, gid));
+    }
+
+    /// Run the program under `SCHED_IDLE` until [`foreground`] is called
+    /// on it: it gets only CPU time no one else wants.
+    pub fn set_background(&mut self, yes: bool) {
+        self.background = yes;
     }
 
     pub fn set_parent_death_signal(&mut self, signal: Option<nix::sys::signal::Signal>) {
@@ -226,6 +235,13 @@ impl ExecImage {
                     return errno();
                 }
             }
+            if self.background {
+                // Any thread may lower its own scheduling class.
+                let param = libc::sched_param { sched_priority: 0 };
+                if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+                    return errno();
+                }
+            }
             if let Some(sig) = self.parent_death_signal {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
                     return errno();
@@ -270,6 +286,57 @@ impl ExecImage {
             errno()
         }
     }
+}
+
+/// Whether this process may raise a thread's scheduling class back from
+/// `SCHED_IDLE` (`CAP_SYS_NICE` in its effective set: root, usually).
+pub fn may_foreground() -> bool {
+    const CAP_SYS_NICE: u32 = 23;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
+}
+
+/// Puts every thread of process `pid` back under `SCHED_OTHER` (on Linux
+/// the policy is per thread; threads started meanwhile are caught by a
+/// second pass, ones started later inherit from a thread already moved).
+/// The nice value is untouched. Needs `CAP_SYS_NICE`.
+pub fn foreground(pid: libc::pid_t) -> io::Result<()> {
+    let mut done = std::collections::HashSet::new();
+    for _ in 0..2 {
+        let mut found = false;
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let Some(tid) = entry?
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<libc::pid_t>().ok())
+            else {
+                continue;
+            };
+            if !done.insert(tid) {
+                continue;
+            }
+            found = true;
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sched_setscheduler(2) on a thread id, with a pointer
+            // to a parameter that lives across the call.
+            if unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) } != 0 {
+                let e = io::Error::last_os_error();
+                // A thread that ended meanwhile is not an error.
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    return Err(e);
+                }
+            }
+        }
+        if !found {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Sets close-on-exec on every descriptor from `first` up.

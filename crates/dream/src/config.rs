@@ -101,6 +101,7 @@ pub struct Serve {
     pub drain_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de::duration")]
     pub probation: Option<Duration>,
+    pub start_priority: Option<crate::serve::StartPriority>,
     #[serde(default, deserialize_with = "de::listen_one")]
     pub metrics: Option<ListenSpec>,
     pub command: Option<Vec<String>>,

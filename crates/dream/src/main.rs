@@ -198,6 +198,9 @@ struct PoolFlags {
     /// Then SIGKILL to the worker's process group [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     drain_timeout: Option<Duration>,
+    /// How workers start while others serve (a reload, a respawn): idle runs them under SCHED_IDLE until ready (at most 1s), so the serving workers keep the CPU; normal at dream's own priority; auto is idle when dream may restore the priority (root or CAP_SYS_NICE) [default: auto]
+    #[arg(long, value_enum, value_name = "PRIORITY")]
+    start_priority: Option<serve::StartPriority>,
     /// Only warnings and failures
     #[arg(short, long, conflicts_with = "verbose")]
     quiet: bool,
@@ -811,6 +814,10 @@ fn pool_options(f: &PoolFlags, file: &config::Serve, workers: Option<usize>) -> 
             .unwrap_or(Duration::from_secs(30)),
         // `dream pool` runs one directory: nothing to revert to.
         probation: Duration::ZERO,
+        start_priority: f
+            .start_priority
+            .or(file.start_priority)
+            .unwrap_or(serve::StartPriority::Auto),
     }
 }
 

@@ -38,6 +38,20 @@ pub fn root_dir(flag: Option<&Path>) -> Result<PathBuf> {
         .map_err(|e| Failure::usage(format!("root {}: {e}", root.display())))
 }
 
+/// How a worker starts while others serve (`--start-priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartPriority {
+    /// `idle` if dream may put workers back at normal priority (root, or
+    /// `CAP_SYS_NICE`), else `normal`
+    Auto,
+    /// Under `SCHED_IDLE` until ready (at most 1s): the serving workers
+    /// keep the CPU while the new ones start
+    Idle,
+    /// At the supervisor's own priority
+    Normal,
+}
+
 /// The pool's settings, typed (flags and `dream.toml` merged).
 pub struct PoolOptions {
     pub workers: Option<usize>,
@@ -46,6 +60,7 @@ pub struct PoolOptions {
     pub drain_signal: Signal,
     pub drain_timeout: Duration,
     pub probation: Duration,
+    pub start_priority: StartPriority,
 }
 
 pub fn settings(o: &PoolOptions) -> Result<Settings> {
@@ -53,7 +68,19 @@ pub fn settings(o: &PoolOptions) -> Result<Settings> {
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     dream_core::pool::check_workers(workers).map_err(|e| Failure::usage(format!("--{e}")))?;
+    let may = dream_core::may_foreground();
+    let background_start = match o.start_priority {
+        StartPriority::Auto => may,
+        StartPriority::Normal => false,
+        StartPriority::Idle if may => true,
+        StartPriority::Idle => {
+            return Err(Failure::usage(
+                "--start-priority idle: dream could not put workers back at normal priority (it needs root or CAP_SYS_NICE); use auto or normal",
+            ));
+        }
+    };
     Ok(Settings {
+        background_start,
         workers,
         readiness: o.ready,
         ready_timeout: o.ready_timeout,

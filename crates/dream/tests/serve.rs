@@ -906,3 +906,100 @@ fn metrics_count_workers_reloads_and_the_accept_queue() {
     assert_eq!(value(&m, "dream_upgrades_total"), 1.0);
     assert_eq!(value(&m, r#"dream_reloads_total{outcome="ok"}"#), 1.0);
 }
+
+/// The scheduling policy of thread `tid` of `pid` (field 41 of its stat:
+/// 0 SCHED_OTHER, 5 SCHED_IDLE).
+fn policy(pid: i64, tid: &str) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    // After the command name in parentheses, fields start at 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(41 - 3)?.parse().ok()
+}
+
+/// Every thread's policy of `pid`.
+fn policies(pid: i64) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| policy(pid, e.file_name().to_str()?))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn reload_workers_start_in_the_background_until_ready() {
+    if !dream_testkit::prerequisite(
+        nix::unistd::geteuid().is_root(),
+        "root (CAP_SYS_NICE) to put workers back at normal priority",
+    ) {
+        return;
+    }
+    let root = Root::new();
+    // Each worker writes down the policy it started under; `slow` takes
+    // longer than the 1 s a background start may last, and writes down
+    // its policy again before it starts serving.
+    let note = r#"cut -d' ' -f41 /proc/$$/stat > "$DREAM_RELEASE_DIR/policy-$DREAM_GENERATION-$DREAM_WORKER""#;
+    root.release("a", &format!("{note}\n{STATIC}"));
+    root.release("b", &format!("{note}\n{STATIC}"));
+    root.release(
+        "slow",
+        &format!(
+            "{note}\nsleep 1.5\ncut -d' ' -f41 /proc/$$/stat > \"$DREAM_RELEASE_DIR/later-$DREAM_WORKER\"\n{STATIC}"
+        ),
+    );
+    root.switch("a");
+    let (mut sup, _addr) = serve(&root, &["--workers", "2", "--ready", "notify"]);
+    root.wait_live("a", 2);
+    let read = |path: &str| {
+        std::fs::read_to_string(root.path().join("releases").join(path))
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .to_string()
+    };
+    // The first generation: no one serves yet, so full speed.
+    assert_eq!(read("a/policy-1-0"), "0");
+    root.switch("b");
+    let (ok, out) = reload(&root);
+    assert!(ok, "{out}");
+    // Reloaded while a served: started under SCHED_IDLE, every thread
+    // back under SCHED_OTHER once ready.
+    assert_eq!(read("b/policy-2-0"), "5");
+    assert_eq!(read("b/policy-2-1"), "5");
+    let status = root.wait_live("b", 2);
+    for pid in live_pids(&status) {
+        let p = policies(pid);
+        assert!(p.len() > 1, "a dream static worker has threads: {p:?}");
+        assert!(p.iter().all(|&x| x == 0), "pid {pid}: {p:?}");
+    }
+    // A worker not ready within 1 s goes on at normal priority.
+    root.switch("slow");
+    let (ok, out) = reload(&root);
+    assert!(ok, "{out}");
+    assert_eq!(read("slow/policy-3-0"), "5");
+    assert_eq!(read("slow/later-0"), "0");
+    assert_eq!(read("slow/later-1"), "0");
+    // With --start-priority normal nothing starts in the background.
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(30)).success());
+    let (mut sup, _addr) = serve(
+        &root,
+        &[
+            "--workers",
+            "1",
+            "--ready",
+            "notify",
+            "--start-priority",
+            "normal",
+        ],
+    );
+    root.wait_live("slow", 1);
+    std::fs::remove_file(root.path().join("releases/b/policy-2-0")).unwrap();
+    root.switch("b");
+    let (ok, out) = reload(&root);
+    assert!(ok, "{out}");
+    root.wait_live("b", 1);
+    assert_eq!(read("b/policy-2-0"), "0", "generation 2 of this supervisor");
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(30)).success());
+}

@@ -508,7 +508,8 @@ impl Driver {
                     generation,
                     index,
                     release,
-                } => match self.spawn(generation, index, &release) {
+                    background,
+                } => match self.spawn(generation, index, &release, background) {
                     Ok(pid) => queue.extend(self.pool.on(
                         Event::Spawned {
                             generation,
@@ -526,6 +527,19 @@ impl Driver {
                         now,
                     )),
                 },
+                Action::Foreground { pid } => {
+                    if let Err(e) = crate::sys::foreground(pid)
+                        && e.raw_os_error() != Some(libc::ESRCH)
+                        && e.kind() != io::ErrorKind::NotFound
+                    {
+                        self.log(
+                            -1,
+                            &format!(
+                                "worker pid {pid}: cannot put it back at normal priority: {e}"
+                            ),
+                        );
+                    }
+                }
                 Action::Signal { pid, signal } => {
                     let _ = kill(Pid::from_raw(pid), signal);
                 }

@@ -192,6 +192,7 @@ impl Driver {
         generation: GenId,
         index: usize,
         release: &Release,
+        background: bool,
     ) -> Result<i32, String> {
         let name = format!(
             "dream/{}/{:x}/{generation}/{index}",
@@ -238,6 +239,7 @@ impl Driver {
         if let Some((uid, gid)) = self.cfg.user {
             cmd.user(uid, gid);
         }
+        cmd.background(background);
         let pid = cmd.spawn().map_err(|e| e.to_string())?.as_raw();
         drop(wr);
         self.workers.insert(
