@@ -4,7 +4,10 @@
 #      `wrk -t2 -c64 --latency` on a small file; each round 4 s steady, then 4 s with a
 #      reload every 250 ms alternating two releases; p99 during / steady, errors;
 #   1b. the same reloads with an open-loop client at a fixed rate (dream check --rate), which
-#       leaves the machine headroom, so the figure is the reload's, not the saturation's;
+#       leaves the machine headroom, so the figure is the reload's, not the saturation's.
+#   Both side by side for dream as it is ("now": workers start under SCHED_IDLE while others
+#   serve, the drain spreads its closes over 150 ms) and as it was ("before":
+#   --start-priority normal, dream static --drain-spread 0s), alternated round by round;
 #   2. dream static against nginx, 2 workers each (nginx worker_processes 2, sendfile on),
 #      `wrk -t2 -c64 -d3s` on a 10-byte file, alternated; requests per second.
 # The median of ROUNDS rounds of each. Usage: bench/reload-tail.sh [ROUNDS]   (default 3)
@@ -21,9 +24,8 @@ for id in a b; do "$DREAM" deploy -q --root "$WORK/root1" "$WORK/$id" --id $id >
 "$DREAM" rollback -q --root "$WORK/root1" a >/dev/null
 SP=$(free_port); S1=$(free_port); S2=$(free_port); NP=$(free_port)
 "$DREAM" serve -q --root "$WORK/root" --listen 127.0.0.1:$SP --workers 4 --ready notify -- "$DREAM" static public &
-# A second supervisor like the first, measured in turn with it: the spread
-# between two identical servers in one run is the noise floor of the figure.
-"$DREAM" serve -q --root "$WORK/root1" --listen 127.0.0.1:$S1 --workers 4 --ready notify -- "$DREAM" static public &
+# The same, configured as dream was before issue 16's changes, measured in turn with it.
+"$DREAM" serve -q --root "$WORK/root1" --listen 127.0.0.1:$S1 --workers 4 --ready notify --start-priority normal -- "$DREAM" static --drain-spread 0s public &
 # The static comparison's own root: one supervisor per root.
 "$DREAM" deploy -q --root "$WORK/root2" "$WORK/a" --id a >/dev/null
 "$DREAM" serve -q --root "$WORK/root2" --listen 127.0.0.1:$S2 --workers 2 --ready notify -- "$DREAM" static public &
@@ -47,7 +49,7 @@ p99_us() { awk '/ 99%/ {v=$2; if (v ~ /ms$/) {sub(/ms$/,"",v); v*=1000} else if 
 rps() { awk '/Requests\/sec/ {print $2}'; }
 errs() { awk '/Socket errors/ {gsub(/,/,""); print $4+$6+$8+$10; f=1} /Non-2xx/ {n=$5} END {if (!f) print 0+n}'; }
 
-echo "== 1. p99 during reloads / steady (wrk -t2 -c64, 4 workers, a reload every 250 ms; two identical supervisors in turn)"
+echo "== 1. p99 during reloads / steady (wrk -t2 -c64, 4 workers, a reload every 250 ms; now and before, in turn)"
 # One round of one server: steady, then reloading; prints the p99 ratio.
 reload_round() {  # PORT ROOT LABEL ROUND
   local S R s d ratio
@@ -66,29 +68,36 @@ reload_round() {  # PORT ROOT LABEL ROUND
 }
 all=(); obo=()
 for r in $(seq "$ROUNDS"); do
-  all+=("$(reload_round $SP "$WORK/root" first $r)")
-  obo+=("$(reload_round $S1 "$WORK/root1" second $r)")
+  all+=("$(reload_round $SP "$WORK/root" now $r)")
+  obo+=("$(reload_round $S1 "$WORK/root1" before $r)")
 done
 med() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
-echo "median p99 ratio: first $(med "${all[@]}"), second $(med "${obo[@]}")"
+echo "median p99 ratio: now $(med "${all[@]}"), before $(med "${obo[@]}")"
 
-echo "== 1b. the same reloads under a fixed request rate (dream check --rate 20000 --keep-alive, 64 connections: an open loop that leaves the machine headroom)"
+echo "== 1b. the same reloads under a fixed request rate (dream check --rate 20000 --keep-alive, 64 connections: an open loop that leaves the machine headroom); now and before, in turn"
 rate_check() { run "$DREAM" check "$1" --keep-alive --connections 64 --rate 20000 --duration 4s --json 2>/dev/null || true; }
-rates=()
-for r in $(seq "$ROUNDS"); do
-  S=$(rate_check http://127.0.0.1:$SP/small)
+rate_round() {  # PORT ROOT LABEL ROUND
+  local S R s d ratio
+  S=$(rate_check http://127.0.0.1:$1/small)
   ( end=$((SECONDS + 4)); n=0
     while [ $SECONDS -lt $end ]; do
       if [ $((n % 2)) -eq 0 ]; then id=b; else id=a; fi
-      "$DREAM" rollback -q --root "$WORK/root" $id >/dev/null 2>&1 || true
+      "$DREAM" rollback -q --root "$2" $id >/dev/null 2>&1 || true
       n=$((n + 1)); sleep 0.25
-    done ) &
-  R=$(rate_check http://127.0.0.1:$SP/small); wait $!
+    done
+    [ $((n % 2)) -eq 0 ] || "$DREAM" rollback -q --root "$2" a >/dev/null 2>&1 || true ) &
+  R=$(rate_check http://127.0.0.1:$1/small); wait $!
   s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']")
-  ratio=$(python3 -c "print(round($d/$s,2))"); rates+=("$ratio")
-  echo "round $r: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") | ratio $ratio"
+  ratio=$(python3 -c "print(round($d/$s,2))")
+  echo "round $4 $3: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['connects']") | ratio $ratio" >&2
+  echo "$ratio"
+}
+now=(); before=()
+for r in $(seq "$ROUNDS"); do
+  now+=("$(rate_round $SP "$WORK/root" now $r)")
+  before+=("$(rate_round $S1 "$WORK/root1" before $r)")
 done
-echo "median p99 ratio at a fixed rate: $(med "${rates[@]}")"
+echo "median p99 ratio at a fixed rate: now $(med "${now[@]}"), before $(med "${before[@]}")"
 
 echo "== 2. dream static vs nginx, 2 workers each (wrk -t2 -c64 -d3s, a 10-byte file)"
 ratios=()
