@@ -113,7 +113,7 @@ pub struct Settings {
 /// The longest a worker runs in the background before it is put back at
 /// normal priority even though not ready: on a machine busy to the last
 /// cycle a `SCHED_IDLE` start would otherwise wait for the ready timeout.
-pub const BACKGROUND_MAX: Duration = Duration::from_secs(1);
+pub const BACKGROUND_MAX: Duration = Duration::from_millis(500);
 
 impl Default for Settings {
     fn default() -> Settings {

@@ -301,34 +301,52 @@ pub fn may_foreground() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
 }
 
-/// Puts every thread of process `pid` back under `SCHED_OTHER` (on Linux
-/// the policy is per thread; threads started meanwhile are caught by a
-/// second pass, ones started later inherit from a thread already moved).
-/// The nice value is untouched. Needs `CAP_SYS_NICE`.
+/// Puts every thread of process `pid`, and of every process it started
+/// (a worker may fork its own workers before it is ready: they inherited
+/// `SCHED_IDLE` too), back under `SCHED_OTHER`. On Linux the policy is per
+/// thread; threads and children that appear meanwhile are caught by a
+/// second pass, later ones inherit from a thread already moved. The nice
+/// value is untouched. Needs `CAP_SYS_NICE`.
 pub fn foreground(pid: libc::pid_t) -> io::Result<()> {
     let mut done = std::collections::HashSet::new();
     for _ in 0..2 {
+        let mut todo = vec![pid];
         let mut found = false;
-        for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-            let Some(tid) = entry?
-                .file_name()
-                .to_str()
-                .and_then(|t| t.parse::<libc::pid_t>().ok())
-            else {
-                continue;
+        while let Some(p) = todo.pop() {
+            let tasks = match std::fs::read_dir(format!("/proc/{p}/task")) {
+                Ok(t) => t,
+                // The worker itself must be there; a child may have exited.
+                Err(e) if p == pid => return Err(e),
+                Err(_) => continue,
             };
-            if !done.insert(tid) {
-                continue;
-            }
-            found = true;
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: sched_setscheduler(2) on a thread id, with a pointer
-            // to a parameter that lives across the call.
-            if unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) } != 0 {
-                let e = io::Error::last_os_error();
-                // A thread that ended meanwhile is not an error.
-                if e.raw_os_error() != Some(libc::ESRCH) {
-                    return Err(e);
+            for entry in tasks.flatten() {
+                let Some(tid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|t| t.parse::<libc::pid_t>().ok())
+                else {
+                    continue;
+                };
+                if let Ok(children) = std::fs::read_to_string(entry.path().join("children")) {
+                    todo.extend(
+                        children
+                            .split_whitespace()
+                            .filter_map(|c| c.parse::<libc::pid_t>().ok()),
+                    );
+                }
+                if !done.insert(tid) {
+                    continue;
+                }
+                found = true;
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: sched_setscheduler(2) on a thread id, with a
+                // pointer to a parameter that lives across the call.
+                if unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) } != 0 {
+                    let e = io::Error::last_os_error();
+                    // A thread that ended meanwhile is not an error.
+                    if e.raw_os_error() != Some(libc::ESRCH) {
+                        return Err(e);
+                    }
                 }
             }
         }

@@ -198,7 +198,7 @@ struct PoolFlags {
     /// Then SIGKILL to the worker's process group [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     drain_timeout: Option<Duration>,
-    /// How workers start while others serve (a reload, a respawn): idle runs them under SCHED_IDLE until ready (at most 1s), so the serving workers keep the CPU; normal at dream's own priority; auto is idle when dream may restore the priority (root or CAP_SYS_NICE) [default: auto]
+    /// How workers start while others serve (a reload, a respawn): idle runs them under SCHED_IDLE until ready (at most 0.5s), so the serving workers keep the CPU; normal at dream's own priority; auto is idle when dream may restore the priority (root or CAP_SYS_NICE) [default: auto]
     #[arg(long, value_enum, value_name = "PRIORITY")]
     start_priority: Option<serve::StartPriority>,
     /// Only warnings and failures

@@ -45,7 +45,7 @@ pub enum StartPriority {
     /// `idle` if dream may put workers back at normal priority (root, or
     /// `CAP_SYS_NICE`), else `normal`
     Auto,
-    /// Under `SCHED_IDLE` until ready (at most 1s): the serving workers
+    /// Under `SCHED_IDLE` until ready (at most 0.5s): the serving workers
     /// keep the CPU while the new ones start
     Idle,
     /// At the supervisor's own priority

@@ -15,13 +15,13 @@ use nix::sys::signal::Signal;
 
 const STATIC: &str = r#"exec "$DREAM_BIN" static --drain-grace 300ms"#;
 
-/// A release whose server comes up, says READY=1, and one second later
+/// A release whose server comes up, says READY=1, and two seconds later
 /// stops (gracefully: it finishes what it holds, so its clients see no
 /// error) and exits 1, as if it had crashed. (`0<&3`: sh gives a
 /// background job /dev/null as stdin, so the listener is handed to it
 /// from fd 3, where LISTEN_FDS put it too; the server takes it on fd 0.)
-const CRASHES_AFTER_1S: &str = r#""$DREAM_BIN" static --drain-grace 300ms 0<&3 & pid=$!
-sleep 1
+const CRASHES_AFTER_2S: &str = r#""$DREAM_BIN" static --drain-grace 300ms 0<&3 & pid=$!
+sleep 2
 kill -TERM $pid; wait $pid
 exit 1"#;
 
@@ -112,7 +112,7 @@ fn wait_reverted(root: &Root, from: &str, to: &str) -> serde_json::Value {
 fn a_release_that_crashes_after_ready_is_reverted_and_no_client_notices() {
     let root = Root::new();
     root.release("a", STATIC);
-    root.release("b", CRASHES_AFTER_1S);
+    root.release("b", CRASHES_AFTER_2S);
     root.switch("a");
     let (_sup, addr) = serve(&root, &[]);
     root.wait_live("a", 2);
@@ -153,7 +153,7 @@ fn a_release_that_crashes_once_and_then_stays_up_is_kept() {
         "b",
         // mkdir succeeds once: exactly one worker, once, crashes.
         &format!(
-            "mkdir {mark} 2>/dev/null || {STATIC}\n{CRASHES_AFTER_1S}",
+            "mkdir {mark} 2>/dev/null || {STATIC}\n{CRASHES_AFTER_2S}",
             mark = mark.display()
         ),
     );

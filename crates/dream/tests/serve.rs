@@ -937,11 +937,13 @@ fn reload_workers_start_in_the_background_until_ready() {
     }
     let root = Root::new();
     // Each worker writes down the policy it started under; `slow` takes
-    // longer than the 1 s a background start may last, and writes down
+    // longer than the 0.5 s a background start may last, and writes down
     // its policy again before it starts serving.
     let note = r#"cut -d' ' -f41 /proc/$$/stat > "$DREAM_RELEASE_DIR/policy-$DREAM_GENERATION-$DREAM_WORKER""#;
     root.release("a", &format!("{note}\n{STATIC}"));
-    root.release("b", &format!("{note}\n{STATIC}"));
+    // b's worker forks a process of its own before it is ready, as a
+    // master process forks its workers: it inherited SCHED_IDLE too.
+    root.release("b", &format!("{note}\nsleep 60 &\n{STATIC}"));
     root.release(
         "slow",
         &format!(
@@ -971,8 +973,11 @@ fn reload_workers_start_in_the_background_until_ready() {
         let p = policies(pid);
         assert!(p.len() > 1, "a dream static worker has threads: {p:?}");
         assert!(p.iter().all(|&x| x == 0), "pid {pid}: {p:?}");
+        let children = dream_testkit::children(pid as i32);
+        assert_eq!(children.len(), 1, "the worker's own child: {children:?}");
+        assert_eq!(policies(children[0].into()), vec![0], "its child too");
     }
-    // A worker not ready within 1 s goes on at normal priority.
+    // A worker not ready within 0.5 s goes on at normal priority.
     root.switch("slow");
     let (ok, out) = reload(&root);
     assert!(ok, "{out}");
