@@ -2,16 +2,16 @@
 //!
 //! What needs it:
 //!
-//! * **fork + exec with an exact descriptor layout.** `std::process::Command`
+//! * **spawn + exec with an exact descriptor layout.** `std::process::Command`
 //!   cannot set `LISTEN_PID` to the child's own pid (it is known only after
-//!   `fork`, and `pre_exec` may not allocate or call `setenv`). So we build
-//!   the whole exec image (path, argv, envp, descriptor map) in the parent,
-//!   with a fixed-size hole for the pid in the `LISTEN_PID=` entry, and the
-//!   child only writes digits into that hole and makes async-signal-safe
-//!   system calls before `execve`. This is sound even when the parent has
-//!   other threads: between `fork` and `execve` the child allocates nothing,
-//!   takes no lock and touches only memory that it owns (its private copy of
-//!   the prepared image).
+//!   the child exists, and `pre_exec` may not allocate or call `setenv`). So
+//!   we build the whole exec image (path, argv, envp, descriptor map) in the
+//!   parent, with a fixed-size hole for the pid in the `LISTEN_PID=` entry,
+//!   and the child only writes digits into that hole and makes raw system
+//!   calls before `execve`. The child is a `clone(CLONE_VM | CLONE_VFORK)`
+//!   (as `posix_spawn` makes them): it borrows the parent's memory while the
+//!   calling thread waits, so it allocates nothing, takes no lock and writes
+//!   only into the prepared image, which the parent discards afterwards.
 //! * **signal handlers, `ioctl`s and `/proc` work** that have no safe
 //!   wrapper (see each block).
 //!
@@ -141,32 +141,79 @@ impl ExecImage {
         self.parent_death_signal = signal.map(|s| s as libc::c_int);
     }
 
-    /// `fork` and `execve` this image. Returns the child's pid once the exec
-    /// has succeeded; an exec failure is reported as the child's `errno`.
+    /// Starts a process running this image and returns its pid once the
+    /// exec has succeeded; an exec failure is reported as the child's
+    /// `errno`.
+    ///
+    /// The child is made with `clone(CLONE_VM | CLONE_VFORK)`, as
+    /// `posix_spawn` does, not `fork`: it borrows the supervisor's memory
+    /// until its `execve` instead of copying its page tables and making
+    /// every page copy-on-write, which was a quarter of the supervisor's
+    /// own work in a reload. The calling thread waits meanwhile; the child
+    /// runs on a stack of its own with every signal blocked until it has
+    /// reset their handlers, and makes only raw system calls (see
+    /// [`ExecImage::child_exec`]).
     pub fn spawn(&mut self) -> io::Result<libc::pid_t> {
         // The error pipe is close-on-exec: EOF means execve succeeded.
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let parent = std::process::id() as libc::pid_t;
         let envp = self.envp();
-        // SAFETY: fork is safe to call; in the child we only run
-        // `child_exec`, which performs async-signal-safe system calls on
-        // memory prepared before the fork, and then `_exit`s.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
+        struct Child<'a> {
+            image: &'a mut ExecImage,
+            envp: &'a [*const libc::c_char],
+            parent: libc::pid_t,
+            errors: RawFd,
         }
-        if pid == 0 {
-            drop(rd);
-            use std::os::fd::AsRawFd;
-            let errno = self.child_exec(&envp, Some(parent));
+        extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+            // SAFETY: `arg` is the `Child` below, alive in the parent's
+            // frame, which is suspended (CLONE_VFORK) until this process
+            // execs or exits.
+            let child = unsafe { &mut *arg.cast::<Child<'_>>() };
+            let errno = child.image.child_exec(child.envp, Some(child.parent));
             let bytes = errno.to_ne_bytes();
-            // SAFETY: write(2) and _exit(2) are async-signal-safe; `bytes`
-            // lives on this stack frame.
+            // SAFETY: write(2) and _exit(2) are system calls; `bytes` lives
+            // on this stack frame.
             unsafe {
-                libc::write(wr.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
-                libc::_exit(127);
+                libc::write(child.errors, bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(127)
             }
         }
+        use std::os::fd::AsRawFd;
+        let mut child = Child {
+            image: self,
+            envp: &envp,
+            parent: std::process::id() as libc::pid_t,
+            errors: wr.as_raw_fd(),
+        };
+        // The child's stack: never read before it is written, so left
+        // uninitialised (zeroing it cost more than the clone).
+        let mut stack: Vec<std::mem::MaybeUninit<u8>> = Vec::with_capacity(64 * 1024);
+        // SAFETY: the stack is ours and outlives the child's use of it (the
+        // parent resumes only once the child has exec'd or exited); its top
+        // is aligned down to 16 bytes as the ABI wants. Signals are blocked
+        // across clone so that no handler of the parent runs in the child
+        // (which shares its memory) before the child has reset them; the
+        // parent's mask is restored right after.
+        let pid = unsafe {
+            let top = stack.as_mut_ptr().add(stack.capacity());
+            let top = top.sub(top as usize % 16);
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            let pid = libc::clone(
+                child_main,
+                top.cast(),
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                (&mut child as *mut Child<'_>).cast(),
+            );
+            let e = io::Error::last_os_error();
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            if pid < 0 {
+                return Err(e);
+            }
+            pid
+        };
+        drop(stack);
         drop(wr);
         let mut buf = [0u8; 4];
         let mut got = 0;
@@ -199,8 +246,10 @@ impl ExecImage {
         envp
     }
 
-    /// Runs in the new process (after fork, or in place of the current
-    /// process image). Only async-signal-safe calls; no allocation.
+    /// Runs in the new process (after `clone`, sharing the parent's memory,
+    /// or in place of the current process image). Only system calls, no
+    /// allocation, no lock, and nothing written outside `self` and this
+    /// stack.
     fn child_exec(&mut self, envp: &[*const libc::c_char], parent: Option<libc::pid_t>) -> i32 {
         let errno = || {
             io::Error::last_os_error()
@@ -228,9 +277,12 @@ impl ExecImage {
             }
             // Credentials first: changing them clears PR_SET_PDEATHSIG.
             if let Some((uid, gid)) = self.ids {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
+                // Raw system calls: glibc's wrappers would broadcast the
+                // change to the threads of the process whose memory this
+                // child borrows (see `spawn`).
+                if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                    || libc::syscall(libc::SYS_setgid, gid) != 0
+                    || libc::syscall(libc::SYS_setuid, uid) != 0
                 {
                     return errno();
                 }
