@@ -250,6 +250,18 @@ impl Worker {
         }
     }
 
+    /// Marks it as being started; the driver's [`Action::Spawn`] for it.
+    fn spawn(&mut self, generation: GenId, release: Release, background: bool) -> Action {
+        self.state = WorkerState::Spawning;
+        self.background = background;
+        Action::Spawn {
+            generation,
+            index: self.index,
+            release,
+            background,
+        }
+    }
+
     fn retiring(&self) -> bool {
         matches!(self.state, WorkerState::Retiring { .. })
     }
@@ -696,14 +708,8 @@ impl Pool {
         let background = self.background_now();
         let workers = (0..self.settings.workers)
             .map(|index| {
-                actions.push(Action::Spawn {
-                    generation: id,
-                    index,
-                    release: release.clone(),
-                    background,
-                });
                 let mut w = Worker::new(index, WorkerState::Spawning);
-                w.background = background;
+                actions.push(w.spawn(id, release.clone(), background));
                 w
             })
             .collect();
@@ -1311,14 +1317,7 @@ impl Pool {
             for (generation, index, release) in due_spawn {
                 let background = self.background_now();
                 if let Some((g, i)) = self.worker_mut(generation, index) {
-                    g.workers[i].state = WorkerState::Spawning;
-                    g.workers[i].background = background;
-                    actions.push(Action::Spawn {
-                        generation,
-                        index,
-                        release,
-                        background,
-                    });
+                    actions.push(g.workers[i].spawn(generation, release, background));
                 }
             }
         }
@@ -1966,7 +1965,7 @@ mod tests {
         assert_eq!(foregrounds(&a), Vec::<i32>::new());
         // A crashed worker of the live generation is respawned in the
         // background while its sibling serves.
-        let a = pool.on(
+        let mut a = pool.on(
             Event::Exited {
                 pid: 3,
                 how: "killed by SIGKILL".into(),
@@ -1975,7 +1974,6 @@ mod tests {
             t0 + 2 * BACKGROUND_MAX,
         );
         let due = pool.next_deadline().expect("a respawn is due");
-        let mut a = a;
         a.extend(pool.on(Event::Tick, due));
         let a = run(&mut pool, a, &mut pid, due);
         assert_eq!(backgrounds(&a), vec![true]);

@@ -33,7 +33,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -132,9 +132,8 @@ struct Shared {
     root: files::Root,
     cache: FileCache,
     release: Option<HeaderValue>,
-    draining: AtomicBool,
-    /// When the drain began; each connection is told to close once its own
-    /// share of `drain_spread` has passed since.
+    /// When the drain began (unset while serving); each connection is told
+    /// to close once its own share of `drain_spread` has passed since.
     drain_began: std::sync::OnceLock<std::time::Instant>,
     drain_spread: Duration,
     connections: AtomicUsize,
@@ -160,7 +159,6 @@ async fn run(listeners: Vec<StdListener>, root: PathBuf, config: Config) -> io::
             .release
             .as_deref()
             .and_then(|r| HeaderValue::from_str(r).ok()),
-        draining: AtomicBool::new(false),
         drain_began: std::sync::OnceLock::new(),
         drain_spread: config.drain_spread,
         connections: AtomicUsize::new(0),
@@ -207,7 +205,6 @@ async fn run(listeners: Vec<StdListener>, root: PathBuf, config: Config) -> io::
         .await
         .map_err(io::Error::other)?;
     let _ = shared.drain_began.set(std::time::Instant::now());
-    shared.draining.store(true, Ordering::SeqCst);
     let _ = dream_protocol::notify("STOPPING=1");
     // 3. Idle connections get a grace period before they are closed.
     if !wait_closed(&shared, config.drain_grace).await {
@@ -353,11 +350,10 @@ async fn handle(
     if let Some(r) = &shared.release {
         h.insert("x-dream-release", r.clone());
     }
-    if shared.draining.load(Ordering::SeqCst)
-        && shared
-            .drain_began
-            .get()
-            .is_some_and(|t| t.elapsed() >= share)
+    if shared
+        .drain_began
+        .get()
+        .is_some_and(|t| t.elapsed() >= share)
     {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
