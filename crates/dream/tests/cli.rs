@@ -237,3 +237,32 @@ fn man_pages_exist_for_every_subcommand_they_refer_to() {
         assert!(dir.join(format!("dream-{sub}.1")).is_file(), "{sub}");
     }
 }
+
+#[test]
+fn start_priority_values_are_checked_on_the_command_line_and_in_dream_toml() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let r = root.to_str().unwrap();
+    let serve = ["serve", "--root", r, "--listen", "127.0.0.1:0"];
+    let (code, _, err) = dream(&[&serve[..], &["--start-priority", "fast", "--", "true"]].concat());
+    assert_eq!(code, Some(100), "{err}");
+    assert!(err.contains("fast") && err.contains("idle"), "{err}");
+    std::fs::write(
+        root.join("dream.toml"),
+        "[serve]\nstart_priority = \"fast\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = dream(&[&serve[..], &["--", "true"]].concat());
+    assert_eq!(code, Some(100), "{err}");
+    assert!(err.contains("start_priority"), "{err}");
+    // Without the permission to restore a worker's priority, idle is
+    // refused before anything starts (as root there is nothing to refuse).
+    if !nix::unistd::geteuid().is_root() {
+        std::fs::remove_file(root.join("dream.toml")).unwrap();
+        let (code, _, err) =
+            dream(&[&serve[..], &["--start-priority", "idle", "--", "true"]].concat());
+        assert_eq!(code, Some(100), "{err}");
+        assert!(err.contains("CAP_SYS_NICE"), "{err}");
+    }
+}
