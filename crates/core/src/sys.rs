@@ -353,6 +353,31 @@ pub fn may_foreground() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
 }
 
+/// The threads of process `pid` (`"self"` for this one), each with the
+/// children it started, from `/proc/PID/task/TID/children`.
+pub fn threads(pid: &str) -> io::Result<Vec<(libc::pid_t, Vec<libc::pid_t>)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // A thread that ended meanwhile has no children left to name.
+        let children = std::fs::read_to_string(entry.path().join("children"))
+            .map(|text| {
+                text.split_whitespace()
+                    .filter_map(|c| c.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((tid, children));
+    }
+    Ok(out)
+}
+
 /// Puts every thread of process `pid`, and of every process it started
 /// (a worker may fork its own workers before it is ready: they inherited
 /// `SCHED_IDLE` too), back under `SCHED_OTHER`. On Linux the policy is per
@@ -365,27 +390,14 @@ pub fn foreground(pid: libc::pid_t) -> io::Result<()> {
         let mut todo = vec![pid];
         let mut found = false;
         while let Some(p) = todo.pop() {
-            let tasks = match std::fs::read_dir(format!("/proc/{p}/task")) {
+            let tasks = match threads(&p.to_string()) {
                 Ok(t) => t,
                 // The worker itself must be there; a child may have exited.
                 Err(e) if p == pid => return Err(e),
                 Err(_) => continue,
             };
-            for entry in tasks.flatten() {
-                let Some(tid) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|t| t.parse::<libc::pid_t>().ok())
-                else {
-                    continue;
-                };
-                if let Ok(children) = std::fs::read_to_string(entry.path().join("children")) {
-                    todo.extend(
-                        children
-                            .split_whitespace()
-                            .filter_map(|c| c.parse::<libc::pid_t>().ok()),
-                    );
-                }
+            for (tid, children) in tasks {
+                todo.extend(children);
                 if !done.insert(tid) {
                     continue;
                 }

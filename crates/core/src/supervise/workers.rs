@@ -19,19 +19,11 @@ pub(super) struct WorkerIo {
 }
 /// The pids of this process's children (of any of its threads).
 pub(super) fn own_children() -> Vec<i32> {
-    let mut pids = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task")
+    let mut pids: Vec<i32> = crate::sys::threads("self")
         .into_iter()
         .flatten()
-        .flatten()
-    {
-        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            pids.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok()),
-            );
-        }
-    }
+        .flat_map(|(_, children)| children)
+        .collect();
     pids.sort_unstable();
     pids.dedup();
     pids
