@@ -1836,22 +1836,23 @@ mod tests {
             .count()
     }
 
+    /// What `f` picks out of each action it matches.
+    fn pick<T>(a: &[Action], f: impl Fn(&Action) -> Option<T>) -> Vec<T> {
+        a.iter().filter_map(f).collect()
+    }
+
     fn signals(a: &[Action]) -> Vec<i32> {
-        a.iter()
-            .filter_map(|a| match a {
-                Action::Signal { pid, .. } => Some(*pid),
-                _ => None,
-            })
-            .collect()
+        pick(a, |a| match a {
+            Action::Signal { pid, .. } => Some(*pid),
+            _ => None,
+        })
     }
 
     fn kills(a: &[Action]) -> Vec<i32> {
-        a.iter()
-            .filter_map(|a| match a {
-                Action::KillGroup { pid } => Some(*pid),
-                _ => None,
-            })
-            .collect()
+        pick(a, |a| match a {
+            Action::KillGroup { pid } => Some(*pid),
+            _ => None,
+        })
     }
 
     fn outcome(a: &[Action]) -> Option<(Vec<Waiter>, Outcome)> {
@@ -1890,21 +1891,17 @@ mod tests {
     }
 
     fn backgrounds(a: &[Action]) -> Vec<bool> {
-        a.iter()
-            .filter_map(|a| match a {
-                Action::Spawn { background, .. } => Some(*background),
-                _ => None,
-            })
-            .collect()
+        pick(a, |a| match a {
+            Action::Spawn { background, .. } => Some(*background),
+            _ => None,
+        })
     }
 
     fn foregrounds(a: &[Action]) -> Vec<i32> {
-        a.iter()
-            .filter_map(|a| match a {
-                Action::Foreground { pid } => Some(*pid),
-                _ => None,
-            })
-            .collect()
+        pick(a, |a| match a {
+            Action::Foreground { pid } => Some(*pid),
+            _ => None,
+        })
     }
 
     #[test]
