@@ -49,17 +49,24 @@ p99_us() { awk '/ 99%/ {v=$2; if (v ~ /ms$/) {sub(/ms$/,"",v); v*=1000} else if 
 rps() { awk '/Requests\/sec/ {print $2}'; }
 errs() { awk '/Socket errors/ {gsub(/,/,""); print $4+$6+$8+$10; f=1} /Non-2xx/ {n=$5} END {if (!f) print 0+n}'; }
 
+# reloading ROOT [back-to-a]: for 4 s, a reload every 250 ms alternating releases b and a
+# (dream rollback); with back-to-a, a is live again afterwards. Run it in the background.
+reloading() {
+  local end=$((SECONDS + 4)) n=0 id
+  while [ $SECONDS -lt $end ]; do
+    if [ $((n % 2)) -eq 0 ]; then id=b; else id=a; fi
+    "$DREAM" rollback -q --root "$1" $id >/dev/null 2>&1 || true
+    n=$((n + 1)); sleep 0.25
+  done
+  if [ -n "${2:-}" ] && [ $((n % 2)) -eq 1 ]; then "$DREAM" rollback -q --root "$1" a >/dev/null 2>&1 || true; fi
+}
+
 echo "== 1. p99 during reloads / steady (wrk -t2 -c64, 4 workers, a reload every 250 ms; now and before, in turn)"
 # One round of one server: steady, then reloading; prints the p99 ratio.
 reload_round() {  # PORT ROOT LABEL ROUND
   local S R s d ratio
   S=$(wrk_run http://127.0.0.1:$1/small 4s)
-  ( end=$((SECONDS + 4)); n=0
-    while [ $SECONDS -lt $end ]; do
-      if [ $((n % 2)) -eq 0 ]; then id=b; else id=a; fi
-      "$DREAM" rollback -q --root "$2" $id >/dev/null 2>&1 || true
-      n=$((n + 1)); sleep 0.25
-    done ) &
+  reloading "$2" &
   R=$(wrk_run http://127.0.0.1:$1/small 4s); wait $!
   s=$(echo "$S" | p99_us); d=$(echo "$R" | p99_us)
   ratio=$(python3 -c "print(round($d/$s,2))")
@@ -79,13 +86,7 @@ rate_check() { run "$DREAM" check "$1" --keep-alive --connections 64 --rate 2000
 rate_round() {  # PORT ROOT LABEL ROUND
   local S R s d ratio
   S=$(rate_check http://127.0.0.1:$1/small)
-  ( end=$((SECONDS + 4)); n=0
-    while [ $SECONDS -lt $end ]; do
-      if [ $((n % 2)) -eq 0 ]; then id=b; else id=a; fi
-      "$DREAM" rollback -q --root "$2" $id >/dev/null 2>&1 || true
-      n=$((n + 1)); sleep 0.25
-    done
-    [ $((n % 2)) -eq 0 ] || "$DREAM" rollback -q --root "$2" a >/dev/null 2>&1 || true ) &
+  reloading "$2" back-to-a &
   R=$(rate_check http://127.0.0.1:$1/small); wait $!
   s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']")
   ratio=$(python3 -c "print(round($d/$s,2))")
