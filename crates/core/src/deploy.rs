@@ -149,6 +149,34 @@ pub struct DeployOptions {
     pub interruptible: bool,
 }
 
+impl DeployOptions {
+    /// A deploy of `source` into `root` with every default of `dream
+    /// deploy`: keep 5, reload, go live, hooks on, fail at once on a held
+    /// lock, no size limit but the disk's.
+    pub fn new(root: &Path, source: Source, command: &str) -> DeployOptions {
+        DeployOptions {
+            root: root.to_path_buf(),
+            source,
+            id: None,
+            build: None,
+            keep: 5,
+            reload: true,
+            go_live: true,
+            confirm_within: None,
+            verify: Vec::new(),
+            exclude: Vec::new(),
+            hooks: true,
+            bridge: Vec::new(),
+            keep_git: false,
+            wait_lock: Wait::No,
+            command: command.to_string(),
+            max_size: None,
+            quiet: false,
+            interruptible: false,
+        }
+    }
+}
+
 struct Progress<'a> {
     started: Instant,
     report: &'a mut Report,

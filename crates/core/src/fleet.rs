@@ -13,7 +13,7 @@
 //! provisional reload), `confirm` or `revert`, `bye`. Every request gets
 //! one [`Reply`]. `ping` frames keep the session alive while the
 //! coordinator works on other hosts; an agent that hears nothing for
-//! [`SILENCE`], or reads EOF, treats the coordinator as gone: it removes
+//! [`silence`], or reads EOF, treats the coordinator as gone: it removes
 //! what it staged, releases its locks and exits, leaving a switched but
 //! unconfirmed release to its supervisor's confirmation deadline.
 
@@ -30,14 +30,34 @@ use crate::manifest::{self, Manifest};
 use crate::release::{self, Store};
 use crate::stage::Source;
 
-/// The protocol's version; both sides must speak the same.
-pub const PROTOCOL: u32 = 1;
-/// How often the coordinator pings an idle session.
-pub const HEARTBEAT: Duration = Duration::from_secs(5);
-/// How long an agent waits for a frame before it calls the coordinator gone.
-pub const SILENCE: Duration = Duration::from_secs(20);
+/// The protocol's version; both sides must speak the same (2: the agent
+/// sends `alive` frames while it works, and both sides read with a
+/// deadline).
+pub const PROTOCOL: u32 = 2;
+
+/// How long either side waits for a byte from the other before it calls
+/// the peer gone: 20 s, or `DREAM_FLEET_SILENCE` (a duration: `2s`,
+/// `500ms`), for slow links and for tests. Each side sends a heartbeat
+/// every quarter of it while it has nothing else to say.
+pub fn silence() -> Duration {
+    static SILENCE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SILENCE.get_or_init(|| {
+        std::env::var("DREAM_FLEET_SILENCE")
+            .ok()
+            .and_then(|v| crate::signals::parse_duration(&v).ok())
+            .filter(|d| *d >= Duration::from_millis(100))
+            .unwrap_or(Duration::from_secs(20))
+    })
+}
+
+/// How often each side says it is alive when it has nothing else to say.
+pub fn heartbeat() -> Duration {
+    silence() / 4
+}
 /// The largest frame either side accepts.
 const MAX_FRAME: usize = 16 << 20;
+/// The largest manifest an agent reads (a million entries of ~100 bytes).
+const MAX_MANIFEST: usize = 128 << 20;
 /// A blob is sent in chunks of this much (before compression).
 pub const CHUNK: usize = 256 << 10;
 
@@ -54,6 +74,10 @@ pub enum ToAgent {
     Lock {
         command: String,
         fleet: bool,
+        /// Wait this long for a lock another deploy holds (`--wait-lock`);
+        /// a manual fleet hold is refused at once all the same.
+        #[serde(default)]
+        wait_ms: Option<u64>,
     },
     /// The release to prepare; its manifest follows in chunk frames
     /// (compressed, as a blob's content), and the answer lists the content
@@ -109,6 +133,40 @@ pub enum ToAgent {
     Bye,
 }
 
+impl ToAgent {
+    /// For a request that changes the host, its name (for a refusal).
+    pub fn mutation(&self) -> Option<&'static str> {
+        Some(match self {
+            ToAgent::Offer { .. } => "offer",
+            ToAgent::Blob { .. } => "blob",
+            ToAgent::Prepare { .. } => "prepare",
+            ToAgent::Switch { .. } => "switch",
+            ToAgent::Confirm { .. } => "confirm",
+            ToAgent::Revert { .. } => "revert",
+            ToAgent::Commit { .. } => "commit",
+            ToAgent::Hold { .. } => "hold",
+            ToAgent::Hello { .. }
+            | ToAgent::Lock { .. }
+            | ToAgent::Plan
+            | ToAgent::Status
+            | ToAgent::Ping
+            | ToAgent::Bye => return None,
+        })
+    }
+
+    /// The release ids a request names.
+    fn ids(&self) -> Vec<&str> {
+        match self {
+            ToAgent::Offer { id }
+            | ToAgent::Prepare { id, .. }
+            | ToAgent::Switch { id, .. }
+            | ToAgent::Commit { id, .. } => vec![id],
+            ToAgent::Revert { from, to, .. } => vec![from, to],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// The answer to every request but `ping` and blobs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Reply {
@@ -148,6 +206,26 @@ impl Reply {
         }
     }
 
+    /// The same reply with every string escaped and bounded
+    /// ([`crate::logtext::value`]): what a host says is data, never
+    /// terminal control.
+    pub fn escaped(self) -> Reply {
+        let v = |s: Option<String>| s.map(|s| crate::logtext::value(&s));
+        Reply {
+            error: v(self.error),
+            version: v(self.version),
+            previous: v(self.previous),
+            current: v(self.current),
+            hold: v(self.hold),
+            lacks: self
+                .lacks
+                .into_iter()
+                .map(|s| crate::logtext::value(&s))
+                .collect(),
+            ..self
+        }
+    }
+
     pub fn failed(error: impl Into<String>) -> Reply {
         Reply {
             error: Some(error.into()),
@@ -161,6 +239,81 @@ impl Reply {
 pub enum Frame {
     Message(Vec<u8>),
     Chunk(Vec<u8>),
+    /// The agent is working on a request (kind 2, empty): the coordinator
+    /// skips it, and its arrival restarts the silence deadline.
+    Alive,
+}
+
+/// A reader that waits at most [`silence`] for each read: a peer that
+/// stops sending (stopped, wedged, or gone without closing the link) ends
+/// the session with `TimedOut` instead of holding it, and every lock
+/// behind it, forever. Put a `BufReader` over it, never under it: the
+/// wait must see what the descriptor holds, not what a buffer does.
+pub struct Patient<R> {
+    inner: R,
+    silence: Duration,
+    peer: &'static str,
+}
+
+impl<R: Read + AsFd> Patient<R> {
+    pub fn new(inner: R, peer: &'static str) -> Patient<R> {
+        Patient {
+            inner,
+            silence: silence(),
+            peer,
+        }
+    }
+}
+
+impl<R: Read + AsFd> Read for Patient<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let deadline = std::time::Instant::now() + self.silence;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+                .unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.inner.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, ms) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "no word from the {} in {}",
+                            self.peer,
+                            crate::fmt_duration(self.silence)
+                        ),
+                    ));
+                }
+                Ok(_) => return self.inner.read(buf),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// A writer shared by threads, each `write` whole under the lock: with
+/// frames written in one `write_all`, a heartbeat never lands inside
+/// another frame.
+pub struct SharedWriter<W>(pub std::sync::Arc<std::sync::Mutex<W>>);
+
+impl<W: Write> Write for SharedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        w.write_all(buf)?;
+        w.flush()?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends an `alive` frame.
+pub fn write_alive(w: &mut impl Write) -> io::Result<()> {
+    write_frame(w, 2, &[])
 }
 
 pub fn write_message(w: &mut impl Write, msg: &impl Serialize) -> io::Result<()> {
@@ -172,12 +325,13 @@ pub fn write_chunk(w: &mut impl Write, data: &[u8]) -> io::Result<()> {
     write_frame(w, 1, data)
 }
 
+/// One frame in one `write_all` (see [`SharedWriter`]).
 fn write_frame(w: &mut impl Write, kind: u8, body: &[u8]) -> io::Result<()> {
-    let mut head = [0u8; 5];
-    head[..4].copy_from_slice(&(body.len() as u32).to_be_bytes());
-    head[4] = kind;
-    w.write_all(&head)?;
-    w.write_all(body)?;
+    let mut frame = Vec::with_capacity(5 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.push(kind);
+    frame.extend_from_slice(body);
+    w.write_all(&frame)?;
     w.flush()
 }
 
@@ -201,11 +355,16 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
             format!("a frame of {len} bytes (the limit is {MAX_FRAME})"),
         ));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // Grown as bytes arrive, never allocated from the peer's word alone.
+    let mut body = Vec::with_capacity(len.min(CHUNK));
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     match head[4] {
         0 => Ok(Some(Frame::Message(body))),
         1 => Ok(Some(Frame::Chunk(body))),
+        2 if body.is_empty() => Ok(Some(Frame::Alive)),
         k => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("unknown frame kind {k}"),
@@ -238,9 +397,7 @@ pub fn read_chunks(r: &mut impl Read, limit: usize) -> io::Result<Vec<u8>> {
         match read_frame(r)? {
             Some(Frame::Chunk(c)) if c.is_empty() => return Ok(out),
             Some(Frame::Chunk(c)) => {
-                flate2::read::DeflateDecoder::new(&c[..])
-                    .take((limit - out.len().min(limit)) as u64 + 1)
-                    .read_to_end(&mut out)?;
+                inflate_chunk(&c, &mut out)?;
                 if out.len() > limit {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -248,7 +405,7 @@ pub fn read_chunks(r: &mut impl Read, limit: usize) -> io::Result<Vec<u8>> {
                     ));
                 }
             }
-            Some(Frame::Message(_)) => {
+            Some(Frame::Message(_) | Frame::Alive) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "a message inside a payload",
@@ -257,6 +414,25 @@ pub fn read_chunks(r: &mut impl Read, limit: usize) -> io::Result<Vec<u8>> {
             None => return Err(io::ErrorKind::UnexpectedEof.into()),
         }
     }
+}
+
+/// Inflates one chunk onto `out`: at most [`CHUNK`] bytes, as a sender
+/// makes them; a chunk that inflates to more is refused, so a small frame
+/// can never ask for a large allocation.
+fn inflate_chunk(c: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    let n = flate2::read::DeflateDecoder::new(c)
+        .take(CHUNK as u64 + 1)
+        .read_to_end(out)?;
+    if n > CHUNK {
+        return Err(protocol_error(format!(
+            "a chunk that inflates to more than {CHUNK} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn protocol_error(text: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, text)
 }
 
 /// Content as compressed chunks, then an empty chunk; the bytes sent.
@@ -288,6 +464,8 @@ pub struct Agent {
     store: Store,
     lock: Option<Lock>,
     offered: Option<(String, PathBuf)>,
+    /// The blobs the offered release lacks here, by hash: their sizes.
+    wanted: std::collections::HashMap<String, u64>,
     /// Where received objects and the offered manifest wait.
     incoming: PathBuf,
     prepared: Option<String>,
@@ -321,6 +499,7 @@ impl Agent {
             store,
             lock: None,
             offered: None,
+            wanted: std::collections::HashMap::new(),
             incoming,
             prepared: None,
             previous: None,
@@ -357,21 +536,45 @@ impl Agent {
             }
             let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGHUP);
         });
-        let stdin = io::stdin();
-        let mut input = stdin.lock();
-        let stdout = io::stdout();
-        let mut out = stdout.lock();
-        let result = self.session(&mut input, &mut out);
+        // The descriptor itself, not Stdin's buffer: the silence deadline
+        // must see what the pipe holds.
+        let stdin = std::fs::File::from(io::stdin().as_fd().try_clone_to_owned()?);
+        let mut input = io::BufReader::with_capacity(CHUNK, Patient::new(stdin, "coordinator"));
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(io::stdout()));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // `alive` frames while this agent works (a build can take long):
+        // the coordinator's own deadline then only ends a session whose
+        // agent is stopped or gone.
+        let beat = {
+            let (stdout, done) = (stdout.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut w = SharedWriter(stdout);
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::park_timeout(heartbeat());
+                    if done.load(std::sync::atomic::Ordering::SeqCst)
+                        || write_alive(&mut w).is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+        };
+        let result = self.session(&mut input, &mut SharedWriter(stdout));
+        if let Err(e) = &result
+            && e.kind() == io::ErrorKind::TimedOut
+        {
+            eprintln!("dream agent: {e}: it is gone");
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        beat.thread().unpark();
         self.abandon();
         result
     }
 
-    fn session(&mut self, input: &mut impl Read, out: &mut impl Write) -> io::Result<()> {
+    /// One session over any byte stream (`serve` gives it stdin and
+    /// stdout): requests in, one reply each out, until `bye` or EOF.
+    pub fn session(&mut self, input: &mut impl Read, out: &mut impl Write) -> io::Result<()> {
         loop {
-            if !readable_within(SILENCE)? {
-                eprintln!("dream agent: no word from the coordinator in {SILENCE:?}: it is gone");
-                return Ok(());
-            }
             let Some(frame) = read_frame(input)? else {
                 return Ok(());
             };
@@ -388,18 +591,27 @@ impl Agent {
                     continue;
                 }
             };
+            let refused = self.refusal(&msg);
             let reply = match msg {
                 ToAgent::Ping => continue,
                 ToAgent::Bye => {
                     write_message(out, &Reply::ok())?;
                     return Ok(());
                 }
-                ToAgent::Blob { hash } => self.receive_blob(&hash, input),
-                ToAgent::Offer { id } => match read_manifest(input) {
-                    Ok(text) => self.offer(&id, &text),
-                    Err(e) => Reply::failed(format!("the manifest: {e}")),
+                // A payload is read (bounded) even when the request is
+                // refused, so the next frame is a request again.
+                ToAgent::Blob { hash } => {
+                    let reply = self.receive_blob(&hash, input, refused.is_none())?;
+                    refused.unwrap_or(reply)
+                }
+                // A payload over its bounds breaks the framing: the
+                // session ends (`?`), nothing of it kept.
+                ToAgent::Offer { id } => match (read_manifest(input)?, refused) {
+                    (_, Some(refused)) => refused,
+                    (Ok(text), None) => self.offer(&id, &text),
+                    (Err(e), None) => Reply::failed(format!("the manifest: {e}")),
                 },
-                ToAgent::Plan => match read_manifest(input) {
+                ToAgent::Plan => match read_manifest(input)? {
                     Ok(text) => match Manifest::parse(&text) {
                         Ok(m) => Reply {
                             lacks: self.lacking(&m),
@@ -416,7 +628,27 @@ impl Agent {
         }
     }
 
+    /// The one gate every request passes: whatever changes this host needs
+    /// the lock taken by this very session, and every id it names is a
+    /// valid release id. `Some` is the refusal.
+    fn refusal(&self, msg: &ToAgent) -> Option<Reply> {
+        let what = msg.mutation()?;
+        if self.lock.is_none() {
+            return Some(Reply::failed(format!(
+                "{what} refused: this session holds no lock (send lock first)"
+            )));
+        }
+        let bad = msg
+            .ids()
+            .into_iter()
+            .find_map(|id| release::check_id(id).err());
+        bad.map(|e| Reply::failed(format!("{what} refused: {e}")))
+    }
+
     fn handle(&mut self, msg: ToAgent) -> Reply {
+        if let Some(refused) = self.refusal(&msg) {
+            return refused;
+        }
         match msg {
             ToAgent::Hello { protocol, version } => {
                 if protocol != PROTOCOL {
@@ -432,7 +664,11 @@ impl Agent {
                     ..Reply::ok()
                 }
             }
-            ToAgent::Lock { command, fleet } => self.take_lock(&command, fleet),
+            ToAgent::Lock {
+                command,
+                fleet,
+                wait_ms,
+            } => self.take_lock(&command, fleet, wait_ms.map(Duration::from_millis)),
 
             ToAgent::Prepare { id, build, bridge } => self.prepare(&id, build, bridge),
             ToAgent::Switch {
@@ -460,6 +696,11 @@ impl Agent {
             }
             ToAgent::Commit { id, hosts } => {
                 let mut commit = release::Event::new(release::EventKind::FleetCommitted, &id);
+                let hosts: Vec<String> = hosts
+                    .iter()
+                    .take(1000)
+                    .map(|h| crate::logtext::value(h))
+                    .collect();
                 commit.reason = Some(format!("live on {}", hosts.join(", ")));
                 match self.store.append(&commit) {
                     Ok(()) => Reply::ok(),
@@ -473,6 +714,9 @@ impl Agent {
                 version: Some(crate::supervise::version()),
                 ..Reply::ok()
             },
+            ToAgent::Hold { message } if message.as_ref().is_some_and(|m| m.len() > 4096) => {
+                Reply::failed("hold refused: a message over 4096 bytes")
+            }
             ToAgent::Hold { message } => {
                 let path = hold_path(&self.store);
                 let done = match message {
@@ -495,7 +739,13 @@ impl Agent {
         }
     }
 
-    fn take_lock(&mut self, command: &str, fleet: bool) -> Reply {
+    fn take_lock(&mut self, command: &str, fleet: bool, wait: Option<Duration>) -> Reply {
+        if self.lock.is_some() {
+            return Reply {
+                current: self.store.current(),
+                ..Reply::ok()
+            };
+        }
         if let Err(e) = self.store.prepare() {
             return Reply::failed(format!("{}: {e}", self.store.root.display()));
         }
@@ -508,7 +758,9 @@ impl Agent {
                 ))
             };
         }
-        match Lock::acquire(&self.store.lock_path(), &Holder::me(command), Wait::No) {
+        let wait = wait.map_or(Wait::No, Wait::For);
+        let holder = Holder::me(crate::logtext::value(command));
+        match Lock::acquire(&self.store.lock_path(), &holder, wait) {
             Ok(lock) => {
                 self.lock = Some(lock);
                 Reply {
@@ -550,6 +802,15 @@ impl Agent {
         if let Err(e) = saved {
             return Reply::failed(format!("{}: {e}", self.incoming.display()));
         }
+        self.wanted = m
+            .entries()
+            .iter()
+            .filter_map(|e| match &e.kind {
+                manifest::Kind::File { hash, size, .. } => Some((manifest::hex(hash), *size)),
+                _ => None,
+            })
+            .filter(|(h, _)| lacks.binary_search(h).is_ok())
+            .collect();
         self.offered = Some((id.to_string(), self.incoming.join("manifest")));
         Reply {
             lacks,
@@ -590,52 +851,82 @@ impl Agent {
         lacks
     }
 
-    /// Reads a blob's chunks, checks its hash, stores it by name.
-    fn receive_blob(&mut self, hash: &str, input: &mut impl Read) -> Reply {
-        let valid = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+    /// Reads a blob's chunks, checks its hash, stores it by name. Only a
+    /// blob the offered manifest names and this host lacks is stored, and
+    /// never more of it than the manifest's size for it: each chunk is
+    /// inflated to at most [`CHUNK`] bytes, so neither memory nor disk
+    /// grows with what a peer claims. `Err` ends the session (the peer
+    /// broke the framing or sent more than it offered).
+    fn receive_blob(
+        &mut self,
+        hash: &str,
+        input: &mut impl Read,
+        allowed: bool,
+    ) -> io::Result<Reply> {
+        let expected = self.wanted.get(hash).copied().filter(|_| allowed);
         let objects = self.incoming.join("objects");
         let tmp = objects.join(format!("{hash}.part"));
-        let mut file = match (valid, self.offered.is_some()) {
-            (true, true) => std::fs::File::create(&tmp).ok(),
-            _ => None,
+        let mut file = match expected {
+            Some(_) => Some(std::fs::File::create(&tmp)?),
+            None => None,
         };
         let mut hasher = blake3::Hasher::new();
+        let mut got = 0u64;
         let mut failure = None;
+        let mut data = Vec::with_capacity(CHUNK);
         loop {
-            match read_frame(input) {
-                Ok(Some(Frame::Chunk(c))) if c.is_empty() => break,
-                Ok(Some(Frame::Chunk(c))) => {
-                    let mut data = Vec::new();
-                    if let Err(e) = flate2::read::DeflateDecoder::new(&c[..]).read_to_end(&mut data)
-                    {
-                        failure.get_or_insert(format!("blob {hash}: {e}"));
-                        continue;
-                    }
-                    hasher.update(&data);
-                    if let Some(f) = file.as_mut()
-                        && let Err(e) = f.write_all(&data)
-                    {
-                        failure.get_or_insert(format!("blob {hash}: {e}"));
-                    }
+            let c = match read_frame(input)? {
+                Some(Frame::Chunk(c)) if c.is_empty() => break,
+                Some(Frame::Chunk(c)) => c,
+                _ => {
+                    return Err(protocol_error(format!(
+                        "blob {hash}: ended without its end"
+                    )));
                 }
-                Ok(_) => return Reply::failed(format!("blob {hash}: ended without its end")),
-                Err(e) => return Reply::failed(format!("blob {hash}: {e}")),
+            };
+            data.clear();
+            if let Err(e) = inflate_chunk(&c, &mut data) {
+                failure.get_or_insert(format!("blob {hash}: {e}"));
+                continue;
+            }
+            got += data.len() as u64;
+            if let Some(size) = expected
+                && got > size
+            {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(protocol_error(format!(
+                    "blob {hash}: more than the {size} bytes its manifest offered"
+                )));
+            }
+            hasher.update(&data);
+            if let Some(f) = file.as_mut()
+                && let Err(e) = f.write_all(&data)
+            {
+                failure.get_or_insert(format!("blob {hash}: {e}"));
             }
         }
-        if !valid || self.offered.is_none() {
-            return Reply::failed(format!("blob {hash:?}: not expected"));
+        if expected.is_none() {
+            return Ok(Reply::failed(format!(
+                "blob {}: not offered or not lacking",
+                crate::logtext::value(hash)
+            )));
         }
         if let Some(f) = failure {
             let _ = std::fs::remove_file(&tmp);
-            return Reply::failed(f);
+            return Ok(Reply::failed(f));
         }
         if hasher.finalize().to_hex().as_str() != hash {
             let _ = std::fs::remove_file(&tmp);
-            return Reply::failed(format!("blob {hash}: its content has another hash"));
+            return Ok(Reply::failed(format!(
+                "blob {hash}: its content has another hash"
+            )));
         }
         match std::fs::rename(&tmp, objects.join(hash)) {
-            Ok(()) => Reply::ok(),
-            Err(e) => Reply::failed(format!("blob {hash}: {e}")),
+            Ok(()) => {
+                self.wanted.remove(hash);
+                Ok(Reply::ok())
+            }
+            Err(e) => Ok(Reply::failed(format!("blob {hash}: {e}"))),
         }
     }
 
@@ -656,27 +947,22 @@ impl Agent {
             return Reply::failed("prepare before lock");
         };
         let opts = DeployOptions {
-            root: self.store.root.clone(),
-            source: Source::Objects {
-                manifest,
-                objects: self.incoming.join("objects"),
-            },
             id: Some(id.to_string()),
             build,
-            keep: 5,
             reload: false,
             go_live: false,
-            confirm_within: None,
-            verify: Vec::new(),
-            exclude: Vec::new(),
             keep_git: true,
-            hooks: true,
             bridge,
-            wait_lock: Wait::No,
-            command: format!("dream fleet deploy {id}"),
-            max_size: None,
             quiet: true,
             interruptible: true,
+            ..DeployOptions::new(
+                &self.store.root,
+                Source::Objects {
+                    manifest,
+                    objects: self.incoming.join("objects"),
+                },
+                &format!("dream fleet deploy {id}"),
+            )
         };
         let result = deploy::deploy_locked(&opts, lock, &mut |_| {});
         let _ = release::remove_tree(&self.incoming);
@@ -735,26 +1021,12 @@ impl Agent {
     }
 }
 
-/// A manifest's text from the chunks after an `offer` or a `plan`.
-fn read_manifest(input: &mut impl Read) -> io::Result<String> {
-    let bytes = read_chunks(input, 1 << 30)?;
-    String::from_utf8(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8"))
-}
-
-/// Waits until stdin has something (or EOF) for at most `limit`.
-fn readable_within(limit: Duration) -> io::Result<bool> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let stdin = io::stdin();
-    let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
-    let ms = PollTimeout::try_from(limit.as_millis().min(i32::MAX as u128) as i32)
-        .unwrap_or(PollTimeout::MAX);
-    loop {
-        match poll(&mut fds, ms) {
-            Ok(n) => return Ok(n > 0),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+/// A manifest's text from the chunks after an `offer` or a `plan`: `Err`
+/// when the payload broke the protocol (the session cannot go on),
+/// `Ok(Err)` when it is only not text.
+fn read_manifest(input: &mut impl Read) -> io::Result<Result<String, String>> {
+    let bytes = read_chunks(input, MAX_MANIFEST)?;
+    Ok(String::from_utf8(bytes).map_err(|_| "not UTF-8".to_string()))
 }
 
 #[cfg(test)]

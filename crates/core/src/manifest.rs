@@ -275,8 +275,20 @@ impl Manifest {
                 ),
                 _ => return Err(bad()),
             };
+            let path = path_of(kind_path.1).ok_or_else(bad)?;
+            // Paths are relative and plain: no root, no `.` or `..`.
+            let plain = !path.as_os_str().is_empty()
+                && path
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !plain {
+                return Err(format!(
+                    "line {}: {path:?} is not a plain relative path",
+                    i + 1
+                ));
+            }
             entries.push(Entry {
-                path: path_of(kind_path.1).ok_or_else(bad)?,
+                path,
                 kind: kind_path.0,
             });
         }

@@ -186,6 +186,17 @@ impl Store {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // Only a release of this root is ever served: a `current` planted
+        // to name any other directory starts nothing.
+        let releases = fs::canonicalize(self.releases()).ok();
+        if dir.parent() != releases.as_deref() || check_id(&id).is_err() {
+            return Err(format!(
+                "{} names {}, which is not a release in {}: nothing started (point it at releases/<id>, or deploy)",
+                current.display(),
+                crate::logtext::value(&dir.to_string_lossy()),
+                self.releases().display()
+            ));
+        }
         Ok(crate::pool::Release { id, dir })
     }
 
@@ -380,6 +391,18 @@ impl Store {
     /// long the switch took.
     pub fn switch(&self, id: &str) -> io::Result<Duration> {
         let started = Instant::now();
+        // The one gate every switch passes: `current` only ever names a
+        // real directory `releases/<valid id>`.
+        check_id(id).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        match fs::symlink_metadata(self.release_dir(id)) {
+            Ok(m) if m.is_dir() => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no release {id} in {}", self.releases().display()),
+                ));
+            }
+        }
         let tmp = self
             .root
             .join(format!(".current.dream-{}", std::process::id()));

@@ -98,61 +98,12 @@ pub struct Stats {
     pub reflinked_files: u64,
 }
 
-/// Set once a reflink has failed for want of filesystem support, so that
-/// the rest of the tree goes straight to hard links.
-static NO_REFLINK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes `at` share `prev`'s data: a reflink (an independent inode whose
-/// blocks are shared copy-on-write, so no write can ever reach `prev`)
-/// where the filesystem supports it, else a hard link. With `replace`, `at`
-/// exists and is replaced atomically (through a temporary name); without,
-/// it is created directly. Returns whether it was a reflink.
-fn share_file(prev: &Path, at: &Path, frozen: bool, replace: bool) -> io::Result<bool> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let tmp = at.with_file_name(format!(".dream-share-{}", std::process::id()));
-    let target = if replace { &tmp } else { at };
-    if replace {
-        let _ = fs::remove_file(&tmp);
-    }
-    if !NO_REFLINK.load(Relaxed) {
-        let src = File::open(prev)?;
-        let meta = src.metadata()?;
-        let dst = File::options().write(true).create_new(true).open(target)?;
-        match crate::sys::reflink(&src, &dst) {
-            Ok(()) => {
-                let mode = if frozen {
-                    meta.mode() & 0o555
-                } else {
-                    meta.mode() & 0o777 | 0o200
-                };
-                dst.set_permissions(fs::Permissions::from_mode(mode))?;
-                dst.set_modified(meta.modified()?)?;
-                if replace {
-                    fs::rename(&tmp, at)?;
-                }
-                return Ok(true);
-            }
-            Err(e) => {
-                let _ = fs::remove_file(target);
-                let unsupported = matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP)
-                        | Some(libc::EXDEV)
-                        | Some(libc::EINVAL)
-                        | Some(libc::ENOTTY)
-                );
-                if !unsupported {
-                    return Err(e);
-                }
-                NO_REFLINK.store(true, Relaxed);
-            }
-        }
-    }
-    fs::hard_link(prev, target)?;
-    if replace {
-        fs::rename(&tmp, at)?;
-    }
-    Ok(false)
+/// Makes `rel` beneath `tree` share `prev`'s data ([`Tree::share`]: a
+/// reflink where the filesystem has them, else a hard link), created
+/// beneath the tree's descriptor, never through a link. Returns whether it
+/// was a reflink.
+fn share_file(tree: &Tree, rel: &Path, prev: &Path, frozen: bool) -> Result<bool, StageError> {
+    Ok(tree.share(rel, prev, !frozen)?)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -318,6 +269,7 @@ pub fn copy_dir(
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     fs::create_dir(dst).map_err(io_at(dst))?;
+    let tree = Tree::open(dst).map_err(io_at(dst))?;
     // The tree first (directories, links, the list of files), then the
     // files, on a few threads: most of the time is reading and hashing,
     // which the cores can share.
@@ -349,7 +301,7 @@ pub fn copy_dir(
                         };
                         out.push(copy_one(
                             src,
-                            dst,
+                            &tree,
                             rel,
                             meta,
                             &opts,
@@ -464,14 +416,15 @@ fn walk_source(
     Ok(())
 }
 
-/// Copies (or shares) one file and returns its manifest entry. A file is
-/// read once: when the previous release has a file of the same size and
-/// mode at the same path, the source is read only to hash it, and shared
-/// if the hashes are equal (else copied); otherwise it is copied and hashed
-/// in the same pass.
+/// Copies (or shares) one file and returns its manifest entry. When the
+/// previous release has a file of the same size and mode at the same path,
+/// the source is read to hash it and shared if the hashes are equal; else
+/// it is copied and hashed in the same pass. Either way the bytes the
+/// release holds are the bytes that were hashed, and a source file that
+/// changes while it is read is refused, never recorded wrong.
 fn copy_one(
     src_root: &Path,
-    dst_root: &Path,
+    tree: &Tree,
     rel: &Path,
     meta: &fs::Metadata,
     opts: &CopyOptions<'_>,
@@ -479,7 +432,6 @@ fn copy_one(
     stats: &mut Stats,
 ) -> Result<Entry, StageError> {
     let from = src_root.join(rel);
-    let to = dst_root.join(rel);
     let mode = frozen_mode(false, meta.mode());
     let candidate = prev.and_then(|(dir, index)| match index.get(rel) {
         Some(Kind::File {
@@ -489,21 +441,25 @@ fn copy_one(
         }) if *m == mode && *size == meta.len() => Some((dir.join(rel), *hash)),
         _ => None,
     });
-    let hash = match candidate {
-        Some((prev_file, prev_hash)) => {
-            let (hash, _) = manifest::hash_file(&from).map_err(io_at(&from))?;
-            if hash == prev_hash
-                && let Ok(reflinked) = share_file(&prev_file, &to, opts.freeze, false)
-            {
-                stats.shared_files += 1;
-                stats.shared_bytes += meta.len();
-                stats.reflinked_files += u64::from(reflinked);
-            } else {
-                copy_file(&from, &to, meta, opts.freeze, false)?;
-            }
-            hash
+    let mut src = File::open(&from).map_err(io_at(&from))?;
+    let mut shared = None;
+    if let Some((prev_file, prev_hash)) = candidate {
+        let (hash, _) = read_unchanged(&mut src, &from, rel, meta, &mut io::sink())?;
+        if hash == prev_hash
+            && let Ok(reflinked) = share_file(tree, rel, &prev_file, opts.freeze)
+        {
+            stats.shared_files += 1;
+            stats.shared_bytes += meta.len();
+            stats.reflinked_files += u64::from(reflinked);
+            shared = Some(hash);
         }
-        None => copy_file(&from, &to, meta, opts.freeze, true)?.expect("hashed while copied"),
+    }
+    let hash = if let Some(hash) = shared {
+        hash
+    } else {
+        use std::io::Seek;
+        src.rewind().map_err(io_at(&from))?;
+        copy_file(&mut src, &from, tree, rel, meta, opts.freeze)?
     };
     Ok(Entry {
         path: rel.to_path_buf(),
@@ -515,40 +471,61 @@ fn copy_one(
     })
 }
 
-/// Copies a file, keeping its modification time; with `hash`, reads and
-/// hashes it in the same pass (one read) and returns the hash, else lets
-/// the kernel copy it.
-fn copy_file(
+/// Reads `src` whole into `w`, hashing it, and checks that it is the file
+/// the walk saw and did not change while read (size, modification and
+/// change times): what was hashed is then one version of the file, never a
+/// mix of two.
+fn read_unchanged(
+    src: &mut File,
     from: &Path,
-    to: &Path,
+    rel: &Path,
+    seen: &fs::Metadata,
+    w: &mut impl io::Write,
+) -> Result<(manifest::Hash, u64), StageError> {
+    let (hash, n) = manifest::hash_copy(src, w).map_err(|e| match e {
+        manifest::CopyError::Read(e) => io_at(from)(e),
+        manifest::CopyError::Write(e) => io_at(rel)(e),
+    })?;
+    let after = src.metadata().map_err(io_at(from))?;
+    let same = n == seen.len()
+        && after.len() == seen.len()
+        && after.ino() == seen.ino()
+        && after.mtime() == seen.mtime()
+        && after.mtime_nsec() == seen.mtime_nsec()
+        && after.ctime() == seen.ctime()
+        && after.ctime_nsec() == seen.ctime_nsec();
+    if !same {
+        return Err(StageError::Refused(format!(
+            "{}: changed while staging; try again",
+            crate::logtext::value(&rel.to_string_lossy())
+        )));
+    }
+    Ok((hash, n))
+}
+
+/// Copies `src` into a new file `rel` beneath `tree`, hashing it in the
+/// same pass, and keeps its modification time; returns the hash.
+fn copy_file(
+    src: &mut File,
+    from: &Path,
+    tree: &Tree,
+    rel: &Path,
     meta: &fs::Metadata,
     freeze: bool,
-    hash: bool,
-) -> Result<Option<manifest::Hash>, StageError> {
-    let (f, hashed) = if hash {
-        let mut src = File::open(from).map_err(io_at(from))?;
-        let mut dst = File::create(to).map_err(io_at(to))?;
-        let (h, _) = manifest::hash_copy(&mut src, &mut dst).map_err(|e| match e {
-            manifest::CopyError::Read(e) => io_at(from)(e),
-            manifest::CopyError::Write(e) => io_at(to)(e),
-        })?;
-        (dst, Some(h))
-    } else {
-        fs::copy(from, to).map_err(io_at(from))?;
-        let f = File::options().write(true).open(to).map_err(io_at(to))?;
-        (f, None)
-    };
+) -> Result<manifest::Hash, StageError> {
+    let mut dst = tree.create_file(rel, 0o600)?;
+    let (hash, _) = read_unchanged(src, from, rel, meta, &mut dst)?;
     let mode = if freeze {
         frozen_mode(false, meta.mode())
     } else {
         meta.mode() & 0o777 | 0o200
     };
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_at(to))?;
+    dst.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_at(rel))?;
     if let Ok(m) = meta.modified() {
-        f.set_modified(m).map_err(io_at(to))?;
+        dst.set_modified(m).map_err(io_at(rel))?;
     }
-    Ok(hashed)
+    Ok(hash)
 }
 
 /// Extracts a tarball into `dst` (which must not exist), refusing anything
@@ -878,8 +855,7 @@ pub fn from_manifest(
             Kind::File { mode, size, hash } => {
                 let frozen = frozen_mode(false, *mode);
                 if let Some(prev) = share.and_then(|s| s(hash, frozen)) {
-                    let at = dst.join(&e.path);
-                    let reflinked = share_file(&prev, &at, true, false).map_err(io_at(&at))?;
+                    let reflinked = share_file(&tree, &e.path, &prev, true)?;
                     stats.files += 1;
                     stats.bytes += size;
                     stats.shared_files += 1;
@@ -940,6 +916,7 @@ pub fn bridge(
     prev: (&Path, &Manifest),
     dirs: &[PathBuf],
 ) -> Result<(Vec<Entry>, Vec<PathBuf>), StageError> {
+    let tree = Tree::open(staged).map_err(io_at(staged))?;
     let have = manifest.index();
     let prev_index = prev.1.index();
     let mut added: Vec<Entry> = Vec::new();
@@ -975,8 +952,7 @@ pub fn bridge(
             continue;
         }
         for dir in made.iter().rev() {
-            let at = staged.join(dir);
-            fs::create_dir_all(&at).map_err(io_at(&at))?;
+            tree.create_dir(dir)?;
             let mode = match prev_index.get(dir.as_path()) {
                 Some(Kind::Dir { mode }) => *mode,
                 _ => 0o755,
@@ -986,11 +962,10 @@ pub fn bridge(
                 kind: Kind::Dir { mode },
             });
         }
-        let at = staged.join(&e.path);
-        if fs::symlink_metadata(&at).is_ok() {
+        if fs::symlink_metadata(staged.join(&e.path)).is_ok() {
             continue;
         }
-        share_file(&prev.0.join(&e.path), &at, false, false).map_err(io_at(&at))?;
+        share_file(&tree, &e.path, &prev.0.join(&e.path), false)?;
         added.push(e.clone());
         bridged.push(e.path.clone());
     }
@@ -1008,6 +983,7 @@ pub fn share(
 ) -> Result<Stats, StageError> {
     let mut stats = Stats::default();
     let prev_index = prev.map(|(dir, m)| (dir, m.index()));
+    let mut tree: Option<Tree> = None;
     for e in manifest.entries() {
         let Kind::File { mode, size, hash } = &e.kind else {
             if !matches!(e.kind, Kind::Dir { .. }) {
@@ -1025,21 +1001,14 @@ pub fn share(
         if !same {
             continue;
         }
-        let path = staged.join(&e.path);
-        let prev_path = dir.join(&e.path);
-        // Already that very file (bridged): rename(2) over a hard link to
-        // the same inode does nothing and would leave the temporary name.
-        let same_inode = match (fs::metadata(&path), fs::metadata(&prev_path)) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-            _ => false,
+        let tree = match &tree {
+            Some(t) => t,
+            None => tree.insert(Tree::open(staged).map_err(io_at(staged))?),
         };
-        if same_inode {
-            stats.shared_files += 1;
-            stats.shared_bytes += size;
-            continue;
-        }
-        // Not frozen yet: the whole tree is frozen after sharing.
-        let reflinked = share_file(&prev_path, &path, false, true).map_err(io_at(&path))?;
+        // Not frozen yet: the whole tree is frozen after sharing. The
+        // staged entry is replaced beneath the tree's descriptor, never
+        // written through a link the source or its build planted.
+        let reflinked = share_file(tree, &e.path, &dir.join(&e.path), false)?;
         stats.shared_files += 1;
         stats.shared_bytes += size;
         stats.reflinked_files += u64::from(reflinked);

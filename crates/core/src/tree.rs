@@ -17,11 +17,11 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2};
+use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, linkat, symlinkat, unlinkat};
 
@@ -50,6 +50,10 @@ fn io_at(path: &Path) -> impl FnOnce(Errno) -> TreeError + '_ {
 pub struct Tree {
     dir: OwnedFd,
 }
+
+/// Set once a reflink has failed for want of filesystem support, so that
+/// the rest of the tree goes straight to hard links.
+static NO_REFLINK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 const BENEATH: ResolveFlag = ResolveFlag::RESOLVE_BENEATH
     .union(ResolveFlag::RESOLVE_NO_SYMLINKS)
@@ -170,6 +174,72 @@ impl Tree {
         let dir = self.open_dir(parent, true)?;
         Self::clear(&dir, name, rel)?;
         linkat(&from_dir, from_name, &dir, name, AtFlags::empty()).map_err(io_at(rel))
+    }
+
+    /// Makes `rel` share the data of the regular file `prev` (outside the
+    /// tree, in an earlier release): a reflink (a new inode with `prev`'s
+    /// permissions, read-only unless `writable`, and modification time,
+    /// its blocks shared copy-on-write) where
+    /// the filesystem has them, else a hard link to the very inode opened.
+    /// Like every entry, `rel` is created beneath the tree's descriptor
+    /// and never through a link; an entry already at `rel` is replaced.
+    /// Returns whether it is a reflink.
+    pub fn share(&self, rel: &Path, prev: &Path, writable: bool) -> Result<bool, TreeError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let src = File::from(nix::fcntl::open(prev, flags, Mode::empty()).map_err(io_at(prev))?);
+        let meta = src.metadata().map_err(|e| TreeError::Io {
+            path: prev.to_path_buf(),
+            source: e,
+        })?;
+        if !meta.is_file() {
+            return Err(TreeError::Escape(prev.to_path_buf()));
+        }
+        let io = |e: io::Error| TreeError::Io {
+            path: rel.to_path_buf(),
+            source: e,
+        };
+        if !NO_REFLINK.load(Relaxed) {
+            let dst = self.create_file(rel, 0o600)?;
+            match crate::sys::reflink(&src, &dst) {
+                Ok(()) => {
+                    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+                    let mode = if writable {
+                        meta.mode() & 0o777 | 0o200
+                    } else {
+                        meta.mode() & 0o555
+                    };
+                    dst.set_permissions(std::fs::Permissions::from_mode(mode))
+                        .map_err(io)?;
+                    dst.set_modified(meta.modified().map_err(io)?).map_err(io)?;
+                    return Ok(true);
+                }
+                Err(e) => {
+                    let unsupported = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY)
+                    );
+                    if !unsupported {
+                        return Err(io(e));
+                    }
+                    NO_REFLINK.store(true, Relaxed);
+                }
+            }
+        }
+        let (parent, name) = split(rel)?;
+        let dir = self.open_dir(parent, true)?;
+        Self::clear(&dir, name, rel)?;
+        // The inode opened above, through its /proc name (linkat with
+        // AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", src.as_fd().as_raw_fd()));
+        match linkat(AT_FDCWD, &by_fd, &dir, name, AtFlags::AT_SYMLINK_FOLLOW) {
+            Ok(()) => Ok(false),
+            Err(Errno::ENOENT) if !Path::new("/proc/self/fd").exists() => {
+                linkat(AT_FDCWD, prev, &dir, name, AtFlags::empty()).map_err(io_at(rel))?;
+                Ok(false)
+            }
+            Err(e) => Err(io_at(rel)(e)),
+        }
     }
 
     /// Sets the permission bits of directory `rel` (never through a link).

@@ -65,6 +65,8 @@ pub struct FleetConfig {
     pub wait: Option<Duration>,
     pub max_fail: Option<usize>,
     pub install: Option<bool>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub wait_lock: Option<Duration>,
 }
 
 /// A host: `"web1"`, or `{ host = "web1", root = "/srv/a" }`.

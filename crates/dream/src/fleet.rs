@@ -35,6 +35,8 @@ pub struct Fleet {
     /// Copy this program to hosts whose dream is missing or speaks
     /// another protocol (into `ROOT/.dream/bin/dream`).
     pub install: bool,
+    /// How long each host's agent waits for its deploy lock.
+    pub wait_lock: Option<Duration>,
     /// Paths each host requests through its own socket after its switch.
     pub verify: Vec<String>,
     /// The ssh command and its own options (`--ssh`).
@@ -147,7 +149,7 @@ struct Conn {
     host: HostSpec,
     child: Child,
     writer: Arc<Mutex<ChildStdin>>,
-    reader: BufReader<ChildStdout>,
+    reader: BufReader<fleet::Patient<ChildStdout>>,
     stop: Arc<AtomicBool>,
     /// What the host ran before this run switched it.
     previous: Option<String>,
@@ -167,13 +169,21 @@ impl Conn {
         self.reply()
     }
 
+    /// The next answer, `alive` frames skipped; a host silent for
+    /// [`fleet::silence`] is gone. Every string in it is escaped and
+    /// bounded here, once, before anything prints it: a host's words
+    /// never reach a terminal raw.
     fn reply(&mut self) -> std::result::Result<Reply, String> {
-        match fleet::read_frame(&mut self.reader) {
-            Ok(Some(Frame::Message(body))) => serde_json::from_slice(&body)
-                .map_err(|e| format!("{}: an answer that is not one ({e})", self.host.name)),
-            Ok(Some(Frame::Chunk(_))) => Err(format!("{}: a stray chunk", self.host.name)),
-            Ok(None) => Err(self.gone("the session ended")),
-            Err(e) => Err(self.gone(e)),
+        loop {
+            return match fleet::read_frame(&mut self.reader) {
+                Ok(Some(Frame::Message(body))) => serde_json::from_slice::<Reply>(&body)
+                    .map(Reply::escaped)
+                    .map_err(|e| format!("{}: an answer that is not one ({e})", self.host.name)),
+                Ok(Some(Frame::Alive)) => continue,
+                Ok(Some(Frame::Chunk(_))) => Err(format!("{}: a stray chunk", self.host.name)),
+                Ok(None) => Err(self.gone("the session ended")),
+                Err(e) => Err(self.gone(e)),
+            };
         }
     }
 
@@ -221,12 +231,17 @@ impl Conn {
         self.accepted(reply)
     }
 
+    /// The session is over: what ssh (or the agent) said last on stderr,
+    /// read for at most two seconds, and the ssh process ended, so that a
+    /// silent or hostile peer can hold nothing of this run.
     fn gone(&mut self, e: impl std::fmt::Display) -> String {
         let mut stderr = String::new();
-        if let Some(mut s) = self.child.stderr.take() {
-            let _ = s.read_to_string(&mut stderr);
+        if let Some(s) = self.child.stderr.take() {
+            stderr = read_for(s, Duration::from_secs(2));
         }
-        let said = stderr.trim().lines().last().unwrap_or("").to_string();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let said = dream_core::logtext::value(stderr.trim().lines().last().unwrap_or(""));
         format!(
             "{}: the connection failed ({e}){}",
             self.host.name,
@@ -249,6 +264,31 @@ impl Drop for Conn {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
+}
+
+/// What `r` says until it closes or `limit` passes, whichever is first
+/// (at most 64 KiB).
+fn read_for(mut r: std::process::ChildStderr, limit: Duration) -> String {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let deadline = Instant::now() + limit;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while out.len() < 64 << 10 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds = [PollFd::new(r.as_fd(), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(left.as_millis() as i32).unwrap_or(PollTimeout::ZERO);
+        match poll(&mut fds, ms) {
+            Ok(0) => break,
+            Ok(_) => match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            },
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Prints a progress line (stderr), unless `--json`.
@@ -389,14 +429,17 @@ impl Fleet {
             .spawn()
             .map_err(|e| format!("{}: cannot run {}: {e}", host.name, self.ssh[0]))?;
         let writer = Arc::new(Mutex::new(child.stdin.take().expect("piped")));
-        let reader = BufReader::new(child.stdout.take().expect("piped"));
+        let reader = BufReader::new(fleet::Patient::new(
+            child.stdout.take().expect("piped"),
+            "host's agent",
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         // Pings keep the agent's patience while other hosts are busy.
         {
             let (writer, stop) = (writer.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    std::thread::park_timeout(fleet::HEARTBEAT);
+                    std::thread::park_timeout(fleet::heartbeat());
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
@@ -661,11 +704,16 @@ fn finish(f: &Fleet, started: Instant, mut report: FleetReport) -> Result {
 
 /// Takes the fleet's lock (the primary's, first, so two fleet runs never
 /// both get as far as the other hosts), then every other host's.
-fn lock_everywhere(conns: &mut [Conn], command: &str) -> std::result::Result<(), String> {
+fn lock_everywhere(
+    f: &Fleet,
+    conns: &mut [Conn],
+    command: &str,
+) -> std::result::Result<(), String> {
     let lock = |c: &mut Conn, fleet: bool| {
         c.must(&ToAgent::Lock {
             command: command.to_string(),
             fleet,
+            wait_ms: f.wait_lock.map(|d| d.as_millis() as u64),
         })
         .map(|_| ())
         .map_err(|(e, _)| e)
@@ -763,7 +811,7 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
         }
     };
     let command = format!("dream fleet deploy {id}");
-    if let Err(e) = lock_everywhere(&mut conns, &command) {
+    if let Err(e) = lock_everywhere(f, &mut conns, &command) {
         fail(
             &mut report,
             exit::TEMPORARY,
@@ -1139,7 +1187,7 @@ pub fn rollback(f: &Fleet, id: Option<&str>, confirm_within: Duration) -> Result
             return finish(f, started, report);
         }
     };
-    if let Err(e) = lock_everywhere(&mut conns, "dream fleet rollback") {
+    if let Err(e) = lock_everywhere(f, &mut conns, "dream fleet rollback") {
         fail(
             &mut report,
             exit::TEMPORARY,
@@ -1178,13 +1226,18 @@ pub fn status(f: &Fleet) -> Result {
         .connect(control.path())
         .map_err(|errors| Failure::temporary(format!("unreachable: {}", errors.join("; "))))?;
     let mut rows = Vec::new();
+    let mut unanswered = Vec::new();
     for mut c in conns {
         let r = c.ask(&ToAgent::Status);
+        if let Err(e) = &r {
+            unanswered.push(e.clone());
+        }
         rows.push(serde_json::json!({
             "host": c.host.name,
             "current": r.as_ref().ok().and_then(|r| r.current.clone()),
             "version": r.as_ref().ok().and_then(|r| r.version.clone()),
             "hold": r.as_ref().ok().and_then(|r| r.hold.clone()),
+            "error": r.as_ref().err(),
         }));
         c.bye();
     }
@@ -1194,7 +1247,7 @@ pub fn status(f: &Fleet) -> Result {
         .collect();
     if f.json {
         crate::print_line(
-            &serde_json::json!({"ok": true, "consistent": currents.len() == 1, "hosts": rows})
+            &serde_json::json!({"ok": unanswered.is_empty(), "consistent": unanswered.is_empty() && currents.len() == 1, "hosts": rows})
                 .to_string(),
         );
     } else {
@@ -1211,7 +1264,13 @@ pub fn status(f: &Fleet) -> Result {
             ));
         }
     }
-    if currents.len() == 1 {
+    if !unanswered.is_empty() {
+        // What a host runs is unknown: never reported as consistent.
+        Err(Failure::temporary(format!(
+            "no answer: {}",
+            unanswered.join("; ")
+        )))
+    } else if currents.len() == 1 {
         Ok(())
     } else if f.json {
         Err(Failure::silent(2))
@@ -1234,6 +1293,7 @@ pub fn hold(f: &Fleet, message: Option<String>) -> Result {
         json: f.json,
         rollout: f.rollout.clone(),
         install: f.install,
+        wait_lock: f.wait_lock,
         verify: Vec::new(),
     };
     let control = control_dir(&primary)?;
@@ -1242,7 +1302,14 @@ pub fn hold(f: &Fleet, message: Option<String>) -> Result {
         .map_err(|errors| Failure::temporary(format!("unreachable: {}", errors.join("; "))))?;
     let mut c = conns.remove(0);
     let set = message.is_some();
-    let r = c.must(&ToAgent::Hold { message });
+    // Like every change on a host, the hold is set under its lock.
+    let r = c
+        .must(&ToAgent::Lock {
+            command: format!("dream fleet {}", if set { "lock" } else { "unlock" }),
+            fleet: false,
+            wait_ms: f.wait_lock.map(|d| d.as_millis() as u64),
+        })
+        .and_then(|_| c.must(&ToAgent::Hold { message }));
     c.bye();
     r.map_err(|(e, _)| Failure::failed(e))?;
     if f.json {

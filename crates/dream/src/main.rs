@@ -471,6 +471,9 @@ struct FleetArgs {
     /// Copy this dream to hosts whose dream is missing or incompatible (into ROOT/.dream/bin/)
     #[arg(long)]
     install: bool,
+    /// Wait this long for each host's deploy lock (default: fail at once, naming the holder); a manual hold is never waited on
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    wait_lock: Option<Duration>,
     /// Progress lines as text, or as one JSON object each
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -1071,6 +1074,7 @@ fn fleet_of(a: &FleetArgs, r: &RolloutArgs) -> Result<(fleet::Fleet, config::Fle
         parallel: a.parallel.or(file.parallel).unwrap_or(8).max(1),
         json: a.json,
         install: a.install || file.install.unwrap_or(false),
+        wait_lock: a.wait_lock.or(file.wait_lock),
         verify: r.verify.clone(),
         rollout: fleet::Rollout {
             canary: r.canary.or(file.canary).unwrap_or(1),
