@@ -45,10 +45,23 @@ pub enum Readiness {
     /// Only when it writes a line to this inherited descriptor (s6's
     /// notification-fd).
     Fd(i32),
-    /// When it has stayed alive this long (`READY=1` is ignored).
+    /// When it has stayed alive this long (`READY=1` is ignored), counting
+    /// only time in which it could run: time its tasks spent waiting for
+    /// a CPU does not count.
     Delay(Duration),
-    /// `READY=1`, or alive this long, whichever comes first.
+    /// `READY=1`, or alive this long (counted as for `Delay`), whichever
+    /// comes first.
     Auto(Duration),
+}
+
+impl Readiness {
+    /// The time a worker must stay alive to count as ready, if any.
+    pub fn timed(self) -> Option<Duration> {
+        match self {
+            Readiness::Notify | Readiness::Fd(_) => None,
+            Readiness::Delay(d) | Readiness::Auto(d) => Some(d),
+        }
+    }
 }
 
 /// As typed on the command line: `notify`, `fd:3`, `delay:1s`, `auto:1s`.
@@ -204,6 +217,11 @@ enum WorkerState {
         pid: i32,
         #[serde(with = "crate::clock::mono")]
         since: Instant,
+        /// Of the time since, how long the worker's busiest task waited
+        /// for a CPU ([`Event::CpuWaited`]): a timed readiness does not
+        /// count it.
+        #[serde(default)]
+        waited: Duration,
     },
     Ready {
         pid: i32,
@@ -397,6 +415,15 @@ pub enum Event {
     /// The worker count changed (control `scale`, TTIN, TTOU).
     Scale(usize),
     Stop(Stop),
+    /// How long a starting worker's tasks have waited for a CPU since it
+    /// was spawned (the most any one of them waited): a timed readiness
+    /// (`delay:`, `auto:`) counts only the time it could run, so a worker
+    /// starved on a saturated host is never declared alive for time it
+    /// did not get. The driver reads it for [`Pool::timed_readiness_due`].
+    CpuWaited {
+        pid: i32,
+        waited: Duration,
+    },
     /// Time passed: whatever was due by now ([`Pool::next_deadline`]).
     Tick,
 }
@@ -558,6 +585,20 @@ impl Pool {
                 }
             }
             Event::Confirm { generation, waiter } => self.confirm(generation, waiter, now),
+            Event::CpuWaited { pid, waited } => {
+                for w in self.gens.iter_mut().flat_map(|g| g.workers.iter_mut()) {
+                    if let WorkerState::Starting {
+                        pid: p,
+                        waited: ref mut was,
+                        ..
+                    } = w.state
+                        && p == pid
+                    {
+                        *was = (*was).max(waited);
+                    }
+                }
+                Vec::new()
+            }
             Event::ReleaseResolved(Ok(release)) => self.begin_generation(release, now),
             Event::ReleaseResolved(Err(reason)) => self.reload_unavailable(reason),
             Event::Spawned {
@@ -759,7 +800,11 @@ impl Pool {
         let started = Action::Log(format!("worker {generation}.{index} started: pid {pid}"));
         match w.state {
             WorkerState::Spawning => {
-                w.state = WorkerState::Starting { pid, since: now };
+                w.state = WorkerState::Starting {
+                    pid,
+                    since: now,
+                    waited: Duration::ZERO,
+                };
                 vec![started]
             }
             // Scaled down while its spawn was in flight.
@@ -1294,11 +1339,8 @@ impl Pool {
         for g in &self.gens {
             for w in &g.workers {
                 match w.state {
-                    WorkerState::Starting { since, .. } => {
-                        let after = match readiness {
-                            Readiness::Notify | Readiness::Fd(_) => None,
-                            Readiness::Delay(d) | Readiness::Auto(d) => Some(since + d),
-                        };
+                    WorkerState::Starting { since, waited, .. } => {
+                        let after = readiness.timed().map(|d| since + d + waited);
                         if after.is_some_and(|t| t <= now) {
                             due_ready.push((g.id, w.index));
                         }
@@ -1324,7 +1366,7 @@ impl Pool {
         // Background starts that took too long go on at normal priority.
         for g in &mut self.gens {
             for w in &mut g.workers {
-                if let WorkerState::Starting { pid, since } = w.state
+                if let WorkerState::Starting { pid, since, .. } = w.state
                     && w.background
                     && since + BACKGROUND_MAX <= now
                 {
@@ -1436,12 +1478,28 @@ impl Pool {
         actions
     }
 
+    /// The starting workers whose timed readiness is due by `now` on the
+    /// CPU waits known so far: the driver measures their waits again
+    /// ([`Event::CpuWaited`]) before the tick that would declare them ready.
+    pub fn timed_readiness_due(&self, now: Instant) -> Vec<i32> {
+        let Some(d) = self.settings.readiness.timed() else {
+            return Vec::new();
+        };
+        self.gens
+            .iter()
+            .flat_map(|g| &g.workers)
+            .filter_map(|w| match w.state {
+                WorkerState::Starting {
+                    pid, since, waited, ..
+                } if since + d + waited <= now => Some(pid),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The next time [`Pool::tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let readiness = match self.settings.readiness {
-            Readiness::Notify | Readiness::Fd(_) => None,
-            Readiness::Delay(d) | Readiness::Auto(d) => Some(d),
-        };
+        let readiness = self.settings.readiness.timed();
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         if let Some(by) = self.first_ready_by
@@ -1463,9 +1521,9 @@ impl Pool {
             }
             for w in &g.workers {
                 match w.state {
-                    WorkerState::Starting { since, .. } => {
+                    WorkerState::Starting { since, waited, .. } => {
                         if let Some(d) = readiness {
-                            consider(since + d);
+                            consider(since + d + waited);
                         }
                         if w.background {
                             consider(since + BACKGROUND_MAX);
@@ -2012,6 +2070,48 @@ mod tests {
         let a = pool.on(Event::Tick, t0 + Duration::from_secs(1));
         assert!(a.contains(&Action::Systemd("READY=1".into())));
         assert_eq!(pool.next_deadline(), None, "idle: nothing to wake up for");
+    }
+
+    #[test]
+    fn a_timed_readiness_does_not_count_time_spent_waiting_for_a_cpu() {
+        let t0 = Instant::now();
+        let mut pool = Pool::new(settings(2, Readiness::Delay(Duration::from_secs(1))));
+        let mut pid = 0;
+        let a = pool.on(Event::ReleaseResolved(Ok(rel("a"))), t0);
+        run(&mut pool, a, &mut pid, t0);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(pool.timed_readiness_due(t1), vec![1, 2]);
+        // Worker 1 waited 700 ms for a CPU, worker 2 did not: only worker
+        // 2 has had its second.
+        assert!(
+            pool.on(
+                Event::CpuWaited {
+                    pid: 1,
+                    waited: 700 * MS
+                },
+                t1
+            )
+            .is_empty()
+        );
+        assert_eq!(pool.timed_readiness_due(t1), vec![2]);
+        pool.on(Event::Tick, t1);
+        assert_eq!(pool.next_deadline(), Some(t1 + 700 * MS));
+        assert!(
+            !pool
+                .on(Event::Tick, t1 + 699 * MS)
+                .contains(&Action::Systemd("READY=1".into()))
+        );
+        // A smaller figure never shrinks what was measured.
+        pool.on(
+            Event::CpuWaited {
+                pid: 1,
+                waited: 100 * MS,
+            },
+            t1 + 699 * MS,
+        );
+        assert_eq!(pool.timed_readiness_due(t1 + 699 * MS), Vec::<i32>::new());
+        let a = pool.on(Event::Tick, t1 + 700 * MS);
+        assert!(a.contains(&Action::Systemd("READY=1".into())), "{a:?}");
     }
 
     #[test]

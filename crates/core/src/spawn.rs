@@ -177,10 +177,17 @@ impl<'a> Command<'a> {
     /// Starts the program; returns its pid once it has exec'd.
     pub fn spawn(&self) -> Result<nix::unistd::Pid, SpawnError> {
         let mut image = self.image()?;
-        image
-            .spawn()
-            .map(nix::unistd::Pid::from_raw)
-            .map_err(|source| self.exec_error(source))
+        let pid = image.spawn().map_err(|source| self.exec_error(source))?;
+        if self.background {
+            // Set from here, once the child has exec'd, never in the child
+            // before its exec: the spawn borrows this process's memory and
+            // waits for that exec, and a child already under SCHED_IDLE on
+            // a saturated host would hold this process with it. A failure
+            // (no CAP_SYS_NICE is needed to lower a class) leaves the
+            // worker in front, which is only slower for the others.
+            let _ = crate::sys::set_sched_idle(pid);
+        }
+        Ok(nix::unistd::Pid::from_raw(pid))
     }
 
     /// Replaces dream with the program. Returns only on failure.
@@ -252,7 +259,6 @@ impl<'a> Command<'a> {
         }
         image.set_new_process_group(self.process_group);
         image.set_parent_death_signal(self.parent_death_signal);
-        image.set_background(self.background);
         if let Some((uid, gid)) = self.ids {
             image.set_ids(uid, gid);
         }

@@ -46,8 +46,6 @@ pub struct ExecImage {
     parent_death_signal: Option<libc::c_int>,
     /// Switch to this uid and gid (dropping supplementary groups).
     ids: Option<(libc::uid_t, libc::gid_t)>,
-    /// Start under `SCHED_IDLE` (every thread the program makes inherits it).
-    background: bool,
 }
 
 // SAFETY: the raw pointers in `argv_ptrs` point into `argv`, which the image
@@ -106,7 +104,6 @@ impl ExecImage {
             new_process_group: false,
             parent_death_signal: None,
             ids: None,
-            background: false,
         })
     }
 
@@ -129,12 +126,6 @@ impl ExecImage {
 
     pub fn set_ids(&mut self, uid: u32, gid: u32) {
         self.ids = Some((uid, gid));
-    }
-
-    /// Run the program under `SCHED_IDLE` until [`foreground`] is called
-    /// on it: it gets only CPU time no one else wants.
-    pub fn set_background(&mut self, yes: bool) {
-        self.background = yes;
     }
 
     pub fn set_parent_death_signal(&mut self, signal: Option<nix::sys::signal::Signal>) {
@@ -287,13 +278,6 @@ impl ExecImage {
                     return errno();
                 }
             }
-            if self.background {
-                // Any thread may lower its own scheduling class.
-                let param = libc::sched_param { sched_priority: 0 };
-                if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-                    return errno();
-                }
-            }
             if let Some(sig) = self.parent_death_signal {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
                     return errno();
@@ -378,6 +362,35 @@ pub fn threads(pid: &str) -> io::Result<Vec<(libc::pid_t, Vec<libc::pid_t>)>> {
     Ok(out)
 }
 
+/// The most any one task (thread) of process `pid`, or of a process it
+/// started, has waited in a run queue for a CPU: the second field of
+/// `/proc/PID/task/TID/schedstat`, in nanoseconds, counted since the task
+/// began (so, for a worker, since its spawn). Tasks that ended are not
+/// counted; the worker itself must be there.
+pub fn cpu_wait(pid: libc::pid_t) -> io::Result<std::time::Duration> {
+    let mut most = 0u64;
+    let mut todo = vec![pid];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(p) = todo.pop() {
+        if !seen.insert(p) {
+            continue;
+        }
+        let tasks = match threads(&p.to_string()) {
+            Ok(t) => t,
+            Err(e) if p == pid => return Err(e),
+            Err(_) => continue,
+        };
+        for (tid, children) in tasks {
+            todo.extend(children);
+            let waited = std::fs::read_to_string(format!("/proc/{p}/task/{tid}/schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok());
+            most = most.max(waited.unwrap_or(0));
+        }
+    }
+    Ok(std::time::Duration::from_nanos(most))
+}
+
 /// Puts every thread of process `pid`, and of every process it started
 /// (a worker may fork its own workers before it is ready: they inherited
 /// `SCHED_IDLE` too), back under `SCHED_OTHER`. On Linux the policy is per
@@ -385,6 +398,17 @@ pub fn threads(pid: &str) -> io::Result<Vec<(libc::pid_t, Vec<libc::pid_t>)>> {
 /// second pass, later ones inherit from a thread already moved. The nice
 /// value is untouched. Needs `CAP_SYS_NICE`.
 pub fn foreground(pid: libc::pid_t) -> io::Result<()> {
+    set_policy(pid, libc::SCHED_OTHER)
+}
+
+/// Puts every thread of process `pid` (and of its children) under
+/// `SCHED_IDLE`: it runs only on CPU time no one else wants, until
+/// [`foreground`]. Lowering a class needs no privilege.
+pub fn set_sched_idle(pid: libc::pid_t) -> io::Result<()> {
+    set_policy(pid, libc::SCHED_IDLE)
+}
+
+fn set_policy(pid: libc::pid_t, policy: libc::c_int) -> io::Result<()> {
     let mut done = std::collections::HashSet::new();
     for _ in 0..2 {
         let mut todo = vec![pid];
@@ -405,7 +429,7 @@ pub fn foreground(pid: libc::pid_t) -> io::Result<()> {
                 let param = libc::sched_param { sched_priority: 0 };
                 // SAFETY: sched_setscheduler(2) on a thread id, with a
                 // pointer to a parameter that lives across the call.
-                if unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) } != 0 {
+                if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
                     let e = io::Error::last_os_error();
                     // A thread that ended meanwhile is not an error.
                     if e.raw_os_error() != Some(libc::ESRCH) {

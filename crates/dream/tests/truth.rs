@@ -123,3 +123,50 @@ fn a_source_rewritten_while_staged_is_never_recorded_wrong() {
         settled
     );
 }
+
+/// A release whose workers die at once, deployed while both cores are
+/// saturated and clients keep the site busy, under a timed readiness: the
+/// deploy fails every time (it used to report "deployed", exit 0, for a
+/// worker starved of the CPU that had not yet run, and probation reverted
+/// it a moment later).
+#[test]
+fn a_timed_readiness_never_fires_for_a_worker_starved_of_the_cpu() {
+    let tree = Tree::new();
+    let root = dream_testkit::Root::new();
+    let good = dream_testkit::stamped_site(&tree, "good", "");
+    let bad = dream_testkit::stamped_site(&tree, "bad", "echo starting; exit 1\n");
+    let deploy = |src: &std::path::Path| {
+        run(
+            Command::new(bin("dream"))
+                .arg("deploy")
+                .arg(src)
+                .arg("--root")
+                .arg(root.path())
+                .args(["--build", dream_testkit::STAMP]),
+            Duration::from_secs(120),
+        )
+    };
+    let (status, _, err) = deploy(&good);
+    assert!(status.success(), "{err}");
+    let (_sup, addr) =
+        dream_testkit::serve_root(root.path(), &["--ready", "delay:200ms", "--workers", "2"]);
+    let live = std::fs::read_link(root.path().join("current")).unwrap();
+    let referee = dream_testkit::Referee::start(addr, true);
+    referee.wait_responses(50);
+    let _busy = dream_testkit::Saturate::cores();
+    for round in 0..5 {
+        let (status, out, err) = deploy(&bad);
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "round {round}: a release whose workers exit at once was reported as: {out}{err}"
+        );
+        assert_eq!(
+            std::fs::read_link(root.path().join("current")).unwrap(),
+            live
+        );
+    }
+    let report = referee.finish();
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+}

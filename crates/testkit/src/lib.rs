@@ -166,6 +166,36 @@ impl Drop for Guard {
     }
 }
 
+/// Every core kept busy, as a host serving its peak is: two spinning
+/// processes per core at normal priority, each in its own process group,
+/// killed when this is dropped (also when the test fails).
+pub struct Saturate(Vec<Guard>);
+
+impl Saturate {
+    pub fn cores() -> Saturate {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+        let spinners: Vec<Guard> = (0..n)
+            .map(|_| Guard::spawn(Command::new("sh").args(["-c", "while :; do :; done"])))
+            .collect();
+        // Spinning, not merely started: each has had CPU time of its own.
+        for g in &spinners {
+            wait_until(Duration::from_secs(20), "a spinner to run", || {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", g.pid())).ok()?;
+                let after = stat.rsplit_once(')')?.1;
+                let utime: u64 = after.split_whitespace().nth(11)?.parse().ok()?;
+                (utime >= 2).then_some(())
+            });
+        }
+        Saturate(spinners)
+    }
+}
+
+impl Drop for Saturate {
+    fn drop(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// Runs a command to completion within `limit`; returns (status, stdout, stderr).
 pub fn run(cmd: &mut Command, limit: Duration) -> (ExitStatus, String, String) {
     use std::os::unix::process::CommandExt;

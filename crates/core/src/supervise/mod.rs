@@ -314,6 +314,13 @@ impl Driver {
             let now = Instant::now();
             self.clients
                 .retain(|c| c.awaiting > 0 || now.duration_since(c.last) < CLIENT_IDLE);
+            // A timed readiness about to fire is checked against how long
+            // the worker really could run first.
+            for pid in self.pool.timed_readiness_due(Instant::now()) {
+                if let Ok(waited) = crate::sys::cpu_wait(pid) {
+                    self.on(Event::CpuWaited { pid, waited });
+                }
+            }
             self.on(Event::Tick);
             self.upgrade_if_due();
         }
@@ -510,13 +517,15 @@ impl Driver {
                     release,
                     background,
                 } => match self.spawn(generation, index, &release, background) {
+                    // The worker's clock starts when it exists, not when
+                    // this action was taken.
                     Ok(pid) => queue.extend(self.pool.on(
                         Event::Spawned {
                             generation,
                             index,
                             pid,
                         },
-                        now,
+                        Instant::now(),
                     )),
                     Err(error) => queue.extend(self.pool.on(
                         Event::SpawnFailed {
