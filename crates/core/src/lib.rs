@@ -35,7 +35,7 @@ pub use dream_protocol as protocol;
 
 pub use sys::{
     install_interrupt_handler, listen_queue, may_foreground, reflink, release_free_memory,
-    signal_pending, signal_pipe, single_threaded, with_raw_fd,
+    signal_pending, signal_pipe, single_threaded, unread_bytes, with_raw_fd,
 };
 
 /// For the crash tests: `DREAM_TEST_STOP_AFTER=<point>` makes the process

@@ -620,6 +620,17 @@ pub fn signal_pending(signals: &nix::sys::signal::SigSet) -> bool {
     }
 }
 
+/// How many bytes a connected socket holds that nobody has read yet
+/// (`FIONREAD`); 0 on any error.
+pub fn unread_bytes(fd: std::os::fd::BorrowedFd<'_>) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points to
+    // a live local; the descriptor is borrowed, so open for the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r == 0 { n.max(0) as usize } else { 0 }
+}
+
 /// Hands the allocator's free memory back to the kernel (glibc's
 /// `malloc_trim`), e.g. after a flood of connections has passed; elsewhere
 /// a no-op.

@@ -582,3 +582,83 @@ fn at_the_cap_idle_and_slow_connections_make_room() {
     }
     drop(idlers);
 }
+
+/// Reads responses off `c` until the server closes it; their statuses.
+fn read_all_responses(c: &mut TcpStream) -> Vec<u16> {
+    let mut got = Vec::new();
+    loop {
+        let mut probe = [0u8; 1];
+        match c.peek(&mut probe) {
+            Ok(0) | Err(_) => return got,
+            Ok(_) => {}
+        }
+        got.push(read_response(c, false).status);
+    }
+}
+
+#[test]
+fn pipelined_requests_received_across_a_drain_are_all_answered() {
+    let mut w = start(&["--drain-grace", "5s", "--drain-spread", "0ms"]);
+    let paths = [
+        "/",
+        "/style.css",
+        "/sp%20ace.txt",
+        "/sub/",
+        "/missing",
+        "/alias.css",
+    ];
+    let mut conns: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let c = TcpStream::connect(w.addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c
+        })
+        .collect();
+    // Accepted before the drain: each asks once so that it is.
+    for c in &mut conns {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        assert_eq!(read_response(c, false).status, 200);
+    }
+    w.drain(Signal::SIGHUP);
+    // Then eight pipelined requests in one write on each: every one is
+    // answered, and only then is the connection closed.
+    let mut seed = std::process::id() as usize;
+    for c in &mut conns {
+        let mut batch = String::new();
+        for _ in 0..8 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            batch.push_str(&format!(
+                "GET {} HTTP/1.1\r\nHost: t\r\n\r\n",
+                paths[(seed >> 33) % paths.len()]
+            ));
+        }
+        c.write_all(batch.as_bytes()).unwrap();
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let got = read_all_responses(c);
+        assert_eq!(got.len(), 8, "connection {i}: {got:?}");
+    }
+    assert!(w.guard.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn clients_that_half_close_after_their_request_get_the_answer() {
+    let w = start(&[]);
+    for round in 0..60 {
+        let version = if round % 2 == 0 { "1.0" } else { "1.1" };
+        let mut c = TcpStream::connect(w.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(format!("GET /style.css HTTP/{version}\r\nHost: t\r\n\r\n").as_bytes())
+            .unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).unwrap();
+        let text = String::from_utf8_lossy(&all);
+        assert!(
+            text.starts_with("HTTP/1.") && text.contains(" 200 ") && text.ends_with("body{}\n"),
+            "round {round} (HTTP/{version}): {text:?}"
+        );
+    }
+}

@@ -56,7 +56,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 .expect("valid response");
                             async move { Ok::<_, Infallible>(resp) }
                         });
+                        // half_close: a client that shuts its side after
+                        // its request still gets the answer. (A pipelining
+                        // client's queued requests are answered by waiting
+                        // to say close until none is left: see
+                        // doc/protocol.md and dream static.)
                         let conn = hyper::server::conn::http1::Builder::new()
+                            .half_close(true)
                             .serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn);
                         tokio::spawn(async move { let _ = conn.await; });

@@ -25,6 +25,24 @@ pub struct Conn {
     idle_since: AtomicU64,
     /// Told to close (shed at the connection cap).
     pub shed: Notify,
+    /// Request heads received whole (an empty line seen after them).
+    heads: AtomicU64,
+    /// Requests answered (each counted as its response is made).
+    answered: AtomicU64,
+    /// The socket, to ask whether bytes wait on it unread.
+    fd: std::os::fd::RawFd,
+}
+
+impl Conn {
+    /// Counts one request answered; true if another request was already
+    /// received on this connection (pipelined behind it, in the server's
+    /// buffer or still in the socket): it must be answered before the
+    /// connection may be closed.
+    pub fn answer_one(&self) -> bool {
+        let answered = self.answered.fetch_add(1, Ordering::Relaxed) + 1;
+        self.heads.load(Ordering::Relaxed) > answered
+            || dream_core::with_raw_fd(self.fd, dream_core::unread_bytes).unwrap_or(0) > 0
+    }
 }
 
 /// Every open connection.
@@ -52,11 +70,14 @@ impl Registry {
     /// Registers a new connection, idle (no request yet). It is
     /// registered as it is accepted, before its task first runs, so that
     /// a burst of idlers at the cap can be shed at once.
-    pub fn add(&self) -> (u64, Arc<Conn>) {
+    pub fn add(&self, fd: std::os::fd::RawFd) -> (u64, Arc<Conn>) {
         let conn = Arc::new(Conn {
             busy: AtomicBool::new(false),
             idle_since: AtomicU64::new(self.now_ms()),
             shed: Notify::new(),
+            heads: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            fd,
         });
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut m) = self.conns.lock() {
@@ -119,19 +140,50 @@ impl Drop for BusyGuard {
 }
 
 /// A stream whose writes fail with `TimedOut` when the peer has taken
-/// nothing for `limit` (a client that never reads).
+/// nothing for `limit` (a client that never reads), and which counts the
+/// request heads it reads whole (for [`Conn::answer_one`]).
 pub struct SendTimeout<S> {
     inner: S,
     limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    conn: Arc<Conn>,
+    /// How much of `\r\n\r\n` the bytes read so far end with.
+    matched: usize,
 }
 
 impl<S> SendTimeout<S> {
-    pub fn new(inner: S, limit: Duration) -> SendTimeout<S> {
+    pub fn new(inner: S, limit: Duration, conn: Arc<Conn>) -> SendTimeout<S> {
         SendTimeout {
             inner,
             limit,
             stalled: None,
+            conn,
+            matched: 0,
+        }
+    }
+
+    /// Counts the ends of request heads (an empty line) in `bytes`. A GET
+    /// or HEAD has no body, so each is one request; a body that holds an
+    /// empty line counts too many, which only keeps a connection open
+    /// longer (until the drain's grace), never closes one early.
+    fn count_heads(&mut self, bytes: &[u8]) {
+        const END: &[u8] = b"\r\n\r\n";
+        let mut heads = 0;
+        for &b in bytes {
+            self.matched = if b == END[self.matched] {
+                self.matched + 1
+            } else if b == b'\r' {
+                1
+            } else {
+                0
+            };
+            if self.matched == END.len() {
+                heads += 1;
+                self.matched = 0;
+            }
+        }
+        if heads > 0 {
+            self.conn.heads.fetch_add(heads, Ordering::Relaxed);
         }
     }
 
@@ -158,7 +210,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for SendTimeout<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            self.count_heads(&buf.filled()[before..]);
+        }
+        r
     }
 }
 

@@ -174,7 +174,10 @@ async fn run(listeners: Vec<StdListener>, root: PathBuf, config: Config) -> io::
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
         .max_buf_size(64 * 1024)
-        .keep_alive(true);
+        .keep_alive(true)
+        // A client that sends its request and shuts its side (`nc -N`,
+        // health checkers) still gets the answer.
+        .half_close(true);
 
     let mut accepting = Vec::new();
     for listener in listeners {
@@ -274,7 +277,7 @@ impl accept::Sink for Spawner {
         let tcp = self.tcp;
         let open = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
         shared.peak.fetch_max(open, Ordering::Relaxed);
-        let (id, me) = shared.conns.add();
+        let (id, me) = shared.conns.add(std::os::fd::AsRawFd::as_raw_fd(&conn));
         self.handle.spawn(async move {
             if tcp {
                 let s = std::net::TcpStream::from(conn);
@@ -318,15 +321,17 @@ async fn serve_connection<S>(
     let share = shared
         .drain_spread
         .mul_f64((id as f64 * 0.618_033_988_749_895).fract());
+    let counted = me.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         let busy = ctx.conns.busy(&me);
+        let conn = me.clone();
         async move {
-            let resp = handle(req, &ctx, share).await;
+            let resp = handle(req, &ctx, &conn, share).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked { body, _busy: busy }))
         }
     });
-    let stream = conn::SendTimeout::new(stream, shared.send_timeout);
+    let stream = conn::SendTimeout::new(stream, shared.send_timeout, counted);
     let conn = http.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let mut shutdown = shared.shutdown.subscribe();
@@ -342,18 +347,23 @@ async fn serve_connection<S>(
 async fn handle(
     req: Request<hyper::body::Incoming>,
     shared: &Shared,
+    conn: &conn::Conn,
     share: Duration,
 ) -> Response<Body> {
+    // Every request received is answered before a close: while more
+    // wait behind this one (pipelined), it does not say close.
+    let more_waiting = conn.answer_one();
     let mut resp = respond(&req, shared).await;
     let h = resp.headers_mut();
     h.insert(header::SERVER, HeaderValue::from_static("dream"));
     if let Some(r) = &shared.release {
         h.insert("x-dream-release", r.clone());
     }
-    if shared
-        .drain_began
-        .get()
-        .is_some_and(|t| t.elapsed() >= share)
+    if !more_waiting
+        && shared
+            .drain_began
+            .get()
+            .is_some_and(|t| t.elapsed() >= share)
     {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
