@@ -7,6 +7,7 @@
 //! `"error"`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,6 +36,13 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         generation: Option<u64>,
     },
+    /// Answered once generation `generation` has been live for
+    /// `within_ms` and is still live, not reverted, with every worker up;
+    /// at once with a failure if it is reverted, fails or is replaced.
+    Settle {
+        generation: u64,
+        within_ms: u64,
+    },
     Scale {
         workers: usize,
     },
@@ -51,6 +59,9 @@ impl Request {
     /// Parses one request line strictly: unknown commands and unknown
     /// fields are errors, so a typo never does something unexpected.
     pub fn parse(line: &str) -> Result<Request, String> {
+        // A key given twice (`{"cmd":"status","cmd":"stop"}`) would
+        // silently mean its last value: refused.
+        serde_json::from_str::<unique::Unique>(line).map_err(|e| format!("not JSON: {e}"))?;
         let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
         let obj = v.as_object().ok_or("a request is a JSON object")?;
         let cmd = obj.get("cmd").and_then(Value::as_str).unwrap_or_default();
@@ -59,12 +70,68 @@ impl Request {
             "upgrade" => &["cmd", "binary"],
             "reload" => &["cmd", "confirm_within_ms"],
             "confirm" => &["cmd", "generation"],
+            "settle" => &["cmd", "generation", "within_ms"],
             _ => &["cmd"],
         };
         if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(format!("unknown field {k:?} for {cmd:?}"));
         }
         serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+}
+
+/// A JSON document in which no object has a key twice, at any depth.
+mod unique {
+    use serde::de::{Deserialize, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+
+    pub struct Unique;
+
+    impl<'de> Deserialize<'de> for Unique {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Unique, D::Error> {
+            d.deserialize_any(Checker)
+        }
+    }
+
+    struct Checker;
+
+    impl<'de> Visitor<'de> for Checker {
+        type Value = Unique;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E: Error>(self, _: bool) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_i64<E: Error>(self, _: i64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_u64<E: Error>(self, _: u64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_f64<E: Error>(self, _: f64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_str<E: Error>(self, _: &str) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_unit<E: Error>(self) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Unique, A::Error> {
+            while a.next_element::<Unique>()?.is_some() {}
+            Ok(Unique)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Unique, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = m.next_key::<String>()? {
+                if !seen.insert(k.clone()) {
+                    return Err(A::Error::custom(format!("the key {k:?} is given twice")));
+                }
+                m.next_value::<Unique>()?;
+            }
+            Ok(Unique)
+        }
     }
 }
 
@@ -280,12 +347,39 @@ pub fn status(root: &Path, timeout: Option<Duration>) -> Result<Status, ControlE
 /// Sends `req` and reads the answer as an [`Answer`] (for every request
 /// but `status`).
 pub fn ask(root: &Path, req: &Request, timeout: Option<Duration>) -> Result<Answer, ControlError> {
-    let v = request(
+    ask_or_interrupt(root, req, timeout, None)
+}
+
+/// [`ask`], ended early with [`ControlError::Interrupted`] when
+/// `interrupt` (a signalfd) becomes readable while the answer is awaited.
+pub fn ask_or_interrupt(
+    root: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+    interrupt: Option<BorrowedFd<'_>>,
+) -> Result<Answer, ControlError> {
+    let v = exchange(
         root,
         &serde_json::to_value(req).expect("a request serializes"),
         timeout,
+        interrupt,
     )?;
     serde_json::from_value(v.clone()).map_err(|_| ControlError::BadResponse(v.to_string()))
+}
+
+/// Sends `req` and hangs up without waiting: a request the supervisor has
+/// taken is carried out whether or not anyone reads its answer.
+pub fn tell(root: &Path, req: &Request) -> Result<(), ControlError> {
+    let socket = socket_path(root);
+    let mut stream = UnixStream::connect(&socket).map_err(|source| ControlError::Io {
+        socket: socket.clone(),
+        source,
+    })?;
+    let mut line = serde_json::to_string(req).expect("a request serializes");
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|source| ControlError::Io { socket, source })
 }
 
 /// `ROOT/.dream/control.sock` (the paths under a root are `release::Store`'s).
@@ -312,6 +406,10 @@ pub enum ControlError {
     /// Taken, and answered with a failure.
     #[error("{0}")]
     Failed(String),
+    /// A signal arrived on the descriptor watched while waiting (the
+    /// request may still be carried out).
+    #[error("interrupted while waiting for the supervisor")]
+    Interrupted,
 }
 
 impl ControlError {
@@ -323,7 +421,8 @@ impl ControlError {
             ControlError::Io { source, .. } => source.kind() != io::ErrorKind::PermissionDenied,
             ControlError::NotRunning { .. }
             | ControlError::BadResponse(_)
-            | ControlError::Failed(_) => false,
+            | ControlError::Failed(_)
+            | ControlError::Interrupted => false,
         }
     }
 }
@@ -333,6 +432,15 @@ pub fn request(
     root: &Path,
     request: &Value,
     timeout: Option<Duration>,
+) -> Result<Value, ControlError> {
+    exchange(root, request, timeout, None)
+}
+
+fn exchange(
+    root: &Path,
+    request: &Value,
+    timeout: Option<Duration>,
+    interrupt: Option<BorrowedFd<'_>>,
 ) -> Result<Value, ControlError> {
     let socket = socket_path(root);
     let io_err = |source| ControlError::Io {
@@ -358,6 +466,28 @@ pub fn request(
     let mut line = request.to_string();
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io_err)?;
+    if let Some(signals) = interrupt {
+        use nix::poll::{PollFd, PollFlags, poll};
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            let mut fds = [
+                PollFd::new(stream.as_fd(), PollFlags::POLLIN),
+                PollFd::new(signals, PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, crate::signals::timeout_until(deadline)) {
+                Ok(0) => {
+                    return Err(io_err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no answer in time",
+                    )));
+                }
+                Ok(_) if fds[1].any() == Some(true) => return Err(ControlError::Interrupted),
+                Ok(_) => break,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(io_err(e.into())),
+            }
+        }
+    }
     let mut answer = String::new();
     BufReader::new(&stream)
         .take(16 << 20)
@@ -418,6 +548,25 @@ mod tests {
             })
             .unwrap(),
             serde_json::json!({"cmd": "reload"})
+        );
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused() {
+        for line in [
+            r#"{"cmd":"status","cmd":"stop"}"#,
+            r#"{"cmd":"scale","workers":1,"workers":9}"#,
+            r#"{"cmd":"upgrade","binary":"/a","cmd":"upgrade"}"#,
+        ] {
+            let e = Request::parse(line).unwrap_err();
+            assert!(e.contains("given twice"), "{line}: {e}");
+        }
+        assert_eq!(
+            Request::parse(r#"{"cmd":"settle","generation":2,"within_ms":300}"#),
+            Ok(Request::Settle {
+                generation: 2,
+                within_ms: 300
+            })
         );
     }
 

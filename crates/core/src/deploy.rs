@@ -8,6 +8,7 @@
 //! `.dream/staging/`, which the next deploy removes; the kernel drops the
 //! lock with the process.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -146,7 +147,11 @@ pub struct DeployOptions {
     /// End the deploy on INT, TERM or HUP: the build's process group is
     /// killed, staging removed, exit 128 + the signal. Only for a deploy
     /// that owns its process (the command line, not the demo's thread).
+    /// After the switch, an interrupt puts `current` back on the previous
+    /// release.
     pub interruptible: bool,
+    /// `--settle`: see [`ReloadHow::settle`].
+    pub settle: Duration,
 }
 
 impl DeployOptions {
@@ -173,6 +178,7 @@ impl DeployOptions {
             max_size: None,
             quiet: false,
             interruptible: false,
+            settle: DEFAULT_SETTLE,
         }
     }
 }
@@ -713,7 +719,9 @@ impl Pipeline<'_, '_> {
                 verify: opts.verify.clone(),
                 hooks: opts.hooks,
                 quiet: opts.quiet,
+                settle: opts.settle,
             },
+            self.signals.as_mut(),
             &mut self.p,
         )?;
         let pruned = prune(store, opts.keep, id, self.previous.as_deref());
@@ -830,6 +838,7 @@ fn switch_reload_verify(
     previous: Option<&str>,
     event: EventKind,
     how: &ReloadHow,
+    signals: Option<&mut Signals>,
     p: &mut Progress<'_>,
 ) -> Result<(), DeployError> {
     let (reload, provisional) = (how.reload, how.provisional);
@@ -879,7 +888,12 @@ fn switch_reload_verify(
     let request = control::Request::Reload {
         confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
     };
-    let answer = control::ask(&store.root, &request, Some(deadline));
+    let answer = control::ask_or_interrupt(
+        &store.root,
+        &request,
+        Some(deadline),
+        signals.as_deref().map(|s| s.as_fd()),
+    );
     let failure = match answer {
         Ok(a) if a.ok => {
             p.report.supervisor = true;
@@ -899,6 +913,11 @@ fn switch_reload_verify(
             if !how.verify.is_empty() {
                 verify_or_go_back(store, id, previous, &how.verify, p)?;
             }
+            if let Some(generation) = a.generation
+                && !how.settle.is_zero()
+            {
+                settle(store, id, previous, generation, how.settle, signals, p)?;
+            }
             if confirm_within.is_some() && confirm_now {
                 confirm(store, id, a.generation, p)?;
             }
@@ -906,6 +925,21 @@ fn switch_reload_verify(
             return Ok(());
         }
         Ok(a) => a.error.unwrap_or_else(|| "unknown error".into()),
+        Err(control::ControlError::NotRunning { .. }) if !how.verify.is_empty() => {
+            // A check the user asked for is never skipped in silence.
+            let restored = switch_back(
+                store,
+                id,
+                previous,
+                format!("{id} could not be verified: no supervisor"),
+            );
+            return Err(err(
+                Kind::Failed,
+                format!(
+                    "--verify needs a running supervisor, and none is running for this root: release {id} was not verified\n{restored}; {id} is not marked bad"
+                ),
+            ));
+        }
         Err(control::ControlError::NotRunning { .. }) => {
             p.step(
                 "reload",
@@ -913,6 +947,9 @@ fn switch_reload_verify(
             );
             post_switch(store, id, previous, how, p);
             return Ok(());
+        }
+        Err(control::ControlError::Interrupted) => {
+            return Err(interrupted_after_switch(store, id, previous, signals));
         }
         Err(e) => return Err(could_not_ask(store, id, previous, e, deadline)),
     };
@@ -925,6 +962,103 @@ fn switch_reload_verify(
         Kind::Failed,
         format!("reload failed: {failure}\n{restored}; release {id} is marked bad"),
     ))
+}
+
+/// Waits for the supervisor to say that `generation` stayed up for
+/// `within` after it went live (`--settle`): a revert, a failure or a crash
+/// loop inside the window fails the deploy (the supervisor has already put
+/// the previous release back when it reverted), so that success is only
+/// ever reported for a release that serves.
+#[allow(clippy::too_many_arguments)]
+fn settle(
+    store: &Store,
+    id: &str,
+    previous: Option<&str>,
+    generation: u64,
+    within: Duration,
+    signals: Option<&mut Signals>,
+    p: &mut Progress<'_>,
+) -> Result<(), DeployError> {
+    let request = control::Request::Settle {
+        generation,
+        within_ms: within.as_millis() as u64,
+    };
+    let answer = control::ask_or_interrupt(
+        &store.root,
+        &request,
+        Some(within + Duration::from_secs(30)),
+        signals.as_deref().map(|s| s.as_fd()),
+    );
+    match answer {
+        Ok(a) if a.ok => {
+            p.step(
+                "settled",
+                format!(
+                    "generation {generation} stayed up for {}",
+                    crate::fmt_duration(within)
+                ),
+            );
+            Ok(())
+        }
+        Ok(a) => Err(err(
+            Kind::Failed,
+            format!(
+                "release {id} did not settle within {}: {}; current names {}",
+                crate::fmt_duration(within),
+                a.error.unwrap_or_else(|| "unknown error".into()),
+                store.current().as_deref().unwrap_or("nothing")
+            ),
+        )),
+        Err(control::ControlError::Interrupted) => {
+            Err(interrupted_after_switch(store, id, previous, signals))
+        }
+        Err(e) => Err(err(
+            Kind::Temporary,
+            format!(
+                "could not learn whether release {id} settled ({e}); it is live (see dream status)"
+            ),
+        )),
+    }
+}
+
+/// An INT, TERM or HUP after the switch, while waiting for the supervisor:
+/// `current` goes back to the previous release and the supervisor is asked
+/// to load it (it finishes the reload it took, then goes back); nothing is
+/// marked bad. Exit 128 + the signal.
+fn interrupted_after_switch(
+    store: &Store,
+    id: &str,
+    previous: Option<&str>,
+    signals: Option<&mut Signals>,
+) -> DeployError {
+    let sig = signals
+        .and_then(|s| s.try_next().ok().flatten())
+        .unwrap_or(nix::sys::signal::Signal::SIGINT);
+    let restored = match previous {
+        Some(_) => {
+            let r = switch_back(
+                store,
+                id,
+                previous,
+                format!("the deploy of {id} was interrupted"),
+            );
+            let asked = control::tell(
+                &store.root,
+                &control::Request::Reload {
+                    confirm_within_ms: None,
+                },
+            );
+            match asked {
+                Ok(()) => format!("{r}; the supervisor was asked to go back to it"),
+                Err(e) => format!("{r}; could not ask the supervisor to go back to it: {e}"),
+            }
+        }
+        None => format!("current stays on {id} (there is no previous release)"),
+    };
+    err(
+        Kind::Interrupted(sig as i32),
+        format!("interrupted by {sig:?} after the switch: {restored}; {id} is not marked bad"),
+    )
 }
 
 /// `post-switch`: the release is live; a failing hook is reported, and
@@ -957,7 +1091,16 @@ pub struct ReloadHow {
     pub hooks: bool,
     /// Hooks' output is not shown.
     pub quiet: bool,
+    /// How long the new generation must stay up after going live before
+    /// the switch counts as done (`--settle`; zero: not waited for).
+    pub settle: Duration,
 }
+
+/// `--settle`'s default: long enough to catch a release that crashes as it
+/// boots or on its first requests (the common failure), short enough to
+/// leave a deploy's time nearly as it was; the supervisor's probation
+/// (10 s) still watches after it.
+pub const DEFAULT_SETTLE: Duration = Duration::from_secs(1);
 
 /// Requests each of `paths` through the supervisor's first listening
 /// socket; on a failure the release is marked bad, `current` switched
@@ -1387,42 +1530,58 @@ fn in_use(store: &Store) -> Vec<String> {
     used
 }
 
-/// Removes old releases beyond `keep`, never the current or previous one,
-/// nor one in use.
+/// Removes releases beyond `--keep`: the newest `keep` *good* releases
+/// stay (bad ones never push a rollback target out), and of the bad ones
+/// at most `keep`, the newest, for a look at what failed. `current`,
+/// `previous` and any release a process runs in always stay.
 fn prune(store: &Store, keep: usize, current: &str, previous: Option<&str>) -> Vec<String> {
-    let ordered = store.ordered();
-    if ordered.len() <= keep {
-        return Vec::new();
-    }
+    let bad = store.bad();
     let used = in_use(store);
-    let excess = ordered.len() - keep.max(2);
+    let (mut good_kept, mut bad_kept) = (0, 0);
+    let mut doomed = Vec::new();
+    for id in store.ordered().into_iter().rev() {
+        let protected = id == current || Some(id.as_str()) == previous || used.contains(&id);
+        let seen = if bad.contains(&id) {
+            &mut bad_kept
+        } else {
+            &mut good_kept
+        };
+        *seen += 1;
+        if *seen > keep && !protected {
+            doomed.push(id);
+        }
+    }
     let mut removed = Vec::new();
-    for id in ordered {
-        if removed.len() >= excess {
-            break;
-        }
-        if id == current || Some(id.as_str()) == previous || used.contains(&id) {
-            continue;
-        }
+    for id in doomed {
         if release::remove_tree(&store.release_dir(&id)).is_ok() {
             let _ = std::fs::remove_file(store.manifest_path(&id));
             let _ = store.append(&Event::new(EventKind::Pruned, &id));
             removed.push(id);
         }
     }
+    removed.reverse();
     removed
 }
 
-/// `dream rollback [ID]`.
+/// `dream rollback [ID]`. INT, TERM and HUP are read, not fatal: an
+/// interrupt after the switch puts `current` back (as for a deploy).
+#[allow(clippy::too_many_arguments)]
 pub fn rollback(
     root: &Path,
     id: Option<&str>,
     reload: bool,
     verify: &[String],
+    settle: Duration,
     wait_lock: Wait,
     command: &str,
     out: &mut dyn FnMut(&Step),
 ) -> Result<Report, DeployError> {
+    let mut signals = Signals::new(&[
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
+    ])
+    .map_err(|e| io_failure("signals", e))?;
     let store = Store::new(root);
     store
         .prepare()
@@ -1462,7 +1621,9 @@ pub fn rollback(
             verify: verify.to_vec(),
             hooks: true,
             quiet: false,
+            settle,
         },
+        Some(&mut signals),
         &mut p,
     )?;
     Ok(report)
@@ -1602,6 +1763,7 @@ pub fn go_live_prepared(
     id: &str,
     provisional: Option<Provisional>,
     verify: &[String],
+    settle: Duration,
     out: &mut dyn FnMut(&Step),
 ) -> Result<Report, DeployError> {
     let store = Store::new(root);
@@ -1635,7 +1797,9 @@ pub fn go_live_prepared(
             verify: verify.to_vec(),
             hooks: true,
             quiet: true,
+            settle,
         },
+        None,
         &mut p,
     )?;
     Ok(report)

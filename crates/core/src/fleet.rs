@@ -108,6 +108,10 @@ pub enum ToAgent {
         confirm_within_ms: u64,
         #[serde(default)]
         verify: Vec<String>,
+        /// How long the new generation must stay up before the switch
+        /// counts (`--settle`).
+        #[serde(default)]
+        settle_ms: u64,
     },
     Confirm {
         generation: Option<u64>,
@@ -675,7 +679,8 @@ impl Agent {
                 id,
                 confirm_within_ms,
                 verify,
-            } => self.switch(&id, confirm_within_ms, &verify),
+                settle_ms,
+            } => self.switch(&id, confirm_within_ms, &verify, settle_ms),
             ToAgent::Confirm { generation } => {
                 match deploy::confirm_generation(&self.store.root, generation.or(self.generation)) {
                     Ok(()) => {
@@ -981,7 +986,13 @@ impl Agent {
         }
     }
 
-    fn switch(&mut self, id: &str, confirm_within_ms: u64, verify: &[String]) -> Reply {
+    fn switch(
+        &mut self,
+        id: &str,
+        confirm_within_ms: u64,
+        verify: &[String],
+        settle_ms: u64,
+    ) -> Reply {
         if self.lock.is_none() {
             return Reply::failed("switch before lock");
         }
@@ -990,8 +1001,15 @@ impl Agent {
             confirm_now: false,
         };
         let before = self.store.current();
-        match deploy::go_live_prepared(&self.store.root, id, Some(provisional), verify, &mut |_| {})
-        {
+        let settle = Duration::from_millis(settle_ms);
+        match deploy::go_live_prepared(
+            &self.store.root,
+            id,
+            Some(provisional),
+            verify,
+            settle,
+            &mut |_| {},
+        ) {
             Ok(report) => {
                 self.previous = before.clone();
                 self.generation = report.generation;
@@ -1055,7 +1073,7 @@ mod tests {
         assert!(r.ok, "{r:?}");
         // Nothing before a lock: an offer or a switch is refused.
         assert!(!agent.offer("one", "dream-manifest 1\n").ok);
-        assert!(!agent.switch("one", 1000, &[]).ok);
+        assert!(!agent.switch("one", 1000, &[], 0).ok);
     }
 
     #[test]

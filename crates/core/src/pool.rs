@@ -347,6 +347,15 @@ enum Trial {
     Reverted,
 }
 
+/// A client waiting for a generation to settle.
+#[derive(Debug, Serialize, Deserialize)]
+struct Settling {
+    waiter: Waiter,
+    /// The end of its window.
+    #[serde(with = "crate::clock::mono")]
+    by: Instant,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Generation {
     id: GenId,
@@ -361,6 +370,12 @@ struct Generation {
     previous: Option<Release>,
     #[serde(default)]
     trial: Trial,
+    /// When it went live: a settle window counts from here.
+    #[serde(default, with = "crate::clock::mono_opt")]
+    live_since: Option<Instant>,
+    /// Clients waiting for it to settle ([`Event::Settle`]).
+    #[serde(default)]
+    settling: Vec<Settling>,
     /// Started by a reload that must be confirmed within this long once
     /// live (`None`: not provisional).
     #[serde(default)]
@@ -415,6 +430,16 @@ pub enum Event {
     /// The worker count changed (control `scale`, TTIN, TTOU).
     Scale(usize),
     Stop(Stop),
+    /// Answer `waiter` once generation `generation` has been live for
+    /// `within` (counted from when it went live) and is still live, not
+    /// reverted, with every worker up; at once with a failure when it is
+    /// reverted, fails or is replaced first. What `deploy --settle` waits
+    /// for before it reports success.
+    Settle {
+        generation: GenId,
+        within: Duration,
+        waiter: Waiter,
+    },
     /// How long a starting worker's tasks have waited for a CPU since it
     /// was spawned (the most any one of them waited): a timed readiness
     /// (`delay:`, `auto:`) counts only the time it could run, so a worker
@@ -585,6 +610,11 @@ impl Pool {
                 }
             }
             Event::Confirm { generation, waiter } => self.confirm(generation, waiter, now),
+            Event::Settle {
+                generation,
+                within,
+                waiter,
+            } => self.settle(generation, within, waiter, now),
             Event::CpuWaited { pid, waited } => {
                 for w in self.gens.iter_mut().flat_map(|g| g.workers.iter_mut()) {
                     if let WorkerState::Starting {
@@ -763,9 +793,92 @@ impl Pool {
             waiters,
             previous: None,
             trial: Trial::Settled,
+            live_since: first.then_some(now),
+            settling: Vec::new(),
             confirm_within,
             revert,
         });
+        actions
+    }
+
+    /// [`Event::Settle`].
+    fn settle(
+        &mut self,
+        generation: GenId,
+        within: Duration,
+        waiter: Waiter,
+        now: Instant,
+    ) -> Vec<Action> {
+        let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
+            let why = match self.reverted.iter().find(|(g, _)| *g == generation) {
+                Some((_, why)) => why.clone(),
+                None => format!("no generation {generation}"),
+            };
+            return vec![Action::ReloadDone {
+                waiters: vec![waiter],
+                outcome: Err(why),
+            }];
+        };
+        let by = g.live_since.unwrap_or(now) + within;
+        g.settling.push(Settling { waiter, by });
+        self.settle_due(now)
+    }
+
+    /// Answers the settle waiters whose answer is known by `now`.
+    fn settle_due(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for g in &mut self.gens {
+            if g.settling.is_empty() {
+                continue;
+            }
+            let id = g.id;
+            let release = g.release.id.clone();
+            let failed = if g.trial == Trial::Reverted {
+                Some(
+                    self.reverted
+                        .iter()
+                        .find(|(r, _)| *r == id)
+                        .map(|(_, why)| why.clone())
+                        .unwrap_or_else(|| {
+                            format!("generation {id} (release {release}) was reverted")
+                        }),
+                )
+            } else if g.state != GenState::Live {
+                Some(format!(
+                    "generation {id} (release {release}) is no longer live: {}",
+                    match g.state {
+                        GenState::Draining { .. } | GenState::Killed =>
+                            "a later reload replaced it",
+                        _ => "it failed",
+                    }
+                ))
+            } else {
+                None
+            };
+            let all_up = g
+                .workers
+                .iter()
+                .filter(|w| !w.retiring())
+                .all(|w| matches!(w.state, WorkerState::Ready { .. }));
+            let (due, waiting): (Vec<Settling>, Vec<Settling>) = std::mem::take(&mut g.settling)
+                .into_iter()
+                .partition(|s| failed.is_some() || s.by <= now);
+            g.settling = waiting;
+            if due.is_empty() {
+                continue;
+            }
+            let outcome = match &failed {
+                Some(why) => Err(why.clone()),
+                None if all_up => Ok((id, release)),
+                None => Err(format!(
+                    "generation {id} (release {release}): not every worker was up at the end of its settle window (crashing?)"
+                )),
+            };
+            actions.push(Action::ReloadDone {
+                waiters: due.into_iter().map(|s| s.waiter).collect(),
+                outcome,
+            });
+        }
         actions
     }
 
@@ -899,6 +1012,7 @@ impl Pool {
                     .find(|g| g.id == generation)
                     .expect("found above");
                 g.state = GenState::Live;
+                g.live_since = Some(now);
                 let waiters = std::mem::take(&mut g.waiters);
                 actions.push(Action::Log(format!(
                     "reload finished: generation {generation} (release {release}) live after {}",
@@ -1306,6 +1420,15 @@ impl Pool {
         let before = self.gens.len();
         self.gens.retain(|g| {
             let done = g.state.ending() && g.workers.iter().all(|w| w.state == WorkerState::Gone);
+            if done && !g.settling.is_empty() {
+                actions.push(Action::ReloadDone {
+                    waiters: g.settling.iter().map(|s| s.waiter).collect(),
+                    outcome: Err(format!(
+                        "generation {} (release {}) is gone",
+                        g.id, g.release.id
+                    )),
+                });
+            }
             if done {
                 // Helpers the workers forked (and that ignored the drain
                 // signal) die with their groups.
@@ -1329,9 +1452,10 @@ impl Pool {
         actions
     }
 
-    /// Deadlines: readiness by time, ready timeouts, respawns, drain ends.
+    /// Deadlines: readiness by time, ready timeouts, respawns, drain ends,
+    /// settle windows.
     fn tick(&mut self, now: Instant) -> Vec<Action> {
-        let mut actions = Vec::new();
+        let mut actions = self.settle_due(now);
         let readiness = self.settings.readiness;
         // Workers that became ready by time.
         let mut due_ready = Vec::new();
@@ -1508,6 +1632,7 @@ impl Pool {
             consider(by);
         }
         for g in &self.gens {
+            g.settling.iter().for_each(|s| consider(s.by));
             if let Trial::Pending {
                 until, confirm_by, ..
             } = g.trial
@@ -2677,6 +2802,72 @@ mod tests {
         assert_eq!(g3.probation_s, None);
         let a = pool.on(exit(pid, "exited with status 1"), t);
         assert_eq!(reverted_to(&a), None, "{a:?}");
+    }
+
+    fn settled(a: &[Action]) -> Vec<(Vec<Waiter>, Outcome)> {
+        pick(a, |a| match a {
+            Action::ReloadDone { waiters, outcome } => Some((waiters.clone(), outcome.clone())),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn settle_answers_at_the_end_of_its_window_or_at_a_revert() {
+        let (mut pool, mut pid, t0) = live_pool(2);
+        let live = reloaded_to_b(&mut pool, &mut pid, t0, 2, None);
+        let within = Duration::from_secs(2);
+        // Asked a little after it went live: the window counts from then.
+        let a = pool.on(
+            Event::Settle {
+                generation: 2,
+                within,
+                waiter: 7,
+            },
+            live + 100 * MS,
+        );
+        assert!(settled(&a).is_empty(), "{a:?}");
+        assert_eq!(pool.next_deadline(), Some(live + within));
+        assert!(settled(&pool.on(Event::Tick, live + within - MS)).is_empty());
+        let a = pool.on(Event::Tick, live + within);
+        assert_eq!(settled(&a), vec![(vec![7], Ok((2, "b".to_string())))]);
+        // A window already over is answered at once.
+        let a = pool.on(
+            Event::Settle {
+                generation: 2,
+                within,
+                waiter: 8,
+            },
+            live + within,
+        );
+        assert_eq!(settled(&a), vec![(vec![8], Ok((2, "b".to_string())))]);
+        // Three crashes in the window: reverted, and the waiter told so at
+        // the next tick, not at the end of its window.
+        let mut t = live + within;
+        pool.on(
+            Event::Settle {
+                generation: 2,
+                within: Duration::from_secs(30),
+                waiter: 9,
+            },
+            t,
+        );
+        let mut victim = 3;
+        let mut seen = Vec::new();
+        for crash in 0..3 {
+            let a = pool.on(exit(victim, "exited with status 1"), t);
+            assert_eq!(reverted_to(&a).is_some(), crash == 2, "{a:?}");
+            seen.extend(settled(&a));
+            t += Duration::from_millis(500);
+            let a = pool.on(Event::Tick, t);
+            seen.extend(settled(&a));
+            run(&mut pool, a, &mut pid, t);
+            victim = pid;
+        }
+        let got = seen;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, vec![9]);
+        let why = got[0].1.clone().unwrap_err();
+        assert!(why.contains("reverted"), "{why}");
     }
 
     #[test]

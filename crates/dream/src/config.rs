@@ -67,6 +67,8 @@ pub struct FleetConfig {
     pub install: Option<bool>,
     #[serde(default, deserialize_with = "de::duration")]
     pub wait_lock: Option<Duration>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub settle: Option<Duration>,
 }
 
 /// A host: `"web1"`, or `{ host = "web1", root = "/srv/a" }`.
@@ -120,6 +122,8 @@ pub struct Deploy {
     pub max_size: Option<u64>,
     #[serde(default, deserialize_with = "de::duration")]
     pub confirm_within: Option<Duration>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub settle: Option<Duration>,
     /// Patterns left out of a directory source (gitignore syntax).
     pub exclude: Option<Vec<String>>,
 }

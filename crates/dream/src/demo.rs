@@ -85,6 +85,7 @@ fn deploy_site(
         max_size: None,
         quiet: true,
         interruptible: false,
+        settle: Duration::ZERO,
     };
     deploy::deploy(&opts, &mut |_| {}).map_err(|e| e.message)
 }

@@ -56,6 +56,7 @@ pub struct DeployArgs<'a> {
     pub max_size: Option<u64>,
     pub confirm_within: Option<std::time::Duration>,
     pub verify: Vec<String>,
+    pub settle: std::time::Duration,
     pub exclude: Vec<String>,
     pub keep_git: bool,
     pub no_hooks: bool,
@@ -90,6 +91,7 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
         max_size: a.max_size,
         quiet: a.quiet || a.json,
         interruptible: true,
+        settle: a.settle,
     };
     if a.dry_run {
         let plan = deploy::plan(&opts)?;
@@ -126,6 +128,7 @@ pub struct RollbackArgs<'a> {
     pub id: Option<&'a str>,
     pub no_reload: bool,
     pub verify: &'a [String],
+    pub settle: std::time::Duration,
     pub wait_lock: Option<std::time::Duration>,
     pub dry_run: bool,
     pub json: bool,
@@ -138,6 +141,7 @@ pub fn rollback(a: RollbackArgs<'_>) -> Result {
         id,
         no_reload,
         verify,
+        settle,
         wait_lock,
         dry_run,
         json,
@@ -166,6 +170,7 @@ pub fn rollback(a: RollbackArgs<'_>) -> Result {
         id,
         !no_reload,
         verify,
+        settle,
         wait(wait_lock),
         "dream rollback",
         &mut progress(quiet || json),

@@ -37,6 +37,8 @@ pub struct Fleet {
     pub install: bool,
     /// How long each host's agent waits for its deploy lock.
     pub wait_lock: Option<Duration>,
+    /// How long each host's new generation must stay up after its switch.
+    pub settle: Duration,
     /// Paths each host requests through its own socket after its switch.
     pub verify: Vec<String>,
     /// The ssh command and its own options (`--ssh`).
@@ -987,6 +989,7 @@ fn switch_commit(
             id: id.to_string(),
             confirm_within_ms: confirm_within.as_millis() as u64,
             verify: f.verify.clone(),
+            settle_ms: f.settle.as_millis() as u64,
         });
         match r {
             Ok(r) if r.ok => {
@@ -1294,6 +1297,7 @@ pub fn hold(f: &Fleet, message: Option<String>) -> Result {
         rollout: f.rollout.clone(),
         install: f.install,
         wait_lock: f.wait_lock,
+        settle: f.settle,
         verify: Vec::new(),
     };
     let control = control_dir(&primary)?;

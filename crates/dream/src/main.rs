@@ -324,9 +324,12 @@ struct DeployCmd {
     /// A provisional reload: the supervisor reverts the release unless this deploy confirms it within DUR (it does once the reload succeeded), so a deploy killed or cut off in between still ends consistent
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     confirm_within: Option<Duration>,
-    /// After the reload, GET PATH through the supervisor's own socket (repeatable): a status outside 2xx/3xx or another release's X-Dream-Release puts the previous release back
+    /// After the reload, GET PATH through the supervisor's own socket (repeatable): a status outside 2xx/3xx or another release's X-Dream-Release puts the previous release back; without a running supervisor the deploy fails
     #[arg(long, value_name = "PATH", value_parser = values::url_path)]
     verify: Vec<String>,
+    /// After the new generation goes live, wait this long for it to stay up: a revert or crash loop inside the window is exit 1 (0s: report at once) [default: 1s]
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    settle: Option<Duration>,
     /// Leave PATTERN out of a directory source (gitignore syntax, repeatable; the source's .dreamignore too)
     #[arg(long, value_name = "PATTERN")]
     exclude: Vec<String>,
@@ -366,6 +369,9 @@ struct RollbackCmd {
     /// After the reload, GET PATH through the supervisor's own socket (repeatable), as for deploy
     #[arg(long, value_name = "PATH", value_parser = values::url_path)]
     verify: Vec<String>,
+    /// After the new generation goes live, wait this long for it to stay up: a revert or crash loop inside the window is exit 1 (0s: report at once) [default: 1s]
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    settle: Option<Duration>,
     /// Print which release it would go back to; write nothing, take no lock
     #[arg(long)]
     dry_run: bool,
@@ -414,6 +420,9 @@ struct ReloadArgs {
     /// Provisional: the new generation reverts unless `dream confirm` comes within DUR of it going live
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     confirm_within: Option<Duration>,
+    /// After the new generation goes live, wait this long for it to stay up: a revert or crash loop inside the window is exit 1 (0s: report at once) [default: 1s]
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    settle: Option<Duration>,
     /// Print the answer as JSON on stdout
     #[arg(long)]
     json: bool,
@@ -493,6 +502,9 @@ struct RolloutArgs {
     /// Pause between groups
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     wait: Option<Duration>,
+    /// After each host's switch, its new generation must stay up this long (as for deploy) [default: 1s]
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    settle: Option<Duration>,
     /// Hosts allowed to fail their switch before the whole fleet reverts (they stay on the old release; exit 2) [default: 0]
     #[arg(long, value_name = "N")]
     max_fail: Option<usize>,
@@ -932,6 +944,10 @@ fn run(cmd: Cmd) -> Result {
                 max_size: a.max_size.or(file.max_size),
                 confirm_within: a.confirm_within.or(file.confirm_within),
                 verify: a.verify,
+                settle: a
+                    .settle
+                    .or(file.settle)
+                    .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
                 exclude: if a.exclude.is_empty() {
                     file.exclude.clone().unwrap_or_default()
                 } else {
@@ -950,6 +966,7 @@ fn run(cmd: Cmd) -> Result {
             id: a.id.as_deref(),
             no_reload: a.no_reload,
             verify: &a.verify,
+            settle: a.settle.unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
             wait_lock: a.wait_lock,
             dry_run: a.dry_run,
             json: a.json,
@@ -957,7 +974,12 @@ fn run(cmd: Cmd) -> Result {
         }),
         Cmd::Releases(a) if a.verify => deploy::verify(a.root.as_deref(), a.id.as_deref(), a.json),
         Cmd::Releases(a) => deploy::releases(a.root.as_deref(), a.json),
-        Cmd::Reload(a) => serve::reload(a.root.as_deref(), a.confirm_within, a.json),
+        Cmd::Reload(a) => serve::reload(
+            a.root.as_deref(),
+            a.confirm_within,
+            a.settle.unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
+            a.json,
+        ),
         Cmd::Confirm(a) => serve::confirm(a.root.as_deref(), a.generation, a.json),
         Cmd::Upgrade(a) => serve::upgrade(a.root.as_deref(), a.binary, a.json),
         Cmd::Fleet(cmd) => run_fleet(cmd),
@@ -1075,6 +1097,10 @@ fn fleet_of(a: &FleetArgs, r: &RolloutArgs) -> Result<(fleet::Fleet, config::Fle
         json: a.json,
         install: a.install || file.install.unwrap_or(false),
         wait_lock: a.wait_lock.or(file.wait_lock),
+        settle: r
+            .settle
+            .or(file.settle)
+            .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
         verify: r.verify.clone(),
         rollout: fleet::Rollout {
             canary: r.canary.or(file.canary).unwrap_or(1),

@@ -260,12 +260,37 @@ pub fn status(root: Option<&Path>, json_out: bool) -> Result {
     Ok(())
 }
 
-pub fn reload(root: Option<&Path>, confirm_within: Option<Duration>, json_out: bool) -> Result {
+pub fn reload(
+    root: Option<&Path>,
+    confirm_within: Option<Duration>,
+    settle: Duration,
+    json_out: bool,
+) -> Result {
     let root = root_dir(root)?;
     let request = Request::Reload {
         confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
     };
-    let a = control::ask(&root, &request, None).map_err(control_failure)?;
+    let mut a = control::ask(&root, &request, None).map_err(control_failure)?;
+    // Success only for a generation that stayed up through the window.
+    if let (true, Some(generation), false) = (a.ok, a.generation, settle.is_zero()) {
+        let settled = control::ask(
+            &root,
+            &Request::Settle {
+                generation,
+                within_ms: settle.as_millis() as u64,
+            },
+            Some(settle + Duration::from_secs(30)),
+        )
+        .map_err(control_failure)?;
+        if !settled.ok {
+            a = control::Answer {
+                error: settled
+                    .error
+                    .map(|e| format!("generation {generation} went live but did not settle: {e}")),
+                ..settled
+            };
+        }
+    }
     answered(a, json_out, "reload failed: ", |a| {
         format!(
             "reloaded: generation {} (release {}) is live",

@@ -177,7 +177,8 @@ fn gunicorn_on_fd_0() {
                 "warning",
                 "app:app",
             ],
-            "auto:1s",
+            // As the README recommends: gunicorn says READY=1 itself.
+            "notify",
             Some(venv),
             keep_alive,
         )

@@ -34,10 +34,13 @@ fn serve(root: &Root, extra: &[&str]) -> (Guard, std::net::SocketAddr) {
     (g, addr)
 }
 
+/// `dream reload`, answered as soon as the new generation is live: these
+/// tests are about the pool's own steps (the settle window after it is
+/// `truth.rs`'s).
 fn reload(root: &Root) -> (bool, String) {
     let (status, out, err) = run(
         Command::new(bin("dream"))
-            .arg("reload")
+            .args(["reload", "--settle", "0s"])
             .arg("--root")
             .arg(root.path()),
         Duration::from_secs(120),

@@ -479,6 +479,18 @@ impl Driver {
             &crate::lock::Holder::me("dream serve (reverting a release)"),
             crate::lock::Wait::No,
         );
+        // Back to the very release it ran (an unconfirmed reload of what
+        // was already live): the generation is replaced, the release is
+        // not bad, and nothing is recorded against it.
+        if to.id == release {
+            self.log(
+                0,
+                &format!(
+                    "generation {generation} reverted to a new generation of the same release {release}; nothing marked bad"
+                ),
+            );
+            return;
+        }
         let mut ev = crate::release::Event::new(crate::release::EventKind::Reverted, release);
         ev.previous = Some(to.id.clone());
         ev.reason = Some(format!("generation {generation}: {reason}"));

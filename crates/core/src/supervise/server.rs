@@ -193,6 +193,21 @@ impl Driver {
                     waiter: (id != 0).then_some(id),
                 });
             }
+            Request::Settle {
+                generation,
+                within_ms,
+            } => {
+                // Nobody to answer: nothing to wait for.
+                if id == 0 {
+                    return;
+                }
+                self.clients[i].awaiting += 1;
+                self.on(Event::Settle {
+                    generation,
+                    within: Duration::from_millis(within_ms),
+                    waiter: id,
+                });
+            }
             Request::Scale { workers } => {
                 if let Err(e) = crate::pool::check_workers(workers) {
                     self.answer_index(i, &Answer::failed(e).to_value());
