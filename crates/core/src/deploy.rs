@@ -250,6 +250,21 @@ pub fn new_release_id(m: &Manifest) -> String {
     format!("{}-{}", timestamp(), &m.digest()[..8])
 }
 
+/// The id a deploy makes: the UTC time, then `suffix` (the content's
+/// digest, or the git revision), so the same content always gets the
+/// same suffix; `-2`, `-3`… when that id was used before.
+fn unused_id(store: &Store, suffix: &str) -> String {
+    let base = format!("{}-{suffix}", timestamp());
+    let used = store.used_ids();
+    let mut id = base.clone();
+    let mut n = 2;
+    while used.contains(&id) {
+        id = format!("{base}-{n}");
+        n += 1;
+    }
+    id
+}
+
 /// Deploys `opts.source`.
 pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report, DeployError> {
     refuse_source_in_root(&opts.source, &opts.root)?;
@@ -526,22 +541,10 @@ impl Pipeline<'_, '_> {
         };
         let id = match &opts.id {
             Some(id) => id.clone(),
-            None => {
-                // The same content always gets the same suffix.
-                let base = format!(
-                    "{}-{}",
-                    timestamp(),
-                    git_hash.unwrap_or_else(|| manifest.digest()[..8].to_string())
-                );
-                let used = store.used_ids();
-                let mut id = base.clone();
-                let mut n = 2;
-                while used.contains(&id) {
-                    id = format!("{base}-{n}");
-                    n += 1;
-                }
-                id
-            }
+            None => unused_id(
+                store,
+                &git_hash.unwrap_or_else(|| manifest.digest()[..8].to_string()),
+            ),
         };
         let p = &mut self.p;
         p.report.release = id.clone();
@@ -1886,8 +1889,11 @@ pub fn plan(opts: &DeployOptions) -> Result<Plan, DeployError> {
     refuse_source_in_root(&opts.source, &opts.root)?;
     let exclude =
         stage::Exclude::new(src, &opts.exclude, opts.keep_git).map_err(|e| err(Kind::Usage, e))?;
+    // Modes as the frozen release will have them, as staging records
+    // them: the digest, and so the id, is the one the deploy will make.
     let m = Manifest::of_tree_but(src, &|rel, dir| exclude.leaves_out(rel, dir))
-        .map_err(|e| io_failure(&format!("reading {}", src.display()), e))?;
+        .map_err(|e| io_failure(&format!("reading {}", src.display()), e))?
+        .frozen();
     let store = Store::new(&opts.root);
     let previous = store.current();
     let prev = previous
@@ -1895,7 +1901,10 @@ pub fn plan(opts: &DeployOptions) -> Result<Plan, DeployError> {
         .and_then(|id| Manifest::load(&store.manifest_path(id)).ok());
     let prev_index = prev.as_ref().map(|m| m.index());
     let mut plan = Plan {
-        release: opts.id.clone().unwrap_or_else(|| new_release_id(&m)),
+        release: opts
+            .id
+            .clone()
+            .unwrap_or_else(|| unused_id(&store, &m.digest()[..8])),
         previous: previous.clone(),
         files: 0,
         bytes: 0,

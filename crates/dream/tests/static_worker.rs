@@ -662,3 +662,48 @@ fn clients_that_half_close_after_their_request_get_the_answer() {
         );
     }
 }
+
+/// Two versions of a file with the same size and modification time (two
+/// releases, a build that sets every mtime to 1970): a client holding the
+/// old one's validator gets the new bytes, never 304.
+#[test]
+fn validators_follow_the_content_not_size_and_time() {
+    let w = start(&[]);
+    let public = w.tree.path().join("public");
+    let when = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    for (name, len) in [("small.txt", 4096usize), ("large.bin", 200_000)] {
+        let mut etag: Option<String> = None;
+        for (round, byte) in [b'A', b'B', b'C'].into_iter().enumerate() {
+            // A new file renamed over the old one, as a new release's is.
+            let tmp = public.join(".tmp");
+            std::fs::write(&tmp, vec![byte; len]).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&tmp)
+                .unwrap()
+                .set_modified(when)
+                .unwrap();
+            std::fs::rename(&tmp, public.join(name)).unwrap();
+            let path = format!("/{name}");
+            let r = match &etag {
+                Some(old) => get(w.addr, &path, &[("If-None-Match", old.as_str())]),
+                None => get(w.addr, &path, &[]),
+            };
+            assert_eq!(
+                r.status, 200,
+                "{name} round {round}: the old validator matched new bytes"
+            );
+            assert!(
+                r.body.iter().all(|b| *b == byte) && r.body.len() == len,
+                "{name} round {round}"
+            );
+            let now = r.header("etag").unwrap().to_string();
+            assert_eq!(
+                get(w.addr, &path, &[("If-None-Match", now.as_str())]).status,
+                304,
+                "{name} round {round}: its own validator"
+            );
+            etag = Some(now);
+        }
+    }
+}

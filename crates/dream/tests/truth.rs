@@ -432,3 +432,50 @@ fn an_interrupt_while_waiting_for_the_reload_ends_the_deploy_with_130() {
         assert_eq!(dream_testkit::get(addr, "/", &[]).status, 200);
     }
 }
+
+/// The id `--dry-run` announces carries the digest the deploy then uses
+/// (only the time in front of it can differ), for a writable source whose
+/// modes the release freezes.
+#[test]
+fn a_dry_run_names_the_content_digest_the_deploy_makes() {
+    use std::os::unix::fs::PermissionsExt;
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let src = tree.path().join("src");
+    tree.write("src/index.html", "<p>hi</p>\n");
+    tree.write("src/odd name %.txt", "x");
+    let script = tree.write("src/bin/run", "#!/bin/sh\n");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o775)).unwrap();
+    std::fs::set_permissions(src.join("bin"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let suffix = |id: &str| id.split_once('-').map(|(_, s)| s.to_string()).unwrap();
+    for round in 0..2 {
+        let (code, out, err) = dream(&[
+            "deploy",
+            "--root",
+            root.to_str().unwrap(),
+            src.to_str().unwrap(),
+            "--dry-run",
+            "--json",
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let planned = plan["release"].as_str().unwrap().to_string();
+        let (code, out, err) = dream(&[
+            "deploy",
+            "--root",
+            root.to_str().unwrap(),
+            src.to_str().unwrap(),
+            "--no-reload",
+            "--json",
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let made = report["release"].as_str().unwrap();
+        assert_eq!(
+            suffix(&planned),
+            suffix(made),
+            "round {round}: planned {planned}, made {made}"
+        );
+    }
+}

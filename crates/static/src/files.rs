@@ -3,7 +3,6 @@
 //! tested without sockets.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use percent_encoding::percent_decode_str;
 
@@ -143,13 +142,27 @@ fn libc_flags(flags: nix::fcntl::OFlag) -> i32 {
     (flags & !nix::fcntl::OFlag::O_RDONLY).bits()
 }
 
-/// A strong validator from size and modification time.
-pub fn etag(len: u64, modified: Option<SystemTime>) -> String {
-    let nanos = modified
-        .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("\"{len:x}-{nanos:x}\"")
+/// A strong validator: the content's BLAKE3 hash when the bytes are at
+/// hand (a small file, read whole anyway), else the file's identity (inode,
+/// size, modification and change time). Two files with the same size and
+/// modification time but other bytes (two releases, a build that sets
+/// every mtime to 1970) never share a validator: a changed file in a
+/// release is always a new inode, and an edit in place moves the change
+/// time, which no one can set back.
+pub fn etag(content: Option<&[u8]>, meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match content {
+        Some(bytes) => format!("\"{}\"", &blake3::hash(bytes).to_hex()[..32]),
+        None => format!(
+            "\"{:x}-{:x}-{:x}.{:x}-{:x}.{:x}\"",
+            meta.ino(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec()
+        ),
+    }
 }
 
 /// True if an `If-None-Match` header value matches `etag`.
@@ -359,7 +372,13 @@ mod tests {
 
     #[test]
     fn etags_match() {
-        let t = etag(10, Some(SystemTime::UNIX_EPOCH));
+        let meta = std::fs::metadata("/").unwrap();
+        let t = etag(Some(b"0123456789"), &meta);
+        assert_ne!(t, etag(Some(b"0123456780"), &meta), "the content decides");
+        assert_ne!(
+            etag(None, &meta),
+            etag(None, &std::fs::metadata("/tmp").unwrap())
+        );
         assert!(none_match(&t, &t));
         assert!(none_match(&format!("\"x\", {t}"), &t));
         assert!(none_match("*", &t));

@@ -509,7 +509,7 @@ impl FileCache {
             len,
             mtime_ns: mtime_ns(meta),
             ctime_ns: ctime_ns(meta),
-            etag: header(files::etag(len, modified))?,
+            etag: header(files::etag(body.as_deref(), meta))?,
             last_modified: modified
                 .map(|m| header(httpdate::fmt_http_date(m)))
                 .transpose()?,
