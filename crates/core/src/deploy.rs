@@ -51,6 +51,7 @@ fn err(kind: Kind, message: impl Into<String>) -> DeployError {
 
 fn is_disk_full(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == std::io::ErrorKind::StorageFull
 }
 
 fn io_failure(what: &str, e: std::io::Error) -> DeployError {
@@ -479,7 +480,10 @@ impl Pipeline<'_, '_> {
                     .collect();
                 staged
             }
-            Source::Tar(t) => stage::extract_tar(t, staged, max_bytes).map_err(over_limit)?,
+            Source::Tar(t) => {
+                let (stats, m) = stage::extract_tar(t, staged, max_bytes).map_err(over_limit)?;
+                (stats, self.leave_out(m)?)
+            }
             Source::Objects { manifest, objects } => {
                 let m = Manifest::load(manifest)
                     .map_err(|e| io_failure("reading the fleet's manifest", e))?;
@@ -518,7 +522,8 @@ impl Pipeline<'_, '_> {
                 stage::from_manifest(&m, &content, share, staged, max_bytes).map_err(over_limit)?
             }
             Source::Git { url, rev } => {
-                let h = stage::git_checkout(url, rev.as_deref(), staged)?;
+                let h = stage::git_checkout(url, rev.as_deref(), staged, max_bytes)
+                    .map_err(over_limit)?;
                 git_hash = Some(h);
                 let (bytes, files) = release::tree_size(staged);
                 if bytes > max_bytes {
@@ -536,7 +541,7 @@ impl Pipeline<'_, '_> {
                     bytes,
                     ..Stats::default()
                 };
-                (stats, m)
+                (stats, self.leave_out(m)?)
             }
         };
         let id = match &opts.id {
@@ -697,6 +702,22 @@ impl Pipeline<'_, '_> {
         release::freeze_dir(&final_dir).map_err(|e| io_failure("freezing the release", e))?;
         self.p.step("synced", format!("releases/{id}"));
         Ok(id)
+    }
+
+    /// `--exclude` and the source's `.dreamignore` applied to a staged
+    /// tarball or checkout, as to a directory source (a tarball's `.git/`
+    /// is kept unless excluded: it is part of what the archive holds).
+    fn leave_out(&mut self, m: Manifest) -> Result<Manifest, DeployError> {
+        let staged = self.staged.as_path();
+        let exclude = stage::Exclude::new(staged, &self.opts.exclude, true)
+            .map_err(|e| err(Kind::Usage, e))?;
+        let m = stage::leave_out(staged, m, &exclude)?;
+        self.p.report.excluded = exclude
+            .left_out()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        Ok(m)
     }
 
     /// Switches `current` to the release, asks the supervisor to reload

@@ -28,6 +28,10 @@ fn max_entries() -> u64 {
     })
 }
 
+/// The git transports a `git:` source may use (also handed to git as
+/// `GIT_ALLOW_PROTOCOL`, so a redirect or submodule cannot reach another).
+pub const GIT_TRANSPORTS: &[&str] = &["file", "http", "https", "ssh", "git"];
+
 /// Where a release comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -65,6 +69,14 @@ impl Source {
             }
             if url.starts_with("ext::") || url.contains("::") {
                 return Err(format!("git transport helpers are not allowed: {url:?}"));
+            }
+            if let Some((scheme, _)) = url.split_once("://")
+                && !GIT_TRANSPORTS.contains(&scheme.to_ascii_lowercase().as_str())
+            {
+                return Err(format!(
+                    "git transport {scheme:?} is not allowed: use {}",
+                    GIT_TRANSPORTS.join(", ")
+                ));
             }
             return Ok(Source::Git { url, rev });
         }
@@ -233,6 +245,52 @@ impl Exclude {
         v.sort();
         v
     }
+}
+
+/// Leaves out of a staged tree that was not copied from a directory (a
+/// tarball's, a checkout's) what `exclude` leaves out of a directory
+/// source: each entry it matches (a directory with all it holds) is
+/// removed from the tree and from its manifest, so `--exclude` and
+/// `.dreamignore` mean the same for every source.
+pub fn leave_out(
+    staged: &Path,
+    manifest: Manifest,
+    exclude: &Exclude,
+) -> Result<Manifest, StageError> {
+    let mut gone: Vec<PathBuf> = Vec::new();
+    let kept: Vec<Entry> = manifest
+        .entries()
+        .iter()
+        .filter(|e| {
+            // Entries are sorted: a directory comes before what it holds.
+            if gone.iter().any(|g| e.path.starts_with(g)) {
+                return false;
+            }
+            let out = exclude.leaves_out(&e.path, matches!(e.kind, Kind::Dir { .. }));
+            if out {
+                gone.push(e.path.clone());
+            }
+            !out
+        })
+        .cloned()
+        .collect();
+    for rel in &gone {
+        let at = staged.join(rel);
+        // The entry's parent may be read-only (a tarball's modes).
+        let parent = at.parent().unwrap_or(staged).to_path_buf();
+        let mode = fs::metadata(&parent).map_err(io_at(&parent))?.mode();
+        fs::set_permissions(&parent, fs::Permissions::from_mode(mode | 0o700))
+            .map_err(io_at(&parent))?;
+        let removed = match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => crate::release::remove_tree(&at),
+            Ok(_) => fs::remove_file(&at),
+            Err(e) => Err(e),
+        };
+        removed.map_err(io_at(&at))?;
+        fs::set_permissions(&parent, fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(io_at(&parent))?;
+    }
+    Ok(Manifest::new(kept).with_bridged(manifest.bridged().to_vec()))
 }
 
 /// How [`copy_dir`] treats the copy.
@@ -760,7 +818,12 @@ fn link_target<R: Read>(
 
 /// Checks out `url` at `rev` into `dst` with the system git, without its
 /// `.git`; returns the short commit hash.
-pub fn git_checkout(url: &str, rev: Option<&str>, dst: &Path) -> Result<String, StageError> {
+pub fn git_checkout(
+    url: &str,
+    rev: Option<&str>,
+    dst: &Path,
+    max_bytes: u64,
+) -> Result<String, StageError> {
     let git = |args: &[&str], dir: Option<&Path>| -> Result<String, StageError> {
         let mut cmd = std::process::Command::new("git");
         cmd.args([
@@ -772,17 +835,30 @@ pub fn git_checkout(url: &str, rev: Option<&str>, dst: &Path) -> Result<String, 
         if let Some(d) = dir {
             cmd.arg("-C").arg(d);
         }
+        // Nothing of a calling git's environment (a post-receive hook
+        // runs with GIT_DIR=.): this clone is its own repository.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("GIT_") {
+                cmd.env_remove(k);
+            }
+        }
         cmd.args(args)
             .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ALLOW_PROTOCOL", GIT_TRANSPORTS.join(":"))
             .stdin(std::process::Stdio::null());
         let out = cmd
             .output()
             .map_err(|e| StageError::Git(format!("cannot run git: {e} (is git installed?)")))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            return Err(StageError::Git(
-                err.trim().lines().last().unwrap_or("failed").to_string(),
-            ));
+            let last = err.trim().lines().last().unwrap_or("failed").to_string();
+            if err.contains("No space left on device") {
+                return Err(StageError::Io {
+                    path: dst.to_path_buf(),
+                    source: io::Error::new(io::ErrorKind::StorageFull, last),
+                });
+            }
+            return Err(StageError::Git(last));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
@@ -794,6 +870,29 @@ pub fn git_checkout(url: &str, rev: Option<&str>, dst: &Path) -> Result<String, 
         None,
     )?;
     let rev = rev.unwrap_or("HEAD");
+    // The size of the tree, judged before anything of it is written.
+    let sizes = git(&["ls-tree", "-r", "-l", "--full-tree", rev], Some(dst))?;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for line in sizes.lines() {
+        files += 1;
+        bytes += line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    if bytes > max_bytes {
+        return Err(StageError::TooBig {
+            limit: max_bytes,
+            needs: Some(bytes),
+        });
+    }
+    if files > max_entries() {
+        return Err(StageError::Refused(format!(
+            "more than {} files (DREAM_MAX_ENTRIES)",
+            max_entries()
+        )));
+    }
     git(&["checkout", "--quiet", "--detach", rev, "--"], Some(dst))?;
     let hash = git(&["rev-parse", "--short=8", "HEAD"], Some(dst))?;
     let dotgit = dst.join(".git");
