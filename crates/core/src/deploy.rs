@@ -40,12 +40,15 @@ pub enum Kind {
 pub struct DeployError {
     pub kind: Kind,
     pub message: String,
+    /// The release the deploy was making, once it had an id.
+    pub release: Option<String>,
 }
 
 fn err(kind: Kind, message: impl Into<String>) -> DeployError {
     DeployError {
         kind,
         message: message.into(),
+        release: None,
     }
 }
 
@@ -65,6 +68,9 @@ fn io_failure(what: &str, e: std::io::Error) -> DeployError {
 
 impl From<StageError> for DeployError {
     fn from(e: StageError) -> DeployError {
+        if let StageError::Interrupted(sig) = e {
+            return err(Kind::Interrupted(sig as i32), e.to_string());
+        }
         let kind = match e.io_error() {
             Some(io) if is_disk_full(io) => Kind::Temporary,
             _ => Kind::Failed,
@@ -217,7 +223,9 @@ fn take_lock(store: &Store, command: &str, wait: Wait) -> Result<Lock, DeployErr
 
 /// Removes what a killed deploy left behind.
 fn clean_leftovers(store: &Store) -> Vec<String> {
-    let mut removed = Vec::new();
+    // First what an interrupted deploy's children left running (a build
+    // still writing into its staging, a hook's migration), then its files.
+    let mut removed = crate::child::end_leftovers(&children_dir(store));
     if let Ok(rd) = std::fs::read_dir(store.staging()) {
         for e in rd.flatten() {
             if release::remove_tree(&e.path()).is_ok() || std::fs::remove_file(e.path()).is_ok() {
@@ -236,6 +244,11 @@ fn clean_leftovers(store: &Store) -> Vec<String> {
         }
     }
     removed
+}
+
+/// Where a deploy records its children's process groups.
+fn children_dir(store: &Store) -> PathBuf {
+    store.state().join("children")
 }
 
 fn timestamp() -> String {
@@ -286,14 +299,22 @@ pub fn deploy(opts: &DeployOptions, out: &mut dyn FnMut(&Step)) -> Result<Report
         release::check_id(id).map_err(|e| err(Kind::Usage, e))?;
     }
     let mut lock = take_lock(&store, &opts.command, opts.wait_lock)?;
+    let before = store.current();
     let result = deploy_locked(opts, &mut lock, out);
     // The lock is still held: a waiting deploy cannot interleave with
     // what these hooks do (Kamal #1517).
     if opts.hooks {
-        let previous = result.as_ref().ok().and_then(|r| r.previous.clone());
+        let previous = match &result {
+            Ok(r) => r.previous.clone(),
+            Err(_) => before,
+        };
         let release = match &result {
             Ok(r) => r.release.clone(),
-            Err(_) => opts.id.clone().unwrap_or_default(),
+            Err(e) => e
+                .release
+                .clone()
+                .or_else(|| opts.id.clone())
+                .unwrap_or_default(),
         };
         let (name, error) = match &result {
             Ok(_) => ("post-deploy", None),
@@ -323,6 +344,7 @@ pub fn deploy_locked(
         out,
     };
     let leftovers = clean_leftovers(&store);
+    let _recording = crate::child::Recording::start(children_dir(&store));
     p.step(
         "locked",
         if leftovers.is_empty() {
@@ -373,7 +395,13 @@ pub fn deploy_locked(
     if result.is_err() {
         let _ = release::remove_tree(&pipeline.staged);
     }
-    result?;
+    drop(pipeline);
+    result.map_err(|mut e| {
+        if e.release.is_none() && !report.release.is_empty() {
+            e.release = Some(report.release.clone());
+        }
+        e
+    })?;
     Ok(report)
 }
 
@@ -522,8 +550,14 @@ impl Pipeline<'_, '_> {
                 stage::from_manifest(&m, &content, share, staged, max_bytes).map_err(over_limit)?
             }
             Source::Git { url, rev } => {
-                let h = stage::git_checkout(url, rev.as_deref(), staged, max_bytes)
-                    .map_err(over_limit)?;
+                let h = stage::git_checkout(
+                    url,
+                    rev.as_deref(),
+                    staged,
+                    max_bytes,
+                    self.signals.as_mut(),
+                )
+                .map_err(over_limit)?;
                 git_hash = Some(h);
                 let (bytes, files) = release::tree_size(staged);
                 if bytes > max_bytes {
@@ -1386,10 +1420,12 @@ fn interrupted(signals: Option<&mut Signals>) -> Result<(), DeployError> {
     }
 }
 
-/// Runs the build in its own process group, streaming its output (each
-/// line to `show`, unless quiet) and keeping the last lines for a failure
-/// report. An INT, TERM or HUP to the deploy ends the build's whole group
-/// and the deploy (which then removes its staging) with 128 + the signal.
+/// Runs the build (a shell command) in the staged release, as every child
+/// of a deploy runs ([`crate::child`]): its own process group, the
+/// parent-death signal, output streamed (each line shown unless quiet,
+/// the last ones kept for a failure report); an INT, TERM or HUP to the
+/// deploy ends the build's whole group and the deploy (which then removes
+/// its staging) with 128 + the signal.
 fn run_build(
     cmd: &str,
     dir: &Path,
@@ -1398,80 +1434,37 @@ fn run_build(
     quiet: bool,
     signals: Option<&mut Signals>,
 ) -> Result<(), DeployError> {
-    use std::io::Read;
-    use std::os::unix::process::CommandExt;
-    const TAIL: usize = 20;
-    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| io_failure("build output pipe", e.into()))?;
-    let wr2 = wr
-        .try_clone()
-        .map_err(|e| io_failure("build output pipe", e))?;
-    let mut child = std::process::Command::new("/bin/sh")
-        .arg("-c")
+    let mut sh = std::process::Command::new("/bin/sh");
+    sh.arg("-c")
         .arg(cmd)
         .current_dir(dir)
         .env("DREAM_RELEASE", id)
         .env("DREAM_RELEASE_DIR", final_dir)
-        .env("DREAM_BUILD_DIR", dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(wr)
-        .stderr(wr2)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| err(Kind::Failed, format!("cannot run the build: {e}")))?;
-    let group = nix::unistd::Pid::from_raw(child.id() as i32);
-    let mut pipe = std::fs::File::from(rd);
-    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    let mut partial: Vec<u8> = Vec::new();
-    let line_out = |line: &[u8], tail: &mut std::collections::VecDeque<String>| {
-        let text = crate::logtext::bounded(&String::from_utf8_lossy(line), 4096);
+        .env("DREAM_BUILD_DIR", dir);
+    let mut show = |text: &str| {
         if !quiet {
             crate::logtext::say(
                 crate::logtext::Level::Info,
                 "build_output",
                 &format!("build | {text}"),
-                &[("line", text.clone().into())],
+                &[("line", text.into())],
             );
         }
-        if tail.len() == TAIL {
-            tail.pop_front();
-        }
-        tail.push_back(text);
     };
-    let mut signals = signals;
-    loop {
-        let got_signal = {
-            let mut fds = vec![nix::poll::PollFd::new(
-                std::os::fd::AsFd::as_fd(&pipe),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            if let Some(sig) = signals.as_deref() {
-                fds.push(nix::poll::PollFd::new(
-                    std::os::fd::AsFd::as_fd(sig),
-                    nix::poll::PollFlags::POLLIN,
-                ));
-            }
-            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(io_failure("waiting for the build", e.into())),
-            }
-            fds.get(1)
-                .and_then(|f| f.revents())
-                .is_some_and(|r| !r.is_empty())
-        };
-        if got_signal
-            && let Some(sig) = signals
-                .as_deref_mut()
-                .and_then(|s| s.try_next().ok().flatten())
-        {
-            // The whole group: the build and anything it started.
-            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-            let _ = child.wait();
+    let ended = crate::child::run(
+        sh,
+        None,
+        crate::child::Output::Lines {
+            show: &mut show,
+            tail: 20,
+        },
+        None,
+        signals,
+    )
+    .map_err(|e| err(Kind::Failed, format!("cannot run the build: {e}")))?;
+    let (status, tail) = match ended {
+        crate::child::Ended::Exited { status, tail, .. } => (status, tail),
+        crate::child::Ended::Interrupted(sig) => {
             return Err(err(
                 Kind::Interrupted(sig as i32),
                 format!(
@@ -1479,27 +1472,10 @@ fn run_build(
                 ),
             ));
         }
-        let mut buf = [0u8; 8192];
-        match pipe.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                partial.extend_from_slice(&buf[..n]);
-                while let Some(pos) = partial.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = partial.drain(..=pos).collect();
-                    line_out(&line[..line.len() - 1], &mut tail);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_failure("reading the build's output", e)),
+        crate::child::Ended::TimedOut { tail } => {
+            (std::os::unix::process::ExitStatusExt::from_raw(9), tail)
         }
-    }
-    if !partial.is_empty() {
-        let rest = std::mem::take(&mut partial);
-        line_out(&rest, &mut tail);
-    }
-    let status = child
-        .wait()
-        .map_err(|e| io_failure("waiting for the build", e))?;
+    };
     if status.success() {
         return Ok(());
     }
@@ -1510,8 +1486,7 @@ fn run_build(
     let said = if tail.is_empty() {
         "It printed nothing.".to_string()
     } else {
-        let lines: Vec<String> = tail.into_iter().collect();
-        format!("Its output ended with:\n{}", lines.join("\n"))
+        format!("Its output ended with:\n{}", tail.join("\n"))
     };
     Err(err(
         Kind::Failed,

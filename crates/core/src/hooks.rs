@@ -11,9 +11,6 @@
 //! root as its working directory, has [`DEADLINE`] to finish (then its
 //! group is killed), and has its output shown line by line.
 
-use std::io::{Read, Write};
-use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -69,91 +66,52 @@ pub fn run(event: &HookEvent<'_>, quiet: bool) -> Result<(), String> {
         return Ok(());
     };
     let name = event.hook;
-    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| format!("hook {name}: {e}"))?;
-    let wr2 = wr.try_clone().map_err(|e| format!("hook {name}: {e}"))?;
-    let mut child = std::process::Command::new(&exe)
-        .current_dir(event.root)
-        .stdin(std::process::Stdio::piped())
-        .stdout(wr)
-        .stderr(wr2)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("hook {name} ({}): {e}", exe.display()))?;
-    let group = nix::unistd::Pid::from_raw(child.id() as i32);
-    if let Some(mut stdin) = child.stdin.take() {
-        let json = serde_json::to_vec(event).expect("an event serializes");
-        // A hook that does not read its input is its own business.
-        let _ = stdin.write_all(&json);
-    }
-    let deadline = Instant::now() + DEADLINE;
-    let mut pipe = std::fs::File::from(rd);
-    let mut tail = Vec::new();
-    let mut partial = Vec::new();
-    let show = |line: &[u8], tail: &mut Vec<String>| {
-        let text = crate::logtext::bounded(&String::from_utf8_lossy(line), 4096);
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.current_dir(event.root);
+    let json = serde_json::to_vec(event).expect("an event serializes");
+    let mut show = |text: &str| {
         if !quiet {
             crate::logtext::say(
                 crate::logtext::Level::Info,
                 "hook_output",
                 &format!("hook {name} | {text}"),
-                &[("hook", name.into()), ("line", text.clone().into())],
+                &[("hook", name.into()), ("line", text.into())],
             );
         }
-        tail.push(text);
-        if tail.len() > 10 {
-            tail.remove(0);
-        }
     };
-    let timed_out = loop {
-        let mut fds = [nix::poll::PollFd::new(
-            pipe.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        match nix::poll::poll(&mut fds, crate::signals::timeout_until(Some(deadline))) {
-            Ok(0) => break true,
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(format!("hook {name}: {e}")),
-        }
-        let mut buf = [0u8; 8192];
-        match pipe.read(&mut buf) {
-            Ok(0) => break false,
-            Ok(n) => {
-                partial.extend_from_slice(&buf[..n]);
-                while let Some(i) = partial.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = partial.drain(..=i).collect();
-                    show(&line[..line.len() - 1], &mut tail);
+    // Its end is its exit: a background process it left holding the
+    // output never stalls the deploy (and is killed with its group).
+    let ended = crate::child::run(
+        cmd,
+        Some(&json),
+        crate::child::Output::Lines {
+            show: &mut show,
+            tail: 10,
+        },
+        Some(Instant::now() + DEADLINE),
+        None,
+    )
+    .map_err(|e| format!("hook {name} ({}): {e}", exe.display()))?;
+    match ended {
+        crate::child::Ended::Exited { status, .. } if status.success() => Ok(()),
+        crate::child::Ended::Exited { status, tail, .. } => {
+            let said = tail.last().cloned().unwrap_or_default();
+            Err(format!(
+                "hook {name} {}{}",
+                crate::respawn::describe_exit(status),
+                if said.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {said}")
                 }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("hook {name}: {e}")),
+            ))
         }
-    };
-    if !partial.is_empty() {
-        show(&partial, &mut tail);
-    }
-    if timed_out {
-        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-        let _ = child.wait();
-        return Err(format!(
+        crate::child::Ended::TimedOut { .. } => Err(format!(
             "hook {name} did not finish within {}: killed",
             crate::fmt_duration(DEADLINE)
-        ));
-    }
-    let status = child.wait().map_err(|e| format!("hook {name}: {e}"))?;
-    // Whatever it left running in its group goes with it.
-    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-    if status.success() {
-        return Ok(());
-    }
-    let said = tail.last().cloned().unwrap_or_default();
-    Err(format!(
-        "hook {name} {}{}",
-        crate::respawn::describe_exit(status),
-        if said.is_empty() {
-            String::new()
-        } else {
-            format!(": {said}")
+        )),
+        crate::child::Ended::Interrupted(sig) => {
+            Err(format!("hook {name}: interrupted by {sig:?}"))
         }
-    ))
+    }
 }

@@ -122,6 +122,9 @@ fn share_file(tree: &Tree, rel: &Path, prev: &Path, frozen: bool) -> Result<bool
 pub enum StageError {
     #[error("refused: {0}")]
     Refused(String),
+    /// INT, TERM or HUP while a child (git) ran: it was ended.
+    #[error("interrupted by {0:?}; nothing was switched")]
+    Interrupted(nix::sys::signal::Signal),
     #[error(transparent)]
     Tree(#[from] TreeError),
     /// The source holds more than the size limit allows; nothing of it
@@ -823,8 +826,9 @@ pub fn git_checkout(
     rev: Option<&str>,
     dst: &Path,
     max_bytes: u64,
+    mut signals: Option<&mut crate::signals::Signals>,
 ) -> Result<String, StageError> {
-    let git = |args: &[&str], dir: Option<&Path>| -> Result<String, StageError> {
+    let mut git = |args: &[&str], dir: Option<&Path>| -> Result<String, StageError> {
         let mut cmd = std::process::Command::new("git");
         cmd.args([
             "-c",
@@ -844,15 +848,32 @@ pub fn git_checkout(
         }
         cmd.args(args)
             .env("GIT_TERMINAL_PROMPT", "0")
-            .env("GIT_ALLOW_PROTOCOL", GIT_TRANSPORTS.join(":"))
-            .stdin(std::process::Stdio::null());
-        let out = cmd
-            .output()
-            .map_err(|e| StageError::Git(format!("cannot run git: {e} (is git installed?)")))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let last = err.trim().lines().last().unwrap_or("failed").to_string();
-            if err.contains("No space left on device") {
+            .env("GIT_ALLOW_PROTOCOL", GIT_TRANSPORTS.join(":"));
+        // As every child of a deploy: its own group, ended with the
+        // deploy, and an interrupt while it waits on a stalled server ends
+        // it (exit 128 + the signal, from the caller).
+        let ended = crate::child::run(
+            cmd,
+            None,
+            crate::child::Output::Capture { limit: 64 << 20 },
+            None,
+            signals.as_deref_mut(),
+        )
+        .map_err(|e| StageError::Git(format!("cannot run git: {e} (is git installed?)")))?;
+        let (status, tail, stdout) = match ended {
+            crate::child::Ended::Exited {
+                status,
+                tail,
+                stdout,
+            } => (status, tail, stdout),
+            crate::child::Ended::Interrupted(sig) => return Err(StageError::Interrupted(sig)),
+            crate::child::Ended::TimedOut { tail } => {
+                return Err(StageError::Git(tail.last().cloned().unwrap_or_default()));
+            }
+        };
+        if !status.success() {
+            let last = tail.last().cloned().unwrap_or_else(|| "failed".into());
+            if tail.iter().any(|l| l.contains("No space left on device")) {
                 return Err(StageError::Io {
                     path: dst.to_path_buf(),
                     source: io::Error::new(io::ErrorKind::StorageFull, last),
@@ -860,7 +881,7 @@ pub fn git_checkout(
             }
             return Err(StageError::Git(last));
         }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        Ok(String::from_utf8_lossy(&stdout).trim().to_string())
     };
     let dst_str = dst
         .to_str()

@@ -620,6 +620,65 @@ pub fn signal_pending(signals: &nix::sys::signal::SigSet) -> bool {
     }
 }
 
+/// Makes `cmd`'s child start as a program expects and end with us: the
+/// signal mask empty, INT, TERM, HUP, QUIT and PIPE at their default
+/// dispositions (whatever this process blocked or ignored), and
+/// `PR_SET_PDEATHSIG=SIGKILL`, so a child of a deploy killed with `-9`
+/// does not run on beside the next deploy.
+pub fn child_defaults(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `getpid` is async-signal-safe and runs before the fork.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the hook runs in the child between fork and exec and calls
+    // only async-signal-safe functions (sigemptyset, sigprocmask, signal,
+    // prctl, getppid) on memory of its own stack; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            for sig in [
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGQUIT,
+                libc::SIGPIPE,
+            ] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent died before the death signal was armed.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A descriptor that becomes readable when process `pid` (a child of
+/// ours, not yet reaped) exits: `pidfd_open(2)`, Linux 5.3+.
+pub fn pidfd(pid: libc::pid_t) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new
+    // descriptor or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
 /// How many bytes a connected socket holds that nobody has read yet
 /// (`FIONREAD`); 0 on any error.
 pub fn unread_bytes(fd: std::os::fd::BorrowedFd<'_>) -> usize {

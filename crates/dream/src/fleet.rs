@@ -611,7 +611,7 @@ fn stage_source(
         Source::Git { url, rev } => {
             let tmp = tempfile::tempdir().map_err(Failure::failed)?;
             let dir = tmp.path().join("src");
-            dream_core::stage::git_checkout(&url, rev.as_deref(), &dir, u64::MAX)
+            dream_core::stage::git_checkout(&url, rev.as_deref(), &dir, u64::MAX, None)
                 .map_err(|e| Failure::failed(e.to_string()))?;
             (dir, Some(tmp))
         }
