@@ -1419,6 +1419,18 @@ fn hooks_run_around_the_switch_and_a_failing_pre_switch_switches_nothing() {
         text.contains("hook pre-switch exited with status 3"),
         "{text}"
     );
+    // It names the release that failed and the one that stays, without
+    // an --id too.
+    let failed = text.lines().find(|l| l.contains("deploy-failed")).unwrap();
+    assert!(failed.contains("\"release\":\"three\""), "{failed}");
+    assert!(failed.contains("\"previous\":\"held\""), "{failed}");
+    std::fs::remove_file(&log).unwrap();
+    let (code, _, err) = dream(&root, &["deploy", src.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let failed = text.lines().find(|l| l.contains("deploy-failed")).unwrap();
+    assert!(!failed.contains("\"release\":\"\""), "{failed}");
+    assert!(failed.contains("\"previous\":\"held\""), "{failed}");
     // --no-hooks: none run.
     std::fs::remove_file(&log).unwrap();
     let (code, _, err) = dream(
