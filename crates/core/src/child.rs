@@ -182,7 +182,7 @@ pub fn run(
     drop(cmd);
     let group = Pid::from_raw(child.id() as i32);
     let _recorded = Recorded::new(child.id() as i32);
-    let exited = crate::sys::pidfd(child.id() as i32)?;
+    let exited = crate::sys::pidfd_open(child.id() as i32)?;
     if let (Some(mut input), Some(bytes)) = (child.stdin.take(), stdin) {
         use std::io::Write;
         // A child that does not read its input is not waited for.

@@ -1789,6 +1789,7 @@ impl Pool {
             restarts: self.restarts,
             reverts: self.reverts,
             reloads: self.reloads.clone(),
+            settings: Some(self.settings.clone()),
             generations: self
                 .gens
                 .iter()
@@ -1879,6 +1880,9 @@ pub struct PoolStatus {
     pub reverts: u64,
     #[serde(default)]
     pub reloads: ReloadStats,
+    /// Every tunable, as the pool runs with it (an upgrade keeps them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<Settings>,
     pub generations: Vec<GenerationStatus>,
 }
 

@@ -665,20 +665,6 @@ pub fn child_defaults(cmd: &mut std::process::Command) {
     }
 }
 
-/// A descriptor that becomes readable when process `pid` (a child of
-/// ours, not yet reaped) exits: `pidfd_open(2)`, Linux 5.3+.
-pub fn pidfd(pid: libc::pid_t) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new
-    // descriptor or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
-}
-
 /// How many bytes a connected socket holds that nobody has read yet
 /// (`FIONREAD`); 0 on any error.
 pub fn unread_bytes(fd: std::os::fd::BorrowedFd<'_>) -> usize {

@@ -515,3 +515,116 @@ fn under_systemd_the_sockets_are_stored_and_a_restart_with_them_refuses_no_one()
     assert!(report.responses >= 100);
     assert_eq!(report.error_total, 0, "{}", report.human());
 }
+
+/// A new program that hangs in its pre-flight never holds the supervisor:
+/// status is answered and a killed worker replaced meanwhile; the upgrade
+/// is refused when the pre-flight's limit passes. And the pre-flight is
+/// handed the real state, so a program that cannot parse it is refused
+/// before the exec.
+#[test]
+fn a_preflight_runs_beside_the_event_loop_and_reads_the_real_state() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    let (sup, _addr) = serve(&root, &["--workers", "1"], &[]);
+    let workers = live_pids(&root.wait_live("a", 1));
+    let script = |name: &str, body: &str| {
+        let p = root.tree.write(name, format!("#!/bin/sh\n{body}\n"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    };
+    let started = root.tree.path().join("preflight-started");
+    let hangs = script(
+        "hangs",
+        &format!("touch {}; exec sleep 60", started.display()),
+    );
+    let mut asking = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["upgrade", "--json", "--root"])
+            .arg(root.path())
+            .args(["--binary", hangs.to_str().unwrap()]),
+    );
+    wait_until(Duration::from_secs(10), "the pre-flight to start", || {
+        started.exists().then_some(())
+    });
+    // While it hangs: answered, and a killed worker is replaced.
+    let s = status(&root);
+    assert_eq!(s["pid"], sup.pid());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(workers[0] as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(5), "the worker to be replaced", || {
+        let s = status(&root);
+        let now = live_pids(&s);
+        (now.len() == 1 && now != workers && asking.child.try_wait().ok().flatten().is_none())
+            .then_some(())
+    });
+    let code = asking.wait_exit(Duration::from_secs(30)).code();
+    assert_eq!(code, Some(1), "{}", asking.stderr_now());
+    // A program that reads the state on stdin and cannot take it over.
+    let strict = script(
+        "strict",
+        "grep -q '\"this_field_is_not_there\"' || { echo 'missing field `this_field_is_not_there`' >&2; exit 1; }\necho 'dream 9.9.9 reads upgrade state 1'",
+    );
+    let (code, v, err) = upgrade(&root, &["--binary", strict.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{v} {err}");
+    assert!(
+        v["error"].as_str().unwrap().contains("missing field"),
+        "{v}"
+    );
+    assert_eq!(status(&root)["upgrades"], 0);
+}
+
+/// Every setting survives an upgrade: the pool's settings as status shows
+/// them, and the log format (the new program resumes before it parses its
+/// arguments).
+#[test]
+fn every_setting_survives_an_upgrade() {
+    let root = Root::new();
+    root.release("a", STATIC);
+    root.switch("a");
+    let (mut sup, _addr) = serve(
+        &root,
+        &[
+            "--workers",
+            "2",
+            "--log-format",
+            "json",
+            "--ready-timeout",
+            "37s",
+            "--drain-timeout",
+            "13s",
+            "--probation",
+            "7s",
+            "--drain-signal",
+            "HUP",
+            "--start-priority",
+            "normal",
+        ],
+        &[],
+    );
+    root.wait_live("a", 2);
+    let before = status(&root);
+    let (code, v, err) = upgrade(&root, &[]);
+    assert_eq!(code, Some(0), "{v} {err}");
+    let after = status(&root);
+    let settings = &before["pool"]["settings"];
+    assert_eq!(settings["probation"]["secs"], 7, "{before}");
+    assert_eq!(settings["background_start"], false, "{before}");
+    assert_eq!(settings, &after["pool"]["settings"], "{before} {after}");
+    for key in ["verbosity", "binary"] {
+        assert_eq!(before[key], after[key], "{key}");
+    }
+    // A line logged after the upgrade is still JSON.
+    root.release("b", STATIC);
+    root.switch("b");
+    root.control(r#"{"cmd":"reload"}"#);
+    let line = sup.wait_stderr("reload_finished", Duration::from_secs(20));
+    let json = line.trim_start_matches("[child] ");
+    let v: serde_json::Value = serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("not JSON after the upgrade ({e}): {line}"));
+    assert_eq!(v["event"], "reload_finished");
+}

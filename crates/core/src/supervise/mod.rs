@@ -161,6 +161,8 @@ struct Driver {
     argv: Vec<OsString>,
     upgrades: u64,
     upgrade: Option<upgrade::Pending>,
+    /// An upgrade's pre-flight, running.
+    preflight: Option<upgrade::Preflight>,
     /// The version that ran before the last upgrade (this one's, at first).
     previous_version: String,
     /// After an upgrade: the client that asked for it, to be answered.
@@ -233,6 +235,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         argv: std::env::args_os().collect(),
         upgrades: 0,
         upgrade: None,
+        preflight: None,
         previous_version: version(),
         resumed_asker: None,
         metrics,
@@ -322,6 +325,7 @@ impl Driver {
                 }
             }
             self.on(Event::Tick);
+            self.preflight_if_late();
             self.upgrade_if_due();
         }
     }
@@ -362,6 +366,9 @@ impl Driver {
             }
         }
         let mut deadline = self.pool.next_deadline();
+        if let Some(p) = &self.preflight {
+            deadline = Some(deadline.map_or(p.deadline, |d| d.min(p.deadline)));
+        }
         if let Some(oldest) = self
             .clients
             .iter()

@@ -41,6 +41,8 @@ const OLD_EXE_FD_ENV: &str = "DREAM_UPGRADE_OLD_EXE_FD";
 const FALLBACK_ENV: &str = "DREAM_UPGRADE_FALLBACK";
 /// The longest a pre-flight check may take.
 const PREFLIGHT_LIMIT: Duration = Duration::from_secs(10);
+/// The largest state a pre-flight reads.
+const MAX_STATE: usize = 64 << 20;
 
 /// This build's version, as status and upgrade answers show it.
 pub fn version() -> String {
@@ -66,6 +68,29 @@ pub fn version() -> String {
 pub fn upgrade_check(v: &str) -> i32 {
     match v.parse::<u32>() {
         Ok(STATE_VERSION) => {
+            // The supervisor hands the real state on stdin: parse it as
+            // the resume would, so a program that cannot take it over is
+            // refused before the exec, not after.
+            use std::io::IsTerminal;
+            let mut text = String::new();
+            if !std::io::stdin().is_terminal() {
+                let _ = std::io::stdin()
+                    .take(MAX_STATE as u64)
+                    .read_to_string(&mut text);
+            }
+            if !text.trim().is_empty()
+                && let Err(why) = take_over_refusal(&text).and_then(|s| {
+                    serde_json::from_value::<Pool>(s.pool)
+                        .map(drop)
+                        .map_err(|e| format!("the pool: {e}"))
+                })
+            {
+                eprintln!(
+                    "dream {}: cannot take over this supervisor's state: {why}",
+                    version()
+                );
+                return 1;
+            }
             println!("dream {} reads upgrade state {STATE_VERSION}", version());
             0
         }
@@ -120,6 +145,10 @@ struct State {
     unix_paths: Vec<PathBuf>,
     user: Option<(u32, u32)>,
     verbosity: i8,
+    /// `--log-format json`: a process-wide setting, not in argv's reach
+    /// of the new program (it resumes before parsing arguments).
+    #[serde(default)]
+    json_logs: bool,
     /// The [`Pool`], whole.
     pool: Value,
     workers: Vec<WorkerFds>,
@@ -154,57 +183,82 @@ fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
-/// Runs `NEW --upgrade-check STATE_VERSION`, waiting (in `poll`, on a
-/// pidfd) at most [`PREFLIGHT_LIMIT`]. Returns the new program's version.
-fn preflight(binary: &Path) -> Result<String, String> {
+/// A pre-flight under way: `NEW --upgrade-check STATE_VERSION` with the
+/// real state on its stdin. The supervisor does not wait for it: its exit
+/// is reaped like a worker's ([`Driver::reap`]), and past
+/// [`PREFLIGHT_LIMIT`] it is killed and the upgrade refused, so a new
+/// program that hangs never holds the event loop.
+pub(super) struct Preflight {
+    pid: i32,
+    stdout: std::process::ChildStdout,
+    stderr: std::process::ChildStderr,
+    asker: Option<Waiter>,
+    binary: PathBuf,
+    pub(super) deadline: Instant,
+}
+
+/// Starts the pre-flight of `binary`, handing it `state`.
+fn start_preflight(
+    binary: &Path,
+    state: &State,
+    asker: Option<Waiter>,
+) -> Result<Preflight, String> {
     use std::process::{Command, Stdio};
     let shown = binary.display();
     let meta = std::fs::metadata(binary).map_err(|e| format!("{shown}: {e}"))?;
     if !meta.is_file() {
         return Err(format!("{shown} is not a file"));
     }
+    let text = serde_json::to_vec(state).map_err(|e| e.to_string())?;
     let mut child = Command::new(binary)
         .args(["--upgrade-check", &STATE_VERSION.to_string()])
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("{shown}: {e}"))?;
-    let exited = crate::sys::pidfd_open(child.id() as i32);
-    let deadline = Instant::now() + PREFLIGHT_LIMIT;
-    let mut done = false;
-    if let Ok(pidfd) = &exited {
-        loop {
-            let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, timeout_until(Some(deadline))) {
-                Ok(0) => break,
-                Ok(_) => {
-                    done = true;
-                    break;
-                }
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => break,
-            }
-        }
+    // Written on a thread of its own: a program that does not read its
+    // input must not block the supervisor.
+    if let Some(mut input) = child.stdin.take() {
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = input.write_all(&text);
+        });
     }
-    if !done && exited.is_ok() {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(format!(
-            "{shown} --upgrade-check did not finish within {}",
-            crate::fmt_duration(PREFLIGHT_LIMIT)
-        ));
+    Ok(Preflight {
+        pid: child.id() as i32,
+        stdout: child.stdout.take().expect("piped"),
+        stderr: child.stderr.take().expect("piped"),
+        asker,
+        binary: binary.to_path_buf(),
+        deadline: Instant::now() + PREFLIGHT_LIMIT,
+    })
+}
+
+/// What a finished pre-flight said: the new program's version, or why not.
+fn preflight_verdict(p: &mut Preflight, status: &WaitStatus) -> Result<String, String> {
+    let shown = p.binary.display();
+    let read_all = |f: &mut dyn Read| {
+        let mut v = Vec::new();
+        let _ = f.take(1 << 20).read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    };
+    for fd in [p.stdout.as_raw_fd(), p.stderr.as_raw_fd()] {
+        // What it left running may hold them: read what is there.
+        let _ = crate::with_raw_fd(fd, |b| {
+            nix::fcntl::fcntl(
+                b,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+        });
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("{shown}: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = read_all(&mut p.stdout);
+    let stderr = read_all(&mut p.stderr);
     let said = stderr.trim().lines().last().unwrap_or("").to_string();
-    if !out.status.success() {
+    if !matches!(status, WaitStatus::Exited(_, 0)) {
         return Err(format!(
             "{shown} --upgrade-check {}{}",
-            crate::respawn::describe_exit(out.status),
+            describe(*status),
             if said.is_empty() {
                 String::new()
             } else {
@@ -236,16 +290,71 @@ impl Driver {
                 d.answer(w, &control::Answer::failed(msg).to_value());
             }
         };
-        if self.upgrade.is_some() {
+        if self.upgrade.is_some() || self.preflight.is_some() {
             return refuse(self, "an upgrade is already in progress".into());
         }
         if self.pool.stopping().is_some() {
             return refuse(self, "the supervisor is stopping".into());
         }
         let binary = binary.unwrap_or_else(|| self.exe.clone());
-        let to_version = match preflight(&binary) {
+        let state = self.state(asker);
+        match start_preflight(&binary, &state, asker) {
+            Ok(p) => {
+                if let Some(w) = asker
+                    && let Some(c) = self.clients.iter_mut().find(|c| c.id == w)
+                {
+                    c.awaiting += 1;
+                }
+                self.preflight = Some(p);
+            }
+            Err(e) => refuse(self, format!("pre-flight failed: {e}")),
+        }
+    }
+
+    /// The pre-flight's process exited (`reap` saw `pid`): go on with the
+    /// upgrade, or refuse it. False if `pid` is not the pre-flight's.
+    pub(super) fn preflight_exited(&mut self, pid: i32, status: &WaitStatus) -> bool {
+        if self.preflight.as_ref().is_none_or(|p| p.pid != pid) {
+            return false;
+        }
+        let mut p = self.preflight.take().expect("checked");
+        let verdict = preflight_verdict(&mut p, status);
+        self.after_preflight(p, verdict);
+        true
+    }
+
+    /// A pre-flight past its limit is killed (its exit, reaped later, is
+    /// then nobody's) and the upgrade refused.
+    pub(super) fn preflight_if_late(&mut self) {
+        if self
+            .preflight
+            .as_ref()
+            .is_none_or(|p| Instant::now() < p.deadline)
+        {
+            return;
+        }
+        let p = self.preflight.take().expect("checked");
+        let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+        let why = format!(
+            "{} --upgrade-check did not finish within {}",
+            p.binary.display(),
+            crate::fmt_duration(PREFLIGHT_LIMIT)
+        );
+        self.after_preflight(p, Err(why));
+    }
+
+    fn after_preflight(&mut self, p: Preflight, verdict: Result<String, String>) {
+        let (asker, binary) = (p.asker, p.binary);
+        let to_version = match verdict {
             Ok(v) => v,
-            Err(e) => return refuse(self, format!("pre-flight failed: {e}")),
+            Err(e) => {
+                let msg = format!("pre-flight failed: {e}");
+                self.log(-1, &format!("upgrade refused: {msg}"));
+                if let Some(w) = asker {
+                    self.answer(w, &control::Answer::failed(msg).to_value());
+                }
+                return;
+            }
         };
         self.log(
             0,
@@ -259,11 +368,6 @@ impl Driver {
                 }
             ),
         );
-        if let Some(w) = asker
-            && let Some(c) = self.clients.iter_mut().find(|c| c.id == w)
-        {
-            c.awaiting += 1;
-        }
         self.upgrade = Some(Pending {
             asker,
             binary,
@@ -323,6 +427,7 @@ impl Driver {
             unix_paths: self.cfg.unix_paths.clone(),
             user: self.cfg.user,
             verbosity: self.cfg.verbosity,
+            json_logs: crate::logtext::json(),
             pool: serde_json::to_value(&self.pool).expect("a pool serializes"),
             workers: self
                 .workers
@@ -461,13 +566,20 @@ fn take_over_refusal(text: &str) -> Result<State, String> {
             head.version, head.written_by
         ));
     }
+    serde_json::from_str(text).map_err(|e| format!("unreadable state: {e}"))
+}
+
+/// For the tests: `DREAM_TEST_UPGRADE_REFUSE=PATH` makes the program at
+/// PATH refuse a state it resumes after passing the pre-flight, as a
+/// program would that checks something only then.
+fn refused_by_test_hook() -> Result<(), String> {
     #[cfg(feature = "test-hooks")]
     if std::env::var_os("DREAM_TEST_UPGRADE_REFUSE")
         .is_some_and(|p| std::env::current_exe().is_ok_and(|e| e.as_os_str() == p))
     {
         return Err("refused by the test hook DREAM_TEST_UPGRADE_REFUSE".into());
     }
-    serde_json::from_str(text).map_err(|e| format!("unreadable state: {e}"))
+    Ok(())
 }
 
 /// Whether this process was started by an upgrade (its state descriptor
@@ -502,7 +614,9 @@ pub fn resume() -> Result<i32, SuperviseError> {
     let read = file.read_to_string(&mut text);
     let state = read
         .map_err(|e| format!("cannot read the state: {e}"))
-        .and_then(|_| take_over_refusal(&text));
+        .and_then(|_| take_over_refusal(&text))
+        .and_then(|s| takeable(&s).map(|()| s))
+        .and_then(|s| refused_by_test_hook().map(|()| s));
     let state = match state {
         Ok(s) => s,
         Err(why) => {
@@ -574,8 +688,33 @@ pub fn resume() -> Result<i32, SuperviseError> {
     result.map(|()| d.exit_code)
 }
 
+/// Whether [`adopt`] can take `state` over, judged before anything is
+/// claimed (a descriptor claimed and then dropped would be closed): the
+/// pool parses, and every descriptor it names is open. Anything else is
+/// handed back to the old program, which keeps serving.
+fn takeable(state: &State) -> Result<(), String> {
+    serde_json::from_value::<Pool>(state.pool.clone()).map_err(|e| format!("the pool: {e}"))?;
+    let mut fds: Vec<RawFd> = state.sockets.iter().map(|(fd, _)| *fd).collect();
+    fds.extend(state.control);
+    fds.extend(state.metrics);
+    fds.extend(state.clients.iter().map(|c| c.fd));
+    for w in &state.workers {
+        fds.push(w.notify);
+        fds.extend(w.stderr);
+        fds.extend(w.ready_pipe);
+    }
+    match fds
+        .into_iter()
+        .find(|fd| crate::with_raw_fd(*fd, |_| ()).is_none())
+    {
+        Some(fd) => Err(format!("the state names fd {fd}, which is not open")),
+        None => Ok(()),
+    }
+}
+
 /// Takes every descriptor named in the state back and builds the driver.
 fn adopt(state: State) -> Result<Driver, SuperviseError> {
+    crate::logtext::set_json(state.json_logs);
     let claim = |fd: RawFd| -> Result<OwnedFd, SuperviseError> {
         let owned = crate::sys::claim_inherited_fd(fd).ok_or_else(|| {
             SuperviseError::Setup(format!("upgrade state names fd {fd}, which is not open"))
@@ -670,6 +809,7 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         argv: state.argv.into_iter().map(os).collect(),
         upgrades: state.upgrades,
         upgrade: None,
+        preflight: None,
         previous_version: state.written_by,
         resumed_asker: None,
         metrics,
@@ -704,6 +844,23 @@ mod tests {
         assert!(err.contains(&STATE_VERSION.to_string()), "{err}");
         let err = take_over_refusal("{").err().expect("refused");
         assert!(err.starts_with("unreadable state"), "{err}");
+    }
+
+    #[test]
+    fn the_state_this_release_wrote_is_still_resumed() {
+        // Written by dream 0.1.0's supervisor (handed to a pre-flight):
+        // two workers of a provisional reload, live and on probation.
+        // Never edit it: every later build must take it over
+        // (a new state version adds a file of its own).
+        let text = include_str!("testdata/upgrade-state-v1.json");
+        let state = take_over_refusal(text).expect("the golden state parses");
+        assert_eq!(state.written_by, "0.1.0");
+        let pool: Pool = serde_json::from_value(state.pool).expect("its pool parses");
+        let s = pool.status(Instant::now());
+        assert_eq!(s.workers_target, 2);
+        assert_eq!(s.generations.len(), 1, "{:?}", s.generations);
+        assert!(s.generations[0].confirm_in_s.is_some(), "still provisional");
+        assert_eq!(state.workers.len(), 2);
     }
 
     #[test]

@@ -68,6 +68,9 @@ impl Driver {
                 WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _) => pid.as_raw(),
                 _ => continue,
             };
+            if self.preflight_exited(pid, &status) {
+                continue;
+            }
             // Read what it wrote before it died, then report the exit.
             let tail = if self.workers.contains_key(&pid) {
                 while self.pump_stderr(pid) {}
