@@ -33,7 +33,7 @@ serve() {
   S=$!
   wait_http http://127.0.0.1:$P/small
 }
-flip() { echo "$DREAM rollback -q --root $ROOT \$id"; }
+flip() { echo "$DREAM rollback -q --settle 0s --root $ROOT \$id"; }
 check() { "$DREAM" check "http://127.0.0.1:$1/small" --keep-alive --connections 64 --rate 20000 --duration "${2:-4s}" --json 2>/dev/null || true; }
 # disturb CMD: runs CMD every 250 ms for 4 s in the background; in CMD, $id is the release
 # not live (for a reload: the rollback flips between a and b with no extra process).

@@ -55,10 +55,11 @@ reloading() {
   local end=$((SECONDS + 4)) n=0 id
   while [ $SECONDS -lt $end ]; do
     if [ $((n % 2)) -eq 0 ]; then id=b; else id=a; fi
-    "$DREAM" rollback -q --root "$1" $id >/dev/null 2>&1 || true
+    # --settle 0s: the reload's cost is measured, not the wait after it.
+    "$DREAM" rollback -q --settle 0s --root "$1" $id >/dev/null 2>&1 || true
     n=$((n + 1)); sleep 0.25
   done
-  if [ -n "${2:-}" ] && [ $((n % 2)) -eq 1 ]; then "$DREAM" rollback -q --root "$1" a >/dev/null 2>&1 || true; fi
+  if [ -n "${2:-}" ] && [ $((n % 2)) -eq 1 ]; then "$DREAM" rollback -q --settle 0s --root "$1" a >/dev/null 2>&1 || true; fi
 }
 
 echo "== 1. p99 during reloads / steady (wrk -t2 -c64, 4 workers, a reload every 250 ms; now and before, in turn)"
