@@ -40,6 +40,7 @@ pub struct Command<'a> {
     parent_death_signal: Option<Signal>,
     ids: Option<(u32, u32)>,
     background: bool,
+    cgroup: Option<PathBuf>,
 }
 
 /// What went wrong starting a program.
@@ -84,6 +85,7 @@ impl<'a> Command<'a> {
             parent_death_signal: None,
             ids: None,
             background: false,
+            cgroup: None,
         }
     }
 
@@ -168,6 +170,12 @@ impl<'a> Command<'a> {
         self
     }
 
+    /// Join the cgroup whose `cgroup.procs` this is before the exec.
+    pub fn cgroup(&mut self, procs: &Path) -> &mut Self {
+        self.cgroup = Some(procs.to_path_buf());
+        self
+    }
+
     /// Run the program as this uid and gid, with no supplementary groups.
     pub fn user(&mut self, uid: u32, gid: u32) -> &mut Self {
         self.ids = Some((uid, gid));
@@ -177,17 +185,10 @@ impl<'a> Command<'a> {
     /// Starts the program; returns its pid once it has exec'd.
     pub fn spawn(&self) -> Result<nix::unistd::Pid, SpawnError> {
         let mut image = self.image()?;
-        let pid = image.spawn().map_err(|source| self.exec_error(source))?;
-        if self.background {
-            // Set from here, once the child has exec'd, never in the child
-            // before its exec: the spawn borrows this process's memory and
-            // waits for that exec, and a child already under SCHED_IDLE on
-            // a saturated host would hold this process with it. A failure
-            // (no CAP_SYS_NICE is needed to lower a class) leaves the
-            // worker in front, which is only slower for the others.
-            let _ = crate::sys::set_sched_idle(pid);
-        }
-        Ok(nix::unistd::Pid::from_raw(pid))
+        image
+            .spawn()
+            .map(nix::unistd::Pid::from_raw)
+            .map_err(|source| self.exec_error(source))
     }
 
     /// Replaces dream with the program. Returns only on failure.
@@ -259,6 +260,13 @@ impl<'a> Command<'a> {
         }
         image.set_new_process_group(self.process_group);
         image.set_parent_death_signal(self.parent_death_signal);
+        image.set_background(self.background);
+        if let Some(procs) = &self.cgroup {
+            image.set_cgroup(procs).map_err(|source| SpawnError::Exec {
+                program: self.program.to_string_lossy().into_owned(),
+                source,
+            })?;
+        }
         if let Some((uid, gid)) = self.ids {
             image.set_ids(uid, gid);
         }

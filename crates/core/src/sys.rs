@@ -46,6 +46,10 @@ pub struct ExecImage {
     parent_death_signal: Option<libc::c_int>,
     /// Switch to this uid and gid (dropping supplementary groups).
     ids: Option<(libc::uid_t, libc::gid_t)>,
+    /// Start under `SCHED_IDLE` (every thread the program makes inherits it).
+    background: bool,
+    /// A cgroup's `cgroup.procs`: the child joins it before its exec.
+    cgroup: Option<CString>,
 }
 
 // SAFETY: the raw pointers in `argv_ptrs` point into `argv`, which the image
@@ -104,6 +108,8 @@ impl ExecImage {
             new_process_group: false,
             parent_death_signal: None,
             ids: None,
+            background: false,
+            cgroup: None,
         })
     }
 
@@ -126,6 +132,24 @@ impl ExecImage {
 
     pub fn set_ids(&mut self, uid: u32, gid: u32) {
         self.ids = Some((uid, gid));
+    }
+
+    /// Run the program under `SCHED_IDLE` from before its exec until
+    /// [`foreground`] is called on it: its start-up (the exec, the dynamic
+    /// loader, its own initialisation) takes only CPU time no one else
+    /// wants. The cost, on a host saturated to the last cycle: the spawn
+    /// waits for the exec (the child borrows this process's memory until
+    /// then), so the supervisor waits as long as the starved child does.
+    pub fn set_background(&mut self, yes: bool) {
+        self.background = yes;
+    }
+
+    /// The child joins the cgroup whose `cgroup.procs` this is before its
+    /// exec (so everything the program starts is in it too); a cgroup that
+    /// cannot be joined is passed over.
+    pub fn set_cgroup(&mut self, procs: &std::path::Path) -> io::Result<()> {
+        self.cgroup = Some(cstring(procs.as_os_str().as_bytes())?);
+        Ok(())
     }
 
     pub fn set_parent_death_signal(&mut self, signal: Option<nix::sys::signal::Signal>) {
@@ -266,6 +290,15 @@ impl ExecImage {
             if self.new_process_group && libc::setpgid(0, 0) != 0 {
                 return errno();
             }
+            // Into its generation's cgroup, while still privileged: `0`
+            // is "the writer".
+            if let Some(procs) = &self.cgroup {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    libc::close(fd);
+                }
+            }
             // Credentials first: changing them clears PR_SET_PDEATHSIG.
             if let Some((uid, gid)) = self.ids {
                 // Raw system calls: glibc's wrappers would broadcast the
@@ -275,6 +308,13 @@ impl ExecImage {
                     || libc::syscall(libc::SYS_setgid, gid) != 0
                     || libc::syscall(libc::SYS_setuid, uid) != 0
                 {
+                    return errno();
+                }
+            }
+            if self.background {
+                // Any thread may lower its own scheduling class.
+                let param = libc::sched_param { sched_priority: 0 };
+                if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
                     return errno();
                 }
             }
@@ -369,12 +409,28 @@ pub fn threads(pid: &str) -> io::Result<Vec<(libc::pid_t, Vec<libc::pid_t>)>> {
 /// counted; the worker itself must be there.
 pub fn cpu_wait(pid: libc::pid_t) -> io::Result<std::time::Duration> {
     let mut most = 0u64;
+    each_task(pid, &mut std::collections::HashSet::new(), |p, tid| {
+        let waited = std::fs::read_to_string(format!("/proc/{p}/task/{tid}/schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok());
+        most = most.max(waited.unwrap_or(0));
+        Ok(())
+    })?;
+    Ok(std::time::Duration::from_nanos(most))
+}
+
+/// Calls `f(process, thread)` for every thread of process `pid` and of
+/// every process it started (from `/proc/PID/task/TID/children`), each
+/// thread not yet in `done` once; true if it found any such thread. `pid`
+/// itself must exist; a child that exited meanwhile is passed over.
+fn each_task(
+    pid: libc::pid_t,
+    done: &mut std::collections::HashSet<libc::pid_t>,
+    mut f: impl FnMut(libc::pid_t, libc::pid_t) -> io::Result<()>,
+) -> io::Result<bool> {
     let mut todo = vec![pid];
-    let mut seen = std::collections::HashSet::new();
+    let mut found = false;
     while let Some(p) = todo.pop() {
-        if !seen.insert(p) {
-            continue;
-        }
         let tasks = match threads(&p.to_string()) {
             Ok(t) => t,
             Err(e) if p == pid => return Err(e),
@@ -382,13 +438,13 @@ pub fn cpu_wait(pid: libc::pid_t) -> io::Result<std::time::Duration> {
         };
         for (tid, children) in tasks {
             todo.extend(children);
-            let waited = std::fs::read_to_string(format!("/proc/{p}/task/{tid}/schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok());
-            most = most.max(waited.unwrap_or(0));
+            if done.insert(tid) {
+                found = true;
+                f(p, tid)?;
+            }
         }
     }
-    Ok(std::time::Duration::from_nanos(most))
+    Ok(found)
 }
 
 /// Puts every thread of process `pid`, and of every process it started
@@ -401,43 +457,24 @@ pub fn foreground(pid: libc::pid_t) -> io::Result<()> {
     set_policy(pid, libc::SCHED_OTHER)
 }
 
-/// Puts every thread of process `pid` (and of its children) under
-/// `SCHED_IDLE`: it runs only on CPU time no one else wants, until
-/// [`foreground`]. Lowering a class needs no privilege.
-pub fn set_sched_idle(pid: libc::pid_t) -> io::Result<()> {
-    set_policy(pid, libc::SCHED_IDLE)
-}
-
 fn set_policy(pid: libc::pid_t, policy: libc::c_int) -> io::Result<()> {
     let mut done = std::collections::HashSet::new();
+    // Threads and children that appear during the first pass are caught
+    // by the second; later ones inherit from a thread already moved.
     for _ in 0..2 {
-        let mut todo = vec![pid];
-        let mut found = false;
-        while let Some(p) = todo.pop() {
-            let tasks = match threads(&p.to_string()) {
-                Ok(t) => t,
-                // The worker itself must be there; a child may have exited.
-                Err(e) if p == pid => return Err(e),
-                Err(_) => continue,
-            };
-            for (tid, children) in tasks {
-                todo.extend(children);
-                if !done.insert(tid) {
-                    continue;
-                }
-                found = true;
-                let param = libc::sched_param { sched_priority: 0 };
-                // SAFETY: sched_setscheduler(2) on a thread id, with a
-                // pointer to a parameter that lives across the call.
-                if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
-                    let e = io::Error::last_os_error();
-                    // A thread that ended meanwhile is not an error.
-                    if e.raw_os_error() != Some(libc::ESRCH) {
-                        return Err(e);
-                    }
+        let found = each_task(pid, &mut done, |_, tid| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sched_setscheduler(2) on a thread id, with a
+            // pointer to a parameter that lives across the call.
+            if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
+                let e = io::Error::last_os_error();
+                // A thread that ended meanwhile is not an error.
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    return Err(e);
                 }
             }
-        }
+            Ok(())
+        })?;
         if !found {
             break;
         }

@@ -449,32 +449,25 @@ fn a_dry_run_names_the_content_digest_the_deploy_makes() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o775)).unwrap();
     std::fs::set_permissions(src.join("bin"), std::fs::Permissions::from_mode(0o777)).unwrap();
     let suffix = |id: &str| id.split_once('-').map(|(_, s)| s.to_string()).unwrap();
+    let release_of = |how: &str| {
+        let (code, out, err) = dream(&[
+            "deploy",
+            "--root",
+            root.to_str().unwrap(),
+            src.to_str().unwrap(),
+            how,
+            "--json",
+        ]);
+        assert_eq!(code, Some(0), "{how}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["release"].as_str().unwrap().to_string()
+    };
     for round in 0..2 {
-        let (code, out, err) = dream(&[
-            "deploy",
-            "--root",
-            root.to_str().unwrap(),
-            src.to_str().unwrap(),
-            "--dry-run",
-            "--json",
-        ]);
-        assert_eq!(code, Some(0), "{err}");
-        let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let planned = plan["release"].as_str().unwrap().to_string();
-        let (code, out, err) = dream(&[
-            "deploy",
-            "--root",
-            root.to_str().unwrap(),
-            src.to_str().unwrap(),
-            "--no-reload",
-            "--json",
-        ]);
-        assert_eq!(code, Some(0), "{err}");
-        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let made = report["release"].as_str().unwrap();
+        let planned = release_of("--dry-run");
+        let made = release_of("--no-reload");
         assert_eq!(
             suffix(&planned),
-            suffix(made),
+            suffix(&made),
             "round {round}: planned {planned}, made {made}"
         );
     }
