@@ -509,6 +509,10 @@ fn a_coordinator_killed_in_any_phase_leaves_a_consistent_fleet() {
             STAMP,
             "--confirm-within",
             "3s",
+            // The whole rollout must fit in the provisional window; the
+            // settle wait of each host is not what this test is about.
+            "--settle",
+            "0s",
         ])
         .env("DREAM_TEST_STOP_AFTER", "fleet-commit"),
     );

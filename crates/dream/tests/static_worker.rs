@@ -523,7 +523,7 @@ fn rss_kb(pid: i32) -> u64 {
 #[test]
 fn clients_that_never_read_cost_little_and_are_cut_off() {
     use nix::sys::socket::{setsockopt, sockopt::RcvBuf};
-    let w = start(&["--send-timeout", "1s"]);
+    let w = start(&["--send-timeout", "3s"]);
     let pid = w.guard.pid();
     let before = fd_count(pid);
     let mut hogs = Vec::new();
@@ -547,7 +547,14 @@ fn clients_that_never_read_cost_little_and_are_cut_off() {
             .unwrap();
         hogs.push(s);
     }
-    assert_serving(w.addr, Duration::from_secs(3));
+    // A good client is served while the stalled downloads are still held
+    // (they are cut off only at the send timeout): an event, not a time.
+    assert_eq!(get(w.addr, "/", &[]).status, 200);
+    let held = fd_count(pid);
+    assert!(
+        held > before + 150,
+        "served only once the stalled downloads were gone ({held} descriptors, {before} before)"
+    );
     let rss = rss_kb(pid);
     assert!(
         rss < 200_000,
@@ -559,7 +566,7 @@ fn clients_that_never_read_cost_little_and_are_cut_off() {
         "stalled connections closed",
         || (fd_count(pid) <= before + 5).then_some(()),
     );
-    assert_serving(w.addr, Duration::from_secs(2));
+    assert_eq!(get(w.addr, "/", &[]).status, 200);
     drop(hogs);
 }
 

@@ -34,14 +34,15 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Counts one request answered; true if another request was already
-    /// received on this connection (pipelined behind it, in the server's
-    /// buffer or still in the socket): it must be answered before the
-    /// connection may be closed.
-    pub fn answer_one(&self) -> bool {
+    /// Counts one request answered; with `ask` (the response would say
+    /// close), true if another request was already received on this
+    /// connection (pipelined behind it, in the server's buffer or still in
+    /// the socket): it must be answered before the connection may be
+    /// closed. Without `ask` no system call is made.
+    pub fn answer_one(&self, ask: bool) -> bool {
         let answered = self.answered.fetch_add(1, Ordering::Relaxed) + 1;
-        self.heads.load(Ordering::Relaxed) > answered
-            || dream_core::with_raw_fd(self.fd, dream_core::unread_bytes).unwrap_or(0) > 0
+        ask && (self.heads.load(Ordering::Relaxed) > answered
+            || dream_core::with_raw_fd(self.fd, dream_core::unread_bytes).unwrap_or(0) > 0)
     }
 }
 

@@ -352,19 +352,19 @@ async fn handle(
 ) -> Response<Body> {
     // Every request received is answered before a close: while more
     // wait behind this one (pipelined), it does not say close.
-    let more_waiting = conn.answer_one();
+    let close = shared
+        .drain_began
+        .get()
+        .is_some_and(|t| t.elapsed() >= share);
+    let more_waiting = conn.answer_one(close);
+    let close = close && !more_waiting;
     let mut resp = respond(&req, shared).await;
     let h = resp.headers_mut();
     h.insert(header::SERVER, HeaderValue::from_static("dream"));
     if let Some(r) = &shared.release {
         h.insert("x-dream-release", r.clone());
     }
-    if !more_waiting
-        && shared
-            .drain_began
-            .get()
-            .is_some_and(|t| t.elapsed() >= share)
-    {
+    if close {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
