@@ -20,8 +20,13 @@ const STATIC: &str = r#"exec "$DREAM_BIN" static --drain-grace 300ms"#;
 /// error) and exits 1, as if it had crashed. (`0<&3`: sh gives a
 /// background job /dev/null as stdin, so the listener is handed to it
 /// from fd 3, where LISTEN_FDS put it too; the server takes it on fd 0.)
+/// Like any wrapper that does not exec its server, it hands the drain
+/// signal on: otherwise a drain that reaches it during its `sleep` ends
+/// the shell and leaves the server serving, until its generation is over
+/// and it is killed with the clients it holds.
 const CRASHES_AFTER_2S: &str = r#""$DREAM_BIN" static --drain-grace 300ms 0<&3 & pid=$!
-sleep 2
+trap 'kill -TERM $pid; wait $pid; exit 0' TERM
+sleep 2 & wait $!
 kill -TERM $pid; wait $pid
 exit 1"#;
 

@@ -163,8 +163,6 @@ struct Driver {
     upgrade: Option<upgrade::Pending>,
     /// An upgrade's pre-flight, running.
     preflight: Option<upgrade::Preflight>,
-    /// One cgroup per generation, where the kernel offers them.
-    cgroups: Option<crate::cgroup::Cgroups>,
     /// The version that ran before the last upgrade (this one's, at first).
     previous_version: String,
     /// After an upgrade: the client that asked for it, to be answered.
@@ -238,7 +236,6 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         upgrades: 0,
         upgrade: None,
         preflight: None,
-        cgroups: crate::cgroup::Cgroups::create(nonce),
         previous_version: version(),
         resumed_asker: None,
         metrics,

@@ -810,8 +810,6 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         upgrades: state.upgrades,
         upgrade: None,
         preflight: None,
-        // The same path as before the exec (pid and nonce are kept).
-        cgroups: crate::cgroup::Cgroups::create(state.nonce),
         previous_version: state.written_by,
         resumed_asker: None,
         metrics,

@@ -235,9 +235,6 @@ impl Driver {
             cmd.user(uid, gid);
         }
         cmd.background(background);
-        if let Some(procs) = self.cgroups.as_ref().and_then(|c| c.procs_file(generation)) {
-            cmd.cgroup(&procs);
-        }
         let pid = cmd.spawn().map_err(|e| e.to_string())?.as_raw();
         drop(wr);
         self.workers.insert(
@@ -274,23 +271,6 @@ impl Driver {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 killed.push(pid.to_string());
             }
-        }
-        // What the kernel counts as the generation's, whatever its parent,
-        // session or environment: a process cannot shed its cgroup.
-        if let Some(cg) = &self.cgroups {
-            let members: Vec<i32> = match generation {
-                Some(g) => cg.members(g),
-                None => cg.all().into_iter().flat_map(|(_, p)| p).collect(),
-            };
-            for pid in members {
-                if self.workers.contains_key(&pid) || killed.contains(&pid.to_string()) {
-                    continue;
-                }
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                killed.push(pid.to_string());
-            }
-            let live: Vec<u64> = self.pool.generation_ids();
-            cg.tidy(&live, generation.is_none());
         }
         if !killed.is_empty() {
             let from = match generation {
