@@ -170,6 +170,22 @@ struct State {
     asker: Option<Waiter>,
 }
 
+impl State {
+    /// Every descriptor the state names: what crosses the exec.
+    fn fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.sockets.iter().map(|(fd, _)| *fd).collect();
+        fds.extend(self.control);
+        fds.extend(self.metrics);
+        fds.extend(self.clients.iter().map(|c| c.fd));
+        for w in &self.workers {
+            fds.push(w.notify);
+            fds.extend(w.stderr);
+            fds.extend(w.ready_pipe);
+        }
+        fds
+    }
+}
+
 fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
     let flag = if on {
@@ -493,15 +509,7 @@ impl Driver {
             Err(e) => return e,
         };
         let mut keep: Vec<RawFd> = vec![memfd.as_raw_fd(), self.self_exe.as_raw_fd()];
-        keep.extend(state.sockets.iter().map(|(fd, _)| *fd));
-        keep.extend(state.control);
-        keep.extend(state.metrics);
-        keep.extend(state.clients.iter().map(|c| c.fd));
-        for w in &state.workers {
-            keep.push(w.notify);
-            keep.extend(w.stderr);
-            keep.extend(w.ready_pipe);
-        }
+        keep.extend(state.fds());
         for fd in &keep {
             if let Err(e) = set_cloexec(*fd, false) {
                 restore_cloexec(&keep);
@@ -694,16 +702,8 @@ pub fn resume() -> Result<i32, SuperviseError> {
 /// handed back to the old program, which keeps serving.
 fn takeable(state: &State) -> Result<(), String> {
     serde_json::from_value::<Pool>(state.pool.clone()).map_err(|e| format!("the pool: {e}"))?;
-    let mut fds: Vec<RawFd> = state.sockets.iter().map(|(fd, _)| *fd).collect();
-    fds.extend(state.control);
-    fds.extend(state.metrics);
-    fds.extend(state.clients.iter().map(|c| c.fd));
-    for w in &state.workers {
-        fds.push(w.notify);
-        fds.extend(w.stderr);
-        fds.extend(w.ready_pipe);
-    }
-    match fds
+    match state
+        .fds()
         .into_iter()
         .find(|fd| crate::with_raw_fd(*fd, |_| ()).is_none())
     {
