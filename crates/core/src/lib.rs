@@ -8,6 +8,7 @@
 //! in the kernel's backlog instead of being refused. This crate never links
 //! an async runtime: the supervisor is one thread sleeping in `poll(2)`.
 
+pub mod cgroup;
 pub mod child;
 pub mod clock;
 pub mod control;

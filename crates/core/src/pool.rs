@@ -1602,6 +1602,11 @@ impl Pool {
         actions
     }
 
+    /// The ids of the generations the pool still holds.
+    pub fn generation_ids(&self) -> Vec<GenId> {
+        self.gens.iter().map(|g| g.id).collect()
+    }
+
     /// The starting workers whose timed readiness is due by `now` on the
     /// CPU waits known so far: the driver measures their waits again
     /// ([`Event::CpuWaited`]) before the tick that would declare them ready.

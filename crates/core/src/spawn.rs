@@ -40,6 +40,7 @@ pub struct Command<'a> {
     parent_death_signal: Option<Signal>,
     ids: Option<(u32, u32)>,
     background: bool,
+    cgroup: Option<PathBuf>,
 }
 
 /// What went wrong starting a program.
@@ -84,6 +85,7 @@ impl<'a> Command<'a> {
             parent_death_signal: None,
             ids: None,
             background: false,
+            cgroup: None,
         }
     }
 
@@ -165,6 +167,12 @@ impl<'a> Command<'a> {
     /// one else wants, until `sys::foreground` puts it back.
     pub fn background(&mut self, yes: bool) -> &mut Self {
         self.background = yes;
+        self
+    }
+
+    /// Join the cgroup whose `cgroup.procs` this is before the exec.
+    pub fn cgroup(&mut self, procs: &Path) -> &mut Self {
+        self.cgroup = Some(procs.to_path_buf());
         self
     }
 
@@ -253,6 +261,12 @@ impl<'a> Command<'a> {
         image.set_new_process_group(self.process_group);
         image.set_parent_death_signal(self.parent_death_signal);
         image.set_background(self.background);
+        if let Some(procs) = &self.cgroup {
+            image.set_cgroup(procs).map_err(|source| SpawnError::Exec {
+                program: self.program.to_string_lossy().into_owned(),
+                source,
+            })?;
+        }
         if let Some((uid, gid)) = self.ids {
             image.set_ids(uid, gid);
         }

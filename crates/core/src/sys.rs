@@ -48,6 +48,8 @@ pub struct ExecImage {
     ids: Option<(libc::uid_t, libc::gid_t)>,
     /// Start under `SCHED_IDLE` (every thread the program makes inherits it).
     background: bool,
+    /// A cgroup's `cgroup.procs`: the child joins it before its exec.
+    cgroup: Option<CString>,
 }
 
 // SAFETY: the raw pointers in `argv_ptrs` point into `argv`, which the image
@@ -107,6 +109,7 @@ impl ExecImage {
             parent_death_signal: None,
             ids: None,
             background: false,
+            cgroup: None,
         })
     }
 
@@ -139,6 +142,14 @@ impl ExecImage {
     /// then), so the supervisor waits as long as the starved child does.
     pub fn set_background(&mut self, yes: bool) {
         self.background = yes;
+    }
+
+    /// The child joins the cgroup whose `cgroup.procs` this is before its
+    /// exec (so everything the program starts is in it too); a cgroup that
+    /// cannot be joined is passed over.
+    pub fn set_cgroup(&mut self, procs: &std::path::Path) -> io::Result<()> {
+        self.cgroup = Some(cstring(procs.as_os_str().as_bytes())?);
+        Ok(())
     }
 
     pub fn set_parent_death_signal(&mut self, signal: Option<nix::sys::signal::Signal>) {
@@ -278,6 +289,15 @@ impl ExecImage {
             }
             if self.new_process_group && libc::setpgid(0, 0) != 0 {
                 return errno();
+            }
+            // Into its generation's cgroup, while still privileged: `0`
+            // is "the writer".
+            if let Some(procs) = &self.cgroup {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    libc::close(fd);
+                }
             }
             // Credentials first: changing them clears PR_SET_PDEATHSIG.
             if let Some((uid, gid)) = self.ids {

@@ -1245,11 +1245,15 @@ fn processes_that_escape_with_setsid_end_with_their_generation() {
         }
     }
     let _end = EndEscapees(pids.clone());
+    // Each release starts two: one that leaves its group with setsid, and
+    // one that also clears its environment (so nothing of it says which
+    // generation it came from).
     for id in ["a", "b"] {
         root.release(
             id,
             &format!(
-                "setsid sh -c 'echo $$ > {dir}/{id}; exec sleep 1000' </dev/null >/dev/null 2>&1 &\n{STATIC}",
+                "setsid sh -c 'echo $$ > {dir}/{id}; exec sleep 1000' </dev/null >/dev/null 2>&1 &\n\
+                 env -i /usr/bin/setsid /bin/sh -c 'echo $$ > {dir}/{id}-bare; exec /bin/sleep 1000' </dev/null >/dev/null 2>&1 &\n{STATIC}",
                 dir = pids.display()
             ),
         );
@@ -1269,26 +1273,28 @@ fn processes_that_escape_with_setsid_end_with_their_generation() {
         })
     };
     let a = escapee("a");
-    assert!(alive(a));
+    let a_bare = escapee("a-bare");
+    assert!(alive(a) && alive(a_bare));
     root.switch("b");
     let v = root.control(r#"{"cmd":"reload"}"#);
     assert_eq!(v["ok"], true, "{v}");
     wait_until(
         Duration::from_secs(20),
-        "generation 1's escapee to die",
-        || (!alive(a)).then_some(()),
+        "generation 1's escapees to die",
+        || (!alive(a) && !alive(a_bare)).then_some(()),
     );
     sup.wait_stderr("left its process group", Duration::from_secs(10));
     let b = escapee("b");
-    assert!(alive(b));
+    let b_bare = escapee("b-bare");
+    assert!(alive(b) && alive(b_bare));
     // The supervisor stops: the live generation's escapee goes too, and the
     // port is free again.
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit(Duration::from_secs(20)).success());
     wait_until(
         Duration::from_secs(10),
-        "generation 2's escapee to die",
-        || (!alive(b)).then_some(()),
+        "generation 2's escapees to die",
+        || (!alive(b) && !alive(b_bare)).then_some(()),
     );
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
 }

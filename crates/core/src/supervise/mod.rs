@@ -163,6 +163,11 @@ struct Driver {
     upgrade: Option<upgrade::Pending>,
     /// An upgrade's pre-flight, running.
     preflight: Option<upgrade::Preflight>,
+    /// One cgroup per generation, where the kernel offers them.
+    cgroups: Option<crate::cgroup::Cgroups>,
+    /// What finished generations left behind, sent the drain signal:
+    /// (pid, generation, when it is killed if still there).
+    leftovers: Vec<(i32, GenId, Instant)>,
     /// The version that ran before the last upgrade (this one's, at first).
     previous_version: String,
     /// After an upgrade: the client that asked for it, to be answered.
@@ -236,6 +241,8 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         upgrades: 0,
         upgrade: None,
         preflight: None,
+        cgroups: crate::cgroup::Cgroups::create(nonce),
+        leftovers: Vec::new(),
         previous_version: version(),
         resumed_asker: None,
         metrics,
@@ -325,6 +332,7 @@ impl Driver {
                 }
             }
             self.on(Event::Tick);
+            self.end_leftovers_due();
             self.preflight_if_late();
             self.upgrade_if_due();
         }
@@ -368,6 +376,9 @@ impl Driver {
         let mut deadline = self.pool.next_deadline();
         if let Some(p) = &self.preflight {
             deadline = Some(deadline.map_or(p.deadline, |d| d.min(p.deadline)));
+        }
+        if let Some(t) = self.leftovers.iter().map(|(_, _, t)| *t).min() {
+            deadline = Some(deadline.map_or(t, |d| d.min(t)));
         }
         if let Some(oldest) = self
             .clients

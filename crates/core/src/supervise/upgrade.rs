@@ -810,6 +810,11 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         upgrades: state.upgrades,
         upgrade: None,
         preflight: None,
+        // The same path as before the exec (pid and nonce are kept).
+        cgroups: crate::cgroup::Cgroups::create(state.nonce),
+        // Leftovers signalled before the upgrade are ended at the exit sweep
+        // (their deadlines are not carried over).
+        leftovers: Vec::new(),
         previous_version: state.written_by,
         resumed_asker: None,
         metrics,

@@ -235,6 +235,9 @@ impl Driver {
             cmd.user(uid, gid);
         }
         cmd.background(background);
+        if let Some(procs) = self.cgroups.as_ref().and_then(|c| c.procs_file(generation)) {
+            cmd.cgroup(&procs);
+        }
         let pid = cmd.spawn().map_err(|e| e.to_string())?.as_raw();
         drop(wr);
         self.workers.insert(
@@ -260,31 +263,125 @@ impl Driver {
     /// came from is in its environment (`DREAM_GENERATION`), inherited
     /// from its worker.
     pub(super) fn sweep(&mut self, generation: Option<u64>) {
-        let mut killed = Vec::new();
+        let mut found: Vec<i32> = Vec::new();
         for pid in own_children() {
             if self.workers.contains_key(&pid) {
                 continue;
             }
-            let theirs = generation_of(pid);
-            if generation.is_none() || theirs == generation {
+            if generation.is_none() || generation_of(pid) == generation {
+                found.push(pid);
+            }
+        }
+        // What the kernel counts as the generation's, whatever its parent,
+        // session or environment: a process cannot shed its cgroup.
+        if let Some(cg) = &self.cgroups {
+            let members: Vec<i32> = match generation {
+                Some(g) => cg.members(g),
+                None => cg.all().into_iter().flat_map(|(_, p)| p).collect(),
+            };
+            for p in members {
+                if !self.workers.contains_key(&p) && !found.contains(&p) {
+                    found.push(p);
+                }
+            }
+        }
+        let from = match generation {
+            Some(g) => format!("generation {g}"),
+            None => "the workers".into(),
+        };
+        let pids = |v: &[i32]| {
+            v.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match generation {
+            // The supervisor is stopping: nothing may outlive it.
+            None => {
+                found.extend(self.leftovers.drain(..).map(|(pid, _, _)| pid));
+                found.sort_unstable();
+                found.dedup();
+                for pid in &found {
+                    let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+                    let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+                }
+                if !found.is_empty() {
+                    self.log(
+                        -1,
+                        &format!(
+                            "killed {} process(es) started by {from} that had left its process group: pid {}",
+                            found.len(),
+                            pids(&found)
+                        ),
+                    );
+                }
+            }
+            // A generation is over: what it left behind may still hold
+            // clients (a server whose start script a drain ended), so it
+            // is drained like a worker: the drain signal now, SIGKILL at
+            // the drain deadline if it is still there.
+            Some(g) => {
+                let signal = self.pool.settings().drain_signal;
+                let deadline = Instant::now() + self.pool.settings().drain_timeout;
+                for pid in &found {
+                    let _ = killpg(Pid::from_raw(*pid), signal);
+                    let _ = kill(Pid::from_raw(*pid), signal);
+                    self.leftovers.push((*pid, g, deadline));
+                }
+                if !found.is_empty() {
+                    self.log(
+                        -1,
+                        &format!(
+                            "sent {signal:?} to {} process(es) started by {from} that had left its process group (killed at its drain deadline if still there): pid {}",
+                            found.len(),
+                            pids(&found)
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(cg) = &self.cgroups {
+            cg.tidy(&self.pool.generation_ids(), generation.is_none());
+        }
+    }
+
+    /// Kills what a generation left behind and still holds on past its
+    /// drain deadline (still a member: its cgroup's, or a child of ours
+    /// from that generation, so a reused pid is never hit).
+    pub(super) fn end_leftovers_due(&mut self) {
+        let now = Instant::now();
+        if !self.leftovers.iter().any(|(_, _, d)| *d <= now) {
+            return;
+        }
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.leftovers.drain(..).partition(|(_, _, d)| *d <= now);
+        self.leftovers = later;
+        let children = own_children();
+        let mut killed = Vec::new();
+        for (pid, g, _) in due {
+            let theirs = self
+                .cgroups
+                .as_ref()
+                .is_some_and(|c| c.members(g).contains(&pid))
+                || (children.contains(&pid) && generation_of(pid) == Some(g));
+            if theirs {
                 let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 killed.push(pid.to_string());
             }
         }
         if !killed.is_empty() {
-            let from = match generation {
-                Some(g) => format!("generation {g}"),
-                None => "the workers".into(),
-            };
             self.log(
                 -1,
                 &format!(
-                    "killed {} process(es) started by {from} that had left its process group: pid {}",
+                    "killed {} process(es) left behind past their generation's drain deadline: pid {}",
                     killed.len(),
                     killed.join(", ")
                 ),
             );
+        }
+        if let Some(cg) = &self.cgroups {
+            cg.tidy(&self.pool.generation_ids(), false);
         }
     }
 }
