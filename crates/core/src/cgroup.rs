@@ -47,9 +47,9 @@ impl Cgroups {
             PathBuf::from("/sys/fs/cgroup/pids")
         };
         let own = own_path(v2)?;
-        let base = mount
-            .join(own.trim_start_matches('/'))
-            .join(format!("dream-{}-{nonce:x}", std::process::id()));
+        let parent = mount.join(own.trim_start_matches('/'));
+        remove_stale(&parent);
+        let base = parent.join(format!("dream-{}-{nonce:x}", std::process::id()));
         match std::fs::create_dir(&base) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -103,6 +103,35 @@ impl Cgroups {
         if all {
             let _ = std::fs::remove_dir(&self.base);
         }
+    }
+}
+
+/// Removes what supervisors that are gone (killed with SIGKILL, say) left
+/// in `parent`: their generations' cgroups and their own, where empty
+/// (one still holding processes stays, and is named by nothing).
+fn remove_stale(parent: &Path) {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("dream-"))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(gens) = std::fs::read_dir(e.path()) {
+            for g in gens.flatten().filter(|g| g.path().is_dir()) {
+                let _ = std::fs::remove_dir(g.path());
+            }
+        }
+        let _ = std::fs::remove_dir(e.path());
     }
 }
 
