@@ -36,6 +36,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         generation: Option<u64>,
     },
+    /// Keeps provisional generation `generation` provisional, its deadline
+    /// moved to `within_ms` from now (never earlier): a lease its holder
+    /// renews while it is alive, so the generation reverts `within_ms`
+    /// after the holder goes silent.
+    Extend {
+        generation: u64,
+        within_ms: u64,
+    },
     /// Answered once generation `generation` has been live for
     /// `within_ms` and is still live, not reverted, with every worker up;
     /// at once with a failure if it is reverted, fails or is replaced.
@@ -70,7 +78,7 @@ impl Request {
             "upgrade" => &["cmd", "binary"],
             "reload" => &["cmd", "confirm_within_ms"],
             "confirm" => &["cmd", "generation"],
-            "settle" => &["cmd", "generation", "within_ms"],
+            "settle" | "extend" => &["cmd", "generation", "within_ms"],
             _ => &["cmd"],
         };
         if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -586,6 +594,14 @@ mod tests {
                 generation: Some(4)
             }
         );
+        assert_eq!(
+            p(r#"{"cmd":"extend","generation":4,"within_ms":3000}"#).unwrap(),
+            Request::Extend {
+                generation: 4,
+                within_ms: 3000
+            }
+        );
+        assert!(p(r#"{"cmd":"extend","generation":4}"#).is_err());
         assert_eq!(
             p(r#"{"cmd":"upgrade","binary":"/usr/bin/dream"}"#).unwrap(),
             Request::Upgrade {

@@ -1819,6 +1819,27 @@ pub fn confirm_generation(root: &Path, generation: Option<u64>) -> Result<(), De
     }
 }
 
+/// Keeps provisional generation `generation` provisional for `within`
+/// from now (see [`control::Request::Extend`]).
+pub fn extend_generation(
+    root: &Path,
+    generation: u64,
+    within: Duration,
+) -> Result<(), DeployError> {
+    let request = control::Request::Extend {
+        generation,
+        within_ms: within.as_millis() as u64,
+    };
+    match control::ask(root, &request, Some(Duration::from_secs(5))) {
+        Ok(a) if a.ok => Ok(()),
+        Ok(a) => Err(err(
+            Kind::Failed,
+            a.error.unwrap_or_else(|| "unknown error".into()),
+        )),
+        Err(e) => Err(err(Kind::Temporary, e.to_string())),
+    }
+}
+
 /// Puts a host back on `to` after a fleet decided against `from`: `current`
 /// switched back (if it names `from`), `from` marked bad with `reason`, and
 /// a reload. The caller holds the deploy lock.

@@ -476,7 +476,22 @@ pub struct Agent {
     /// What `current` named before this session switched it.
     previous: Option<String>,
     generation: Option<u64>,
+    /// The lease on a switched, unconfirmed generation: renewed to
+    /// `confirm_within` from now each time the coordinator is heard from
+    /// (at most every [`LEASE_EVERY`]), so the host reverts that long
+    /// after its coordinator went silent, however long the rollout.
+    lease: Option<Lease>,
 }
+
+struct Lease {
+    generation: u64,
+    within: Duration,
+    renewed: std::time::Instant,
+}
+
+/// How often an agent renews its lease at most (the coordinator pings at
+/// least this often while it waits).
+pub const LEASE_EVERY: Duration = Duration::from_millis(500);
 
 impl Agent {
     pub fn new(root: &Path) -> Agent {
@@ -508,6 +523,28 @@ impl Agent {
             prepared: None,
             previous: None,
             generation: None,
+            lease: None,
+        }
+    }
+
+    /// The coordinator was heard from: a switched, unconfirmed generation
+    /// stays provisional for another `confirm_within`.
+    fn renew(&mut self) {
+        let Some(lease) = &mut self.lease else {
+            return;
+        };
+        if lease.renewed.elapsed() < LEASE_EVERY {
+            return;
+        }
+        lease.renewed = std::time::Instant::now();
+        if let Err(e) = deploy::extend_generation(&self.store.root, lease.generation, lease.within)
+        {
+            // Reverted, replaced, or no supervisor: nothing left to renew.
+            eprintln!(
+                "dream agent: generation {} stays provisional no longer: {}",
+                lease.generation, e.message
+            );
+            self.lease = None;
         }
     }
 
@@ -582,6 +619,7 @@ impl Agent {
             let Some(frame) = read_frame(input)? else {
                 return Ok(());
             };
+            self.renew();
             let Frame::Message(body) = frame else {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -685,12 +723,14 @@ impl Agent {
                 match deploy::confirm_generation(&self.store.root, generation.or(self.generation)) {
                     Ok(()) => {
                         self.previous = None;
+                        self.lease = None;
                         Reply::ok()
                     }
                     Err(e) => Reply::failed(e.message),
                 }
             }
             ToAgent::Revert { from, to, reason } => {
+                self.lease = None;
                 match deploy::revert_to(&self.store.root, &from, &to, &reason) {
                     Ok(()) => Reply {
                         current: self.store.current(),
@@ -1013,6 +1053,11 @@ impl Agent {
             Ok(report) => {
                 self.previous = before.clone();
                 self.generation = report.generation;
+                self.lease = report.generation.map(|generation| Lease {
+                    generation,
+                    within: Duration::from_millis(confirm_within_ms),
+                    renewed: std::time::Instant::now(),
+                });
                 Reply {
                     previous: before,
                     current: self.store.current(),

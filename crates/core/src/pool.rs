@@ -401,6 +401,14 @@ pub enum Event {
         generation: Option<GenId>,
         waiter: Option<Waiter>,
     },
+    /// A provisional generation's deadline moves to `within` from now
+    /// (never earlier): the lease a fleet agent renews while its
+    /// coordinator is heard from. Answered like a confirm.
+    Extend {
+        generation: GenId,
+        within: Duration,
+        waiter: Option<Waiter>,
+    },
     /// The driver resolved `current` for a [`Action::StartReload`] (or for
     /// the first generation): start a generation there, or fail the reload.
     ReleaseResolved(Result<Release, String>),
@@ -609,7 +617,12 @@ impl Pool {
                     Vec::new()
                 }
             }
-            Event::Confirm { generation, waiter } => self.confirm(generation, waiter, now),
+            Event::Confirm { generation, waiter } => self.confirm(generation, waiter, now, None),
+            Event::Extend {
+                generation,
+                within,
+                waiter,
+            } => self.confirm(Some(generation), waiter, now, Some(within)),
             Event::Settle {
                 generation,
                 within,
@@ -1323,12 +1336,14 @@ impl Pool {
         actions
     }
 
-    /// `confirm`: a provisional generation stays.
+    /// `confirm`: a provisional generation stays; with `extend`, it stays
+    /// provisional, its deadline no sooner than `extend` from now.
     fn confirm(
         &mut self,
         generation: Option<GenId>,
         waiter: Option<Waiter>,
         now: Instant,
+        extend: Option<Duration>,
     ) -> Vec<Action> {
         let waiters: Vec<Waiter> = waiter.into_iter().collect();
         let target = match generation {
@@ -1368,7 +1383,15 @@ impl Pool {
             }];
         }
         let mut actions = Vec::new();
-        if let Trial::Pending {
+        if let Some(within) = extend {
+            if let Trial::Pending {
+                confirm_by: Some(c),
+                ..
+            } = &mut g.trial
+            {
+                *c = (*c).max(now + within);
+            }
+        } else if let Trial::Pending {
             until, confirm_by, ..
         } = &mut g.trial
             && confirm_by.take().is_some()
@@ -2958,6 +2981,43 @@ mod tests {
         let a = pool.on(Event::Tick, live + within + Duration::from_secs(60));
         assert_eq!(reverted_to(&a), None, "{a:?}");
         assert_eq!(pool.live_release().map(|r| r.id.as_str()), Some("b"));
+    }
+
+    #[test]
+    fn an_extended_generation_reverts_that_long_after_its_last_extension() {
+        let within = Duration::from_secs(5);
+        let (mut pool, mut pid, t0) = live_pool(1);
+        let live = reloaded_to_b(&mut pool, &mut pid, t0, 1, Some(within));
+        let extend = |pool: &mut Pool, by: u64, at: Instant| {
+            pool.on(
+                Event::Extend {
+                    generation: 2,
+                    within: Duration::from_secs(by),
+                    waiter: Some(9),
+                },
+                at,
+            )
+        };
+        // Renewed twice: alive at 12 s, past the first deadline.
+        let mut at = live;
+        for _ in 0..2 {
+            at += Duration::from_secs(4);
+            let a = extend(&mut pool, 5, at);
+            assert_eq!(outcome(&a), Some((vec![9], Ok((2, "b".to_string())))));
+        }
+        let a = pool.on(Event::Tick, at + Duration::from_secs(4));
+        assert_eq!(reverted_to(&a), None, "{a:?}");
+        // A shorter extension never brings the deadline closer.
+        extend(&mut pool, 1, at + Duration::from_secs(4));
+        let a = pool.on(Event::Tick, at + Duration::from_millis(4900));
+        assert_eq!(reverted_to(&a), None, "{a:?}");
+        // Not renewed: reverted at the last deadline.
+        let a = pool.on(Event::Tick, at + within);
+        assert_eq!(reverted_to(&a), Some(("b".into(), "a".into())), "{a:?}");
+        // Renewing a reverted generation answers why.
+        let a = extend(&mut pool, 5, at + within);
+        let (_, answer) = outcome(&a).expect("answered");
+        assert!(answer.is_err(), "{answer:?}");
     }
 
     #[test]

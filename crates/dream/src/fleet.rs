@@ -436,12 +436,14 @@ impl Fleet {
             "host's agent",
         ));
         let stop = Arc::new(AtomicBool::new(false));
-        // Pings keep the agent's patience while other hosts are busy.
+        // Pings keep the agent's patience while other hosts are busy, and
+        // renew the lease on its switched generation (at least as often as
+        // the agent renews it).
         {
             let (writer, stop) = (writer.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    std::thread::park_timeout(fleet::heartbeat());
+                    std::thread::park_timeout(fleet::heartbeat().min(fleet::LEASE_EVERY));
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }

@@ -526,7 +526,7 @@ struct FleetDeployArgs {
     /// Where --build runs: on every host, or once here (the hosts then get the built tree)
     #[arg(long, value_enum, default_value_t = BuildOn::Hosts)]
     build_on: BuildOn,
-    /// Each host's reload is provisional for this long: a host the run cannot confirm reverts itself [default: 30s]
+    /// Each host's reload stays provisional while the run is heard from, and this long after: a host cut off from the run reverts itself [default: 30s; at least --settle + 2s]
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     confirm_within: Option<Duration>,
     /// Print the plan (hosts, groups, what each host lacks) and change nothing
@@ -1119,6 +1119,23 @@ fn fleet_of(a: &FleetArgs, r: &RolloutArgs) -> Result<(fleet::Fleet, config::Fle
     Ok((f, file))
 }
 
+/// A fleet host's provisional window (default 30s): the lease its agent
+/// renews while the coordinator is heard from. It must outlast the host's
+/// settle window, which runs inside it before any renewal.
+fn lease(f: &fleet::Fleet, given: Option<Duration>) -> std::result::Result<Duration, Failure> {
+    let within = given.unwrap_or(Duration::from_secs(30));
+    let least = f.settle + Duration::from_secs(2);
+    if within < least {
+        return Err(Failure::usage(format!(
+            "--confirm-within {} is too short: each host's settle window ({}) runs inside it, and it needs 2s more (at least {})",
+            dream_core::fmt_duration(within),
+            dream_core::fmt_duration(f.settle),
+            dream_core::fmt_duration(least)
+        )));
+    }
+    Ok(within)
+}
+
 fn run_fleet(cmd: FleetCmd) -> Result {
     match cmd {
         FleetCmd::Deploy(a) => {
@@ -1134,10 +1151,7 @@ fn run_fleet(cmd: FleetCmd) -> Result {
                     keep_git: a.keep_git,
                     bridge: a.bridge,
                     build_on_local: a.build_on == BuildOn::Local,
-                    confirm_within: a
-                        .confirm_within
-                        .or(file.confirm_within)
-                        .unwrap_or(Duration::from_secs(30)),
+                    confirm_within: lease(&f, a.confirm_within.or(file.confirm_within))?,
                 },
             )
         }
@@ -1146,9 +1160,7 @@ fn run_fleet(cmd: FleetCmd) -> Result {
             fleet::rollback(
                 &f,
                 a.id.as_deref(),
-                a.confirm_within
-                    .or(file.confirm_within)
-                    .unwrap_or(Duration::from_secs(30)),
+                lease(&f, a.confirm_within.or(file.confirm_within))?,
             )
         }
         FleetCmd::Status(a) => fleet::status(&fleet_of(&a, &RolloutArgs::default())?.0),

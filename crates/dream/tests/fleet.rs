@@ -496,8 +496,33 @@ fn a_coordinator_killed_in_any_phase_leaves_a_consistent_fleet() {
             assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "{phase}");
         }
     }
+    // A rollout much longer than the provisional window (two waits of 4 s
+    // against 3 s): the hosts stay provisional while the run is heard
+    // from, none reverts, the deploy is whole.
+    let (code, _, err) = deploy_when_free(
+        &lab,
+        &[
+            v1.to_str().unwrap(),
+            "--id",
+            "leased",
+            "--build",
+            STAMP,
+            "--confirm-within",
+            "3s",
+            "--group",
+            "1",
+            "--wait",
+            "4s",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    for i in 0..3 {
+        assert_eq!(lab.current(i), "leased", "host {i}: {err}");
+    }
+    assert!(!err.contains("revert"), "{err}");
     // Stopped (then killed) just before the commit: every host switched,
-    // none confirmed. Each reverts itself at its deadline: old everywhere.
+    // none confirmed. Each reverts itself 3 s after it last heard from
+    // the run: old everywhere.
     let before = lab.current(0);
     let mut run = Guard::spawn(
         lab.fleet_cmd(&[
@@ -509,10 +534,6 @@ fn a_coordinator_killed_in_any_phase_leaves_a_consistent_fleet() {
             STAMP,
             "--confirm-within",
             "3s",
-            // The whole rollout must fit in the provisional window; the
-            // settle wait of each host is not what this test is about.
-            "--settle",
-            "0s",
         ])
         .env("DREAM_TEST_STOP_AFTER", "fleet-commit"),
     );

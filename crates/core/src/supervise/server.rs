@@ -193,6 +193,19 @@ impl Driver {
                     waiter: (id != 0).then_some(id),
                 });
             }
+            Request::Extend {
+                generation,
+                within_ms,
+            } => {
+                if id != 0 {
+                    self.clients[i].awaiting += 1;
+                }
+                self.on(Event::Extend {
+                    generation,
+                    within: Duration::from_millis(within_ms),
+                    waiter: (id != 0).then_some(id),
+                });
+            }
             Request::Settle {
                 generation,
                 within_ms,
