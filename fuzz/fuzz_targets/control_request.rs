@@ -4,5 +4,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let _ = dream_core::control::Request::parse(&text);
+    let _ = dream_core::supervise::control::Request::parse(&text);
 });

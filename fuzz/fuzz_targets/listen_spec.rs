@@ -3,8 +3,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|s: &str| {
-    if let Ok(spec) = s.parse::<dream_core::spec::ListenSpec>() {
-        let again: dream_core::spec::ListenSpec = spec.to_string().parse().expect("round trip");
+    if let Ok(spec) = s.parse::<dream_core::sockets::spec::ListenSpec>() {
+        let again: dream_core::sockets::spec::ListenSpec = spec.to_string().parse().expect("round trip");
         assert_eq!(again, spec);
     }
 });

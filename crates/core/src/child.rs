@@ -11,14 +11,14 @@
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::signals::Signals;
+use crate::supervise::signals::Signals;
 
 /// Where the process groups of running children are recorded, while a
 /// [`Recording`] lives.
@@ -133,7 +133,7 @@ pub enum Output<'a> {
 #[derive(Debug)]
 pub enum Ended {
     Exited {
-        status: ExitStatus,
+        status: crate::exit::Exit,
         /// What it printed last (stderr, when stdout was captured).
         tail: Vec<String>,
         /// stdout, when captured.
@@ -225,7 +225,7 @@ pub fn run(
             fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
             fds.len() - 1
         });
-        let n = match poll(&mut fds, crate::signals::timeout_until(deadline)) {
+        let n = match poll(&mut fds, crate::supervise::signals::timeout_until(deadline)) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
@@ -289,7 +289,7 @@ pub fn run(
                 line(&rest, &mut tail);
             }
             break Ended::Exited {
-                status,
+                status: crate::exit::Exit::from_std(status),
                 tail: tail.into_iter().collect(),
                 stdout,
             };
@@ -306,7 +306,7 @@ fn end_group(group: Pid, exited: &OwnedFd, grace: Duration) {
         let mut fds = [PollFd::new(exited.as_fd(), PollFlags::POLLIN)];
         let _ = poll(
             &mut fds,
-            crate::signals::timeout_until(Some(Instant::now() + grace)),
+            crate::supervise::signals::timeout_until(Some(Instant::now() + grace)),
         );
     }
     let _ = killpg(group, Signal::SIGKILL);

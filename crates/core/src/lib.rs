@@ -8,28 +8,15 @@
 //! in the kernel's backlog instead of being refused. This crate never links
 //! an async runtime: the supervisor is one thread sleeping in `poll(2)`.
 
-pub mod cgroup;
 pub mod child;
-pub mod clock;
-pub mod control;
 pub mod deploy;
+pub mod exit;
 pub mod fleet;
-pub mod hooks;
-pub mod listen;
-pub mod lock;
 pub mod logtext;
-pub mod manifest;
-pub mod output;
-pub mod pool;
-pub mod release;
-pub mod respawn;
-pub mod signals;
-pub mod spawn;
-pub mod spec;
-pub mod stage;
+pub mod sockets;
+pub mod store;
 pub mod supervise;
 mod sys;
-pub mod tree;
 
 /// The worker side of the protocols (sockets in, `READY=1` out), also the
 /// home of [`protocol::Listener`], the one named listening socket type.
@@ -60,7 +47,6 @@ pub fn test_point(point: &str) {
 #[inline(always)]
 pub fn test_point(_point: &str) {}
 
-/// `250ms`, `1.5s`, `2m03s`: a duration for log lines.
 /// The time at the start of every log line: RFC 3339, UTC, milliseconds.
 pub fn log_time() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
@@ -75,6 +61,7 @@ pub fn plural(n: usize, noun: &str) -> String {
     }
 }
 
+/// `250ms`, `1.5s`, `2m03s`: a duration for log lines.
 pub fn fmt_duration(d: std::time::Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {

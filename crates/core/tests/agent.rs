@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use dream_core::deploy::{self, DeployOptions};
 use dream_core::fleet::{self, Agent, Frame, Reply, ToAgent};
-use dream_core::manifest::{Entry, Kind, Manifest};
-use dream_core::release::Store;
-use dream_core::stage::Source;
+use dream_core::store::manifest::{Entry, Kind, Manifest};
+use dream_core::store::release::Store;
+use dream_core::store::stage::Source;
 
 /// A root with one release live (`a.txt` holding `content`), and a
 /// directory outside it that the tests watch.
@@ -459,7 +459,7 @@ mod property {
             let store = Store::new(&host.root);
             if let Ok(target) = std::fs::read_link(store.current_link()) {
                 let id = target.strip_prefix("releases").unwrap().to_str().unwrap().to_string();
-                prop_assert!(dream_core::release::check_id(&id).is_ok(), "{:?}", target);
+                prop_assert!(dream_core::store::release::check_id(&id).is_ok(), "{:?}", target);
                 prop_assert!(store.release_dir(&id).is_dir());
             }
         }

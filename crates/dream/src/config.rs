@@ -27,8 +27,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dream_core::pool::Readiness;
-use dream_core::spec::ListenSpec;
+use dream_core::sockets::spec::ListenSpec;
+use dream_core::supervise::pool::Readiness;
 use nix::sys::signal::Signal;
 use serde::Deserialize;
 

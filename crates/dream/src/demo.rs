@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dream_core::deploy::{self, DeployOptions};
-use dream_core::lock::Wait;
-use dream_core::signals::Signals;
-use dream_core::spawn::Command;
-use dream_core::stage::Source;
+use dream_core::sockets::spawn::Command;
+use dream_core::store::lock::Wait;
+use dream_core::store::stage::Source;
+use dream_core::supervise::signals::Signals;
 use nix::sys::signal::Signal;
 
 use crate::exit::{Failure, Result};
@@ -39,7 +39,7 @@ const BUILD: &str = include_str!("../demo/build.sh");
 
 pub struct DemoArgs {
     pub root: Option<PathBuf>,
-    pub listen: dream_core::spec::ListenSpec,
+    pub listen: dream_core::sockets::spec::ListenSpec,
     pub auto_deploy: Option<Duration>,
     pub duration: Option<Duration>,
     pub workers: usize,
@@ -116,7 +116,7 @@ pub fn run(a: DemoArgs) -> Result {
     write_sites(&sites).map_err(|e| Failure::failed(format!("writing the sample sites: {e}")))?;
     let bound = crate::tools::bind_all(
         std::slice::from_ref(&a.listen),
-        dream_core::listen::DEFAULT_BACKLOG,
+        dream_core::sockets::listen::DEFAULT_BACKLOG,
         "demo",
         false,
     )?;
@@ -144,7 +144,7 @@ pub fn run(a: DemoArgs) -> Result {
         .parent_death_signal(Signal::SIGTERM);
     let supervisor = serve.spawn().map_err(Failure::from)?;
     let status_ok = || {
-        dream_core::control::status(&root, Some(Duration::from_secs(2)))
+        dream_core::supervise::control::status(&root, Some(Duration::from_secs(2)))
             .is_ok_and(|s| s.live().is_some())
     };
     let started = Instant::now();

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use dream_core::deploy::{self, Report, Step};
-use dream_core::lock::Wait;
-use dream_core::stage::Source;
+use dream_core::store::lock::Wait;
+use dream_core::store::stage::Source;
 
 use crate::exit::{self, Failure, Result};
 use crate::print_line;
@@ -149,7 +149,7 @@ pub fn rollback(a: RollbackArgs<'_>) -> Result {
     } = a;
     let root = crate::serve::root_dir(root)?;
     if dry_run {
-        let store = dream_core::release::Store::new(&root);
+        let store = dream_core::store::release::Store::new(&root);
         let target = deploy::rollback_target(&store, id)?;
         let current = store.current();
         if json {
@@ -222,7 +222,7 @@ pub fn releases(root: Option<&Path>, json: bool) -> Result {
 pub fn verify(root: Option<&Path>, id: Option<&str>, json: bool) -> Result {
     let root = crate::serve::root_dir(root)?;
     if let Some(id) = id {
-        dream_core::release::check_id(id).map_err(Failure::usage)?;
+        dream_core::store::release::check_id(id).map_err(Failure::usage)?;
     }
     let results = deploy::verify(&root, id)?;
     let bad: usize = results.iter().filter(|r| !r.ok).count();

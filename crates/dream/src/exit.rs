@@ -52,9 +52,9 @@ impl Failure {
     }
 }
 
-impl From<dream_core::listen::ListenError> for Failure {
-    fn from(e: dream_core::listen::ListenError) -> Failure {
-        use dream_core::listen::ListenError::*;
+impl From<dream_core::sockets::listen::ListenError> for Failure {
+    fn from(e: dream_core::sockets::listen::ListenError) -> Failure {
+        use dream_core::sockets::listen::ListenError::*;
         let code = match &e {
             Spec(_) => USAGE,
             _ if e.is_temporary() => TEMPORARY,
@@ -93,8 +93,8 @@ impl From<dream_core::supervise::SuperviseError> for Failure {
     }
 }
 
-impl From<dream_core::spawn::SpawnError> for Failure {
-    fn from(e: dream_core::spawn::SpawnError) -> Failure {
+impl From<dream_core::sockets::spawn::SpawnError> for Failure {
+    fn from(e: dream_core::sockets::spawn::SpawnError) -> Failure {
         // setlock and tcpserver exit 111 when they cannot run the program.
         Failure::temporary(e)
     }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dream_core::fleet::{self, Frame, Reply, ToAgent};
-use dream_core::manifest::{self, Manifest};
+use dream_core::store::manifest::{self, Manifest};
 
 use crate::exit::{self, Failure, Result};
 
@@ -594,7 +594,7 @@ fn stage_source(
     exclude: &[String],
     keep_git: bool,
 ) -> Result<(PathBuf, Manifest, Option<tempfile::TempDir>)> {
-    use dream_core::stage::Source;
+    use dream_core::store::stage::Source;
     let src = Source::parse(source).map_err(Failure::usage)?;
     let (dir, tmp) = match src {
         Source::Dir(d) => {
@@ -606,21 +606,21 @@ fn stage_source(
         Source::Tar(t) => {
             let tmp = tempfile::tempdir().map_err(Failure::failed)?;
             let dir = tmp.path().join("src");
-            dream_core::stage::extract_tar(&t, &dir, u64::MAX)
+            dream_core::store::stage::extract_tar(&t, &dir, u64::MAX)
                 .map_err(|e| Failure::failed(format!("{}: {e}", t.display())))?;
             (dir, Some(tmp))
         }
         Source::Git { url, rev } => {
             let tmp = tempfile::tempdir().map_err(Failure::failed)?;
             let dir = tmp.path().join("src");
-            dream_core::stage::git_checkout(&url, rev.as_deref(), &dir, u64::MAX, None)
+            dream_core::store::stage::git_checkout(&url, rev.as_deref(), &dir, u64::MAX, None)
                 .map_err(|e| Failure::failed(e.to_string()))?;
             (dir, Some(tmp))
         }
         Source::Objects { .. } => return Err(Failure::usage("not a source")),
     };
     // What a directory source leaves out, as for dream deploy.
-    let left_out = dream_core::stage::Exclude::new(&dir, exclude, keep_git || tmp.is_some())
+    let left_out = dream_core::store::stage::Exclude::new(&dir, exclude, keep_git || tmp.is_some())
         .map_err(Failure::usage)?;
     let m = Manifest::of_tree_but(&dir, &|rel, is_dir| left_out.leaves_out(rel, is_dir))
         .map_err(|e| Failure::failed(format!("hashing {}: {e}", dir.display())))?;
@@ -673,7 +673,7 @@ fn build_locally(
     if !status.success() {
         return Err(Failure::failed(format!(
             "the build {} here; nothing was sent anywhere",
-            dream_core::respawn::describe_exit(status)
+            dream_core::exit::Exit::from_std(status)
         )));
     }
     let built =
@@ -759,7 +759,7 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
         }
     };
     let id = match &plan.id {
-        Some(id) => match dream_core::release::check_id(id) {
+        Some(id) => match dream_core::store::release::check_id(id) {
             Ok(()) => id.clone(),
             Err(e) => {
                 hang_up(connected);

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use dream_core::pool::Readiness;
-use dream_core::spec::ListenSpec;
+use dream_core::sockets::spec::ListenSpec;
+use dream_core::supervise::pool::Readiness;
 use nix::sys::signal::Signal;
 
 use exit::{Failure, Result};
@@ -166,7 +166,7 @@ struct ManArgs {
 #[derive(Args)]
 struct ListenArgs {
     /// listen(2) backlog (capped by net.core.somaxconn)
-    #[arg(long, default_value_t = dream_core::listen::DEFAULT_BACKLOG)]
+    #[arg(long, default_value_t = dream_core::sockets::listen::DEFAULT_BACKLOG)]
     backlog: u32,
     /// After binding, switch to USER[:GROUP] (needs root)
     #[arg(long, value_name = "USER[:GROUP]")]
@@ -877,7 +877,7 @@ fn run(cmd: Cmd) -> Result {
                 backlog: a
                     .backlog
                     .or(file.backlog)
-                    .unwrap_or(dream_core::listen::DEFAULT_BACKLOG),
+                    .unwrap_or(dream_core::sockets::listen::DEFAULT_BACKLOG),
                 user: a.user.as_deref().or(file.user.as_deref()),
                 pool: serve::PoolOptions {
                     probation: a
@@ -1178,7 +1178,7 @@ fn run_static(a: StaticArgs) -> Result {
         Some(spec) => {
             let bound = tools::bind_all(
                 std::slice::from_ref(spec),
-                dream_core::listen::DEFAULT_BACKLOG,
+                dream_core::sockets::listen::DEFAULT_BACKLOG,
                 "static",
                 true,
             )?;

@@ -5,10 +5,10 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dream_core::control::{self, ControlError, Request};
-use dream_core::pool::{Readiness, Settings};
 use dream_core::protocol;
-use dream_core::spec::ListenSpec;
+use dream_core::sockets::spec::ListenSpec;
+use dream_core::supervise::control::{self, ControlError, Request};
+use dream_core::supervise::pool::{Readiness, Settings};
 use dream_core::supervise::{self, Config, Mode};
 use nix::sys::signal::Signal;
 
@@ -67,7 +67,8 @@ pub fn settings(o: &PoolOptions) -> Result<Settings> {
     let workers = o
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    dream_core::pool::check_workers(workers).map_err(|e| Failure::usage(format!("--{e}")))?;
+    dream_core::supervise::pool::check_workers(workers)
+        .map_err(|e| Failure::usage(format!("--{e}")))?;
     let may = dream_core::may_foreground();
     let background_start = match o.start_priority {
         StartPriority::Auto => may,
@@ -134,7 +135,7 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
         let mut taken: Vec<Option<protocol::Listener>> = Vec::new();
         let mut to_bind = Vec::new();
         for spec in o.listen {
-            let name = dream_core::listen::socket_name(spec);
+            let name = dream_core::sockets::listen::socket_name(spec);
             match kept.iter().position(|l| l.name == name) {
                 Some(i) => {
                     let l = kept.remove(i);

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use std::os::fd::AsFd;
 
-use dream_core::listen::{self, Listener};
-use dream_core::lock::{Holder, Lock, Wait};
-use dream_core::spawn::Command;
-use dream_core::spec::ListenSpec;
+use dream_core::sockets::listen::{self, Listener};
+use dream_core::sockets::spawn::Command;
+use dream_core::sockets::spec::ListenSpec;
+use dream_core::store::lock::{Holder, Lock, Wait};
 
 use crate::exit::{Failure, Result};
 
@@ -164,8 +164,8 @@ pub fn listen(
 
 /// `dream loop`.
 pub fn run_loop(delay: std::time::Duration, program: &[OsString]) -> Result {
-    dream_core::respawn::run(delay, &program[0], &program[1..]).map_err(|e| match e {
-        dream_core::respawn::LoopError::Spawn(s) => s.into(),
+    dream_core::supervise::respawn::run(delay, &program[0], &program[1..]).map_err(|e| match e {
+        dream_core::supervise::respawn::LoopError::Spawn(s) => s.into(),
         other => Failure::failed(other),
     })
 }
@@ -179,7 +179,7 @@ pub fn lock(file: &Path, no_wait: bool, program: &[OsString]) -> Result {
         .join(" ");
     let wait = if no_wait { Wait::No } else { Wait::Forever };
     let lock = Lock::acquire(file, &Holder::me(command), wait).map_err(|e| match e {
-        dream_core::lock::LockError::Held { .. } => Failure::temporary(format!("lock: {e}")),
+        dream_core::store::lock::LockError::Held { .. } => Failure::temporary(format!("lock: {e}")),
         other => Failure::temporary(format!("lock: {other}")),
     })?;
     let mut cmd = Command::new(&program[0]);

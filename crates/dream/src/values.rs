@@ -5,14 +5,14 @@
 
 use std::time::Duration;
 
-use dream_core::pool::Readiness;
-use dream_core::spec::ListenSpec;
+use dream_core::sockets::spec::ListenSpec;
+use dream_core::supervise::pool::Readiness;
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Deserializer};
 
 /// `250ms`, `1s`, `2m`, `1h30m`, or a bare number of seconds.
 pub fn duration(s: &str) -> Result<Duration, String> {
-    dream_core::signals::parse_duration(s)
+    dream_core::supervise::signals::parse_duration(s)
 }
 
 /// `TERM`, `SIGTERM`, `15`.
@@ -38,7 +38,7 @@ pub fn readiness(s: &str) -> Result<Readiness, String> {
 /// `127.0.0.1:8080`, `[::1]:80`, `:8080`, `localhost:80`, `unix:/path`.
 pub fn listen(s: &str) -> Result<ListenSpec, String> {
     s.parse()
-        .map_err(|e: dream_core::spec::SpecError| e.to_string())
+        .map_err(|e: dream_core::sockets::spec::SpecError| e.to_string())
 }
 
 /// A URL path to request: `/`, `/healthz?full=1` (no spaces, no host).

@@ -707,7 +707,7 @@ fn pruning_spares_a_release_still_served_by_a_draining_generation() {
             .env("PROBE_BIN", dream_testkit::probe()),
     );
     let r = wait_until(Duration::from_secs(20), "the stubborn worker ready", || {
-        let v = dream_core::control::request(
+        let v = dream_core::supervise::control::request(
             &root,
             &serde_json::json!({"cmd":"status"}),
             Some(Duration::from_secs(5)),

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use dream_core::fleet::{self, ToAgent};
-use dream_core::lock::{Holder, Lock, Wait};
+use dream_core::store::lock::{Holder, Lock, Wait};
 use dream_testkit::{Guard, Tree, bin, run};
 
 /// A fake agent: answers `hello` (with `version` and `current` as given)

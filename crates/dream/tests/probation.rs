@@ -276,7 +276,7 @@ fn a_deploy_killed_before_it_confirms_is_reverted_by_the_supervisor() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     drop(g);
     let v = wait_until(Duration::from_secs(30), "the supervisor's revert", || {
-        let v = dream_core::control::request(
+        let v = dream_core::supervise::control::request(
             &root,
             &serde_json::json!({"cmd": "status"}),
             Some(Duration::from_secs(5)),

@@ -692,7 +692,7 @@ fn killed_deploys_under_load_lose_nothing() {
     );
     let pid = g.pid();
     let control = |v: &str| {
-        dream_core::control::request(
+        dream_core::supervise::control::request(
             &root,
             &serde_json::from_str(v).unwrap(),
             Some(Duration::from_secs(10)),

@@ -27,8 +27,8 @@
 //! the worker's own children do not mistake them for theirs.
 //!
 //! [`Listener`] is also the one type dream itself uses for a named
-//! listening socket, from binding (`dream_core::listen::bind`) through
-//! hand-off to workers (`dream_core::spawn::Command::sockets`) to
+//! listening socket, from binding (`dream_core::sockets::listen::bind`) through
+//! hand-off to workers (`dream_core::sockets::spawn::Command::sockets`) to
 //! inheritance here. `doc/protocol.md` describes the protocol for worker
 //! authors in any language.
 

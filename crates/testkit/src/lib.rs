@@ -409,7 +409,7 @@ impl Root {
     /// Sends a control request and returns the answer.
     pub fn control(&self, request: &str) -> serde_json::Value {
         let v: serde_json::Value = serde_json::from_str(request).expect("request JSON");
-        dream_core::control::request(self.path(), &v, Some(Duration::from_secs(120)))
+        dream_core::supervise::control::request(self.path(), &v, Some(Duration::from_secs(120)))
             .unwrap_or_else(|e| panic!("control {request}: {e}"))
     }
 
@@ -420,7 +420,12 @@ impl Root {
             "the supervisor's control socket",
             || {
                 let v = serde_json::json!({"cmd": "status"});
-                dream_core::control::request(self.path(), &v, Some(Duration::from_secs(5))).ok()
+                dream_core::supervise::control::request(
+                    self.path(),
+                    &v,
+                    Some(Duration::from_secs(5)),
+                )
+                .ok()
             },
         )
     }

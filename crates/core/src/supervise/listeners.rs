@@ -47,7 +47,7 @@ impl Driver {
                 )
             }
         };
-        self.log(-1, &msg);
+        self.log(-1, Note::Supervisor, &msg);
     }
 
     /// Workers share each listener's open file description, so a worker
@@ -75,7 +75,7 @@ impl Driver {
             self.listener_flags[i] = now;
         }
         for c in changes {
-            self.log(-1, &c);
+            self.log(-1, Note::Supervisor, &c);
         }
     }
 }

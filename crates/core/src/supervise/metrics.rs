@@ -9,6 +9,7 @@ use std::net::TcpStream;
 
 use super::*;
 use crate::protocol::StdListener;
+use crate::supervise::pool::{GenerationState, WorkerPhase};
 
 /// Scrapers served at once; the one waiting longest makes room.
 const MAX_CLIENTS: usize = 8;
@@ -169,13 +170,9 @@ impl Driver {
             "gauge",
             "Generations by state.",
         );
-        for state in ["starting", "live", "draining", "killed", "failed"] {
-            let count = pool
-                .generations
-                .iter()
-                .filter(|g| g.state.as_str() == state)
-                .count();
-            let _ = writeln!(m, "{n}{{state=\"{state}\"}} {count}");
+        for state in GenerationState::ALL {
+            let count = pool.generations.iter().filter(|g| g.state == state).count();
+            let _ = writeln!(m, "{n}{{state=\"{}\"}} {count}", state.as_str());
         }
         let n = head(
             &mut m,
@@ -183,16 +180,14 @@ impl Driver {
             "gauge",
             "Workers by state, all generations.",
         );
-        for state in [
-            "waiting", "spawning", "starting", "ready", "stopping", "retiring", "gone",
-        ] {
+        for state in WorkerPhase::ALL {
             let count = pool
                 .generations
                 .iter()
                 .flat_map(|g| &g.workers)
-                .filter(|w| w.state.as_str() == state)
+                .filter(|w| w.state == state)
                 .count();
-            let _ = writeln!(m, "{n}{{state=\"{state}\"}} {count}");
+            let _ = writeln!(m, "{n}{{state=\"{}\"}} {count}", state.as_str());
         }
         let n = head(
             &mut m,
@@ -217,7 +212,7 @@ impl Driver {
             "From a reload's start to its generation going live.",
         );
         let mut cumulative = 0;
-        for (i, le) in crate::pool::RELOAD_BUCKETS.iter().enumerate() {
+        for (i, le) in crate::supervise::pool::RELOAD_BUCKETS.iter().enumerate() {
             cumulative += pool.reloads.buckets.get(i).copied().unwrap_or(0);
             let _ = writeln!(m, "{n}_bucket{{le=\"{le}\"}} {cumulative}");
         }

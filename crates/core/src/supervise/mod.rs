@@ -11,7 +11,7 @@
 //!   when a wrapper script forked the real server;
 //! * each worker's stderr is a pipe that the supervisor copies to its own
 //!   stderr, keeping the tail for failure reports;
-//! * control clients speak [`crate::control`] on `ROOT/.dream/control.sock`.
+//! * control clients speak [`crate::supervise::control`] on `ROOT/.dream/control.sock`.
 //!
 //! Between events the thread sleeps in `poll` until the pool's next
 //! deadline; when idle, it has no deadline at all.
@@ -27,9 +27,17 @@
 //! only signalled while the worker is unreaped (a zombie's pid cannot be
 //! reused), and the process group is killed by its leader's pid.
 
+pub mod cgroup;
+pub mod clock;
+pub mod control;
 mod listeners;
 mod metrics;
+mod note;
+pub mod output;
+pub mod pool;
+pub mod respawn;
 mod server;
+pub mod signals;
 mod status;
 mod upgrade;
 mod workers;
@@ -37,6 +45,7 @@ mod workers;
 pub use upgrade::{STATE_VERSION, resume, resuming, upgrade_check, version};
 
 use listeners::status_flags;
+pub use note::Note;
 use server::{CLIENT_IDLE, Client, bind_control};
 use workers::WorkerIo;
 
@@ -55,12 +64,12 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::control::{self, Request};
-use crate::pool::{Action, Event, GenId, Pool, Release, Settings, Stop, Waiter};
+use crate::exit::Exit;
 use crate::protocol::{self, Listener};
-use crate::respawn::describe;
-use crate::signals::{Signals, timeout_until};
-use crate::spawn::Command;
+use crate::sockets::spawn::Command;
+use crate::supervise::pool::{Action, Event, GenId, Pool, Release, Settings, Stop, Waiter};
+use crate::supervise::signals::{Signals, timeout_until};
+use control::Request;
 
 /// Where workers run.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -114,7 +123,7 @@ fn release_of(mode: &Mode) -> Result<Release, String> {
 
 /// Resolves `ROOT/current` to a release.
 pub fn resolve_current(root: &Path) -> Result<Release, String> {
-    crate::release::Store::new(root).resolve_current()
+    crate::store::release::Store::new(root).resolve_current()
 }
 
 #[derive(Clone, Copy)]
@@ -143,7 +152,7 @@ struct Driver {
     started: Instant,
     nonce: u64,
     /// Where log lines and workers' stderr go, never blocking the loop.
-    output: crate::output::Output,
+    output: crate::supervise::output::Output,
     /// Per listening socket: its file status flags as last seen (workers
     /// share them; see `check_listener_flags`), and whether it could not be
     /// made to listen again (then it is left out of the poll set).
@@ -164,7 +173,7 @@ struct Driver {
     /// An upgrade's pre-flight, running.
     preflight: Option<upgrade::Preflight>,
     /// One cgroup per generation, where the kernel offers them.
-    cgroups: Option<crate::cgroup::Cgroups>,
+    cgroups: Option<crate::supervise::cgroup::Cgroups>,
     /// What finished generations left behind, sent the drain signal:
     /// (pid, generation, when it is killed if still there).
     leftovers: Vec<(i32, GenId, Instant)>,
@@ -196,7 +205,7 @@ const SIGNALS: &[Signal] = &[
 pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
     let metrics = cfg.metrics.take().map(metrics_listener).transpose()?;
     let signals = Signals::new(SIGNALS)?;
-    if let crate::pool::Readiness::Fd(n) = settings.readiness {
+    if let crate::supervise::pool::Readiness::Fd(n) = settings.readiness {
         let first_free = 3 + cfg.sockets.len() as i32;
         if n < first_free {
             return Err(SuperviseError::Setup(format!(
@@ -230,7 +239,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         systemd,
         started: Instant::now(),
         nonce,
-        output: crate::output::Output::stderr(),
+        output: crate::supervise::output::Output::stderr(),
         listener_flags: Vec::new(),
         listener_lost: Vec::new(),
         exit_code: 0,
@@ -241,7 +250,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         upgrades: 0,
         upgrade: None,
         preflight: None,
-        cgroups: crate::cgroup::Cgroups::create(nonce),
+        cgroups: crate::supervise::cgroup::Cgroups::create(nonce),
         leftovers: Vec::new(),
         previous_version: version(),
         resumed_asker: None,
@@ -253,6 +262,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
     d.listener_lost = vec![false; d.cfg.sockets.len()];
     d.log(
         0,
+        Note::Started,
         &format!(
             "pid {}, {}, {}, ready {}",
             std::process::id(),
@@ -269,7 +279,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
 }
 
 impl Driver {
-    fn log(&self, level: i8, msg: &str) {
+    fn log(&self, level: i8, note: Note, msg: &str) {
         if level <= self.cfg.verbosity && crate::logtext::json() {
             let level = match level {
                 ..0 => crate::logtext::Level::Warn,
@@ -278,7 +288,7 @@ impl Driver {
             };
             let line = crate::logtext::json_line(
                 level,
-                event_kind(msg),
+                note.as_str(),
                 msg,
                 &[("from", self.cfg.name.into())],
             );
@@ -301,7 +311,7 @@ impl Driver {
     fn event_loop(&mut self) -> Result<(), SuperviseError> {
         loop {
             if self.pool.finished() {
-                self.log(0, "all workers gone; exiting");
+                self.log(0, Note::Exiting, "all workers gone; exiting");
                 return Ok(());
             }
             let ready = self.wait()?;
@@ -431,7 +441,7 @@ impl Driver {
                             let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
                         }
                     } else {
-                        self.log(0, "HUP: reload requested");
+                        self.log(0, Note::Supervisor, "HUP: reload requested");
                         self.request_reload(None, None);
                     }
                 }
@@ -453,7 +463,7 @@ impl Driver {
                 Signal::SIGTTIN | Signal::SIGTTOU => {
                     let n = self.pool.settings().workers;
                     let n = if sig == Signal::SIGTTIN {
-                        (n + 1).min(crate::pool::MAX_WORKERS)
+                        (n + 1).min(crate::supervise::pool::MAX_WORKERS)
                     } else {
                         n.saturating_sub(1).max(1)
                     };
@@ -461,13 +471,13 @@ impl Driver {
                 }
                 Signal::SIGUSR2 => {
                     if let Mode::Serve { .. } = self.cfg.mode {
-                        self.log(0, "USR2: upgrade requested");
+                        self.log(0, Note::Upgrade, "USR2: upgrade requested");
                         self.request_upgrade(None, None);
                     }
                 }
                 Signal::SIGUSR1 => {
                     let status = self.status().human();
-                    self.log(-1, &status);
+                    self.log(-1, Note::Supervisor, &status);
                 }
                 _ => {}
             }
@@ -491,41 +501,56 @@ impl Driver {
         let Mode::Serve { root } = &self.cfg.mode else {
             return;
         };
-        let store = crate::release::Store::new(root);
-        let _lock = crate::lock::Lock::acquire(
+        let store = crate::store::release::Store::new(root);
+        let _lock = crate::store::lock::Lock::acquire(
             &store.lock_path(),
-            &crate::lock::Holder::me("dream serve (reverting a release)"),
-            crate::lock::Wait::No,
+            &crate::store::lock::Holder::me("dream serve (reverting a release)"),
+            crate::store::lock::Wait::No,
         );
         // Back to the very release it ran (an unconfirmed reload of what
         // was already live): the generation is replaced, the release is
         // not bad, and nothing is recorded against it.
         if to.id == release {
             self.log(
-                0,
+                0, Note::Reverted,
                 &format!(
                     "generation {generation} reverted to a new generation of the same release {release}; nothing marked bad"
                 ),
             );
             return;
         }
-        let mut ev = crate::release::Event::new(crate::release::EventKind::Reverted, release);
+        let mut ev =
+            crate::store::release::Event::new(crate::store::release::EventKind::Reverted, release);
         ev.previous = Some(to.id.clone());
         ev.reason = Some(format!("generation {generation}: {reason}"));
         if let Err(e) = store.append(&ev) {
-            self.log(-1, &format!("cannot record the revert of {release}: {e}"));
+            self.log(
+                -1,
+                Note::Supervisor,
+                &format!("cannot record the revert of {release}: {e}"),
+            );
         }
         if store.current().as_deref() == Some(release) {
             match store.switch(&to.id) {
                 Ok(_) => {
-                    let mut back =
-                        crate::release::Event::new(crate::release::EventKind::Switched, &to.id);
+                    let mut back = crate::store::release::Event::new(
+                        crate::store::release::EventKind::Switched,
+                        &to.id,
+                    );
                     back.previous = Some(release.to_string());
                     back.reason = Some(format!("reverted from {release}: {reason}"));
                     let _ = store.append(&back);
-                    self.log(0, &format!("current switched back to {}", to.id));
+                    self.log(
+                        0,
+                        Note::Reverted,
+                        &format!("current switched back to {}", to.id),
+                    );
                 }
-                Err(e) => self.log(-1, &format!("cannot switch current back to {}: {e}", to.id)),
+                Err(e) => self.log(
+                    -1,
+                    Note::Supervisor,
+                    &format!("cannot switch current back to {}: {e}", to.id),
+                ),
             }
         }
     }
@@ -573,6 +598,7 @@ impl Driver {
                     {
                         self.log(
                             -1,
+                            Note::Worker,
                             &format!(
                                 "worker pid {pid}: cannot put it back at normal priority: {e}"
                             ),
@@ -605,8 +631,8 @@ impl Driver {
                     }
                 }
                 Action::Systemd(msg) => self.tell_systemd(&msg),
-                Action::Log(msg) => self.log(0, &msg),
-                Action::Warn(msg) => self.log(-1, &msg),
+                Action::Log(note, msg) => self.log(0, note, &msg),
+                Action::Warn(note, msg) => self.log(-1, note, &msg),
                 Action::Sweep(generation) => self.sweep(Some(generation)),
                 Action::Revert {
                     generation,
@@ -615,7 +641,7 @@ impl Driver {
                     reason,
                 } => self.record_revert(generation, &release, &to, &reason),
                 Action::GiveUp(reason) => {
-                    self.log(-1, &format!("giving up: {reason}"));
+                    self.log(-1, Note::GaveUp, &format!("giving up: {reason}"));
                     self.exit_code = 1;
                     queue.extend(self.pool.on(Event::Stop(Stop::Fast), now));
                 }
@@ -637,6 +663,7 @@ impl Driver {
             if let Err(e) = notify_with_fd(path, &msg, l.fd.as_fd()) {
                 self.log(
                     -1,
+                    Note::Supervisor,
                     &format!("cannot store {} with systemd: {e}", l.local_addr()),
                 );
             }
@@ -655,7 +682,7 @@ impl Driver {
             text.push_str(&format!("\nMONOTONIC_USEC={usec}"));
         }
         if let Err(e) = protocol::notify_to(path, &text) {
-            self.log(-1, &format!("cannot notify systemd: {e}"));
+            self.log(-1, Note::Supervisor, &format!("cannot notify systemd: {e}"));
         }
     }
 
@@ -693,50 +720,6 @@ fn notify_with_fd(path: &std::ffi::OsStr, msg: &str, fd: BorrowedFd<'_>) -> io::
         Some(&addr),
     )?;
     Ok(())
-}
-
-/// The kind of a supervisor's log line, for JSON logs (`event`): named
-/// from the line's opening words, which every message of a kind shares.
-fn event_kind(msg: &str) -> &'static str {
-    const KINDS: &[(&str, &str)] = &[
-        ("reload finished", "reload_finished"),
-        ("reload failed", "reload_failed"),
-        ("reload queued", "reload_queued"),
-        ("reload held", "reload_held"),
-        ("reload: starting", "generation_starting"),
-        ("reload: generation", "reload_failed"),
-        ("revert: starting", "generation_starting"),
-        ("starting generation", "generation_starting"),
-        ("reverting generation", "reverted"),
-        ("draining generation", "generation_draining"),
-        ("current switched back", "reverted"),
-        ("stopping", "stopping"),
-        ("scaling to", "scaled"),
-        ("upgrad", "upgrade"),
-        ("giving up", "gave_up"),
-        ("control:", "control_request"),
-        ("listening on", "listening"),
-        ("pid ", "started"),
-        ("all workers gone", "exiting"),
-    ];
-    if let Some((_, k)) = KINDS.iter().find(|(p, _)| msg.starts_with(p)) {
-        return k;
-    }
-    let words: Vec<&str> = msg.split_whitespace().take(3).collect();
-    match words.as_slice() {
-        ["worker", _, "started:", ..] => "worker_started",
-        ["worker", _, "ready:", ..] => "worker_ready",
-        ["worker", _, "exited:", ..] => "worker_exited",
-        ["worker", _, "retired:", ..] => "worker_retired",
-        ["worker", _, "failed", ..] => "worker_failed",
-        ["worker", ..] => "worker",
-        ["generation", _, "ready"] => "generation_ready",
-        ["generation", _, "drained"] => "generation_drained",
-        ["generation", _, "confirmed"] => "generation_confirmed",
-        ["generation", _, "is"] => "generation_provisional",
-        ["generation", ..] => "generation",
-        _ => "supervisor",
-    }
 }
 
 /// The metrics listener, non-blocking, as a std listener.

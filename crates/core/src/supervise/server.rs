@@ -3,7 +3,7 @@
 //! and answering.
 
 use super::*;
-use crate::control::{Answer, Refusal};
+use crate::supervise::control::{Answer, Refusal};
 
 /// Control clients served at once.
 pub(super) const MAX_CLIENTS: usize = 64;
@@ -17,10 +17,10 @@ pub(super) struct Client {
     pub(super) last: Instant,
 }
 pub(super) fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> {
-    let store = crate::release::Store::new(root);
+    let store = crate::store::release::Store::new(root);
     let dir = store.state();
-    let trusted =
-        crate::release::trusted_dir(root, true).and_then(|()| crate::release::trusted_subdir(&dir));
+    let trusted = crate::store::release::trusted_dir(root, true)
+        .and_then(|()| crate::store::release::trusted_subdir(&dir));
     trusted.map_err(|e| SuperviseError::Setup(format!("cannot use {}: {e}", dir.display())))?;
     let path = store.control_socket();
     if UnixStream::connect(&path).is_ok() {
@@ -30,8 +30,8 @@ pub(super) fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> 
             path.display()
         )));
     }
-    let spec = crate::spec::ListenSpec::Unix(path.clone());
-    let bound = crate::listen::bind(&spec, 64)
+    let spec = crate::sockets::spec::ListenSpec::Unix(path.clone());
+    let bound = crate::sockets::listen::bind(&spec, 64)
         .map_err(|e| SuperviseError::Setup(format!("control socket: {e}")))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
@@ -158,7 +158,11 @@ impl Driver {
     }
 
     pub(super) fn on_request(&mut self, i: usize, id: Waiter, text: &str) {
-        self.log(1, &format!("control: {}", crate::logtext::value(text)));
+        self.log(
+            1,
+            Note::ControlRequest,
+            &format!("control: {}", crate::logtext::value(text)),
+        );
         // The strict parser: an unknown command or field is refused with
         // the reason, and nothing is done.
         let request = match Request::parse(text) {
@@ -222,7 +226,7 @@ impl Driver {
                 });
             }
             Request::Scale { workers } => {
-                if let Err(e) = crate::pool::check_workers(workers) {
+                if let Err(e) = crate::supervise::pool::check_workers(workers) {
                     self.answer_index(i, &Answer::failed(e).to_value());
                     return;
                 }

@@ -128,7 +128,7 @@ struct ClientFds {
     fd: RawFd,
     buf: Vec<u8>,
     awaiting: usize,
-    #[serde(with = "crate::clock::mono")]
+    #[serde(with = "crate::supervise::clock::mono")]
     last: Instant,
 }
 
@@ -159,7 +159,7 @@ struct State {
     clients: Vec<ClientFds>,
     next_client: Waiter,
     nonce: u64,
-    #[serde(with = "crate::clock::mono")]
+    #[serde(with = "crate::supervise::clock::mono")]
     started: Instant,
     listener_lost: Vec<bool>,
     exit_code: i32,
@@ -274,7 +274,7 @@ fn preflight_verdict(p: &mut Preflight, status: &WaitStatus) -> Result<String, S
     if !matches!(status, WaitStatus::Exited(_, 0)) {
         return Err(format!(
             "{shown} --upgrade-check {}{}",
-            describe(*status),
+            crate::exit::Exit::from_wait(*status).map_or(format!("{status:?}"), |e| e.to_string()),
             if said.is_empty() {
                 String::new()
             } else {
@@ -301,7 +301,7 @@ impl Driver {
     /// the upgrade out once no reload is in progress.
     pub(super) fn request_upgrade(&mut self, asker: Option<Waiter>, binary: Option<PathBuf>) {
         let refuse = |d: &mut Driver, msg: String| {
-            d.log(-1, &format!("upgrade refused: {msg}"));
+            d.log(-1, Note::Upgrade, &format!("upgrade refused: {msg}"));
             if let Some(w) = asker {
                 d.answer(w, &control::Answer::failed(msg).to_value());
             }
@@ -365,7 +365,7 @@ impl Driver {
             Ok(v) => v,
             Err(e) => {
                 let msg = format!("pre-flight failed: {e}");
-                self.log(-1, &format!("upgrade refused: {msg}"));
+                self.log(-1, Note::Upgrade, &format!("upgrade refused: {msg}"));
                 if let Some(w) = asker {
                     self.answer(w, &control::Answer::failed(msg).to_value());
                 }
@@ -374,6 +374,7 @@ impl Driver {
         };
         self.log(
             0,
+            Note::Upgrade,
             &format!(
                 "upgrade to {} (dream {to_version}) checked{}",
                 binary.display(),
@@ -413,9 +414,9 @@ impl Driver {
         let pending = self.upgrade.take().expect("checked");
         let err = self.exec_upgrade(&pending);
         // Still here: the exec failed, and nothing was handed over.
-        self.output = crate::output::Output::stderr();
+        self.output = crate::supervise::output::Output::stderr();
         let msg = format!("upgrade to {} failed: {err}", pending.binary.display());
-        self.log(-1, &msg);
+        self.log(-1, Note::Upgrade, &msg);
         if let Some(w) = pending.asker {
             self.answer(w, &control::Answer::failed(msg).to_value());
         }
@@ -491,6 +492,7 @@ impl Driver {
     fn exec_upgrade(&mut self, pending: &Pending) -> io::Error {
         self.log(
             0,
+            Note::Upgrade,
             &format!(
                 "upgrading in place: dream {} -> {} ({}), pid {}, {} kept",
                 version(),
@@ -667,7 +669,7 @@ pub fn resume() -> Result<i32, SuperviseError> {
                 d.upgrades,
                 if d.upgrades == 1 { "" } else { "s" }
             );
-            d.log(0, &msg);
+            d.log(0, Note::Upgrade, &msg);
             if let Some(w) = asker {
                 let v = control::Answer {
                     version: Some(version()),
@@ -682,7 +684,7 @@ pub fn resume() -> Result<i32, SuperviseError> {
                 "upgrade failed: the new program could not take over ({why}); dream {} keeps running",
                 version()
             );
-            d.log(-1, &msg);
+            d.log(-1, Note::Upgrade, &msg);
             if let Some(w) = asker {
                 d.answer(w, &control::Answer::failed(msg).to_value());
             }
@@ -800,7 +802,7 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         systemd: std::env::var_os(protocol::NOTIFY_SOCKET),
         started: state.started,
         nonce: state.nonce,
-        output: crate::output::Output::stderr(),
+        output: crate::supervise::output::Output::stderr(),
         listener_flags,
         listener_lost: state.listener_lost,
         exit_code: state.exit_code,
@@ -811,7 +813,7 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         upgrade: None,
         preflight: None,
         // The same path as before the exec (pid and nonce are kept).
-        cgroups: crate::cgroup::Cgroups::create(state.nonce),
+        cgroups: crate::supervise::cgroup::Cgroups::create(state.nonce),
         // Leftovers signalled before the upgrade are ended at the exit sweep
         // (their deadlines are not carried over).
         leftovers: Vec::new(),

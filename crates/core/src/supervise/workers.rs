@@ -79,11 +79,10 @@ impl Driver {
             } else {
                 String::new()
             };
-            self.on(Event::Exited {
-                pid,
-                how: describe(status),
-                tail,
-            });
+            let Some(how) = Exit::from_wait(status) else {
+                continue;
+            };
+            self.on(Event::Exited { pid, how, tail });
         }
     }
 
@@ -138,6 +137,7 @@ impl Driver {
             let (generation, index) = (w.generation, w.index);
             self.log(
                 1,
+                Note::Worker,
                 &format!("worker {generation}.{index} (pid {pid}) wrote its ready line"),
             );
             self.on(Event::Ready { generation, index });
@@ -172,6 +172,7 @@ impl Driver {
         for text in said {
             self.log(
                 1,
+                Note::Worker,
                 &format!("worker {generation}.{index} (pid {pid}) says {text}"),
             );
         }
@@ -208,14 +209,14 @@ impl Driver {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
         );
         let ready_pipe = match self.pool.settings().readiness {
-            crate::pool::Readiness::Fd(_) => Some(
+            crate::supervise::pool::Readiness::Fd(_) => Some(
                 nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
                     .map_err(|e| format!("pipe: {e}"))?,
             ),
             _ => None,
         };
         let mut cmd = Command::new(&self.cfg.program);
-        if let (crate::pool::Readiness::Fd(n), Some((_, w))) =
+        if let (crate::supervise::pool::Readiness::Fd(n), Some((_, w))) =
             (self.pool.settings().readiness, &ready_pipe)
         {
             cmd.map_fd(w.as_fd(), n);
@@ -307,7 +308,7 @@ impl Driver {
                 }
                 if !found.is_empty() {
                     self.log(
-                        -1,
+                        -1, Note::Worker,
                         &format!(
                             "killed {} process(es) started by {from} that had left its process group: pid {}",
                             found.len(),
@@ -330,7 +331,7 @@ impl Driver {
                 }
                 if !found.is_empty() {
                     self.log(
-                        -1,
+                        -1, Note::Worker,
                         &format!(
                             "sent {signal:?} to {} process(es) started by {from} that had left its process group (killed at its drain deadline if still there): pid {}",
                             found.len(),
@@ -372,7 +373,7 @@ impl Driver {
         }
         if !killed.is_empty() {
             self.log(
-                -1,
+                -1, Note::Generation,
                 &format!(
                     "killed {} process(es) left behind past their generation's drain deadline: pid {}",
                     killed.len(),

@@ -11,8 +11,8 @@ use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use crate::manifest::{self, Entry, Kind, Manifest};
-use crate::tree::{Tree, TreeError};
+use crate::store::manifest::{self, Entry, Kind, Manifest};
+use crate::store::tree::{Tree, TreeError};
 
 /// Most entries a source may have (a tar bomb is refused, not extracted);
 /// `DREAM_MAX_ENTRIES` lowers or raises it.
@@ -179,9 +179,9 @@ fn safe_relative(rel: &Path) -> Result<PathBuf, StageError> {
 
 /// Checks that a symlink at `rel` (relative to the release) pointing at
 /// `target` stays inside the release, read on its own. Chains of links are
-/// judged on the final tree by [`crate::tree::links_escaping`].
+/// judged on the final tree by [`crate::store::tree::links_escaping`].
 fn check_link(rel: &Path, target: &Path) -> Result<(), StageError> {
-    if crate::tree::stays_inside(rel, target) {
+    if crate::store::tree::stays_inside(rel, target) {
         return Ok(());
     }
     Err(StageError::Refused(format!(
@@ -191,7 +191,7 @@ fn check_link(rel: &Path, target: &Path) -> Result<(), StageError> {
     )))
 }
 
-pub use crate::manifest::frozen_mode;
+pub use crate::store::manifest::frozen_mode;
 
 /// What a directory source leaves out of its release: `.git/` (unless
 /// kept), the source's own `.dreamignore`, and `--exclude` patterns, all
@@ -285,7 +285,7 @@ pub fn leave_out(
         fs::set_permissions(&parent, fs::Permissions::from_mode(mode | 0o700))
             .map_err(io_at(&parent))?;
         let removed = match fs::symlink_metadata(&at) {
-            Ok(m) if m.is_dir() => crate::release::remove_tree(&at),
+            Ok(m) if m.is_dir() => crate::store::release::remove_tree(&at),
             Ok(_) => fs::remove_file(&at),
             Err(e) => Err(e),
         };
@@ -826,7 +826,7 @@ pub fn git_checkout(
     rev: Option<&str>,
     dst: &Path,
     max_bytes: u64,
-    mut signals: Option<&mut crate::signals::Signals>,
+    mut signals: Option<&mut crate::supervise::signals::Signals>,
 ) -> Result<String, StageError> {
     let mut git = |args: &[&str], dir: Option<&Path>| -> Result<String, StageError> {
         let mut cmd = std::process::Command::new("git");
@@ -922,7 +922,7 @@ pub fn git_checkout(
 }
 
 /// Where [`from_manifest`] finds a local file of a content and frozen mode.
-pub type ShareFrom<'a> = dyn Fn(&crate::manifest::Hash, u32) -> Option<PathBuf> + 'a;
+pub type ShareFrom<'a> = dyn Fn(&crate::store::manifest::Hash, u32) -> Option<PathBuf> + 'a;
 
 /// Builds a release's tree in `dst` from a manifest alone: directories and
 /// links as it says, each file's content from `content(hash)` (a received
@@ -938,7 +938,7 @@ pub type ShareFrom<'a> = dyn Fn(&crate::manifest::Hash, u32) -> Option<PathBuf> 
 /// made frozen as it is built, as for a directory source.
 pub fn from_manifest(
     manifest: &Manifest,
-    content: &dyn Fn(&crate::manifest::Hash) -> Option<PathBuf>,
+    content: &dyn Fn(&crate::store::manifest::Hash) -> Option<PathBuf>,
     share: Option<&ShareFrom<'_>>,
     dst: &Path,
     max_bytes: u64,
@@ -959,7 +959,7 @@ pub fn from_manifest(
         });
     }
     fs::create_dir(dst).map_err(io_at(dst))?;
-    let tree = crate::tree::Tree::open(dst).map_err(io_at(dst))?;
+    let tree = crate::store::tree::Tree::open(dst).map_err(io_at(dst))?;
     let mut stats = Stats::default();
     let mut dirs = Vec::new();
     for e in manifest.entries() {
@@ -987,22 +987,22 @@ pub fn from_manifest(
                     StageError::Refused(format!(
                         "{}: its content ({}) was neither sent nor found on this host",
                         e.path.display(),
-                        crate::manifest::hex(hash)
+                        crate::store::manifest::hex(hash)
                     ))
                 })?;
                 let mut src = fs::File::open(&from).map_err(io_at(&from))?;
                 let mut out = tree.create_file(&e.path, if freeze { frozen } else { *mode })?;
                 let at = dst.join(&e.path);
                 let (got, n) =
-                    crate::manifest::hash_copy(&mut src, &mut out).map_err(|c| match c {
-                        crate::manifest::CopyError::Read(err) => io_at(&from)(err),
-                        crate::manifest::CopyError::Write(err) => io_at(&at)(err),
+                    crate::store::manifest::hash_copy(&mut src, &mut out).map_err(|c| match c {
+                        crate::store::manifest::CopyError::Read(err) => io_at(&from)(err),
+                        crate::store::manifest::CopyError::Write(err) => io_at(&at)(err),
                     })?;
                 if got != *hash || n != *size {
                     return Err(StageError::Refused(format!(
                         "{}: its content does not match the manifest (hash {}, {n} bytes)",
                         e.path.display(),
-                        crate::manifest::hex(&got)
+                        crate::store::manifest::hex(&got)
                     )));
                 }
                 stats.files += 1;
@@ -1244,7 +1244,7 @@ mod tests {
             b.finish().unwrap();
             drop(b);
             let dst = top.path().join("r");
-            let _ = crate::release::remove_tree(&dst);
+            let _ = crate::store::release::remove_tree(&dst);
             let _ = extract_tar(&tarball, &dst, u64::MAX);
             let mut seen: Vec<_> = std::fs::read_dir(top.path())
                 .unwrap()
@@ -1263,7 +1263,7 @@ mod tests {
             );
             // What survives extraction and the final-tree check resolves
             // inside: every link left opens beneath the release.
-            if crate::tree::links_escaping(&dst).unwrap().is_empty() {
+            if crate::store::tree::links_escaping(&dst).unwrap().is_empty() {
                 for name in names {
                     let p = dst.join(name);
                     if let Ok(real) = p.canonicalize() {

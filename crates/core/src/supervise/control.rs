@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::pool::{GenerationState, GenerationStatus, PoolStatus};
+use crate::supervise::pool::{GenerationState, GenerationStatus, PoolStatus};
 
 /// Longest request line the supervisor reads.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -392,7 +392,7 @@ pub fn tell(root: &Path, req: &Request) -> Result<(), ControlError> {
 
 /// `ROOT/.dream/control.sock` (the paths under a root are `release::Store`'s).
 pub fn socket_path(root: &Path) -> PathBuf {
-    crate::release::Store::new(root).control_socket()
+    crate::store::release::Store::new(root).control_socket()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -482,7 +482,7 @@ fn exchange(
                 PollFd::new(stream.as_fd(), PollFlags::POLLIN),
                 PollFd::new(signals, PollFlags::POLLIN),
             ];
-            match poll(&mut fds, crate::signals::timeout_until(deadline)) {
+            match poll(&mut fds, crate::supervise::signals::timeout_until(deadline)) {
                 Ok(0) => {
                     return Err(io_err(io::Error::new(
                         io::ErrorKind::TimedOut,

@@ -37,7 +37,7 @@ pub struct HookEvent<'a> {
 
 impl<'a> HookEvent<'a> {
     pub fn new(hook: &'a str, root: &'a Path, release: &'a str, previous: Option<&'a str>) -> Self {
-        let me = crate::lock::Holder::me("");
+        let me = crate::store::lock::Holder::me("");
         HookEvent {
             hook,
             release,
@@ -52,7 +52,7 @@ impl<'a> HookEvent<'a> {
 
 /// `ROOT/.dream/hooks/NAME`, if it exists.
 pub fn path(root: &Path, name: &str) -> Option<PathBuf> {
-    let p = crate::release::Store::new(root)
+    let p = crate::store::release::Store::new(root)
         .state()
         .join("hooks")
         .join(name);
@@ -98,7 +98,7 @@ pub fn run(event: &HookEvent<'_>, quiet: bool) -> Result<(), String> {
             let said = tail.last().cloned().unwrap_or_default();
             Err(format!(
                 "hook {name} {}{}",
-                crate::respawn::describe_exit(status),
+                status,
                 if said.is_empty() {
                     String::new()
                 } else {

@@ -166,7 +166,7 @@ impl Store {
     /// The one place `current` is resolved; the supervisor starts each
     /// generation in the directory this returns, so a later switch never
     /// moves a running generation.
-    pub fn resolve_current(&self) -> Result<crate::pool::Release, String> {
+    pub fn resolve_current(&self) -> Result<crate::supervise::pool::Release, String> {
         let current = self.current_link();
         let dir = fs::canonicalize(&current).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
@@ -197,7 +197,7 @@ impl Store {
                 self.releases().display()
             ));
         }
-        Ok(crate::pool::Release { id, dir })
+        Ok(crate::supervise::pool::Release { id, dir })
     }
 
     /// Creates `releases/` and `.dream/`; refuses a root that someone else

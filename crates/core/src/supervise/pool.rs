@@ -33,6 +33,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
+use crate::exit::Exit;
+use crate::supervise::Note;
+
 pub type GenId = u64;
 /// A control client waiting for the outcome of a reload.
 pub type Waiter = u64;
@@ -80,7 +83,7 @@ impl std::str::FromStr for Readiness {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Readiness, String> {
-        let dur = |d: &str| crate::signals::parse_duration(d);
+        let dur = |d: &str| crate::supervise::signals::parse_duration(d);
         match s.split_once(':') {
             None if s == "notify" => Ok(Readiness::Notify),
             Some(("fd", n)) => match n.parse::<i32>() {
@@ -105,7 +108,7 @@ pub struct Settings {
     pub workers: usize,
     pub readiness: Readiness,
     pub ready_timeout: Duration,
-    #[serde(with = "crate::signals::by_number")]
+    #[serde(with = "crate::supervise::signals::by_number")]
     pub drain_signal: Signal,
     pub drain_timeout: Duration,
     /// Generations allowed to drain at once; a reload that would make one
@@ -181,10 +184,10 @@ pub enum Action {
     },
     /// An sd_notify message for systemd (`READY=1`, `RELOADING=1`).
     Systemd(String),
-    /// A line for the log (shown unless `-q`).
-    Log(String),
+    /// A line for the log (shown unless `-q`), and what it is about.
+    Log(Note, String),
     /// A warning or failure for the log (shown even with `-q`).
-    Warn(String),
+    Warn(Note, String),
     /// Generation `GenId` is over (drained, or killed at its deadline):
     /// kill whatever it started that left its process group (`setsid`).
     Sweep(GenId),
@@ -208,14 +211,14 @@ pub enum Action {
 enum WorkerState {
     /// To be started at this time (after a backoff).
     Waiting {
-        #[serde(with = "crate::clock::mono")]
+        #[serde(with = "crate::supervise::clock::mono")]
         at: Instant,
     },
     /// A `Spawn` action was issued; the pid comes with `spawned`.
     Spawning,
     Starting {
         pid: i32,
-        #[serde(with = "crate::clock::mono")]
+        #[serde(with = "crate::supervise::clock::mono")]
         since: Instant,
         /// Of the time since, how long the worker's busiest task waited
         /// for a CPU ([`Event::CpuWaited`]): a timed readiness does not
@@ -225,7 +228,7 @@ enum WorkerState {
     },
     Ready {
         pid: i32,
-        #[serde(with = "crate::clock::mono")]
+        #[serde(with = "crate::supervise::clock::mono")]
         since: Instant,
     },
     /// Told to drain (or killed) with its generation; waiting for it to exit.
@@ -301,14 +304,14 @@ impl Worker {
 enum GenState {
     /// Workers starting; all must be ready by `deadline`.
     Starting {
-        #[serde(with = "crate::clock::mono")]
+        #[serde(with = "crate::supervise::clock::mono")]
         deadline: Instant,
     },
     /// Serving; its dead workers are respawned with backoff.
     Live,
     /// Told to drain; its process groups are killed at `deadline`.
     Draining {
-        #[serde(with = "crate::clock::mono")]
+        #[serde(with = "crate::supervise::clock::mono")]
         deadline: Instant,
     },
     /// Past its drain deadline, or stopped fast: killed, exits awaited.
@@ -337,9 +340,9 @@ enum Trial {
     /// Crashes count until `until` (probation); it reverts at `confirm_by`
     /// unless confirmed first (a provisional reload).
     Pending {
-        #[serde(with = "crate::clock::mono_opt")]
+        #[serde(with = "crate::supervise::clock::mono_opt")]
         until: Option<Instant>,
-        #[serde(with = "crate::clock::mono_opt")]
+        #[serde(with = "crate::supervise::clock::mono_opt")]
         confirm_by: Option<Instant>,
         crashes: u32,
     },
@@ -352,7 +355,7 @@ enum Trial {
 struct Settling {
     waiter: Waiter,
     /// The end of its window.
-    #[serde(with = "crate::clock::mono")]
+    #[serde(with = "crate::supervise::clock::mono")]
     by: Instant,
 }
 
@@ -362,7 +365,7 @@ struct Generation {
     release: Release,
     state: GenState,
     workers: Vec<Worker>,
-    #[serde(with = "crate::clock::mono")]
+    #[serde(with = "crate::supervise::clock::mono")]
     started: Instant,
     waiters: Vec<Waiter>,
     /// The release of the generation it replaced, to revert to.
@@ -371,7 +374,7 @@ struct Generation {
     #[serde(default)]
     trial: Trial,
     /// When it went live: a settle window counts from here.
-    #[serde(default, with = "crate::clock::mono_opt")]
+    #[serde(default, with = "crate::supervise::clock::mono_opt")]
     live_since: Option<Instant>,
     /// Clients waiting for it to settle ([`Event::Settle`]).
     #[serde(default)]
@@ -429,10 +432,10 @@ pub enum Event {
         generation: GenId,
         index: usize,
     },
-    /// A child exited: `how` in words, `tail` the end of its output.
+    /// A child exited: `how` it ended, `tail` the end of its output.
     Exited {
         pid: i32,
-        how: String,
+        how: Exit,
         tail: String,
     },
     /// The worker count changed (control `scale`, TTIN, TTOU).
@@ -486,7 +489,7 @@ pub struct Pool {
     stopping: Option<Stop>,
     announced_ready: bool,
     /// The first generation must be ready by then, or the supervisor gives up.
-    #[serde(with = "crate::clock::mono_opt")]
+    #[serde(with = "crate::supervise::clock::mono_opt")]
     first_ready_by: Option<Instant>,
     /// Why the last worker died, for giving up.
     last_death: Option<String>,
@@ -606,10 +609,12 @@ impl Pool {
                     vec![ReloadFailed::stopping(waiter.into_iter().collect())]
                 } else if self.reloading() {
                     vec![Action::Log(
+                        Note::ReloadQueued,
                         "reload queued behind the one in progress".into(),
                     )]
                 } else if self.reload_held() {
                     vec![Action::Log(
+                        Note::ReloadHeld,
                         "reload held until a draining generation finishes or reaches its drain deadline"
                             .into(),
                     )]
@@ -655,7 +660,7 @@ impl Pool {
                 error,
             } => self.spawn_failed(generation, index, error, now),
             Event::Ready { generation, index } => self.ready(generation, index, now),
-            Event::Exited { pid, how, tail } => self.exited(pid, &how, &tail, now),
+            Event::Exited { pid, how, tail } => self.exited(pid, how, &tail, now),
             Event::Scale(workers) => self.scale(workers, now),
             Event::Stop(how) => self.stop(how, now),
             Event::Tick => self.tick(now),
@@ -774,18 +779,21 @@ impl Pool {
                 deadline: now + self.settings.ready_timeout,
             }
         };
-        let mut actions = vec![Action::Log(format!(
-            "{} generation {id}: release {} ({})",
-            if first {
-                "starting"
-            } else if revert {
-                "revert: starting"
-            } else {
-                "reload: starting"
-            },
-            release.id,
-            crate::plural(self.settings.workers, "worker")
-        ))];
+        let mut actions = vec![Action::Log(
+            Note::GenerationStarting,
+            format!(
+                "{} generation {id}: release {} ({})",
+                if first {
+                    "starting"
+                } else if revert {
+                    "revert: starting"
+                } else {
+                    "reload: starting"
+                },
+                release.id,
+                crate::plural(self.settings.workers, "worker")
+            ),
+        )];
         if !first {
             actions.push(Action::Systemd("RELOADING=1".into()));
         }
@@ -900,7 +908,7 @@ impl Pool {
         self.start_pending = false;
         let waiters = self.queued.take().unwrap_or_default();
         vec![
-            Action::Warn(format!("reload failed: {reason}")),
+            Action::Warn(Note::ReloadFailed, format!("reload failed: {reason}")),
             Action::ReloadDone {
                 waiters,
                 outcome: Err(reason),
@@ -923,7 +931,10 @@ impl Pool {
         };
         let w = &mut g.workers[i];
         w.pgid = Some(pid);
-        let started = Action::Log(format!("worker {generation}.{index} started: pid {pid}"));
+        let started = Action::Log(
+            Note::WorkerStarted,
+            format!("worker {generation}.{index} started: pid {pid}"),
+        );
         match w.state {
             WorkerState::Spawning => {
                 w.state = WorkerState::Starting {
@@ -953,7 +964,13 @@ impl Pool {
         error: String,
         now: Instant,
     ) -> Vec<Action> {
-        self.worker_died(generation, index, format!("could not start: {error}"), now)
+        self.worker_died(
+            generation,
+            index,
+            format!("could not start: {error}"),
+            false,
+            now,
+        )
     }
 
     /// A worker sent `READY=1`.
@@ -972,9 +989,10 @@ impl Pool {
             return Vec::new();
         };
         g.workers[i].state = WorkerState::Ready { pid, since: now };
-        let mut actions = vec![Action::Log(format!(
-            "worker {generation}.{index} ready: pid {pid}"
-        ))];
+        let mut actions = vec![Action::Log(
+            Note::WorkerReady,
+            format!("worker {generation}.{index} ready: pid {pid}"),
+        )];
         if std::mem::take(&mut g.workers[i].background) {
             actions.push(Action::Foreground { pid });
         }
@@ -1000,7 +1018,10 @@ impl Pool {
             GenState::Live => {
                 if !self.announced_ready {
                     self.announced_ready = true;
-                    actions.push(Action::Log(format!("generation {generation} ready")));
+                    actions.push(Action::Log(
+                        Note::GenerationReady,
+                        format!("generation {generation} ready"),
+                    ));
                     actions.push(Action::Systemd("READY=1".into()));
                 }
             }
@@ -1027,7 +1048,7 @@ impl Pool {
                 g.state = GenState::Live;
                 g.live_since = Some(now);
                 let waiters = std::mem::take(&mut g.waiters);
-                actions.push(Action::Log(format!(
+                actions.push(Action::Log(Note::ReloadFinished, format!(
                     "reload finished: generation {generation} (release {release}) live after {}",
                     crate::fmt_duration(elapsed)
                 )));
@@ -1036,7 +1057,7 @@ impl Pool {
                     let until = (!probation.is_zero()).then_some(now + probation);
                     let confirm_by = g.confirm_within.map(|d| now + d);
                     if let Some(d) = g.confirm_within {
-                        actions.push(Action::Log(format!(
+                        actions.push(Action::Log(Note::GenerationProvisional, format!(
                             "generation {generation} is provisional: it reverts unless confirmed within {}",
                             crate::fmt_duration(d)
                         )));
@@ -1090,10 +1111,13 @@ impl Pool {
             return Vec::new();
         };
         g.state = GenState::Draining { deadline };
-        let mut actions = vec![Action::Log(format!(
-            "draining generation {generation} (release {})",
-            g.release.id
-        ))];
+        let mut actions = vec![Action::Log(
+            Note::GenerationDraining,
+            format!(
+                "draining generation {generation} (release {})",
+                g.release.id
+            ),
+        )];
         for w in &mut g.workers {
             match w.state {
                 WorkerState::Starting { pid, .. } | WorkerState::Ready { pid, .. } => {
@@ -1129,9 +1153,9 @@ impl Pool {
         actions
     }
 
-    /// A child exited. `how` is its exit status in words; `tail` is the
-    /// end of its stderr.
-    fn exited(&mut self, pid: i32, how: &str, tail: &str, now: Instant) -> Vec<Action> {
+    /// A child exited. `how` is its exit status; `tail` is the end of its
+    /// stderr.
+    fn exited(&mut self, pid: i32, how: Exit, tail: &str, now: Instant) -> Vec<Action> {
         let Some((generation, index)) = self.find_pid(pid) else {
             return Vec::new();
         };
@@ -1140,14 +1164,14 @@ impl Pool {
         let drained = self
             .worker_mut(generation, index)
             .is_some_and(|(g, i)| matches!(g.workers[i].state, WorkerState::Stopping { .. }))
-            && how == "exited with status 0";
+            && how.success();
         let mut reason = format!("pid {pid} {how}");
         let tail = tail.trim();
         if !tail.is_empty() && !drained {
             reason.push_str(&format!("; its stderr ended with:\n{tail}"));
         }
         self.last_death = Some(reason.clone());
-        self.worker_died(generation, index, reason, now)
+        self.worker_died(generation, index, reason, how.success(), now)
     }
 
     fn find_pid(&self, pid: i32) -> Option<(GenId, usize)> {
@@ -1159,11 +1183,13 @@ impl Pool {
         })
     }
 
+    /// A worker is gone: `clean` when it exited with status 0.
     fn worker_died(
         &mut self,
         generation: GenId,
         index: usize,
         reason: String,
+        clean: bool,
         now: Instant,
     ) -> Vec<Action> {
         let stopping = self.stopping.is_some();
@@ -1181,24 +1207,27 @@ impl Pool {
             let pgid = w.pgid;
             g.workers.remove(i);
             actions.extend(pgid.map(|pid| Action::KillGroup { pid }));
-            actions.push(Action::Log(format!(
-                "worker {generation}.{index} retired: {reason}"
-            )));
+            actions.push(Action::Log(
+                Note::WorkerRetired,
+                format!("worker {generation}.{index} retired: {reason}"),
+            ));
             actions.extend(self.reap_generations());
             return actions;
         }
         match state {
             GenState::Starting { .. } => {
-                actions.push(Action::Warn(format!(
-                    "worker {generation}.{index} failed during reload: {reason}"
-                )));
+                actions.push(Action::Warn(
+                    Note::WorkerFailed,
+                    format!("worker {generation}.{index} failed during reload: {reason}"),
+                ));
                 actions
                     .extend(self.fail(generation, format!("worker {generation}.{index} {reason}")));
             }
             GenState::Live if !stopping && on_trial => {
-                actions.push(Action::Warn(format!(
-                    "worker {generation}.{index} exited: {reason}"
-                )));
+                actions.push(Action::Warn(
+                    Note::WorkerExited,
+                    format!("worker {generation}.{index} exited: {reason}"),
+                ));
                 actions.extend(self.crashed_on_trial(generation, index, now));
             }
             GenState::Live if !stopping => {
@@ -1220,10 +1249,13 @@ impl Pool {
                 w.restarts += 1;
                 w.state = WorkerState::Waiting { at: now + delay };
                 self.restarts += 1;
-                actions.push(Action::Warn(format!(
-                    "worker {generation}.{index} exited: {reason}; restarting in {}",
-                    crate::fmt_duration(delay)
-                )));
+                actions.push(Action::Warn(
+                    Note::WorkerExited,
+                    format!(
+                        "worker {generation}.{index} exited: {reason}; restarting in {}",
+                        crate::fmt_duration(delay)
+                    ),
+                ));
                 if delay.is_zero() {
                     actions.extend(self.tick(now));
                 }
@@ -1231,10 +1263,10 @@ impl Pool {
             _ => {
                 // A drained worker exiting 0 is news; any other exit a warning.
                 let line = format!("worker {generation}.{index} exited: {reason}");
-                actions.push(if reason.ends_with("exited with status 0") {
-                    Action::Log(line)
+                actions.push(if clean {
+                    Action::Log(Note::WorkerExited, line)
                 } else {
-                    Action::Warn(line)
+                    Action::Warn(Note::WorkerExited, line)
                 });
                 actions.extend(self.reap_generations());
             }
@@ -1318,10 +1350,13 @@ impl Pool {
             self.reverted.remove(0);
         }
         let mut actions = vec![
-            Action::Warn(format!(
-                "reverting generation {generation} (release {release}): {reason}; back to release {}",
-                to.id
-            )),
+            Action::Warn(
+                Note::Reverted,
+                format!(
+                    "reverting generation {generation} (release {release}): {reason}; back to release {}",
+                    to.id
+                ),
+            ),
             Action::Revert {
                 generation,
                 release,
@@ -1396,7 +1431,10 @@ impl Pool {
         } = &mut g.trial
             && confirm_by.take().is_some()
         {
-            actions.push(Action::Log(format!("generation {id} confirmed")));
+            actions.push(Action::Log(
+                Note::GenerationConfirmed,
+                format!("generation {id} confirmed"),
+            ));
             if until.is_none_or(|u| u <= now) {
                 g.trial = Trial::Settled;
             }
@@ -1424,9 +1462,10 @@ impl Pool {
             ),
             None => "nothing is serving".to_string(),
         };
-        actions.push(Action::Warn(format!(
-            "reload failed: generation {generation} (release {release}) killed; {serving}"
-        )));
+        actions.push(Action::Warn(
+            Note::ReloadFailed,
+            format!("reload failed: generation {generation} (release {release}) killed; {serving}"),
+        ));
         actions.push(Action::Systemd("READY=1".into()));
         actions.push(Action::ReloadDone {
             waiters,
@@ -1462,7 +1501,10 @@ impl Pool {
                         .map(|pid| Action::KillGroup { pid }),
                 );
                 if g.state != GenState::Failed {
-                    actions.push(Action::Log(format!("generation {} drained", g.id)));
+                    actions.push(Action::Log(
+                        Note::GenerationDrained,
+                        format!("generation {} drained", g.id),
+                    ));
                 }
                 actions.push(Action::Sweep(g.id));
             }
@@ -1518,7 +1560,7 @@ impl Pool {
                     && since + BACKGROUND_MAX <= now
                 {
                     w.background = false;
-                    actions.push(Action::Log(format!(
+                    actions.push(Action::Log(Note::Worker, format!(
                         "worker {}.{} not ready after {} in the background: now at normal priority",
                         g.id,
                         w.index,
@@ -1553,9 +1595,10 @@ impl Pool {
                 crate::fmt_duration(self.settings.ready_timeout),
                 not_ready.join(", ")
             );
-            actions.push(Action::Warn(format!(
-                "reload: generation {generation} {reason}"
-            )));
+            actions.push(Action::Warn(
+                Note::ReloadFailed,
+                format!("reload: generation {generation} {reason}"),
+            ));
             actions.extend(self.fail(generation, reason));
         }
         // Drain deadlines.
@@ -1572,11 +1615,14 @@ impl Pool {
                     }
                 }
                 if any {
-                    actions.push(Action::Warn(format!(
-                        "generation {} did not drain within {}: killed",
-                        g.id,
-                        crate::fmt_duration(self.settings.drain_timeout)
-                    )));
+                    actions.push(Action::Warn(
+                        Note::Generation,
+                        format!(
+                            "generation {} did not drain within {}: killed",
+                            g.id,
+                            crate::fmt_duration(self.settings.drain_timeout)
+                        ),
+                    ));
                 }
                 actions.push(Action::Sweep(g.id));
             }
@@ -1697,10 +1743,13 @@ impl Pool {
             return Vec::new();
         }
         self.stopping = Some(how);
-        let mut actions = vec![Action::Log(match how {
-            Stop::Graceful => "stopping: draining every generation".to_string(),
-            Stop::Fast => "stopping now: killing every worker".to_string(),
-        })];
+        let mut actions = vec![Action::Log(
+            Note::Stopping,
+            match how {
+                Stop::Graceful => "stopping: draining every generation".to_string(),
+                Stop::Fast => "stopping now: killing every worker".to_string(),
+            },
+        )];
         actions.push(Action::Systemd("STOPPING=1".into()));
         if let Some(waiters) = self.queued.take() {
             actions.push(ReloadFailed::stopping(waiters));
@@ -1731,7 +1780,10 @@ impl Pool {
         let workers = workers.clamp(1, MAX_WORKERS);
         self.settings.workers = workers;
         let signal = self.settings.drain_signal;
-        let mut actions = vec![Action::Log(format!("scaling to {workers} workers"))];
+        let mut actions = vec![Action::Log(
+            Note::Scaled,
+            format!("scaling to {workers} workers"),
+        )];
         let Some(g) = self.gens.iter_mut().find(|g| g.state == GenState::Live) else {
             return actions;
         };
@@ -1940,6 +1992,15 @@ pub enum WorkerPhase {
 }
 
 impl GenerationState {
+    /// Every state, in the order metrics list them.
+    pub const ALL: [GenerationState; 5] = [
+        GenerationState::Starting,
+        GenerationState::Live,
+        GenerationState::Draining,
+        GenerationState::Killed,
+        GenerationState::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             GenerationState::Starting => "starting",
@@ -1952,6 +2013,17 @@ impl GenerationState {
 }
 
 impl WorkerPhase {
+    /// Every phase, in the order metrics list them.
+    pub const ALL: [WorkerPhase; 7] = [
+        WorkerPhase::Waiting,
+        WorkerPhase::Spawning,
+        WorkerPhase::Starting,
+        WorkerPhase::Ready,
+        WorkerPhase::Stopping,
+        WorkerPhase::Retiring,
+        WorkerPhase::Gone,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             WorkerPhase::Waiting => "waiting",
@@ -2180,7 +2252,10 @@ mod tests {
         let mut a = pool.on(
             Event::Exited {
                 pid: 3,
-                how: "killed by SIGKILL".into(),
+                how: Exit::Signal {
+                    signal: 9,
+                    core: false,
+                },
                 tail: String::new(),
             },
             t0 + 2 * BACKGROUND_MAX,
@@ -2310,7 +2385,7 @@ mod tests {
         pool.on(
             Event::Exited {
                 pid: 1,
-                how: ("exited with status 0").to_string(),
+                how: Exit::Code(0),
                 tail: ("").to_string(),
             },
             t0,
@@ -2318,13 +2393,16 @@ mod tests {
         let a = pool.on(
             Event::Exited {
                 pid: 2,
-                how: ("exited with status 0").to_string(),
+                how: Exit::Code(0),
                 tail: ("").to_string(),
             },
             t0,
         );
         assert!(
-            a.contains(&Action::Log("generation 1 drained".into())),
+            a.contains(&Action::Log(
+                Note::GenerationDrained,
+                "generation 1 drained".into()
+            )),
             "{a:?}"
         );
         assert_eq!(pool.status(t0).generations.len(), 1);
@@ -2345,7 +2423,7 @@ mod tests {
         let a = pool.on(
             Event::Exited {
                 pid: 3,
-                how: ("exited with status 3").to_string(),
+                how: Exit::Code(3),
                 tail: ("boom: config missing").to_string(),
             },
             t0,
@@ -2457,7 +2535,7 @@ mod tests {
             let a = pool.on(
                 Event::Exited {
                     pid,
-                    how: ("exited with status 1").to_string(),
+                    how: Exit::Code(1),
                     tail: ("").to_string(),
                 },
                 now,
@@ -2480,7 +2558,10 @@ mod tests {
         let a = pool.on(
             Event::Exited {
                 pid,
-                how: ("was killed by SIGKILL").to_string(),
+                how: Exit::Signal {
+                    signal: 9,
+                    core: false,
+                },
                 tail: ("").to_string(),
             },
             now,
@@ -2499,7 +2580,7 @@ mod tests {
             let a = pool.on(
                 Event::Exited {
                     pid,
-                    how: ("exited with status 3").to_string(),
+                    how: Exit::Code(3),
                     tail: ("").to_string(),
                 },
                 now,
@@ -2595,7 +2676,7 @@ mod tests {
         let a = pool.on(
             Event::Exited {
                 pid: 1,
-                how: ("exited with status 0").to_string(),
+                how: Exit::Code(0),
                 tail: ("").to_string(),
             },
             t0 + 2 * MS,
@@ -2653,7 +2734,7 @@ mod tests {
         pool.on(
             Event::Exited {
                 pid: 1,
-                how: ("exited with status 0").to_string(),
+                how: Exit::Code(0),
                 tail: ("").to_string(),
             },
             t0,
@@ -2661,7 +2742,7 @@ mod tests {
         let a = pool.on(
             Event::Exited {
                 pid: 2,
-                how: ("exited with status 0").to_string(),
+                how: Exit::Code(0),
                 tail: ("").to_string(),
             },
             t0,
@@ -2685,7 +2766,7 @@ mod tests {
         pool.on(
             Event::Exited {
                 pid: 3,
-                how: ("exited with status 0").to_string(),
+                how: Exit::Code(0),
                 tail: ("").to_string(),
             },
             t0,
@@ -2693,7 +2774,7 @@ mod tests {
         let a = pool.on(
             Event::Exited {
                 pid: 2,
-                how: ("exited with status 0").to_string(),
+                how: Exit::Code(0),
                 tail: ("").to_string(),
             },
             t0,
@@ -2727,7 +2808,7 @@ mod tests {
         let a = pool.on(
             Event::Exited {
                 pid: 99,
-                how: "exited with status 0".into(),
+                how: Exit::Code(0),
                 tail: String::new(),
             },
             t0 + MS,
@@ -2771,16 +2852,16 @@ mod tests {
             );
         }
         for old in 1..=n as i32 {
-            pool.on(exit(old, "exited with status 0"), t0);
+            pool.on(exit(old, Exit::Code(0)), t0);
         }
         assert_eq!(pool.live_release().map(|r| r.id.as_str()), Some("b"));
         t0
     }
 
-    fn exit(pid: i32, how: &str) -> Event {
+    fn exit(pid: i32, how: Exit) -> Event {
         Event::Exited {
             pid,
-            how: how.into(),
+            how,
             tail: String::new(),
         }
     }
@@ -2802,7 +2883,7 @@ mod tests {
         let mut t = live + Duration::from_secs(1);
         let mut victim = 3;
         for crash in 1..=2 {
-            let a = pool.on(exit(victim, "exited with status 1"), t);
+            let a = pool.on(exit(victim, Exit::Code(1)), t);
             assert_eq!(reverted_to(&a), None, "crash {crash}: {a:?}");
             t += Duration::from_millis(500);
             let a = pool.on(Event::Tick, t);
@@ -2810,7 +2891,7 @@ mod tests {
             assert_eq!(spawns(&a), 1, "crash {crash}: respawned: {a:?}");
             victim = pid;
         }
-        let a = pool.on(exit(victim, "exited with status 1"), t);
+        let a = pool.on(exit(victim, Exit::Code(1)), t);
         assert_eq!(reverted_to(&a), Some(("b".into(), "a".into())), "{a:?}");
         let a = run(&mut pool, a, &mut pid, t);
         assert_eq!(spawns(&a), 2, "a generation of a starts: {a:?}");
@@ -2832,7 +2913,7 @@ mod tests {
         let s = pool.status(t);
         let g3 = s.generations.iter().find(|g| g.id == 3).unwrap();
         assert_eq!(g3.probation_s, None);
-        let a = pool.on(exit(pid, "exited with status 1"), t);
+        let a = pool.on(exit(pid, Exit::Code(1)), t);
         assert_eq!(reverted_to(&a), None, "{a:?}");
     }
 
@@ -2886,7 +2967,7 @@ mod tests {
         let mut victim = 3;
         let mut seen = Vec::new();
         for crash in 0..3 {
-            let a = pool.on(exit(victim, "exited with status 1"), t);
+            let a = pool.on(exit(victim, Exit::Code(1)), t);
             assert_eq!(reverted_to(&a).is_some(), crash == 2, "{a:?}");
             seen.extend(settled(&a));
             t += Duration::from_millis(500);
@@ -2907,7 +2988,7 @@ mod tests {
         let (mut pool, mut pid, t0) = live_pool(2);
         let live = reloaded_to_b(&mut pool, &mut pid, t0, 2, None);
         let t = live + Duration::from_secs(1);
-        let a = pool.on(exit(3, "exited with status 1"), t);
+        let a = pool.on(exit(3, Exit::Code(1)), t);
         assert_eq!(reverted_to(&a), None);
         // Probation (10 s by default) ends by time: later crashes are
         // ordinary respawns.
@@ -2920,7 +3001,7 @@ mod tests {
         run(&mut pool, a, &mut pid, after);
         assert_eq!(pool.status(after).generations[0].probation_s, None);
         for _ in 0..5 {
-            let a = pool.on(exit(4, "exited with status 1"), after);
+            let a = pool.on(exit(4, Exit::Code(1)), after);
             assert_eq!(reverted_to(&a), None, "{a:?}");
             let a = pool.on(Event::Tick, after + Duration::from_secs(60));
             run(&mut pool, a, &mut pid, after);
@@ -2934,10 +3015,28 @@ mod tests {
         let live = reloaded_to_b(&mut pool, &mut pid, t0, 2, None);
         let t = live + Duration::from_secs(1);
         assert_eq!(
-            reverted_to(&pool.on(exit(3, "was killed by SIGSEGV"), t)),
+            reverted_to(&pool.on(
+                exit(
+                    3,
+                    Exit::Signal {
+                        signal: 11,
+                        core: false
+                    }
+                ),
+                t
+            )),
             None
         );
-        let a = pool.on(exit(4, "was killed by SIGSEGV"), t);
+        let a = pool.on(
+            exit(
+                4,
+                Exit::Signal {
+                    signal: 11,
+                    core: false,
+                },
+            ),
+            t,
+        );
         assert_eq!(reverted_to(&a), Some(("b".into(), "a".into())), "{a:?}");
     }
 
@@ -3025,7 +3124,7 @@ mod tests {
         let (mut pool, mut pid, t0) = live_pool(1);
         for i in 0..5 {
             let t = t0 + Duration::from_secs(i);
-            let a = pool.on(exit(pid, "exited with status 1"), t);
+            let a = pool.on(exit(pid, Exit::Code(1)), t);
             assert_eq!(reverted_to(&a), None);
             let a = pool.on(Event::Tick, t + Duration::from_secs(31));
             run(&mut pool, a, &mut pid, t);

@@ -20,8 +20,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::protocol::{self, Listener};
-use crate::signals::Signals;
-use crate::spawn::{Command, SpawnError};
+use crate::sockets::spawn::{Command, SpawnError};
+use crate::supervise::signals::Signals;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
@@ -90,7 +90,7 @@ pub fn run(delay: Duration, program: &OsString, args: &[OsString]) -> Result<(),
                         eprintln!(
                             "dream loop: {} {}; restarting in {delay:?}",
                             program.to_string_lossy(),
-                            describe(status)
+                            crate::exit::Exit::from_wait(status).expect("an end")
                         );
                         Instant::now() + delay
                     });
@@ -110,33 +110,5 @@ pub fn run(delay: Duration, program: &OsString, args: &[OsString]) -> Result<(),
                 }
             }
         }
-    }
-}
-
-/// `exited with status 3`, `was killed by SIGKILL`.
-/// A std child's exit status in the same words as [`describe`].
-pub fn describe_exit(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exited with status {c}"),
-        (_, Some(s)) => match Signal::try_from(s) {
-            Ok(sig) => format!("was killed by {}", sig.as_str()),
-            Err(_) => format!("was killed by signal {s}"),
-        },
-        _ => "failed".into(),
-    }
-}
-
-pub fn describe(status: WaitStatus) -> String {
-    match status {
-        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
-        WaitStatus::Signaled(_, sig, core) => {
-            format!(
-                "was killed by {}{}",
-                sig.as_str(),
-                if core { " (core dumped)" } else { "" }
-            )
-        }
-        other => format!("changed state: {other:?}"),
     }
 }

@@ -105,7 +105,7 @@ pub struct Lock {
 }
 
 impl std::os::fd::AsFd for Lock {
-    /// The locked file, e.g. for [`crate::spawn::Command::keep_fd`], so that
+    /// The locked file, e.g. for [`crate::sockets::spawn::Command::keep_fd`], so that
     /// a program dream execs keeps holding the lock (setlock's way).
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.file.as_fd()

@@ -25,10 +25,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::deploy::{self, DeployOptions, Provisional};
-use crate::lock::{Holder, Lock, LockError, Wait};
-use crate::manifest::{self, Manifest};
-use crate::release::{self, Store};
-use crate::stage::Source;
+use crate::store::lock::{Holder, Lock, LockError, Wait};
+use crate::store::manifest::{self, Manifest};
+use crate::store::release::{self, Store};
+use crate::store::stage::Source;
 
 /// The protocol's version; both sides must speak the same (2: the agent
 /// sends `alive` frames while it works, and both sides read with a
@@ -44,7 +44,7 @@ pub fn silence() -> Duration {
     *SILENCE.get_or_init(|| {
         std::env::var("DREAM_FLEET_SILENCE")
             .ok()
-            .and_then(|v| crate::signals::parse_duration(&v).ok())
+            .and_then(|v| crate::supervise::signals::parse_duration(&v).ok())
             .filter(|d| *d >= Duration::from_millis(100))
             .unwrap_or(Duration::from_secs(20))
     })

@@ -40,7 +40,7 @@ pub fn from_mono(ns: i128) -> Instant {
     }
 }
 
-/// `#[serde(with = "crate::clock::mono")]` on an `Instant`.
+/// `#[serde(with = "crate::supervise::clock::mono")]` on an `Instant`.
 pub mod mono {
     use super::*;
 
@@ -57,7 +57,7 @@ pub mod mono {
     }
 }
 
-/// `#[serde(with = "crate::clock::mono_opt")]` on an `Option<Instant>`.
+/// `#[serde(with = "crate::supervise::clock::mono_opt")]` on an `Option<Instant>`.
 pub mod mono_opt {
     use super::*;
 

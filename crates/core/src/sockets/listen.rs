@@ -8,7 +8,7 @@
 //! `connect()` first and replaced only if nothing answers.
 //!
 //! Every socket is created close-on-exec: it reaches a child only through
-//! [`crate::spawn::Command::sockets`]. What [`bind`] returns is the same
+//! [`crate::sockets::spawn::Command::sockets`]. What [`bind`] returns is the same
 //! [`Listener`] a worker takes back out of `LISTEN_FDS`.
 
 use std::io;
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::spec::{ListenSpec, Resolved, SpecError};
+use crate::sockets::spec::{ListenSpec, Resolved, SpecError};
 
 /// Default `listen(2)` backlog: deep enough that a burst during a worker
 /// restart waits in the kernel rather than being dropped.

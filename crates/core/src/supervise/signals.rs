@@ -3,7 +3,7 @@
 //! The signals are blocked and read from a `signalfd`, so a handler never
 //! runs at an arbitrary point: the loop sleeps in `poll(2)` on the signalfd
 //! (and whatever else it waits for) until something happens or a deadline
-//! passes. Children started by [`crate::spawn::Command`] get an empty signal
+//! passes. Children started by [`crate::sockets::spawn::Command`] get an empty signal
 //! mask, so blocking here does not leak into them.
 
 use std::io;
@@ -96,7 +96,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 500ms, 2s, 1m)"))
 }
 
-/// `#[serde(with = "crate::signals::by_number")]` on a `nix` `Signal`.
+/// `#[serde(with = "crate::supervise::signals::by_number")]` on a `nix` `Signal`.
 pub mod by_number {
     use nix::sys::signal::Signal;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};

@@ -1,0 +1,129 @@
+//! What is in the store: `dream releases` and `releases --verify`.
+
+use super::*;
+
+/// One row of `dream releases`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseInfo {
+    pub id: String,
+    pub current: bool,
+    /// `current`, `ok`, `bad`, `rolled back` (left by a rollback: skipped
+    /// by the next automatic one).
+    pub state: &'static str,
+    pub staged: Option<String>,
+    pub age_s: Option<f64>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// `dream releases`.
+pub fn list(root: &Path) -> Vec<ReleaseInfo> {
+    let store = Store::new(root);
+    let history = store.history();
+    let current = store.current();
+    let bad = store.bad();
+    let left = store.rolled_back();
+    store
+        .ordered()
+        .into_iter()
+        .map(|id| {
+            let staged = history
+                .iter()
+                .find(|e| e.event == EventKind::Staged && e.release == id)
+                .map(|e| e.time.clone());
+            let age_s = staged
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                .map(|d| d.as_secs_f64());
+            let (bytes, files) = release::tree_size(&store.release_dir(&id));
+            let is_current = current.as_deref() == Some(id.as_str());
+            ReleaseInfo {
+                state: if is_current {
+                    "current"
+                } else if bad.contains(&id) {
+                    "bad"
+                } else if left.contains(&id) {
+                    "rolled back"
+                } else {
+                    "ok"
+                },
+                current: is_current,
+                id,
+                staged,
+                age_s,
+                files,
+                bytes,
+            }
+        })
+        .collect()
+}
+
+/// One release checked against its manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub id: String,
+    pub ok: bool,
+    pub entries: usize,
+    /// One line per difference: `changed PATH`, `missing PATH`, …
+    pub differences: Vec<String>,
+}
+
+/// Hashes every file of each release (or of `only`) and compares it with
+/// the release's stored manifest.
+pub fn verify(root: &Path, only: Option<&str>) -> Result<Vec<Verified>, DeployError> {
+    let store = Store::new(root);
+    let ids = match only {
+        Some(id) => {
+            if !store.release_dir(id).is_dir() {
+                return Err(err(
+                    Kind::Usage,
+                    format!("no release {id} in {}", store.releases().display()),
+                ));
+            }
+            vec![id.to_string()]
+        }
+        None => store.ordered(),
+    };
+    let mut out = Vec::new();
+    for id in ids {
+        let stored = match Manifest::load(&Store::new(root).manifest_path(&id)) {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(Verified {
+                    id,
+                    ok: false,
+                    entries: 0,
+                    differences: vec![format!("no manifest: {e}")],
+                });
+                continue;
+            }
+        };
+        let actual = Manifest::of_tree(&store.release_dir(&id))
+            .map_err(|e| io_failure(&format!("reading release {id}"), e))?;
+        let differences = stored.differences(&actual);
+        out.push(Verified {
+            ok: differences.is_empty(),
+            entries: stored.entries().len(),
+            id,
+            differences,
+        });
+    }
+    Ok(out)
+}
+
+/// `1.5 MB`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
