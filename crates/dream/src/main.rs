@@ -1072,7 +1072,7 @@ fn fleet_of(a: &FleetArgs, r: &RolloutArgs) -> Result<(fleet::Fleet, config::Fle
                     "no deploy root for {n}: give --root DIR or [fleet] root"
                 ))
             })?;
-            fleet::HostSpec::parse(n, &root).map_err(Failure::usage)
+            dream_core::fleet::Host::parse(n, &root).map_err(Failure::usage)
         })
         .collect::<Result<Vec<_>>>()?;
     let ssh: Vec<String> = match (&a.ssh, &file.ssh) {
@@ -1086,34 +1086,36 @@ fn fleet_of(a: &FleetArgs, r: &RolloutArgs) -> Result<(fleet::Fleet, config::Fle
         return Err(Failure::usage("--ssh: an empty command"));
     }
     let f = fleet::Fleet {
-        hosts,
         ssh,
         remote_dream: a
             .remote_dream
             .clone()
             .or(file.remote_dream.clone())
             .unwrap_or_else(|| "dream".into()),
-        parallel: a.parallel.or(file.parallel).unwrap_or(8).max(1),
         json: a.json,
-        install: a.install || file.install.unwrap_or(false),
-        wait_lock: a.wait_lock.or(file.wait_lock),
-        settle: r
-            .settle
-            .or(file.settle)
-            .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
-        verify: r.verify.clone(),
-        rollout: fleet::Rollout {
-            canary: r.canary.or(file.canary).unwrap_or(1),
-            group: match (r.group, &file.group) {
-                (Some(g), _) => Some(g),
-                (None, Some(g)) => Some(
-                    g.parse()
-                        .map_err(|e| Failure::usage(format!("[fleet] group: {e}")))?,
-                ),
-                (None, None) => None,
+        run: dream_core::fleet::Fleet {
+            hosts,
+            parallel: a.parallel.or(file.parallel).unwrap_or(8).max(1),
+            install: a.install || file.install.unwrap_or(false),
+            wait_lock: a.wait_lock.or(file.wait_lock),
+            settle: r
+                .settle
+                .or(file.settle)
+                .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
+            verify: r.verify.clone(),
+            rollout: fleet::Rollout {
+                canary: r.canary.or(file.canary).unwrap_or(1),
+                group: match (r.group, &file.group) {
+                    (Some(g), _) => Some(g),
+                    (None, Some(g)) => Some(
+                        g.parse()
+                            .map_err(|e| Failure::usage(format!("[fleet] group: {e}")))?,
+                    ),
+                    (None, None) => None,
+                },
+                wait: r.wait.or(file.wait).unwrap_or_default(),
+                max_fail: r.max_fail.or(file.max_fail).unwrap_or(0),
             },
-            wait: r.wait.or(file.wait).unwrap_or_default(),
-            max_fail: r.max_fail.or(file.max_fail).unwrap_or(0),
         },
     };
     Ok((f, file))
@@ -1124,12 +1126,12 @@ fn fleet_of(a: &FleetArgs, r: &RolloutArgs) -> Result<(fleet::Fleet, config::Fle
 /// settle window, which runs inside it before any renewal.
 fn lease(f: &fleet::Fleet, given: Option<Duration>) -> std::result::Result<Duration, Failure> {
     let within = given.unwrap_or(Duration::from_secs(30));
-    let least = f.settle + Duration::from_secs(2);
+    let least = f.run.settle + Duration::from_secs(2);
     if within < least {
         return Err(Failure::usage(format!(
             "--confirm-within {} is too short: each host's settle window ({}) runs inside it, and it needs 2s more (at least {})",
             dream_core::fmt_duration(within),
-            dream_core::fmt_duration(f.settle),
+            dream_core::fmt_duration(f.run.settle),
             dream_core::fmt_duration(least)
         )));
     }
