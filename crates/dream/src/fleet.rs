@@ -5,16 +5,15 @@
 //! system's OpenSSH client ([`dream_core::fleet::Ssh`]), and turns its
 //! typed outcome into text, `--json` and the exit code of the contract:
 //! 0 live everywhere, 1 failed with every host on its previous release,
-//! 2 the hosts may differ, 75 nothing changed (try again).
+//! 2 the hosts may differ, 111 nothing changed (try again).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dream_core::fleet::coordinator::{self, Connected, Coordinator, Outcome, Release, Verdict};
 use dream_core::fleet::{Host, Ssh};
 use dream_core::store::manifest::{self, Manifest};
-use std::os::fd::AsFd;
 
 use crate::exit::{self, Failure, Result};
 
@@ -205,25 +204,54 @@ fn build_locally(
         }
     }
     say(json, &format!("building here: {cmd}"));
-    let status = Command::new("/bin/sh")
-        .args(["-c", cmd])
+    let mut sh = Command::new("/bin/sh");
+    sh.args(["-c", cmd])
         .current_dir(&dir)
         .env("DREAM_RELEASE", id)
-        .env("DREAM_BUILD_DIR", &dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(
-            std::io::stderr()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(Failure::failed)?,
-        ))
-        .status()
-        .map_err(|e| Failure::failed(format!("cannot run the build: {e}")))?;
-    if !status.success() {
-        return Err(Failure::failed(format!(
-            "the build {} here; nothing was sent anywhere",
-            dream_core::exit::Exit::from_std(status)
-        )));
+        .env("DREAM_BUILD_DIR", &dir);
+    // The one way dream runs a program it does not own: its own process
+    // group, ended whole; INT/TERM/HUP end it too.
+    let mut signals = dream_core::supervise::signals::Signals::new(&[
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
+    ])
+    .map_err(Failure::failed)?;
+    let mut show = |line: &str| {
+        if !json {
+            eprintln!("build | {line}");
+        }
+    };
+    let ended = dream_core::child::run(
+        sh,
+        None,
+        dream_core::child::Output::Lines {
+            show: &mut show,
+            tail: 20,
+        },
+        None,
+        Some(&mut signals),
+    )
+    .map_err(|e| Failure::failed(format!("cannot run the build: {e}")))?;
+    match ended {
+        dream_core::child::Ended::Exited { status, .. } if status.success() => {}
+        dream_core::child::Ended::Exited { status, tail, .. } => {
+            return Err(Failure::failed(format!(
+                "the build {status} here; nothing was sent anywhere{}",
+                tail.last().map(|l| format!(": {l}")).unwrap_or_default()
+            )));
+        }
+        dream_core::child::Ended::Interrupted(sig) => {
+            return Err(Failure {
+                code: 128 + sig as i32,
+                message: format!(
+                    "interrupted by {sig:?} during the build: its process group was ended and nothing was sent anywhere"
+                ),
+            });
+        }
+        dream_core::child::Ended::TimedOut { .. } => {
+            return Err(Failure::failed("the build ran out of time here"));
+        }
     }
     let built =
         Manifest::of_tree(&dir).map_err(|e| Failure::failed(format!("hashing the build: {e}")))?;

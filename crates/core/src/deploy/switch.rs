@@ -497,14 +497,8 @@ pub(super) fn switch_back(store: &Store, id: &str, previous: Option<&str>, why: 
     let Some(prev) = previous else {
         return "there is no previous release to switch back to".into();
     };
-    match store.switch(prev) {
-        Ok(_) => {
-            let mut ev = Event::new(EventKind::Switched, prev);
-            ev.previous = Some(id.to_string());
-            ev.reason = Some(why);
-            let _ = store.append(&ev);
-            format!("current switched back to {prev}, which is still serving")
-        }
+    match store.switch_back(id, prev, why) {
+        Ok(_) => format!("current switched back to {prev}, which is still serving"),
         Err(e) => format!("could not switch current back to {prev}: {e}"),
     }
 }
@@ -671,15 +665,9 @@ pub fn revert_to(root: &Path, from: &str, to: &str, reason: &str) -> Result<(), 
     let mut bad = Event::new(EventKind::Failed, from);
     bad.reason = Some(reason.to_string());
     let _ = store.append(&bad);
-    if store.current().as_deref() == Some(from) {
-        store
-            .switch(to)
-            .map_err(|e| io_failure("switching current back", e))?;
-        let mut ev = Event::new(EventKind::Switched, to);
-        ev.previous = Some(from.to_string());
-        ev.reason = Some(reason.to_string());
-        let _ = store.append(&ev);
-    }
+    store
+        .switch_back(from, to, reason.to_string())
+        .map_err(|e| io_failure("switching current back", e))?;
     let request = control::Request::Reload {
         confirm_within_ms: None,
     };

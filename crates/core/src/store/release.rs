@@ -386,6 +386,24 @@ impl Store {
             .find(|id| self.release_dir(id).is_dir())
     }
 
+    /// Puts `current` back from `from` to `to`, if it still names `from`,
+    /// and records it: a `switched` event with `previous` = `from` and the
+    /// reason (a switch back, which does not count as going live).
+    /// `Ok(false)`: `current` named something else, and nothing was done.
+    /// The one switch back: a deploy whose release did not go live, a
+    /// fleet's revert, the supervisor's.
+    pub fn switch_back(&self, from: &str, to: &str, reason: String) -> io::Result<bool> {
+        if self.current().as_deref() != Some(from) {
+            return Ok(false);
+        }
+        self.switch(to)?;
+        let mut ev = Event::new(EventKind::Switched, to);
+        ev.previous = Some(from.to_string());
+        ev.reason = Some(reason);
+        let _ = self.append(&ev);
+        Ok(true)
+    }
+
     /// Points `current` at `releases/<id>`: a temporary symlink renamed
     /// over `current`, then an fsync of the root directory. Returns how
     /// long the switch took.
@@ -628,6 +646,34 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names.len(), 3, "{names:?}");
+    }
+
+    #[test]
+    fn a_switch_back_happens_only_from_the_release_current_still_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        store.prepare().unwrap();
+        for id in ["a", "b", "c"] {
+            fs::create_dir(store.release_dir(id)).unwrap();
+        }
+        store.switch("b").unwrap();
+        // Someone else already moved on: nothing is done, nothing recorded.
+        assert!(!store.switch_back("c", "a", "late".into()).unwrap());
+        assert_eq!(store.current().as_deref(), Some("b"));
+        assert!(store.history().is_empty());
+        assert!(store.switch_back("b", "a", "b failed".into()).unwrap());
+        assert_eq!(store.current().as_deref(), Some("a"));
+        let ev = store.history().pop().unwrap();
+        assert_eq!(
+            (
+                ev.event,
+                ev.release.as_str(),
+                ev.previous.as_deref(),
+                ev.reason.as_deref()
+            ),
+            (EventKind::Switched, "a", Some("b"), Some("b failed"))
+        );
+        assert!(store.switch_back("b", "nope", "x".into()).is_ok_and(|d| !d));
     }
 
     #[test]

@@ -512,7 +512,8 @@ impl Driver {
         // not bad, and nothing is recorded against it.
         if to.id == release {
             self.log(
-                0, Note::Reverted,
+                0,
+                Note::Reverted,
                 &format!(
                     "generation {generation} reverted to a new generation of the same release {release}; nothing marked bad"
                 ),
@@ -530,28 +531,22 @@ impl Driver {
                 &format!("cannot record the revert of {release}: {e}"),
             );
         }
-        if store.current().as_deref() == Some(release) {
-            match store.switch(&to.id) {
-                Ok(_) => {
-                    let mut back = crate::store::release::Event::new(
-                        crate::store::release::EventKind::Switched,
-                        &to.id,
-                    );
-                    back.previous = Some(release.to_string());
-                    back.reason = Some(format!("reverted from {release}: {reason}"));
-                    let _ = store.append(&back);
-                    self.log(
-                        0,
-                        Note::Reverted,
-                        &format!("current switched back to {}", to.id),
-                    );
-                }
-                Err(e) => self.log(
-                    -1,
-                    Note::Supervisor,
-                    &format!("cannot switch current back to {}: {e}", to.id),
-                ),
-            }
+        match store.switch_back(
+            release,
+            &to.id,
+            format!("reverted from {release}: {reason}"),
+        ) {
+            Ok(true) => self.log(
+                0,
+                Note::Reverted,
+                &format!("current switched back to {}", to.id),
+            ),
+            Ok(false) => {}
+            Err(e) => self.log(
+                -1,
+                Note::Supervisor,
+                &format!("cannot switch current back to {}: {e}", to.id),
+            ),
         }
     }
 

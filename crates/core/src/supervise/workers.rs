@@ -308,7 +308,8 @@ impl Driver {
                 }
                 if !found.is_empty() {
                     self.log(
-                        -1, Note::Worker,
+                        -1,
+                        Note::Worker,
                         &format!(
                             "killed {} process(es) started by {from} that had left its process group: pid {}",
                             found.len(),
@@ -331,7 +332,8 @@ impl Driver {
                 }
                 if !found.is_empty() {
                     self.log(
-                        -1, Note::Worker,
+                        -1,
+                        Note::Worker,
                         &format!(
                             "sent {signal:?} to {} process(es) started by {from} that had left its process group (killed at its drain deadline if still there): pid {}",
                             found.len(),
@@ -373,7 +375,8 @@ impl Driver {
         }
         if !killed.is_empty() {
             self.log(
-                -1, Note::Generation,
+                -1,
+                Note::Generation,
                 &format!(
                     "killed {} process(es) left behind past their generation's drain deadline: pid {}",
                     killed.len(),
