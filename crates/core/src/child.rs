@@ -18,7 +18,7 @@ use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::supervise::signals::Signals;
+use crate::signals::Signals;
 
 /// Where the process groups of running children are recorded, while a
 /// [`Recording`] lives.
@@ -225,7 +225,7 @@ pub fn run(
             fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
             fds.len() - 1
         });
-        let n = match poll(&mut fds, crate::supervise::signals::timeout_until(deadline)) {
+        let n = match poll(&mut fds, crate::signals::timeout_until(deadline)) {
             Ok(n) => n,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
@@ -306,7 +306,7 @@ fn end_group(group: Pid, exited: &OwnedFd, grace: Duration) {
         let mut fds = [PollFd::new(exited.as_fd(), PollFlags::POLLIN)];
         let _ = poll(
             &mut fds,
-            crate::supervise::signals::timeout_until(Some(Instant::now() + grace)),
+            crate::signals::timeout_until(Some(Instant::now() + grace)),
         );
     }
     let _ = killpg(group, Signal::SIGKILL);

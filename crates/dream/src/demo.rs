@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dream_core::deploy::{self, DeployOptions};
+use dream_core::signals::Signals;
 use dream_core::sockets::spawn::Command;
 use dream_core::store::lock::Wait;
 use dream_core::store::stage::Source;
-use dream_core::supervise::signals::Signals;
 use nix::sys::signal::Signal;
 
 use crate::exit::{Failure, Result};
@@ -124,41 +124,7 @@ pub fn run(a: DemoArgs) -> Result {
     let first = deploy_site(&root, &sites, "blue").map_err(Failure::failed)?;
 
     let exe = std::env::current_exe().map_err(Failure::failed)?;
-    let workers = a.workers.to_string();
-    let mut serve = Command::new(&exe);
-    serve
-        .args([
-            "serve",
-            "--quiet",
-            "--workers",
-            &workers,
-            "--ready",
-            "notify",
-            "--root",
-        ])
-        .args([root.as_os_str()])
-        .args(["--drain-timeout", "10s", "--"])
-        .args([exe.as_os_str()])
-        .args(["static", "--drain-grace", "500ms"])
-        .sockets(&bound)
-        .parent_death_signal(Signal::SIGTERM);
-    let supervisor = serve.spawn().map_err(Failure::from)?;
-    let status_ok = || {
-        dream_core::supervise::control::status(&root, Some(Duration::from_secs(2)))
-            .is_ok_and(|s| s.live().is_some())
-    };
-    let started = Instant::now();
-    while !status_ok() {
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = nix::sys::signal::kill(supervisor, Signal::SIGKILL);
-            return Err(Failure::failed("the supervisor did not come up within 30s"));
-        }
-        if let Ok(Some(_)) = signals.wait(Some(Instant::now() + Duration::from_millis(20)))
-            && exited(supervisor)
-        {
-            return Err(Failure::failed("the supervisor exited while starting"));
-        }
-    }
+    let supervisor = start_supervisor(&exe, &root, &bound, a.workers, &mut signals)?;
 
     let url = format!("http://{addr}/");
     let green = sites.join("green");
@@ -201,35 +167,14 @@ pub fn run(a: DemoArgs) -> Result {
         None
     };
     if let Some(every) = auto {
-        let (root, sites, stop, deploys, failures) = (
+        threads.push(auto_deploy(
+            every,
             root.clone(),
             sites.clone(),
             stop.clone(),
             deploys.clone(),
             failures.clone(),
-        );
-        threads.push(std::thread::spawn(move || {
-            let mut next = Instant::now() + every;
-            let mut i = 1u64;
-            while !stop.load(Ordering::SeqCst) {
-                if Instant::now() < next {
-                    std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
-                    continue;
-                }
-                next += every;
-                let site = if i % 2 == 1 { "green" } else { "blue" };
-                i += 1;
-                match deploy_site(&root, &sites, site) {
-                    Ok(_) => {
-                        deploys.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => {
-                        failures.fetch_add(1, Ordering::SeqCst);
-                        eprintln!("dream demo: deploy of {site} failed: {e}");
-                    }
-                }
-            }
-        }));
+        ));
     }
 
     let tty = std::io::stdout().is_terminal();
@@ -290,6 +235,87 @@ pub fn run(a: DemoArgs) -> Result {
     } else {
         Err(Failure::silent(crate::exit::FAILED))
     }
+}
+
+/// Starts `dream serve` with `dream static` workers on `root`, and waits
+/// until its first generation is live (30 s at most).
+fn start_supervisor(
+    exe: &std::path::Path,
+    root: &std::path::Path,
+    bound: &[dream_core::protocol::Listener],
+    workers: usize,
+    signals: &mut Signals,
+) -> Result<nix::unistd::Pid> {
+    let workers = workers.to_string();
+    let mut serve = Command::new(exe);
+    serve
+        .args([
+            "serve",
+            "--quiet",
+            "--workers",
+            &workers,
+            "--ready",
+            "notify",
+            "--root",
+        ])
+        .args([root.as_os_str()])
+        .args(["--drain-timeout", "10s", "--"])
+        .args([exe.as_os_str()])
+        .args(["static", "--drain-grace", "500ms"])
+        .sockets(bound)
+        .parent_death_signal(Signal::SIGTERM);
+    let supervisor = serve.spawn().map_err(Failure::from)?;
+    let status_ok = || {
+        dream_core::supervise::control::status(root, Some(Duration::from_secs(2)))
+            .is_ok_and(|s| s.live().is_some())
+    };
+    let started = Instant::now();
+    while !status_ok() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = nix::sys::signal::kill(supervisor, Signal::SIGKILL);
+            return Err(Failure::failed("the supervisor did not come up within 30s"));
+        }
+        if let Ok(Some(_)) = signals.wait(Some(Instant::now() + Duration::from_millis(20)))
+            && exited(supervisor)
+        {
+            return Err(Failure::failed("the supervisor exited while starting"));
+        }
+    }
+    Ok(supervisor)
+}
+
+/// Deploys the green and the blue site in turn, every `every`, until
+/// `stop`.
+fn auto_deploy(
+    every: Duration,
+    root: std::path::PathBuf,
+    sites: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    deploys: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut next = Instant::now() + every;
+        let mut i = 1u64;
+        while !stop.load(Ordering::SeqCst) {
+            if Instant::now() < next {
+                std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+                continue;
+            }
+            next += every;
+            let site = if i % 2 == 1 { "green" } else { "blue" };
+            i += 1;
+            match deploy_site(&root, &sites, site) {
+                Ok(_) => {
+                    deploys.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                    eprintln!("dream demo: deploy of {site} failed: {e}");
+                }
+            }
+        }
+    })
 }
 
 /// Reaps the supervisor if it has exited.

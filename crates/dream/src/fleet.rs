@@ -211,7 +211,7 @@ fn build_locally(
         .env("DREAM_BUILD_DIR", &dir);
     // The one way dream runs a program it does not own: its own process
     // group, ended whole; INT/TERM/HUP end it too.
-    let mut signals = dream_core::supervise::signals::Signals::new(&[
+    let mut signals = dream_core::signals::Signals::new(&[
         nix::sys::signal::Signal::SIGINT,
         nix::sys::signal::Signal::SIGTERM,
         nix::sys::signal::Signal::SIGHUP,

@@ -773,21 +773,8 @@ fn main() {
     };
     // Every command that takes --json answers on stdout whether it
     // succeeds or fails: `{"ok":false,"error":…,"exit":N}`.
-    let json = match &cli.command {
-        Cmd::Deploy(a) => a.json,
-        Cmd::Rollback(a) => a.json,
-        Cmd::Releases(a) => a.json,
-        Cmd::Status(a) => a.json,
-        Cmd::Reload(a) => a.json,
-        Cmd::Confirm(a) => a.json,
-        Cmd::Upgrade(a) => a.json,
-        Cmd::Fleet(FleetCmd::Deploy(a)) => a.fleet.json,
-        Cmd::Fleet(FleetCmd::Rollback(a)) => a.fleet.json,
-        Cmd::Fleet(FleetCmd::Lock(a)) => a.fleet.json,
-        Cmd::Fleet(FleetCmd::Status(a) | FleetCmd::Unlock(a)) => a.json,
-        Cmd::Check(a) => a.json,
-        _ => false,
-    };
+    let json = outputs(&cli.command).json;
+
     let code = match run(cli.command) {
         Ok(()) => exit::OK,
         Err(f) => {
@@ -809,24 +796,23 @@ fn main() {
 /// The pool's settings: each flag, else the config file's value, else the
 /// built-in default.
 fn pool_options(f: &PoolFlags, file: &config::Serve, workers: Option<usize>) -> serve::PoolOptions {
+    // The defaults are the pool's own, written once (pool::Settings).
+    let d = dream_core::supervise::pool::Settings::default();
     serve::PoolOptions {
         workers: workers.or(file.workers),
-        ready: f
-            .ready
-            .or(file.ready)
-            .unwrap_or(Readiness::Auto(Duration::from_secs(1))),
+        ready: f.ready.or(file.ready).unwrap_or(d.readiness),
         ready_timeout: f
             .ready_timeout
             .or(file.ready_timeout)
-            .unwrap_or(Duration::from_secs(60)),
+            .unwrap_or(d.ready_timeout),
         drain_signal: f
             .drain_signal
             .or(file.drain_signal)
-            .unwrap_or(Signal::SIGTERM),
+            .unwrap_or(d.drain_signal),
         drain_timeout: f
             .drain_timeout
             .or(file.drain_timeout)
-            .unwrap_or(Duration::from_secs(30)),
+            .unwrap_or(d.drain_timeout),
         // `dream pool` runs one directory: nothing to revert to.
         probation: Duration::ZERO,
         start_priority: f
@@ -836,92 +822,55 @@ fn pool_options(f: &PoolFlags, file: &config::Serve, workers: Option<usize>) -> 
     }
 }
 
-fn run(cmd: Cmd) -> Result {
-    let json_logs = match &cmd {
-        Cmd::Serve(a) => a.pool.log_format,
-        Cmd::Pool(a) => a.pool.log_format,
-        Cmd::Deploy(a) => a.log_format,
+/// How a command answers: `--json` (a JSON answer on stdout, failures
+/// included) and `--log-format`. Every command is named here, with no
+/// catch-all, so a new one cannot forget either.
+struct Outputs {
+    json: bool,
+    log_format: LogFormat,
+}
+
+fn outputs(cmd: &Cmd) -> Outputs {
+    let (json, log_format) = match cmd {
+        Cmd::Serve(a) => (false, a.pool.log_format),
+        Cmd::Pool(a) => (false, a.pool.log_format),
+        Cmd::Deploy(a) => (a.json, a.log_format),
+        Cmd::Rollback(a) => (a.json, LogFormat::Text),
+        Cmd::Releases(a) => (a.json, LogFormat::Text),
+        Cmd::Status(a) => (a.json, LogFormat::Text),
+        Cmd::Reload(a) => (a.json, LogFormat::Text),
+        Cmd::Confirm(a) => (a.json, LogFormat::Text),
+        Cmd::Upgrade(a) => (a.json, LogFormat::Text),
+        Cmd::Check(a) => (a.json, LogFormat::Text),
         Cmd::Fleet(
             FleetCmd::Deploy(FleetDeployArgs { fleet, .. })
             | FleetCmd::Rollback(FleetRollbackArgs { fleet, .. })
             | FleetCmd::Lock(FleetLockArgs { fleet, .. })
             | FleetCmd::Status(fleet)
             | FleetCmd::Unlock(fleet),
-        ) => fleet.log_format,
-        _ => LogFormat::Text,
-    } == LogFormat::Json;
+        ) => (fleet.json, fleet.log_format),
+        // Commands whose output is their product (a man page, a shell's
+        // completions, a worker's or a tool's own lines), or a protocol.
+        Cmd::Completions { .. }
+        | Cmd::Man(_)
+        | Cmd::Demo(_)
+        | Cmd::Agent(_)
+        | Cmd::Listen(_)
+        | Cmd::Loop(_)
+        | Cmd::Lock(_)
+        | Cmd::Static(_) => (false, LogFormat::Text),
+    };
+    Outputs { json, log_format }
+}
+
+fn run(cmd: Cmd) -> Result {
+    let json_logs = outputs(&cmd).log_format == LogFormat::Json;
     dream_core::logtext::set_json(json_logs);
     match cmd {
-        Cmd::Serve(a) => {
-            let root = serve::root_dir(a.root.as_deref())?;
-            let file = config::load(&root, a.config.as_deref())?.serve;
-            let listen = if a.listen.is_empty() {
-                file.listen.clone().unwrap_or_default()
-            } else {
-                a.listen.clone()
-            };
-            let command: Vec<OsString> = if a.command.is_empty() {
-                file.command.iter().flatten().map(OsString::from).collect()
-            } else {
-                a.command.clone()
-            };
-            if command.is_empty() {
-                return Err(Failure::usage(
-                    "no COMMAND: give it after `--` (dream serve --listen :8080 -- ./server) or as `command` in dream.toml",
-                ));
-            }
-            serve::serve(serve::ServeOptions {
-                root: Some(&root),
-                listen: &listen,
-                metrics: a.metrics.clone().or(file.metrics.clone()),
-                backlog: a
-                    .backlog
-                    .or(file.backlog)
-                    .unwrap_or(dream_core::sockets::listen::DEFAULT_BACKLOG),
-                user: a.user.as_deref().or(file.user.as_deref()),
-                pool: serve::PoolOptions {
-                    probation: a
-                        .probation
-                        .or(file.probation)
-                        .unwrap_or(Duration::from_secs(10)),
-                    ..pool_options(&a.pool, &file, a.workers)
-                },
-                verbosity: a.pool.verbosity(),
-                command: &command,
-            })
-        }
+        Cmd::Serve(a) => run_serve(a),
         Cmd::Status(a) => serve::status(a.root.as_deref(), a.json),
-        Cmd::Completions { shell } => {
-            use clap::CommandFactory;
-            let mut cmd = Cli::command();
-            let mut out = Vec::new();
-            clap_complete::generate(shell, &mut cmd, "dream", &mut out);
-            print_line(String::from_utf8_lossy(&out).trim_end());
-            Ok(())
-        }
-        Cmd::Man(a) => {
-            use clap::CommandFactory;
-            let mut cmd = Cli::command().disable_help_subcommand(true);
-            cmd.build();
-            if let Some(dir) = &a.dir {
-                return clap_mangen::generate_to(cmd, dir)
-                    .map_err(|e| Failure::failed(format!("{}: {e}", dir.display())));
-            }
-            let page = match &a.subcommand {
-                None => cmd,
-                Some(name) => cmd
-                    .get_subcommands()
-                    .find(|s| s.get_name() == name)
-                    .cloned()
-                    .ok_or_else(|| Failure::usage(format!("no subcommand {name:?}")))?,
-            };
-            let mut out = Vec::new();
-            clap_mangen::Man::new(page)
-                .render(&mut out)
-                .map_err(Failure::failed)?;
-            print_line(String::from_utf8_lossy(&out).trim_end());
-            Ok(())
-        }
+        Cmd::Completions { shell } => run_completions(shell),
+        Cmd::Man(a) => run_man(&a),
         Cmd::Demo(a) => demo::run(demo::DemoArgs {
             root: a.root,
             listen: a.listen,
@@ -930,37 +879,7 @@ fn run(cmd: Cmd) -> Result {
             workers: a.workers,
             connections: a.connections,
         }),
-        Cmd::Deploy(a) => {
-            let root = serve::root_dir(a.root.as_deref())?;
-            let file = config::load(&root, a.config.as_deref())?.deploy;
-            deploy::deploy(deploy::DeployArgs {
-                root: Some(&root),
-                source: &a.source,
-                id: a.id,
-                build: a.build.or(file.build),
-                keep: a.keep.or(file.keep).unwrap_or(5),
-                no_reload: a.no_reload,
-                wait_lock: a.wait_lock.or(file.wait_lock),
-                max_size: a.max_size.or(file.max_size),
-                confirm_within: a.confirm_within.or(file.confirm_within),
-                verify: a.verify,
-                settle: a
-                    .settle
-                    .or(file.settle)
-                    .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
-                exclude: if a.exclude.is_empty() {
-                    file.exclude.clone().unwrap_or_default()
-                } else {
-                    a.exclude.clone()
-                },
-                keep_git: a.keep_git,
-                no_hooks: a.no_hooks,
-                bridge: a.bridge,
-                dry_run: a.dry_run,
-                json: a.json,
-                quiet: a.quiet,
-            })
-        }
+        Cmd::Deploy(a) => run_deploy(a),
         Cmd::Rollback(a) => deploy::rollback(deploy::RollbackArgs {
             root: a.root.as_deref(),
             id: a.id.as_deref(),
@@ -1012,6 +931,112 @@ fn run(cmd: Cmd) -> Result {
         Cmd::Static(a) => run_static(a),
         Cmd::Check(a) => run_check(a),
     }
+}
+
+/// `dream serve`: flags, then `[serve]` in dream.toml, then the defaults.
+fn run_serve(a: ServeArgs) -> Result {
+    let root = serve::root_dir(a.root.as_deref())?;
+    let file = config::load(&root, a.config.as_deref())?.serve;
+    let listen = if a.listen.is_empty() {
+        file.listen.clone().unwrap_or_default()
+    } else {
+        a.listen.clone()
+    };
+    let command: Vec<OsString> = if a.command.is_empty() {
+        file.command.iter().flatten().map(OsString::from).collect()
+    } else {
+        a.command.clone()
+    };
+    if command.is_empty() {
+        return Err(Failure::usage(
+            "no COMMAND: give it after `--` (dream serve --listen :8080 -- ./server) or as `command` in dream.toml",
+        ));
+    }
+    serve::serve(serve::ServeOptions {
+        root: Some(&root),
+        listen: &listen,
+        metrics: a.metrics.clone().or(file.metrics.clone()),
+        backlog: a
+            .backlog
+            .or(file.backlog)
+            .unwrap_or(dream_core::sockets::listen::DEFAULT_BACKLOG),
+        user: a.user.as_deref().or(file.user.as_deref()),
+        pool: serve::PoolOptions {
+            probation: a
+                .probation
+                .or(file.probation)
+                .unwrap_or(Duration::from_secs(10)),
+            ..pool_options(&a.pool, &file, a.workers)
+        },
+        verbosity: a.pool.verbosity(),
+        command: &command,
+    })
+}
+
+/// `dream deploy`: flags, then `[deploy]` in dream.toml, then the defaults.
+fn run_deploy(a: DeployCmd) -> Result {
+    let root = serve::root_dir(a.root.as_deref())?;
+    let file = config::load(&root, a.config.as_deref())?.deploy;
+    deploy::deploy(deploy::DeployArgs {
+        root: Some(&root),
+        source: &a.source,
+        id: a.id,
+        build: a.build.or(file.build),
+        keep: a.keep.or(file.keep).unwrap_or(5),
+        no_reload: a.no_reload,
+        wait_lock: a.wait_lock.or(file.wait_lock),
+        max_size: a.max_size.or(file.max_size),
+        confirm_within: a.confirm_within.or(file.confirm_within),
+        verify: a.verify,
+        settle: a
+            .settle
+            .or(file.settle)
+            .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
+        exclude: if a.exclude.is_empty() {
+            file.exclude.clone().unwrap_or_default()
+        } else {
+            a.exclude.clone()
+        },
+        keep_git: a.keep_git,
+        no_hooks: a.no_hooks,
+        bridge: a.bridge,
+        dry_run: a.dry_run,
+        json: a.json,
+        quiet: a.quiet,
+    })
+}
+
+fn run_completions(shell: clap_complete::Shell) -> Result {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "dream", &mut out);
+    print_line(String::from_utf8_lossy(&out).trim_end());
+    Ok(())
+}
+
+fn run_man(a: &ManArgs) -> Result {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    if let Some(dir) = &a.dir {
+        return clap_mangen::generate_to(cmd, dir)
+            .map_err(|e| Failure::failed(format!("{}: {e}", dir.display())));
+    }
+    let page = match &a.subcommand {
+        None => cmd,
+        Some(name) => cmd
+            .get_subcommands()
+            .find(|s| s.get_name() == name)
+            .cloned()
+            .ok_or_else(|| Failure::usage(format!("no subcommand {name:?}")))?,
+    };
+    let mut out = Vec::new();
+    clap_mangen::Man::new(page)
+        .render(&mut out)
+        .map_err(Failure::failed)?;
+    print_line(String::from_utf8_lossy(&out).trim_end());
+    Ok(())
 }
 
 /// Prints a line on stdout; a closed pipe is not an error.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer};
 
 /// `250ms`, `1s`, `2m`, `1h30m`, or a bare number of seconds.
 pub fn duration(s: &str) -> Result<Duration, String> {
-    dream_core::supervise::signals::parse_duration(s)
+    dream_core::signals::parse_duration(s)
 }
 
 /// `TERM`, `SIGTERM`, `15`.

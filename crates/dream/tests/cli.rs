@@ -4,15 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use dream_testkit::{Tree, bin, run};
-
-fn dream(args: &[&str]) -> (Option<i32>, String, String) {
-    let (s, out, err) = run(
-        Command::new(bin("dream")).args(args),
-        Duration::from_secs(30),
-    );
-    (s.code(), out, err)
-}
+use dream_testkit::{Tree, bin, dream, run};
 
 #[test]
 fn help_completions_and_man_page() {

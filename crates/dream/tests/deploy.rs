@@ -6,21 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use dream_testkit::{Guard, Referee, Tree, alive, bin, get, live_pids, run, stopped, wait_until};
+use dream_testkit::{
+    Guard, Referee, Tree, alive, bin, current, dream_at as dream, get, live_pids, run, stopped,
+    wait_until,
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-
-fn dream(root: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let (status, out, err) = run(
-        Command::new(bin("dream"))
-            .args(args)
-            .arg("--root")
-            .arg(root)
-            .env("DREAM_BIN", bin("dream")),
-        Duration::from_secs(120),
-    );
-    (status.code(), out, err)
-}
 
 fn deploy_json(root: &Path, source: &Path, extra: &[&str]) -> Value {
     let mut args = vec!["deploy", source.to_str().unwrap(), "--json"];
@@ -28,12 +19,6 @@ fn deploy_json(root: &Path, source: &Path, extra: &[&str]) -> Value {
     let (code, out, err) = dream(root, &args);
     assert_eq!(code, Some(0), "{err}");
     serde_json::from_str(out.trim()).unwrap()
-}
-
-fn current(root: &Path) -> Option<String> {
-    std::fs::read_link(root.join("current"))
-        .ok()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
 }
 
 fn staging_is_empty(root: &Path) -> bool {

@@ -3,14 +3,23 @@
 //! release it replaced by itself, with `current` and the history to match,
 //! and no client refused, reset or served a mix.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use dream_core::supervise::control::Status;
+use dream_core::supervise::pool::GenerationState;
 use dream_testkit::{
-    Guard, Referee, Root, STAMP, Tree, bin, probe, run, stamped_site, stopped, wait_until,
+    Guard, Referee, Root, STAMP, Tree, bin, current, dream_at as dream, run, stamped_site, stopped,
+    wait_until,
 };
+
+/// `dream serve` with two workers that say READY=1.
+fn serve(root: &Root, extra: &[&str]) -> (Guard, std::net::SocketAddr) {
+    let mut flags = vec!["--ready", "notify", "--workers", "2"];
+    flags.extend_from_slice(extra);
+    root.serve(&flags, &[])
+}
 use nix::sys::signal::Signal;
 
 const STATIC: &str = r#"exec "$DREAM_BIN" static --drain-grace 300ms"#;
@@ -30,42 +39,6 @@ sleep 2 & wait $!
 kill -TERM $pid; wait $pid
 exit 1"#;
 
-fn serve(root: &Root, extra: &[&str]) -> (Guard, SocketAddr) {
-    let mut g = Guard::spawn(
-        Command::new(bin("dream"))
-            .args(["serve", "--root"])
-            .arg(root.path())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--ready",
-                "notify",
-                "--workers",
-                "2",
-            ])
-            .args(extra)
-            .args(["--", "./run"])
-            .env("DREAM_BIN", bin("dream"))
-            .env("PROBE_BIN", probe()),
-    );
-    let addr = g.listening_addr();
-    root.wait_supervisor();
-    (g, addr)
-}
-
-fn status(root: &Root) -> serde_json::Value {
-    root.control(r#"{"cmd":"status"}"#)
-}
-
-fn current(root: &Path) -> String {
-    std::fs::read_link(root.join("current"))
-        .unwrap()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// The history's events for `release`, as `event` names.
 fn history(root: &Path, release: &str) -> Vec<String> {
     std::fs::read_to_string(root.join(".dream/history"))
@@ -77,34 +50,23 @@ fn history(root: &Path, release: &str) -> Vec<String> {
         .collect()
 }
 
-fn dream(root: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let (status, out, err) = run(
-        Command::new(bin("dream"))
-            .args(args)
-            .arg("--root")
-            .arg(root),
-        Duration::from_secs(60),
-    );
-    (status.code(), out, err)
-}
-
 /// Waits until release `to` is live again after a revert of `from`, and
 /// the failing generation has drained.
-fn wait_reverted(root: &Root, from: &str, to: &str) -> serde_json::Value {
+fn wait_reverted(root: &Root, from: &str, to: &str) -> Status {
     let s = wait_until(
         Duration::from_secs(30),
         &format!("{from} reverted to {to}"),
         || {
-            let s = status(root);
-            let gens = s["pool"]["generations"].as_array()?.clone();
-            (s["pool"]["reverts"] == 1
+            let s = root.status();
+            let gens = &s.pool.generations;
+            (s.pool.reverts == 1
                 && gens.len() == 1
-                && gens[0]["release"] == to
-                && gens[0]["state"] == "live")
+                && gens[0].release == to
+                && gens[0].state == GenerationState::Live)
                 .then_some(s)
         },
     );
-    assert_eq!(current(root.path()), to);
+    assert_eq!(current(root.path()).as_deref(), Some(to));
     assert!(
         history(root.path(), from).contains(&"reverted".to_string()),
         "{:?}",
@@ -128,7 +90,7 @@ fn a_release_that_crashes_after_ready_is_reverted_and_no_client_notices() {
     let answer = root.control(r#"{"cmd":"reload"}"#);
     assert_eq!(answer["ok"], true, "b goes live first: {answer}");
     let s = wait_reverted(&root, "b", "a");
-    assert!(s["pool"]["generations"][0]["probation_s"].is_null(), "{s}");
+    assert_eq!(s.pool.generations[0].probation_s, None, "{s:?}");
     new_conns.wait_responses(200);
     keep_alive.wait_responses(200);
     for report in [new_conns.finish(), keep_alive.finish()] {
@@ -170,13 +132,12 @@ fn a_release_that_crashes_once_and_then_stays_up_is_kept() {
     assert_eq!(root.control(r#"{"cmd":"reload"}"#)["ok"], true);
     // One crash, respawned; probation then ends with b still live.
     let s = wait_until(Duration::from_secs(30), "b's probation to end", || {
-        let s = status(&root);
-        let g = s["pool"]["generations"].as_array()?.first()?.clone();
-        (g["release"] == "b" && g["probation_s"].is_null() && s["pool"]["restarts"] == 1)
-            .then_some(s)
+        let s = root.status();
+        let g = s.pool.generations.first()?;
+        (g.release == "b" && g.probation_s.is_none() && s.pool.restarts == 1).then_some(s)
     });
-    assert_eq!(s["pool"]["reverts"], 0, "{s}");
-    assert_eq!(current(root.path()), "b");
+    assert_eq!(s.pool.reverts, 0, "{s:?}");
+    assert_eq!(root.current().as_deref(), Some("b"));
     let report = referee.finish();
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.mixed, 0, "{}", report.human());
@@ -196,18 +157,14 @@ fn a_provisional_reload_reverts_at_its_deadline_unless_confirmed() {
     root.switch("b");
     let (code, _, err) = dream(root.path(), &["reload", "--confirm-within", "1500ms"]);
     assert_eq!(code, Some(0), "{err}");
-    let s = status(&root);
-    let live = s["pool"]["generations"]
-        .as_array()
-        .unwrap()
+    let s = root.status();
+    let live = s
+        .pool
+        .generations
         .iter()
-        .find(|g| g["state"] == "live")
-        .cloned()
-        .unwrap();
-    assert!(
-        live["confirm_in_s"].as_f64().is_some_and(|c| c > 0.0),
-        "{s}"
-    );
+        .find(|g| g.state == GenerationState::Live)
+        .expect("a live generation");
+    assert!(live.confirm_in_s.is_some_and(|c| c > 0.0), "{s:?}");
     let (code, out, _) = dream(root.path(), &["status"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("unconfirmed: reverts in"), "{out}");
@@ -225,15 +182,14 @@ fn a_provisional_reload_reverts_at_its_deadline_unless_confirmed() {
     assert!(out.contains("release c) stays"), "{out}");
     referee.wait_responses(50);
     wait_until(Duration::from_secs(10), "past c's deadline", || {
-        let s = status(&root);
-        let gens = s["pool"]["generations"].as_array()?.clone();
-        (gens.len() == 1 && gens[0]["confirm_in_s"].is_null()).then_some(())
+        let gens = root.status().pool.generations;
+        (gens.len() == 1 && gens[0].confirm_in_s.is_none()).then_some(())
     });
     // Nothing is due any more; a moment past the old deadline shows it.
     std::thread::sleep(Duration::from_millis(1600));
-    let s = status(&root);
-    assert_eq!(s["pool"]["reverts"], 1, "{s}");
-    assert_eq!(current(root.path()), "c");
+    let s = root.status();
+    assert_eq!(s.pool.reverts, 1, "{s:?}");
+    assert_eq!(root.current().as_deref(), Some("c"));
     let report = referee.finish();
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.mixed, 0, "{}", report.human());
@@ -272,7 +228,7 @@ fn a_deploy_killed_before_it_confirms_is_reverted_by_the_supervisor() {
         "the deploy to stop after its reload",
         || stopped(pid).then_some(()),
     );
-    assert_eq!(current(&root), "three");
+    assert_eq!(current(&root).as_deref(), Some("three"));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     drop(g);
     let v = wait_until(Duration::from_secs(30), "the supervisor's revert", || {
@@ -282,10 +238,11 @@ fn a_deploy_killed_before_it_confirms_is_reverted_by_the_supervisor() {
             Some(Duration::from_secs(5)),
         )
         .ok()?;
-        let gens = v["pool"]["generations"].as_array()?.clone();
-        (v["pool"]["reverts"] == 1 && gens.len() == 1 && gens[0]["release"] == "two").then_some(v)
+        let s: Status = serde_json::from_value(v).ok()?;
+        let gens = &s.pool.generations;
+        (s.pool.reverts == 1 && gens.len() == 1 && gens[0].release == "two").then_some(s)
     });
-    assert_eq!(current(&root), "two", "{v}");
+    assert_eq!(current(&root).as_deref(), Some("two"), "{v:?}");
     assert!(history(&root, "three").contains(&"reverted".to_string()));
     // Nothing is left locked: the next deploy runs at once.
     let (status, _, err) = run(&mut deploy("four"), Duration::from_secs(60));

@@ -17,21 +17,7 @@ const STATIC: &str = r#"exec "$DREAM_BIN" static --drain-grace 300ms"#;
 
 /// Starts `dream serve` on `root` with `./run` as the command.
 fn serve(root: &Root, extra: &[&str]) -> (Guard, std::net::SocketAddr) {
-    let mut g = Guard::spawn(
-        Command::new(bin("dream"))
-            .arg("serve")
-            .arg("--root")
-            .arg(root.path())
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .args(["--", "./run"])
-            .env("DREAM_BIN", bin("dream"))
-            .env("PROBE_BIN", dream_testkit::probe())
-            .env_remove("NOTIFY_SOCKET"),
-    );
-    let addr = g.listening_addr();
-    root.wait_supervisor();
-    (g, addr)
+    root.serve(extra, &[])
 }
 
 /// `dream reload`, answered as soon as the new generation is live: these

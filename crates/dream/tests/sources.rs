@@ -5,18 +5,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use dream_testkit::{Tree, bin, run};
+use dream_testkit::Tree;
 
+/// `dream ARGS --root ROOT` with `env`.
 fn dream(root: &Path, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(bin("dream"));
-    cmd.args(args).arg("--root").arg(root);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let (status, out, err) = run(&mut cmd, Duration::from_secs(120));
-    (status.code(), out, err)
+    let root = root.to_str().unwrap();
+    dream_testkit::dream_with(&[args, &["--root", root]].concat(), env)
 }
 
 fn tarball(tree: &Tree, files: &[(&str, &str)]) -> PathBuf {

@@ -7,15 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use dream_testkit::{Guard, Tree, bin, run};
-
-fn dream(args: &[&str]) -> (Option<i32>, String, String) {
-    let (status, out, err) = run(
-        Command::new(bin("dream")).args(args),
-        Duration::from_secs(60),
-    );
-    (status.code(), out, err)
-}
+use dream_testkit::{Guard, Tree, bin, dream, run};
 
 /// Bytes that differ on every call (a xorshift over a seed from the clock).
 fn random_bytes(seed: &mut u64, n: usize) -> Vec<u8> {

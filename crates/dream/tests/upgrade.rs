@@ -8,28 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use dream_testkit::{Guard, Referee, Root, bin, live_pids, probe, run, stopped, wait_until};
+use dream_testkit::{Guard, Referee, Root, bin, live_pids, run, stopped, wait_until};
 use nix::sys::signal::Signal;
 
 const STATIC: &str = r#"exec "$DREAM_BIN" static --drain-grace 300ms"#;
 
 /// `dream serve` on 127.0.0.1:0 with `extra` flags and `env`, once it serves.
 fn serve(root: &Root, extra: &[&str], env: &[(&str, &str)]) -> (Guard, SocketAddr) {
-    let mut cmd = Command::new(bin("dream"));
-    cmd.args(["serve", "--root"])
-        .arg(root.path())
-        .args(["--listen", "127.0.0.1:0", "--ready", "notify"])
-        .args(extra)
-        .args(["--", "./run"])
-        .env("DREAM_BIN", bin("dream"))
-        .env("PROBE_BIN", probe());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut g = Guard::spawn(&mut cmd);
-    let addr = g.listening_addr();
-    root.wait_supervisor();
-    (g, addr)
+    root.serve(&[&["--ready", "notify"], extra].concat(), env)
 }
 
 /// `dream upgrade --root ROOT ARGS --json`: exit code and answer.

@@ -196,6 +196,38 @@ impl Drop for Saturate {
     }
 }
 
+/// `dream ARGS` to completion (two minutes at most): exit code, stdout,
+/// stderr. `DREAM_BIN` names this build, for scripts a test deploys.
+pub fn dream(args: &[&str]) -> (Option<i32>, String, String) {
+    dream_with(args, &[])
+}
+
+/// [`dream`] with `--root ROOT` appended.
+pub fn dream_at(root: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let root = root.to_str().expect("a UTF-8 root");
+    let mut all = args.to_vec();
+    all.extend(["--root", root]);
+    dream(&all)
+}
+
+/// [`dream`] with more environment.
+pub fn dream_with(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(bin("dream"));
+    cmd.args(args).env("DREAM_BIN", bin("dream"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (status, out, err) = run(&mut cmd, Duration::from_secs(120));
+    (status.code(), out, err)
+}
+
+/// The release `ROOT/current` names.
+pub fn current(root: &Path) -> Option<String> {
+    std::fs::read_link(root.join("current"))
+        .ok()
+        .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+}
+
 /// Runs a command to completion within `limit`; returns (status, stdout, stderr).
 pub fn run(cmd: &mut Command, limit: Duration) -> (ExitStatus, String, String) {
     use std::os::unix::process::CommandExt;
@@ -404,6 +436,41 @@ impl Root {
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(format!("releases/{id}"), &tmp).expect("symlink");
         std::fs::rename(&tmp, self.path().join("current")).expect("rename");
+    }
+
+    /// `dream serve --root ROOT --listen 127.0.0.1:0 EXTRA -- ./run` with
+    /// `env`, once its control socket answers; its guard and address.
+    /// `DREAM_BIN` and `PROBE_BIN` name this build's programs.
+    pub fn serve(&self, extra: &[&str], env: &[(&str, &str)]) -> (Guard, SocketAddr) {
+        let mut cmd = Command::new(bin("dream"));
+        cmd.arg("serve")
+            .arg("--root")
+            .arg(self.path())
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .args(["--", "./run"])
+            .env("DREAM_BIN", bin("dream"))
+            .env("PROBE_BIN", probe())
+            .env_remove("NOTIFY_SOCKET");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut g = Guard::spawn(&mut cmd);
+        let addr = g.listening_addr();
+        self.wait_supervisor();
+        (g, addr)
+    }
+
+    /// The supervisor's status, typed.
+    pub fn status(&self) -> dream_core::supervise::control::Status {
+        let v = self.control(r#"{"cmd":"status"}"#);
+        serde_json::from_value(v.clone())
+            .unwrap_or_else(|e| panic!("a status that is not one ({e}): {v}"))
+    }
+
+    /// The release `current` names.
+    pub fn current(&self) -> Option<String> {
+        current(self.path())
     }
 
     /// Sends a control request and returns the answer.

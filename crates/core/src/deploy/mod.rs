@@ -4,8 +4,8 @@
 //! This file is the pipeline's frame (options, report, errors, the lock,
 //! [`Pipeline::run`] in order); each phase lives beside it: `prepare`
 //! (source to sealed release), `switch` (going live, verifying, settling,
-//! switching back), `rollback` (and pruning), `releases` (listing and
-//! verifying the store) and `plan` (`--dry-run`).
+//! switching back), `rollback`, `releases` (listing, verifying and
+//! pruning the store) and `plan` (`--dry-run`).
 //!
 //! The order is what makes a deploy safe to kill at any point: the release
 //! is complete and durable (files synced, renamed into `releases/`) before
@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::signals::Signals;
 use crate::store::hooks;
 use crate::store::lock::{Holder, Lock, LockError, Wait};
 use crate::store::manifest::{self, Manifest};
 use crate::store::release::{self, Event, EventKind, Store};
 use crate::store::stage::{self, Source, StageError, Stats};
 use crate::supervise::control;
-use crate::supervise::signals::Signals;
 
 mod plan;
 mod prepare;

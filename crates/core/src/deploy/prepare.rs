@@ -19,21 +19,7 @@ impl Pipeline<'_, '_> {
             None => free_space(&store.root).map_err(|e| io_failure("free space", e))?,
         };
         let prev_pair = self.prev_dir.as_deref().zip(prev);
-        // Over the limit: with --max-size a refusal (exit 1); with the
-        // default, the free space, a full disk (exit 111: free space and
-        // retry).
-        let over_limit = |e: StageError| match e {
-            StageError::TooBig { limit, needs } if opts.max_size.is_none() => err(
-                Kind::Temporary,
-                format!(
-                    "staging: No space left on device: the release needs more than the {limit} bytes free on ROOT's filesystem{}; nothing was written past that. Free some space and retry, or set --max-size",
-                    needs
-                        .map(|n| format!(" ({n} bytes of files)"))
-                        .unwrap_or_default()
-                ),
-            ),
-            e => e.into(),
-        };
+        let over_limit = |e| over_limit(opts.max_size, e);
         let mut git_hash = None;
         let (stats, manifest) = match &opts.source {
             Source::Dir(src) => {
@@ -57,70 +43,13 @@ impl Pipeline<'_, '_> {
                 let (stats, m) = stage::extract_tar(t, staged, max_bytes).map_err(over_limit)?;
                 (stats, self.leave_out(m)?)
             }
-            Source::Objects { manifest, objects } => {
-                let m = Manifest::load(manifest)
-                    .map_err(|e| io_failure("reading the fleet's manifest", e))?;
-                // What the current release holds is not sent: taken from
-                // it (shared, without a build; copied, with one).
-                let local: std::collections::HashMap<crate::store::manifest::Hash, (PathBuf, u32)> =
-                    prev_pair
-                        .map(|(dir, pm)| {
-                            pm.entries()
-                                .iter()
-                                .filter_map(|e| match &e.kind {
-                                    crate::store::manifest::Kind::File { hash, mode, .. } => {
-                                        Some((*hash, (dir.join(&e.path), *mode)))
-                                    }
-                                    _ => None,
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                let content = |h: &crate::store::manifest::Hash| {
-                    let o = objects.join(crate::store::manifest::hex(h));
-                    if o.is_file() {
-                        Some(o)
-                    } else {
-                        local.get(h).map(|(p, _)| p.clone())
-                    }
-                };
-                let share = |h: &crate::store::manifest::Hash, frozen: u32| {
-                    local
-                        .get(h)
-                        .filter(|(_, m)| stage::frozen_mode(false, *m) == frozen)
-                        .map(|(p, _)| p.clone())
-                };
-                let share: Option<&stage::ShareFrom<'_>> =
-                    if self.direct() { Some(&share) } else { None };
-                stage::from_manifest(&m, &content, share, staged, max_bytes).map_err(over_limit)?
-            }
+            Source::Objects { manifest, objects } => self
+                .stage_objects(manifest, objects, prev_pair, max_bytes)
+                .map_err(over_limit)?,
             Source::Git { url, rev } => {
-                let h = stage::git_checkout(
-                    url,
-                    rev.as_deref(),
-                    staged,
-                    max_bytes,
-                    self.signals.as_mut(),
-                )
-                .map_err(over_limit)?;
-                git_hash = Some(h);
-                let (bytes, files) = release::tree_size(staged);
-                if bytes > max_bytes {
-                    return Err(err(
-                        Kind::Failed,
-                        format!(
-                            "refused: the checkout holds {bytes} bytes, more than {max_bytes} (--max-size)"
-                        ),
-                    ));
-                }
-                let m =
-                    Manifest::of_tree(staged).map_err(|e| io_failure("hashing the checkout", e))?;
-                let stats = Stats {
-                    files,
-                    bytes,
-                    ..Stats::default()
-                };
-                (stats, self.leave_out(m)?)
+                let (stats, m, hash) = self.checkout(url, rev.as_deref(), max_bytes)?;
+                git_hash = Some(hash);
+                (stats, m)
             }
         };
         let id = match &opts.id {
@@ -166,6 +95,82 @@ impl Pipeline<'_, '_> {
             stats,
             manifest,
         })
+    }
+
+    /// A fleet's release: its manifest, the objects the coordinator sent,
+    /// and what the current release already holds (shared without a
+    /// build, copied with one).
+    fn stage_objects(
+        &self,
+        manifest: &Path,
+        objects: &Path,
+        prev_pair: Option<(&Path, &Manifest)>,
+        max_bytes: u64,
+    ) -> Result<(Stats, Manifest), StageError> {
+        let m = Manifest::load(manifest).map_err(|e| StageError::Io {
+            path: manifest.to_path_buf(),
+            source: e,
+        })?;
+        // What the current release holds is not sent: taken from
+        // it (shared, without a build; copied, with one).
+        let local: std::collections::HashMap<crate::store::manifest::Hash, (PathBuf, u32)> =
+            prev_pair
+                .map(|(dir, pm)| {
+                    pm.entries()
+                        .iter()
+                        .filter_map(|e| match &e.kind {
+                            crate::store::manifest::Kind::File { hash, mode, .. } => {
+                                Some((*hash, (dir.join(&e.path), *mode)))
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+        let content = |h: &crate::store::manifest::Hash| {
+            let o = objects.join(crate::store::manifest::hex(h));
+            if o.is_file() {
+                Some(o)
+            } else {
+                local.get(h).map(|(p, _)| p.clone())
+            }
+        };
+        let share = |h: &crate::store::manifest::Hash, frozen: u32| {
+            local
+                .get(h)
+                .filter(|(_, m)| stage::frozen_mode(false, *m) == frozen)
+                .map(|(p, _)| p.clone())
+        };
+        let share: Option<&stage::ShareFrom<'_>> = if self.direct() { Some(&share) } else { None };
+        stage::from_manifest(&m, &content, share, &self.staged, max_bytes)
+    }
+
+    /// A git revision checked out and hashed; its commit names the id.
+    fn checkout(
+        &mut self,
+        url: &str,
+        rev: Option<&str>,
+        max_bytes: u64,
+    ) -> Result<(Stats, Manifest, String), DeployError> {
+        let staged = self.staged.clone();
+        let h = stage::git_checkout(url, rev, &staged, max_bytes, self.signals.as_mut())
+            .map_err(|e| over_limit(self.opts.max_size, e))?;
+        let (bytes, files) = release::tree_size(&staged);
+        if bytes > max_bytes {
+            return Err(err(
+                Kind::Failed,
+                format!(
+                    "refused: the checkout holds {bytes} bytes, more than {max_bytes} (--max-size)"
+                ),
+            ));
+        }
+        let m = Manifest::of_tree(&staged).map_err(|e| io_failure("hashing the checkout", e))?;
+        let stats = Stats {
+            files,
+            bytes,
+            ..Stats::default()
+        };
+        Ok((stats, self.leave_out(m)?, h))
     }
 
     /// Runs `--build`, if any; a failure marks the release bad.
@@ -487,4 +492,21 @@ pub(super) fn sync_tree(dir: &Path) -> std::io::Result<()> {
     let f = std::fs::File::open(dir)?;
     nix::unistd::syncfs(&f)?;
     Ok(())
+}
+
+/// Over the limit: with --max-size a refusal (exit 1); with the default,
+/// the free space, a full disk (exit 111: free space and retry).
+fn over_limit(max_size: Option<u64>, e: StageError) -> DeployError {
+    match e {
+        StageError::TooBig { limit, needs } if max_size.is_none() => err(
+            Kind::Temporary,
+            format!(
+                "staging: No space left on device: the release needs more than the {limit} bytes free on ROOT's filesystem{}; nothing was written past that. Free some space and retry, or set --max-size",
+                needs
+                    .map(|n| format!(" ({n} bytes of files)"))
+                    .unwrap_or_default()
+            ),
+        ),
+        e => e.into(),
+    }
 }

@@ -1,67 +1,8 @@
-//! `rollback`, and which releases a deploy keeps when it prunes.
+//! `rollback`: back to the previous good release (or a named one), through
+//! the same switch, reload and settle as a deploy.
 
 use super::switch::switch_reload_verify;
 use super::*;
-
-/// Releases some live process runs in: a supervisor's generations, or any
-/// process whose cwd is inside one.
-pub(super) fn in_use(store: &Store) -> Vec<String> {
-    let mut used = Vec::new();
-    if let Ok(s) = control::status(&store.root, Some(Duration::from_secs(10))) {
-        used.extend(s.pool.generations.into_iter().map(|g| g.release));
-    }
-    let releases = store
-        .releases()
-        .canonicalize()
-        .unwrap_or_else(|_| store.releases());
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if let Ok(cwd) = std::fs::read_link(e.path().join("cwd"))
-            && let Ok(rest) = cwd.strip_prefix(&releases)
-            && let Some(first) = rest.components().next()
-        {
-            used.push(first.as_os_str().to_string_lossy().into_owned());
-        }
-    }
-    used
-}
-
-/// Removes releases beyond `--keep`: the newest `keep` *good* releases
-/// stay (bad ones never push a rollback target out), and of the bad ones
-/// at most `keep`, the newest, for a look at what failed. `current`,
-/// `previous` and any release a process runs in always stay.
-pub(super) fn prune(
-    store: &Store,
-    keep: usize,
-    current: &str,
-    previous: Option<&str>,
-) -> Vec<String> {
-    let bad = store.bad();
-    let used = in_use(store);
-    let (mut good_kept, mut bad_kept) = (0, 0);
-    let mut doomed = Vec::new();
-    for id in store.ordered().into_iter().rev() {
-        let protected = id == current || Some(id.as_str()) == previous || used.contains(&id);
-        let seen = if bad.contains(&id) {
-            &mut bad_kept
-        } else {
-            &mut good_kept
-        };
-        *seen += 1;
-        if *seen > keep && !protected {
-            doomed.push(id);
-        }
-    }
-    let mut removed = Vec::new();
-    for id in doomed {
-        if release::remove_tree(&store.release_dir(&id)).is_ok() {
-            let _ = std::fs::remove_file(store.manifest_path(&id));
-            let _ = store.append(&Event::new(EventKind::Pruned, &id));
-            removed.push(id);
-        }
-    }
-    removed.reverse();
-    removed
-}
 
 /// `dream rollback [ID]`. INT, TERM and HUP are read, not fatal: an
 /// interrupt after the switch puts `current` back (as for a deploy).

@@ -4,7 +4,7 @@
 //! fleet agent asks for one phase at a time: go live, confirm, extend,
 //! revert.
 
-use super::rollback::prune;
+use super::releases::prune;
 use super::*;
 
 impl Pipeline<'_, '_> {
@@ -45,30 +45,37 @@ impl Pipeline<'_, '_> {
     }
 }
 
-/// Switches `current` to `id`, asks a running supervisor to reload, and
-/// switches back (marking `id` bad) if the reload fails.
-pub(super) fn switch_reload_verify(
+/// The `pre-switch` hook, if there is one: its failure marks `id` bad and
+/// nothing is switched.
+fn pre_switch_hook(
+    store: &Store,
+    id: &str,
+    previous: Option<&str>,
+    quiet: bool,
+    p: &mut Progress<'_>,
+) -> Result<(), DeployError> {
+    let event = hooks::HookEvent::new("pre-switch", &store.root, id, previous);
+    if hooks::path(&store.root, "pre-switch").is_some() {
+        hooks::run(&event, quiet).map_err(|e| {
+            let mut bad = Event::new(EventKind::Failed, id);
+            bad.reason = Some(e.clone());
+            let _ = store.append(&bad);
+            err(Kind::Failed, format!("{e}; nothing was switched"))
+        })?;
+        p.step("pre-switch", "hook passed".into());
+    }
+    Ok(())
+}
+
+/// `current` to `id`, and the history's record of it; a switch the
+/// history cannot record is undone.
+fn switch_and_record(
     store: &Store,
     id: &str,
     previous: Option<&str>,
     event: EventKind,
-    how: &ReloadHow,
-    signals: Option<&mut Signals>,
     p: &mut Progress<'_>,
 ) -> Result<(), DeployError> {
-    let (reload, provisional) = (how.reload, how.provisional);
-    if how.hooks {
-        let event = hooks::HookEvent::new("pre-switch", &store.root, id, previous);
-        if hooks::path(&store.root, "pre-switch").is_some() {
-            hooks::run(&event, how.quiet).map_err(|e| {
-                let mut bad = Event::new(EventKind::Failed, id);
-                bad.reason = Some(e.clone());
-                let _ = store.append(&bad);
-                err(Kind::Failed, format!("{e}; nothing was switched"))
-            })?;
-            p.step("pre-switch", "hook passed".into());
-        }
-    }
     let took = store
         .switch(id)
         .map_err(|e| io_failure("switching current", e))?;
@@ -90,6 +97,25 @@ pub(super) fn switch_reload_verify(
             e,
         ));
     }
+    Ok(())
+}
+
+/// Switches `current` to `id`, asks a running supervisor to reload, and
+/// switches back (marking `id` bad) if the reload fails.
+pub(super) fn switch_reload_verify(
+    store: &Store,
+    id: &str,
+    previous: Option<&str>,
+    event: EventKind,
+    how: &ReloadHow,
+    signals: Option<&mut Signals>,
+    p: &mut Progress<'_>,
+) -> Result<(), DeployError> {
+    let (reload, provisional) = (how.reload, how.provisional);
+    if how.hooks {
+        pre_switch_hook(store, id, previous, how.quiet, p)?;
+    }
+    switch_and_record(store, id, previous, event, p)?;
     p.step("switched", format!("current -> releases/{id}"));
     if !reload {
         p.step("reload", "skipped (--no-reload)".into());

@@ -1,27 +1,12 @@
-//! `dream fleet`'s wire: the coordinator and each host's `dream agent`,
-//! over the stdin and stdout of an OpenSSH session.
+//! `dream fleet`: one release onto many hosts, ending on the new release
+//! everywhere or on the old one everywhere.
 //!
-//! **Frames**: a 4-byte big-endian length, a kind byte (`0` a JSON
-//! message, `1` a chunk of a blob's bytes, deflate-compressed), the
-//! payload. A blob is a [`ToAgent::Blob`] message followed by its chunks
-//! and an empty chunk.
-//!
-//! **Conversation**: `hello` (versions; an incompatible coordinator is
-//! refused with both named), `lock`, `offer` (the manifest; the agent
-//! answers with the hashes it lacks), blobs, `prepare` (the same pipeline
-//! as `dream deploy`, stopping before the switch), `switch` (a
-//! provisional reload), `confirm` or `revert`, `bye`. Every request gets
-//! one [`Reply`]. `ping` frames keep the session alive while the
-//! coordinator works on other hosts; an agent that hears nothing for
-//! [`silence`], or reads EOF, treats the coordinator as gone: it removes
-//! what it staged, releases its locks and exits, leaving a switched but
-//! unconfirmed release to its supervisor's confirmation deadline.
-
-//!
-//! The module: `wire` (frames and messages), `agent` (a host's side),
-//! `coordinator` (the fleet's policy: lock, prepare, waves, canary,
-//! max-fail, revert, commit) and `transport` (how a coordinator reaches an
-//! agent: OpenSSH, or a pipe to an agent in this process).
+//! `wire` is the protocol between a coordinator and each host's
+//! `dream agent` (frames, messages, deadlines); `agent` is a host's side,
+//! which treats its coordinator as untrusted; `coordinator` is the fleet's
+//! policy (lock, prepare, waves, canary, max-fail, revert, commit) and
+//! reaches hosts through a `transport` (OpenSSH, or a pipe to an agent in
+//! this process). [`Host`] and [`Rollout`] are what the policy is given.
 
 mod agent;
 pub mod coordinator;

@@ -38,7 +38,7 @@ pub fn silence() -> Duration {
     *SILENCE.get_or_init(|| {
         std::env::var("DREAM_FLEET_SILENCE")
             .ok()
-            .and_then(|v| crate::supervise::signals::parse_duration(&v).ok())
+            .and_then(|v| crate::signals::parse_duration(&v).ok())
             .filter(|d| *d >= Duration::from_millis(100))
             .unwrap_or(Duration::from_secs(20))
     })

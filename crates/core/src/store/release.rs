@@ -106,6 +106,14 @@ pub fn check_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A release by id and directory: what `current` resolves to, and what a
+/// generation of the supervisor runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub id: String,
+    pub dir: PathBuf,
+}
+
 /// The deploy root's release store.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -166,7 +174,7 @@ impl Store {
     /// The one place `current` is resolved; the supervisor starts each
     /// generation in the directory this returns, so a later switch never
     /// moves a running generation.
-    pub fn resolve_current(&self) -> Result<crate::supervise::pool::Release, String> {
+    pub fn resolve_current(&self) -> Result<Release, String> {
         let current = self.current_link();
         let dir = fs::canonicalize(&current).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
@@ -197,7 +205,7 @@ impl Store {
                 self.releases().display()
             ));
         }
-        Ok(crate::supervise::pool::Release { id, dir })
+        Ok(Release { id, dir })
     }
 
     /// Creates `releases/` and `.dream/`; refuses a root that someone else

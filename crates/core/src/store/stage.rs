@@ -826,7 +826,7 @@ pub fn git_checkout(
     rev: Option<&str>,
     dst: &Path,
     max_bytes: u64,
-    mut signals: Option<&mut crate::supervise::signals::Signals>,
+    mut signals: Option<&mut crate::signals::Signals>,
 ) -> Result<String, StageError> {
     let mut git = |args: &[&str], dir: Option<&Path>| -> Result<String, StageError> {
         let mut cmd = std::process::Command::new("git");

@@ -482,7 +482,7 @@ fn exchange(
                 PollFd::new(stream.as_fd(), PollFlags::POLLIN),
                 PollFd::new(signals, PollFlags::POLLIN),
             ];
-            match poll(&mut fds, crate::supervise::signals::timeout_until(deadline)) {
+            match poll(&mut fds, crate::signals::timeout_until(deadline)) {
                 Ok(0) => {
                     return Err(io_err(io::Error::new(
                         io::ErrorKind::TimedOut,

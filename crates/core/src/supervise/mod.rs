@@ -37,7 +37,6 @@ pub mod output;
 pub mod pool;
 pub mod respawn;
 mod server;
-pub mod signals;
 mod status;
 mod upgrade;
 mod workers;
@@ -66,9 +65,11 @@ use serde_json::Value;
 
 use crate::exit::Exit;
 use crate::protocol::{self, Listener};
+use crate::signals::{Signals, timeout_until};
 use crate::sockets::spawn::Command;
-use crate::supervise::pool::{Action, Event, GenId, Pool, Release, Settings, Stop, Waiter};
-use crate::supervise::signals::{Signals, timeout_until};
+use crate::supervise::pool::{
+    Action, Event, GenId, Pool, Release, Settings, Stop, Systemd, Waiter,
+};
 use control::Request;
 
 /// Where workers run.
@@ -625,7 +626,7 @@ impl Driver {
                         self.answer(w, &v);
                     }
                 }
-                Action::Systemd(msg) => self.tell_systemd(&msg),
+                Action::Systemd(what) => self.tell_systemd(what),
                 Action::Log(note, msg) => self.log(0, note, &msg),
                 Action::Warn(note, msg) => self.log(-1, note, &msg),
                 Action::Sweep(generation) => self.sweep(Some(generation)),
@@ -665,12 +666,12 @@ impl Driver {
         }
     }
 
-    pub(super) fn tell_systemd(&self, msg: &str) {
+    pub(super) fn tell_systemd(&self, what: Systemd) {
         let Some(path) = &self.systemd else {
             return;
         };
-        let mut text = msg.to_string();
-        if msg == "RELOADING=1"
+        let mut text = what.as_str().to_string();
+        if what == Systemd::Reloading
             && let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         {
             let usec = t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000;

@@ -20,8 +20,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::protocol::{self, Listener};
+use crate::signals::Signals;
 use crate::sockets::spawn::{Command, SpawnError};
-use crate::supervise::signals::Signals;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {

@@ -692,7 +692,7 @@ pub fn resume() -> Result<i32, SuperviseError> {
     }
     // Exits and signals from the window: reaped and handled now.
     d.reap();
-    d.tell_systemd("READY=1");
+    d.tell_systemd(Systemd::Ready);
     let result = d.event_loop();
     d.cleanup();
     result.map(|()| d.exit_code)

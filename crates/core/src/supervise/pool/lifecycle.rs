@@ -51,7 +51,7 @@ impl Pool {
             ),
         )];
         if !first {
-            actions.push(Action::Systemd("RELOADING=1".into()));
+            actions.push(Action::Systemd(Systemd::Reloading));
         }
         let background = self.background_now();
         let workers = (0..self.settings.workers)
@@ -113,7 +113,7 @@ impl Pool {
                         Note::GenerationReady,
                         format!("generation {generation} ready"),
                     ));
-                    actions.push(Action::Systemd("READY=1".into()));
+                    actions.push(Action::Systemd(Systemd::Ready));
                 }
             }
             GenState::Starting { .. } => {
@@ -166,7 +166,7 @@ impl Pool {
                     actions.extend(self.drain(o, now));
                 }
                 self.announced_ready = true;
-                actions.push(Action::Systemd("READY=1".into()));
+                actions.push(Action::Systemd(Systemd::Ready));
                 actions.push(Action::ReloadDone {
                     waiters,
                     outcome: Ok((generation, release)),
@@ -264,7 +264,7 @@ impl Pool {
             Note::ReloadFailed,
             format!("reload failed: generation {generation} (release {release}) killed; {serving}"),
         ));
-        actions.push(Action::Systemd("READY=1".into()));
+        actions.push(Action::Systemd(Systemd::Ready));
         actions.push(Action::ReloadDone {
             waiters,
             outcome: Err(format!("release {release}: {reason}")),
@@ -329,7 +329,7 @@ impl Pool {
                 Stop::Fast => "stopping now: killing every worker".to_string(),
             },
         )];
-        actions.push(Action::Systemd("STOPPING=1".into()));
+        actions.push(Action::Systemd(Systemd::Stopping));
         if let Some(waiters) = self.queued.take() {
             actions.push(ReloadFailed::stopping(waiters));
         }

@@ -98,7 +98,7 @@ impl std::str::FromStr for Readiness {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Readiness, String> {
-        let dur = |d: &str| crate::supervise::signals::parse_duration(d);
+        let dur = |d: &str| crate::signals::parse_duration(d);
         match s.split_once(':') {
             None if s == "notify" => Ok(Readiness::Notify),
             Some(("fd", n)) => match n.parse::<i32>() {
@@ -123,7 +123,7 @@ pub struct Settings {
     pub workers: usize,
     pub readiness: Readiness,
     pub ready_timeout: Duration,
-    #[serde(with = "crate::supervise::signals::by_number")]
+    #[serde(with = "crate::signals::by_number")]
     pub drain_signal: Signal,
     pub drain_timeout: Duration,
     /// Generations allowed to drain at once; a reload that would make one
@@ -162,11 +162,7 @@ impl Default for Settings {
 }
 
 /// The release a generation runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Release {
-    pub id: String,
-    pub dir: PathBuf,
-}
+pub use crate::store::release::Release;
 
 /// How a reload ended: the generation and release now live, or why not.
 pub type Outcome = Result<(GenId, String), String>;
@@ -198,7 +194,7 @@ pub enum Action {
         outcome: Outcome,
     },
     /// An sd_notify message for systemd (`READY=1`, `RELOADING=1`).
-    Systemd(String),
+    Systemd(Systemd),
     /// A line for the log (shown unless `-q`), and what it is about.
     Log(Note, String),
     /// A warning or failure for the log (shown even with `-q`).
@@ -486,6 +482,27 @@ pub enum Stop {
     Graceful,
     /// Kill everything now, then exit.
     Fast,
+}
+
+/// What the pool tells systemd (`sd_notify`), when it runs under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Systemd {
+    /// `READY=1`: serving (again).
+    Ready,
+    /// `RELOADING=1`, with the monotonic time systemd asks for.
+    Reloading,
+    /// `STOPPING=1`.
+    Stopping,
+}
+
+impl Systemd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Systemd::Ready => "READY=1",
+            Systemd::Reloading => "RELOADING=1",
+            Systemd::Stopping => "STOPPING=1",
+        }
+    }
 }
 
 /// The pool. It serializes whole (deadlines as monotonic times), so

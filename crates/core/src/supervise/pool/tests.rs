@@ -100,7 +100,7 @@ fn live_pool(n: usize) -> (Pool, i32, Instant) {
     }
     assert_eq!(
         all.iter()
-            .filter(|a| **a == Action::Systemd("READY=1".into()))
+            .filter(|a| **a == Action::Systemd(Systemd::Ready))
             .count(),
         1,
         "READY=1 once, when the last worker is ready"
@@ -231,7 +231,7 @@ fn first_generation_is_live_and_ready_by_time_in_auto_mode() {
     assert_eq!(pool.next_deadline(), Some(t0 + Duration::from_secs(1)));
     assert!(pool.on(Event::Tick, t0 + 999 * MS).is_empty());
     let a = pool.on(Event::Tick, t0 + Duration::from_secs(1));
-    assert!(a.contains(&Action::Systemd("READY=1".into())));
+    assert!(a.contains(&Action::Systemd(Systemd::Ready)));
     assert_eq!(pool.next_deadline(), None, "idle: nothing to wake up for");
 }
 
@@ -262,7 +262,7 @@ fn a_timed_readiness_does_not_count_time_spent_waiting_for_a_cpu() {
     assert!(
         !pool
             .on(Event::Tick, t1 + 699 * MS)
-            .contains(&Action::Systemd("READY=1".into()))
+            .contains(&Action::Systemd(Systemd::Ready))
     );
     // A smaller figure never shrinks what was measured.
     pool.on(
@@ -274,7 +274,7 @@ fn a_timed_readiness_does_not_count_time_spent_waiting_for_a_cpu() {
     );
     assert_eq!(pool.timed_readiness_due(t1 + 699 * MS), Vec::<i32>::new());
     let a = pool.on(Event::Tick, t1 + 700 * MS);
-    assert!(a.contains(&Action::Systemd("READY=1".into())), "{a:?}");
+    assert!(a.contains(&Action::Systemd(Systemd::Ready)), "{a:?}");
 }
 
 #[test]
@@ -288,7 +288,7 @@ fn reload_swaps_only_when_every_new_worker_is_ready() {
         t0
     )));
     let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
-    assert!(a.contains(&Action::Systemd("RELOADING=1".into())));
+    assert!(a.contains(&Action::Systemd(Systemd::Reloading)));
     run(&mut pool, a, &mut pid, t0);
     assert!(pool.reloading());
     let a = pool.on(

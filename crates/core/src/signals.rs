@@ -96,7 +96,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 500ms, 2s, 1m)"))
 }
 
-/// `#[serde(with = "crate::supervise::signals::by_number")]` on a `nix` `Signal`.
+/// `#[serde(with = "crate::signals::by_number")]` on a `nix` `Signal`.
 pub mod by_number {
     use nix::sys::signal::Signal;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
