@@ -220,8 +220,8 @@ pub fn run(a: DemoArgs) -> Result {
     let elapsed = started.elapsed();
     println!();
     println!(
-        "dream demo: {} deploys in {}, {} failed",
-        deploys.load(Ordering::SeqCst),
+        "dream demo: {} in {}, {} failed",
+        dream_core::plural(deploys.load(Ordering::SeqCst) as usize, "deploy"),
         dream_core::fmt_duration(elapsed),
         failures.load(Ordering::SeqCst)
     );

@@ -178,9 +178,11 @@ pub fn lock(file: &Path, no_wait: bool, program: &[OsString]) -> Result {
         .collect::<Vec<_>>()
         .join(" ");
     let wait = if no_wait { Wait::No } else { Wait::Forever };
+    // Held (with -n) is worth retrying (111); a lock file that cannot be
+    // opened (no such directory, no permission) is not (1).
     let lock = Lock::acquire(file, &Holder::me(command), wait).map_err(|e| match e {
-        dream_core::store::lock::LockError::Held { .. } => Failure::temporary(format!("lock: {e}")),
-        other => Failure::temporary(format!("lock: {other}")),
+        dream_core::store::lock::LockError::Held { .. } => Failure::temporary(e.to_string()),
+        other => Failure::failed(other.to_string()),
     })?;
     let mut cmd = Command::new(&program[0]);
     cmd.args(&program[1..]).keep_fd(lock.as_fd());

@@ -39,6 +39,10 @@ fn lock_contention_names_the_holder() {
     let (status, _, err) = try_lock();
     assert_eq!(status.code(), Some(111), "{err}");
     assert!(
+        err.starts_with("dream lock: cannot lock"),
+        "one prefix: {err}"
+    );
+    assert!(
         err.contains(&format!("held by pid {}", holder.pid())),
         "{err}"
     );
@@ -65,6 +69,23 @@ fn lock_contention_names_the_holder() {
     assert!(waiter.wait_exit(Duration::from_secs(10)).success());
     let (status, _, err) = try_lock();
     assert!(status.success(), "{err}");
+}
+
+#[test]
+fn a_lock_file_that_cannot_be_opened_is_a_failure_not_a_retry() {
+    let tree = dream_testkit::Tree::new();
+    let missing = tree.path().join("no such dir").join("lock");
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .arg("lock")
+            .arg(&missing)
+            .arg("true"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("dream lock: cannot lock"), "{err}");
+    assert!(!missing.parent().unwrap().exists(), "nothing created");
 }
 
 fn check_json(url: &str, extra: &[&str]) -> (Option<i32>, Value, String) {
