@@ -28,7 +28,9 @@ use nix::sys::signal::Signal;
 use exit::{Failure, Result};
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 done; 1 failed (nothing changed); 100 usage error; 111 temporary failure, safe to retry.";
+Exit codes: 0 done; 1 failed (nothing changed); 2 dream fleet: the hosts may differ (run the same
+deploy again to converge); 100 usage error; 111 temporary failure, safe to retry; 129/130/143
+interrupted by HUP/INT/TERM.";
 
 #[derive(Parser)]
 #[command(
