@@ -967,7 +967,7 @@ fn run_serve(a: ServeArgs) -> Result {
             probation: a
                 .probation
                 .or(file.probation)
-                .unwrap_or(Duration::from_secs(10)),
+                .unwrap_or(dream_core::supervise::pool::Settings::default().probation),
             ..pool_options(&a.pool, &file, a.workers)
         },
         verbosity: a.pool.verbosity(),
