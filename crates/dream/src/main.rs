@@ -720,6 +720,14 @@ fn main() {
         };
         std::process::exit(code);
     }
+    // The guardian an upgrading supervisor starts (`supervise::guard`).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "--upgrade-guard")
+    {
+        let args: Vec<OsString> = std::env::args_os().skip(2).collect();
+        std::process::exit(dream_core::supervise::guard(&args));
+    }
     // The pre-flight a running supervisor asks of a new program.
     let args: Vec<OsString> = std::env::args_os().take(3).collect();
     if args.get(1).is_some_and(|a| a == "--upgrade-check") {

@@ -140,9 +140,14 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
                 Some(i) => {
                     let l = kept.remove(i);
                     eprintln!(
-                        "{} dream serve: listening on {} (the socket systemd kept)",
+                        "{} dream serve: listening on {} (the socket {} kept)",
                         dream_core::log_time(),
-                        l.local_addr()
+                        l.local_addr(),
+                        if dream_core::supervise::taking_over() {
+                            "the upgrade's guardian"
+                        } else {
+                            "systemd"
+                        }
                     );
                     taken.push(Some(l));
                 }

@@ -263,6 +263,102 @@ fn a_new_program_that_cannot_take_over_hands_back_to_the_old_one() {
     assert_eq!(report.mixed, 0, "{}", report.human());
 }
 
+/// A new program that passes the pre-flight and then dies of SIGSEGV, or
+/// hangs, before it resumes: the upgrade's guardian answers `dream upgrade`
+/// (exit 1, the reason) and starts the old program again on the same
+/// socket; a client opening a connection per request meanwhile is never
+/// refused (the backlog holds it), and the new supervisor stops cleanly.
+#[test]
+fn a_new_program_that_dies_or_hangs_before_it_resumes_leaves_the_old_one_serving() {
+    for (hook, why) in [
+        ("DREAM_TEST_UPGRADE_CRASH", "ended before it resumed"),
+        (
+            "DREAM_TEST_UPGRADE_HANG",
+            "did not resume within 3s; it was killed",
+        ),
+    ] {
+        let root = Root::new();
+        root.release("a", STATIC);
+        root.switch("a");
+        let b = copy_of_dream(root.tree.path(), "dream-dies");
+        let (mut sup, addr) = serve(
+            &root,
+            &["--workers", "2"],
+            &[
+                (hook, b.to_str().unwrap()),
+                ("DREAM_TEST_GUARD_LIMIT_MS", "3000"),
+            ],
+        );
+        let old = sup.pid() as i64;
+        let inode = listener_inode(addr);
+        let before = status(&root);
+        root.wait_live("a", 2);
+        let referee = Referee::start(addr, false);
+        referee.wait_responses(20);
+
+        let (code, v, err) = upgrade(&root, &["--binary", b.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{hook}: {v} {err}");
+        let msg = v["error"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(why) && msg.contains("takes over with the same sockets"),
+            "{hook}: {msg}"
+        );
+        let s = wait_until(
+            Duration::from_secs(30),
+            "a supervisor serving again",
+            || {
+                let s = dream_core::supervise::control::request(
+                    root.path(),
+                    &serde_json::json!({"cmd": "status"}),
+                    Some(Duration::from_secs(5)),
+                )
+                .ok()?;
+                (s["pid"] != old && live_pids(&s).len() == 2).then_some(s)
+            },
+        );
+        let new = s["pid"].as_i64().expect("pid");
+        assert!(
+            dream_testkit::gone(old),
+            "{hook}: the upgraded process is gone"
+        );
+        assert_eq!(s["version"], before["version"], "{hook}: the old program");
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{new}/exe")).unwrap(),
+            bin("dream"),
+            "{hook}: the old program runs"
+        );
+        assert_eq!(listener_inode(addr), inode, "{hook}: the same socket");
+        sup.wait_stderr("taking over from a failed upgrade", Duration::from_secs(10));
+
+        referee.wait_responses(50);
+        let report = referee.finish();
+        // The workers die with the program that died (their parent-death
+        // signal): a request each was serving is cut (at most one per
+        // client, 16); nothing is refused or left waiting, and the
+        // connections that queued meanwhile are all answered.
+        let e = &report.errors;
+        assert_eq!(
+            e.connect_refused + e.connect_reset + e.connect_timeout + e.connect_other,
+            0,
+            "{hook}: {}",
+            report.human()
+        );
+        assert_eq!(
+            e.read_timeout + e.read_other + e.bad_status,
+            0,
+            "{hook}: {}",
+            report.human()
+        );
+        assert!(e.read_reset <= 16, "{hook}: {}", report.human());
+        assert_eq!(report.mixed, 0, "{hook}: {}", report.human());
+
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), Signal::SIGTERM).unwrap();
+        wait_until(Duration::from_secs(20), "the new supervisor to end", || {
+            dream_testkit::gone(new).then_some(())
+        });
+    }
+}
+
 /// Starts `dream upgrade` and waits until the supervisor has stopped itself
 /// at its last step before the exec (the `upgrade-exec` test point).
 fn upgrade_to_the_window(root: &Root, sup: i32) -> Guard {

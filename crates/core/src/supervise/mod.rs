@@ -30,6 +30,7 @@
 pub mod cgroup;
 pub mod clock;
 pub mod control;
+mod guard;
 mod listeners;
 mod metrics;
 mod note;
@@ -41,6 +42,7 @@ mod status;
 mod upgrade;
 mod workers;
 
+pub use guard::{guard, taking_over};
 pub use upgrade::{STATE_VERSION, resume, resuming, upgrade_check, version};
 
 use listeners::status_flags;
@@ -272,6 +274,13 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
             d.pool.settings().readiness
         ),
     );
+    if let Some(why) = guard::took_over() {
+        d.log(
+            -1,
+            Note::Upgrade,
+            &format!("taking over from a failed upgrade ({why}): same sockets, new workers"),
+        );
+    }
     let actions = d.pool.on(Event::ReleaseResolved(Ok(first)), Instant::now());
     d.apply(actions);
     let result = d.event_loop();

@@ -22,6 +22,10 @@
 //!    parse error) execs the old program again from its `O_PATH`
 //!    descriptor, with the same state and the reason, and that one keeps
 //!    serving and reports why.
+//! 6. **Guardian** ([`super::guard`]): a program that dies or hangs before
+//!    it resumes cannot hand anything back; a process started just before
+//!    the exec, holding copies of the sockets, starts the old program
+//!    again on them.
 
 use std::io::Seek;
 use std::os::fd::{AsRawFd, RawFd};
@@ -92,6 +96,7 @@ pub fn upgrade_check(v: &str) -> i32 {
                 return 1;
             }
             println!("dream {} reads upgrade state {STATE_VERSION}", version());
+            println!("{}", super::guard::PREFLIGHT_LINE);
             0
         }
         _ => {
@@ -109,6 +114,8 @@ pub(super) struct Pending {
     pub(super) asker: Option<Waiter>,
     pub(super) binary: PathBuf,
     pub(super) to_version: String,
+    /// The new program stands a guardian down once it resumes.
+    pub(super) guarded: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -251,8 +258,9 @@ fn start_preflight(
     })
 }
 
-/// What a finished pre-flight said: the new program's version, or why not.
-fn preflight_verdict(p: &mut Preflight, status: &WaitStatus) -> Result<String, String> {
+/// What a finished pre-flight said: the new program's version and whether
+/// it knows the guardian, or why not.
+fn preflight_verdict(p: &mut Preflight, status: &WaitStatus) -> Result<(String, bool), String> {
     let shown = p.binary.display();
     let read_all = |f: &mut dyn Read| {
         let mut v = Vec::new();
@@ -288,7 +296,10 @@ fn preflight_verdict(p: &mut Preflight, status: &WaitStatus) -> Result<String, S
         .strip_prefix("dream ")
         .and_then(|r| r.strip_suffix(&accepted))
     {
-        Some(v) => Ok(v.trim().to_string()),
+        Some(v) => Ok((
+            v.trim().to_string(),
+            stdout.lines().nth(1).map(str::trim) == Some(super::guard::PREFLIGHT_LINE),
+        )),
         None => Err(format!(
             "{shown} --upgrade-check did not say it reads upgrade state {STATE_VERSION} (it said {:?})",
             crate::logtext::value(line)
@@ -359,9 +370,9 @@ impl Driver {
         self.after_preflight(p, Err(why));
     }
 
-    fn after_preflight(&mut self, p: Preflight, verdict: Result<String, String>) {
+    fn after_preflight(&mut self, p: Preflight, verdict: Result<(String, bool), String>) {
         let (asker, binary) = (p.asker, p.binary);
-        let to_version = match verdict {
+        let (to_version, guarded) = match verdict {
             Ok(v) => v,
             Err(e) => {
                 let msg = format!("pre-flight failed: {e}");
@@ -389,6 +400,7 @@ impl Driver {
             asker,
             binary,
             to_version,
+            guarded,
         });
     }
 
@@ -510,26 +522,72 @@ impl Driver {
             Ok(f) => f,
             Err(e) => return e,
         };
+        let guard = self.start_guardian(pending, &state);
         let mut keep: Vec<RawFd> = vec![memfd.as_raw_fd(), self.self_exe.as_raw_fd()];
         keep.extend(state.fds());
-        for fd in &keep {
-            if let Err(e) = set_cloexec(*fd, false) {
-                restore_cloexec(&keep);
-                return e;
-            }
-        }
+        keep.extend(guard.as_ref().map(|g| g.as_raw_fd()));
         let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(k, _)| k != STATE_FD_ENV && k != OLD_EXE_FD_ENV && k != FALLBACK_ENV)
+            .filter(|(k, _)| {
+                k != STATE_FD_ENV
+                    && k != OLD_EXE_FD_ENV
+                    && k != FALLBACK_ENV
+                    && k != super::guard::GUARD_FD_ENV
+            })
             .collect();
         env.push((STATE_FD_ENV.into(), memfd.as_raw_fd().to_string().into()));
         env.push((
             OLD_EXE_FD_ENV.into(),
             self.self_exe.as_raw_fd().to_string().into(),
         ));
-        crate::test_point("upgrade-exec");
-        let err = crate::sys::reexec(Ok(&pending.binary), &self.argv, &env);
+        if let Some(g) = &guard {
+            env.push((
+                super::guard::GUARD_FD_ENV.into(),
+                g.as_raw_fd().to_string().into(),
+            ));
+        }
+        let err = match keep.iter().try_for_each(|fd| set_cloexec(*fd, false)) {
+            Err(e) => e,
+            Ok(()) => {
+                crate::test_point("upgrade-exec");
+                crate::sys::reexec(Ok(&pending.binary), &self.argv, &env)
+            }
+        };
+        // Still here: the old program goes on, and needs no guardian.
         restore_cloexec(&keep);
+        if let Some(g) = guard {
+            super::guard::stand_down(g);
+        }
         err
+    }
+
+    /// The guardian for this exec, where there is one to have (see
+    /// [`super::guard`]); an upgrade without one is still an upgrade.
+    fn start_guardian(&self, pending: &Pending, state: &State) -> Option<OwnedFd> {
+        if !pending.guarded || self.systemd.is_some() {
+            return None;
+        }
+        let asker = state
+            .asker
+            .and_then(|w| state.clients.iter().find(|c| c.id == w))
+            .map(|c| c.fd);
+        let started = match asker {
+            Some(fd) => crate::with_raw_fd(fd, |b| {
+                super::guard::start(&self.cfg.sockets, Some(b), &self.argv)
+            })
+            .unwrap_or_else(|| Err(io::Error::from_raw_os_error(libc::EBADF))),
+            None => super::guard::start(&self.cfg.sockets, None, &self.argv),
+        };
+        match started {
+            Ok(g) => Some(g),
+            Err(e) => {
+                self.log(
+                    -1,
+                    Note::Upgrade,
+                    &format!("upgrading without a guardian (it could not start: {e})"),
+                );
+                None
+            }
+        }
     }
 }
 
@@ -592,6 +650,32 @@ fn refused_by_test_hook() -> Result<(), String> {
     Ok(())
 }
 
+/// For the tests: `DREAM_TEST_UPGRADE_CRASH=PATH` makes the program at
+/// PATH die of SIGSEGV before it resumes, `DREAM_TEST_UPGRADE_HANG=PATH`
+/// makes it hang there, as a broken new program would.
+fn crashed_by_test_hook() {
+    #[cfg(feature = "test-hooks")]
+    {
+        let this = |var: &str| {
+            std::env::var_os(var)
+                .is_some_and(|p| std::env::current_exe().is_ok_and(|e| e.as_os_str() == p))
+        };
+        if this("DREAM_TEST_UPGRADE_CRASH") {
+            // A real fault cannot be blocked; a raised one can.
+            let _ = nix::sys::signal::SigSet::from(Signal::SIGSEGV).thread_unblock();
+            // Rust's own SIGSEGV handler (stack overflow detection) takes
+            // the first one, finds no fault, and puts the default back.
+            let _ = nix::sys::signal::raise(Signal::SIGSEGV);
+            let _ = nix::sys::signal::raise(Signal::SIGSEGV);
+        }
+        if this("DREAM_TEST_UPGRADE_HANG") {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
 /// Whether this process was started by an upgrade (its state descriptor
 /// is in the environment).
 pub fn resuming() -> bool {
@@ -612,6 +696,8 @@ pub fn resume() -> Result<i32, SuperviseError> {
     let state_fd = number(STATE_FD_ENV);
     let old_exe = number(OLD_EXE_FD_ENV);
     let fallback = std::env::var(FALLBACK_ENV).ok();
+    let guard = super::guard::inherited();
+    crashed_by_test_hook();
     // Workers must not see these.
     crate::sys::remove_env_vars(&[STATE_FD_ENV, OLD_EXE_FD_ENV, FALLBACK_ENV]);
     let Some(state_fd) = state_fd.and_then(crate::sys::claim_inherited_fd) else {
@@ -644,6 +730,14 @@ pub fn resume() -> Result<i32, SuperviseError> {
             env.push((STATE_FD_ENV.into(), file.as_raw_fd().to_string().into()));
             env.push((OLD_EXE_FD_ENV.into(), old.as_raw_fd().to_string().into()));
             env.push((FALLBACK_ENV.into(), why.clone().into()));
+            // The guardian waits for the old program's resume now.
+            if let Some(g) = &guard {
+                let _ = set_cloexec(g.as_raw_fd(), false);
+                env.push((
+                    super::guard::GUARD_FD_ENV.into(),
+                    g.as_raw_fd().to_string().into(),
+                ));
+            }
             let err = crate::sys::reexec(Err(old.as_fd()), &argv, &env);
             return Err(SuperviseError::Setup(format!(
                 "cannot take over the upgrade ({why}), and cannot go back to the old program: {err}"
@@ -656,6 +750,9 @@ pub fn resume() -> Result<i32, SuperviseError> {
         drop(fd);
     }
     let mut d = adopt(state)?;
+    if let Some(g) = guard {
+        super::guard::stand_down(g);
+    }
     let asker = d.resumed_asker.take();
     match &fallback {
         None => {
