@@ -153,6 +153,84 @@ fn children_that_ignore_the_drain_signal_die_with_their_process_group() {
     );
 }
 
+/// A worker whose wrapper does not `exec` its server: the drain signal
+/// ends the wrapper, and the server it started, in the same process group,
+/// may still hold clients. When the generation is over, that group is
+/// drained like a worker (the drain signal, SIGKILL only at the drain
+/// deadline), not killed at once. Under load, with random round counts.
+#[test]
+fn what_a_drained_worker_leaves_in_its_group_is_drained_then_killed_at_the_deadline() {
+    let _busy = dream_testkit::Saturate::cores();
+    let root = Root::new();
+    let marks = root.tree.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    // Two helpers in the worker's group: one drains (on TERM it writes
+    // its mark and exits 0), one ignores TERM. Then the worker serves.
+    let script = format!(
+        r#"sh -c 'trap "echo polite helper draining >&2; echo drained > {m}/$$; exit 0" TERM; echo started > {m}/$$; while :; do sleep 0.05; done' &
+echo $! > {m}/polite-$$
+trap '' TERM; sleep 1000 & echo $! > {m}/deaf-$$; trap - TERM
+exec "$DREAM_BIN" static --drain-grace 100ms"#,
+        m = marks.display()
+    );
+    root.release("a", &script);
+    root.release("b", STATIC);
+    root.switch("a");
+    let mut sup = serve_on(
+        &root,
+        &["127.0.0.1:0"],
+        &[
+            "--workers",
+            "1",
+            "--ready",
+            "notify",
+            "--drain-timeout",
+            "5s",
+        ],
+    );
+    let worker = live_pids(&root.wait_live("a", 1))[0];
+    let read_pid = |name: String| -> i64 {
+        wait_until(Duration::from_secs(10), &name, || {
+            std::fs::read_to_string(marks.join(&name))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+    };
+    let polite = read_pid(format!("polite-{worker}"));
+    let deaf = read_pid(format!("deaf-{worker}"));
+    wait_until(Duration::from_secs(10), "the polite helper's trap", || {
+        std::fs::read_to_string(marks.join(polite.to_string()))
+            .ok()
+            .filter(|s| s.trim() == "started")
+    });
+    root.switch("b");
+    assert_eq!(root.control(r#"{"cmd":"reload"}"#)["ok"], true);
+    // The polite one was told, not killed: its trap ran.
+    let told = || std::fs::read_to_string(marks.join(polite.to_string())).unwrap_or_default();
+    wait_until(
+        Duration::from_secs(15),
+        "the polite helper to drain",
+        || (told().trim() == "drained" && dream_testkit::gone(polite)).then_some(()),
+    );
+    sup.wait_stderr(
+        &format!("what worker pid {worker} left in its process group"),
+        Duration::from_secs(10),
+    );
+    // What it wrote after its worker had exited reached the log (the pipe
+    // is kept open for it: before, that line was a SIGPIPE).
+    sup.wait_stderr("polite helper draining", Duration::from_secs(10));
+    // The deaf one outlives the signal and is killed at the deadline.
+    assert!(alive(deaf), "killed before its drain deadline");
+    wait_until(
+        Duration::from_secs(15),
+        "the deaf helper to be killed",
+        || dream_testkit::gone(deaf).then_some(()),
+    );
+    sup.wait_stderr(&format!("group {worker}"), Duration::from_secs(10));
+}
+
 #[test]
 fn workers_that_crash_after_ready_are_respawned_and_reported() {
     let root = Root::new();

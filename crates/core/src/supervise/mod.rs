@@ -136,6 +136,9 @@ enum Source {
     Client(usize),
     Notify(i32),
     Stderr(i32),
+    /// The stderr pipe of a worker that has exited, still held by what it
+    /// started.
+    Orphan(usize),
     ReadyPipe(i32),
     /// A listening socket reported a hang-up: it no longer listens.
     Listener(usize),
@@ -177,8 +180,9 @@ struct Driver {
     preflight: Option<upgrade::Preflight>,
     /// One cgroup per generation, where the kernel offers them.
     cgroups: Option<crate::supervise::cgroup::Cgroups>,
-    /// What finished generations left behind, sent the drain signal:
-    /// (pid, generation, when it is killed if still there).
+    /// What finished generations and drained workers left behind, sent
+    /// the drain signal: (pid, or minus a process group as `kill(2)` has
+    /// it, generation, when it is killed if still there).
     leftovers: Vec<(i32, GenId, Instant)>,
     /// The version that ran before the last upgrade (this one's, at first).
     previous_version: String,
@@ -187,6 +191,10 @@ struct Driver {
     /// `--metrics`: its listener and the scrapers being answered.
     metrics: Option<crate::protocol::StdListener>,
     scrapers: Vec<metrics::Scraper>,
+    /// Stderr pipes of exited workers that something they started may
+    /// still write to (a server a wrapper started, draining): read until
+    /// their end, so a line logged meanwhile is copied out, not a SIGPIPE.
+    orphaned: Vec<Option<std::fs::File>>,
 }
 
 /// The signals the supervisor takes from its signalfd.
@@ -259,6 +267,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         resumed_asker: None,
         metrics,
         scrapers: Vec::new(),
+        orphaned: Vec::new(),
     };
     d.listener_flags = d.cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
     d.store_sockets_with_systemd();
@@ -334,6 +343,7 @@ impl Driver {
                     Source::Stderr(pid) => {
                         self.pump_stderr(pid);
                     }
+                    Source::Orphan(i) => self.pump_orphan(i),
                     Source::ReadyPipe(pid) => self.on_ready_pipe(pid),
                     Source::Listener(i) => self.on_listener_hangup(i),
                     Source::Metrics => self.on_metrics_accept(),
@@ -380,6 +390,13 @@ impl Driver {
         for (i, s) in self.scrapers.iter().enumerate() {
             sources.push(Source::Scraper(i));
             fds.push(s.fd());
+        }
+        self.orphaned.retain(Option::is_some);
+        for (i, f) in self.orphaned.iter().enumerate() {
+            if let Some(f) = f {
+                sources.push(Source::Orphan(i));
+                fds.push(f.as_fd());
+            }
         }
         for (pid, w) in &self.workers {
             sources.push(Source::Notify(*pid));
@@ -617,6 +634,7 @@ impl Driver {
                     let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
+                Action::DrainGroup { pid, generation } => self.drain_group(pid, generation),
                 Action::StartReload => {
                     let resolved = release_of(&self.cfg.mode);
                     queue.extend(self.pool.on(Event::ReleaseResolved(resolved), now));

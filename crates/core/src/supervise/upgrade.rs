@@ -918,6 +918,8 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         resumed_asker: None,
         metrics,
         scrapers: Vec::new(),
+        // Not carried over: what still writes to them gets EPIPE.
+        orphaned: Vec::new(),
     };
     d.resumed_asker = state.asker;
     Ok(d)

@@ -8,6 +8,9 @@ use super::*;
 
 /// How much of a worker's stderr is kept for failure reports.
 pub(super) const TAIL_BYTES: usize = 2048;
+/// The most exited workers' stderr pipes kept open for what they started.
+const MAX_ORPHANED: usize = 64;
+
 pub(super) struct WorkerIo {
     pub(super) generation: GenId,
     pub(super) index: usize,
@@ -34,6 +37,27 @@ pub(super) fn generation_of(pid: i32) -> Option<u64> {
     env.split(|b| *b == 0)
         .find_map(|kv| kv.strip_prefix(b"DREAM_GENERATION="))
         .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+}
+/// The process group of a process, from `/proc/PID/stat`.
+pub(super) fn pgrp(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold anything): state ppid pgrp.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+/// Sends `signal` to what a leftover entry names: a process, or with a
+/// negative number (as `kill(2)` has it) a process group.
+fn signal_leftover(pid: i32, signal: Signal) {
+    if pid < 0 {
+        let _ = killpg(Pid::from_raw(-pid), signal);
+    } else {
+        let _ = killpg(Pid::from_raw(pid), signal);
+        let _ = kill(Pid::from_raw(pid), signal);
+    }
 }
 /// One datagram without waiting, and the uid the kernel says sent it.
 pub(super) fn recv_with_uid(sock: &UnixDatagram, buf: &mut [u8]) -> Option<(usize, Option<u32>)> {
@@ -75,6 +99,14 @@ impl Driver {
             let tail = if self.workers.contains_key(&pid) {
                 while self.pump_stderr(pid) {}
                 let io = self.workers.remove(&pid).expect("checked");
+                if let Some(pipe) = io.stderr {
+                    // At most a bounded number: past it, the oldest goes
+                    // (and what writes to it gets EPIPE, as without this).
+                    if self.orphaned.len() >= MAX_ORPHANED {
+                        self.orphaned.remove(0);
+                    }
+                    self.orphaned.push(Some(pipe));
+                }
                 String::from_utf8_lossy(&io.tail).into_owned()
             } else {
                 String::new()
@@ -83,6 +115,22 @@ impl Driver {
                 continue;
             };
             self.on(Event::Exited { pid, how, tail });
+        }
+    }
+
+    /// Copies what an exited worker's stderr pipe holds; at its end (every
+    /// writer gone) the pipe is let go.
+    pub(super) fn pump_orphan(&mut self, i: usize) {
+        let Some(Some(pipe)) = self.orphaned.get_mut(i) else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        match pipe.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                self.output.write(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            _ => self.orphaned[i] = None,
         }
     }
 
@@ -303,8 +351,7 @@ impl Driver {
                 found.sort_unstable();
                 found.dedup();
                 for pid in &found {
-                    let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
-                    let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+                    signal_leftover(*pid, Signal::SIGKILL);
                 }
                 if !found.is_empty() {
                     self.log(
@@ -325,6 +372,14 @@ impl Driver {
             Some(g) => {
                 let signal = self.pool.settings().drain_signal;
                 let deadline = Instant::now() + self.pool.settings().drain_timeout;
+                // Members of a worker's group already had it (DrainGroup).
+                let groups: Vec<i32> = self
+                    .leftovers
+                    .iter()
+                    .filter(|(p, lg, _)| *p < 0 && *lg == g)
+                    .map(|(p, _, _)| -p)
+                    .collect();
+                found.retain(|p| pgrp(*p).is_none_or(|pg| !groups.contains(&pg)));
                 for pid in &found {
                     let _ = killpg(Pid::from_raw(*pid), signal);
                     let _ = kill(Pid::from_raw(*pid), signal);
@@ -348,6 +403,49 @@ impl Driver {
         }
     }
 
+    /// A worker that drained is gone: what it left in its process group
+    /// gets the drain signal now, and SIGKILL at the drain deadline if it
+    /// is still there ([`Driver::end_leftovers_due`]).
+    pub(super) fn drain_group(&mut self, pgid: i32, generation: GenId) {
+        let members = self.group_members(pgid, generation);
+        if members.is_empty() {
+            return;
+        }
+        let signal = self.pool.settings().drain_signal;
+        let deadline = Instant::now() + self.pool.settings().drain_timeout;
+        signal_leftover(-pgid, signal);
+        self.leftovers.push((-pgid, generation, deadline));
+        self.log(
+            -1,
+            Note::Worker,
+            &format!(
+                "sent {signal:?} to what worker pid {pgid} left in its process group (killed at its drain deadline if still there): pid {}",
+                members
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+
+    /// The processes of `generation` (its cgroup's members, or children of
+    /// ours from it) in process group `pgid`: a group is named by a pid,
+    /// which is checked to still be the generation's before it is signalled.
+    fn group_members(&self, pgid: i32, generation: GenId) -> Vec<i32> {
+        let mut v: Vec<i32> = own_children()
+            .into_iter()
+            .filter(|p| !self.workers.contains_key(p) && generation_of(*p) == Some(generation))
+            .collect();
+        if let Some(cg) = &self.cgroups {
+            v.extend(cg.members(generation));
+        }
+        v.sort_unstable();
+        v.dedup();
+        v.retain(|p| pgrp(*p) == Some(pgid));
+        v
+    }
+
     /// Kills what a generation left behind and still holds on past its
     /// drain deadline (still a member: its cgroup's, or a child of ours
     /// from that generation, so a reused pid is never hit).
@@ -362,15 +460,21 @@ impl Driver {
         let children = own_children();
         let mut killed = Vec::new();
         for (pid, g, _) in due {
-            let theirs = self
-                .cgroups
-                .as_ref()
-                .is_some_and(|c| c.members(g).contains(&pid))
-                || (children.contains(&pid) && generation_of(pid) == Some(g));
+            let theirs = if pid < 0 {
+                !self.group_members(-pid, g).is_empty()
+            } else {
+                self.cgroups
+                    .as_ref()
+                    .is_some_and(|c| c.members(g).contains(&pid))
+                    || (children.contains(&pid) && generation_of(pid) == Some(g))
+            };
             if theirs {
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                killed.push(pid.to_string());
+                signal_leftover(pid, Signal::SIGKILL);
+                killed.push(if pid < 0 {
+                    format!("group {}", -pid)
+                } else {
+                    pid.to_string()
+                });
             }
         }
         if !killed.is_empty() {

@@ -290,14 +290,21 @@ impl Pool {
                 });
             }
             if done {
-                // Helpers the workers forked (and that ignored the drain
-                // signal) die with their groups.
-                actions.extend(
-                    g.workers
-                        .iter()
-                        .filter_map(|w| w.pgid)
-                        .map(|pid| Action::KillGroup { pid }),
-                );
+                // What the workers forked into their groups: drained like
+                // them when the generation drained (a server a wrapper
+                // started may still hold clients), killed when it was
+                // killed or failed.
+                let drained = matches!(g.state, GenState::Draining { .. });
+                actions.extend(g.workers.iter().filter_map(|w| w.pgid).map(|pid| {
+                    if drained {
+                        Action::DrainGroup {
+                            pid,
+                            generation: g.id,
+                        }
+                    } else {
+                        Action::KillGroup { pid }
+                    }
+                }));
                 if g.state != GenState::Failed {
                     actions.push(Action::Log(
                         Note::GenerationDrained,

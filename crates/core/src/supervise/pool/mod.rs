@@ -185,6 +185,11 @@ pub enum Action {
     Signal { pid: i32, signal: Signal },
     /// SIGKILL a worker's whole process group.
     KillGroup { pid: i32 },
+    /// A worker that drained is gone, and what is left in its process
+    /// group may still hold clients (a server its shell started): send the
+    /// group the drain signal, and SIGKILL it at the drain deadline if it
+    /// is still there.
+    DrainGroup { pid: i32, generation: GenId },
     /// Resolve `current` and call [`Pool::begin_generation`] (a queued
     /// reload is due).
     StartReload,

@@ -73,6 +73,13 @@ fn kills(a: &[Action]) -> Vec<i32> {
     })
 }
 
+fn drains(a: &[Action]) -> Vec<i32> {
+    pick(a, |a| match a {
+        Action::DrainGroup { pid, .. } => Some(*pid),
+        _ => None,
+    })
+}
+
 fn outcome(a: &[Action]) -> Option<(Vec<Waiter>, Outcome)> {
     a.iter().find_map(|a| match a {
         Action::ReloadDone { waiters, outcome } => Some((waiters.clone(), outcome.clone())),
@@ -336,6 +343,10 @@ fn reload_swaps_only_when_every_new_worker_is_ready() {
         )),
         "{a:?}"
     );
+    // What the drained workers left in their groups is drained too, not
+    // killed at once.
+    assert_eq!(drains(&a), vec![1, 2], "{a:?}");
+    assert!(kills(&a).is_empty(), "{a:?}");
     assert_eq!(pool.status(t0).generations.len(), 1);
 }
 
@@ -745,7 +756,12 @@ fn a_worker_scaled_down_while_its_spawn_is_in_flight_is_retired_not_kept() {
         t0 + MS,
     );
     assert_eq!(spawns(&a), 0, "a retired worker is not respawned: {a:?}");
-    assert_eq!(kills(&a), vec![99], "its group goes with it");
+    assert!(kills(&a).is_empty(), "{a:?}");
+    assert_eq!(
+        drains(&a),
+        vec![99],
+        "what it left in its group is drained as it was"
+    );
     let st = pool.status(t0 + MS);
     assert_eq!(st.generations[0].workers.len(), 2);
     // And a retiring worker does not hold a reload's promotion back.

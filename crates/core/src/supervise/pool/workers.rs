@@ -134,10 +134,10 @@ impl Pool {
         let mut actions = Vec::new();
         if let WorkerState::Retiring { .. } = was {
             // Scaled down and gone: it leaves the generation, and whatever
-            // it forked goes with it.
+            // it forked into its group is drained as it was.
             let pgid = w.pgid;
             g.workers.remove(i);
-            actions.extend(pgid.map(|pid| Action::KillGroup { pid }));
+            actions.extend(pgid.map(|pid| Action::DrainGroup { pid, generation }));
             actions.push(Action::Log(
                 Note::WorkerRetired,
                 format!("worker {generation}.{index} retired: {reason}"),
