@@ -22,12 +22,14 @@ pub fn json() -> bool {
     JSON.load(Ordering::Relaxed)
 }
 
-/// How much a line matters: `-q` keeps `Warn`, `-v` adds `Debug`.
+/// How much a line matters: `-q` keeps `Warn` and `Error`, `-v` adds
+/// `Debug`. `Error` is a command's own failure, its last line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     Debug,
     Info,
     Warn,
+    Error,
 }
 
 impl Level {
@@ -36,6 +38,7 @@ impl Level {
             Level::Debug => "debug",
             Level::Info => "info",
             Level::Warn => "warn",
+            Level::Error => "error",
         }
     }
 }

@@ -183,7 +183,13 @@ fn plain(msg: &str) -> String {
         .strip_prefix("invalid type: ")
         .and_then(|r| r.split_once(", expected "))
     {
-        Some((got, want)) => format!("expected {want}, got a {got}"),
+        Some((got, want)) => {
+            let vowel = got.starts_with(['a', 'e', 'i', 'o', 'u']);
+            format!(
+                "expected {want}, got {} {got}",
+                if vowel { "an" } else { "a" }
+            )
+        }
         None => msg.to_string(),
     };
     let mut msg = msg.replace("a sequence", "a list");
@@ -235,6 +241,11 @@ mod tests {
         assert_eq!(
             err,
             "3: serve.listen: expected a list, got a string \"127.0.0.1:8080\""
+        );
+        let err = parse("[serve]\nlisten = 8080\n").unwrap_err();
+        assert_eq!(
+            err,
+            "2: serve.listen: expected a list, got an integer `8080`"
         );
         let err = parse("[serve]\nready_timeout = \"soon\"\n").unwrap_err();
         assert!(

@@ -147,7 +147,6 @@ pub fn run(a: DemoArgs) -> Result {
     let deadline = limit.map(|d| Instant::now() + d);
     let live = Arc::new(dream_check::Live::with_latency());
     let stop = Arc::new(AtomicBool::new(false));
-    let deploys = Arc::new(AtomicU64::new(1));
     let failures = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     let referee = if auto.is_some() {
@@ -172,7 +171,6 @@ pub fn run(a: DemoArgs) -> Result {
             root.clone(),
             sites.clone(),
             stop.clone(),
-            deploys.clone(),
             failures.clone(),
         ));
     }
@@ -205,7 +203,7 @@ pub fn run(a: DemoArgs) -> Result {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_default();
-        panel.show(tty, &current, &deploys, &failures, &live, auto.is_some());
+        panel.show(tty, &current, tally(&root), &live, auto.is_some());
     }
     stop.store(true, Ordering::SeqCst);
     live.stop();
@@ -219,11 +217,11 @@ pub fn run(a: DemoArgs) -> Result {
     }
     let elapsed = started.elapsed();
     println!();
+    let (all, failed) = tally(&root);
     println!(
-        "dream demo: {} in {}, {} failed",
-        dream_core::plural(deploys.load(Ordering::SeqCst) as usize, "deploy"),
+        "dream demo: {} in {}, {failed} failed",
+        dream_core::plural(all, "deploy"),
         dream_core::fmt_duration(elapsed),
-        failures.load(Ordering::SeqCst)
     );
     let mut ok = failures.load(Ordering::SeqCst) == 0 && !supervisor_gone;
     if let Some(Ok(Ok(r))) = report {
@@ -291,7 +289,6 @@ fn auto_deploy(
     root: std::path::PathBuf,
     sites: std::path::PathBuf,
     stop: Arc<AtomicBool>,
-    deploys: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -305,14 +302,9 @@ fn auto_deploy(
             next += every;
             let site = if i % 2 == 1 { "green" } else { "blue" };
             i += 1;
-            match deploy_site(&root, &sites, site) {
-                Ok(_) => {
-                    deploys.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(e) => {
-                    failures.fetch_add(1, Ordering::SeqCst);
-                    eprintln!("dream demo: deploy of {site} failed: {e}");
-                }
+            if let Err(e) = deploy_site(&root, &sites, site) {
+                failures.fetch_add(1, Ordering::SeqCst);
+                eprintln!("dream demo: deploy of {site} failed: {e}");
             }
         }
     })
@@ -324,10 +316,19 @@ fn exited(pid: nix::unistd::Pid) -> bool {
     waitpid(pid, Some(WaitPidFlag::WNOHANG)).is_ok_and(|s| s != WaitStatus::StillAlive)
 }
 
+/// Deploys made to `root` and how many failed, from its history: the
+/// demo's own and any made by hand beside it.
+fn tally(root: &Path) -> (usize, usize) {
+    use dream_core::store::release::EventKind;
+    let history = dream_core::store::release::Store::new(root).history();
+    let count = |k: EventKind| history.iter().filter(|e| e.event == k).count();
+    (count(EventKind::Staged), count(EventKind::Failed))
+}
+
 struct Panel {
     lines: usize,
     last: (Instant, u64),
-    last_deploys: u64,
+    last_deploys: usize,
 }
 
 impl Panel {
@@ -335,12 +336,10 @@ impl Panel {
         &mut self,
         tty: bool,
         current: &str,
-        deploys: &AtomicU64,
-        failures: &AtomicU64,
+        (d, failed): (usize, usize),
         live: &dream_check::Live,
         load: bool,
     ) {
-        let d = deploys.load(Ordering::SeqCst);
         let ok = live.ok.load(Ordering::SeqCst);
         let errors = live.errors.load(Ordering::SeqCst);
         let mixed = live.mixed.load(Ordering::SeqCst);
@@ -354,10 +353,7 @@ impl Panel {
             .unwrap_or_else(|| "-".into());
         let mut lines = vec![
             format!("current release  {current}"),
-            format!(
-                "deploys          {d} ({} failed)",
-                failures.load(Ordering::SeqCst)
-            ),
+            format!("deploys          {d} ({failed} failed)"),
         ];
         if load {
             lines.push(format!("requests         {ok} ({rate:.0}/s), p99 {p99}"));

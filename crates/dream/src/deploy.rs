@@ -37,11 +37,26 @@ fn progress(quiet: bool) -> impl FnMut(&Step) {
 }
 
 fn finish(report: &Report, json: bool, what: &str) {
+    let total: f64 = report.steps.iter().map(|s| s.seconds).sum();
+    let line = format!("{what} {} in {total:.2}s", report.release);
     if json {
         print_line(&serde_json::to_string(report).expect("report serializes"));
+    } else if dream_core::logtext::json() {
+        // --log-format json: every line is JSON, the outcome's too.
+        print_line(
+            dream_core::logtext::json_line(
+                dream_core::logtext::Level::Info,
+                what,
+                &line,
+                &[
+                    ("release", report.release.clone().into()),
+                    ("seconds", total.into()),
+                ],
+            )
+            .trim_end(),
+        );
     } else {
-        let total: f64 = report.steps.iter().map(|s| s.seconds).sum();
-        print_line(&format!("{what} {} in {total:.2}s", report.release));
+        print_line(&line);
     }
 }
 

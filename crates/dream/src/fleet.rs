@@ -401,11 +401,46 @@ pub fn status(f: &Fleet) -> Result {
         .iter()
         .map(|r| r.current.as_deref().unwrap_or("-"))
         .collect();
+    let none_anywhere = rows.iter().all(|r| r.current.is_none());
+    // What is known decides the verdict: a host that did not answer, or a
+    // root with no release on any host (a wrong --root, say), is never
+    // "consistent".
+    let (code, why) = if !unanswered.is_empty() {
+        (
+            crate::exit::TEMPORARY,
+            format!("no answer: {}", unanswered.join("; ")),
+        )
+    } else if none_anywhere {
+        (
+            crate::exit::FAILED,
+            format!(
+                "no host has a release under {} (is --root right?)",
+                f.run
+                    .hosts
+                    .iter()
+                    .map(|h| h.root.as_str())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    } else if currents.len() == 1 {
+        (crate::exit::OK, String::new())
+    } else {
+        (2, "the hosts run different releases".to_string())
+    };
     if f.json {
-        crate::print_line(
-            &serde_json::json!({"ok": unanswered.is_empty(), "consistent": unanswered.is_empty() && currents.len() == 1, "hosts": rows})
-                .to_string(),
-        );
+        let mut v = serde_json::json!({
+            "ok": code == crate::exit::OK,
+            "exit": code,
+            "consistent": code == crate::exit::OK,
+            "hosts": rows,
+        });
+        if !why.is_empty() {
+            v["error"] = why.clone().into();
+        }
+        crate::print_line(&v.to_string());
     } else {
         for r in &rows {
             crate::print_line(&format!(
@@ -420,21 +455,11 @@ pub fn status(f: &Fleet) -> Result {
             ));
         }
     }
-    if !unanswered.is_empty() {
-        // What a host runs is unknown: never reported as consistent.
-        Err(Failure::temporary(format!(
-            "no answer: {}",
-            unanswered.join("; ")
-        )))
-    } else if currents.len() == 1 {
-        Ok(())
-    } else if f.json {
-        Err(Failure::silent(2))
-    } else {
-        Err(Failure {
-            code: 2,
-            message: "the hosts run different releases".into(),
-        })
+    match code {
+        crate::exit::OK => Ok(()),
+        // The JSON above already says why.
+        _ if f.json => Err(Failure::silent(code)),
+        _ => Err(Failure { code, message: why }),
     }
 }
 

@@ -92,8 +92,9 @@ enum Cmd {
 reload in progress, then execs it in place with its state: the listening sockets,
 the workers (not restarted, not reloaded), the control socket. The answer comes
 from the new program. If the new program cannot take over, the old one keeps
-running and says why (exit 1). SIGUSR2 to the supervisor does the same with the
-default PATH.
+running and says why (exit 1); if it dies or hangs before it resumes, a guardian
+the old one started starts it again on the same sockets (new workers; exit 1).
+SIGUSR2 to the supervisor does the same with the default PATH.
 
 Examples:
   apt upgrade dream && dream upgrade --root /srv/app
@@ -158,8 +159,10 @@ Examples:
 
 #[derive(Args)]
 struct ManArgs {
-    /// The subcommand whose page to print (default: dream's own)
-    subcommand: Option<String>,
+    /// The subcommand whose page to print, nested ones as several words
+    /// (`dream man fleet deploy`); default: dream's own
+    #[arg(value_name = "SUBCOMMAND")]
+    subcommand: Vec<String>,
     /// Write every page (dream.1, dream-deploy.1, …) into DIR instead
     #[arg(long, value_name = "DIR", conflicts_with = "subcommand")]
     dir: Option<PathBuf>,
@@ -240,7 +243,7 @@ impl PoolFlags {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// Settings file (default: ROOT/dream.toml if it exists); flags win over it
@@ -295,7 +298,7 @@ struct DemoCmd {
 
 #[derive(Args)]
 struct DeployCmd {
-    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// DIR, TARBALL or git:URL[#REV]
@@ -360,7 +363,7 @@ struct DeployCmd {
 
 #[derive(Args)]
 struct RollbackCmd {
-    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// Release to go back to (default: the previous good one)
@@ -390,7 +393,7 @@ struct RollbackCmd {
 
 #[derive(Args)]
 struct ReleasesArgs {
-    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// Check the files of every release (or of ID) against its manifest
@@ -406,7 +409,7 @@ struct ReleasesArgs {
 
 #[derive(Args)]
 struct StatusArgs {
-    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// Print JSON on stdout
@@ -416,7 +419,7 @@ struct StatusArgs {
 
 #[derive(Args)]
 struct ReloadArgs {
-    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// Provisional: the new generation reverts unless `dream confirm` comes within DUR of it going live
@@ -432,7 +435,7 @@ struct ReloadArgs {
 
 #[derive(Args)]
 struct ConfirmArgs {
-    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// The generation to keep (default: the live one)
@@ -445,6 +448,9 @@ struct ConfirmArgs {
 #[derive(Subcommand)]
 enum FleetCmd {
     /// Prepare SOURCE on every host, switch (canary first), confirm; revert all on failure
+    #[command(
+        after_help = "SOURCE is staged once here, then each host receives only the files its current\nrelease does not already hold. The --canary hosts (default 1) switch and settle\nalone, then the rest in --group waves; more failed hosts than --max-fail revert\nevery switched host. Each host reverts by itself if this\ncoordinator goes silent (--confirm-within).\n\nExamples:\n  dream fleet deploy ./build --hosts web1,web2,web3 --root /srv/app\n  dream fleet deploy app.tar.gz --hosts-from 'cat hosts.txt' --root /srv/app --group 25%\n  dream fleet deploy . --build 'npm ci && npm run build' --build-on local --hosts web1,web2 --root /srv/app\n  dream fleet deploy ./build --hosts web1,web2 --root /srv/app --wait-lock 5m --json\n\nExit codes: 0 new everywhere; 1 failed, every host on the old release; 2 hosts\ndiffer (named; the same command again converges); 100 usage; 111 locked or\nunreachable before anything changed; 129/130/143 interrupted."
+    )]
     Deploy(FleetDeployArgs),
     /// Every host back to ID (default: the primary's previous good release)
     Rollback(FleetRollbackArgs),
@@ -580,7 +586,7 @@ struct AgentArgs {
 
 #[derive(Args)]
 struct UpgradeArgs {
-    /// Deploy root (default: $DREAM_ROOT, else the current directory)
+    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
     /// The new dream program (default: the path the supervisor started from)
@@ -789,7 +795,20 @@ fn main() {
         Ok(()) => exit::OK,
         Err(f) => {
             if !f.message.is_empty() {
-                eprintln!("dream {name}: {}", f.message);
+                if dream_core::logtext::json() {
+                    // --log-format json: the failure is a log line too.
+                    eprint!(
+                        "{}",
+                        dream_core::logtext::json_line(
+                            dream_core::logtext::Level::Error,
+                            "failed",
+                            &f.message,
+                            &[("from", name.into()), ("exit", f.code.into())],
+                        )
+                    );
+                } else {
+                    eprintln!("dream {name}: {}", f.message);
+                }
                 if json {
                     print_line(
                         &serde_json::json!({"ok": false, "error": f.message, "exit": f.code})
@@ -1033,14 +1052,26 @@ fn run_man(a: &ManArgs) -> Result {
         return clap_mangen::generate_to(cmd, dir)
             .map_err(|e| Failure::failed(format!("{}: {e}", dir.display())));
     }
-    let page = match &a.subcommand {
-        None => cmd,
-        Some(name) => cmd
+    // Each word goes one level down (the page is titled by the path,
+    // `dream-fleet-deploy`, as `--dir` names its file).
+    let mut page = cmd;
+    let mut path = vec!["dream".to_string()];
+    for name in &a.subcommand {
+        let sub = page
             .get_subcommands()
             .find(|s| s.get_name() == name)
             .cloned()
-            .ok_or_else(|| Failure::usage(format!("no subcommand {name:?}")))?,
-    };
+            .ok_or_else(|| {
+                let known: Vec<&str> = page.get_subcommands().map(|s| s.get_name()).collect();
+                Failure::usage(format!(
+                    "no subcommand {name:?} under `{}` (it has: {})",
+                    path.join(" "),
+                    known.join(", ")
+                ))
+            })?;
+        path.push(name.clone());
+        page = sub;
+    }
     let mut out = Vec::new();
     clap_mangen::Man::new(page)
         .render(&mut out)

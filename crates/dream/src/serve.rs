@@ -117,6 +117,9 @@ pub struct ServeOptions<'a> {
 pub fn serve(o: ServeOptions<'_>) -> Result {
     let root = root_dir(o.root)?;
     let settings = settings(&o.pool)?;
+    // Before anything is bound or said: one supervisor per root.
+    supervise::refuse_if_running(&root)?;
+    let metrics = o.metrics.as_ref().map(bind_metrics).transpose()?;
     let (sockets, unix_paths) = if o.listen.is_empty() {
         let inherited = protocol::listeners_from_env()
             .map_err(|e| Failure::usage(format!("sockets from systemd: {e}")))?
@@ -176,12 +179,6 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
             .collect();
         (bound, unix_paths)
     };
-    let metrics = o
-        .metrics
-        .as_ref()
-        .map(|spec| crate::tools::bind_all(std::slice::from_ref(spec), 64, "serve", true))
-        .transpose()?
-        .and_then(|mut v| v.pop());
     let user = o.user.map(worker_ids).transpose()?;
     let cfg = Config {
         metrics,
@@ -195,6 +192,22 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
         name: "serve",
     };
     run(cfg, settings)
+}
+
+/// `--metrics SPEC`: bound and announced as the metrics endpoint, and
+/// named as such when it cannot be bound.
+fn bind_metrics(spec: &ListenSpec) -> Result<protocol::Listener> {
+    let l = dream_core::sockets::listen::bind(spec, 64).map_err(|e| {
+        let mut f = Failure::from(e);
+        f.message = format!("--metrics: {}", f.message);
+        f
+    })?;
+    let shown = match spec {
+        ListenSpec::Unix(_) => spec.to_string(),
+        _ => format!("http://{}/metrics", l.local_addr()),
+    };
+    eprintln!("{} dream serve: metrics on {shown}", dream_core::log_time());
+    Ok(l)
 }
 
 fn run(cfg: Config, settings: Settings) -> Result {

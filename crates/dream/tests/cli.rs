@@ -228,6 +228,17 @@ fn man_pages_exist_for_every_subcommand_they_refer_to() {
     for sub in &referred {
         assert!(dir.join(format!("dream-{sub}.1")).is_file(), "{sub}");
     }
+    // Nested subcommands: the page `--dir` writes as dream-fleet-deploy.1.
+    let (code, page, err) = dream(&["man", "fleet", "deploy"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(page.contains(".TH dream-fleet-deploy 1"), "{page}");
+    assert!(dir.join("dream-fleet-deploy.1").is_file());
+    let (code, _, err) = dream(&["man", "fleet", "deplo"]);
+    assert_eq!(code, Some(100), "{err}");
+    assert!(
+        err.contains("\"deplo\"") && err.contains("dream fleet") && err.contains("deploy"),
+        "{err}"
+    );
 }
 
 #[test]

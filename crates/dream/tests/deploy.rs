@@ -1321,16 +1321,21 @@ fn hooks_run_around_the_switch_and_a_failing_pre_switch_switches_nothing() {
     std::fs::create_dir(&root).unwrap();
     deploy_json(&root, &src, &["--id", "one"]);
     let log = tree.path().join("hooks.log");
+    let cwds = tree.path().join("cwd.log");
     let hooks = root.join(".dream/hooks");
-    std::fs::create_dir_all(&hooks).unwrap();
+    assert!(
+        hooks.is_dir(),
+        "a deploy makes .dream/hooks, to drop hooks into"
+    );
     for name in ["pre-switch", "post-switch", "post-deploy", "deploy-failed"] {
         let path = hooks.join(name);
-        // Each records its stdin, and says whether the lock is held.
+        // Each records its stdin and where it ran, and says hello.
         std::fs::write(
             &path,
             format!(
-                "#!/bin/sh\n{{ cat; echo; }} >> {log}\necho \"{name} says hello\"\n[ -e fail-{name} ] && exit 3\nexit 0\n",
-                log = log.display()
+                "#!/bin/sh\n{{ cat; echo; }} >> {log}\necho \"{name} $(pwd -P) $DREAM_RELEASE_DIR\" >> {cwds}\necho \"{name} says hello\"\n[ -e \"$DREAM_ROOT/fail-{name}\" ] && exit 3\nexit 0\n",
+                log = log.display(),
+                cwds = cwds.display()
             ),
         )
         .unwrap();
@@ -1356,6 +1361,19 @@ fn hooks_run_around_the_switch_and_a_failing_pre_switch_switches_nothing() {
     );
     assert_eq!(events[0]["release"], "two");
     assert_eq!(events[0]["previous"], "one");
+    // Each ran in the release's directory (its ./bin is the release's).
+    let two = std::fs::canonicalize(root.join("releases/two")).unwrap();
+    assert_eq!(
+        events[0]["release_dir"],
+        root.join("releases/two").to_str().unwrap()
+    );
+    let ran = std::fs::read_to_string(&cwds).unwrap();
+    for line in ran.lines() {
+        let (name, rest) = line.split_once(' ').unwrap();
+        let (cwd, dir) = rest.split_once(' ').unwrap();
+        assert_eq!(Path::new(cwd), two, "{name}: {ran}");
+        assert_eq!(Path::new(dir), root.join("releases/two"), "{name}: {ran}");
+    }
     assert!(events[0]["host"].as_str().is_some_and(|h| !h.is_empty()));
     // The lock is held while a hook runs: a concurrent deploy exits 111.
     let gate = root.join("open-gate");
@@ -1490,4 +1508,50 @@ fn bridge_links_the_previous_releases_assets_and_never_overwrites() {
     );
     let (code, _, err) = dream(&root, &["deploy", v2.to_str().unwrap(), "--bridge", "../x"]);
     assert_eq!(code, Some(100), "{err}");
+}
+
+/// `--log-format json`: every line a deploy prints, on either stream, is a
+/// JSON object, whether it succeeds or fails; a failure's last line says
+/// so (`"level":"error"`, the exit code).
+#[test]
+fn with_log_format_json_every_line_a_deploy_prints_is_json() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let site = tree
+        .write("site/index.html", "hello")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let s = site.to_str().unwrap();
+    let missing = tree.path().join("no such dir");
+    let cases: [(Vec<&str>, i32); 3] = [
+        (vec!["deploy", s], 0),
+        (vec!["deploy", s, "--build", "exit 3"], 1),
+        (vec!["deploy", missing.to_str().unwrap()], 100),
+    ];
+    for (args, want) in cases {
+        let args = [&args[..], &["--log-format", "json"]].concat();
+        let (code, out, err) = dream(&root, &args);
+        assert_eq!(code, Some(want), "{args:?}: {out} {err}");
+        let lines: Vec<Value> = out
+            .lines()
+            .chain(err.lines())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {l:?}"))
+            })
+            .collect();
+        assert!(!lines.is_empty(), "{args:?}");
+        if want == 0 {
+            assert!(
+                lines.iter().any(|l| l["event"] == "deployed"),
+                "{args:?}: {lines:?}"
+            );
+        } else {
+            let last = serde_json::from_str::<Value>(err.lines().last().unwrap()).unwrap();
+            assert_eq!(last["level"], "error", "{last}");
+            assert_eq!(last["exit"], want, "{last}");
+        }
+    }
 }

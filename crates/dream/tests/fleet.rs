@@ -326,6 +326,19 @@ fn locks_are_never_waited_on_and_never_left_behind() {
     }
     let lab = Lab::new(2);
     let v1 = site(&lab.tree, "v1", None);
+    // Nothing deployed yet (as with a wrong --root): not "consistent".
+    let (code, out, err) = lab.fleet(&["status", "--json"]);
+    assert_eq!(code, Some(1), "{out} {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (&v["ok"], &v["consistent"], &v["exit"]),
+        (&false.into(), &false.into(), &1.into()),
+        "{v}"
+    );
+    assert!(
+        v["error"].as_str().unwrap().contains("is --root right?"),
+        "{v}"
+    );
     // A manual hold: refused at once, naming it.
     let (code, _, err) = lab.fleet(&["lock", "-m", "database migration"]);
     assert_eq!(code, Some(0), "{err}");

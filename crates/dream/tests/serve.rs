@@ -548,12 +548,14 @@ fn readiness_by_a_line_on_an_inherited_fd() {
     root.switch("mute");
     let (ok, out) = reload(&root);
     assert!(!ok && out.contains("not ready within 2s"), "{out}");
-    // fd 3 is the socket: the notification fd must come after it.
+    // fd 3 is the socket: the notification fd must come after it. (Another
+    // root: this one's supervisor would be named first.)
+    let other = Root::new();
     let (status, _, err) = run(
         Command::new(bin("dream"))
             .arg("serve")
             .arg("--root")
-            .arg(root.path())
+            .arg(other.path())
             .args(["--listen", "127.0.0.1:0", "--ready", "fd:3", "--", "true"]),
         Duration::from_secs(10),
     );
@@ -577,6 +579,9 @@ fn a_second_supervisor_for_the_same_root_is_refused() {
     );
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("already running"), "{err}");
+    // Refused before anything was bound: nothing said it was listening.
+    assert!(!err.contains("listening"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert_eq!(
         root.control(r#"{"cmd":"status"}"#)["ok"],
         true,
@@ -803,6 +808,23 @@ fn metrics_count_workers_reloads_and_the_accept_queue() {
     );
     root.wait_supervisor();
     root.wait_live("a", 2);
+    // Another supervisor asking for the same metrics port is told which
+    // of its addresses is taken, before it binds or says anything else.
+    let other = Root::new();
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["serve", "--root"])
+            .arg(other.path())
+            .args(["--listen", "127.0.0.1:0", "--metrics", &maddr.to_string()])
+            .args(["--", "./run"]),
+        Duration::from_secs(20),
+    );
+    assert_ne!(status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("--metrics:") && err.contains(&maddr.to_string()),
+        "{err}"
+    );
+    assert!(!err.contains("listening on"), "{err}");
     let scrape = || {
         let r = get(maddr, "/metrics", &[]);
         assert_eq!(r.status, 200);
@@ -996,4 +1018,74 @@ fn reload_workers_start_in_the_background_until_ready() {
     assert_eq!(read("b/policy-2-0"), "0", "generation 2 of this supervisor");
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// Node, gunicorn and uvicorn call listen(2) again on the socket they are
+/// given, with their own backlog: the supervisor sets its own back (the
+/// metric shows it) and says so once per generation.
+#[test]
+fn a_backlog_a_worker_shrinks_is_set_back() {
+    let root = Root::new();
+    // As those runtimes do: listen(2) on the inherited socket, then serve.
+    let worker = r#"exec python3 -c '
+import os, socket
+s = socket.socket(fileno=0)
+s.listen(16)
+n = os.environ["NOTIFY_SOCKET"]
+u = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+u.sendto(b"READY=1", "\0" + n[1:] if n.startswith("@") else n)
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    c.close()
+'"#;
+    root.release("a", worker);
+    root.release("b", worker);
+    root.switch("a");
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{}", dream_testkit::free_port())
+        .parse()
+        .unwrap();
+    let (mut sup, addr) = root.serve(
+        &[
+            "--workers",
+            "2",
+            "--ready",
+            "notify",
+            "--metrics",
+            &maddr.to_string(),
+        ],
+        &[],
+    );
+    root.wait_live("a", 2);
+    let told = |sup: &mut Guard| {
+        sup.stderr_now()
+            .matches("with a backlog of 16; set back to")
+            .count()
+    };
+    wait_until(Duration::from_secs(20), "the backlog set back", || {
+        (told(&mut sup) >= 1).then_some(())
+    });
+    let limit = || -> f64 {
+        let text = get(maddr, "/metrics", &[]).text();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"dream_listen_queue_limit{socket="127.0.0.1_0"}"#)?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no queue limit in:\n{text}"))
+    };
+    assert!(limit() > 16.0, "{}", limit());
+    assert_eq!(get(addr, "/", &[]).status, 200);
+    // The next generation does it again: set back again, told again.
+    root.switch("b");
+    assert_eq!(root.control(r#"{"cmd":"reload"}"#)["ok"], true);
+    wait_until(
+        Duration::from_secs(20),
+        "the backlog set back again",
+        || (told(&mut sup) >= 2).then_some(()),
+    );
+    assert!(limit() > 16.0, "{}", limit());
 }

@@ -116,6 +116,16 @@ impl FromStr for ListenSpec {
         if spec.starts_with('/') || spec.starts_with("./") {
             return Err(bad("a path needs the unix: prefix"));
         }
+        // A URL is what people paste: say what to drop.
+        if let Some((scheme, _)) = spec.split_once("://") {
+            return Err(bad(match scheme.to_ascii_lowercase().as_str() {
+                "http" | "https" => {
+                    "a listen spec is an address, not a URL: drop the http:// (127.0.0.1:8080)"
+                }
+                "tcp" => "a listen spec is an address, not a URL: drop the tcp:// (127.0.0.1:8080)",
+                _ => "a listen spec is an address, not a URL (127.0.0.1:8080, or unix:/path)",
+            }));
+        }
         if let Ok(addr) = spec.parse::<SocketAddr>() {
             return Ok(ListenSpec::Tcp(addr));
         }
@@ -236,6 +246,19 @@ mod tests {
         }
         let long = format!("unix:/{}", "x".repeat(200));
         malformed(&long);
+    }
+
+    #[test]
+    fn a_url_is_refused_with_what_to_write_instead() {
+        for (s, says) in [
+            ("http://127.0.0.1:8080", "drop the http://"),
+            ("HTTPS://localhost:443", "drop the http://"),
+            ("tcp://0.0.0.0:80", "drop the tcp://"),
+            ("ftp://x:21", "not a URL"),
+        ] {
+            let e = s.parse::<ListenSpec>().unwrap_err().to_string();
+            assert!(e.contains(says) && !e.contains("IPv6"), "{s}: {e}");
+        }
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! `post-deploy` when the deploy has finished, `deploy-failed` when it
 //! failed (with the reason). Each gets one JSON object on stdin (the hook,
 //! the release, the previous one, the root, the host, the user, and the
-//! error for `deploy-failed`), runs in its own process group with the
-//! root as its working directory, has [`DEADLINE`] to finish (then its
-//! group is killed), and has its output shown line by line.
+//! error for `deploy-failed`), runs in its own process group in the
+//! release's directory (`ROOT/releases/ID`, so `./bin/migrate` is the
+//! release's; the root when the release was never made), with
+//! `DREAM_ROOT`, `DREAM_RELEASE` and `DREAM_RELEASE_DIR` set, has
+//! [`DEADLINE`] to finish (then its group is killed), and has its output
+//! shown line by line.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -29,6 +32,10 @@ pub struct HookEvent<'a> {
     pub release: &'a str,
     pub previous: Option<&'a str>,
     pub root: &'a Path,
+    /// `ROOT/releases/ID`, where the hook runs; absent when the release
+    /// was never made (a `deploy-failed` before staging ended).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_dir: Option<PathBuf>,
     pub host: String,
     pub user: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -38,11 +45,15 @@ pub struct HookEvent<'a> {
 impl<'a> HookEvent<'a> {
     pub fn new(hook: &'a str, root: &'a Path, release: &'a str, previous: Option<&'a str>) -> Self {
         let me = crate::store::lock::Holder::me("");
+        let release_dir = (!release.is_empty())
+            .then(|| crate::store::release::Store::new(root).release_dir(release))
+            .filter(|d| d.is_dir());
         HookEvent {
             hook,
             release,
             previous,
             root,
+            release_dir,
             host: me.host,
             user: me.user,
             error: None,
@@ -67,7 +78,13 @@ pub fn run(event: &HookEvent<'_>, quiet: bool) -> Result<(), String> {
     };
     let name = event.hook;
     let mut cmd = std::process::Command::new(&exe);
-    cmd.current_dir(event.root);
+    cmd.current_dir(event.release_dir.as_deref().unwrap_or(event.root))
+        .env("DREAM_ROOT", event.root)
+        .env("DREAM_RELEASE", event.release)
+        .env(
+            "DREAM_RELEASE_DIR",
+            event.release_dir.as_deref().unwrap_or(Path::new("")),
+        );
     let json = serde_json::to_vec(event).expect("an event serializes");
     let mut show = |text: &str| {
         if !quiet {

@@ -216,7 +216,15 @@ impl Store {
             fs::create_dir_all(&self.root)?;
         }
         trusted_dir(&self.root, true)?;
-        for dir in [self.state(), self.staging(), self.releases()] {
+        // `.dream/hooks` too: there to drop a hook into, and (like the
+        // rest) refused when others could write to it, since what is in it
+        // runs as the deployer.
+        for dir in [
+            self.state(),
+            self.staging(),
+            self.releases(),
+            self.state().join("hooks"),
+        ] {
             trusted_subdir(&dir)?;
         }
         if let Ok(meta) = fs::symlink_metadata(self.current_link())

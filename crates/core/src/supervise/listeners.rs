@@ -1,6 +1,6 @@
 //! Watching the listening sockets every worker shares: a socket a worker
-//! shut down is made to listen again, and a change of its file status
-//! flags is named.
+//! shut down is made to listen again, a backlog a worker shrank is
+//! restored, and a change of its file status flags is named.
 
 use super::*;
 
@@ -11,7 +11,63 @@ pub(super) fn status_flags(fd: &OwnedFd) -> Option<nix::fcntl::OFlag> {
         .map(nix::fcntl::OFlag::from_bits_truncate)
 }
 
+/// Each listening socket's backlog (accept queue limit) now; `None` for
+/// sockets that do not report one (Unix ones).
+pub(super) fn backlogs(sockets: &[protocol::Listener]) -> Vec<Option<u32>> {
+    sockets
+        .iter()
+        .map(|l| crate::sys::listen_queue(l.fd.as_fd()).map(|(_, limit)| limit))
+        .collect()
+}
+
 impl Driver {
+    /// Node, gunicorn and uvicorn call `listen(2)` again on the socket
+    /// they are given, with a backlog of their own (511, 2048): every
+    /// worker shares it, so connections that wait during a reload would
+    /// find a shorter queue. The supervisor owns the sockets: it puts its
+    /// backlog back, and says so once per generation.
+    pub(super) fn check_backlog(&mut self) {
+        let mut restored = Vec::new();
+        for (i, l) in self.cfg.sockets.iter().enumerate() {
+            let Some(want) = self.backlogs.get(i).copied().flatten() else {
+                continue;
+            };
+            let Some((_, now)) = crate::sys::listen_queue(l.fd.as_fd()) else {
+                continue;
+            };
+            if now >= want {
+                continue;
+            }
+            let again = nix::sys::socket::Backlog::new(want.min(i32::MAX as u32) as i32)
+                .and_then(|b| nix::sys::socket::listen(&l.fd, b));
+            restored.push(match again {
+                Ok(()) => format!(
+                    "listening socket {} ({}): a worker called listen(2) on it with a backlog of {now}; set back to {want} (see doc/protocol.md)",
+                    l.name,
+                    protocol::describe_local(l.fd.as_fd())
+                ),
+                Err(e) => format!(
+                    "listening socket {}: a worker set its backlog to {now}, and it cannot be set back to {want}: {e}",
+                    l.name
+                ),
+            });
+        }
+        if restored.is_empty() {
+            return;
+        }
+        // Every worker of a generation does it: one warning each.
+        let newest = self.pool.generation_ids().last().copied();
+        let level = if newest.is_some() && newest == self.backlog_told {
+            1
+        } else {
+            -1
+        };
+        self.backlog_told = newest;
+        for msg in restored {
+            self.log(level, Note::Supervisor, &msg);
+        }
+    }
+
     /// A listening socket stopped listening: every worker shares it, so
     /// one worker's `shutdown(2)` refuses connections for all of them and
     /// for every later generation. The supervisor owns the sockets: it

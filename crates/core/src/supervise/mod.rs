@@ -43,6 +43,7 @@ mod upgrade;
 mod workers;
 
 pub use guard::{guard, taking_over};
+pub use server::refuse_if_running;
 pub use upgrade::{STATE_VERSION, resume, resuming, upgrade_check, version};
 
 use listeners::status_flags;
@@ -117,8 +118,17 @@ pub enum SuperviseError {
 fn release_of(mode: &Mode) -> Result<Release, String> {
     match mode {
         Mode::Serve { root } => resolve_current(root),
+        // Not a store: the release is named by DREAM_RELEASE, else by its
+        // directory (a release's directory is named by its id).
         Mode::Pool { dir, .. } => Ok(Release {
-            id: std::env::var("DREAM_RELEASE").unwrap_or_default(),
+            id: std::env::var("DREAM_RELEASE")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .or_else(|| {
+                    let dir = std::fs::canonicalize(dir).ok()?;
+                    Some(dir.file_name()?.to_string_lossy().into_owned())
+                })
+                .unwrap_or_else(|| "/".into()),
             dir: dir.clone(),
         }),
     }
@@ -164,6 +174,11 @@ struct Driver {
     /// made to listen again (then it is left out of the poll set).
     listener_flags: Vec<Option<nix::fcntl::OFlag>>,
     listener_lost: Vec<bool>,
+    /// Per listening socket: the backlog it had when this program took it
+    /// (TCP only), which `check_backlog` restores when a worker's own
+    /// `listen(2)` shrinks it; and the generation last told about that.
+    backlogs: Vec<Option<u32>>,
+    backlog_told: Option<GenId>,
     /// The supervisor's exit status once the pool has finished.
     exit_code: i32,
     /// The path this supervisor's program had when it first started: what
@@ -252,6 +267,8 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         nonce,
         output: crate::supervise::output::Output::stderr(),
         listener_flags: Vec::new(),
+        backlogs: Vec::new(),
+        backlog_told: None,
         listener_lost: Vec::new(),
         exit_code: 0,
         exe: std::env::current_exe()
@@ -270,6 +287,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         orphaned: Vec::new(),
     };
     d.listener_flags = d.cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
+    d.backlogs = listeners::backlogs(&d.cfg.sockets);
     d.store_sockets_with_systemd();
     d.listener_lost = vec![false; d.cfg.sockets.len()];
     d.log(
@@ -350,6 +368,8 @@ impl Driver {
                     Source::Scraper(i) => self.on_scraper(i),
                 }
             }
+            // A worker that came up may have called listen(2) itself.
+            self.check_backlog();
             self.clients.retain(|c| c.id != 0);
             let now = Instant::now();
             self.clients

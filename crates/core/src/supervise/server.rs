@@ -16,13 +16,11 @@ pub(super) struct Client {
     pub(super) awaiting: usize,
     pub(super) last: Instant,
 }
-pub(super) fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> {
-    let store = crate::store::release::Store::new(root);
-    let dir = store.state();
-    let trusted = crate::store::release::trusted_dir(root, true)
-        .and_then(|()| crate::store::release::trusted_subdir(&dir));
-    trusted.map_err(|e| SuperviseError::Setup(format!("cannot use {}: {e}", dir.display())))?;
-    let path = store.control_socket();
+/// Refuses a second supervisor for `root`: one already answers on its
+/// control socket. `dream serve` asks before it binds anything, so that
+/// nothing says "listening" for a supervisor that will not run.
+pub fn refuse_if_running(root: &Path) -> Result<(), SuperviseError> {
+    let path = crate::store::release::Store::new(root).control_socket();
     if UnixStream::connect(&path).is_ok() {
         return Err(SuperviseError::Setup(format!(
             "a supervisor is already running for {} ({} answers); stop it first, or use `dream reload`",
@@ -30,6 +28,17 @@ pub(super) fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> 
             path.display()
         )));
     }
+    Ok(())
+}
+
+pub(super) fn bind_control(root: &Path) -> Result<UnixListener, SuperviseError> {
+    let store = crate::store::release::Store::new(root);
+    let dir = store.state();
+    let trusted = crate::store::release::trusted_dir(root, true)
+        .and_then(|()| crate::store::release::trusted_subdir(&dir));
+    trusted.map_err(|e| SuperviseError::Setup(format!("cannot use {}: {e}", dir.display())))?;
+    refuse_if_running(root)?;
+    let path = store.control_socket();
     let spec = crate::sockets::spec::ListenSpec::Unix(path.clone());
     let bound = crate::sockets::listen::bind(&spec, 64)
         .map_err(|e| SuperviseError::Setup(format!("control socket: {e}")))?;

@@ -888,6 +888,8 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
     };
     let signals = Signals::new(SIGNALS)?;
     let listener_flags = cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
+    // As the sockets are now (a shrink before the upgrade is not seen).
+    let backlogs = super::listeners::backlogs(&cfg.sockets);
     let mut d = Driver {
         pool,
         cfg,
@@ -901,6 +903,8 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         nonce: state.nonce,
         output: crate::supervise::output::Output::stderr(),
         listener_flags,
+        backlogs,
+        backlog_told: None,
         listener_lost: state.listener_lost,
         exit_code: state.exit_code,
         exe: state.exe,

@@ -56,6 +56,7 @@ impl Pool {
             generation,
             index,
             format!("could not start: {error}"),
+            "",
             false,
             now,
         )
@@ -105,21 +106,22 @@ impl Pool {
             .worker_mut(generation, index)
             .is_some_and(|(g, i)| matches!(g.workers[i].state, WorkerState::Stopping { .. }))
             && how.success();
-        let mut reason = format!("pid {pid} {how}");
-        let tail = tail.trim();
-        if !tail.is_empty() && !drained {
-            reason.push_str(&format!("; its stderr ended with:\n{tail}"));
-        }
-        self.last_death = Some(reason.clone());
-        self.worker_died(generation, index, reason, how.success(), now)
+        let reason = format!("pid {pid} {how}");
+        let tail = if drained { "" } else { tail.trim() };
+        self.last_death = Some(with_tail(&reason, tail));
+        self.worker_died(generation, index, reason, tail, how.success(), now)
     }
 
-    /// A worker is gone: `clean` when it exited with status 0.
+    /// A worker is gone: `clean` when it exited with status 0. `reason` is
+    /// for the log, where its stderr was copied as it wrote it; `tail`,
+    /// the end of that stderr, goes only to the answers of those who did
+    /// not see the log (a failed reload's).
     pub(super) fn worker_died(
         &mut self,
         generation: GenId,
         index: usize,
         reason: String,
+        tail: &str,
         clean: bool,
         now: Instant,
     ) -> Vec<Action> {
@@ -151,8 +153,10 @@ impl Pool {
                     Note::WorkerFailed,
                     format!("worker {generation}.{index} failed during reload: {reason}"),
                 ));
-                actions
-                    .extend(self.fail(generation, format!("worker {generation}.{index} {reason}")));
+                actions.extend(self.fail(
+                    generation,
+                    with_tail(&format!("worker {generation}.{index} {reason}"), tail),
+                ));
             }
             GenState::Live if !stopping && on_trial => {
                 actions.push(Action::Warn(
@@ -203,5 +207,14 @@ impl Pool {
             }
         }
         actions
+    }
+}
+
+/// `reason`, and the end of the worker's stderr if it left any.
+fn with_tail(reason: &str, tail: &str) -> String {
+    if tail.is_empty() {
+        reason.to_string()
+    } else {
+        format!("{reason}; its stderr ended with:\n{tail}")
     }
 }
