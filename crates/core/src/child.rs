@@ -153,43 +153,20 @@ fn line_text(bytes: &[u8]) -> String {
 /// Runs `cmd` to its end (see the module). `stdin` is written to the
 /// child's input, which is then closed (none: `/dev/null`).
 pub fn run(
-    mut cmd: Command,
+    cmd: Command,
     stdin: Option<&[u8]>,
     mut output: Output<'_>,
     deadline: Option<Instant>,
     mut signals: Option<&mut Signals>,
 ) -> io::Result<Ended> {
-    use std::os::unix::process::CommandExt;
-    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let (out_rd, out_wr) = match output {
-        Output::Capture { .. } => {
-            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-            (Some(r), Stdio::from(w))
-        }
-        Output::Lines { .. } => (None, Stdio::from(wr.try_clone()?)),
-    };
-    cmd.stdout(out_wr)
-        .stderr(wr)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .process_group(0);
-    crate::sys::child_defaults(&mut cmd);
-    let mut child = cmd.spawn()?;
-    // The pipes' write ends live only in the child (and what it starts).
-    drop(cmd);
-    let group = Pid::from_raw(child.id() as i32);
-    let _recorded = Recorded::new(child.id() as i32);
-    let exited = crate::sys::pidfd_open(child.id() as i32)?;
-    if let (Some(mut input), Some(bytes)) = (child.stdin.take(), stdin) {
-        use std::io::Write;
-        // A child that does not read its input is not waited for.
-        let _ = input.write_all(bytes);
-    }
-    let mut lines = std::fs::File::from(rd);
-    let mut captured = out_rd.map(std::fs::File::from);
+    let Started {
+        mut child,
+        group,
+        exited,
+        mut lines,
+        mut captured,
+        _recorded,
+    } = start(cmd, stdin, matches!(output, Output::Capture { .. }))?;
     let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     let mut partial = Vec::new();
     let mut stdout = Vec::new();
@@ -266,21 +243,13 @@ pub fn run(
         if child_done {
             // What it wrote before it exited; then whatever it left
             // running in its group goes.
-            set_nonblocking(&lines);
-            while lines_open {
-                match read_lines(&mut lines, &mut partial, &mut tail, &mut line) {
-                    Ok(open) => lines_open = open,
-                    Err(_) => break,
-                }
+            if lines_open {
+                set_nonblocking(&lines);
+                while let Ok(true) = read_lines(&mut lines, &mut partial, &mut tail, &mut line) {}
             }
-            if let Some(c) = &mut captured {
+            if let Some(c) = captured.as_mut().filter(|_| captured_open) {
                 set_nonblocking(c);
-                while captured_open {
-                    match read_some(c, &mut stdout, limit) {
-                        Ok(open) => captured_open = open,
-                        Err(_) => break,
-                    }
-                }
+                while let Ok(true) = read_some(c, &mut stdout, limit) {}
             }
             let _ = killpg(group, Signal::SIGKILL);
             let status = child.wait()?;
@@ -296,6 +265,59 @@ pub fn run(
         }
     };
     Ok(ended)
+}
+
+/// A child just started: its pipes' read ends (stderr, and stdout with it
+/// unless captured apart), a pidfd that says when it exits, and its group
+/// recorded in `.dream/children/` while it runs.
+struct Started {
+    child: std::process::Child,
+    group: Pid,
+    exited: OwnedFd,
+    lines: std::fs::File,
+    captured: Option<std::fs::File>,
+    _recorded: Recorded,
+}
+
+/// Starts `cmd` in its own process group with default signal handling,
+/// and hands it `stdin` (not waited for if it does not read).
+fn start(mut cmd: Command, stdin: Option<&[u8]>, capture: bool) -> io::Result<Started> {
+    use std::os::unix::process::CommandExt;
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (out_rd, out_wr) = if capture {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        (Some(r), Stdio::from(w))
+    } else {
+        (None, Stdio::from(wr.try_clone()?))
+    };
+    cmd.stdout(out_wr)
+        .stderr(wr)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .process_group(0);
+    crate::sys::child_defaults(&mut cmd);
+    let mut child = cmd.spawn()?;
+    // The pipes' write ends live only in the child (and what it starts).
+    drop(cmd);
+    let group = Pid::from_raw(child.id() as i32);
+    let recorded = Recorded::new(child.id() as i32);
+    let exited = crate::sys::pidfd_open(child.id() as i32)?;
+    if let (Some(mut input), Some(bytes)) = (child.stdin.take(), stdin) {
+        use std::io::Write;
+        // A child that does not read its input is not waited for.
+        let _ = input.write_all(bytes);
+    }
+    Ok(Started {
+        child,
+        group,
+        exited,
+        lines: std::fs::File::from(rd),
+        captured: out_rd.map(std::fs::File::from),
+        _recorded: recorded,
+    })
 }
 
 /// TERM to the whole group, up to `grace` for the leader to exit, then

@@ -106,6 +106,7 @@ pub struct Serve {
     #[serde(default, deserialize_with = "de::duration")]
     pub probation: Option<Duration>,
     pub start_priority: Option<crate::serve::StartPriority>,
+    pub notify_socket: Option<crate::serve::NotifySocket>,
     #[serde(default, deserialize_with = "de::listen_one")]
     pub metrics: Option<ListenSpec>,
     pub command: Option<Vec<String>>,

@@ -94,20 +94,7 @@ pub fn run(a: DemoArgs) -> Result {
     // Signals first: threads started later inherit the blocked mask.
     let mut signals = Signals::new(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGCHLD])
         .map_err(Failure::failed)?;
-    let (root, _temp) = match &a.root {
-        Some(r) => {
-            std::fs::create_dir_all(r)
-                .map_err(|e| Failure::failed(format!("{}: {e}", r.display())))?;
-            (r.canonicalize().map_err(Failure::failed)?, None)
-        }
-        None => {
-            let t = tempfile::Builder::new()
-                .prefix("dream-demo-")
-                .tempdir()
-                .map_err(Failure::failed)?;
-            (t.path().to_path_buf(), Some(t))
-        }
-    };
+    let (root, _temp) = demo_root(a.root.as_deref())?;
     let sites_dir = tempfile::Builder::new()
         .prefix("dream-demo-sites-")
         .tempdir()
@@ -127,20 +114,7 @@ pub fn run(a: DemoArgs) -> Result {
     let supervisor = start_supervisor(&exe, &root, &bound, a.workers, &mut signals)?;
 
     let url = format!("http://{addr}/");
-    let green = sites.join("green");
-    println!("dream demo: serving {url} from {}", root.display());
-    println!(
-        "  release {} (blue) is live; open the URL in a browser.",
-        first.release
-    );
-    println!("  Deploy the green site from a second terminal, then reload the page:");
-    println!(
-        "    {} deploy --root {} {} --build ./build.sh",
-        exe.display(),
-        root.display(),
-        green.display()
-    );
-    println!("  Ctrl-C stops the demo.");
+    welcome(&url, &root, &first.release, &exe, &sites.join("green"));
 
     let auto = a.auto_deploy;
     let limit = a.duration;
@@ -149,21 +123,9 @@ pub fn run(a: DemoArgs) -> Result {
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
-    let referee = if auto.is_some() {
-        let opts = dream_check::Options {
-            target: dream_check::Target::parse(&url).map_err(Failure::usage)?,
-            connections: a.connections,
-            duration: Duration::from_secs(365 * 24 * 3600),
-            keep_alive: false,
-            body_pattern: Some(dream_check::DEFAULT_BODY_PATTERN.into()),
-            timeout: Duration::from_secs(10),
-            max_requests: None,
-            rate: None,
-        };
-        let live = live.clone();
-        Some(std::thread::spawn(move || dream_check::run(&opts, live)))
-    } else {
-        None
+    let referee = match auto {
+        Some(_) => Some(start_referee(&url, a.connections, live.clone())?),
+        None => None,
     };
     if let Some(every) = auto {
         threads.push(auto_deploy(
@@ -233,6 +195,62 @@ pub fn run(a: DemoArgs) -> Result {
     } else {
         Err(Failure::silent(crate::exit::FAILED))
     }
+}
+
+/// What the referee's thread ends with.
+type Referee = std::result::Result<dream_check::Report, dream_check::CheckError>;
+
+/// The referee the demo runs under `--auto-deploy`: new connections to
+/// `url` until stopped, counting errors and mixed responses into `live`.
+fn start_referee(
+    url: &str,
+    connections: usize,
+    live: Arc<dream_check::Live>,
+) -> Result<std::thread::JoinHandle<Referee>> {
+    let opts = dream_check::Options {
+        target: dream_check::Target::parse(url).map_err(Failure::usage)?,
+        connections,
+        duration: Duration::from_secs(365 * 24 * 3600),
+        keep_alive: false,
+        body_pattern: Some(dream_check::DEFAULT_BODY_PATTERN.into()),
+        timeout: Duration::from_secs(10),
+        max_requests: None,
+        rate: None,
+    };
+    Ok(std::thread::spawn(move || dream_check::run(&opts, live)))
+}
+
+/// The demo's root: `--root DIR` (made if missing), else a temporary
+/// directory removed at the end.
+fn demo_root(root: Option<&Path>) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match root {
+        Some(r) => {
+            std::fs::create_dir_all(r)
+                .map_err(|e| Failure::failed(format!("{}: {e}", r.display())))?;
+            Ok((r.canonicalize().map_err(Failure::failed)?, None))
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("dream-demo-")
+                .tempdir()
+                .map_err(Failure::failed)?;
+            Ok((t.path().to_path_buf(), Some(t)))
+        }
+    }
+}
+
+/// What the demo serves, and how to deploy by hand beside it.
+fn welcome(url: &str, root: &Path, release: &str, exe: &Path, green: &Path) {
+    println!("dream demo: serving {url} from {}", root.display());
+    println!("  release {release} (blue) is live; open the URL in a browser.");
+    println!("  Deploy the green site from a second terminal, then reload the page:");
+    println!(
+        "    {} deploy --root {} {} --build ./build.sh",
+        exe.display(),
+        root.display(),
+        green.display()
+    );
+    println!("  Ctrl-C stops the demo.");
 }
 
 /// Starts `dream serve` with `dream static` workers on `root`, and waits

@@ -206,6 +206,9 @@ struct PoolFlags {
     /// How workers start while others serve (a reload, a respawn): idle runs them under SCHED_IDLE until ready (at most 0.5s), so the serving workers keep the CPU; normal at dream's own priority; auto is idle when dream may restore the priority (root or CAP_SYS_NICE) [default: auto]
     #[arg(long, value_enum, value_name = "PRIORITY")]
     start_priority: Option<serve::StartPriority>,
+    /// Where each worker's NOTIFY_SOCKET is: path, a socket file in ROOT/.dream/notify/ that every sd_notify client can use; abstract, an @… socket with no file (dream pool always uses abstract) [default: path]
+    #[arg(long, value_enum, value_name = "KIND")]
+    notify_socket: Option<serve::NotifySocket>,
     /// Only warnings and failures
     #[arg(short, long, conflicts_with = "verbose")]
     quiet: bool,
@@ -794,32 +797,37 @@ fn main() {
     let code = match run(cli.command) {
         Ok(()) => exit::OK,
         Err(f) => {
-            if !f.message.is_empty() {
-                if dream_core::logtext::json() {
-                    // --log-format json: the failure is a log line too.
-                    eprint!(
-                        "{}",
-                        dream_core::logtext::json_line(
-                            dream_core::logtext::Level::Error,
-                            "failed",
-                            &f.message,
-                            &[("from", name.into()), ("exit", f.code.into())],
-                        )
-                    );
-                } else {
-                    eprintln!("dream {name}: {}", f.message);
-                }
-                if json {
-                    print_line(
-                        &serde_json::json!({"ok": false, "error": f.message, "exit": f.code})
-                            .to_string(),
-                    );
-                }
-            }
+            report(name, json, &f);
             f.code
         }
     };
     std::process::exit(code);
+}
+
+/// A command's failure: one line on stderr (JSON with `--log-format
+/// json`), and with `--json` the answer on stdout too.
+fn report(name: &str, json: bool, f: &Failure) {
+    if f.message.is_empty() {
+        return;
+    }
+    if dream_core::logtext::json() {
+        eprint!(
+            "{}",
+            dream_core::logtext::json_line(
+                dream_core::logtext::Level::Error,
+                "failed",
+                &f.message,
+                &[("from", name.into()), ("exit", f.code.into())],
+            )
+        );
+    } else {
+        eprintln!("dream {name}: {}", f.message);
+    }
+    if json {
+        print_line(
+            &serde_json::json!({"ok": false, "error": f.message, "exit": f.code}).to_string(),
+        );
+    }
 }
 
 /// The pool's settings: each flag, else the config file's value, else the
@@ -848,6 +856,10 @@ fn pool_options(f: &PoolFlags, file: &config::Serve, workers: Option<usize>) -> 
             .start_priority
             .or(file.start_priority)
             .unwrap_or(serve::StartPriority::Auto),
+        notify_socket: f
+            .notify_socket
+            .or(file.notify_socket)
+            .unwrap_or(serve::NotifySocket::Path),
     }
 }
 

@@ -38,6 +38,16 @@ pub fn root_dir(flag: Option<&Path>) -> Result<PathBuf> {
         .map_err(|e| Failure::usage(format!("root {}: {e}", root.display())))
 }
 
+/// Where a worker's `NOTIFY_SOCKET` is (`--notify-socket`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifySocket {
+    /// A socket file in ROOT/.dream/notify/ (every sd_notify client can use it)
+    Path,
+    /// An abstract socket, @dream/… (no file; some clients, e.g. Ruby's sd_notify gem, cannot use it)
+    Abstract,
+}
+
 /// How a worker starts while others serve (`--start-priority`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,6 +71,7 @@ pub struct PoolOptions {
     pub drain_timeout: Duration,
     pub probation: Duration,
     pub start_priority: StartPriority,
+    pub notify_socket: NotifySocket,
 }
 
 pub fn settings(o: &PoolOptions) -> Result<Settings> {
@@ -88,6 +99,10 @@ pub fn settings(o: &PoolOptions) -> Result<Settings> {
         drain_signal: o.drain_signal,
         drain_timeout: o.drain_timeout,
         probation: o.probation,
+        notify_socket: match o.notify_socket {
+            NotifySocket::Path => dream_core::supervise::pool::NotifySocket::Path,
+            NotifySocket::Abstract => dream_core::supervise::pool::NotifySocket::Abstract,
+        },
         ..Settings::default()
     })
 }

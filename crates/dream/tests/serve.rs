@@ -250,7 +250,13 @@ fn workers_get_exactly_the_protocol_and_nothing_else() {
             dir.canonicalize().unwrap().to_str().unwrap()
         );
         assert_eq!(r["env"]["DREAM_GENERATION"], "1");
-        assert!(r["env"]["NOTIFY_SOCKET"].as_str().unwrap().starts_with('@'));
+        // A socket file of its own in the root (what every client can use).
+        let notify = r["env"]["NOTIFY_SOCKET"].as_str().unwrap();
+        assert!(
+            notify.starts_with(root.path().join(".dream/notify/").to_str().unwrap())
+                && notify.ends_with(".sock"),
+            "{notify}"
+        );
         assert_eq!(r["cwd"], dir.canonicalize().unwrap().to_str().unwrap());
         assert_eq!(r["pgid"], *pid, "a process group of its own");
         assert_eq!(r["fds"][3]["listening"], true);
@@ -1020,6 +1026,27 @@ fn reload_workers_start_in_the_background_until_ready() {
     assert!(sup.wait_exit(Duration::from_secs(30)).success());
 }
 
+/// A Python worker on fd 0 that runs `before` (with the socket as `s`),
+/// sends `READY=1` to the address `to` (an expression of `n`, the
+/// `NOTIFY_SOCKET`), then answers every connection with one short response.
+fn python_worker(before: &str, to: &str) -> String {
+    format!(
+        r#"exec python3 -c '
+import os, socket
+s = socket.socket(fileno=0)
+{before}
+n = os.environ["NOTIFY_SOCKET"]
+u = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+u.sendto(b"READY=1", {to})
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    c.close()
+'"#
+    )
+}
+
 /// Node, gunicorn and uvicorn call listen(2) again on the socket they are
 /// given, with their own backlog: the supervisor sets its own back (the
 /// metric shows it) and says so once per generation.
@@ -1027,21 +1054,12 @@ fn reload_workers_start_in_the_background_until_ready() {
 fn a_backlog_a_worker_shrinks_is_set_back() {
     let root = Root::new();
     // As those runtimes do: listen(2) on the inherited socket, then serve.
-    let worker = r#"exec python3 -c '
-import os, socket
-s = socket.socket(fileno=0)
-s.listen(16)
-n = os.environ["NOTIFY_SOCKET"]
-u = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-u.sendto(b"READY=1", "\0" + n[1:] if n.startswith("@") else n)
-while True:
-    c, _ = s.accept()
-    c.recv(4096)
-    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    c.close()
-'"#;
-    root.release("a", worker);
-    root.release("b", worker);
+    let worker = python_worker(
+        "s.listen(16)",
+        r#""\0" + n[1:] if n.startswith("@") else n"#,
+    );
+    root.release("a", &worker);
+    root.release("b", &worker);
     root.switch("a");
     let maddr: std::net::SocketAddr = format!("127.0.0.1:{}", dream_testkit::free_port())
         .parse()
@@ -1088,4 +1106,75 @@ while True:
         || (told(&mut sup) >= 2).then_some(()),
     );
     assert!(limit() > 16.0, "{}", limit());
+}
+
+/// A client that takes `NOTIFY_SOCKET` as a file path only (as Ruby's
+/// sd_notify gem does, which puma uses): with the default it becomes ready;
+/// the socket files go with their workers. `--notify-socket abstract`
+/// gives `@…` (which that client cannot use: the reload fails, nothing
+/// else changes).
+#[test]
+fn notify_sockets_are_files_that_every_client_can_use() {
+    let root = Root::new();
+    let worker = python_worker("", "n");
+    root.release("a", &worker);
+    root.release("b", &worker);
+    root.switch("a");
+    let (sup, addr) = serve(&root, &["--workers", "2", "--ready", "notify"]);
+    root.wait_live("a", 2);
+    assert_eq!(get(addr, "/", &[]).status, 200);
+    let dir = root.path().join(".dream/notify");
+    let socks = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(socks().len(), 2, "{:?}", socks());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o711, "the directory is not listable by others");
+    let first = socks();
+    root.switch("b");
+    let (ok, out) = reload(&root);
+    assert!(ok, "{out}");
+    root.wait_drained();
+    // Generation 1's files went with its workers.
+    wait_until(
+        Duration::from_secs(10),
+        "generation 1's sockets removed",
+        || {
+            let now = socks();
+            (now.len() == 2 && now.iter().all(|s| !first.contains(s))).then_some(())
+        },
+    );
+    drop(sup);
+
+    // Asked for abstract sockets: this client cannot use them.
+    let other = Root::new();
+    other.release("a", &worker);
+    other.switch("a");
+    let (status, _, err) = run(
+        Command::new(bin("dream"))
+            .args(["serve", "--root"])
+            .arg(other.path())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--ready",
+                "notify",
+                "--ready-timeout",
+                "3s",
+                "--notify-socket",
+                "abstract",
+                "--",
+                "./run",
+            ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("not ready within 3s"), "{err}");
 }

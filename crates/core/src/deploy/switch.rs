@@ -122,12 +122,8 @@ pub(super) fn switch_reload_verify(
         return Ok(());
     }
     let deadline = reload_deadline(store);
-    let (confirm_within, confirm_now) = match provisional {
-        Some(p) => (Some(p.within), p.confirm_now),
-        None => (None, false),
-    };
     let request = control::Request::Reload {
-        confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
+        confirm_within_ms: provisional.map(|p| p.within.as_millis() as u64),
     };
     let answer = control::ask_or_interrupt(
         &store.root,
@@ -136,35 +132,7 @@ pub(super) fn switch_reload_verify(
         signals.as_deref().map(|s| s.as_fd()),
     );
     let failure = match answer {
-        Ok(a) if a.ok => {
-            p.report.supervisor = true;
-            p.report.generation = a.generation;
-            p.step(
-                "reloaded",
-                format!(
-                    "generation {} is live{}",
-                    a.generation.map_or("?".into(), |g| g.to_string()),
-                    if confirm_within.is_some() {
-                        ", provisionally"
-                    } else {
-                        ""
-                    }
-                ),
-            );
-            if !how.verify.is_empty() {
-                verify_or_go_back(store, id, previous, &how.verify, p)?;
-            }
-            if let Some(generation) = a.generation
-                && !how.settle.is_zero()
-            {
-                settle(store, id, previous, generation, how.settle, signals, p)?;
-            }
-            if confirm_within.is_some() && confirm_now {
-                confirm(store, id, a.generation, p)?;
-            }
-            post_switch(store, id, previous, how, p);
-            return Ok(());
-        }
+        Ok(a) if a.ok => return after_reload(store, id, previous, how, a.generation, signals, p),
         Ok(a) => a.error.unwrap_or_else(|| "unknown error".into()),
         Err(control::ControlError::NotRunning { .. }) if !how.verify.is_empty() => {
             // A check the user asked for is never skipped in silence.
@@ -203,6 +171,46 @@ pub(super) fn switch_reload_verify(
         Kind::Failed,
         format!("reload failed: {failure}\n{restored}; release {id} is marked bad"),
     ))
+}
+
+/// The new generation is live: verify, settle, confirm as asked, then the
+/// post-switch hook.
+fn after_reload(
+    store: &Store,
+    id: &str,
+    previous: Option<&str>,
+    how: &ReloadHow,
+    generation: Option<u64>,
+    signals: Option<&mut Signals>,
+    p: &mut Progress<'_>,
+) -> Result<(), DeployError> {
+    p.report.supervisor = true;
+    p.report.generation = generation;
+    p.step(
+        "reloaded",
+        format!(
+            "generation {} is live{}",
+            generation.map_or("?".into(), |g| g.to_string()),
+            if how.provisional.is_some() {
+                ", provisionally"
+            } else {
+                ""
+            }
+        ),
+    );
+    if !how.verify.is_empty() {
+        verify_or_go_back(store, id, previous, &how.verify, p)?;
+    }
+    if let Some(generation) = generation
+        && !how.settle.is_zero()
+    {
+        settle(store, id, previous, generation, how.settle, signals, p)?;
+    }
+    if how.provisional.is_some_and(|p| p.confirm_now) {
+        confirm(store, id, generation, p)?;
+    }
+    post_switch(store, id, previous, how, p);
+    Ok(())
 }
 
 /// Waits for the supervisor to say that `generation` stayed up for

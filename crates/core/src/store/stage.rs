@@ -655,25 +655,8 @@ pub fn extract_tar(
                     return Err(too_big(max_bytes));
                 }
                 stats.bytes += size;
-                let mut out = tree.create_file(&rel, 0o600)?;
-                let (hash, _) = manifest::hash_copy(&mut entry, &mut out).map_err(|e| match e {
-                    manifest::CopyError::Read(e) => io_at(tarball)(e),
-                    manifest::CopyError::Write(e) => io_at(&rel)(e),
-                })?;
-                out.set_permissions(fs::Permissions::from_mode(mode | 0o200))
-                    .map_err(io_at(&rel))?;
-                if let Ok(mtime) = entry.header().mtime() {
-                    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
-                    let _ = out.set_modified(t);
-                }
-                entries.insert(
-                    rel,
-                    Kind::File {
-                        mode: frozen_mode(false, mode),
-                        size,
-                        hash,
-                    },
-                );
+                let kind = extract_file(&mut entry, &tree, &rel, mode, tarball)?;
+                entries.insert(rel, kind);
             }
             tar::EntryType::Symlink => {
                 let target = link_target(&entry, tarball, &rel)?;
@@ -683,35 +666,8 @@ pub fn extract_tar(
             }
             tar::EntryType::Link => {
                 let target = link_target(&entry, tarball, &rel)?;
-                let target_rel = safe_relative(&target)?;
-                tree.hard_link(&rel, &target_rel).map_err(|e| match e {
-                    TreeError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
-                        StageError::Refused(format!(
-                            "hard link {} -> {} names nothing extracted before it",
-                            rel.display(),
-                            target.display()
-                        ))
-                    }
-                    TreeError::Escape(_) => StageError::Refused(format!(
-                        "hard link {} -> {} is not to a regular file inside the release",
-                        rel.display(),
-                        target.display()
-                    )),
-                    e => e.into(),
-                })?;
-                // Same inode, same content: the entry of what it links to.
-                match entries.get(&target_rel).cloned() {
-                    Some(kind) => {
-                        entries.insert(rel, kind);
-                    }
-                    None => {
-                        return Err(StageError::Refused(format!(
-                            "hard link {} -> {} names nothing extracted before it",
-                            rel.display(),
-                            target.display()
-                        )));
-                    }
-                }
+                let kind = extract_hard_link(&tree, &rel, &target, &entries)?;
+                entries.insert(rel, kind);
             }
             tar::EntryType::XGlobalHeader
             | tar::EntryType::XHeader
@@ -748,6 +704,63 @@ pub fn extract_tar(
             .collect(),
     );
     Ok((stats, manifest))
+}
+
+/// A regular file of a tarball, written beneath the release's directory
+/// from the bytes it hashes; its manifest entry.
+fn extract_file(
+    entry: &mut tar::Entry<'_, Box<dyn Read>>,
+    tree: &Tree,
+    rel: &Path,
+    mode: u32,
+    tarball: &Path,
+) -> Result<Kind, StageError> {
+    let size = entry.header().size().unwrap_or(0);
+    let mut out = tree.create_file(rel, 0o600)?;
+    let (hash, _) = manifest::hash_copy(entry, &mut out).map_err(|e| match e {
+        manifest::CopyError::Read(e) => io_at(tarball)(e),
+        manifest::CopyError::Write(e) => io_at(rel)(e),
+    })?;
+    out.set_permissions(fs::Permissions::from_mode(mode | 0o200))
+        .map_err(io_at(rel))?;
+    if let Ok(mtime) = entry.header().mtime() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
+        let _ = out.set_modified(t);
+    }
+    Ok(Kind::File {
+        mode: frozen_mode(false, mode),
+        size,
+        hash,
+    })
+}
+
+/// A hard link of a tarball, made beneath the release's directory to a
+/// file extracted before it; the entry of what it links to (same inode,
+/// same content).
+fn extract_hard_link(
+    tree: &Tree,
+    rel: &Path,
+    target: &Path,
+    entries: &std::collections::BTreeMap<PathBuf, Kind>,
+) -> Result<Kind, StageError> {
+    let target_rel = safe_relative(target)?;
+    let nothing = || {
+        StageError::Refused(format!(
+            "hard link {} -> {} names nothing extracted before it",
+            rel.display(),
+            target.display()
+        ))
+    };
+    tree.hard_link(rel, &target_rel).map_err(|e| match e {
+        TreeError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => nothing(),
+        TreeError::Escape(_) => StageError::Refused(format!(
+            "hard link {} -> {} is not to a regular file inside the release",
+            rel.display(),
+            target.display()
+        )),
+        e => e.into(),
+    })?;
+    entries.get(&target_rel).cloned().ok_or_else(nothing)
 }
 
 fn too_big(max_bytes: u64) -> StageError {

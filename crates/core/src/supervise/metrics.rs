@@ -205,22 +205,24 @@ impl Driver {
         let _ = writeln!(m, "{n}{{outcome=\"ok\"}} {}", pool.reloads.ok);
         let _ = writeln!(m, "{n}{{outcome=\"failed\"}} {}", pool.reloads.failed);
         let _ = writeln!(m, "{n}{{outcome=\"reverted\"}} {}", pool.reverts);
+        reload_histogram(&mut m, &pool.reloads);
+        self.listen_queues(&mut m);
         let n = head(
             &mut m,
-            "dream_reload_duration_seconds",
-            "histogram",
-            "From a reload's start to its generation going live.",
+            "dream_output_dropped_bytes_total",
+            "counter",
+            "Log output dropped because its reader stalled.",
         );
-        let mut cumulative = 0;
-        for (i, le) in crate::supervise::pool::RELOAD_BUCKETS.iter().enumerate() {
-            cumulative += pool.reloads.buckets.get(i).copied().unwrap_or(0);
-            let _ = writeln!(m, "{n}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        let _ = writeln!(m, "{n}_bucket{{le=\"+Inf\"}} {}", pool.reloads.ok);
-        let _ = writeln!(m, "{n}_sum {:.6}", pool.reloads.sum_s);
-        let _ = writeln!(m, "{n}_count {}", pool.reloads.ok);
+        let _ = writeln!(m, "{n} {}", status.output_dropped_bytes);
+        m
+    }
+}
+
+impl Driver {
+    /// Each listening socket's accept queue depth and limit.
+    fn listen_queues(&self, m: &mut String) {
         let q = head(
-            &mut m,
+            m,
             "dream_listen_queue",
             "gauge",
             "Connections waiting in a listening socket's accept queue (clients wait there during a reload).",
@@ -237,21 +239,32 @@ impl Driver {
             }
         }
         head(
-            &mut m,
+            m,
             "dream_listen_queue_limit",
             "gauge",
             "The accept queue's limit (the backlog).",
         );
         m.push_str(&limits);
-        let n = head(
-            &mut m,
-            "dream_output_dropped_bytes_total",
-            "counter",
-            "Log output dropped because its reader stalled.",
-        );
-        let _ = writeln!(m, "{n} {}", status.output_dropped_bytes);
-        m
     }
+}
+
+/// The reload duration histogram (cumulative buckets, as Prometheus has
+/// them).
+fn reload_histogram(m: &mut String, reloads: &crate::supervise::pool::ReloadStats) {
+    let n = head(
+        m,
+        "dream_reload_duration_seconds",
+        "histogram",
+        "From a reload's start to its generation going live.",
+    );
+    let mut cumulative = 0;
+    for (i, le) in crate::supervise::pool::RELOAD_BUCKETS.iter().enumerate() {
+        cumulative += reloads.buckets.get(i).copied().unwrap_or(0);
+        let _ = writeln!(m, "{n}_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(m, "{n}_bucket{{le=\"+Inf\"}} {}", reloads.ok);
+    let _ = writeln!(m, "{n}_sum {:.6}", reloads.sum_s);
+    let _ = writeln!(m, "{n}_count {}", reloads.ok);
 }
 
 /// A metric family's HELP and TYPE lines; returns its name.

@@ -36,6 +36,7 @@ mod metrics;
 mod note;
 pub mod output;
 pub mod pool;
+mod preflight;
 pub mod respawn;
 mod server;
 mod status;
@@ -43,8 +44,9 @@ mod upgrade;
 mod workers;
 
 pub use guard::{guard, taking_over};
+pub use preflight::upgrade_check;
 pub use server::refuse_if_running;
-pub use upgrade::{STATE_VERSION, resume, resuming, upgrade_check, version};
+pub use upgrade::{STATE_VERSION, resume, resuming, version};
 
 use listeners::status_flags;
 pub use note::Note;
@@ -179,6 +181,11 @@ struct Driver {
     /// `listen(2)` shrinks it; and the generation last told about that.
     backlogs: Vec<Option<u32>>,
     backlog_told: Option<GenId>,
+    /// Notify socket files: a counter for their names, whether their
+    /// directory was made, or could not be (then abstract sockets).
+    notify_seq: u64,
+    notify_dir_made: bool,
+    notify_dir_failed: bool,
     /// The supervisor's exit status once the pool has finished.
     exit_code: i32,
     /// The path this supervisor's program had when it first started: what
@@ -192,7 +199,7 @@ struct Driver {
     upgrades: u64,
     upgrade: Option<upgrade::Pending>,
     /// An upgrade's pre-flight, running.
-    preflight: Option<upgrade::Preflight>,
+    preflight: Option<preflight::Preflight>,
     /// One cgroup per generation, where the kernel offers them.
     cgroups: Option<crate::supervise::cgroup::Cgroups>,
     /// What finished generations and drained workers left behind, sent
@@ -269,6 +276,9 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         listener_flags: Vec::new(),
         backlogs: Vec::new(),
         backlog_told: None,
+        notify_seq: 0,
+        notify_dir_made: false,
+        notify_dir_failed: false,
         listener_lost: Vec::new(),
         exit_code: 0,
         exe: std::env::current_exe()
@@ -288,6 +298,18 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
     };
     d.listener_flags = d.cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
     d.backlogs = listeners::backlogs(&d.cfg.sockets);
+    // Notify sockets a killed supervisor of this root left (one supervisor
+    // per root: none of them is anyone's).
+    if let Mode::Serve { root } = &d.cfg.mode {
+        let dir = crate::store::release::Store::new(root)
+            .state()
+            .join("notify");
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().ends_with(".sock") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     d.store_sockets_with_systemd();
     d.listener_lost = vec![false; d.cfg.sockets.len()];
     d.log(
@@ -731,6 +753,11 @@ impl Driver {
 
     fn cleanup(&mut self) {
         self.sweep(None);
+        for w in self.workers.values() {
+            if let Some(p) = &w.notify_path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
         self.output.finish(Duration::from_secs(2));
         if let Mode::Serve { root } = &self.cfg.mode {
             let _ = std::fs::remove_file(control::socket_path(root));

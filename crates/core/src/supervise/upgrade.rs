@@ -43,10 +43,6 @@ pub const STATE_FD_ENV: &str = "DREAM_UPGRADE_STATE_FD";
 const OLD_EXE_FD_ENV: &str = "DREAM_UPGRADE_OLD_EXE_FD";
 /// Why the new program handed the state back (set for the old program).
 const FALLBACK_ENV: &str = "DREAM_UPGRADE_FALLBACK";
-/// The longest a pre-flight check may take.
-const PREFLIGHT_LIMIT: Duration = Duration::from_secs(10);
-/// The largest state a pre-flight reads.
-const MAX_STATE: usize = 64 << 20;
 
 /// This build's version, as status and upgrade answers show it.
 pub fn version() -> String {
@@ -67,48 +63,6 @@ pub fn version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
-/// `dream --upgrade-check V`: whether this program can take over a state
-/// of version `V`. Prints one line and returns the exit code.
-pub fn upgrade_check(v: &str) -> i32 {
-    match v.parse::<u32>() {
-        Ok(STATE_VERSION) => {
-            // The supervisor hands the real state on stdin: parse it as
-            // the resume would, so a program that cannot take it over is
-            // refused before the exec, not after.
-            use std::io::IsTerminal;
-            let mut text = String::new();
-            if !std::io::stdin().is_terminal() {
-                let _ = std::io::stdin()
-                    .take(MAX_STATE as u64)
-                    .read_to_string(&mut text);
-            }
-            if !text.trim().is_empty()
-                && let Err(why) = take_over_refusal(&text).and_then(|s| {
-                    serde_json::from_value::<Pool>(s.pool)
-                        .map(drop)
-                        .map_err(|e| format!("the pool: {e}"))
-                })
-            {
-                eprintln!(
-                    "dream {}: cannot take over this supervisor's state: {why}",
-                    version()
-                );
-                return 1;
-            }
-            println!("dream {} reads upgrade state {STATE_VERSION}", version());
-            println!("{}", super::guard::PREFLIGHT_LINE);
-            0
-        }
-        _ => {
-            eprintln!(
-                "dream {}: cannot take over upgrade state version {v:?} (reads {STATE_VERSION})",
-                version()
-            );
-            1
-        }
-    }
-}
-
 /// An upgrade asked for and not yet carried out.
 pub(super) struct Pending {
     pub(super) asker: Option<Waiter>,
@@ -124,6 +78,9 @@ struct WorkerFds {
     generation: GenId,
     index: usize,
     notify: RawFd,
+    /// Its notify socket's file, if not abstract.
+    #[serde(default)]
+    notify_path: Option<PathBuf>,
     stderr: Option<RawFd>,
     ready_pipe: Option<RawFd>,
     tail: Vec<u8>,
@@ -141,7 +98,7 @@ struct ClientFds {
 
 /// Everything the supervisor is, by value or by descriptor number.
 #[derive(Serialize, Deserialize)]
-struct State {
+pub(super) struct State {
     version: u32,
     written_by: String,
     argv: Vec<Vec<u8>>,
@@ -157,7 +114,7 @@ struct State {
     #[serde(default)]
     json_logs: bool,
     /// The [`Pool`], whole.
-    pool: Value,
+    pub(super) pool: Value,
     workers: Vec<WorkerFds>,
     control: Option<RawFd>,
     /// `--metrics`' listener (its scrapers are let go).
@@ -175,6 +132,10 @@ struct State {
     /// The client that asked for this upgrade, to be answered by the new
     /// program (or by the old one, after a fallback).
     asker: Option<Waiter>,
+    /// The count in notify socket names, so a new one never takes a name
+    /// in use.
+    #[serde(default)]
+    notify_seq: u64,
 }
 
 impl State {
@@ -206,204 +167,7 @@ fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
-/// A pre-flight under way: `NEW --upgrade-check STATE_VERSION` with the
-/// real state on its stdin. The supervisor does not wait for it: its exit
-/// is reaped like a worker's ([`Driver::reap`]), and past
-/// [`PREFLIGHT_LIMIT`] it is killed and the upgrade refused, so a new
-/// program that hangs never holds the event loop.
-pub(super) struct Preflight {
-    pid: i32,
-    stdout: std::process::ChildStdout,
-    stderr: std::process::ChildStderr,
-    asker: Option<Waiter>,
-    binary: PathBuf,
-    pub(super) deadline: Instant,
-}
-
-/// Starts the pre-flight of `binary`, handing it `state`.
-fn start_preflight(
-    binary: &Path,
-    state: &State,
-    asker: Option<Waiter>,
-) -> Result<Preflight, String> {
-    use std::process::{Command, Stdio};
-    let shown = binary.display();
-    let meta = std::fs::metadata(binary).map_err(|e| format!("{shown}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{shown} is not a file"));
-    }
-    let text = serde_json::to_vec(state).map_err(|e| e.to_string())?;
-    let mut child = Command::new(binary)
-        .args(["--upgrade-check", &STATE_VERSION.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{shown}: {e}"))?;
-    // Written on a thread of its own: a program that does not read its
-    // input must not block the supervisor.
-    if let Some(mut input) = child.stdin.take() {
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let _ = input.write_all(&text);
-        });
-    }
-    Ok(Preflight {
-        pid: child.id() as i32,
-        stdout: child.stdout.take().expect("piped"),
-        stderr: child.stderr.take().expect("piped"),
-        asker,
-        binary: binary.to_path_buf(),
-        deadline: Instant::now() + PREFLIGHT_LIMIT,
-    })
-}
-
-/// What a finished pre-flight said: the new program's version and whether
-/// it knows the guardian, or why not.
-fn preflight_verdict(p: &mut Preflight, status: &WaitStatus) -> Result<(String, bool), String> {
-    let shown = p.binary.display();
-    let read_all = |f: &mut dyn Read| {
-        let mut v = Vec::new();
-        let _ = f.take(1 << 20).read_to_end(&mut v);
-        String::from_utf8_lossy(&v).into_owned()
-    };
-    for fd in [p.stdout.as_raw_fd(), p.stderr.as_raw_fd()] {
-        // What it left running may hold them: read what is there.
-        let _ = crate::with_raw_fd(fd, |b| {
-            nix::fcntl::fcntl(
-                b,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-        });
-    }
-    let stdout = read_all(&mut p.stdout);
-    let stderr = read_all(&mut p.stderr);
-    let said = stderr.trim().lines().last().unwrap_or("").to_string();
-    if !matches!(status, WaitStatus::Exited(_, 0)) {
-        return Err(format!(
-            "{shown} --upgrade-check {}{}",
-            crate::exit::Exit::from_wait(*status).map_or(format!("{status:?}"), |e| e.to_string()),
-            if said.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", crate::logtext::value(&said))
-            }
-        ));
-    }
-    let line = stdout.lines().next().unwrap_or("").trim();
-    let accepted = format!("reads upgrade state {STATE_VERSION}");
-    match line
-        .strip_prefix("dream ")
-        .and_then(|r| r.strip_suffix(&accepted))
-    {
-        Some(v) => Ok((
-            v.trim().to_string(),
-            stdout.lines().nth(1).map(str::trim) == Some(super::guard::PREFLIGHT_LINE),
-        )),
-        None => Err(format!(
-            "{shown} --upgrade-check did not say it reads upgrade state {STATE_VERSION} (it said {:?})",
-            crate::logtext::value(line)
-        )),
-    }
-}
-
 impl Driver {
-    /// `dream upgrade` or SIGUSR2: checks the new program now, and carries
-    /// the upgrade out once no reload is in progress.
-    pub(super) fn request_upgrade(&mut self, asker: Option<Waiter>, binary: Option<PathBuf>) {
-        let refuse = |d: &mut Driver, msg: String| {
-            d.log(-1, Note::Upgrade, &format!("upgrade refused: {msg}"));
-            if let Some(w) = asker {
-                d.answer(w, &control::Answer::failed(msg).to_value());
-            }
-        };
-        if self.upgrade.is_some() || self.preflight.is_some() {
-            return refuse(self, "an upgrade is already in progress".into());
-        }
-        if self.pool.stopping().is_some() {
-            return refuse(self, "the supervisor is stopping".into());
-        }
-        let binary = binary.unwrap_or_else(|| self.exe.clone());
-        let state = self.state(asker);
-        match start_preflight(&binary, &state, asker) {
-            Ok(p) => {
-                if let Some(w) = asker
-                    && let Some(c) = self.clients.iter_mut().find(|c| c.id == w)
-                {
-                    c.awaiting += 1;
-                }
-                self.preflight = Some(p);
-            }
-            Err(e) => refuse(self, format!("pre-flight failed: {e}")),
-        }
-    }
-
-    /// The pre-flight's process exited (`reap` saw `pid`): go on with the
-    /// upgrade, or refuse it. False if `pid` is not the pre-flight's.
-    pub(super) fn preflight_exited(&mut self, pid: i32, status: &WaitStatus) -> bool {
-        if self.preflight.as_ref().is_none_or(|p| p.pid != pid) {
-            return false;
-        }
-        let mut p = self.preflight.take().expect("checked");
-        let verdict = preflight_verdict(&mut p, status);
-        self.after_preflight(p, verdict);
-        true
-    }
-
-    /// A pre-flight past its limit is killed (its exit, reaped later, is
-    /// then nobody's) and the upgrade refused.
-    pub(super) fn preflight_if_late(&mut self) {
-        if self
-            .preflight
-            .as_ref()
-            .is_none_or(|p| Instant::now() < p.deadline)
-        {
-            return;
-        }
-        let p = self.preflight.take().expect("checked");
-        let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
-        let why = format!(
-            "{} --upgrade-check did not finish within {}",
-            p.binary.display(),
-            crate::fmt_duration(PREFLIGHT_LIMIT)
-        );
-        self.after_preflight(p, Err(why));
-    }
-
-    fn after_preflight(&mut self, p: Preflight, verdict: Result<(String, bool), String>) {
-        let (asker, binary) = (p.asker, p.binary);
-        let (to_version, guarded) = match verdict {
-            Ok(v) => v,
-            Err(e) => {
-                let msg = format!("pre-flight failed: {e}");
-                self.log(-1, Note::Upgrade, &format!("upgrade refused: {msg}"));
-                if let Some(w) = asker {
-                    self.answer(w, &control::Answer::failed(msg).to_value());
-                }
-                return;
-            }
-        };
-        self.log(
-            0,
-            Note::Upgrade,
-            &format!(
-                "upgrade to {} (dream {to_version}) checked{}",
-                binary.display(),
-                if self.pool.reloading() || self.pool.reload_pending() {
-                    "; waiting for the reload in progress"
-                } else {
-                    ""
-                }
-            ),
-        );
-        self.upgrade = Some(Pending {
-            asker,
-            binary,
-            to_version,
-            guarded,
-        });
-    }
-
     /// Carries out a pending upgrade if nothing holds it back. On success
     /// this never returns: the new program continues.
     pub(super) fn upgrade_if_due(&mut self) {
@@ -434,7 +198,7 @@ impl Driver {
         }
     }
 
-    fn state(&self, asker: Option<Waiter>) -> State {
+    pub(super) fn state(&self, asker: Option<Waiter>) -> State {
         State {
             version: STATE_VERSION,
             written_by: version(),
@@ -466,6 +230,7 @@ impl Driver {
                     generation: w.generation,
                     index: w.index,
                     notify: w.notify.as_raw_fd(),
+                    notify_path: w.notify_path.clone(),
                     stderr: w.stderr.as_ref().map(|f| f.as_raw_fd()),
                     ready_pipe: w.ready_pipe.as_ref().map(|f| f.as_raw_fd()),
                     tail: w.tail.clone(),
@@ -496,6 +261,7 @@ impl Driver {
             exe: self.exe.clone(),
             upgrades: self.upgrades,
             asker,
+            notify_seq: self.notify_seq,
         }
     }
 
@@ -621,7 +387,7 @@ fn write_state(state: &State) -> io::Result<OwnedFd> {
 }
 
 /// Why a program could not take a state over.
-fn take_over_refusal(text: &str) -> Result<State, String> {
+pub(super) fn take_over_refusal(text: &str) -> Result<State, String> {
     #[derive(Deserialize)]
     struct Head {
         version: u32,
@@ -715,34 +481,7 @@ pub fn resume() -> Result<i32, SuperviseError> {
         .and_then(|s| refused_by_test_hook().map(|()| s));
     let state = match state {
         Ok(s) => s,
-        Err(why) => {
-            // Give the state back to the program that wrote it.
-            let Some(old) = old_exe.and_then(crate::sys::claim_inherited_fd) else {
-                return Err(SuperviseError::Setup(format!(
-                    "cannot take over the upgrade ({why}), and the old program is not at hand"
-                )));
-            };
-            let _ = file.rewind();
-            let _ = set_cloexec(file.as_raw_fd(), false);
-            let _ = set_cloexec(old.as_raw_fd(), false);
-            let argv: Vec<OsString> = std::env::args_os().collect();
-            let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-            env.push((STATE_FD_ENV.into(), file.as_raw_fd().to_string().into()));
-            env.push((OLD_EXE_FD_ENV.into(), old.as_raw_fd().to_string().into()));
-            env.push((FALLBACK_ENV.into(), why.clone().into()));
-            // The guardian waits for the old program's resume now.
-            if let Some(g) = &guard {
-                let _ = set_cloexec(g.as_raw_fd(), false);
-                env.push((
-                    super::guard::GUARD_FD_ENV.into(),
-                    g.as_raw_fd().to_string().into(),
-                ));
-            }
-            let err = crate::sys::reexec(Err(old.as_fd()), &argv, &env);
-            return Err(SuperviseError::Setup(format!(
-                "cannot take over the upgrade ({why}), and cannot go back to the old program: {err}"
-            )));
-        }
+        Err(why) => return Err(hand_back(file, old_exe, guard.as_ref(), &why)),
     };
     drop(file);
     // The old program's descriptor: this one keeps its own from now on.
@@ -753,46 +492,88 @@ pub fn resume() -> Result<i32, SuperviseError> {
     if let Some(g) = guard {
         super::guard::stand_down(g);
     }
-    let asker = d.resumed_asker.take();
-    match &fallback {
-        None => {
-            d.upgrades += 1;
-            let msg = format!(
-                "upgraded in place: dream {} -> {}, pid {}, {} kept, {} upgrade{} so far",
-                d.previous_version,
-                version(),
-                std::process::id(),
-                crate::plural(d.workers.len(), "worker"),
-                d.upgrades,
-                if d.upgrades == 1 { "" } else { "s" }
-            );
-            d.log(0, Note::Upgrade, &msg);
-            if let Some(w) = asker {
-                let v = control::Answer {
-                    version: Some(version()),
-                    previous_version: Some(d.previous_version.clone()),
-                    ..control::Answer::done()
-                };
-                d.answer(w, &v.to_value());
-            }
-        }
-        Some(why) => {
-            let msg = format!(
-                "upgrade failed: the new program could not take over ({why}); dream {} keeps running",
-                version()
-            );
-            d.log(-1, Note::Upgrade, &msg);
-            if let Some(w) = asker {
-                d.answer(w, &control::Answer::failed(msg).to_value());
-            }
-        }
-    }
+    d.announce_resume(fallback.as_deref());
     // Exits and signals from the window: reaped and handled now.
     d.reap();
     d.tell_systemd(Systemd::Ready);
     let result = d.event_loop();
     d.cleanup();
     result.map(|()| d.exit_code)
+}
+
+/// Gives the state back to the program that wrote it: execs the old
+/// program (its `O_PATH` descriptor) with the state, the reason, and the
+/// guardian's pipe. Returns only if that cannot be done.
+fn hand_back(
+    mut file: std::fs::File,
+    old_exe: Option<RawFd>,
+    guard: Option<&OwnedFd>,
+    why: &str,
+) -> SuperviseError {
+    let Some(old) = old_exe.and_then(crate::sys::claim_inherited_fd) else {
+        return SuperviseError::Setup(format!(
+            "cannot take over the upgrade ({why}), and the old program is not at hand"
+        ));
+    };
+    let _ = file.rewind();
+    let _ = set_cloexec(file.as_raw_fd(), false);
+    let _ = set_cloexec(old.as_raw_fd(), false);
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    env.push((STATE_FD_ENV.into(), file.as_raw_fd().to_string().into()));
+    env.push((OLD_EXE_FD_ENV.into(), old.as_raw_fd().to_string().into()));
+    env.push((FALLBACK_ENV.into(), why.into()));
+    // The guardian waits for the old program's resume now.
+    if let Some(g) = guard {
+        let _ = set_cloexec(g.as_raw_fd(), false);
+        env.push((
+            super::guard::GUARD_FD_ENV.into(),
+            g.as_raw_fd().to_string().into(),
+        ));
+    }
+    let err = crate::sys::reexec(Err(old.as_fd()), &argv, &env);
+    SuperviseError::Setup(format!(
+        "cannot take over the upgrade ({why}), and cannot go back to the old program: {err}"
+    ))
+}
+
+impl Driver {
+    /// Says how the upgrade ended, in the log and to the client that asked:
+    /// upgraded, or (`fallback`) handed back and why.
+    fn announce_resume(&mut self, fallback: Option<&str>) {
+        let asker = self.resumed_asker.take();
+        let answer = match fallback {
+            None => {
+                self.upgrades += 1;
+                let msg = format!(
+                    "upgraded in place: dream {} -> {}, pid {}, {} kept, {} upgrade{} so far",
+                    self.previous_version,
+                    version(),
+                    std::process::id(),
+                    crate::plural(self.workers.len(), "worker"),
+                    self.upgrades,
+                    if self.upgrades == 1 { "" } else { "s" }
+                );
+                self.log(0, Note::Upgrade, &msg);
+                control::Answer {
+                    version: Some(version()),
+                    previous_version: Some(self.previous_version.clone()),
+                    ..control::Answer::done()
+                }
+            }
+            Some(why) => {
+                let msg = format!(
+                    "upgrade failed: the new program could not take over ({why}); dream {} keeps running",
+                    version()
+                );
+                self.log(-1, Note::Upgrade, &msg);
+                control::Answer::failed(msg)
+            }
+        };
+        if let Some(w) = asker {
+            self.answer(w, &answer.to_value());
+        }
+    }
 }
 
 /// Whether [`adopt`] can take `state` over, judged before anything is
@@ -812,45 +593,39 @@ fn takeable(state: &State) -> Result<(), String> {
 }
 
 /// Takes every descriptor named in the state back and builds the driver.
-fn adopt(state: State) -> Result<Driver, SuperviseError> {
-    crate::logtext::set_json(state.json_logs);
-    let claim = |fd: RawFd| -> Result<OwnedFd, SuperviseError> {
-        let owned = crate::sys::claim_inherited_fd(fd).ok_or_else(|| {
-            SuperviseError::Setup(format!("upgrade state names fd {fd}, which is not open"))
-        })?;
-        set_cloexec(owned.as_raw_fd(), true)?;
-        Ok(owned)
+/// Takes descriptor `fd`, named by the state, back (close-on-exec again).
+fn claim(fd: RawFd) -> Result<OwnedFd, SuperviseError> {
+    let owned = crate::sys::claim_inherited_fd(fd).ok_or_else(|| {
+        SuperviseError::Setup(format!("upgrade state names fd {fd}, which is not open"))
+    })?;
+    set_cloexec(owned.as_raw_fd(), true)?;
+    Ok(owned)
+}
+
+/// Each worker's descriptors, claimed, by pid.
+fn adopt_workers(workers: Vec<WorkerFds>) -> Result<HashMap<i32, WorkerIo>, SuperviseError> {
+    let file = |fd: Option<RawFd>| -> Result<Option<std::fs::File>, SuperviseError> {
+        Ok(fd.map(claim).transpose()?.map(std::fs::File::from))
     };
-    let sockets = state
-        .sockets
-        .iter()
-        .map(|(fd, name)| Ok(Listener::new(claim(*fd)?, name.clone())))
-        .collect::<Result<Vec<_>, SuperviseError>>()?;
-    let mut workers = HashMap::new();
-    for w in state.workers {
-        workers.insert(
-            w.pid,
-            WorkerIo {
-                generation: w.generation,
-                index: w.index,
-                notify: UnixDatagram::from(claim(w.notify)?),
-                stderr: w.stderr.map(claim).transpose()?.map(std::fs::File::from),
-                tail: w.tail,
-                ready_pipe: w
-                    .ready_pipe
-                    .map(claim)
-                    .transpose()?
-                    .map(std::fs::File::from),
-            },
-        );
+    let mut out = HashMap::new();
+    for w in workers {
+        let io = WorkerIo {
+            generation: w.generation,
+            index: w.index,
+            notify: UnixDatagram::from(claim(w.notify)?),
+            notify_path: w.notify_path,
+            stderr: file(w.stderr)?,
+            tail: w.tail,
+            ready_pipe: file(w.ready_pipe)?,
+        };
+        out.insert(w.pid, io);
     }
-    let control = state
-        .control
-        .map(claim)
-        .transpose()?
-        .map(UnixListener::from);
-    let clients = state
-        .clients
+    Ok(out)
+}
+
+/// The control clients, their connections claimed.
+fn adopt_clients(clients: Vec<ClientFds>) -> Result<Vec<Client>, SuperviseError> {
+    clients
         .into_iter()
         .map(|c| {
             Ok(Client {
@@ -861,7 +636,23 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
                 last: c.last,
             })
         })
+        .collect()
+}
+
+fn adopt(state: State) -> Result<Driver, SuperviseError> {
+    crate::logtext::set_json(state.json_logs);
+    let sockets = state
+        .sockets
+        .iter()
+        .map(|(fd, name)| Ok(Listener::new(claim(*fd)?, name.clone())))
         .collect::<Result<Vec<_>, SuperviseError>>()?;
+    let workers = adopt_workers(state.workers)?;
+    let control = state
+        .control
+        .map(claim)
+        .transpose()?
+        .map(UnixListener::from);
+    let clients = adopt_clients(state.clients)?;
     let os = |b: Vec<u8>| OsString::from_vec(b);
     let pool: Pool = serde_json::from_value(state.pool)
         .map_err(|e| SuperviseError::Setup(format!("upgrade state: the pool: {e}")))?;
@@ -905,6 +696,9 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         listener_flags,
         backlogs,
         backlog_told: None,
+        notify_seq: state.notify_seq,
+        notify_dir_made: false,
+        notify_dir_failed: false,
         listener_lost: state.listener_lost,
         exit_code: state.exit_code,
         exe: state.exe,

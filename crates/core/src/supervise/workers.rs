@@ -15,6 +15,9 @@ pub(super) struct WorkerIo {
     pub(super) generation: GenId,
     pub(super) index: usize,
     pub(super) notify: UnixDatagram,
+    /// The notify socket's file, removed when the worker is gone (none for
+    /// an abstract socket).
+    pub(super) notify_path: Option<PathBuf>,
     pub(super) stderr: Option<std::fs::File>,
     pub(super) tail: Vec<u8>,
     /// The read end of the notification-fd pipe (`--ready fd:N`).
@@ -99,6 +102,9 @@ impl Driver {
             let tail = if self.workers.contains_key(&pid) {
                 while self.pump_stderr(pid) {}
                 let io = self.workers.remove(&pid).expect("checked");
+                if let Some(p) = &io.notify_path {
+                    let _ = std::fs::remove_file(p);
+                }
                 if let Some(pipe) = io.stderr {
                     // At most a bounded number: past it, the oldest goes
                     // (and what writes to it gets EPIPE, as without this).
@@ -230,6 +236,73 @@ impl Driver {
         }
     }
 
+    /// A new worker's notify socket: bound, and what its `NOTIFY_SOCKET`
+    /// says. A file in `ROOT/.dream/notify/` (mode 0622 in a 0711
+    /// directory, so a worker run as another user can send to it) unless
+    /// abstract sockets were asked for, there is no root (`dream pool`),
+    /// or the path would not fit a socket address.
+    fn notify_socket(
+        &mut self,
+        generation: GenId,
+        index: usize,
+    ) -> Result<(UnixDatagram, Option<PathBuf>, String), String> {
+        self.notify_seq += 1;
+        if let Some(dir) = self.notify_dir() {
+            let path = dir.join(format!("{generation}-{index}-{}.sock", self.notify_seq));
+            if path.as_os_str().len() < 108 {
+                let _ = std::fs::remove_file(&path);
+                let sock = UnixDatagram::bind(&path).map_err(|e| format!("notify socket: {e}"))?;
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o622));
+                let env = path.to_string_lossy().into_owned();
+                return Ok((sock, Some(path), env));
+            }
+        }
+        let name = format!(
+            "dream/{}/{:x}/{generation}/{index}",
+            std::process::id(),
+            self.nonce
+        );
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| e.to_string())?;
+        let sock = UnixDatagram::bind_addr(&addr).map_err(|e| format!("notify socket: {e}"))?;
+        Ok((sock, None, format!("@{name}")))
+    }
+
+    /// `ROOT/.dream/notify/`, made on first use, when notify sockets are
+    /// files; `None` otherwise (said once if it cannot be made).
+    fn notify_dir(&mut self) -> Option<PathBuf> {
+        use crate::supervise::pool::NotifySocket;
+        let Mode::Serve { root } = &self.cfg.mode else {
+            return None;
+        };
+        if self.pool.settings().notify_socket != NotifySocket::Path || self.notify_dir_failed {
+            return None;
+        }
+        let dir = crate::store::release::Store::new(root)
+            .state()
+            .join("notify");
+        if !self.notify_dir_made {
+            use std::os::unix::fs::PermissionsExt;
+            let made = crate::store::release::trusted_subdir(&dir).and_then(|()| {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+            });
+            if let Err(e) = made {
+                self.notify_dir_failed = true;
+                self.log(
+                    -1,
+                    Note::Supervisor,
+                    &format!(
+                        "notify sockets: cannot use {} ({e}); abstract sockets instead",
+                        dir.display()
+                    ),
+                );
+                return None;
+            }
+            self.notify_dir_made = true;
+        }
+        Some(dir)
+    }
+
     /// Starts one worker with its own notify socket and stderr pipe.
     pub(super) fn spawn(
         &mut self,
@@ -238,13 +311,7 @@ impl Driver {
         release: &Release,
         background: bool,
     ) -> Result<i32, String> {
-        let name = format!(
-            "dream/{}/{:x}/{generation}/{index}",
-            std::process::id(),
-            self.nonce
-        );
-        let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|e| e.to_string())?;
-        let notify = UnixDatagram::bind_addr(&addr).map_err(|e| format!("notify socket: {e}"))?;
+        let (notify, notify_path, notify_env) = self.notify_socket(generation, index)?;
         nix::sys::socket::setsockopt(&notify, nix::sys::socket::sockopt::PassCred, &true)
             .map_err(|e| format!("notify socket: {e}"))?;
         notify.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -277,7 +344,7 @@ impl Driver {
             .env("DREAM_RELEASE_DIR", &release.dir)
             .env("DREAM_GENERATION", generation.to_string())
             .env("DREAM_WORKER", index.to_string())
-            .env(protocol::NOTIFY_SOCKET, format!("@{name}"))
+            .env(protocol::NOTIFY_SOCKET, notify_env)
             .process_group(true)
             .parent_death_signal(Signal::SIGKILL);
         if let Some((uid, gid)) = self.cfg.user {
@@ -295,6 +362,7 @@ impl Driver {
                 generation,
                 index,
                 notify,
+                notify_path,
                 stderr: Some(std::fs::File::from(rd)),
                 tail: Vec::new(),
                 ready_pipe: ready_pipe.map(|(r, _)| std::fs::File::from(r)),

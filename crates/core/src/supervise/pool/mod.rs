@@ -139,6 +139,23 @@ pub struct Settings {
     /// the serving workers keep the CPU while the new ones start.
     #[serde(default)]
     pub background_start: bool,
+    /// Where each worker's `NOTIFY_SOCKET` is: a file in the root's
+    /// `.dream/notify/` (what every sd_notify client can use), or an
+    /// abstract socket (`@…`: no file; not every client understands it).
+    #[serde(default)]
+    pub notify_socket: NotifySocket,
+}
+
+/// Where a worker's `NOTIFY_SOCKET` lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifySocket {
+    /// A socket file, `ROOT/.dream/notify/G-I-N.sock` (`dream serve`; an
+    /// abstract one where there is no root or the path would be too long).
+    #[default]
+    Path,
+    /// An abstract socket, `@dream/…`.
+    Abstract,
 }
 
 /// The longest a worker runs in the background before it is put back at
@@ -157,6 +174,7 @@ impl Default for Settings {
             max_draining: 4,
             probation: Duration::from_secs(10),
             background_start: false,
+            notify_socket: NotifySocket::Path,
         }
     }
 }
