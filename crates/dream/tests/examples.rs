@@ -222,6 +222,122 @@ fn uvicorn_on_fd_0() {
     }
 }
 
+/// Go's net/http on fd 3 with doc/protocol.md's drain (`http.Server.Shutdown`
+/// alone closes idle keep-alive connections at once). Built once here with
+/// the standard library only (no network).
+#[test]
+fn go_net_http_on_listen_fds() {
+    if !have("go") {
+        dream_testkit::prerequisite(false, "go is not installed (golang-go)");
+        return;
+    }
+    let out = dream_testkit::Tree::new();
+    let server = out.path().join("server");
+    let (status, _, err) = dream_testkit::run(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&server)
+            .arg(repo().join("examples/go/server.go"))
+            .env("GOCACHE", out.path().join("cache"))
+            .env("GOPATH", out.path().join("gopath"))
+            .env("GOFLAGS", "-mod=mod")
+            .env("GOTOOLCHAIN", "local")
+            .env("CGO_ENABLED", "0"),
+        Duration::from_secs(300),
+    );
+    assert!(status.success(), "go build: {err}");
+    let server = server.to_str().unwrap();
+    for r in both(|keep_alive| exercise(&[server], &["./server"], "notify", None, keep_alive)) {
+        assert_no_errors(&r);
+    }
+}
+
+/// gunicorn's threaded worker (`--worker-class gthread`).
+#[test]
+fn gunicorn_gthread_on_fd_0() {
+    let Some(venv) = python_tools() else { return };
+    for r in both(|keep_alive| {
+        exercise(
+            &["examples/gunicorn/app.py"],
+            &[
+                "gunicorn",
+                "--bind",
+                "fd://0",
+                "--workers",
+                "1",
+                "--worker-class",
+                "gthread",
+                "--threads",
+                "4",
+                "--log-level",
+                "warning",
+                "app:app",
+            ],
+            "notify",
+            Some(venv),
+            keep_alive,
+        )
+    }) {
+        assert_no_errors(&r);
+    }
+}
+
+/// uWSGI finds LISTEN_FDS itself; `uwsgi.ini` makes that socket speak
+/// HTTP, SIGTERM a graceful stop, and closes after each response (a sync
+/// worker held by an idle keep-alive connection starves the others).
+#[test]
+fn uwsgi_on_listen_fds() {
+    let plugin = Path::new("/usr/lib/uwsgi/plugins/python3_plugin.so").exists();
+    if !(have("uwsgi") && plugin) {
+        dream_testkit::prerequisite(
+            false,
+            "uwsgi and its Python 3 plugin are not installed (uwsgi, uwsgi-plugin-python3)",
+        );
+        return;
+    }
+    for r in both(|keep_alive| {
+        exercise(
+            &["examples/uwsgi/app.py", "examples/uwsgi/uwsgi.ini"],
+            &["uwsgi", "--ini", "uwsgi.ini"],
+            "notify",
+            None,
+            keep_alive,
+        )
+    }) {
+        assert_no_errors(&r);
+    }
+}
+
+/// puma with its own systemd integration: the activated socket, READY=1
+/// through the sd_notify gem (which needs a socket file, not `@…`), and
+/// `puma.rb`'s `queue_requests false` (with the reactor, connections puma
+/// had accepted but not read were reset when it stopped).
+#[test]
+fn puma_with_socket_activation_and_sd_notify() {
+    let gem = Command::new("ruby")
+        .args(["-e", "require 'sd_notify'"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !(have("puma") && gem) {
+        dream_testkit::prerequisite(
+            false,
+            "puma and the sd_notify gem are not installed (puma, ruby-sd-notify)",
+        );
+        return;
+    }
+    for r in both(|keep_alive| {
+        exercise(
+            &["examples/puma/config.ru", "examples/puma/puma.rb"],
+            &["puma", "-C", "puma.rb", "--quiet", "config.ru"],
+            "notify",
+            None,
+            keep_alive,
+        )
+    }) {
+        assert_no_errors(&r);
+    }
+}
+
 #[test]
 fn rust_hyper_with_the_library_function() {
     let hello = bin("examples/hello");
