@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 25's table, measured: each example server under `dream serve --workers 2` with the
-# README's command and readiness, a reload every 0.3 s for 14 s (alternating two releases),
+# README's command and readiness, reloads for 14 s (alternating two releases; each `dream
+# reload --settle 0s` waits for its generation to go live, then 0.3 s pass before the next),
 # while `dream check` (16 connections) watches: once with a new connection per request, once
 # with keep-alive clients. Prints errors by kind and mixed responses per server and client.
 # Needs the servers' runtimes (what .ci/run installs) and target/example-venv (gunicorn,
@@ -32,7 +33,7 @@ one() {
     while [ $SECONDS -lt $end ]; do
       if [ $((n % 2)) -eq 0 ]; then id=b; else id=a; fi
       ln -sfn "releases/$id" "$root/current.new" && mv -T "$root/current.new" "$root/current"
-      "$DREAM" reload --root "$root" >/dev/null 2>&1 && reloads=$((reloads + 1))
+      "$DREAM" reload --settle 0s --root "$root" >/dev/null 2>&1 && reloads=$((reloads + 1))
       n=$((n + 1)); sleep 0.3
     done
     wait $cp || true

@@ -130,8 +130,55 @@ impl Driver {
             }
             self.listener_flags[i] = now;
         }
+        // Most runtimes set O_NONBLOCK, and it harms only a worker that
+        // accepts in blocking mode: news here, a warning when a worker
+        // fails with it set (`blame_listener_flags`).
         for c in changes {
-            self.log(-1, Note::Supervisor, &c);
+            self.log(1, Note::Supervisor, &c);
         }
+    }
+
+    /// A worker of `generation` failed while a listener's `O_NONBLOCK` is
+    /// not what the supervisor gave it (some worker changed it): a worker
+    /// that accepts in blocking mode then fails with `EAGAIN`, so this is
+    /// where the change can do harm, and it is said (once a generation).
+    pub(super) fn blame_listener_flags(&mut self, generation: GenId, pid: i32) {
+        let nb = nix::fcntl::OFlag::O_NONBLOCK;
+        if self.flags_blamed == Some(generation) {
+            return;
+        }
+        let changed: Vec<String> = self
+            .cfg
+            .sockets
+            .iter()
+            .zip(&self.listener_flags_given)
+            .filter_map(|(l, given)| {
+                let now = status_flags(&l.fd)?;
+                let given = (*given)?;
+                (now.contains(nb) != given.contains(nb)).then(|| {
+                    format!(
+                        "{} is {}",
+                        l.name,
+                        if now.contains(nb) {
+                            "non-blocking (a worker set O_NONBLOCK on it): a worker that accepts in blocking mode fails with EAGAIN"
+                        } else {
+                            "blocking (a worker cleared O_NONBLOCK on it): a worker that counts on non-blocking accept may hang"
+                        }
+                    )
+                })
+            })
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        self.flags_blamed = Some(generation);
+        self.log(
+            -1,
+            Note::Supervisor,
+            &format!(
+                "worker pid {pid} of generation {generation} failed while listening socket {} (every worker shares it; see doc/protocol.md)",
+                changed.join("; ")
+            ),
+        );
     }
 }

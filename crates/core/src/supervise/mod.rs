@@ -175,6 +175,10 @@ struct Driver {
     /// share them; see `check_listener_flags`), and whether it could not be
     /// made to listen again (then it is left out of the poll set).
     listener_flags: Vec<Option<nix::fcntl::OFlag>>,
+    /// The flags each listener had when this program took it, and the
+    /// generation last told that a change of them may have failed it.
+    listener_flags_given: Vec<Option<nix::fcntl::OFlag>>,
+    flags_blamed: Option<GenId>,
     listener_lost: Vec<bool>,
     /// Per listening socket: the backlog it had when this program took it
     /// (TCP only), which `check_backlog` restores when a worker's own
@@ -274,6 +278,8 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         nonce,
         output: crate::supervise::output::Output::stderr(),
         listener_flags: Vec::new(),
+        listener_flags_given: Vec::new(),
+        flags_blamed: None,
         backlogs: Vec::new(),
         backlog_told: None,
         notify_seq: 0,
@@ -297,6 +303,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         orphaned: Vec::new(),
     };
     d.listener_flags = d.cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
+    d.listener_flags_given = d.listener_flags.clone();
     d.backlogs = listeners::backlogs(&d.cfg.sockets);
     // Notify sockets a killed supervisor of this root left (one supervisor
     // per root: none of them is anyone's).
@@ -390,8 +397,11 @@ impl Driver {
                     Source::Scraper(i) => self.on_scraper(i),
                 }
             }
-            // A worker that came up may have called listen(2) itself.
+            // A worker that came up may have called listen(2) itself, or
+            // changed the shared flags: checked at every wake-up (a change
+            // undone before the next one changed nothing for anyone).
             self.check_backlog();
+            self.check_listener_flags();
             self.clients.retain(|c| c.id != 0);
             let now = Instant::now();
             self.clients

@@ -678,7 +678,7 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         name,
     };
     let signals = Signals::new(SIGNALS)?;
-    let listener_flags = cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
+    let listener_flags: Vec<_> = cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
     // As the sockets are now (a shrink before the upgrade is not seen).
     let backlogs = super::listeners::backlogs(&cfg.sockets);
     let mut d = Driver {
@@ -693,6 +693,9 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         started: state.started,
         nonce: state.nonce,
         output: crate::supervise::output::Output::stderr(),
+        // As they are now (a change before the upgrade is not seen).
+        listener_flags_given: listener_flags.clone(),
+        flags_blamed: None,
         listener_flags,
         backlogs,
         backlog_told: None,

@@ -99,9 +99,11 @@ impl Driver {
                 continue;
             }
             // Read what it wrote before it died, then report the exit.
+            let mut generation = None;
             let tail = if self.workers.contains_key(&pid) {
                 while self.pump_stderr(pid) {}
                 let io = self.workers.remove(&pid).expect("checked");
+                generation = Some(io.generation);
                 if let Some(p) = &io.notify_path {
                     let _ = std::fs::remove_file(p);
                 }
@@ -120,6 +122,11 @@ impl Driver {
             let Some(how) = Exit::from_wait(status) else {
                 continue;
             };
+            // A failure of its own (an exit status, not the drain signal or
+            // the kill at a deadline) may come from the shared flags.
+            if let (Some(g), Exit::Code(1..)) = (generation, how) {
+                self.blame_listener_flags(g, pid);
+            }
             self.on(Event::Exited { pid, how, tail });
         }
     }
