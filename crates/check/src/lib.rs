@@ -10,6 +10,11 @@
 //! Counters are live ([`Live`]) so that a caller such as `dream demo` can
 //! show them while the run goes on.
 
+mod page;
+mod timeline;
+pub use page::{Mark, html};
+pub use timeline::Slot;
+
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -107,6 +112,8 @@ pub struct Options {
     /// its request was due, so a stall is not hidden by the client waiting
     /// it out. `None`: each connection sends as soon as it has an answer.
     pub rate: Option<f64>,
+    /// Keep what happened over time ([`Report::timeline`]), for a report.
+    pub timeline: bool,
 }
 
 /// Counters readable while a run goes on.
@@ -237,6 +244,11 @@ pub struct Report {
     /// A few examples of what went wrong, for diagnosis.
     pub examples: Vec<String>,
     pub ok: bool,
+    /// When the run began, in seconds since the Unix epoch.
+    pub started_unix_s: f64,
+    /// What happened over time (with [`Options::timeline`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Vec<Slot>>,
 }
 
 /// One client's tallies, merged at the end.
@@ -252,11 +264,13 @@ struct Tally {
     /// Distinct examples and how often each was seen (the first few).
     examples: Vec<(String, u64)>,
     responses: u64,
+    timeline: Option<timeline::Timeline>,
 }
 
 impl Tally {
     fn new() -> Tally {
         Tally {
+            timeline: None,
             status: BTreeMap::new(),
             errors: Errors::default(),
             mixed: 0,
@@ -300,6 +314,9 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
         .enable_all()
         .build()?;
     let start = Instant::now();
+    let started_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
     let deadline = start + opts.duration;
     let budget = Arc::new(AtomicU64::new(opts.max_requests.unwrap_or(u64::MAX)));
     let tallies = rt.block_on(async {
@@ -316,8 +333,10 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
                 let every = Duration::from_secs_f64(connections as f64 / r);
                 (start + every.mul_f64(i as f64 / connections as f64), every)
             });
+            let timeline = opts.timeline.then(|| timeline::Timeline::new(start));
             handles.push(tokio::spawn(async move {
-                client(&opts, pattern.as_ref(), deadline, &live, &budget, schedule).await
+                let at = Clock { deadline, timeline };
+                client(&opts, pattern.as_ref(), at, &live, &budget, schedule).await
             }));
         }
         let mut out = Vec::new();
@@ -346,6 +365,12 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
             all.example(e, n);
         }
         all.responses += t.responses;
+        if let Some(tl) = t.timeline {
+            match &mut all.timeline {
+                Some(a) => a.merge(tl),
+                None => all.timeline = Some(tl),
+            }
+        }
     }
     let requests = live.requests.load(Ordering::SeqCst);
     let latency = Latency::of(&all.hist);
@@ -375,6 +400,8 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
             .into_iter()
             .map(|(e, n)| if n > 1 { format!("{e} ({n} times)") } else { e })
             .collect(),
+        started_unix_s,
+        timeline: all.timeline.map(|t| t.slots()),
     })
 }
 
@@ -465,15 +492,23 @@ async fn exchange(opts: &Options, sender: &mut Sender) -> Result<Answer, Failure
     }
 }
 
+/// When a client stops, and where it counts what happened over time.
+struct Clock {
+    deadline: Instant,
+    timeline: Option<timeline::Timeline>,
+}
+
 async fn client(
     opts: &Options,
     pattern: Option<&regex_lite::Regex>,
-    deadline: Instant,
+    at: Clock,
     live: &Live,
     budget: &AtomicU64,
     mut schedule: Option<(Instant, Duration)>,
 ) -> Tally {
+    let deadline = at.deadline;
     let mut t = Tally::new();
+    t.timeline = at.timeline;
     // A connection, and the releases it has answered with, in order.
     let mut conn: Option<(Sender, Vec<String>)> = None;
     loop {
@@ -562,6 +597,9 @@ async fn client(
                         seen.push(r.clone());
                     }
                 }
+                if let Some(tl) = &mut t.timeline {
+                    tl.response(micros, a.status >= 400, mixed.is_some());
+                }
                 if let Some(m) = mixed {
                     t.mixed += 1;
                     live.mixed.fetch_add(1, Ordering::Relaxed);
@@ -585,6 +623,9 @@ async fn client(
 fn record_failure(t: &mut Tally, live: &Live, f: Failure, connecting: bool) {
     use std::io::ErrorKind::*;
     live.errors.fetch_add(1, Ordering::Relaxed);
+    if let Some(tl) = &mut t.timeline {
+        tl.failure();
+    }
     let e = &mut t.errors;
     let text = match f {
         Failure::ConnectTimeout => {

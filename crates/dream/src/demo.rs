@@ -189,6 +189,12 @@ pub fn run(a: DemoArgs) -> Result {
     if let Some(Ok(Ok(r))) = report {
         println!("{}", r.human());
         ok &= r.ok;
+        // The run, seen: written before the root (a temporary one) goes.
+        let page = std::env::temp_dir().join(format!("dream-demo-{}.html", std::process::id()));
+        match crate::report::write(&page, &r, Some(&root)) {
+            Ok(()) => println!("dream demo: the run as a page: {}", page.display()),
+            Err(e) => eprintln!("dream demo: {}", e.message),
+        }
     }
     if ok {
         Ok(())
@@ -216,6 +222,8 @@ fn start_referee(
         timeout: Duration::from_secs(10),
         max_requests: None,
         rate: None,
+        // For the page the demo writes on exit.
+        timeline: true,
     };
     Ok(std::thread::spawn(move || dream_check::run(&opts, live)))
 }

@@ -40,7 +40,7 @@ fn finish(report: &Report, json: bool, what: &str) {
     let total: f64 = report.steps.iter().map(|s| s.seconds).sum();
     let line = format!("{what} {} in {total:.2}s", report.release);
     if json {
-        print_line(&serde_json::to_string(report).expect("report serializes"));
+        crate::print_json(crate::exit::OK, report);
     } else if dream_core::logtext::json() {
         // --log-format json: every line is JSON, the outcome's too.
         print_line(
@@ -111,7 +111,7 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
     if a.dry_run {
         let plan = deploy::plan(&opts)?;
         if a.json {
-            print_line(&serde_json::to_string(&plan).expect("a plan serializes"));
+            crate::print_json(crate::exit::OK, &plan);
         } else {
             print_line(&format!("plan for {} (nothing is written):", plan.release));
             print_line(&format!(
@@ -168,9 +168,9 @@ pub fn rollback(a: RollbackArgs<'_>) -> Result {
         let target = deploy::rollback_target(&store, id)?;
         let current = store.current();
         if json {
-            print_line(
-                &serde_json::json!({"ok": true, "dry_run": true, "previous": current, "release": target})
-                    .to_string(),
+            crate::print_json(
+                crate::exit::OK,
+                serde_json::json!({"dry_run": true, "previous": current, "release": target}),
             );
         } else {
             print_line(&format!(
@@ -198,7 +198,7 @@ pub fn releases(root: Option<&Path>, json: bool) -> Result {
     let root = crate::serve::root_dir(root)?;
     let list = deploy::list(&root);
     if json {
-        print_line(&serde_json::to_string(&list).expect("list serializes"));
+        crate::print_json(crate::exit::OK, serde_json::json!({"releases": list}));
         return Ok(());
     }
     if list.is_empty() {
@@ -242,13 +242,9 @@ pub fn verify(root: Option<&Path>, id: Option<&str>, json: bool) -> Result {
     let results = deploy::verify(&root, id)?;
     let bad: usize = results.iter().filter(|r| !r.ok).count();
     if json {
-        print_line(
-            &serde_json::json!({
-                "ok": bad == 0,
-                "releases": results,
-                "exit": if bad == 0 { exit::OK } else { exit::FAILED },
-            })
-            .to_string(),
+        crate::print_json(
+            if bad == 0 { exit::OK } else { exit::FAILED },
+            serde_json::json!({ "releases": results }),
         );
     } else {
         for r in &results {

@@ -342,9 +342,13 @@ fn dry_run(
         .map_err(|errors| Failure::temporary(format!("unreachable: {}", errors.join("; "))))?;
     let failed = plan.hosts.iter().any(|r| r.error.is_some());
     if f.json {
-        crate::print_line(
-            &serde_json::json!({"ok": !failed, "dry_run": true, "release": id, "groups": plan.waves, "hosts": plan.hosts})
-                .to_string(),
+        crate::print_json(
+            if failed {
+                crate::exit::TEMPORARY
+            } else {
+                crate::exit::OK
+            },
+            serde_json::json!({"dry_run": true, "release": id, "groups": plan.waves, "hosts": plan.hosts}),
         );
     } else {
         crate::print_line(&format!(
@@ -470,7 +474,7 @@ pub fn hold(f: &Fleet, message: Option<String>) -> Result {
     f.with(&f.run.hosts[..1], |c| c.hold(message))?
         .map_err(Failure::failed)?;
     if f.json {
-        crate::print_line(&serde_json::json!({"ok": true, "held": set}).to_string());
+        crate::print_json(crate::exit::OK, serde_json::json!({"held": set}));
     } else {
         crate::print_line(if set {
             "the fleet is held: deploys refuse until dream fleet unlock"

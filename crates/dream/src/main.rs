@@ -10,6 +10,7 @@ mod deploy;
 mod exit;
 mod fleet;
 mod privs;
+mod report;
 mod serve;
 mod tools;
 mod values;
@@ -68,7 +69,7 @@ enum Cmd {
     Rollback(RollbackCmd),
     /// List releases: current marked, state, age, size; --verify checks their files
     #[command(
-        after_help = "With --verify, every file of each release (or of ID) is hashed and compared with\nthe release's manifest (.dream/manifests/<id>); each difference is named and the\nexit is 1 if there is any (someone edited a live release).\n\nExamples:\n  dream releases --root /srv/app\n  dream releases --root /srv/app --verify\n  dream releases --root /srv/app --json | jq -r '.[] | select(.state == \"bad\") | .id'"
+        after_help = "With --verify, every file of each release (or of ID) is hashed and compared with\nthe release's manifest (.dream/manifests/<id>); each difference is named and the\nexit is 1 if there is any (someone edited a live release).\n\nExamples:\n  dream releases --root /srv/app\n  dream releases --root /srv/app --verify\n  dream releases --root /srv/app --json | jq -r '.releases[] | select(.state == \"bad\") | .id'"
     )]
     Releases(ReleasesArgs),
     /// Show the running supervisor's generations and workers
@@ -714,6 +715,12 @@ struct CheckArgs {
     /// Print the report as JSON on stdout
     #[arg(long)]
     json: bool,
+    /// Also write the run as one self-contained HTML page (no network): requests per second, latency and errors over time, and the summary
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
+    /// With --report: mark that root's deploys, rollbacks and reverts (from its history) on the time axis
+    #[arg(long, value_name = "DIR", requires = "report")]
+    root: Option<PathBuf>,
 }
 
 fn main() {
@@ -824,9 +831,7 @@ fn report(name: &str, json: bool, f: &Failure) {
         eprintln!("dream {name}: {}", f.message);
     }
     if json {
-        print_line(
-            &serde_json::json!({"ok": false, "error": f.message, "exit": f.code}).to_string(),
-        );
+        print_json(f.code, serde_json::json!({"error": f.message}));
     }
 }
 
@@ -1092,6 +1097,18 @@ fn run_man(a: &ManArgs) -> Result {
     Ok(())
 }
 
+/// A command's `--json` answer on stdout: its own fields, and beside them
+/// `ok` and `exit` (the exit status the command ends with), so that a
+/// success and a failure have one shape (doc/DESIGN.md, "--json").
+pub fn print_json(exit: i32, fields: impl serde::Serialize) {
+    let mut v = serde_json::to_value(fields).expect("an answer serializes");
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("ok".into(), (exit == exit::OK).into());
+        m.insert("exit".into(), exit.into());
+    }
+    print_line(&v.to_string());
+}
+
 /// Prints a line on stdout; a closed pipe is not an error.
 pub fn print_line(s: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{s}");
@@ -1320,18 +1337,22 @@ fn run_check(a: CheckArgs) -> Result {
         timeout: a.timeout,
         max_requests: a.requests,
         rate: a.rate,
+        timeline: a.report.is_some(),
     };
     let live = Arc::new(dream_check::Live::default());
     let report = dream_check::run(&opts, live).map_err(|e| match e {
         dream_check::CheckError::Runtime(io) => Failure::failed(io),
         other => Failure::usage(other),
     })?;
-    let text = if a.json {
-        serde_json::to_string(&report).expect("report serializes")
+    if let Some(page) = &a.report {
+        report::write(page, &report, a.root.as_deref())?;
+    }
+    let code = if report.ok { exit::OK } else { exit::FAILED };
+    if a.json {
+        print_json(code, &report);
     } else {
-        report.human()
-    };
-    print_line(&text);
+        print_line(&report.human());
+    }
     if report.ok {
         Ok(())
     } else {

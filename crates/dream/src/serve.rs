@@ -287,7 +287,7 @@ pub fn status(root: Option<&Path>, json_out: bool) -> Result {
         e => control_failure(e),
     })?;
     if json_out {
-        crate::print_line(&serde_json::to_string(&s).expect("a status serializes"));
+        crate::print_json(crate::exit::OK, &s);
     } else {
         crate::print_line(&s.human());
     }
@@ -343,8 +343,16 @@ fn answered(
     what: &str,
     done: impl FnOnce(&control::Answer) -> String,
 ) -> Result {
+    // Refused as busy: nothing was done, and asking again may work.
+    let code = if a.ok {
+        crate::exit::OK
+    } else if a.refused == Some(control::Refusal::Busy) {
+        crate::exit::TEMPORARY
+    } else {
+        crate::exit::FAILED
+    };
     if json_out {
-        crate::print_line(&serde_json::to_string(&a).expect("an answer serializes"));
+        crate::print_json(code, &a);
     }
     if a.ok {
         if !json_out {
@@ -352,12 +360,6 @@ fn answered(
         }
         return Ok(());
     }
-    // Refused as busy: nothing was done, and asking again may work.
-    let code = if a.refused == Some(control::Refusal::Busy) {
-        crate::exit::TEMPORARY
-    } else {
-        crate::exit::FAILED
-    };
     if json_out {
         return Err(Failure::silent(code));
     }

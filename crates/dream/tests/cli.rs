@@ -198,6 +198,47 @@ fn json_answers_failures_too() {
     }
 }
 
+/// And the same shape when they succeed: `ok` and `exit` beside the
+/// command's own fields (a list under its name, never a bare array).
+#[test]
+fn json_answers_have_one_shape_on_success_too() {
+    let tree = Tree::new();
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let r = root.to_str().unwrap();
+    tree.write("site/index.html", "hello");
+    let site = tree.path().join("site");
+    let s = site.to_str().unwrap();
+    for (args, field) in [
+        (vec!["deploy", "--json", "--root", r, s], "release"),
+        (
+            vec!["deploy", "--json", "--dry-run", "--root", r, s],
+            "release",
+        ),
+        (vec!["releases", "--json", "--root", r], "releases"),
+        (
+            vec!["releases", "--json", "--verify", "--root", r],
+            "releases",
+        ),
+        (vec!["deploy", "--json", "--root", r, s], "release"),
+        (
+            vec!["rollback", "--json", "--dry-run", "--root", r],
+            "release",
+        ),
+    ] {
+        let (code, out, err) = dream(&args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not one JSON object ({e}): {out:?}"));
+        assert_eq!(
+            (&v["ok"], &v["exit"]),
+            (&true.into(), &0.into()),
+            "{args:?}: {v}"
+        );
+        assert!(!v[field].is_null(), "{args:?}: no {field:?} in {v}");
+    }
+}
+
 /// `dream man` refers to one page per subcommand; each of them exists, and
 /// `--dir` writes them all.
 #[test]

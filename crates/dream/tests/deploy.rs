@@ -103,7 +103,9 @@ fn a_one_file_change_shares_the_other_1999() {
     assert!(err.contains("never reused"), "{err}");
     let (code, out, _) = dream(&root, &["releases", "--json"]);
     assert_eq!(code, Some(0));
-    let list: Value = serde_json::from_str(out.trim()).unwrap();
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((&v["ok"], &v["exit"]), (&true.into(), &0.into()), "{v}");
+    let list = &v["releases"];
     assert_eq!(list[0]["id"], first["release"]);
     assert_eq!(list[1]["current"], true);
 }
@@ -625,7 +627,7 @@ fn deploys_rollbacks_and_a_crashing_release_under_load() {
     assert!(err.contains("switched back"), "{err}");
     assert_ne!(current(&root).as_deref(), Some("crash1"));
     let (_, out, _) = dream(&root, &["releases", "--json"]);
-    let list: Value = serde_json::from_str(out.trim()).unwrap();
+    let list: Value = serde_json::from_str::<Value>(out.trim()).unwrap()["releases"].take();
     assert!(
         list.as_array()
             .unwrap()
@@ -1149,7 +1151,7 @@ fn verify_puts_the_previous_release_back_when_a_path_fails() {
     });
     let (code, out, _) = dream(&root, &["releases", "--json"]);
     assert_eq!(code, Some(0));
-    let list: Value = serde_json::from_str(&out).unwrap();
+    let list: Value = serde_json::from_str::<Value>(&out).unwrap()["releases"].take();
     assert!(
         list.as_array()
             .unwrap()

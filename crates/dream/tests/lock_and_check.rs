@@ -300,3 +300,126 @@ fn check_rate_sends_on_a_schedule() {
     // 200 due in the second; a loaded machine may start late, never early.
     assert!((120..=204).contains(&n), "{n} requests: {v}");
 }
+
+/// A browser to render pages with: headless Chromium, if installed.
+fn chromium() -> Option<&'static str> {
+    ["chromium", "chromium-browser"].into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// `dream check --report FILE.html --root ROOT`: one self-contained page
+/// (no script, nothing fetched), rendered by a real browser (headless
+/// Chromium): one mark per deploy the root's history has inside the run,
+/// and the summary's totals are the JSON's.
+#[test]
+fn check_writes_a_page_a_browser_renders_with_one_mark_per_deploy() {
+    let Some(browser) = chromium() else {
+        dream_testkit::prerequisite(false, "chromium, for the report page test");
+        return;
+    };
+    let root = dream_testkit::Root::new();
+    let r = root.path().to_str().unwrap();
+    let sources = Tree::new();
+    let site = dream_testkit::stamped_site(&sources, "site", "");
+    let s = site.to_str().unwrap();
+    let deploy = |id: &str| {
+        let (code, _, err) = dream_testkit::dream(&[
+            "deploy",
+            s,
+            "--root",
+            r,
+            "--id",
+            id,
+            "--build",
+            dream_testkit::STAMP,
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+    };
+    deploy("one");
+    let (_sup, addr) = root.serve(&["--workers", "2", "--ready", "notify"], &[]);
+    let page = sources.path().join("run.html");
+    let mut check = Command::new(bin("dream"));
+    check
+        .args([
+            "check",
+            &format!("http://{addr}/"),
+            "--duration",
+            "5s",
+            "--json",
+        ])
+        .arg("--report")
+        .arg(&page)
+        .args(["--root", r])
+        .stdout(std::process::Stdio::piped());
+    let child = check.spawn().unwrap();
+    // Two deploys while it runs (each waits for its generation to settle).
+    deploy("two");
+    deploy("three");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{:?}", out);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&v["ok"], &v["errors"]["connect_refused"]),
+        (&true.into(), &0.into()),
+        "{v}"
+    );
+    // The deploys the history has inside the run: what the page must mark.
+    let start = v["started_unix_s"].as_f64().unwrap();
+    let end = start + v["duration_s"].as_f64().unwrap();
+    let history = std::fs::read_to_string(root.path().join(".dream/history")).unwrap();
+    let inside = history
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["event"] == "switched" && e.get("reason").is_none())
+        .filter(|e| {
+            let t = humantime::parse_rfc3339(e["time"].as_str().unwrap())
+                .unwrap()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            (start..=end).contains(&t)
+        })
+        .count();
+    assert!(
+        inside >= 1,
+        "the last deploy happened inside the run: {history}"
+    );
+
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(
+        !html.contains("<script") && !html.contains(" src=") && !html.contains(" href="),
+        "self-contained: nothing to run or fetch"
+    );
+    let profile = Tree::new();
+    let (status, dom, err) = run(
+        Command::new(browser)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("file://{}", page.display())),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{browser}: {err}");
+    // Each chart carries the marks: three charts, one mark each per deploy.
+    let marks = dom.matches("class=\"mark\"").count();
+    assert_eq!(marks, 3 * inside, "{inside} deploys inside the run:\n{dom}");
+    assert!(
+        dom.contains("data-kind=\"deploy\" data-release=\"three\""),
+        "{dom}"
+    );
+    let cell = |id: &str| -> String {
+        let open = format!("<td id=\"{id}\">");
+        let at = dom
+            .find(&open)
+            .unwrap_or_else(|| panic!("no {id} cell in:\n{dom}"))
+            + open.len();
+        dom[at..].split('<').next().unwrap().to_string()
+    };
+    assert_eq!(cell("responses"), v["responses"].to_string());
+    assert_eq!(cell("errors"), v["error_total"].to_string());
+    assert_eq!(cell("mixed"), v["mixed"].to_string());
+    assert_eq!(cell("marks"), inside.to_string());
+}

@@ -101,7 +101,8 @@ fn a_release_that_crashes_after_ready_is_reverted_and_no_client_notices() {
     // b is bad: a rollback never goes back to it.
     let (code, out, err) = dream(root.path(), &["releases", "--json"]);
     assert_eq!(code, Some(0), "{err}");
-    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["releases"].take();
     assert!(
         list.as_array()
             .unwrap()

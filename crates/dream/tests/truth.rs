@@ -284,7 +284,8 @@ fn an_unconfirmed_reload_of_the_live_release_marks_nothing_bad() {
         Duration::from_secs(30),
     );
     assert!(status.success());
-    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows: serde_json::Value =
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["releases"].take();
     let row = rows
         .as_array()
         .unwrap()

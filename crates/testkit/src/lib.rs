@@ -595,6 +595,7 @@ impl Referee {
             timeout: Duration::from_secs(10),
             max_requests: None,
             rate: None,
+            timeline: false,
         };
         let l = live.clone();
         let handle = std::thread::spawn(move || dream_check::run(&opts, l).expect("referee"));
