@@ -252,6 +252,9 @@ pub fn verify(root: Option<&Path>, id: Option<&str>, json: bool) -> Result {
                 print_line(&format!("ok       {} ({} entries)", r.id, r.entries));
             } else {
                 print_line(&format!("DIFFERS  {}:", r.id));
+                if let Some(e) = &r.error {
+                    print_line(&format!("  {e}"));
+                }
                 for d in &r.differences {
                     print_line(&format!("  {d}"));
                 }

@@ -995,6 +995,20 @@ fn verify_names_edited_files_and_ids_follow_content() {
     assert_eq!(code, Some(1));
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["ok"], false, "{v}");
+    // Structured, not preformatted: what differs, and where (in each
+    // release sharing the edited file).
+    let mut differs: Vec<&Value> = v["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["differences"].as_array().unwrap())
+        .collect();
+    differs.dedup();
+    assert_eq!(
+        differs,
+        [&serde_json::json!({"what": "changed", "path": "public/other.html"})],
+        "{v}"
+    );
 }
 
 /// With v1, v2, v3 live in turn, two rollbacks went v3 -> v2 -> v3. The

@@ -66,8 +66,12 @@ pub struct Verified {
     pub id: String,
     pub ok: bool,
     pub entries: usize,
-    /// One line per difference: `changed PATH`, `missing PATH`, …
-    pub differences: Vec<String>,
+    /// Each difference: what, at which path (and the two values where
+    /// there are two); shown as `changed PATH`, `missing PATH`, ….
+    pub differences: Vec<crate::store::manifest::Difference>,
+    /// Why it could not be checked at all (no manifest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Hashes every file of each release (or of `only`) and compares it with
@@ -95,7 +99,8 @@ pub fn verify(root: &Path, only: Option<&str>) -> Result<Vec<Verified>, DeployEr
                     id,
                     ok: false,
                     entries: 0,
-                    differences: vec![format!("no manifest: {e}")],
+                    differences: Vec::new(),
+                    error: Some(format!("no manifest: {e}")),
                 });
                 continue;
             }
@@ -108,6 +113,7 @@ pub fn verify(root: &Path, only: Option<&str>) -> Result<Vec<Verified>, DeployEr
             entries: stored.entries().len(),
             id,
             differences,
+            error: None,
         });
     }
     Ok(out)

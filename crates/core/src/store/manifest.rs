@@ -369,14 +369,19 @@ impl Manifest {
 
     /// How `actual` (a tree's manifest now) differs from this one, as one
     /// line per path: `changed`, `mode`, `missing`, `added`, `type`.
-    pub fn differences(&self, actual: &Manifest) -> Vec<String> {
+    pub fn differences(&self, actual: &Manifest) -> Vec<Difference> {
         let want = self.index();
         let have = actual.index();
         let mut out = Vec::new();
+        let mut push = |what: What, path: &Path| {
+            out.push(Difference {
+                what,
+                path: path.to_path_buf(),
+            })
+        };
         for e in &self.entries {
-            let p = e.path.display();
             match (have.get(e.path.as_path()), &e.kind) {
-                (None, _) => out.push(format!("missing  {p}")),
+                (None, _) => push(What::Missing, &e.path),
                 (
                     Some(Kind::File {
                         hash: h2, mode: m2, ..
@@ -384,34 +389,94 @@ impl Manifest {
                     Kind::File { hash, mode, .. },
                 ) => {
                     if h2 != hash {
-                        out.push(format!("changed  {p}"));
+                        push(What::Changed, &e.path);
                     } else if m2 != mode {
-                        out.push(format!("mode     {p} ({mode:o} -> {m2:o})"));
+                        push(
+                            What::Mode {
+                                was: *mode,
+                                now: *m2,
+                            },
+                            &e.path,
+                        );
                     }
                 }
                 (Some(Kind::Dir { mode: m2 }), Kind::Dir { mode }) => {
                     if m2 != mode {
-                        out.push(format!("mode     {p}/ ({mode:o} -> {m2:o})"));
+                        push(
+                            What::Mode {
+                                was: *mode,
+                                now: *m2,
+                            },
+                            &e.path,
+                        );
                     }
                 }
                 (Some(Kind::Symlink { target: t2 }), Kind::Symlink { target }) => {
                     if t2 != target {
-                        out.push(format!(
-                            "changed  {p} -> {} (was -> {})",
-                            t2.display(),
-                            target.display()
-                        ));
+                        push(
+                            What::Link {
+                                was: target.clone(),
+                                now: t2.clone(),
+                            },
+                            &e.path,
+                        );
                     }
                 }
-                (Some(_), _) => out.push(format!("type     {p}")),
+                (Some(_), _) => push(What::Type, &e.path),
             }
         }
         for e in &actual.entries {
             if !want.contains_key(e.path.as_path()) {
-                out.push(format!("added    {}", e.path.display()));
+                push(What::Added, &e.path);
             }
         }
         out
+    }
+}
+
+/// How a release's tree differs from its manifest at one path.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Difference {
+    #[serde(flatten)]
+    pub what: What,
+    pub path: PathBuf,
+}
+
+/// What differs (`"what"` in JSON, with the old and new value where there
+/// are two).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "what", rename_all = "snake_case")]
+pub enum What {
+    /// In the manifest, not in the tree.
+    Missing,
+    /// A file whose content is not the manifest's.
+    Changed,
+    /// Permissions (octal) not the manifest's.
+    Mode { was: u32, now: u32 },
+    /// A symbolic link pointing elsewhere.
+    Link { was: PathBuf, now: PathBuf },
+    /// A file where the manifest has a directory, or the like.
+    Type,
+    /// In the tree, not in the manifest.
+    Added,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = self.path.display();
+        match &self.what {
+            What::Missing => write!(f, "missing  {p}"),
+            What::Changed => write!(f, "changed  {p}"),
+            What::Mode { was, now } => write!(f, "mode     {p} ({was:o} -> {now:o})"),
+            What::Link { was, now } => write!(
+                f,
+                "changed  {p} -> {} (was -> {})",
+                now.display(),
+                was.display()
+            ),
+            What::Type => write!(f, "type     {p}"),
+            What::Added => write!(f, "added    {p}"),
+        }
     }
 }
 
@@ -476,7 +541,15 @@ mod tests {
             .unwrap();
         let after = Manifest::of_tree(&a).unwrap();
         assert_ne!(before.digest(), after.digest());
-        assert_eq!(before.differences(&after), ["changed  config"]);
+        let d = before.differences(&after);
+        assert_eq!(
+            d.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            ["changed  config"]
+        );
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            serde_json::json!([{"what": "changed", "path": "config"}])
+        );
         assert_eq!(Manifest::of_tree(&a).unwrap().digest(), after.digest());
     }
 }
