@@ -35,6 +35,18 @@ fn auto_deploy_under_load_has_zero_errors() {
         })
         .expect("deploy count");
     assert!(deploys >= 4, "{out}");
+    // The run, as a page, with its deploys marked (the initial one is
+    // before the referee starts).
+    let page = out
+        .lines()
+        .find_map(|l| l.strip_prefix("dream demo: the run as a page: "))
+        .unwrap_or_else(|| panic!("no page named in: {out}"));
+    let html = std::fs::read_to_string(page).unwrap();
+    let _ = std::fs::remove_file(page);
+    let marks = html
+        .matches("<g class=\"mark\" data-kind=\"deploy\"")
+        .count();
+    assert!(marks >= 3, "{marks} marks for {deploys} deploys");
 }
 
 #[test]
