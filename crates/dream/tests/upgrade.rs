@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use dream_testkit::{Guard, Referee, Root, bin, live_pids, run, stopped, wait_until};
+use dream_core::supervise::control::Status;
+use dream_testkit::{Guard, Referee, Root, bin, live_pids, live_pids_of, run, stopped, wait_until};
 use nix::sys::signal::Signal;
 
 const STATIC: &str = r#"exec "$DREAM_BIN" static --drain-grace 300ms"#;
@@ -68,8 +69,9 @@ fn listener_inode(addr: SocketAddr) -> u64 {
         .expect("a listening socket on the port")
 }
 
-fn status(root: &Root) -> serde_json::Value {
-    root.control(r#"{"cmd":"status"}"#)
+/// The supervisor's status, typed.
+fn status(root: &Root) -> Status {
+    root.status()
 }
 
 #[test]
@@ -122,11 +124,11 @@ fn ten_upgrades_between_two_builds_keep_the_pid_the_socket_and_every_worker() {
         assert_eq!(v["version"], to_version, "round {round}: {v}");
         expect_from = to_version;
         let s = status(&root);
-        assert_eq!(s["pid"], pid, "round {round}: same pid");
-        assert_eq!(s["upgrades"], round, "round {round}: {s}");
-        assert_eq!(s["version"], to_version);
-        assert_eq!(live_pids(&s), workers, "round {round}: the same workers");
-        assert_eq!(s["pool"]["generations"].as_array().unwrap().len(), 1);
+        assert_eq!(s.pid as i64, pid, "round {round}: same pid");
+        assert_eq!(s.upgrades, round, "round {round}: {s:?}");
+        assert_eq!(s.version, to_version);
+        assert_eq!(live_pids_of(&s), workers, "round {round}: the same workers");
+        assert_eq!(s.pool.generations.len(), 1);
         assert_eq!(
             listener_inode(addr),
             inode,
@@ -217,9 +219,9 @@ fn a_failed_preflight_changes_nothing_and_exits_1() {
             "{msg}"
         );
         let s = status(&root);
-        assert_eq!(s["pid"], sup.pid());
-        assert_eq!(s["upgrades"], 0);
-        assert_eq!(live_pids(&s), workers);
+        assert_eq!(s.pid as i32, sup.pid());
+        assert_eq!(s.upgrades, 0);
+        assert_eq!(live_pids_of(&s), workers);
     }
 }
 
@@ -245,9 +247,9 @@ fn a_new_program_that_cannot_take_over_hands_back_to_the_old_one() {
         "{msg}"
     );
     let s = status(&root);
-    assert_eq!(s["pid"], sup.pid());
-    assert_eq!(s["upgrades"], 0, "{s}");
-    assert_eq!(live_pids(&s), workers, "the workers were kept");
+    assert_eq!(s.pid as i32, sup.pid());
+    assert_eq!(s.upgrades, 0, "{s:?}");
+    assert_eq!(live_pids_of(&s), workers, "the workers were kept");
     assert_eq!(
         std::fs::read_link(format!("/proc/{}/exe", sup.pid())).unwrap(),
         bin("dream"),
@@ -256,7 +258,7 @@ fn a_new_program_that_cannot_take_over_hands_back_to_the_old_one() {
     // The old program is whole: it upgrades (to itself) the next time.
     let (code, v, _) = upgrade(&root, &[]);
     assert_eq!(code, Some(0), "{v}");
-    assert_eq!(status(&root)["upgrades"], 1);
+    assert_eq!(status(&root).upgrades, 1);
     referee.wait_responses(20);
     let report = referee.finish();
     assert_eq!(report.error_total, 0, "{}", report.human());
@@ -313,15 +315,16 @@ fn a_new_program_that_dies_or_hangs_before_it_resumes_leaves_the_old_one_serving
                     Some(Duration::from_secs(5)),
                 )
                 .ok()?;
-                (s["pid"] != old && live_pids(&s).len() == 2).then_some(s)
+                let s: Status = serde_json::from_value(s).ok()?;
+                (s.pid as i64 != old && live_pids_of(&s).len() == 2).then_some(s)
             },
         );
-        let new = s["pid"].as_i64().expect("pid");
+        let new = s.pid as i64;
         assert!(
             dream_testkit::gone(old),
             "{hook}: the upgraded process is gone"
         );
-        assert_eq!(s["version"], before["version"], "{hook}: the old program");
+        assert_eq!(s.version, before.version, "{hook}: the old program");
         assert_eq!(
             std::fs::read_link(format!("/proc/{new}/exe")).unwrap(),
             bin("dream"),
@@ -405,11 +408,11 @@ fn signals_and_exits_in_the_exec_window_are_handled_after_it() {
     assert!(up.wait_exit(Duration::from_secs(30)).success());
     let s = wait_until(Duration::from_secs(20), "the dead worker replaced", || {
         let s = status(&root);
-        let now = live_pids(&s);
+        let now = live_pids_of(&s);
         (now.len() == 2 && !now.contains(&workers[0]) && now.contains(&workers[1])).then_some(s)
     });
-    assert_eq!(s["pool"]["restarts"], 1, "{s}");
-    assert_eq!(s["upgrades"], 1);
+    assert_eq!(s.pool.restarts, 1, "{s:?}");
+    assert_eq!(s.upgrades, 1);
 
     // A HUP in the window is a reload once the new program runs, under
     // load, with nothing refused, reset or mixed.
@@ -422,12 +425,7 @@ fn signals_and_exits_in_the_exec_window_are_handled_after_it() {
     drop(up);
     wait_until(Duration::from_secs(20), "the HUP's reload", || {
         let s = status(&root);
-        (s["upgrades"] == 2
-            && s["pool"]["generations"]
-                .as_array()?
-                .iter()
-                .any(|g| g["id"] == 2 && g["state"] == "live"))
-        .then_some(())
+        (s.upgrades == 2 && s.live().is_some_and(|g| g.id == 2)).then_some(())
     });
     root.wait_drained();
     referee.wait_responses(20);
@@ -463,7 +461,7 @@ fn an_upgrade_during_a_reload_waits_for_it_and_a_second_is_refused() {
             .arg(root.path()),
     );
     wait_until(Duration::from_secs(10), "the reload to start", || {
-        (status(&root)["pool"]["reloading"] == true).then_some(())
+        status(&root).pool.reloading.then_some(())
     });
     let mut first = Guard::spawn(
         Command::new(bin("dream"))
@@ -493,15 +491,8 @@ fn an_upgrade_during_a_reload_waits_for_it_and_a_second_is_refused() {
         "the upgrade waited for the reload:\n{log}"
     );
     let s = status(&root);
-    assert_eq!(s["upgrades"], 1);
-    assert!(
-        s["pool"]["generations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|g| g["release"] == "b" && g["state"] == "live"),
-        "{s}"
-    );
+    assert_eq!(s.upgrades, 1);
+    assert!(s.live().is_some_and(|g| g.release == "b"), "{s:?}");
 }
 
 /// Receives sd_notify datagrams until one stores a descriptor
@@ -632,7 +623,7 @@ fn a_preflight_runs_beside_the_event_loop_and_reads_the_real_state() {
     });
     // While it hangs: answered, and a killed worker is replaced.
     let s = status(&root);
-    assert_eq!(s["pid"], sup.pid());
+    assert_eq!(s.pid as i32, sup.pid());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(workers[0] as i32),
         Signal::SIGKILL,
@@ -640,7 +631,7 @@ fn a_preflight_runs_beside_the_event_loop_and_reads_the_real_state() {
     .unwrap();
     wait_until(Duration::from_secs(5), "the worker to be replaced", || {
         let s = status(&root);
-        let now = live_pids(&s);
+        let now = live_pids_of(&s);
         (now.len() == 1 && now != workers && asking.child.try_wait().ok().flatten().is_none())
             .then_some(())
     });
@@ -657,7 +648,7 @@ fn a_preflight_runs_beside_the_event_loop_and_reads_the_real_state() {
         v["error"].as_str().unwrap().contains("missing field"),
         "{v}"
     );
-    assert_eq!(status(&root)["upgrades"], 0);
+    assert_eq!(status(&root).upgrades, 0);
 }
 
 /// Every setting survives an upgrade: the pool's settings as status shows
@@ -689,10 +680,11 @@ fn every_setting_survives_an_upgrade() {
         &[],
     );
     root.wait_live("a", 2);
-    let before = status(&root);
+    // As JSON: every key status shows, typed or not, must survive.
+    let before = root.control(r#"{"cmd":"status"}"#);
     let (code, v, err) = upgrade(&root, &[]);
     assert_eq!(code, Some(0), "{v} {err}");
-    let after = status(&root);
+    let after = root.control(r#"{"cmd":"status"}"#);
     let settings = &before["pool"]["settings"];
     assert_eq!(settings["probation"]["secs"], 7, "{before}");
     assert_eq!(settings["background_start"], false, "{before}");

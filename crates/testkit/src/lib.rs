@@ -548,6 +548,17 @@ pub fn live_pids(status: &serde_json::Value) -> Vec<i64> {
         .collect()
 }
 
+/// [`live_pids`] of a typed status: the pids of the live generation's
+/// workers.
+pub fn live_pids_of(status: &dream_core::supervise::control::Status) -> Vec<i64> {
+    status
+        .live()
+        .into_iter()
+        .flat_map(|g| &g.workers)
+        .filter_map(|w| w.pid.map(i64::from))
+        .collect()
+}
+
 /// True while a process with this pid exists (and is not a zombie).
 pub fn alive(pid: i64) -> bool {
     state(pid).is_some_and(|c| c != 'Z')
