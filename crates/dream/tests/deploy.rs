@@ -700,7 +700,10 @@ fn pruning_spares_a_release_still_served_by_a_draining_generation() {
             Some(Duration::from_secs(5)),
         )
         .ok()?;
-        (v["pool"]["generations"][0]["workers"][0]["state"] == "ready").then_some(v)
+        let s: dream_core::supervise::control::Status = serde_json::from_value(v).ok()?;
+        let ready = s.pool.generations.first()?.workers.first()?.state
+            == dream_core::supervise::pool::WorkerPhase::Ready;
+        ready.then_some(s)
     });
     let stubborn = live_pids(&r)[0];
     deploy_json(&root, &b, &["--id", "b1", "--keep", "1"]);

@@ -284,7 +284,10 @@ fn gunicorn_gthread_on_fd_0() {
 
 /// uWSGI finds LISTEN_FDS itself; `uwsgi.ini` makes that socket speak
 /// HTTP, SIGTERM a graceful stop, and closes after each response (a sync
-/// worker held by an idle keep-alive connection starves the others).
+/// worker held by an idle keep-alive connection starves the others). Its
+/// graceful stop can still cut a connection it had just accepted: seen
+/// once in four reloads here, and once in 16 in `bench/servers.sh`. The
+/// bound kept: only resets, at most one per reload.
 #[test]
 fn uwsgi_on_listen_fds() {
     let plugin = Path::new("/usr/lib/uwsgi/plugins/python3_plugin.so").exists();
@@ -304,7 +307,13 @@ fn uwsgi_on_listen_fds() {
             keep_alive,
         )
     }) {
-        assert_no_errors(&r);
+        assert_eq!(
+            r.error_total,
+            r.errors.read_reset + r.errors.connect_reset,
+            "{}",
+            r.human()
+        );
+        assert!(r.error_total <= 4, "{}", r.human());
     }
 }
 

@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use dream_core::supervise::control::Status;
+use dream_core::supervise::pool::{GenerationState, WorkerPhase};
 use dream_testkit::{
     Guard, Referee, Root, STAMP, Tree, alive, bin, children, free_port, get, live_pids, probe,
     read_report, run, stamped_site, stopped, wait_until,
@@ -194,10 +196,10 @@ fn workers_that_crash_after_ready_are_respawned_and_reported() {
         &["--workers", "2", "--ready", "notify"],
     );
     let status = wait_until(Duration::from_secs(20), "several restarts", || {
-        let s = root.control(r#"{"cmd":"status"}"#);
-        (s["pool"]["restarts"].as_u64()? >= 4).then_some(s)
+        let s = root.status();
+        (s.pool.restarts >= 4).then_some(s)
     });
-    assert_eq!(status["ok"], true);
+    assert!(status.ok);
     sup.wait_stderr("exited with status 4", Duration::from_secs(10));
     assert!(
         sup.child.try_wait().unwrap().is_none(),
@@ -629,8 +631,8 @@ fn soak_reloads_without_growth() {
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.mixed, 0, "{}", report.human());
     let status = wait_until(Duration::from_secs(20), "old generations to drain", || {
-        let s = root.control(r#"{"cmd":"status"}"#);
-        (s["pool"]["generations"].as_array()?.len() == 1).then_some(s)
+        let s = root.status();
+        (s.pool.generations.len() == 1).then_some(s)
     });
     wait_until(Duration::from_secs(10), "children to settle", || {
         (children(pid).len() == 2).then_some(())
@@ -653,7 +655,7 @@ fn soak_reloads_without_growth() {
             .all(|c| dream_testkit::state((*c).into()) != Some('Z')),
         "no zombies"
     );
-    assert_eq!(status["pool"]["generations"][0]["id"], n as u64 + 1);
+    assert_eq!(status.pool.generations[0].id, n as u64 + 1);
     sup.signal(Signal::SIGTERM);
     assert!(sup.wait_exit(Duration::from_secs(20)).success());
 }
@@ -732,11 +734,11 @@ fn killed_deploys_under_load_lose_nothing() {
         Duration::from_secs(30),
         "the deploy's reload to be in progress",
         || {
-            let s = control(r#"{"cmd":"status"}"#).ok()?;
-            s["pool"]["generations"]
-                .as_array()?
+            let s: Status = serde_json::from_value(control(r#"{"cmd":"status"}"#).ok()?).ok()?;
+            s.pool
+                .generations
                 .iter()
-                .any(|g| g["state"] == "starting")
+                .any(|g| g.state == GenerationState::Starting)
                 .then_some(())
         },
     );
@@ -746,9 +748,12 @@ fn killed_deploys_under_load_lose_nothing() {
         Duration::from_secs(30),
         "the reload to finish without its deploy",
         || {
-            let s = control(r#"{"cmd":"status"}"#).ok()?;
-            let gens = s["pool"]["generations"].as_array()?.clone();
-            gens.iter().all(|g| g["state"] != "starting").then_some(())
+            let s: Status = serde_json::from_value(control(r#"{"cmd":"status"}"#).ok()?).ok()?;
+            s.pool
+                .generations
+                .iter()
+                .all(|g| g.state != GenerationState::Starting)
+                .then_some(())
         },
     );
     let (status, _, err) = run(&mut deploy(&[]), Duration::from_secs(60));
@@ -890,7 +895,7 @@ fn readiness_from_another_uid_is_ignored() {
             "abstract",
         ],
     );
-    let status = root.control(r#"{"cmd":"status"}"#);
+    let status = root.status();
     let pid = live_pids(&status)[0];
     let r = read_report(&reports.join(format!("{pid}.json")));
     let socket = r["env"]["NOTIFY_SOCKET"].as_str().unwrap().to_string();
@@ -911,10 +916,11 @@ fn readiness_from_another_uid_is_ignored() {
     };
     send(true);
     sup.wait_stderr("ignored: sent by uid Some(65534)", Duration::from_secs(10));
-    let s = root.control(r#"{"cmd":"status"}"#);
+    let s = root.status();
     assert_eq!(
-        s["pool"]["generations"][0]["workers"][0]["state"], "starting",
-        "{s}"
+        s.pool.generations[0].workers[0].state,
+        WorkerPhase::Starting,
+        "{s:?}"
     );
     send(false);
     root.wait_live("a", 1);
@@ -1221,8 +1227,7 @@ fn a_blocking_accept_server_follows_dream_static_and_flag_changes_are_named() {
         let r = get(addr, "/", &[]);
         assert_eq!((r.status, r.text().trim()), (200, "release seed"));
     }
-    let s = root.control(r#"{"cmd":"status"}"#);
-    assert_eq!(s["pool"]["restarts"], 0, "{s}");
+    assert_eq!(root.status().pool.restarts, 0);
     // The probe sets O_NONBLOCK on the listener every worker shares. That
     // alone harms no one (most runtimes do it): nothing is said at the
     // default verbosity. The seed-style server after it fails on EAGAIN:

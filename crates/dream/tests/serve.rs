@@ -103,12 +103,10 @@ fn a_crashing_release_fails_the_reload_and_the_old_keeps_serving() {
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.releases.keys().collect::<Vec<_>>(), vec!["good"]);
     assert_eq!(get(addr, "/", &[]).text(), "<p>release good</p>\n");
-    let status = root.control(r#"{"cmd":"status"}"#);
-    let gens = status["pool"]["generations"].as_array().unwrap();
+    let status = root.status();
     assert!(
-        gens.iter()
-            .any(|g| g["state"] == "live" && g["release"] == "good"),
-        "{status}"
+        status.live().is_some_and(|g| g.release == "good"),
+        "{status:?}"
     );
 }
 
@@ -181,9 +179,9 @@ fn a_killed_worker_is_replaced() {
     let pids = live_pids(&root.wait_live("a", 2));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), Signal::SIGKILL).unwrap();
     let status = wait_until(Duration::from_secs(10), "a replacement worker", || {
-        let s = root.control(r#"{"cmd":"status"}"#);
+        let s = root.status();
         let now = live_pids(&s);
-        (now.len() == 2 && !now.contains(&pids[0]) && s["pool"]["restarts"] == 1).then_some(s)
+        (now.len() == 2 && !now.contains(&pids[0]) && s.pool.restarts == 1).then_some(s)
     });
     assert!(
         live_pids(&status).contains(&pids[1]),
@@ -204,14 +202,12 @@ fn a_reload_storm_converges_to_one_live_generation() {
         sup.signal(Signal::SIGHUP);
     }
     let status = wait_until(Duration::from_secs(30), "the storm to settle", || {
-        let s = root.control(r#"{"cmd":"status"}"#);
-        let gens = s["pool"]["generations"].as_array()?.clone();
-        (gens.len() == 1 && gens[0]["state"] == "live" && s["pool"]["reloading"] == false)
-            .then_some(s)
+        let s = root.status();
+        (s.pool.generations.len() == 1 && s.live().is_some() && !s.pool.reloading).then_some(s)
     });
-    let id = status["pool"]["generations"][0]["id"].as_u64().unwrap();
-    assert!(id >= 2, "at least one reload ran: {status}");
-    assert!(id <= 51, "{status}");
+    let id = status.pool.generations[0].id;
+    assert!(id >= 2, "at least one reload ran: {status:?}");
+    assert!(id <= 51, "{status:?}");
     assert_eq!(get(addr, "/", &[]).status, 200);
 }
 
@@ -312,12 +308,9 @@ fn the_control_socket_survives_garbage() {
         let v: Value = serde_json::from_str(answer.trim()).unwrap_or_else(|_| panic!("{answer:?}"));
         assert_eq!(v["ok"], false, "{answer}");
     }
-    let s = root.control(r#"{"cmd":"status"}"#);
-    assert_eq!(
-        s["pool"]["generations"][0]["id"], 1,
-        "no reload, no stop: {s}"
-    );
-    assert_eq!(s["pool"]["generations"].as_array().unwrap().len(), 1, "{s}");
+    let s = root.status();
+    assert_eq!(s.pool.generations.len(), 1, "{s:?}");
+    assert_eq!(s.pool.generations[0].id, 1, "no reload, no stop: {s:?}");
     // A 100 MB line: refused once it passes the limit, without reading the rest.
     let huge = vec![b'x'; 100 << 20];
     assert!(ask(&huge).contains("longer than"));
@@ -327,9 +320,9 @@ fn the_control_socket_survives_garbage() {
         s.write_all(b"{\"cmd\":").unwrap();
     }
     let _silent = UnixStream::connect(&sock).unwrap();
-    let status = root.control(r#"{"cmd":"status"}"#);
-    assert_eq!(status["ok"], true);
-    assert_eq!(status["pool"]["generations"][0]["release"], "a");
+    let status = root.status();
+    assert!(status.ok);
+    assert_eq!(status.pool.generations[0].release, "a");
     let scaled = root.control(r#"{"cmd":"scale","workers":2}"#);
     assert_eq!(scaled["ok"], true);
     root.wait_live("a", 2);
@@ -484,10 +477,10 @@ fn ttin_ttou_scale_and_usr1_prints_status() {
     root.wait_live("a", 3);
     sup.signal(Signal::SIGTTOU);
     let status = wait_until(Duration::from_secs(10), "two workers", || {
-        let s = root.control(r#"{"cmd":"status"}"#);
-        (live_pids(&s).len() == 2 && s["pool"]["workers_target"] == 2).then_some(s)
+        let s = root.status();
+        (live_pids(&s).len() == 2 && s.pool.workers_target == 2).then_some(s)
     });
-    assert_eq!(status["pool"]["restarts"], 0);
+    assert_eq!(status.pool.restarts, 0);
     sup.signal(Signal::SIGUSR1);
     sup.wait_stderr("generation 1 live: release a", Duration::from_secs(10));
     assert_eq!(get(addr, "/", &[]).status, 200);
@@ -512,9 +505,10 @@ fn dream_toml_configures_serve_and_flags_win() {
     );
     let addr = sup.listening_addr();
     root.wait_supervisor();
-    let status = root.wait_live("a", 2);
+    root.wait_live("a", 2);
     assert_eq!(
-        status["pool"]["workers_target"], 2,
+        root.status().pool.workers_target,
+        2,
         "the flag wins over the file"
     );
     assert_eq!(get(addr, "/", &[]).status, 200);
@@ -875,8 +869,8 @@ fn metrics_count_workers_reloads_and_the_accept_queue() {
     assert_eq!(get(maddr, "/", &[]).status, 404);
     // Workers that stop accepting (stopped): clients wait in the backlog,
     // and the accept queue shows them.
-    let s = root.control(r#"{"cmd":"status"}"#);
-    let pids = dream_testkit::live_pids(&s);
+    let s = root.status();
+    let pids = live_pids(&s);
     for p in &pids {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p as i32), Signal::SIGSTOP).unwrap();
     }
@@ -887,11 +881,7 @@ fn metrics_count_workers_reloads_and_the_accept_queue() {
             dream_testkit::stopped(*p as i32).then_some(())
         });
     }
-    let addr: std::net::SocketAddr = s["sockets"][0]["address"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr: std::net::SocketAddr = s.sockets[0].address.parse().unwrap();
     let waiting: Vec<std::net::TcpStream> = (0..5)
         .map(|_| std::net::TcpStream::connect(addr).unwrap())
         .collect();

@@ -263,11 +263,8 @@ fn an_unconfirmed_reload_of_the_live_release_marks_nothing_bad() {
     // Not confirmed: the supervisor replaces the generation with a new one
     // of the same release.
     dream_testkit::wait_until(Duration::from_secs(30), "the revert", || {
-        let s = root.control(r#"{"cmd":"status"}"#);
-        (s["pool"]["reverts"].as_u64()? >= 1
-            && s["pool"]["generations"].as_array()?.len() == 1
-            && s["pool"]["generations"][0]["state"] == "live")
-            .then_some(())
+        let s = root.status();
+        (s.pool.reverts >= 1 && s.pool.generations.len() == 1 && s.live().is_some()).then_some(())
     });
     assert_eq!(current_id(root.path()), live);
     let history = std::fs::read_to_string(root.path().join(".dream/history")).unwrap();
@@ -402,8 +399,7 @@ fn an_interrupt_while_waiting_for_the_reload_ends_the_deploy_with_130() {
         deploy.wait_stderr("switched", Duration::from_secs(60));
         // The reload has been asked for once the supervisor starts it.
         dream_testkit::wait_until(Duration::from_secs(20), "the reload to start", || {
-            let s = root.control(r#"{"cmd":"status"}"#);
-            (s["pool"]["generations"].as_array()?.len() >= 2).then_some(())
+            (root.status().pool.generations.len() >= 2).then_some(())
         });
         deploy.signal(sig);
         let status = deploy.wait_exit(Duration::from_secs(20));
@@ -414,11 +410,8 @@ fn an_interrupt_while_waiting_for_the_reload_ends_the_deploy_with_130() {
             Duration::from_secs(60),
             "the previous release to serve alone",
             || {
-                let s = root.control(r#"{"cmd":"status"}"#);
-                let gens = s["pool"]["generations"].as_array()?;
-                (gens.len() == 1
-                    && gens[0]["release"] == live.as_str()
-                    && gens[0]["state"] == "live")
+                let s = root.status();
+                (s.pool.generations.len() == 1 && s.live().is_some_and(|g| g.release == live))
                     .then_some(())
             },
         );

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use dream_core::supervise::control::Status;
-use dream_testkit::{Guard, Referee, Root, bin, live_pids, live_pids_of, run, stopped, wait_until};
+use dream_testkit::{Guard, Referee, Root, bin, live_pids, run, stopped, wait_until};
 use nix::sys::signal::Signal;
 
 const STATIC: &str = r#"exec "$DREAM_BIN" static --drain-grace 300ms"#;
@@ -127,7 +127,7 @@ fn ten_upgrades_between_two_builds_keep_the_pid_the_socket_and_every_worker() {
         assert_eq!(s.pid as i64, pid, "round {round}: same pid");
         assert_eq!(s.upgrades, round, "round {round}: {s:?}");
         assert_eq!(s.version, to_version);
-        assert_eq!(live_pids_of(&s), workers, "round {round}: the same workers");
+        assert_eq!(live_pids(&s), workers, "round {round}: the same workers");
         assert_eq!(s.pool.generations.len(), 1);
         assert_eq!(
             listener_inode(addr),
@@ -221,7 +221,7 @@ fn a_failed_preflight_changes_nothing_and_exits_1() {
         let s = status(&root);
         assert_eq!(s.pid as i32, sup.pid());
         assert_eq!(s.upgrades, 0);
-        assert_eq!(live_pids_of(&s), workers);
+        assert_eq!(live_pids(&s), workers);
     }
 }
 
@@ -249,7 +249,7 @@ fn a_new_program_that_cannot_take_over_hands_back_to_the_old_one() {
     let s = status(&root);
     assert_eq!(s.pid as i32, sup.pid());
     assert_eq!(s.upgrades, 0, "{s:?}");
-    assert_eq!(live_pids_of(&s), workers, "the workers were kept");
+    assert_eq!(live_pids(&s), workers, "the workers were kept");
     assert_eq!(
         std::fs::read_link(format!("/proc/{}/exe", sup.pid())).unwrap(),
         bin("dream"),
@@ -316,7 +316,7 @@ fn a_new_program_that_dies_or_hangs_before_it_resumes_leaves_the_old_one_serving
                 )
                 .ok()?;
                 let s: Status = serde_json::from_value(s).ok()?;
-                (s.pid as i64 != old && live_pids_of(&s).len() == 2).then_some(s)
+                (s.pid as i64 != old && live_pids(&s).len() == 2).then_some(s)
             },
         );
         let new = s.pid as i64;
@@ -408,7 +408,7 @@ fn signals_and_exits_in_the_exec_window_are_handled_after_it() {
     assert!(up.wait_exit(Duration::from_secs(30)).success());
     let s = wait_until(Duration::from_secs(20), "the dead worker replaced", || {
         let s = status(&root);
-        let now = live_pids_of(&s);
+        let now = live_pids(&s);
         (now.len() == 2 && !now.contains(&workers[0]) && now.contains(&workers[1])).then_some(s)
     });
     assert_eq!(s.pool.restarts, 1, "{s:?}");
@@ -631,7 +631,7 @@ fn a_preflight_runs_beside_the_event_loop_and_reads_the_real_state() {
     .unwrap();
     wait_until(Duration::from_secs(5), "the worker to be replaced", || {
         let s = status(&root);
-        let now = live_pids_of(&s);
+        let now = live_pids(&s);
         (now.len() == 1 && now != workers && asking.child.try_wait().ok().flatten().is_none())
             .then_some(())
     });

@@ -503,28 +503,30 @@ impl Root {
         wait_until(
             Duration::from_secs(30),
             "the old generations to drain",
-            || {
-                let s = self.control(r#"{"cmd":"status"}"#);
-                (s["pool"]["generations"].as_array()?.len() == 1).then_some(())
-            },
+            || (self.status().pool.generations.len() == 1).then_some(()),
         );
     }
 
-    /// Waits until the live generation has all its workers ready; returns status.
-    pub fn wait_live(&self, release: &str, workers: usize) -> serde_json::Value {
+    /// Waits until the live generation runs `release` with all its
+    /// `workers` ready; returns the status then.
+    pub fn wait_live(
+        &self,
+        release: &str,
+        workers: usize,
+    ) -> dream_core::supervise::control::Status {
+        use dream_core::supervise::pool::WorkerPhase;
         wait_until(
             Duration::from_secs(20),
             &format!("release {release} live and ready"),
             || {
-                let s = self.control(r#"{"cmd":"status"}"#);
-                let gens = s["pool"]["generations"].as_array()?.clone();
-                let live = gens.iter().find(|g| g["state"] == "live")?;
-                let ready = live["workers"]
-                    .as_array()?
+                let s = self.status();
+                let live = s.live()?;
+                let ready = live
+                    .workers
                     .iter()
-                    .filter(|w| w["state"] == "ready")
+                    .filter(|w| w.state == WorkerPhase::Ready)
                     .count();
-                (live["release"] == release && ready == workers).then_some(s)
+                (live.release == release && ready == workers).then_some(s)
             },
         )
     }
@@ -536,21 +538,8 @@ impl Default for Root {
     }
 }
 
-/// The pids of the live generation's workers in a status answer.
-pub fn live_pids(status: &serde_json::Value) -> Vec<i64> {
-    status["pool"]["generations"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|g| g["state"] == "live")
-        .flat_map(|g| g["workers"].as_array().cloned().unwrap_or_default())
-        .filter_map(|w| w["pid"].as_i64())
-        .collect()
-}
-
-/// [`live_pids`] of a typed status: the pids of the live generation's
-/// workers.
-pub fn live_pids_of(status: &dream_core::supervise::control::Status) -> Vec<i64> {
+/// The pids of the live generation's workers.
+pub fn live_pids(status: &dream_core::supervise::control::Status) -> Vec<i64> {
     status
         .live()
         .into_iter()
