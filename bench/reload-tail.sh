@@ -29,18 +29,7 @@ SP=$(free_port); S1=$(free_port); S2=$(free_port); NP=$(free_port)
 # The static comparison's own root: one supervisor per root.
 "$DREAM" deploy -q --root "$WORK/root2" "$WORK/a" --id a >/dev/null
 "$DREAM" serve -q --root "$WORK/root2" --listen 127.0.0.1:$S2 --workers 2 --ready notify -- "$DREAM" static public &
-cat > "$WORK/nginx/nginx.conf" <<CONF
-worker_processes 2;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$NP; root $WORK/a/public; }
-}
-CONF
-nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+static_nginx $NP "$WORK/a/public"
 for p in $SP $S1 $S2 $NP; do wait_http http://127.0.0.1:$p/small; done
 
 # wrk's p99 in microseconds, its requests/s, and its error count.

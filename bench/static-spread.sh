@@ -13,16 +13,7 @@ printf '0123456789' > "$WORK/a/public/small"
 "$DREAM" deploy -q --root "$WORK/root" "$WORK/a" --id a >/dev/null
 SP=$(free_port); NP=$(free_port)
 "$DREAM" serve -q --root "$WORK/root" --listen 127.0.0.1:$SP --workers 2 --ready notify -- "$DREAM" static public &
-cat > "$WORK/nginx/nginx.conf" <<CONF
-worker_processes 2;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; sendfile on; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$NP; root $WORK/a/public; } }
-CONF
-nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+static_nginx $NP "$WORK/a/public"
 for p in $SP $NP; do wait_http http://127.0.0.1:$p/small; done
 split() { ss -tnpH state established "( sport = :$1 )" | grep -o 'pid=[0-9]*' | sort | uniq -c | awk '{print $1}' | sort -n | paste -sd/; }
 for round in $(seq "$ROUNDS"); do

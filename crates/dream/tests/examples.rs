@@ -161,23 +161,21 @@ fn node_on_listen_fds() {
     }
 }
 
-#[test]
-fn gunicorn_on_fd_0() {
+/// gunicorn on fd 0 with `worker` as its worker class options, under
+/// reloads with both clients: no error. As the README recommends, with
+/// `--ready notify`: gunicorn says READY=1 itself.
+fn gunicorn(worker: &[&str]) {
     let Some(venv) = python_tools() else { return };
+    let command = [
+        &["gunicorn", "--bind", "fd://0", "--workers", "1"][..],
+        worker,
+        &["--log-level", "warning", "app:app"],
+    ]
+    .concat();
     for r in both(|keep_alive| {
         exercise(
             &["examples/gunicorn/app.py"],
-            &[
-                "gunicorn",
-                "--bind",
-                "fd://0",
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
-                "app:app",
-            ],
-            // As the README recommends: gunicorn says READY=1 itself.
+            &command,
             "notify",
             Some(venv),
             keep_alive,
@@ -185,6 +183,11 @@ fn gunicorn_on_fd_0() {
     }) {
         assert_no_errors(&r);
     }
+}
+
+#[test]
+fn gunicorn_on_fd_0() {
+    gunicorn(&[]);
 }
 
 /// uvicorn's shutdown closes every connection that has no request in
@@ -255,31 +258,7 @@ fn go_net_http_on_listen_fds() {
 /// gunicorn's threaded worker (`--worker-class gthread`).
 #[test]
 fn gunicorn_gthread_on_fd_0() {
-    let Some(venv) = python_tools() else { return };
-    for r in both(|keep_alive| {
-        exercise(
-            &["examples/gunicorn/app.py"],
-            &[
-                "gunicorn",
-                "--bind",
-                "fd://0",
-                "--workers",
-                "1",
-                "--worker-class",
-                "gthread",
-                "--threads",
-                "4",
-                "--log-level",
-                "warning",
-                "app:app",
-            ],
-            "notify",
-            Some(venv),
-            keep_alive,
-        )
-    }) {
-        assert_no_errors(&r);
-    }
+    gunicorn(&["--worker-class", "gthread", "--threads", "4"]);
 }
 
 /// uWSGI finds LISTEN_FDS itself; `uwsgi.ini` makes that socket speak
