@@ -155,6 +155,11 @@ impl Store {
         self.root.join("current")
     }
 
+    /// `.dream/notify/`, where workers' notify sockets are files.
+    pub fn notify_dir(&self) -> PathBuf {
+        self.state().join("notify")
+    }
+
     /// `.dream/control.sock`, where the supervisor answers.
     pub fn control_socket(&self) -> PathBuf {
         self.state().join("control.sock")

@@ -308,9 +308,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
     // Notify sockets a killed supervisor of this root left (one supervisor
     // per root: none of them is anyone's).
     if let Mode::Serve { root } = &d.cfg.mode {
-        let dir = crate::store::release::Store::new(root)
-            .state()
-            .join("notify");
+        let dir = crate::store::release::Store::new(root).notify_dir();
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if e.file_name().to_string_lossy().ends_with(".sock") {
                 let _ = std::fs::remove_file(e.path());

@@ -84,8 +84,6 @@ pub(super) fn recv_with_uid(sock: &UnixDatagram, buf: &mut [u8]) -> Option<(usiz
 
 impl Driver {
     pub(super) fn reap(&mut self) {
-        // A worker that exits may have changed the shared listeners' flags.
-        self.check_listener_flags();
         loop {
             let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
@@ -238,7 +236,6 @@ impl Driver {
             );
         }
         if ready {
-            self.check_listener_flags();
             self.on(Event::Ready { generation, index });
         }
     }
@@ -285,9 +282,7 @@ impl Driver {
         if self.pool.settings().notify_socket != NotifySocket::Path || self.notify_dir_failed {
             return None;
         }
-        let dir = crate::store::release::Store::new(root)
-            .state()
-            .join("notify");
+        let dir = crate::store::release::Store::new(root).notify_dir();
         if !self.notify_dir_made {
             use std::os::unix::fs::PermissionsExt;
             let made = crate::store::release::trusted_subdir(&dir).and_then(|()| {
@@ -387,28 +382,7 @@ impl Driver {
     /// came from is in its environment (`DREAM_GENERATION`), inherited
     /// from its worker.
     pub(super) fn sweep(&mut self, generation: Option<u64>) {
-        let mut found: Vec<i32> = Vec::new();
-        for pid in own_children() {
-            if self.workers.contains_key(&pid) {
-                continue;
-            }
-            if generation.is_none() || generation_of(pid) == generation {
-                found.push(pid);
-            }
-        }
-        // What the kernel counts as the generation's, whatever its parent,
-        // session or environment: a process cannot shed its cgroup.
-        if let Some(cg) = &self.cgroups {
-            let members: Vec<i32> = match generation {
-                Some(g) => cg.members(g),
-                None => cg.all().into_iter().flat_map(|(_, p)| p).collect(),
-            };
-            for p in members {
-                if !self.workers.contains_key(&p) && !found.contains(&p) {
-                    found.push(p);
-                }
-            }
-        }
+        let mut found = self.left_behind(generation);
         let from = match generation {
             Some(g) => format!("generation {g}"),
             None => "the workers".into(),
@@ -478,6 +452,32 @@ impl Driver {
         }
     }
 
+    /// What `generation` (with `None`, every generation) started that is
+    /// not a worker: children of ours from it (the subreaper's record) and,
+    /// what the kernel counts as its whatever its parent, session or
+    /// environment, its cgroup's members (a process cannot shed its cgroup).
+    fn left_behind(&self, generation: Option<GenId>) -> Vec<i32> {
+        let mut found: Vec<i32> = own_children()
+            .into_iter()
+            .filter(|p| {
+                !self.workers.contains_key(p)
+                    && (generation.is_none() || generation_of(*p) == generation)
+            })
+            .collect();
+        if let Some(cg) = &self.cgroups {
+            let members: Vec<i32> = match generation {
+                Some(g) => cg.members(g),
+                None => cg.all().into_iter().flat_map(|(_, p)| p).collect(),
+            };
+            for p in members {
+                if !self.workers.contains_key(&p) && !found.contains(&p) {
+                    found.push(p);
+                }
+            }
+        }
+        found
+    }
+
     /// A worker that drained is gone: what it left in its process group
     /// gets the drain signal now, and SIGKILL at the drain deadline if it
     /// is still there ([`Driver::end_leftovers_due`]).
@@ -508,15 +508,7 @@ impl Driver {
     /// ours from it) in process group `pgid`: a group is named by a pid,
     /// which is checked to still be the generation's before it is signalled.
     fn group_members(&self, pgid: i32, generation: GenId) -> Vec<i32> {
-        let mut v: Vec<i32> = own_children()
-            .into_iter()
-            .filter(|p| !self.workers.contains_key(p) && generation_of(*p) == Some(generation))
-            .collect();
-        if let Some(cg) = &self.cgroups {
-            v.extend(cg.members(generation));
-        }
-        v.sort_unstable();
-        v.dedup();
+        let mut v = self.left_behind(Some(generation));
         v.retain(|p| pgrp(*p) == Some(pgid));
         v
     }
@@ -532,16 +524,12 @@ impl Driver {
         let (due, later): (Vec<_>, Vec<_>) =
             self.leftovers.drain(..).partition(|(_, _, d)| *d <= now);
         self.leftovers = later;
-        let children = own_children();
         let mut killed = Vec::new();
         for (pid, g, _) in due {
             let theirs = if pid < 0 {
                 !self.group_members(-pid, g).is_empty()
             } else {
-                self.cgroups
-                    .as_ref()
-                    .is_some_and(|c| c.members(g).contains(&pid))
-                    || (children.contains(&pid) && generation_of(pid) == Some(g))
+                self.left_behind(Some(g)).contains(&pid)
             };
             if theirs {
                 signal_leftover(pid, Signal::SIGKILL);
