@@ -86,6 +86,25 @@ pub fn say(level: Level, event: &str, text: &str, fields: &[(&str, serde_json::V
     }
 }
 
+/// One line of a program's own log on stderr, as the supervisor writes
+/// them: `TIME dream WHO: TEXT`, or with `--log-format json` one object
+/// whose `from` is `who`, with `fields` beside it.
+pub fn say_as(
+    level: Level,
+    event: &str,
+    who: &str,
+    text: &str,
+    fields: &[(&str, serde_json::Value)],
+) {
+    if json() {
+        let mut all = vec![("from", serde_json::Value::from(who))];
+        all.extend(fields.iter().cloned());
+        eprint!("{}", json_line(level, event, text, &all));
+    } else {
+        eprintln!("{} dream {who}: {text}", crate::log_time());
+    }
+}
+
 /// The most characters of one value that reach the log.
 pub const MAX_VALUE: usize = 256;
 

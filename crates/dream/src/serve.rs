@@ -157,15 +157,20 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
             match kept.iter().position(|l| l.name == name) {
                 Some(i) => {
                     let l = kept.remove(i);
-                    eprintln!(
-                        "{} dream serve: listening on {} (the socket {} kept)",
-                        dream_core::log_time(),
-                        l.local_addr(),
-                        if dream_core::supervise::taking_over() {
-                            "the upgrade's guardian"
-                        } else {
-                            "systemd"
-                        }
+                    let shown = l.local_addr();
+                    dream_core::logtext::say_as(
+                        dream_core::logtext::Level::Info,
+                        "listening",
+                        "serve",
+                        &format!(
+                            "listening on {shown} (the socket {} kept)",
+                            if dream_core::supervise::taking_over() {
+                                "the upgrade's guardian"
+                            } else {
+                                "systemd"
+                            }
+                        ),
+                        &[("address", shown.clone().into())],
                     );
                     taken.push(Some(l));
                 }
@@ -221,7 +226,13 @@ fn bind_metrics(spec: &ListenSpec) -> Result<protocol::Listener> {
         ListenSpec::Unix(_) => spec.to_string(),
         _ => format!("http://{}/metrics", l.local_addr()),
     };
-    eprintln!("{} dream serve: metrics on {shown}", dream_core::log_time());
+    dream_core::logtext::say_as(
+        dream_core::logtext::Level::Info,
+        "listening",
+        "serve",
+        &format!("metrics on {shown}"),
+        &[("address", shown.clone().into())],
+    );
     Ok(l)
 }
 

@@ -118,26 +118,16 @@ pub fn bind_all(
                 ListenSpec::Unix(_) => spec.to_string(),
                 _ => bound.local_addr(),
             };
-            if dream_core::logtext::json() {
-                eprint!(
-                    "{}",
-                    dream_core::logtext::json_line(
-                        dream_core::logtext::Level::Info,
-                        "listening",
-                        &format!("listening on {shown} (backlog {effective})"),
-                        &[
-                            ("from", who.into()),
-                            ("address", shown.clone().into()),
-                            ("backlog", effective.into()),
-                        ],
-                    )
-                );
-            } else {
-                eprintln!(
-                    "{} dream {who}: listening on {shown} (backlog {effective})",
-                    dream_core::log_time(),
-                );
-            }
+            dream_core::logtext::say_as(
+                dream_core::logtext::Level::Info,
+                "listening",
+                who,
+                &format!("listening on {shown} (backlog {effective})"),
+                &[
+                    ("address", shown.clone().into()),
+                    ("backlog", effective.into()),
+                ],
+            );
         }
         out.push(bound);
     }

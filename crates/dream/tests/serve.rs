@@ -738,6 +738,9 @@ fn json_logs_are_one_object_per_line_and_workers_pass_through() {
                 "1",
                 "--ready",
                 "notify",
+                // Its line too (it is bound first).
+                "--metrics",
+                "127.0.0.1:0",
             ])
             .args(["--log-format", "json", "--", "./run"])
             .env("DREAM_BIN", bin("dream")),
@@ -772,6 +775,7 @@ fn json_logs_are_one_object_per_line_and_workers_pass_through() {
         Some("listening"),
         "{events:?}"
     );
+    assert!(lines.contains("metrics on http://127.0.0.1:"), "{lines}");
     for e in [
         "worker_started",
         "worker_ready",

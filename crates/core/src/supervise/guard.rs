@@ -254,17 +254,11 @@ pub fn guard(args: &[OsString]) -> i32 {
 }
 
 fn say(msg: &str) {
-    if crate::logtext::json() {
-        eprint!(
-            "{}",
-            crate::logtext::json_line(
-                crate::logtext::Level::Warn,
-                super::Note::Upgrade.as_str(),
-                msg,
-                &[("from", "guardian".into())],
-            )
-        );
-    } else {
-        eprintln!("{} dream guardian: {msg}", crate::log_time());
-    }
+    crate::logtext::say_as(
+        crate::logtext::Level::Warn,
+        super::Note::Upgrade.as_str(),
+        "guardian",
+        msg,
+        &[],
+    );
 }
