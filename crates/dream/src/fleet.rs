@@ -436,15 +436,13 @@ pub fn status(f: &Fleet) -> Result {
     };
     if f.json {
         let mut v = serde_json::json!({
-            "ok": code == crate::exit::OK,
-            "exit": code,
             "consistent": code == crate::exit::OK,
             "hosts": rows,
         });
         if !why.is_empty() {
             v["error"] = why.clone().into();
         }
-        crate::print_line(&v.to_string());
+        crate::print_json(code, v);
     } else {
         for r in &rows {
             crate::print_line(&format!(

@@ -310,3 +310,15 @@ fn start_priority_values_are_checked_on_the_command_line_and_in_dream_toml() {
         assert!(err.contains("CAP_SYS_NICE"), "{err}");
     }
 }
+
+/// `dream --upgrade-guard` is dream's own (an upgrade starts it): run by
+/// hand, it says so in one line and does nothing.
+#[test]
+fn the_upgrade_guardian_run_by_hand_says_what_it_is() {
+    for args in [&["--upgrade-guard"][..], &["--upgrade-guard", "1", "x"]] {
+        let (code, out, err) = dream(args);
+        assert_eq!(code, Some(1), "{args:?}: {out} {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("dream's own"), "{err}");
+    }
+}
