@@ -1241,15 +1241,19 @@ fn a_blocking_accept_server_follows_dream_static_and_flag_changes_are_named() {
         "{}",
         sup.stderr_now()
     );
+    // The seed-style server says READY=1 before its first accept: its
+    // generation fails the reload, or goes live and is reverted by
+    // probation when its workers crash, as the timing falls. Either way
+    // the change is named, and the probe serves again.
     root.switch("seed");
-    let v = root.control(r#"{"cmd":"reload"}"#);
-    assert_eq!(v["ok"], false, "the seed server cannot accept on it: {v}");
+    root.control(r#"{"cmd":"reload"}"#);
     let line = sup.wait_stderr("failed while listening socket", Duration::from_secs(10));
     assert!(
         line.contains("non-blocking (a worker set O_NONBLOCK on it)") && line.contains("EAGAIN"),
         "{line}"
     );
-    assert_eq!(get(addr, "/", &[]).status, 200, "the probe keeps serving");
+    root.wait_live("probe", 2);
+    assert_eq!(get(addr, "/", &[]).status, 200, "the probe serves");
 }
 
 /// A worker's `shutdown(SHUT_RDWR)` on its inherited listener killed it
