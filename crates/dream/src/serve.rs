@@ -180,6 +180,9 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
                 }
             }
         }
+        if !to_bind.is_empty() {
+            end_strays();
+        }
         let mut fresh = crate::tools::bind_all(&to_bind, o.backlog, "serve", true)?.into_iter();
         let bound: Vec<protocol::Listener> = taken
             .into_iter()
@@ -212,6 +215,27 @@ pub fn serve(o: ServeOptions<'_>) -> Result {
         name: "serve",
     };
     run(cfg, settings)
+}
+
+/// A supervisor that died left its workers draining (their parent-death
+/// signal is the drain signal); they may still hold the addresses this one
+/// binds afresh, so they end now. (One that takes its sockets over, from
+/// the upgrade's guardian or systemd, lets them finish and kills them at
+/// its drain deadline.)
+fn end_strays() {
+    for (sup, pids) in dream_core::supervise::cgroup::end_strays_now() {
+        dream_core::logtext::say_as(
+            dream_core::logtext::Level::Warn,
+            "strays",
+            "serve",
+            &format!(
+                "killed {} process(es) that supervisor pid {sup} (gone) left running, which may hold the addresses to bind: pid {}",
+                pids.len(),
+                dream_core::supervise::pid_list(&pids)
+            ),
+            &[],
+        );
+    }
 }
 
 /// `--metrics SPEC`: bound and announced as the metrics endpoint, and

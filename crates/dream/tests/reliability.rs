@@ -87,11 +87,12 @@ fn a_killed_supervisor_leaves_no_orphans_and_restarts_on_the_same_addresses() {
     first.signal(Signal::SIGKILL);
     first.wait_exit(Duration::from_secs(10));
     // Every thread of every worker: a zombie leader whose other threads
-    // are still exiting still holds the listening socket.
+    // are still exiting still holds the listening socket. They had the
+    // drain signal when their parent died, and drained.
     for pid in &workers {
         wait_until(
             Duration::from_secs(10),
-            "workers to die with their supervisor",
+            "workers to drain when their supervisor dies",
             || dream_testkit::gone(*pid).then_some(()),
         );
     }
@@ -104,12 +105,95 @@ fn a_killed_supervisor_leaves_no_orphans_and_restarts_on_the_same_addresses() {
     );
     root.wait_live("a", 1);
     assert_eq!(get(addr, "/", &[]).status, 200);
-    let mut s = UnixStream::connect(&sock).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    let out = get_unix(&sock);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+/// Whether this process may make cgroups (root, a writable hierarchy):
+/// how a supervisor finds what a dead one left, whoever its parent is.
+fn cgroups_usable() -> bool {
+    nix::unistd::geteuid().is_root()
+        && (Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+            || Path::new("/sys/fs/cgroup/pids").is_dir())
+}
+
+#[test]
+fn what_a_killed_supervisor_left_serving_is_ended_by_the_next_one_on_its_addresses() {
+    if !dream_testkit::prerequisite(cgroups_usable(), "cgroups (run as root)") {
+        return;
+    }
+    let _busy = dream_testkit::Saturate::cores();
+    let root = Root::new();
+    // The worker (a shell) ignores its parent-death signal; the servers
+    // it started (one on the TCP socket, fd 3, one on the Unix one, fd 4)
+    // keep serving once the supervisor is gone. Only the kernel's count
+    // (the generation's cgroup) still knows whose they are. (A background
+    // command's stdin is /dev/null unless redirected.)
+    root.release(
+        "a",
+        r#"trap '' TERM
+"$DREAM_BIN" static --drain-grace 300ms <&3 &
+"$DREAM_BIN" static --drain-grace 300ms <&4 &
+wait"#,
+    );
+    root.switch("a");
+    let sock = root.path().join("app.sock");
+    let unix = format!("unix:{}", sock.display());
+    let mut first = serve_on(
+        &root,
+        &["127.0.0.1:0", &unix],
+        &["--workers", "2", "--ready", "delay:300ms"],
+    );
+    let addr = first.listening_addr();
+    let old = first.pid();
+    let workers = live_pids(&root.wait_live("a", 2));
+    let servers: Vec<i64> = workers
+        .iter()
+        .flat_map(|w| children(*w as i32))
+        .map(i64::from)
+        .collect();
+    assert_eq!(servers.len(), 4, "two servers per worker shell");
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(10));
+    // Still serving, on the old supervisor's sockets, with no supervisor.
+    assert_eq!(get(addr, "/", &[]).status, 200);
+    assert!(get_unix(&sock).starts_with("HTTP/1.1 200"));
+    for pid in workers.iter().chain(&servers) {
+        assert!(alive(*pid), "pid {pid} ignores the drain signal");
+    }
+
+    let spec = addr.to_string();
+    let mut second = serve_on(
+        &root,
+        &[&spec, &unix],
+        &["--workers", "1", "--ready", "delay:300ms"],
+    );
+    second.wait_stderr(
+        &format!("that supervisor pid {old} (gone) left running"),
+        Duration::from_secs(20),
+    );
+    for pid in workers.iter().chain(&servers) {
+        wait_until(Duration::from_secs(10), "the strays to be gone", || {
+            dream_testkit::gone(*pid).then_some(())
+        });
+    }
+    let s = root.wait_live("a", 1);
+    assert!(live_pids(&s).iter().all(|p| !workers.contains(p)));
+    assert_eq!(get(addr, "/", &[]).status, 200);
+    let out = get_unix(&sock);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+/// One request on a Unix socket, answered within 10 s.
+fn get_unix(path: &Path) -> String {
+    let mut c = UnixStream::connect(path).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    c.read_to_string(&mut out)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    out
 }
 
 #[test]

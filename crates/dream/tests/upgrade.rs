@@ -272,6 +272,7 @@ fn a_new_program_that_cannot_take_over_hands_back_to_the_old_one() {
 /// refused (the backlog holds it), and the new supervisor stops cleanly.
 #[test]
 fn a_new_program_that_dies_or_hangs_before_it_resumes_leaves_the_old_one_serving() {
+    let _busy = dream_testkit::Saturate::cores();
     for (hook, why) in [
         ("DREAM_TEST_UPGRADE_CRASH", "ended before it resumed"),
         (
@@ -335,24 +336,11 @@ fn a_new_program_that_dies_or_hangs_before_it_resumes_leaves_the_old_one_serving
 
         referee.wait_responses(50);
         let report = referee.finish();
-        // The workers die with the program that died (their parent-death
-        // signal): a request each was serving is cut (at most one per
-        // client, 16); nothing is refused or left waiting, and the
-        // connections that queued meanwhile are all answered.
-        let e = &report.errors;
-        assert_eq!(
-            e.connect_refused + e.connect_reset + e.connect_timeout + e.connect_other,
-            0,
-            "{hook}: {}",
-            report.human()
-        );
-        assert_eq!(
-            e.read_timeout + e.read_other + e.bad_status,
-            0,
-            "{hook}: {}",
-            report.human()
-        );
-        assert!(e.read_reset <= 16, "{hook}: {}", report.human());
+        // The workers drain when the program that held them dies (their
+        // parent-death signal is the drain signal): the requests they were
+        // serving are answered, nothing is refused, cut or left waiting,
+        // and the connections that queued meanwhile are all answered.
+        assert_eq!(report.errors.total(), 0, "{hook}: {}", report.human());
         assert_eq!(report.mixed, 0, "{hook}: {}", report.human());
 
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), Signal::SIGTERM).unwrap();

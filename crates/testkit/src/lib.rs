@@ -33,7 +33,6 @@ pub fn probe() -> PathBuf {
     bin("examples/dream-probe")
 }
 
-/// Polls `f` until it returns `Some`, or panics after `limit` naming `what`.
 /// Whether a test's prerequisite is met. When it is not, the test is
 /// skipped with a message, except under CI (`CI` set), where a missing
 /// prerequisite fails the test: a green CI means every test ran.
@@ -48,6 +47,7 @@ pub fn prerequisite(met: bool, what: &str) -> bool {
     met
 }
 
+/// Polls `f` until it returns `Some`, or panics after `limit` naming `what`.
 pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
     let mut pause = Duration::from_millis(1);

@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Cgroups {
     base: PathBuf,
+    /// The cgroups of supervisors that are gone and left processes in
+    /// them, found when this one started ([`Cgroups::strays`]).
+    #[serde(skip)]
+    strays: Vec<PathBuf>,
 }
 
 /// The cgroup this process is in, within the hierarchy mounted at
@@ -36,19 +40,24 @@ fn own_path(v2: bool) -> Option<String> {
     })
 }
 
+/// The directory of the cgroup this process is in.
+fn own_cgroup() -> Option<PathBuf> {
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let mount = if v2 {
+        PathBuf::from("/sys/fs/cgroup")
+    } else {
+        PathBuf::from("/sys/fs/cgroup/pids")
+    };
+    let own = own_path(v2)?;
+    Some(mount.join(own.trim_start_matches('/')))
+}
+
 impl Cgroups {
     /// Makes this supervisor's cgroup, if the kernel offers one it may
     /// write to; `None` otherwise.
     pub fn create(nonce: u64) -> Option<Cgroups> {
-        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-        let mount = if v2 {
-            PathBuf::from("/sys/fs/cgroup")
-        } else {
-            PathBuf::from("/sys/fs/cgroup/pids")
-        };
-        let own = own_path(v2)?;
-        let parent = mount.join(own.trim_start_matches('/'));
-        remove_stale(&parent);
+        let parent = own_cgroup()?;
+        let strays = remove_stale(&parent);
         let base = parent.join(format!("dream-{}-{nonce:x}", std::process::id()));
         match std::fs::create_dir(&base) {
             Ok(()) => {}
@@ -58,7 +67,28 @@ impl Cgroups {
         // Only useful if a process can be moved into it: try with none.
         base.join("cgroup.procs")
             .exists()
-            .then_some(Cgroups { base })
+            .then_some(Cgroups { base, strays })
+    }
+
+    /// What supervisors that are gone left running, by supervisor pid:
+    /// their workers had the drain signal when their parent died (their
+    /// parent-death signal), and may still be finishing requests.
+    pub fn strays(&self) -> Vec<(i32, Vec<i32>)> {
+        self.strays
+            .iter()
+            .map(|dir| (supervisor_of(dir).unwrap_or(0), members_below(dir)))
+            .filter(|(_, pids)| !pids.is_empty())
+            .collect()
+    }
+
+    /// Kills what [`Cgroups::strays`] names and removes their cgroups;
+    /// returns the pids killed.
+    pub fn end_strays(&mut self) -> Vec<i32> {
+        let killed = self.strays.iter().flat_map(|d| kill_below(d)).collect();
+        for dir in std::mem::take(&mut self.strays) {
+            remove_below(&dir);
+        }
+        killed
     }
 
     /// Generation `generation`'s cgroup, made if needed; its
@@ -107,32 +137,121 @@ impl Cgroups {
 }
 
 /// Removes what supervisors that are gone (killed with SIGKILL, say) left
-/// in `parent`: their generations' cgroups and their own, where empty
-/// (one still holding processes stays, and is named by nothing).
-fn remove_stale(parent: &Path) {
+/// in `parent`: their generations' cgroups and their own, where empty.
+/// Returns the ones still holding processes.
+fn remove_stale(parent: &Path) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(parent) else {
-        return;
+        return Vec::new();
     };
+    let mut held = Vec::new();
     for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("dream-"))
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
+        let Some(pid) = supervisor_of(&e.path()) else {
             continue;
         };
-        if Path::new(&format!("/proc/{pid}")).exists() {
+        if alive(pid) {
             continue;
         }
-        if let Ok(gens) = std::fs::read_dir(e.path()) {
-            for g in gens.flatten().filter(|g| g.path().is_dir()) {
-                let _ = std::fs::remove_dir(g.path());
+        remove_below(&e.path());
+        if e.path().exists() {
+            held.push(e.path());
+        }
+    }
+    held
+}
+
+/// The supervisor pid a `dream-<pid>-<nonce>` cgroup is named for.
+fn supervisor_of(dir: &Path) -> Option<i32> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("dream-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` runs (a zombie, or a pid no one has, does not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        let state = s
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next());
+        !matches!(state, Some('Z' | 'X') | None)
+    })
+}
+
+/// The generations' cgroups below a supervisor's.
+fn generations(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|g| g.path())
+        .filter(|g| g.is_dir())
+        .collect()
+}
+
+fn members_below(dir: &Path) -> Vec<i32> {
+    generations(dir)
+        .iter()
+        .flat_map(|g| read_pids(&g.join("cgroup.procs")))
+        .collect()
+}
+
+/// Kills every process in a supervisor's generations: all at once where
+/// the kernel offers `cgroup.kill` (no pid is read, so none can have been
+/// reused), else each member read from `cgroup.procs`.
+fn kill_below(dir: &Path) -> Vec<i32> {
+    let mut killed = Vec::new();
+    for g in generations(dir) {
+        let pids = read_pids(&g.join("cgroup.procs"));
+        if pids.is_empty() {
+            continue;
+        }
+        if std::fs::write(g.join("cgroup.kill"), "1").is_err() {
+            for p in &pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
-        let _ = std::fs::remove_dir(e.path());
+        killed.extend(pids);
     }
+    killed
+}
+
+/// Removes a supervisor's cgroup and its generations', where empty.
+fn remove_below(dir: &Path) {
+    for g in generations(dir) {
+        let _ = std::fs::remove_dir(g);
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Ends at once what supervisors that are gone left running in this
+/// process's cgroup (their workers, still draining), for a `dream serve`
+/// that binds its addresses afresh: they may hold them. Returns the pids
+/// killed, by supervisor, once they are gone (or 2 s have passed).
+pub fn end_strays_now() -> Vec<(i32, Vec<i32>)> {
+    let Some(parent) = own_cgroup() else {
+        return Vec::new();
+    };
+    let held = remove_stale(&parent);
+    let found: Vec<(i32, Vec<i32>)> = held
+        .iter()
+        .map(|d| (supervisor_of(d).unwrap_or(0), kill_below(d)))
+        .filter(|(_, pids)| !pids.is_empty())
+        .collect();
+    // A killed process has closed its sockets once it has left its cgroup.
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while held.iter().any(|d| !members_below(d).is_empty()) && std::time::Instant::now() < limit {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    for d in &held {
+        remove_below(d);
+    }
+    found
 }
 
 fn read_pids(path: &Path) -> Vec<i32> {

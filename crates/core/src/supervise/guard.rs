@@ -17,9 +17,11 @@
 //! original command line and the sockets as `LISTEN_FDS` (which `dream
 //! serve` takes by name, as after systemd's fd store): a new supervisor
 //! on the same sockets, starting workers on `current`. The dead
-//! supervisor's workers died with it (their parent-death signal), so
-//! there is no old code left serving; connections that arrive meanwhile
-//! wait in the sockets' backlog, and none is refused.
+//! supervisor's workers had the drain signal when it died (their
+//! parent-death signal): they answer what they hold and exit, and the new
+//! supervisor kills what is still there at its drain deadline.
+//! Connections that arrive meanwhile wait in the sockets' backlog, and
+//! none is refused.
 //!
 //! Only a new program that says it knows the guardian (the pre-flight's
 //! second line) gets one: a program that does not would keep the pipe

@@ -210,6 +210,9 @@ struct Driver {
     /// the drain signal: (pid, or minus a process group as `kill(2)` has
     /// it, generation, when it is killed if still there).
     leftovers: Vec<(i32, GenId, Instant)>,
+    /// When what supervisors that are gone left running is killed
+    /// ([`crate::supervise::cgroup::Cgroups::strays`]).
+    strays_due: Option<Instant>,
     /// The version that ran before the last upgrade (this one's, at first).
     previous_version: String,
     /// After an upgrade: the client that asked for it, to be answered.
@@ -239,6 +242,14 @@ const SIGNALS: &[Signal] = &[
 /// Runs the supervisor until it is stopped; returns the exit code.
 /// `settings` become the pool's: from then on `Pool::settings` is the one
 /// copy (`scale` changes it there).
+/// Pids as a log line names them: `12, 34`.
+pub fn pid_list(pids: &[i32]) -> String {
+    pids.iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
     let metrics = cfg.metrics.take().map(metrics_listener).transpose()?;
     let signals = Signals::new(SIGNALS)?;
@@ -296,6 +307,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
         preflight: None,
         cgroups: crate::supervise::cgroup::Cgroups::create(nonce),
         leftovers: Vec::new(),
+        strays_due: None,
         previous_version: version(),
         resumed_asker: None,
         metrics,
@@ -335,6 +347,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
             &format!("taking over from a failed upgrade ({why}): same sockets, new workers"),
         );
     }
+    d.note_strays();
     let actions = d.pool.on(Event::ReleaseResolved(Ok(first)), Instant::now());
     d.apply(actions);
     let result = d.event_loop();
@@ -464,7 +477,13 @@ impl Driver {
         if let Some(p) = &self.preflight {
             deadline = Some(deadline.map_or(p.deadline, |d| d.min(p.deadline)));
         }
-        if let Some(t) = self.leftovers.iter().map(|(_, _, t)| *t).min() {
+        if let Some(t) = self
+            .leftovers
+            .iter()
+            .map(|(_, _, t)| *t)
+            .chain(self.strays_due)
+            .min()
+        {
             deadline = Some(deadline.map_or(t, |d| d.min(t)));
         }
         if let Some(oldest) = self

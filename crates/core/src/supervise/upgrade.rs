@@ -715,6 +715,7 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         // Leftovers signalled before the upgrade are ended at the exit sweep
         // (their deadlines are not carried over).
         leftovers: Vec::new(),
+        strays_due: None,
         previous_version: state.written_by,
         resumed_asker: None,
         metrics,

@@ -348,7 +348,11 @@ impl Driver {
             .env("DREAM_WORKER", index.to_string())
             .env(protocol::NOTIFY_SOCKET, notify_env)
             .process_group(true)
-            .parent_death_signal(Signal::SIGKILL);
+            // If the supervisor dies (killed, or a new program that crashed
+            // in an upgrade), its workers drain: the requests they are
+            // serving are answered, and whatever supervisor starts next
+            // kills what is still there (`note_strays`, `end_strays_now`).
+            .parent_death_signal(self.pool.settings().drain_signal);
         if let Some((uid, gid)) = self.cfg.user {
             cmd.user(uid, gid);
         }
@@ -387,12 +391,7 @@ impl Driver {
             Some(g) => format!("generation {g}"),
             None => "the workers".into(),
         };
-        let pids = |v: &[i32]| {
-            v.iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let pids = super::pid_list;
         match generation {
             // The supervisor is stopping: nothing may outlive it.
             None => {
@@ -452,6 +451,32 @@ impl Driver {
         }
     }
 
+    /// Names what supervisors that are gone left running (their workers,
+    /// which had the drain signal when their parent died, still finishing
+    /// requests, as after a failed upgrade's takeover), and has it killed
+    /// at this supervisor's drain deadline.
+    pub(super) fn note_strays(&mut self) {
+        let Some(cg) = &self.cgroups else {
+            return;
+        };
+        let strays = cg.strays();
+        if strays.is_empty() {
+            return;
+        }
+        self.strays_due = Some(Instant::now() + self.pool.settings().drain_timeout);
+        for (sup, pids) in strays {
+            self.log(
+                -1,
+                Note::Worker,
+                &format!(
+                    "supervisor pid {sup} is gone and left {} process(es) running (its workers had the drain signal when it died): killed at the drain deadline if still there: pid {}",
+                    pids.len(),
+                    super::pid_list(&pids)
+                ),
+            );
+        }
+    }
+
     /// What `generation` (with `None`, every generation) started that is
     /// not a worker: children of ours from it (the subreaper's record) and,
     /// what the kernel counts as its whatever its parent, session or
@@ -495,11 +520,7 @@ impl Driver {
             Note::Worker,
             &format!(
                 "sent {signal:?} to what worker pid {pgid} left in its process group (killed at its drain deadline if still there): pid {}",
-                members
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                super::pid_list(&members)
             ),
         );
     }
@@ -518,6 +539,25 @@ impl Driver {
     /// from that generation, so a reused pid is never hit).
     pub(super) fn end_leftovers_due(&mut self) {
         let now = Instant::now();
+        if self.strays_due.is_some_and(|d| d <= now) {
+            self.strays_due = None;
+            let killed = self
+                .cgroups
+                .as_mut()
+                .map(|c| c.end_strays())
+                .unwrap_or_default();
+            if !killed.is_empty() {
+                self.log(
+                    -1,
+                    Note::Worker,
+                    &format!(
+                        "killed {} process(es) a supervisor that is gone left running, past the drain deadline: pid {}",
+                        killed.len(),
+                        super::pid_list(&killed)
+                    ),
+                );
+            }
+        }
         if !self.leftovers.iter().any(|(_, _, d)| *d <= now) {
             return;
         }
