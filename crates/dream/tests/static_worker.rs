@@ -263,6 +263,50 @@ fn only_regular_files_are_served_and_absolute_links_inside_work() {
     assert!(!r.text().contains("TOP SECRET"));
 }
 
+/// A lookup confined beneath the root that passes `..` (a link such as
+/// `sub/up.css -> ../style.css`) fails with EAGAIN when any rename happens
+/// on the system meanwhile, and a deploy's switch is a rename: each such
+/// request must still be answered with the file.
+#[test]
+fn links_through_dotdot_are_served_while_renames_happen_elsewhere() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let w = start(&[]);
+    let public = w.tree.path().join("public");
+    std::os::unix::fs::symlink("../style.css", public.join("sub/up.css")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let renamer = {
+        let stop = stop.clone();
+        let dir = w.tree.path().join("elsewhere");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("a"), "x").unwrap();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let (from, to) = if n % 2 == 0 { ("a", "b") } else { ("b", "a") };
+                std::fs::rename(dir.join(from), dir.join(to)).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut failed = Vec::new();
+    for _ in 0..1500 {
+        let r = get(w.addr, "/sub/up.css", &[]);
+        if (r.status, r.text().as_str()) != (200, "body{}\n") {
+            failed.push(r.status);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let renames = renamer.join().unwrap();
+    assert!(renames > 0, "the renames ran");
+    assert!(
+        failed.is_empty(),
+        "{} of 1500 failed: {failed:?}",
+        failed.len()
+    );
+}
+
 fn assert_serving(addr: SocketAddr, within: Duration) {
     let start = Instant::now();
     let r = get(addr, "/", &[]);

@@ -116,7 +116,17 @@ impl Root {
         let how = OpenHow::new()
             .flags(flags)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        let file = match openat2(&self.dir, rel, how) {
+        // EAGAIN: a lookup that passed `..` raced a rename or a mount
+        // anywhere on the system (a deploy's switch is one); the kernel
+        // asks for a retry.
+        let mut tries = 0;
+        let opened = loop {
+            match openat2(&self.dir, rel, how) {
+                Err(nix::errno::Errno::EAGAIN) if tries < 64 => tries += 1,
+                other => break other,
+            }
+        };
+        let file = match opened {
             Ok(fd) => std::fs::File::from(fd),
             // An absolute symlink, or no openat2: resolve the real path and
             // serve it only if it lies inside the root.

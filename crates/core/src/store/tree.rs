@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, OpenHow, ResolveFlag, openat2};
+use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, linkat, symlinkat, unlinkat};
 
@@ -70,6 +70,24 @@ fn split(rel: &Path) -> Result<(&Path, &OsStr), TreeError> {
     match (plain, rel.parent(), rel.file_name()) {
         (true, Some(parent), Some(name)) => Ok((parent, name)),
         _ => Err(TreeError::Escape(rel.to_path_buf())),
+    }
+}
+
+/// `openat2(2)`, again when the kernel answers EAGAIN: a lookup confined
+/// beneath a directory that passes `..` fails that way when any rename or
+/// mount happened on the system meanwhile (a deploy's switch is a rename),
+/// and the kernel asks the caller to retry.
+pub fn openat2<P: ?Sized + nix::NixPath, Fd: AsFd>(
+    dir: Fd,
+    path: &P,
+    how: OpenHow,
+) -> nix::Result<OwnedFd> {
+    let mut tries = 0;
+    loop {
+        match nix::fcntl::openat2(&dir, path, how) {
+            Err(Errno::EAGAIN) if tries < 64 => tries += 1,
+            other => return other,
+        }
     }
 }
 
