@@ -179,6 +179,12 @@ wait"#,
     }
     let s = root.wait_live("a", 1);
     assert!(live_pids(&s).iter().all(|p| !workers.contains(p)));
+    // Status names the socket's path, not the name it was bound under.
+    let shown: Vec<&str> = s.sockets.iter().map(|k| k.address.as_str()).collect();
+    assert!(
+        shown.contains(&format!("unix:{}", sock.display()).as_str()),
+        "{shown:?}"
+    );
     assert_eq!(get(addr, "/", &[]).status, 200);
     let out = get_unix(&sock);
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");

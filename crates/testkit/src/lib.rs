@@ -64,10 +64,15 @@ pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
 }
 
 /// A child process that is killed (with its process group) when dropped.
+/// A dream supervisor (`dream serve`) is first asked to stop
+/// at once (QUIT), which ends its workers and what they started: killed
+/// outright, its workers would only get their drain signal (their
+/// parent-death signal), and one that ignores it would outlive the test.
 pub struct Guard {
     pub child: Child,
     stderr_lines: Option<mpsc::Receiver<String>>,
     pub stderr_seen: Vec<String>,
+    supervisor: bool,
 }
 
 impl Guard {
@@ -76,6 +81,11 @@ impl Guard {
     pub fn spawn(cmd: &mut Command) -> Guard {
         use std::os::unix::process::CommandExt;
         cmd.process_group(0).stderr(Stdio::piped());
+        let supervisor = cmd
+            .get_program()
+            .to_str()
+            .is_some_and(|p| p.ends_with("dream"))
+            && cmd.get_args().next().is_some_and(|a| a == "serve");
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let stderr = child.stderr.take().expect("stderr piped");
         let (tx, rx) = mpsc::channel();
@@ -92,6 +102,7 @@ impl Guard {
             child,
             stderr_lines: Some(rx),
             stderr_seen: Vec::new(),
+            supervisor,
         }
     }
 
@@ -159,6 +170,16 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if self.supervisor && matches!(self.child.try_wait(), Ok(None)) {
+            let pid = nix::unistd::Pid::from_raw(self.pid());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+            // One a test left stopped (a test point) goes on to handle it.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let pgid = nix::unistd::Pid::from_raw(self.pid());
         let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.kill();

@@ -184,6 +184,27 @@ fn bind_unix(spec: &ListenSpec, path: &Path, backlog: i32) -> Result<Listener, L
 }
 
 /// A `LISTEN_FDNAMES` entry: the spec with `:` (the separator) replaced.
+/// An address as clients use it: a Unix socket bound under its temporary
+/// name and renamed into place (`unix:dir/.app.sock.dream-12`) is shown at
+/// its path (`unix:dir/app.sock`), which `getsockname` does not know.
+pub fn public_address(addr: String) -> String {
+    let Some(path) = addr.strip_prefix("unix:") else {
+        return addr;
+    };
+    let path = Path::new(path);
+    let real = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix('.'))
+        .and_then(|n| n.rsplit_once(".dream-"))
+        .filter(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        .map(|(name, _)| path.with_file_name(name));
+    match real {
+        Some(p) => format!("unix:{}", p.display()),
+        None => addr,
+    }
+}
+
 pub fn socket_name(spec: &ListenSpec) -> String {
     let s: String = spec
         .to_string()

@@ -24,7 +24,7 @@ impl Driver {
                 .iter()
                 .map(|l| control::SocketStatus {
                     name: l.name.clone(),
-                    address: l.local_addr(),
+                    address: crate::sockets::listen::public_address(l.local_addr()),
                 })
                 .collect(),
             pool: self.pool.status(now),
