@@ -498,6 +498,74 @@ struct Clock {
     timeline: Option<timeline::Timeline>,
 }
 
+/// One answer: its latency, status and release counted, and checked
+/// against what its connection answered before (a mix of releases).
+fn record_answer(
+    t: &mut Tally,
+    live: &Live,
+    pattern: Option<&regex_lite::Regex>,
+    seen: &mut Vec<String>,
+    a: &Answer,
+    micros: u64,
+    connecting: bool,
+) {
+    let _ = t.hist.record(micros.min(3_600_000_000));
+    if connecting {
+        let _ = t.connect_hist.record(micros.min(3_600_000_000));
+    }
+    if let Some(h) = &live.latency
+        && let Ok(mut h) = h.lock()
+    {
+        let _ = h.record(micros.min(3_600_000_000));
+    }
+    t.responses += 1;
+    *t.status.entry(a.status).or_default() += 1;
+    let body_release = a
+        .body
+        .as_deref()
+        .zip(pattern)
+        .and_then(|(b, p)| p.captures(b))
+        .and_then(|c| c.get(1))
+        .map(|m| m.as_str().to_string());
+    let mut mixed = None;
+    if let (Some(h), Some(b)) = (&a.header_release, &body_release)
+        && h != b
+    {
+        mixed = Some(format!("header says release {h}, body says {b}"));
+    }
+    let release = a.header_release.clone().or(body_release);
+    if let Some(r) = &release {
+        *t.releases.entry(r.clone()).or_default() += 1;
+        // One connection moving to a newer release can be a
+        // proxy's doing; going back to one it left never is.
+        match seen.last() {
+            Some(last) if last != r && seen.contains(r) && mixed.is_none() => {
+                mixed = Some(format!(
+                    "one keep-alive connection went back from release {last} to {r}"
+                ));
+            }
+            _ => {}
+        }
+        if seen.last() != Some(r) {
+            seen.push(r.clone());
+        }
+    }
+    if let Some(tl) = &mut t.timeline {
+        tl.response(micros, a.status >= 400, mixed.is_some());
+    }
+    if let Some(m) = mixed {
+        t.mixed += 1;
+        live.mixed.fetch_add(1, Ordering::Relaxed);
+        t.example(format!("mixed: {m}"), 1);
+    } else if a.status >= 400 {
+        t.errors.bad_status += 1;
+        live.errors.fetch_add(1, Ordering::Relaxed);
+        t.example(format!("status {}", a.status), 1);
+    } else {
+        live.ok.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 async fn client(
     opts: &Options,
     pattern: Option<&regex_lite::Regex>,
@@ -556,61 +624,7 @@ async fn client(
             }
             Ok(a) => {
                 let micros = began.elapsed().as_micros().max(1) as u64;
-                let _ = t.hist.record(micros.min(3_600_000_000));
-                if connecting {
-                    let _ = t.connect_hist.record(micros.min(3_600_000_000));
-                }
-                if let Some(h) = &live.latency
-                    && let Ok(mut h) = h.lock()
-                {
-                    let _ = h.record(micros.min(3_600_000_000));
-                }
-                t.responses += 1;
-                *t.status.entry(a.status).or_default() += 1;
-                let body_release = a
-                    .body
-                    .as_deref()
-                    .zip(pattern)
-                    .and_then(|(b, p)| p.captures(b))
-                    .and_then(|c| c.get(1))
-                    .map(|m| m.as_str().to_string());
-                let mut mixed = None;
-                if let (Some(h), Some(b)) = (&a.header_release, &body_release)
-                    && h != b
-                {
-                    mixed = Some(format!("header says release {h}, body says {b}"));
-                }
-                let release = a.header_release.clone().or(body_release);
-                if let Some(r) = &release {
-                    *t.releases.entry(r.clone()).or_default() += 1;
-                    // One connection moving to a newer release can be a
-                    // proxy's doing; going back to one it left never is.
-                    match seen.last() {
-                        Some(last) if last != r && seen.contains(r) && mixed.is_none() => {
-                            mixed = Some(format!(
-                                "one keep-alive connection went back from release {last} to {r}"
-                            ));
-                        }
-                        _ => {}
-                    }
-                    if seen.last() != Some(r) {
-                        seen.push(r.clone());
-                    }
-                }
-                if let Some(tl) = &mut t.timeline {
-                    tl.response(micros, a.status >= 400, mixed.is_some());
-                }
-                if let Some(m) = mixed {
-                    t.mixed += 1;
-                    live.mixed.fetch_add(1, Ordering::Relaxed);
-                    t.example(format!("mixed: {m}"), 1);
-                } else if a.status >= 400 {
-                    t.errors.bad_status += 1;
-                    live.errors.fetch_add(1, Ordering::Relaxed);
-                    t.example(format!("status {}", a.status), 1);
-                } else {
-                    live.ok.fetch_add(1, Ordering::Relaxed);
-                }
+                record_answer(&mut t, live, pattern, seen, &a, micros, connecting);
                 if a.close || !opts.keep_alive {
                     conn = None;
                 }

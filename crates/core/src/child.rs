@@ -186,39 +186,26 @@ pub fn run(
         tail.push_back(text);
     };
     let ended = loop {
-        let mut fds = vec![PollFd::new(exited.as_fd(), PollFlags::POLLIN)];
-        let lines_at = lines_open.then(|| {
-            fds.push(PollFd::new(lines.as_fd(), PollFlags::POLLIN));
-            fds.len() - 1
-        });
-        let captured_at = match (&captured, captured_open) {
-            (Some(c), true) => {
-                fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
-                Some(fds.len() - 1)
-            }
-            _ => None,
+        let Some(Woken {
+            child_done,
+            lines_ready,
+            captured_ready,
+            signalled,
+            nothing,
+        }) = wait(
+            exited.as_fd(),
+            lines_open.then(|| lines.as_fd()),
+            captured
+                .as_ref()
+                .filter(|_| captured_open)
+                .map(|c| c.as_fd()),
+            signals.as_deref().map(|s| s.as_fd()),
+            deadline,
+        )?
+        else {
+            continue;
         };
-        let signals_at = signals.as_deref().map(|s| {
-            fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
-            fds.len() - 1
-        });
-        let n = match poll(&mut fds, crate::signals::timeout_until(deadline)) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let ready = |i: Option<usize>| {
-            i.and_then(|i| fds[i].revents())
-                .is_some_and(|r| !r.is_empty())
-        };
-        let (child_done, lines_ready, captured_ready, signalled) = (
-            ready(Some(0)),
-            ready(lines_at),
-            ready(captured_at),
-            ready(signals_at),
-        );
-        drop(fds);
-        if n == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+        if nothing && deadline.is_some_and(|d| Instant::now() >= d) {
             end_group(group, &exited, Duration::ZERO);
             let _ = child.wait();
             break Ended::TimedOut {
@@ -265,6 +252,53 @@ pub fn run(
         }
     };
     Ok(ended)
+}
+
+/// What ended one wait of [`run`]'s: the child's exit, output on its
+/// pipes, a signal to the deploy, or `nothing` (the deadline, perhaps).
+struct Woken {
+    child_done: bool,
+    lines_ready: bool,
+    captured_ready: bool,
+    signalled: bool,
+    nothing: bool,
+}
+
+/// Waits until the child exits, a pipe that is still open has something,
+/// a signal comes or the deadline passes; `None` when interrupted (EINTR).
+fn wait(
+    exited: std::os::fd::BorrowedFd<'_>,
+    lines: Option<std::os::fd::BorrowedFd<'_>>,
+    captured: Option<std::os::fd::BorrowedFd<'_>>,
+    signals: Option<std::os::fd::BorrowedFd<'_>>,
+    deadline: Option<Instant>,
+) -> io::Result<Option<Woken>> {
+    fn at<'a>(fd: Option<std::os::fd::BorrowedFd<'a>>, fds: &mut Vec<PollFd<'a>>) -> Option<usize> {
+        fd.map(|fd| {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            fds.len() - 1
+        })
+    }
+    let mut fds = vec![PollFd::new(exited, PollFlags::POLLIN)];
+    let lines_at = at(lines, &mut fds);
+    let captured_at = at(captured, &mut fds);
+    let signals_at = at(signals, &mut fds);
+    let n = match poll(&mut fds, crate::signals::timeout_until(deadline)) {
+        Ok(n) => n,
+        Err(nix::errno::Errno::EINTR) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let ready = |i: Option<usize>| {
+        i.and_then(|i| fds[i].revents())
+            .is_some_and(|r| !r.is_empty())
+    };
+    Ok(Some(Woken {
+        child_done: ready(Some(0)),
+        lines_ready: ready(lines_at),
+        captured_ready: ready(captured_at),
+        signalled: ready(signals_at),
+        nothing: n == 0,
+    }))
 }
 
 /// A child just started: its pipes' read ends (stderr, and stdout with it

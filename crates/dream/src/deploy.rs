@@ -6,8 +6,10 @@ use dream_core::deploy::{self, Report, Step};
 use dream_core::store::lock::Wait;
 use dream_core::store::stage::Source;
 
+use crate::cli::DeployCmd;
 use crate::exit::{self, Failure, Result};
 use crate::print_line;
+use crate::{config, serve};
 
 fn wait(flag: Option<std::time::Duration>) -> Wait {
     flag.map_or(Wait::No, Wait::For)
@@ -271,4 +273,37 @@ pub fn verify(root: Option<&Path>, id: Option<&str>, json: bool) -> Result {
             results.len()
         )))
     }
+}
+
+/// `dream deploy`: flags, then `[deploy]` in dream.toml, then the defaults.
+pub(crate) fn run(a: DeployCmd) -> Result {
+    let root = serve::root_dir(a.root.as_deref())?;
+    let file = config::load(&root, a.config.as_deref())?.deploy;
+    deploy(DeployArgs {
+        root: Some(&root),
+        source: &a.source,
+        id: a.id,
+        build: a.build.or(file.build),
+        keep: a.keep.or(file.keep).unwrap_or(5),
+        no_reload: a.no_reload,
+        wait_lock: a.wait_lock.or(file.wait_lock),
+        max_size: a.max_size.or(file.max_size),
+        confirm_within: a.confirm_within.or(file.confirm_within),
+        verify: a.verify,
+        settle: a
+            .settle
+            .or(file.settle)
+            .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
+        exclude: if a.exclude.is_empty() {
+            file.exclude.clone().unwrap_or_default()
+        } else {
+            a.exclude.clone()
+        },
+        keep_git: a.keep_git,
+        no_hooks: a.no_hooks,
+        bridge: a.bridge,
+        dry_run: a.dry_run,
+        json: a.json,
+        quiet: a.quiet,
+    })
 }

@@ -15,6 +15,8 @@ use dream_core::fleet::coordinator::{self, Connected, Coordinator, Outcome, Rele
 use dream_core::fleet::{Host, Ssh};
 use dream_core::store::manifest::{self, Manifest};
 
+use crate::cli::{BuildOn, FleetArgs, FleetCmd, RolloutArgs};
+use crate::config;
 use crate::exit::{self, Failure, Result};
 
 pub use dream_core::fleet::{Group, Rollout};
@@ -481,4 +483,160 @@ pub fn hold(f: &Fleet, message: Option<String>) -> Result {
         });
     }
     Ok(())
+}
+
+/// The fleet from flags, then `[fleet]` in the config file.
+fn fleet_of(a: &FleetArgs, r: &RolloutArgs) -> Result<(Fleet, config::FleetConfig)> {
+    let path = a.config.clone().or_else(|| {
+        let p = PathBuf::from("dream.toml");
+        p.is_file().then_some(p)
+    });
+    let file = match path {
+        Some(p) => config::load(Path::new("."), Some(&p))?.fleet,
+        None => config::FleetConfig::default(),
+    };
+    let root = a.root.clone().or(file.root.clone());
+    let names: Vec<(String, Option<String>)> = if let Some(cmd) = &a.hosts_from {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .output()
+            .map_err(|e| Failure::usage(format!("--hosts-from: {e}")))?;
+        if !out.status.success() {
+            return Err(Failure::usage(format!(
+                "--hosts-from {cmd:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| (l.to_string(), None))
+            .collect()
+    } else if !a.hosts.is_empty() {
+        a.hosts.iter().map(|h| (h.clone(), None)).collect()
+    } else {
+        file.hosts
+            .iter()
+            .flatten()
+            .map(|h| match h {
+                config::FleetHost::Name(n) => (n.clone(), None),
+                config::FleetHost::Table { host, root } => (host.clone(), root.clone()),
+            })
+            .collect()
+    };
+    if names.is_empty() {
+        return Err(Failure::usage(
+            "no hosts: give --hosts H1,H2, --hosts-from CMD, or [fleet] hosts in dream.toml",
+        ));
+    }
+    let hosts = names
+        .iter()
+        .map(|(n, r)| {
+            let root = r.clone().or(root.clone()).ok_or_else(|| {
+                Failure::usage(format!(
+                    "no deploy root for {n}: give --root DIR or [fleet] root"
+                ))
+            })?;
+            dream_core::fleet::Host::parse(n, &root).map_err(Failure::usage)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ssh: Vec<String> = match (&a.ssh, &file.ssh) {
+        (Some(s), _) | (None, Some(config::SshCommand::Line(s))) => {
+            s.split_whitespace().map(str::to_string).collect()
+        }
+        (None, Some(config::SshCommand::List(l))) => l.clone(),
+        (None, None) => vec!["ssh".into()],
+    };
+    if ssh.is_empty() {
+        return Err(Failure::usage("--ssh: an empty command"));
+    }
+    let f = Fleet {
+        ssh,
+        remote_dream: a
+            .remote_dream
+            .clone()
+            .or(file.remote_dream.clone())
+            .unwrap_or_else(|| "dream".into()),
+        json: a.json,
+        run: dream_core::fleet::Fleet {
+            hosts,
+            parallel: a.parallel.or(file.parallel).unwrap_or(8).max(1),
+            install: a.install || file.install.unwrap_or(false),
+            wait_lock: a.wait_lock.or(file.wait_lock),
+            settle: r
+                .settle
+                .or(file.settle)
+                .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
+            verify: r.verify.clone(),
+            rollout: Rollout {
+                canary: r.canary.or(file.canary).unwrap_or(1),
+                group: match (r.group, &file.group) {
+                    (Some(g), _) => Some(g),
+                    (None, Some(g)) => Some(
+                        g.parse()
+                            .map_err(|e| Failure::usage(format!("[fleet] group: {e}")))?,
+                    ),
+                    (None, None) => None,
+                },
+                wait: r.wait.or(file.wait).unwrap_or_default(),
+                max_fail: r.max_fail.or(file.max_fail).unwrap_or(0),
+            },
+        },
+    };
+    Ok((f, file))
+}
+
+/// A fleet host's provisional window (default 30s): the lease its agent
+/// renews while the coordinator is heard from. It must outlast the host's
+/// settle window, which runs inside it before any renewal.
+fn lease(f: &Fleet, given: Option<Duration>) -> std::result::Result<Duration, Failure> {
+    let within = given.unwrap_or(Duration::from_secs(30));
+    let least = f.run.settle + Duration::from_secs(2);
+    if within < least {
+        return Err(Failure::usage(format!(
+            "--confirm-within {} is too short: each host's settle window ({}) runs inside it, and it needs 2s more (at least {})",
+            dream_core::fmt_duration(within),
+            dream_core::fmt_duration(f.run.settle),
+            dream_core::fmt_duration(least)
+        )));
+    }
+    Ok(within)
+}
+
+/// `dream fleet …`: the fleet from flags and `[fleet]`, then the subcommand.
+pub(crate) fn run(cmd: FleetCmd) -> Result {
+    match cmd {
+        FleetCmd::Deploy(a) => {
+            let (f, file) = fleet_of(&a.fleet, &a.rollout)?;
+            deploy(
+                &f,
+                &DeployPlan {
+                    source: a.source,
+                    id: a.id,
+                    build: a.build,
+                    dry_run: a.dry_run,
+                    exclude: a.exclude,
+                    keep_git: a.keep_git,
+                    bridge: a.bridge,
+                    build_on_local: a.build_on == BuildOn::Local,
+                    confirm_within: lease(&f, a.confirm_within.or(file.confirm_within))?,
+                },
+            )
+        }
+        FleetCmd::Rollback(a) => {
+            let (f, file) = fleet_of(&a.fleet, &a.rollout)?;
+            rollback(
+                &f,
+                a.id.as_deref(),
+                lease(&f, a.confirm_within.or(file.confirm_within))?,
+            )
+        }
+        FleetCmd::Status(a) => status(&fleet_of(&a, &RolloutArgs::default())?.0),
+        FleetCmd::Lock(a) => hold(
+            &fleet_of(&a.fleet, &RolloutArgs::default())?.0,
+            Some(a.message),
+        ),
+        FleetCmd::Unlock(a) => hold(&fleet_of(&a, &RolloutArgs::default())?.0, None),
+    }
 }

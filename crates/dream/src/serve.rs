@@ -12,6 +12,8 @@ use dream_core::supervise::pool::{Readiness, Settings};
 use dream_core::supervise::{self, Config, Mode};
 use nix::sys::signal::Signal;
 
+use crate::cli::{PoolFlags, ServeArgs};
+use crate::config;
 use crate::exit::{Failure, Result};
 
 /// `--root DIR`, else `$DREAM_ROOT`, else the current directory; absolute.
@@ -341,7 +343,7 @@ pub fn reload(
     };
     let mut a = control::ask(&root, &request, None).map_err(control_failure)?;
     // Success only for a generation that stayed up through the window.
-    if let (true, Some(generation), false) = (a.ok, a.generation, settle.is_zero()) {
+    if let (true, Some((generation, _)), false) = (a.ok, a.live(), settle.is_zero()) {
         let settled = control::ask(
             &root,
             &Request::Settle {
@@ -360,12 +362,11 @@ pub fn reload(
             };
         }
     }
-    answered(a, json_out, "reload failed: ", |a| {
-        format!(
-            "reloaded: generation {} (release {}) is live",
-            a.generation.map_or("?".into(), |g| g.to_string()),
-            a.release.as_deref().unwrap_or("?")
-        )
+    answered(a, json_out, "reload failed: ", |a| match a.live() {
+        Some((generation, release)) => {
+            format!("reloaded: generation {generation} (release {release}) is live")
+        }
+        None => "reloaded".into(),
     })
 }
 
@@ -423,12 +424,12 @@ pub fn upgrade(root: Option<&Path>, binary: Option<PathBuf>, json_out: bool) -> 
         Some(Duration::from_secs(120)),
     )
     .map_err(control_failure)?;
-    answered(a, json_out, "", |a| {
-        format!(
-            "upgraded: dream {} -> {}",
-            a.previous_version.as_deref().unwrap_or("?"),
-            a.version.as_deref().unwrap_or("?")
-        )
+    answered(a, json_out, "", |a| match &a.done {
+        control::Done::Upgraded {
+            version,
+            previous_version,
+        } => format!("upgraded: dream {previous_version} -> {version}"),
+        _ => "upgraded".into(),
     })
 }
 
@@ -441,11 +442,87 @@ pub fn confirm(root: Option<&Path>, generation: Option<u64>, json_out: bool) -> 
         Some(Duration::from_secs(30)),
     )
     .map_err(control_failure)?;
-    answered(a, json_out, "", |a| {
-        format!(
-            "confirmed: generation {} (release {}) stays",
-            a.generation.map_or("?".into(), |g| g.to_string()),
-            a.release.as_deref().unwrap_or("?")
-        )
+    answered(a, json_out, "", |a| match a.live() {
+        Some((generation, release)) => {
+            format!("confirmed: generation {generation} (release {release}) stays")
+        }
+        None => "confirmed".into(),
     })
+}
+
+/// `dream serve`: flags, then `[serve]` in dream.toml, then the defaults.
+pub(crate) fn run_command(a: ServeArgs) -> Result {
+    let root = root_dir(a.root.as_deref())?;
+    let file = config::load(&root, a.config.as_deref())?.serve;
+    let listen = if a.listen.is_empty() {
+        file.listen.clone().unwrap_or_default()
+    } else {
+        a.listen.clone()
+    };
+    let command: Vec<OsString> = if a.command.is_empty() {
+        file.command.iter().flatten().map(OsString::from).collect()
+    } else {
+        a.command.clone()
+    };
+    if command.is_empty() {
+        return Err(Failure::usage(
+            "no COMMAND: give it after `--` (dream serve --listen :8080 -- ./server) or as `command` in dream.toml",
+        ));
+    }
+    serve(ServeOptions {
+        root: Some(&root),
+        listen: &listen,
+        metrics: a.metrics.clone().or(file.metrics.clone()),
+        backlog: a
+            .backlog
+            .or(file.backlog)
+            .unwrap_or(dream_core::sockets::listen::DEFAULT_BACKLOG),
+        user: a.user.as_deref().or(file.user.as_deref()),
+        pool: PoolOptions {
+            probation: a
+                .probation
+                .or(file.probation)
+                .unwrap_or(dream_core::supervise::pool::Settings::default().probation),
+            ..pool_options(&a.pool, &file, a.workers)
+        },
+        verbosity: a.pool.verbosity(),
+        command: &command,
+    })
+}
+
+/// The pool's settings: each flag, else the config file's value, else the
+/// built-in default.
+pub(crate) fn pool_options(
+    f: &PoolFlags,
+    file: &config::Serve,
+    workers: Option<usize>,
+) -> PoolOptions {
+    // The defaults are the pool's own, written once (pool::Settings).
+    let d = dream_core::supervise::pool::Settings::default();
+    PoolOptions {
+        workers: workers.or(file.workers),
+        ready: f.ready.or(file.ready).unwrap_or(d.readiness),
+        ready_timeout: f
+            .ready_timeout
+            .or(file.ready_timeout)
+            .unwrap_or(d.ready_timeout),
+        drain_signal: f
+            .drain_signal
+            .or(file.drain_signal)
+            .unwrap_or(d.drain_signal),
+        drain_timeout: f
+            .drain_timeout
+            .or(file.drain_timeout)
+            .unwrap_or(d.drain_timeout),
+        // `dream pool` runs one directory: nothing to revert to.
+        probation: Duration::ZERO,
+        start_priority: f
+            .start_priority
+            .or(file.start_priority)
+            .unwrap_or(StartPriority::Auto),
+        notify_socket: f
+            .notify_socket
+            .or(file.notify_socket)
+            .unwrap_or(NotifySocket::Path),
+    }
 }

@@ -11,7 +11,11 @@ use dream_core::sockets::spawn::Command;
 use dream_core::sockets::spec::ListenSpec;
 use dream_core::store::lock::{Holder, Lock, Wait};
 
-use crate::exit::{Failure, Result};
+use crate::cli::{CheckArgs, StaticArgs};
+use crate::exit::{self, Failure, Result};
+use crate::report;
+use crate::{print_json, print_line};
+use std::sync::Arc;
 
 /// What `dream listen` found on its command line.
 pub struct ListenLine {
@@ -179,4 +183,95 @@ pub fn lock(file: &Path, no_wait: bool, program: &[OsString]) -> Result {
     let err = cmd.exec();
     drop(lock);
     Err(err.into())
+}
+
+pub(crate) fn run_static(a: StaticArgs) -> Result {
+    use dream_core::protocol;
+    let listeners = match &a.listen {
+        Some(spec) => {
+            let bound = bind_all(
+                std::slice::from_ref(spec),
+                dream_core::sockets::listen::DEFAULT_BACKLOG,
+                "static",
+                true,
+            )?;
+            bound
+                .into_iter()
+                .map(|b| b.into_std())
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(Failure::failed)?
+        }
+        None => protocol::take_listeners()
+            .map_err(|e| {
+                Failure::usage(format!(
+                    "{e}; run it under `dream serve` or `dream listen SPEC dream static`, or give --listen SPEC"
+                ))
+            })?
+            .into_iter()
+            .map(|i| i.into_std())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(Failure::failed)?,
+    };
+    raise_fd_limit();
+    let config = dream_static::Config {
+        root: a.dir,
+        release: std::env::var("DREAM_RELEASE")
+            .ok()
+            .filter(|s| !s.is_empty()),
+        header_timeout: a.header_timeout,
+        max_connections: a.max_connections,
+        drain_grace: a.drain_grace,
+        drain_spread: a.drain_spread,
+        drain_timeout: a.drain_timeout,
+        send_timeout: a.send_timeout,
+    };
+    dream_static::serve(listeners, config).map_err(Failure::failed)
+}
+
+/// Workers hold one descriptor per connection: lift the soft limit to the
+/// hard one so that the connection cap, not EMFILE, is what binds.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+pub(crate) fn run_check(a: CheckArgs) -> Result {
+    let target = dream_check::Target::parse(&a.url).map_err(Failure::usage)?;
+    if a.connections == 0 {
+        return Err(Failure::usage("--connections must be at least 1"));
+    }
+    let opts = dream_check::Options {
+        target,
+        connections: a.connections,
+        duration: a.duration,
+        keep_alive: a.keep_alive,
+        body_pattern: a.body_pattern,
+        timeout: a.timeout,
+        max_requests: a.requests,
+        rate: a.rate,
+        timeline: a.report.is_some(),
+    };
+    let live = Arc::new(dream_check::Live::default());
+    let report = dream_check::run(&opts, live).map_err(|e| match e {
+        dream_check::CheckError::Runtime(io) => Failure::failed(io),
+        other => Failure::usage(other),
+    })?;
+    if let Some(page) = &a.report {
+        report::write(page, &report, a.root.as_deref())?;
+    }
+    let code = if report.ok { exit::OK } else { exit::FAILED };
+    if a.json {
+        print_json(code, &report);
+    } else {
+        print_line(&report.human());
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        Err(Failure::silent(exit::FAILED))
+    }
 }

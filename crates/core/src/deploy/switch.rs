@@ -132,7 +132,10 @@ pub(super) fn switch_reload_verify(
         signals.as_deref().map(|s| s.as_fd()),
     );
     let failure = match answer {
-        Ok(a) if a.ok => return after_reload(store, id, previous, how, a.generation, signals, p),
+        Ok(a) if a.ok => {
+            let generation = a.live().map(|(g, _)| g);
+            return after_reload(store, id, previous, how, generation, signals, p);
+        }
         Ok(a) => a.error.unwrap_or_else(|| "unknown error".into()),
         Err(control::ControlError::NotRunning { .. }) if !how.verify.is_empty() => {
             // A check the user asked for is never skipped in silence.

@@ -154,39 +154,146 @@ pub enum Refusal {
     Permission,
 }
 
+/// What a request that was carried out did: each request's own answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Done {
+    /// Nothing beyond `ok` (a failure says why in `error`).
+    #[default]
+    Nothing,
+    /// `reload`, `confirm`, `settle`: the generation live now, and its
+    /// release.
+    Live { generation: u64, release: String },
+    /// `scale`: the new worker count.
+    Scaled { workers: usize },
+    /// `stop`: the supervisor is stopping.
+    Stopping,
+    /// `upgrade`: the version running now, and the one before.
+    Upgraded {
+        version: String,
+        previous_version: String,
+    },
+}
+
 /// The answer to every request but `status` (whose answer is the status
 /// itself, with `"ok": true`): one type for the supervisor that writes it
-/// and every client that reads it.
+/// and every client that reads it. On the wire the request's own fields
+/// sit beside `ok`, `error` and `refused` ([`AnswerWire`]), as they always
+/// have: a supervisor and a client of different versions understand each
+/// other.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(from = "AnswerWire", into = "AnswerWire")]
 pub struct Answer {
     pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Set when the request was not taken at all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<Refusal>,
-    /// `reload`: the generation now live, and its release.
+    pub done: Done,
+}
+
+/// [`Answer`] as JSON carries it: one flat object.
+#[derive(Default, Serialize, Deserialize)]
+struct AnswerWire {
+    ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub generation: Option<u64>,
+    error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub release: Option<String>,
-    /// `scale`: the new worker count.
+    refused: Option<Refusal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workers: Option<usize>,
-    /// `stop`: the supervisor is stopping.
+    generation: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stopping: Option<bool>,
-    /// `upgrade`: the version now running, and the one before.
+    release: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
+    workers: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous_version: Option<String>,
+    stopping: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous_version: Option<String>,
+}
+
+impl From<AnswerWire> for Answer {
+    fn from(w: AnswerWire) -> Answer {
+        let done = match w {
+            AnswerWire {
+                generation: Some(generation),
+                release: Some(release),
+                ..
+            } => Done::Live {
+                generation,
+                release,
+            },
+            AnswerWire {
+                workers: Some(workers),
+                ..
+            } => Done::Scaled { workers },
+            AnswerWire {
+                stopping: Some(true),
+                ..
+            } => Done::Stopping,
+            AnswerWire {
+                version: Some(ref version),
+                previous_version: Some(ref previous_version),
+                ..
+            } => Done::Upgraded {
+                version: version.clone(),
+                previous_version: previous_version.clone(),
+            },
+            _ => Done::Nothing,
+        };
+        Answer {
+            ok: w.ok,
+            error: w.error,
+            refused: w.refused,
+            done,
+        }
+    }
+}
+
+impl From<Answer> for AnswerWire {
+    fn from(a: Answer) -> AnswerWire {
+        let w = AnswerWire {
+            ok: a.ok,
+            error: a.error,
+            refused: a.refused,
+            ..AnswerWire::default()
+        };
+        match a.done {
+            Done::Nothing => w,
+            Done::Live {
+                generation,
+                release,
+            } => AnswerWire {
+                generation: Some(generation),
+                release: Some(release),
+                ..w
+            },
+            Done::Scaled { workers } => AnswerWire {
+                workers: Some(workers),
+                ..w
+            },
+            Done::Stopping => AnswerWire {
+                stopping: Some(true),
+                ..w
+            },
+            Done::Upgraded {
+                version,
+                previous_version,
+            } => AnswerWire {
+                version: Some(version),
+                previous_version: Some(previous_version),
+                ..w
+            },
+        }
+    }
 }
 
 impl Answer {
-    pub fn done() -> Answer {
+    /// A request carried out, with what it did.
+    pub fn done(done: Done) -> Answer {
         Answer {
             ok: true,
+            done,
             ..Answer::default()
         }
     }
@@ -203,6 +310,17 @@ impl Answer {
         Answer {
             refused: Some(why),
             ..Answer::failed(error)
+        }
+    }
+
+    /// The generation and release of a `Live` answer.
+    pub fn live(&self) -> Option<(u64, &str)> {
+        match &self.done {
+            Done::Live {
+                generation,
+                release,
+            } => Some((*generation, release)),
+            _ => None,
         }
     }
 
@@ -527,11 +645,10 @@ mod tests {
 
     #[test]
     fn answers_round_trip_and_refusals_are_typed() {
-        let a = Answer {
-            generation: Some(3),
-            release: Some("r".into()),
-            ..Answer::done()
-        };
+        let a = Answer::done(Done::Live {
+            generation: 3,
+            release: "r".into(),
+        });
         let v = a.to_value();
         assert_eq!(
             v,

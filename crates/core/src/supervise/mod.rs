@@ -710,11 +710,10 @@ impl Driver {
                 }
                 Action::ReloadDone { waiters, outcome } => {
                     let v = match &outcome {
-                        Ok((generation, release)) => control::Answer {
-                            generation: Some(*generation),
-                            release: Some(release.clone()),
-                            ..control::Answer::done()
-                        }
+                        Ok((generation, release)) => control::Answer::done(control::Done::Live {
+                            generation: *generation,
+                            release: release.clone(),
+                        })
                         .to_value(),
                         Err(e) => control::Answer::failed(e.clone()).to_value(),
                     };

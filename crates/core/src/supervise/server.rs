@@ -242,11 +242,7 @@ impl Driver {
                 self.on(Event::Scale(workers));
                 self.answer_index(
                     i,
-                    &Answer {
-                        workers: Some(workers),
-                        ..Answer::done()
-                    }
-                    .to_value(),
+                    &Answer::done(control::Done::Scaled { workers }).to_value(),
                 );
             }
             Request::Upgrade { binary } => {
@@ -254,14 +250,7 @@ impl Driver {
                 self.request_upgrade((id != 0).then_some(id), binary);
             }
             Request::Stop => {
-                self.answer_index(
-                    i,
-                    &Answer {
-                        stopping: Some(true),
-                        ..Answer::done()
-                    }
-                    .to_value(),
-                );
+                self.answer_index(i, &Answer::done(control::Done::Stopping).to_value());
                 self.on(Event::Stop(Stop::Graceful));
             }
         }

@@ -555,11 +555,10 @@ impl Driver {
                     if self.upgrades == 1 { "" } else { "s" }
                 );
                 self.log(0, Note::Upgrade, &msg);
-                control::Answer {
-                    version: Some(version()),
-                    previous_version: Some(self.previous_version.clone()),
-                    ..control::Answer::done()
-                }
+                control::Answer::done(control::Done::Upgraded {
+                    version: version(),
+                    previous_version: self.previous_version.clone(),
+                })
             }
             Some(why) => {
                 let msg = format!(
