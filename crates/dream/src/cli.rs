@@ -11,7 +11,7 @@ use dream_core::sockets::spec::ListenSpec;
 use dream_core::supervise::pool::Readiness;
 use nix::sys::signal::Signal;
 
-use crate::{fleet, serve, values};
+use crate::values;
 
 pub(crate) const AFTER_HELP: &str = "\
 Exit codes: 0 done; 1 failed (nothing changed); 2 dream fleet: the hosts may differ (run the same
@@ -191,10 +191,10 @@ pub(crate) struct PoolFlags {
     pub(crate) drain_timeout: Option<Duration>,
     /// How workers start while others serve (a reload, a respawn): idle runs them under SCHED_IDLE until ready (at most 0.5s), so the serving workers keep the CPU; normal at dream's own priority; auto is idle when dream may restore the priority (root or CAP_SYS_NICE) [default: auto]
     #[arg(long, value_enum, value_name = "PRIORITY")]
-    pub(crate) start_priority: Option<serve::StartPriority>,
+    pub(crate) start_priority: Option<values::StartPriority>,
     /// Where each worker's NOTIFY_SOCKET is: path, a socket file in ROOT/.dream/notify/ that every sd_notify client can use; abstract, an @… socket with no file (dream pool always uses abstract) [default: path]
     #[arg(long, value_enum, value_name = "KIND")]
-    pub(crate) notify_socket: Option<serve::NotifySocket>,
+    pub(crate) notify_socket: Option<values::NotifySocket>,
     /// Only warnings and failures
     #[arg(short, long, conflicts_with = "verbose")]
     pub(crate) quiet: bool,
@@ -495,7 +495,7 @@ pub(crate) struct RolloutArgs {
     pub(crate) canary: Option<usize>,
     /// Then groups of N hosts or P% of them [default: all the rest at once]
     #[arg(long, value_name = "N|P%")]
-    pub(crate) group: Option<fleet::Group>,
+    pub(crate) group: Option<dream_core::fleet::Group>,
     /// Pause between groups
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     pub(crate) wait: Option<Duration>,

@@ -105,8 +105,8 @@ pub struct Serve {
     pub drain_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de::duration")]
     pub probation: Option<Duration>,
-    pub start_priority: Option<crate::serve::StartPriority>,
-    pub notify_socket: Option<crate::serve::NotifySocket>,
+    pub start_priority: Option<crate::values::StartPriority>,
+    pub notify_socket: Option<crate::values::NotifySocket>,
     #[serde(default, deserialize_with = "de::listen_one")]
     pub metrics: Option<ListenSpec>,
     pub command: Option<Vec<String>>,

@@ -137,36 +137,15 @@ pub fn run(a: DemoArgs) -> Result {
         ));
     }
 
-    let tty = std::io::stdout().is_terminal();
-    let mut panel = Panel {
-        lines: 0,
-        last: (Instant::now(), 0),
-        last_deploys: 1,
-    };
     let started = Instant::now();
-    let mut supervisor_gone = false;
-    loop {
-        let tick = Instant::now() + Duration::from_millis(250);
-        let wake = deadline.map_or(tick, |d| d.min(tick));
-        match signals.wait(Some(wake)).map_err(Failure::failed)? {
-            Some(Signal::SIGCHLD) if exited(supervisor) => {
-                supervisor_gone = true;
-                eprintln!("dream demo: the supervisor exited");
-                break;
-            }
-            Some(Signal::SIGCHLD) => {}
-            Some(_) => break,
-            None => {}
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
-        }
-        let current = std::fs::read_link(root.join("current"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_default();
-        panel.show(tty, &current, tally(&root), &live, auto.is_some());
-    }
+    let supervisor_gone = watch(
+        &mut signals,
+        supervisor,
+        deadline,
+        &root,
+        &live,
+        auto.is_some(),
+    )?;
     stop.store(true, Ordering::SeqCst);
     live.stop();
     for t in threads {
@@ -200,6 +179,45 @@ pub fn run(a: DemoArgs) -> Result {
         Ok(())
     } else {
         Err(Failure::silent(crate::exit::FAILED))
+    }
+}
+
+/// Shows the panel every 250 ms until INT or TERM, the deadline, or the
+/// supervisor's exit; returns whether the supervisor is gone.
+fn watch(
+    signals: &mut Signals,
+    supervisor: nix::unistd::Pid,
+    deadline: Option<Instant>,
+    root: &Path,
+    live: &dream_check::Live,
+    auto: bool,
+) -> Result<bool> {
+    let tty = std::io::stdout().is_terminal();
+    let mut panel = Panel {
+        lines: 0,
+        last: (Instant::now(), 0),
+        last_deploys: 1,
+    };
+    loop {
+        let tick = Instant::now() + Duration::from_millis(250);
+        let wake = deadline.map_or(tick, |d| d.min(tick));
+        match signals.wait(Some(wake)).map_err(Failure::failed)? {
+            Some(Signal::SIGCHLD) if exited(supervisor) => {
+                eprintln!("dream demo: the supervisor exited");
+                return Ok(true);
+            }
+            Some(Signal::SIGCHLD) => {}
+            Some(_) => return Ok(false),
+            None => {}
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(false);
+        }
+        let current = std::fs::read_link(root.join("current"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        panel.show(tty, &current, tally(root), live, auto);
     }
 }
 

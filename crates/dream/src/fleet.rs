@@ -19,7 +19,7 @@ use crate::cli::{BuildOn, FleetArgs, FleetCmd, RolloutArgs};
 use crate::config;
 use crate::exit::{self, Failure, Result};
 
-pub use dream_core::fleet::{Group, Rollout};
+pub use dream_core::fleet::Rollout;
 
 /// Where and how to reach the hosts, and how the run goes.
 pub struct Fleet {

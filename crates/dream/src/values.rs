@@ -163,3 +163,27 @@ mod tests {
         assert!(signal("999").is_err());
     }
 }
+
+/// Where a worker's `NOTIFY_SOCKET` is (`--notify-socket`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifySocket {
+    /// A socket file in ROOT/.dream/notify/ (every sd_notify client can use it)
+    Path,
+    /// An abstract socket, @dream/… (no file; some clients, e.g. Ruby's sd_notify gem, cannot use it)
+    Abstract,
+}
+
+/// How a worker starts while others serve (`--start-priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartPriority {
+    /// `idle` if dream may put workers back at normal priority (root, or
+    /// `CAP_SYS_NICE`), else `normal`
+    Auto,
+    /// Under `SCHED_IDLE` until ready (at most 0.5s): the serving workers
+    /// keep the CPU while the new ones start
+    Idle,
+    /// At the supervisor's own priority
+    Normal,
+}

@@ -3,9 +3,9 @@
 //! `DREAM_SOAK=1000 cargo test --test reliability soak` (see RELIABILITY.md).
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -75,14 +75,7 @@ fn a_killed_supervisor_leaves_no_orphans_and_restarts_on_the_same_addresses() {
     let root = Root::new();
     root.release("a", STATIC);
     root.switch("a");
-    let sock = root.path().join("app.sock");
-    let unix = format!("unix:{}", sock.display());
-    let mut first = serve_on(
-        &root,
-        &["127.0.0.1:0", &unix],
-        &["--workers", "2", "--ready", "notify"],
-    );
-    let addr = first.listening_addr();
+    let (mut first, addr, sock, unix) = serve_tcp_and_unix(&root, "notify");
     let workers = live_pids(&root.wait_live("a", 2));
     first.signal(Signal::SIGKILL);
     first.wait_exit(Duration::from_secs(10));
@@ -137,14 +130,7 @@ fn what_a_killed_supervisor_left_serving_is_ended_by_the_next_one_on_its_address
 wait"#,
     );
     root.switch("a");
-    let sock = root.path().join("app.sock");
-    let unix = format!("unix:{}", sock.display());
-    let mut first = serve_on(
-        &root,
-        &["127.0.0.1:0", &unix],
-        &["--workers", "2", "--ready", "delay:300ms"],
-    );
-    let addr = first.listening_addr();
+    let (mut first, addr, sock, unix) = serve_tcp_and_unix(&root, "delay:300ms");
     let old = first.pid();
     let workers = live_pids(&root.wait_live("a", 2));
     let servers: Vec<i64> = workers
@@ -188,6 +174,20 @@ wait"#,
     assert_eq!(get(addr, "/", &[]).status, 200);
     let out = get_unix(&sock);
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+/// Two workers on a loopback port and a Unix socket `ROOT/app.sock`:
+/// the supervisor, its port, the socket's path and its spec.
+fn serve_tcp_and_unix(root: &Root, ready: &str) -> (Guard, SocketAddr, PathBuf, String) {
+    let sock = root.path().join("app.sock");
+    let unix = format!("unix:{}", sock.display());
+    let mut sup = serve_on(
+        root,
+        &["127.0.0.1:0", &unix],
+        &["--workers", "2", "--ready", ready],
+    );
+    let addr = sup.listening_addr();
+    (sup, addr, sock, unix)
 }
 
 /// One request on a Unix socket, answered within 10 s.
