@@ -223,11 +223,13 @@ impl Agent {
                 },
                 ToAgent::Plan => match read_manifest(input)? {
                     Ok(text) => match Manifest::parse(&text) {
-                        Ok(m) => Reply {
-                            lacks: self.lacking(&m),
-                            current: self.store.current(),
-                            ..Reply::ok()
-                        },
+                        Ok(m) => Reply::saying(
+                            Said::Offer {
+                                lacks: self.lacking(&m),
+                                present: false,
+                            },
+                            self.store.current(),
+                        ),
                         Err(e) => Reply::failed(format!("the manifest: {e}")),
                     },
                     Err(e) => Reply::failed(format!("the manifest: {e}")),
@@ -267,12 +269,13 @@ impl Agent {
                         crate::supervise::version()
                     ));
                 }
-                Reply {
-                    protocol: Some(PROTOCOL),
-                    version: Some(crate::supervise::version()),
-                    current: self.store.current(),
-                    ..Reply::ok()
-                }
+                Reply::saying(
+                    Said::Hello {
+                        protocol: PROTOCOL,
+                        version: crate::supervise::version(),
+                    },
+                    self.store.current(),
+                )
             }
             ToAgent::Lock {
                 command,
@@ -321,11 +324,14 @@ impl Agent {
                 }
             }
             ToAgent::Status => Reply {
-                current: self.store.current(),
                 previous: self.store.previous_good(),
-                hold: std::fs::read_to_string(hold_path(&self.store)).ok(),
-                version: Some(crate::supervise::version()),
-                ..Reply::ok()
+                ..Reply::saying(
+                    Said::Status {
+                        version: crate::supervise::version(),
+                        hold: std::fs::read_to_string(hold_path(&self.store)).ok(),
+                    },
+                    self.store.current(),
+                )
             },
             ToAgent::Hold { message } if message.as_ref().is_some_and(|m| m.len() > 4096) => {
                 Reply::failed("hold refused: a message over 4096 bytes")
@@ -398,11 +404,13 @@ impl Agent {
         }
         if self.store.release_dir(id).is_dir() {
             self.prepared = Some(id.to_string());
-            return Reply {
-                present: true,
-                current: self.store.current(),
-                ..Reply::ok()
-            };
+            return Reply::saying(
+                Said::Offer {
+                    lacks: Vec::new(),
+                    present: true,
+                },
+                self.store.current(),
+            );
         }
         let m = match Manifest::parse(text) {
             Ok(m) => m,
@@ -425,11 +433,13 @@ impl Agent {
             .filter(|(h, _)| lacks.binary_search(h).is_ok())
             .collect();
         self.offered = Some((id.to_string(), self.incoming.join("manifest")));
-        Reply {
-            lacks,
-            current: self.store.current(),
-            ..Reply::ok()
-        }
+        Reply::saying(
+            Said::Offer {
+                lacks,
+                present: false,
+            },
+            self.store.current(),
+        )
     }
 
     /// The content hashes of `m` this host's current release lacks.

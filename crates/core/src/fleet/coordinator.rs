@@ -389,12 +389,12 @@ impl Coordinator<'_> {
             c.peer.end();
             return Err(format!("{}: {e}", host.name));
         }
-        c.previous = hello.current;
+        c.previous = hello.current.clone();
         (self.say)(&format!(
             "{}: connected in {} (dream {}, current {})",
             host.name,
             crate::fmt_duration(started.elapsed()),
-            hello.version.as_deref().unwrap_or("?"),
+            hello.version().unwrap_or("?"),
             c.previous.as_deref().unwrap_or("none")
         ));
         Ok(c)
@@ -453,7 +453,7 @@ impl Coordinator<'_> {
         errors(each(sessions, |c| {
             let t = Instant::now();
             let offer = c.must_with(&ToAgent::Offer { id: id.clone() }, text.as_bytes())?;
-            for hash in &offer.lacks {
+            for hash in offer.lacks() {
                 let (path, _) = by_hash.get(hash).ok_or_else(|| {
                     (
                         format!("{}: asked for unknown content {hash}", c.host.name),
@@ -471,7 +471,7 @@ impl Coordinator<'_> {
                 "{}: prepared in {} ({} of {} files sent, {})",
                 c.host.name,
                 crate::fmt_duration(t.elapsed()),
-                offer.lacks.len(),
+                offer.lacks().len(),
                 by_hash.len(),
                 crate::deploy::human_bytes(c.sent)
             ));
@@ -494,9 +494,9 @@ impl Coordinator<'_> {
             .map(|(c, a)| PlanRow {
                 host: c.host.name.clone(),
                 current: a.as_ref().ok().and_then(|r| r.current.clone()),
-                lacks_files: a.as_ref().map_or(0, |r| r.lacks.len()),
+                lacks_files: a.as_ref().map_or(0, |r| r.lacks().len()),
                 lacks_bytes: a.as_ref().map_or(0, |r| {
-                    r.lacks
+                    r.lacks()
                         .iter()
                         .filter_map(|h| sizes.get(h))
                         .map(|s| s.1)
@@ -712,8 +712,11 @@ impl Coordinator<'_> {
             rows.push(HostStatus {
                 host: c.host.name.clone(),
                 current: r.as_ref().ok().and_then(|r| r.current.clone()),
-                version: r.as_ref().ok().and_then(|r| r.version.clone()),
-                hold: r.as_ref().ok().and_then(|r| r.hold.clone()),
+                version: r.as_ref().ok().and_then(|r| r.version().map(String::from)),
+                hold: r.as_ref().ok().and_then(|r| match &r.said {
+                    wire::Said::Status { hold, .. } => hold.clone(),
+                    _ => None,
+                }),
                 error: r.err(),
             });
             c.bye();

@@ -165,35 +165,127 @@ impl ToAgent {
     }
 }
 
-/// The answer to every request but `ping` and blobs.
+/// What a reply says beyond the host's state: each request's own answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Said {
+    #[default]
+    Nothing,
+    /// `hello`: the agent's protocol and version.
+    Hello { protocol: u32, version: String },
+    /// `offer`, `plan`: the content hashes this host lacks, or that the
+    /// release is already prepared (or live) here.
+    Offer { lacks: Vec<String>, present: bool },
+    /// `status`: the agent's version and the manual hold's message.
+    Status {
+        version: String,
+        hold: Option<String>,
+    },
+}
+
+/// The answer to every request but `ping` and blobs: whether it was
+/// carried out, the host's state where the request touches it, and what
+/// the request itself answers ([`Said`]). On the wire it is one flat
+/// object ([`ReplyWire`]), as it always was.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(from = "ReplyWire", into = "ReplyWire")]
 pub struct Reply {
     pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// The failure may pass (a lock held, the link busy): exit 111.
-    #[serde(default)]
     pub temporary: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    /// `offer`: the content hashes this host lacks.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub lacks: Vec<String>,
-    /// `offer`: the release is already prepared (or live) here.
-    #[serde(default)]
-    pub present: bool,
-    /// What `current` named before this session changed it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What `current` named before this session changed it (`switch`), or
+    /// the last release that was good here (`status`).
     pub previous: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
-    /// `status`: the manual hold's message, if any.
+    pub said: Said,
+}
+
+/// [`Reply`] as JSON carries it.
+#[derive(Default, Serialize, Deserialize)]
+struct ReplyWire {
+    ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hold: Option<String>,
+    error: Option<String>,
+    #[serde(default)]
+    temporary: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    protocol: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    lacks: Vec<String>,
+    #[serde(default)]
+    present: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    current: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    generation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hold: Option<String>,
+}
+
+impl From<ReplyWire> for Reply {
+    fn from(w: ReplyWire) -> Reply {
+        let said = match (w.protocol, w.version) {
+            (Some(protocol), version) => Said::Hello {
+                protocol,
+                version: version.unwrap_or_default(),
+            },
+            _ if !w.lacks.is_empty() || w.present => Said::Offer {
+                lacks: w.lacks,
+                present: w.present,
+            },
+            (None, Some(version)) => Said::Status {
+                version,
+                hold: w.hold,
+            },
+            (None, None) => Said::Nothing,
+        };
+        Reply {
+            ok: w.ok,
+            error: w.error,
+            temporary: w.temporary,
+            previous: w.previous,
+            current: w.current,
+            generation: w.generation,
+            said,
+        }
+    }
+}
+
+impl From<Reply> for ReplyWire {
+    fn from(r: Reply) -> ReplyWire {
+        let w = ReplyWire {
+            ok: r.ok,
+            error: r.error,
+            temporary: r.temporary,
+            previous: r.previous,
+            current: r.current,
+            generation: r.generation,
+            ..ReplyWire::default()
+        };
+        match r.said {
+            Said::Nothing => w,
+            Said::Hello { protocol, version } => ReplyWire {
+                protocol: Some(protocol),
+                version: Some(version),
+                ..w
+            },
+            Said::Offer { lacks, present } => ReplyWire {
+                lacks,
+                present,
+                ..w
+            },
+            Said::Status { version, hold } => ReplyWire {
+                version: Some(version),
+                hold,
+                ..w
+            },
+        }
+    }
 }
 
 impl Reply {
@@ -204,22 +296,58 @@ impl Reply {
         }
     }
 
+    /// A reply that says something of its own, with this host's `current`.
+    pub fn saying(said: Said, current: Option<String>) -> Reply {
+        Reply {
+            said,
+            current,
+            ..Reply::ok()
+        }
+    }
+
+    /// `offer`, `plan`: the content hashes this host lacks (none for any
+    /// other reply).
+    pub fn lacks(&self) -> &[String] {
+        match &self.said {
+            Said::Offer { lacks, .. } => lacks,
+            _ => &[],
+        }
+    }
+
+    /// The agent's version, where the reply says it (`hello`, `status`).
+    pub fn version(&self) -> Option<&str> {
+        match &self.said {
+            Said::Hello { version, .. } | Said::Status { version, .. } => Some(version),
+            _ => None,
+        }
+    }
+
     /// The same reply with every string escaped and bounded
     /// ([`crate::logtext::value`]): what a host says is data, never
     /// terminal control.
     pub fn escaped(self) -> Reply {
         let v = |s: Option<String>| s.map(|s| crate::logtext::value(&s));
+        let e = |s: String| crate::logtext::value(&s);
+        let said = match self.said {
+            Said::Nothing => Said::Nothing,
+            Said::Hello { protocol, version } => Said::Hello {
+                protocol,
+                version: e(version),
+            },
+            Said::Offer { lacks, present } => Said::Offer {
+                lacks: lacks.into_iter().map(e).collect(),
+                present,
+            },
+            Said::Status { version, hold } => Said::Status {
+                version: e(version),
+                hold: v(hold),
+            },
+        };
         Reply {
             error: v(self.error),
-            version: v(self.version),
             previous: v(self.previous),
             current: v(self.current),
-            hold: v(self.hold),
-            lacks: self
-                .lacks
-                .into_iter()
-                .map(|s| crate::logtext::value(&s))
-                .collect(),
+            said,
             ..self
         }
     }
@@ -464,6 +592,54 @@ fn write_chunks(w: &mut impl Write, mut content: impl Read) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Replies keep the flat form every agent has sent: each request's
+    /// fields beside `ok` and the host's state, read back into the same
+    /// typed reply.
+    #[test]
+    fn replies_keep_their_wire_form() {
+        let cases = [
+            (
+                r#"{"ok":true,"temporary":false,"protocol":3,"version":"0.1.0","present":false,"current":"r1"}"#,
+                Said::Hello {
+                    protocol: 3,
+                    version: "0.1.0".into(),
+                },
+            ),
+            (
+                r#"{"ok":true,"temporary":false,"lacks":["ab","cd"],"present":false}"#,
+                Said::Offer {
+                    lacks: vec!["ab".into(), "cd".into()],
+                    present: false,
+                },
+            ),
+            (
+                r#"{"ok":true,"temporary":false,"present":true,"current":"r2"}"#,
+                Said::Offer {
+                    lacks: Vec::new(),
+                    present: true,
+                },
+            ),
+            (
+                r#"{"ok":true,"temporary":false,"version":"0.1.0","present":false,"previous":"r0","current":"r1","hold":"freeze"}"#,
+                Said::Status {
+                    version: "0.1.0".into(),
+                    hold: Some("freeze".into()),
+                },
+            ),
+            (
+                r#"{"ok":false,"error":"offer before lock","temporary":false,"present":false}"#,
+                Said::Nothing,
+            ),
+        ];
+        for (text, said) in cases {
+            let r: Reply = serde_json::from_str(text).unwrap();
+            assert_eq!(r.said, said, "{text}");
+            let again: serde_json::Value = serde_json::to_value(&r).unwrap();
+            let wire: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(again, wire, "{text}");
+        }
+    }
 
     #[test]
     fn frames_round_trip_and_garbage_is_refused() {

@@ -91,10 +91,13 @@ fn relay(agent: Link, fault: Fault) -> Result<Link, String> {
                             break;
                         }
                     }
-                    answer(&Reply {
-                        lacks: vec!["00".repeat(32)],
-                        ..Reply::ok()
-                    });
+                    answer(&Reply::saying(
+                        wire::Said::Offer {
+                            lacks: vec!["00".repeat(32)],
+                            present: false,
+                        },
+                        None,
+                    ));
                     continue;
                 }
                 _ => {}
