@@ -1172,3 +1172,28 @@ fn notify_sockets_are_files_that_every_client_can_use() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("not ready within 3s"), "{err}");
 }
+
+/// A root whose notify directory cannot be made (a file stands there):
+/// the supervisor says so once and gives its workers abstract sockets,
+/// which a client that takes either form uses to become ready.
+#[test]
+fn without_a_notify_directory_workers_get_abstract_sockets() {
+    let root = Root::new();
+    let worker = python_worker("", r#""\0" + n[1:] if n.startswith("@") else n"#);
+    root.release("a", &worker);
+    root.switch("a");
+    let dir = root.path().join(".dream/notify");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    std::fs::write(&dir, "not a directory").unwrap();
+    let (mut sup, addr) = serve(&root, &["--workers", "2", "--ready", "notify"]);
+    let said = sup.wait_stderr("abstract sockets instead", Duration::from_secs(20));
+    assert!(said.contains("notify sockets: cannot use"), "{said}");
+    root.wait_live("a", 2);
+    assert_eq!(get(addr, "/", &[]).status, 200);
+    assert_eq!(
+        std::fs::read_to_string(&dir).unwrap(),
+        "not a directory",
+        "the file is left as it was"
+    );
+}
