@@ -348,30 +348,7 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
         out
     });
     let elapsed = start.elapsed();
-    let mut all = Tally::new();
-    for t in tallies {
-        for (k, v) in t.status {
-            *all.status.entry(k).or_default() += v;
-        }
-        all.errors.add(&t.errors);
-        all.mixed += t.mixed;
-        for (k, v) in t.releases {
-            *all.releases.entry(k).or_default() += v;
-        }
-        let _ = all.hist.add(&t.hist);
-        let _ = all.connect_hist.add(&t.connect_hist);
-        all.connects += t.connects;
-        for (e, n) in t.examples {
-            all.example(e, n);
-        }
-        all.responses += t.responses;
-        if let Some(tl) = t.timeline {
-            match &mut all.timeline {
-                Some(a) => a.merge(tl),
-                None => all.timeline = Some(tl),
-            }
-        }
-    }
+    let mut all = Tally::merge(tallies);
     let requests = live.requests.load(Ordering::SeqCst);
     let latency = Latency::of(&all.hist);
     let error_total = all.errors.total();
@@ -403,6 +380,37 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
         started_unix_s,
         timeline: all.timeline.map(|t| t.slots()),
     })
+}
+
+impl Tally {
+    /// The connections' tallies as one.
+    fn merge(tallies: Vec<Tally>) -> Tally {
+        let mut all = Tally::new();
+        for t in tallies {
+            for (k, v) in t.status {
+                *all.status.entry(k).or_default() += v;
+            }
+            all.errors.add(&t.errors);
+            all.mixed += t.mixed;
+            for (k, v) in t.releases {
+                *all.releases.entry(k).or_default() += v;
+            }
+            let _ = all.hist.add(&t.hist);
+            let _ = all.connect_hist.add(&t.connect_hist);
+            all.connects += t.connects;
+            for (e, n) in t.examples {
+                all.example(e, n);
+            }
+            all.responses += t.responses;
+            if let Some(tl) = t.timeline {
+                match &mut all.timeline {
+                    Some(a) => a.merge(tl),
+                    None => all.timeline = Some(tl),
+                }
+            }
+        }
+        all
+    }
 }
 
 enum Failure {

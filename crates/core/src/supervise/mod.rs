@@ -250,6 +250,62 @@ pub fn pid_list(pids: &[i32]) -> String {
         .join(", ")
 }
 
+impl Driver {
+    /// A driver with nothing started yet: the pool, the signals, the
+    /// control socket and the metrics listener it was given.
+    fn new(
+        cfg: Config,
+        settings: Settings,
+        signals: Signals,
+        control: Option<UnixListener>,
+        metrics: Option<crate::protocol::StdListener>,
+    ) -> Result<Driver, SuperviseError> {
+        let systemd = std::env::var_os(protocol::NOTIFY_SOCKET);
+        let nonce = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Ok(Driver {
+            pool: Pool::new(settings),
+            cfg,
+            signals,
+            control,
+            clients: Vec::new(),
+            next_client: 1,
+            workers: HashMap::new(),
+            systemd,
+            started: Instant::now(),
+            nonce,
+            output: crate::supervise::output::Output::stderr(),
+            listener_flags: Vec::new(),
+            listener_flags_given: Vec::new(),
+            flags_blamed: None,
+            backlogs: Vec::new(),
+            backlog_told: None,
+            notify_seq: 0,
+            notify_dir_made: false,
+            notify_dir_failed: false,
+            listener_lost: Vec::new(),
+            exit_code: 0,
+            exe: std::env::current_exe()
+                .map_err(|e| SuperviseError::Setup(format!("the supervisor's own path: {e}")))?,
+            self_exe: upgrade::open_self_exe()?,
+            argv: std::env::args_os().collect(),
+            upgrades: 0,
+            upgrade: None,
+            preflight: None,
+            cgroups: crate::supervise::cgroup::Cgroups::create(nonce),
+            leftovers: Vec::new(),
+            strays_due: None,
+            previous_version: version(),
+            resumed_asker: None,
+            metrics,
+            scrapers: Vec::new(),
+            orphaned: Vec::new(),
+        })
+    }
+}
+
 pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
     let metrics = cfg.metrics.take().map(metrics_listener).transpose()?;
     let signals = Signals::new(SIGNALS)?;
@@ -271,49 +327,7 @@ pub fn run(mut cfg: Config, settings: Settings) -> Result<i32, SuperviseError> {
     nix::sys::prctl::set_child_subreaper(true)
         .map_err(|e| SuperviseError::Setup(format!("PR_SET_CHILD_SUBREAPER: {e}")))?;
     let first = release_of(&cfg.mode).map_err(SuperviseError::Setup)?;
-    let systemd = std::env::var_os(protocol::NOTIFY_SOCKET);
-    let nonce = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut d = Driver {
-        pool: Pool::new(settings),
-        cfg,
-        signals,
-        control,
-        clients: Vec::new(),
-        next_client: 1,
-        workers: HashMap::new(),
-        systemd,
-        started: Instant::now(),
-        nonce,
-        output: crate::supervise::output::Output::stderr(),
-        listener_flags: Vec::new(),
-        listener_flags_given: Vec::new(),
-        flags_blamed: None,
-        backlogs: Vec::new(),
-        backlog_told: None,
-        notify_seq: 0,
-        notify_dir_made: false,
-        notify_dir_failed: false,
-        listener_lost: Vec::new(),
-        exit_code: 0,
-        exe: std::env::current_exe()
-            .map_err(|e| SuperviseError::Setup(format!("the supervisor's own path: {e}")))?,
-        self_exe: upgrade::open_self_exe()?,
-        argv: std::env::args_os().collect(),
-        upgrades: 0,
-        upgrade: None,
-        preflight: None,
-        cgroups: crate::supervise::cgroup::Cgroups::create(nonce),
-        leftovers: Vec::new(),
-        strays_due: None,
-        previous_version: version(),
-        resumed_asker: None,
-        metrics,
-        scrapers: Vec::new(),
-        orphaned: Vec::new(),
-    };
+    let mut d = Driver::new(cfg, settings, signals, control, metrics)?;
     d.listener_flags = d.cfg.sockets.iter().map(|l| status_flags(&l.fd)).collect();
     d.listener_flags_given = d.listener_flags.clone();
     d.backlogs = listeners::backlogs(&d.cfg.sockets);
