@@ -45,8 +45,14 @@ round() {  # NAME BINARY ROUND
   python3 -c "print(round($d/$s,2))"
 }
 old=(); new=()
+# Which build goes first alternates round by round: run against itself, the slot that went
+# second read 1.5x worse on a busy machine (BENCHMARKS.md, stop 31).
 for r in $(seq "$ROUNDS"); do
-  old+=("$(round old "$OLD" $r)"); new+=("$(round new "$DREAM" $r)")
+  if [ $((r % 2)) -eq 1 ]; then
+    old+=("$(round old "$OLD" $r)"); new+=("$(round new "$DREAM" $r)")
+  else
+    new+=("$(round new "$DREAM" $r)"); old+=("$(round old "$OLD" $r)")
+  fi
 done
 med() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
 echo "median p99 ratio at a fixed rate: old $(med "${old[@]}"), new $(med "${new[@]}")"
