@@ -48,8 +48,7 @@ impl Drop for Recording {
 /// A process's process group and start time (clock ticks since boot),
 /// from `/proc/PID/stat`.
 fn group_and_start(pid: i32) -> Option<(i32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let fields = crate::proc_stat(pid)?;
     // After the name: state, ppid, pgrp (3rd) … starttime (20th).
     Some((fields.get(2)?.parse().ok()?, fields.get(19)?.parse().ok()?))
 }

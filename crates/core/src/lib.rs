@@ -48,6 +48,20 @@ pub fn test_point(point: &str) {
 #[inline(always)]
 pub fn test_point(_point: &str) {}
 
+/// The fields of `/proc/PID/stat` after the command name (which may hold
+/// anything, spaces and parentheses included): state, ppid, pgrp, … as
+/// `proc(5)` numbers them from 3.
+pub(crate) fn proc_stat(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
+    )
+}
+
 /// The time at the start of every log line: RFC 3339, UTC, milliseconds.
 pub fn log_time() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()

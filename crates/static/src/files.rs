@@ -105,7 +105,7 @@ impl Root {
     /// device would hang the worker in `open`): `O_NONBLOCK`, then
     /// anything but a file or directory is refused by its `fstat`.
     pub fn open_file(&self, rel: &Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
-        use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
         use std::os::unix::fs::OpenOptionsExt;
         let rel = if rel.as_os_str().is_empty() {
             Path::new(".")
@@ -116,17 +116,9 @@ impl Root {
         let how = OpenHow::new()
             .flags(flags)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        // EAGAIN: a lookup that passed `..` raced a rename or a mount
-        // anywhere on the system (a deploy's switch is one); the kernel
-        // asks for a retry.
-        let mut tries = 0;
-        let opened = loop {
-            match openat2(&self.dir, rel, how) {
-                Err(nix::errno::Errno::EAGAIN) if tries < 64 => tries += 1,
-                other => break other,
-            }
-        };
-        let file = match opened {
+        // Retried on EAGAIN: a lookup that passed `..` raced a rename or a
+        // mount anywhere on the system (a deploy's switch is one).
+        let file = match dream_core::store::tree::openat2(&self.dir, rel, how) {
             Ok(fd) => std::fs::File::from(fd),
             // An absolute symlink, or no openat2: resolve the real path and
             // serve it only if it lies inside the root.

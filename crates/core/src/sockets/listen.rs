@@ -165,10 +165,7 @@ fn bind_unix(spec: &ListenSpec, path: &Path, backlog: i32) -> Result<Listener, L
     let file_name = path
         .file_name()
         .ok_or_else(|| io_err(io::Error::new(io::ErrorKind::InvalidInput, "no file name")))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".dream-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
+    let tmp = path.with_file_name(temporary_name(file_name));
     let _ = std::fs::remove_file(&tmp);
     let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(io_err)?;
     let addr = SockAddr::unix(&tmp).map_err(io_err)?;
@@ -183,7 +180,15 @@ fn bind_unix(spec: &ListenSpec, path: &Path, backlog: i32) -> Result<Listener, L
     Ok(Listener::new(sock.into(), socket_name(spec)))
 }
 
-/// A `LISTEN_FDNAMES` entry: the spec with `:` (the separator) replaced.
+/// The name a Unix socket is bound under before it is renamed into place:
+/// `.app.sock.dream-PID` beside `app.sock` ([`public_address`] reads it back).
+fn temporary_name(file_name: &std::ffi::OsStr) -> std::ffi::OsString {
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".dream-{}", std::process::id()));
+    tmp_name
+}
+
 /// An address as clients use it: a Unix socket bound under its temporary
 /// name and renamed into place (`unix:dir/.app.sock.dream-12`) is shown at
 /// its path (`unix:dir/app.sock`), which `getsockname` does not know.
@@ -205,6 +210,7 @@ pub fn public_address(addr: String) -> String {
     }
 }
 
+/// A `LISTEN_FDNAMES` entry: the spec with `:` (the separator) replaced.
 pub fn socket_name(spec: &ListenSpec) -> String {
     let s: String = spec
         .to_string()

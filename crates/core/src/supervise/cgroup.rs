@@ -18,9 +18,10 @@ use std::path::{Path, PathBuf};
 pub struct Cgroups {
     base: PathBuf,
     /// The cgroups of supervisors that are gone and left processes in
-    /// them, found when this one started ([`Cgroups::strays`]).
+    /// them, by supervisor pid, found when this one started
+    /// ([`Cgroups::strays`]).
     #[serde(skip)]
-    strays: Vec<PathBuf>,
+    strays: Vec<(i32, PathBuf)>,
 }
 
 /// The cgroup this process is in, within the hierarchy mounted at
@@ -76,19 +77,20 @@ impl Cgroups {
     pub fn strays(&self) -> Vec<(i32, Vec<i32>)> {
         self.strays
             .iter()
-            .map(|dir| (supervisor_of(dir).unwrap_or(0), members_below(dir)))
+            .map(|(sup, dir)| (*sup, members_below(dir)))
             .filter(|(_, pids)| !pids.is_empty())
             .collect()
     }
 
-    /// Kills what [`Cgroups::strays`] names and removes their cgroups;
-    /// returns the pids killed.
+    /// Kills what [`Cgroups::strays`] names and removes their cgroups
+    /// (those still held are removed at a later start); returns the pids
+    /// killed.
     pub fn end_strays(&mut self) -> Vec<i32> {
-        let killed = self.strays.iter().flat_map(|d| kill_below(d)).collect();
-        for dir in std::mem::take(&mut self.strays) {
-            remove_below(&dir);
-        }
-        killed
+        let strays = std::mem::take(&mut self.strays);
+        end(&strays)
+            .into_iter()
+            .flat_map(|(_, pids)| pids)
+            .collect()
     }
 
     /// Generation `generation`'s cgroup, made if needed; its
@@ -138,8 +140,8 @@ impl Cgroups {
 
 /// Removes what supervisors that are gone (killed with SIGKILL, say) left
 /// in `parent`: their generations' cgroups and their own, where empty.
-/// Returns the ones still holding processes.
-fn remove_stale(parent: &Path) -> Vec<PathBuf> {
+/// Returns the ones still holding processes, by supervisor pid.
+fn remove_stale(parent: &Path) -> Vec<(i32, PathBuf)> {
     let Ok(rd) = std::fs::read_dir(parent) else {
         return Vec::new();
     };
@@ -153,7 +155,7 @@ fn remove_stale(parent: &Path) -> Vec<PathBuf> {
         }
         remove_below(&e.path());
         if e.path().exists() {
-            held.push(e.path());
+            held.push((pid, e.path()));
         }
     }
     held
@@ -172,12 +174,9 @@ fn supervisor_of(dir: &Path) -> Option<i32> {
 
 /// Whether `pid` runs (a zombie, or a pid no one has, does not).
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        let state = s
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.trim_start().chars().next());
-        !matches!(state, Some('Z' | 'X') | None)
-    })
+    crate::proc_stat(pid)
+        .and_then(|f| f.first().cloned())
+        .is_some_and(|state| !matches!(state.as_str(), "Z" | "X"))
 }
 
 /// The generations' cgroups below a supervisor's.
@@ -238,20 +237,32 @@ pub fn end_strays_now() -> Vec<(i32, Vec<i32>)> {
         return Vec::new();
     };
     let held = remove_stale(&parent);
-    let found: Vec<(i32, Vec<i32>)> = held
-        .iter()
-        .map(|d| (supervisor_of(d).unwrap_or(0), kill_below(d)))
-        .filter(|(_, pids)| !pids.is_empty())
-        .collect();
+    let killed = end(&held);
     // A killed process has closed its sockets once it has left its cgroup.
     let limit = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while held.iter().any(|d| !members_below(d).is_empty()) && std::time::Instant::now() < limit {
+    while held.iter().any(|(_, d)| !members_below(d).is_empty())
+        && std::time::Instant::now() < limit
+    {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    for d in &held {
+    for (_, d) in &held {
         remove_below(d);
     }
-    found
+    killed
+}
+
+/// Kills what each gone supervisor's cgroup holds and removes the cgroups
+/// already empty; returns the pids killed, by supervisor.
+fn end(strays: &[(i32, PathBuf)]) -> Vec<(i32, Vec<i32>)> {
+    let killed = strays
+        .iter()
+        .map(|(sup, dir)| (*sup, kill_below(dir)))
+        .filter(|(_, pids)| !pids.is_empty())
+        .collect();
+    for (_, dir) in strays {
+        remove_below(dir);
+    }
+    killed
 }
 
 fn read_pids(path: &Path) -> Vec<i32> {

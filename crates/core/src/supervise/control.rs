@@ -232,12 +232,12 @@ impl From<AnswerWire> for Answer {
                 ..
             } => Done::Stopping,
             AnswerWire {
-                version: Some(ref version),
-                previous_version: Some(ref previous_version),
+                version: Some(version),
+                previous_version: Some(previous_version),
                 ..
             } => Done::Upgraded {
-                version: version.clone(),
-                previous_version: previous_version.clone(),
+                version,
+                previous_version,
             },
             _ => Done::Nothing,
         };

@@ -43,14 +43,7 @@ pub(super) fn generation_of(pid: i32) -> Option<u64> {
 }
 /// The process group of a process, from `/proc/PID/stat`.
 pub(super) fn pgrp(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name (which may hold anything): state ppid pgrp.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(2)?
-        .parse()
-        .ok()
+    crate::proc_stat(pid)?.get(2)?.parse().ok()
 }
 /// Sends `signal` to what a leftover entry names: a process, or with a
 /// negative number (as `kill(2)` has it) a process group.
