@@ -350,6 +350,68 @@ fn a_new_program_that_dies_or_hangs_before_it_resumes_leaves_the_old_one_serving
     }
 }
 
+/// After a new program dies before it resumes, what its workers left that
+/// ignores the drain signal (a shell and the server it started) is killed
+/// by the supervisor that takes over, at its drain deadline, and named.
+#[test]
+fn what_ignores_the_drain_signal_after_a_failed_upgrade_is_killed_at_the_deadline() {
+    let _busy = dream_testkit::Saturate::cores();
+    let root = Root::new();
+    root.release(
+        "a",
+        r#"trap '' TERM
+"$DREAM_BIN" static --drain-grace 300ms <&3 &
+wait"#,
+    );
+    root.switch("a");
+    let b = copy_of_dream(root.tree.path(), "dream-dies");
+    // The shell is the worker; the server it starts says READY=1, not it.
+    let (mut sup, _addr) = root.serve(
+        &[
+            "--workers",
+            "2",
+            "--ready",
+            "delay:300ms",
+            "--drain-timeout",
+            "1s",
+        ],
+        &[
+            ("DREAM_TEST_UPGRADE_CRASH", b.to_str().unwrap()),
+            ("DREAM_TEST_GUARD_LIMIT_MS", "3000"),
+        ],
+    );
+    let old = sup.pid();
+    let shells = live_pids(&root.wait_live("a", 2));
+    let servers: Vec<i64> = shells
+        .iter()
+        .flat_map(|w| dream_testkit::children(*w as i32))
+        .map(i64::from)
+        .collect();
+    assert_eq!(servers.len(), 2, "one server per worker shell");
+
+    let (code, v, err) = upgrade(&root, &["--binary", b.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{v} {err}");
+    sup.wait_stderr(
+        &format!("supervisor pid {old} is gone and left 4 process(es) running"),
+        Duration::from_secs(30),
+    );
+    sup.wait_stderr(
+        "killed 4 process(es) a supervisor that is gone left running, past the drain deadline",
+        Duration::from_secs(30),
+    );
+    for pid in shells.iter().chain(&servers) {
+        wait_until(Duration::from_secs(10), "the strays to be gone", || {
+            dream_testkit::gone(*pid).then_some(())
+        });
+    }
+    // The supervisor that took over (not this test's child) ends its own.
+    let new = root.wait_live("a", 2).pid as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGQUIT).unwrap();
+    wait_until(Duration::from_secs(20), "the new supervisor to end", || {
+        dream_testkit::gone(new as i64).then_some(())
+    });
+}
+
 /// Starts `dream upgrade` and waits until the supervisor has stopped itself
 /// at its last step before the exec (the `upgrade-exec` test point).
 fn upgrade_to_the_window(root: &Root, sup: i32) -> Guard {
