@@ -13,6 +13,7 @@ pub mod deploy;
 pub mod exit;
 pub mod fleet;
 pub mod logtext;
+pub mod probe;
 pub mod signals;
 pub mod sockets;
 pub mod store;

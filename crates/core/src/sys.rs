@@ -828,6 +828,66 @@ pub fn listen_queue(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
     (r == 0 && info.tcpi_state == 10).then_some((info.tcpi_unacked, info.tcpi_sacked))
 }
 
+/// Steers a `SO_REUSEPORT` group's new connections: of every 10,000, about
+/// `share` go to the group's second listener (index 1, a canary's) and the
+/// rest to its first (index 0, the address's own), each drawn at random
+/// for each connection by a classic BPF program attached to the group
+/// (`SO_ATTACH_REUSEPORT_CBPF`). A share of 0 sends everything to the
+/// first. Replacing the program changes the weight at once, for every
+/// listener of the group; connections already queued stay where they are.
+pub fn route_reuseport(fd: BorrowedFd<'_>, share: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const SKF_AD_OFF: u32 = (-0x1000i32) as u32;
+    const SKF_AD_RANDOM: u32 = 56;
+    let insn = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let program = [
+        // A = a random 32-bit number
+        insn(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            0,
+            0,
+            SKF_AD_OFF + SKF_AD_RANDOM,
+        ),
+        // A %= 10000
+        insn(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, 0, 0, 10_000),
+        // A >= share: the first listener; else the second
+        insn(
+            libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+            1,
+            0,
+            share.min(10_000),
+        ),
+        insn(libc::BPF_RET | libc::BPF_K, 0, 0, 1),
+        insn(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
+    ];
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `prog` points at `program`, both live across the call; the
+    // kernel copies the program and keeps no pointer into it. `fd` is
+    // borrowed, so open.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -336,6 +336,8 @@ pub(crate) struct DeployCmd {
     /// Link files under DIR (in the release) that the previous release has and this one lacks, never overwriting (repeatable): old pages keep finding their assets
     #[arg(long, value_name = "DIR", value_parser = values::release_dir)]
     pub(crate) bridge: Vec<PathBuf>,
+    #[command(flatten)]
+    pub(crate) canary: CanaryArgs,
     /// Print what would be copied, shared, left out, built and switched; write nothing, take no lock
     #[arg(long)]
     pub(crate) dry_run: bool,
@@ -417,9 +419,57 @@ pub(crate) struct ReloadArgs {
     /// After the new generation goes live, wait this long for it to stay up: a revert or crash loop inside the window is exit 1 (0s: report at once) [default: 1s]
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     pub(crate) settle: Option<Duration>,
+    #[command(flatten)]
+    pub(crate) canary: CanaryArgs,
     /// Print the answer as JSON on stdout
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// A canary reload (`deploy`, `reload`): the new release serves a share
+/// of new connections beside the live one, is judged against it, and is
+/// promoted or reverted without a person.
+#[derive(Args, Clone, Default)]
+pub(crate) struct CanaryArgs {
+    /// Start the new release as a canary beside the live one: K workers (K of the live generation's N get K/N of new connections) or P% of new connections; judged against the live release for --judge-for, then promoted (a reload onto it) or reverted (the canary drains, nothing else moves). Exit 0 only when promoted. Needs TCP listening sockets
+    #[arg(long, value_name = "SHARE", value_parser = values::canary_share)]
+    pub(crate) canary: Option<dream_core::supervise::canary::judge::Share>,
+    /// How long the canary is judged, from when all its workers are ready [default: 30s]
+    #[arg(long, value_name = "DUR", value_parser = values::duration, requires = "canary")]
+    pub(crate) judge_for: Option<Duration>,
+    /// GET PATH through the supervisor's socket 20 times a second while the canary is judged, each answer attributed to a release by its X-Dream-Release header (see doc/protocol.md); without it the canary is judged on its workers' exits only
+    #[arg(long, value_name = "PATH", value_parser = values::url_path, requires = "canary")]
+    pub(crate) judge_path: Option<String>,
+    /// Revert when the canary's error rate (5xx, or no answer) is more than PCT percentage points above the live release's [default: 2]
+    #[arg(long, value_name = "PCT", value_parser = values::percent_points, requires = "canary")]
+    pub(crate) judge_max_errors: Option<u32>,
+    /// Revert when the canary's p99 latency is more than R times the live release's (and 1 ms above it) [default: 3]
+    #[arg(long, value_name = "R", value_parser = values::ratio, requires = "canary")]
+    pub(crate) judge_max_latency_ratio: Option<u32>,
+    /// Fewest answers from each release for a verdict: fewer is "inconclusive", which reverts [default: 50]
+    #[arg(long, value_name = "N", requires = "canary")]
+    pub(crate) judge_min_requests: Option<u32>,
+}
+
+impl CanaryArgs {
+    /// The control protocol's canary, if one was asked for.
+    pub(crate) fn spec(&self) -> Option<dream_core::supervise::canary::judge::Spec> {
+        let mut spec = dream_core::supervise::canary::judge::Spec::new(self.canary?);
+        if let Some(d) = self.judge_for {
+            spec.judge_ms = d.as_millis() as u64;
+        }
+        spec.judge_path = self.judge_path.clone();
+        if let Some(e) = self.judge_max_errors {
+            spec.max_errors = e;
+        }
+        if let Some(r) = self.judge_max_latency_ratio {
+            spec.max_latency_ratio = r;
+        }
+        if let Some(n) = self.judge_min_requests {
+            spec.min_requests = n;
+        }
+        Some(spec)
+    }
 }
 
 #[derive(Args)]

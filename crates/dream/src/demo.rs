@@ -86,6 +86,7 @@ fn deploy_site(
         quiet: true,
         interruptible: false,
         settle: Duration::ZERO,
+        canary: None,
     };
     deploy::deploy(&opts, &mut |_| {}).map_err(|e| e.message)
 }

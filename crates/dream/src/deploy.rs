@@ -74,6 +74,7 @@ pub struct DeployArgs<'a> {
     pub confirm_within: Option<std::time::Duration>,
     pub verify: Vec<String>,
     pub settle: std::time::Duration,
+    pub canary: Option<dream_core::supervise::canary::judge::Spec>,
     pub exclude: Vec<String>,
     pub keep_git: bool,
     pub no_hooks: bool,
@@ -88,6 +89,16 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
     let source = Source::parse(a.source).map_err(Failure::usage)?;
     if a.keep == 0 {
         return Err(Failure::usage("--keep must be at least 1"));
+    }
+    if a.canary.is_some() && a.no_reload {
+        return Err(Failure::usage(
+            "--canary needs a reload: it cannot go with --no-reload",
+        ));
+    }
+    if a.canary.is_some() && a.confirm_within.is_some() {
+        return Err(Failure::usage(
+            "a canary is judged, not confirmed: --canary cannot go with --confirm-within",
+        ));
     }
     let opts = deploy::DeployOptions {
         root,
@@ -109,6 +120,7 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
         quiet: a.quiet || a.json,
         interruptible: true,
         settle: a.settle,
+        canary: a.canary,
     };
     if a.dry_run {
         let plan = deploy::plan(&opts)?;
@@ -294,6 +306,7 @@ pub(crate) fn run(a: DeployCmd) -> Result {
             .settle
             .or(file.settle)
             .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
+        canary: a.canary.spec(),
         exclude: if a.exclude.is_empty() {
             file.exclude.clone().unwrap_or_default()
         } else {

@@ -209,6 +209,7 @@ fn run(cmd: Cmd) -> Result {
         Cmd::Reload(a) => serve::reload(
             a.root.as_deref(),
             a.confirm_within,
+            a.canary.spec(),
             a.settle.unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
             a.json,
         ),

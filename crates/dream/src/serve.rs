@@ -312,12 +312,15 @@ pub fn status(root: Option<&Path>, json_out: bool) -> Result {
 pub fn reload(
     root: Option<&Path>,
     confirm_within: Option<Duration>,
+    canary: Option<dream_core::supervise::canary::judge::Spec>,
     settle: Duration,
     json_out: bool,
 ) -> Result {
     let root = root_dir(root)?;
+    let judged = canary.is_some();
     let request = Request::Reload {
         confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
+        canary,
     };
     let mut a = control::ask(&root, &request, None).map_err(control_failure)?;
     // Success only for a generation that stayed up through the window.
@@ -341,6 +344,12 @@ pub fn reload(
         }
     }
     answered(a, json_out, "reload failed: ", |a| match a.live() {
+        Some((generation, release)) if judged => format!(
+            "canary promoted ({}): generation {generation} (release {release}) is live",
+            dream_core::store::release::Store::new(&root)
+                .promotion(release)
+                .unwrap_or_default()
+        ),
         Some((generation, release)) => {
             format!("reloaded: generation {generation} (release {release}) is live")
         }

@@ -52,6 +52,29 @@ pub fn url_path(s: &str) -> Result<String, String> {
     }
 }
 
+/// A canary's share: `K` workers or `P%`.
+pub fn canary_share(s: &str) -> Result<dream_core::supervise::canary::judge::Share, String> {
+    dream_core::supervise::canary::judge::Share::parse(s)
+}
+
+/// Percentage points (`2`, `0.5`), in hundredths.
+pub fn percent_points(s: &str) -> Result<u32, String> {
+    match s.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok((v * 100.0).round() as u32),
+        _ => Err(format!(
+            "{s:?} is not a number of percentage points from 0 to 100"
+        )),
+    }
+}
+
+/// A ratio of at least 1 (`3`, `1.5`), in hundredths.
+pub fn ratio(s: &str) -> Result<u32, String> {
+    match s.trim().trim_end_matches('x').parse::<f64>() {
+        Ok(v) if (1.0..=1000.0).contains(&v) => Ok((v * 100.0).round() as u32),
+        _ => Err(format!("{s:?} is not a ratio from 1 to 1000 (3, 1.5)")),
+    }
+}
+
 /// A directory inside a release: relative, without `..` (`public/assets`).
 pub fn release_dir(s: &str) -> Result<std::path::PathBuf, String> {
     let p = std::path::Path::new(s.trim_end_matches('/'));

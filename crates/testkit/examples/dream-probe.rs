@@ -6,7 +6,9 @@
 //! and cwd; then, in `--serve` mode, answers HTTP on its listener with its
 //! release, one request per connection. Modes for the pool's tests:
 //! `--crash-at-start`, `--never-ready`, `--ignore-term`, `--hang`,
-//! `--exit-after-report`.
+//! `--exit-after-report`; for a canary's judge, `--fail-percent P` (answer
+//! 500 to about P% of requests, at random) and `--delay-ms D` (answer D ms
+//! late).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -40,6 +42,10 @@ struct Modes {
     seed_server: bool,
     /// `shutdown(SHUT_RDWR)` fd 0 (to wake accept threads), then exit 0.
     shutdown_listener: bool,
+    /// Answer 500 to about this percent of requests.
+    fail_percent: u32,
+    /// Answer this late.
+    delay_ms: u64,
 }
 
 fn main() {
@@ -64,6 +70,10 @@ fn main() {
             "--ready-fd" => m.ready_fd = args.next().and_then(|v| v.parse().ok()),
             "--seed-server" => m.seed_server = true,
             "--shutdown-listener" => m.shutdown_listener = true,
+            "--fail-percent" => {
+                m.fail_percent = args.next().and_then(|v| v.parse().ok()).unwrap_or(0)
+            }
+            "--delay-ms" => m.delay_ms = args.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--send-notify" => {
                 // Send one sd_notify datagram (to test who may), then exit.
                 let (Some(to), Some(text)) = (args.next(), args.next()) else {
@@ -180,8 +190,9 @@ fn main() {
             if let Some(conn) = conn {
                 active.fetch_add(1, Ordering::SeqCst);
                 let (active, release, hang) = (active.clone(), release.clone(), m.hang);
+                let (fail, delay) = (m.fail_percent, m.delay_ms);
                 std::thread::spawn(move || {
-                    answer(conn, &release, hang);
+                    answer_as(conn, &release, hang, fail, delay);
                     active.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -216,7 +227,24 @@ fn seed_server() -> ! {
 trait ReadWrite: Read + Write + Send {}
 impl<T: Read + Write + Send> ReadWrite for T {}
 
-fn answer(mut conn: Box<dyn ReadWrite>, release: &str, hang: bool) {
+fn answer(conn: Box<dyn ReadWrite>, release: &str, hang: bool) {
+    answer_as(conn, release, hang, 0, 0)
+}
+
+/// A random number below 100, different for every call.
+fn percentile_draw() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (h.finish() % 100) as u32
+}
+
+fn answer_as(mut conn: Box<dyn ReadWrite>, release: &str, hang: bool, fail: u32, delay_ms: u64) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -231,9 +259,17 @@ fn answer(mut conn: Box<dyn ReadWrite>, release: &str, hang: bool) {
     if hang {
         std::thread::sleep(Duration::from_secs(3600));
     }
+    if delay_ms > 0 {
+        std::thread::sleep(Duration::from_millis(delay_ms));
+    }
+    let status = if fail > 0 && percentile_draw() < fail {
+        "500 Internal Server Error"
+    } else {
+        "200 OK"
+    };
     let body = format!("release {release}\n");
     let resp = format!(
-        "HTTP/1.1 200 OK\r\nX-Dream-Release: {release}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nX-Dream-Release: {release}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = conn.write_all(resp.as_bytes());

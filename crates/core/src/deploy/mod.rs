@@ -181,6 +181,8 @@ pub struct DeployOptions {
     pub interruptible: bool,
     /// `--settle`: see [`ReloadHow::settle`].
     pub settle: Duration,
+    /// `--canary`: see [`ReloadHow::canary`].
+    pub canary: Option<crate::supervise::canary::judge::Spec>,
 }
 
 impl DeployOptions {
@@ -208,6 +210,7 @@ impl DeployOptions {
             quiet: false,
             interruptible: false,
             settle: DEFAULT_SETTLE,
+            canary: None,
         }
     }
 }

@@ -63,6 +63,7 @@ pub fn rollback(
             hooks: true,
             quiet: false,
             settle,
+            canary: None,
         },
         Some(&mut signals),
         &mut p,

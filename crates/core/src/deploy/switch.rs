@@ -32,6 +32,7 @@ impl Pipeline<'_, '_> {
                 hooks: opts.hooks,
                 quiet: opts.quiet,
                 settle: opts.settle,
+                canary: opts.canary.clone(),
             },
             self.signals.as_mut(),
             &mut self.p,
@@ -121,9 +122,25 @@ pub(super) fn switch_reload_verify(
         p.step("reload", "skipped (--no-reload)".into());
         return Ok(());
     }
-    let deadline = reload_deadline(store);
+    let mut deadline = reload_deadline(store);
+    if let Some(c) = &how.canary {
+        // Its start, its window, then its promotion's reload.
+        deadline = 2 * deadline + Duration::from_millis(c.judge_ms);
+        p.step(
+            "canary",
+            format!(
+                "release {id} starts beside the live one with {} of new connections; judged for {}{}",
+                c.share,
+                crate::fmt_duration(Duration::from_millis(c.judge_ms)),
+                c.judge_path
+                    .as_deref()
+                    .map_or(" on its workers' exits".into(), |path| format!(" on GET {path}"))
+            ),
+        );
+    }
     let request = control::Request::Reload {
         confirm_within_ms: provisional.map(|p| p.within.as_millis() as u64),
+        canary: how.canary.clone(),
     };
     let answer = control::ask_or_interrupt(
         &store.root,
@@ -189,6 +206,14 @@ fn after_reload(
 ) -> Result<(), DeployError> {
     p.report.supervisor = true;
     p.report.generation = generation;
+    if how.canary.is_some() {
+        p.step(
+            "promoted",
+            store
+                .promotion(id)
+                .unwrap_or_else(|| "the judge promoted the canary".into()),
+        );
+    }
     p.step(
         "reloaded",
         format!(
@@ -298,6 +323,7 @@ pub(super) fn interrupted_after_switch(
                 &store.root,
                 &control::Request::Reload {
                     confirm_within_ms: None,
+                    canary: None,
                 },
             );
             match asked {
@@ -346,6 +372,9 @@ pub struct ReloadHow {
     /// How long the new generation must stay up after going live before
     /// the switch counts as done (`--settle`; zero: not waited for).
     pub settle: Duration,
+    /// A canary reload (`--canary`): answered once the judge promoted it
+    /// and its full generation is live, or it was reverted.
+    pub canary: Option<crate::supervise::canary::judge::Spec>,
 }
 
 /// `--settle`'s default: long enough to catch a release that crashes as it
@@ -378,6 +407,7 @@ pub(super) fn verify_or_go_back(
     let reloaded = if previous.is_some() {
         let request = control::Request::Reload {
             confirm_within_ms: None,
+            canary: None,
         };
         match control::ask(&store.root, &request, Some(reload_deadline(store))) {
             Ok(a) if a.ok => ", and reloaded".to_string(),
@@ -413,7 +443,7 @@ pub fn verify_release(store: &Store, id: &str, paths: &[String]) -> Result<(), S
         // another release is asked again, for a few seconds.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let (code, release) = http_get(&address, path)?;
+            let (code, release) = crate::probe::http_get(&address, path, Duration::from_secs(10))?;
             match release {
                 Some(r) if r != id => {
                     if std::time::Instant::now() >= deadline {
@@ -429,61 +459,6 @@ pub fn verify_release(store: &Store, id: &str, paths: &[String]) -> Result<(), S
         }
     }
     Ok(())
-}
-
-/// A plain HTTP/1.1 GET: the status code and the `X-Dream-Release` header.
-pub(super) fn http_get(address: &str, path: &str) -> Result<(u16, Option<String>), String> {
-    use std::io::{Read, Write};
-    let limit = Duration::from_secs(10);
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: dream-verify\r\nConnection: close\r\n\r\n"
-    );
-    let fail = |e: std::io::Error| format!("GET {path} on {address}: {e}");
-    let mut head = Vec::new();
-    let mut read_head = |s: &mut dyn Read| -> Result<(), String> {
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-                Err(e) => return Err(fail(e)),
-            }
-        }
-        Ok(())
-    };
-    if let Some(p) = address.strip_prefix("unix:") {
-        let mut s = std::os::unix::net::UnixStream::connect(p).map_err(fail)?;
-        s.set_read_timeout(Some(limit)).map_err(fail)?;
-        s.write_all(request.as_bytes()).map_err(fail)?;
-        read_head(&mut s)?;
-    } else {
-        let mut addr: std::net::SocketAddr = address
-            .parse()
-            .map_err(|_| format!("cannot verify through {address}"))?;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(match addr.ip() {
-                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        let mut s = std::net::TcpStream::connect_timeout(&addr, limit).map_err(fail)?;
-        s.set_read_timeout(Some(limit)).map_err(fail)?;
-        s.write_all(request.as_bytes()).map_err(fail)?;
-        read_head(&mut s)?;
-    }
-    let text = String::from_utf8_lossy(&head);
-    let mut lines = text.lines();
-    let code = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| format!("GET {path}: no HTTP answer"))?;
-    let release = lines
-        .take_while(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("x-dream-release"))
-        .map(|(_, v)| v.trim().to_string());
-    Ok((code, release))
 }
 
 /// A provisional reload: the supervisor reverts it unless confirmed
@@ -651,6 +626,7 @@ pub fn go_live_prepared(
             hooks: true,
             quiet: true,
             settle,
+            canary: None,
         },
         None,
         &mut p,
@@ -707,6 +683,7 @@ pub fn revert_to(root: &Path, from: &str, to: &str, reason: &str) -> Result<(), 
         .map_err(|e| io_failure("switching current back", e))?;
     let request = control::Request::Reload {
         confirm_within_ms: None,
+        canary: None,
     };
     match control::ask(&store.root, &request, Some(reload_deadline(&store))) {
         Ok(a) if a.ok => Ok(()),

@@ -97,11 +97,24 @@ pub fn bind(spec: &ListenSpec, backlog: u32) -> Result<Listener, ListenError> {
 
 fn bind_tcp(spec: &ListenSpec, addr: SocketAddr, backlog: i32) -> Result<Listener, ListenError> {
     let attempt = |addr: SocketAddr| -> io::Result<Socket> {
-        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-        sock.set_reuse_address(true)?;
-        if addr.is_ipv6() && spec.is_dual_stack() {
-            sock.set_only_v6(false)?;
+        let socket = |reuse_port: bool| -> io::Result<Socket> {
+            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            sock.set_reuse_address(true)?;
+            sock.set_reuse_port(reuse_port)?;
+            if addr.is_ipv6() && spec.is_dual_stack() {
+                sock.set_only_v6(false)?;
+            }
+            Ok(sock)
+        };
+        // The socket joins a `SO_REUSEPORT` group, so that a canary can
+        // listen beside it ([`beside`]). A group takes in any socket of the
+        // same user that asks, so a second server started by mistake would
+        // silently share the port: the address is first bound without the
+        // option, which fails as it always did while anything listens there.
+        if addr.port() != 0 {
+            socket(false)?.bind(&addr.into())?;
         }
+        let sock = socket(true)?;
         sock.bind(&addr.into())?;
         sock.listen(backlog)?;
         Ok(sock)
@@ -114,6 +127,38 @@ fn bind_tcp(spec: &ListenSpec, addr: SocketAddr, backlog: i32) -> Result<Listene
     }
     let sock = result.map_err(|source| tcp_error(spec, addr, source))?;
     Ok(Listener::new(sock.into(), socket_name(spec)))
+}
+
+/// A second listener on `l`'s TCP address, in its `SO_REUSEPORT` group, with
+/// the same backlog: what a canary generation accepts on while
+/// [`crate::sys::route_reuseport`] steers its share of connections to it.
+pub fn beside(l: &Listener) -> io::Result<Listener> {
+    use std::os::fd::AsFd;
+    let fd = l.fd.try_clone()?;
+    let first = Socket::from(fd);
+    let local = first.local_addr()?;
+    let Some(addr) = local.as_socket() else {
+        return Err(io::Error::other(format!(
+            "{} is not a TCP socket (a canary needs TCP listeners)",
+            l.name
+        )));
+    };
+    if !first.reuse_port()? {
+        return Err(io::Error::other(format!(
+            "{} ({addr}) was not bound with SO_REUSEPORT (a socket systemd passed needs ReusePort=yes; one bound by an older dream needs a restart of dream serve)",
+            l.name
+        )));
+    }
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(first.only_v6()?)?;
+    }
+    sock.bind(&addr.into())?;
+    let backlog = crate::sys::listen_queue(l.fd.as_fd()).map_or(DEFAULT_BACKLOG, |(_, b)| b);
+    sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(Listener::new(sock.into(), l.name.clone()))
 }
 
 fn tcp_error(spec: &ListenSpec, addr: SocketAddr, source: io::Error) -> ListenError {

@@ -34,6 +34,12 @@ pub enum EventKind {
     /// The supervisor reverted it (it crashed on probation, or was not
     /// confirmed in time): it is bad, like a failed deploy.
     Reverted,
+    /// A canary of it started beside the live release (`previous`): a
+    /// share of new connections, judged against it.
+    Canary,
+    /// The judge promoted its canary (`reason`: the figures); its full
+    /// generation starts.
+    Promoted,
     /// A fleet deploy decided it: live on every host (recorded on the
     /// fleet's primary host).
     FleetCommitted,
@@ -311,6 +317,15 @@ impl Store {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// The judge's figures from the last promotion of `id`'s canary.
+    pub fn promotion(&self, id: &str) -> Option<String> {
+        self.history()
+            .into_iter()
+            .rev()
+            .find(|e| e.event == EventKind::Promoted && e.release == id)
+            .and_then(|e| e.reason)
     }
 
     /// Releases whose deploy failed (marked bad), unless switched to

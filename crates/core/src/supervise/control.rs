@@ -30,6 +30,11 @@ pub enum Request {
     Reload {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         confirm_within_ms: Option<u64>,
+        /// A canary reload: the new generation serves a share beside the
+        /// live one and is judged; answered once it is promoted and its
+        /// full generation is live, or reverted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<crate::supervise::canary::judge::Spec>,
     },
     /// Keeps a provisional generation (default: the live one).
     Confirm {
@@ -76,7 +81,7 @@ impl Request {
         let allowed: &[&str] = match cmd {
             "scale" => &["cmd", "workers"],
             "upgrade" => &["cmd", "binary"],
-            "reload" => &["cmd", "confirm_within_ms"],
+            "reload" => &["cmd", "confirm_within_ms", "canary"],
             "confirm" => &["cmd", "generation"],
             "settle" | "extend" => &["cmd", "generation", "within_ms"],
             _ => &["cmd"],
@@ -392,8 +397,15 @@ impl Status {
         for sock in &self.sockets {
             let _ = writeln!(s, "listening on {}", sock.address);
         }
+        let judged = |r: &str| {
+            self.pool
+                .generations
+                .iter()
+                .any(|g| g.canary.is_some() && g.release == r)
+        };
         if let (Some(current), Some(live)) = (&self.current, self.live())
             && *current != live.release
+            && !judged(current)
         {
             let _ = writeln!(
                 s,
@@ -424,6 +436,27 @@ impl Status {
             }
             if g.reverted {
                 trial.push_str(", reverted");
+            }
+            if let Some(c) = &g.canary {
+                trial.push_str(&format!(
+                    "\n  canary: {}, {} of new connections, {}",
+                    crate::plural(c.workers, "worker"),
+                    crate::supervise::canary::judge::percent(c.share_basis),
+                    if c.promoted {
+                        "promoted: its release's full generation is starting".to_string()
+                    } else {
+                        match c.judged_s {
+                            Some(t) => format!("judged for {} of {}", secs(t), secs(c.judge_s)),
+                            None => format!("starting (judged for {} once ready)", secs(c.judge_s)),
+                        }
+                    }
+                ));
+                if let Some(f) = &c.figures {
+                    trial.push_str(&format!("\n  judge: {}", f.describe()));
+                }
+                if let Some(v) = &c.verdict {
+                    trial.push_str(&format!("\n  verdict so far: {v}"));
+                }
             }
             let _ = writeln!(
                 s,
@@ -664,12 +697,14 @@ mod tests {
         assert_eq!(
             Request::parse(r#"{"cmd":"reload"}"#),
             Ok(Request::Reload {
-                confirm_within_ms: None
+                confirm_within_ms: None,
+                canary: None,
             })
         );
         assert_eq!(
             serde_json::to_value(Request::Reload {
-                confirm_within_ms: None
+                confirm_within_ms: None,
+                canary: None,
             })
             .unwrap(),
             serde_json::json!({"cmd": "reload"})
@@ -702,7 +737,8 @@ mod tests {
         assert_eq!(
             p(r#"{"cmd":"reload","confirm_within_ms":500}"#).unwrap(),
             Request::Reload {
-                confirm_within_ms: Some(500)
+                confirm_within_ms: Some(500),
+                canary: None,
             }
         );
         assert_eq!(

@@ -27,6 +27,7 @@
 //! only signalled while the worker is unreaped (a zombie's pid cannot be
 //! reused), and the process group is killed by its leader's pid.
 
+pub mod canary;
 pub mod cgroup;
 pub mod clock;
 pub mod control;
@@ -225,6 +226,8 @@ struct Driver {
     /// still write to (a server a wrapper started, draining): read until
     /// their end, so a line logged meanwhile is copied out, not a SIGPIPE.
     orphaned: Vec<Option<std::fs::File>>,
+    /// A canary's listeners and judge, while it has any.
+    canary: Option<canary::Canary>,
 }
 
 /// The signals the supervisor takes from its signalfd.
@@ -303,6 +306,7 @@ impl Driver {
             metrics,
             scrapers: Vec::new(),
             orphaned: Vec::new(),
+            canary: None,
         })
     }
 }
@@ -440,6 +444,7 @@ impl Driver {
                 }
             }
             self.on(Event::Tick);
+            self.judge_if_due();
             self.end_leftovers_due();
             self.preflight_if_late();
             self.upgrade_if_due();
@@ -491,6 +496,9 @@ impl Driver {
         let mut deadline = self.pool.next_deadline();
         if let Some(p) = &self.preflight {
             deadline = Some(deadline.map_or(p.deadline, |d| d.min(p.deadline)));
+        }
+        if let Some(t) = self.judge_due() {
+            deadline = Some(deadline.map_or(t, |d| d.min(t)));
         }
         if let Some(t) = self
             .leftovers
@@ -600,6 +608,7 @@ impl Driver {
         self.on(Event::ReloadRequested {
             waiter,
             confirm_within,
+            canary: None,
         });
     }
 
@@ -677,7 +686,8 @@ impl Driver {
                     index,
                     release,
                     background,
-                } => match self.spawn(generation, index, &release, background) {
+                    canary,
+                } => match self.spawn(generation, index, &release, background, canary) {
                     // The worker's clock starts when it exists, not when
                     // this action was taken.
                     Ok(pid) => queue.extend(self.pool.on(
@@ -739,7 +749,28 @@ impl Driver {
                 Action::Systemd(what) => self.tell_systemd(what),
                 Action::Log(note, msg) => self.log(0, note, &msg),
                 Action::Warn(note, msg) => self.log(-1, note, &msg),
-                Action::Sweep(generation) => self.sweep(Some(generation)),
+                Action::Sweep(generation) => {
+                    self.sweep(Some(generation));
+                    self.canary_gone(generation);
+                }
+                Action::CanaryLive {
+                    generation,
+                    release,
+                    baseline,
+                    plan,
+                } => self.canary_live(generation, &release, &baseline, plan),
+                Action::CanaryEnded { generation } => self.canary_ended(generation),
+                Action::Promoted {
+                    generation,
+                    release,
+                    baseline,
+                    figures,
+                } => self.record(
+                    crate::store::release::EventKind::Promoted,
+                    &release,
+                    Some(&baseline),
+                    Some(format!("generation {generation}: {figures}")),
+                ),
                 Action::Revert {
                     generation,
                     release,

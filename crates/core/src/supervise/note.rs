@@ -40,6 +40,8 @@ pub enum Note {
     ReloadFailed,
     /// A generation was reverted, or `current` switched back.
     Reverted,
+    /// A canary: started, its share, the judge's figures, promoted.
+    Canary,
     Scaled,
     Stopping,
     Upgrade,
@@ -69,6 +71,7 @@ impl Note {
             Note::WorkerRetired => "worker_retired",
             Note::WorkerFailed => "worker_failed",
             Note::Worker => "worker",
+            Note::Canary => "canary",
             Note::ReloadQueued => "reload_queued",
             Note::ReloadHeld => "reload_held",
             Note::ReloadFinished => "reload_finished",

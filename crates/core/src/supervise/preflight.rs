@@ -172,6 +172,15 @@ impl Driver {
         if self.pool.stopping().is_some() {
             return refuse(self, "the supervisor is stopping".into());
         }
+        if let Some(c) = &self.canary {
+            return refuse(
+                self,
+                format!(
+                    "canary generation {} is being judged or drained; upgrade once it is gone",
+                    c.generation
+                ),
+            );
+        }
         let binary = binary.unwrap_or_else(|| self.exe.clone());
         let state = self.state(asker);
         match start_preflight(&binary, &state, asker) {

@@ -186,16 +186,37 @@ impl Driver {
                 let s = serde_json::to_value(self.status()).expect("a status serializes");
                 self.answer_index(i, &s);
             }
-            Request::Reload { confirm_within_ms } => {
+            Request::Reload {
+                confirm_within_ms,
+                canary,
+            } => {
                 let confirm = confirm_within_ms.map(Duration::from_millis);
-                // A request taken is carried out, whether or not its client
-                // is still there to read the answer.
-                if id == 0 {
-                    self.request_reload(None, confirm);
+                let canary = match canary
+                    .map(|c| c.plan(self.pool.settings().workers))
+                    .transpose()
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.answer_index(i, &Answer::failed(e).to_value());
+                        return;
+                    }
+                };
+                if canary.is_some() && confirm.is_some() {
+                    let e = "a canary is judged, not confirmed: use --canary or --confirm-within";
+                    self.answer_index(i, &Answer::failed(e.to_string()).to_value());
                     return;
                 }
-                self.clients[i].awaiting += 1;
-                self.request_reload(Some(id), confirm);
+                // A request taken is carried out, whether or not its client
+                // is still there to read the answer.
+                let waiter = (id != 0).then_some(id);
+                if id != 0 {
+                    self.clients[i].awaiting += 1;
+                }
+                self.on(Event::ReloadRequested {
+                    waiter,
+                    confirm_within: confirm,
+                    canary,
+                });
             }
             Request::Confirm { generation } => {
                 if id != 0 {

@@ -6,6 +6,8 @@ use super::*;
 impl Driver {
     pub(super) fn status(&self) -> control::Status {
         let now = Instant::now();
+        let mut pool = self.pool.status(now);
+        self.canary_status(&mut pool);
         control::Status {
             ok: true,
             pid: std::process::id(),
@@ -27,7 +29,7 @@ impl Driver {
                     address: crate::sockets::listen::public_address(l.local_addr()),
                 })
                 .collect(),
-            pool: self.pool.status(now),
+            pool,
             current: match &self.cfg.mode {
                 Mode::Serve { root } => resolve_current(root).ok().map(|r| r.id),
                 Mode::Pool { .. } => None,

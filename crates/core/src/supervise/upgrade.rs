@@ -721,6 +721,8 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         scrapers: Vec::new(),
         // Not carried over: what still writes to them gets EPIPE.
         orphaned: Vec::new(),
+        // Upgrades wait for a canary's verdict and its end.
+        canary: None,
     };
     d.resumed_asker = state.asker;
     Ok(d)

@@ -305,7 +305,21 @@ impl Driver {
         index: usize,
         release: &Release,
         background: bool,
+        canary: bool,
     ) -> Result<i32, String> {
+        // A canary's worker accepts on the canary's listeners (copies of
+        // their descriptors, closed once it is started).
+        let canary_sockets: Option<Vec<Listener>> = if canary {
+            let own = self.canary_sockets(generation)?;
+            Some(
+                own.iter()
+                    .map(|l| l.fd.try_clone().map(|fd| Listener::new(fd, l.name.clone())))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("canary listeners: {e}"))?,
+            )
+        } else {
+            None
+        };
         let (notify, notify_path, notify_env) = self.notify_socket(generation, index)?;
         nix::sys::socket::setsockopt(&notify, nix::sys::socket::sockopt::PassCred, &true)
             .map_err(|e| format!("notify socket: {e}"))?;
@@ -333,7 +347,7 @@ impl Driver {
         }
         cmd.args(&self.cfg.args)
             .cwd(&release.dir)
-            .sockets(&self.cfg.sockets)
+            .sockets(canary_sockets.as_deref().unwrap_or(&self.cfg.sockets))
             .stderr(wr.as_fd())
             .env("DREAM_RELEASE", &release.id)
             .env("DREAM_RELEASE_DIR", &release.dir)

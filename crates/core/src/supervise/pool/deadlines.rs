@@ -119,7 +119,7 @@ impl Pool {
                 match g.workers[i].state {
                     WorkerState::Waiting { at } if at <= now && g.state == GenState::Live => {
                         let release = g.release.clone();
-                        vec![g.workers[i].spawn(generation, release, background)]
+                        vec![g.workers[i].spawn(generation, release, background, false)]
                     }
                     _ => Vec::new(),
                 }
@@ -194,7 +194,7 @@ impl Pool {
             Note::ReloadFailed,
             format!("reload: generation {generation} {reason}"),
         )];
-        actions.extend(self.fail(generation, reason));
+        actions.extend(self.fail(generation, reason, now));
         actions
     }
 

@@ -10,8 +10,12 @@ impl Pool {
         self.start_pending = false;
         let waiters = self.queued.take().unwrap_or_default();
         let confirm_within = self.queued_confirm.take();
+        let canary = self.queued_canary.take();
         if self.stopping.is_some() {
             return vec![ReloadFailed::stopping(waiters)];
+        }
+        if let Some(plan) = canary {
+            return self.start_canary(release, waiters, plan, now);
         }
         self.start_generation(release, waiters, confirm_within, false, now)
     }
@@ -22,6 +26,20 @@ impl Pool {
         waiters: Vec<Waiter>,
         confirm_within: Option<Duration>,
         revert: bool,
+        now: Instant,
+    ) -> Vec<Action> {
+        self.start(release, waiters, confirm_within, revert, None, now)
+    }
+
+    /// Starts a generation; `canary`: a canary's, of its plan's size, on
+    /// the canary's listeners.
+    pub(super) fn start(
+        &mut self,
+        release: Release,
+        waiters: Vec<Waiter>,
+        confirm_within: Option<Duration>,
+        revert: bool,
+        canary: Option<Plan>,
         now: Instant,
     ) -> Vec<Action> {
         let id = self.next_gen;
@@ -35,6 +53,7 @@ impl Pool {
                 deadline: now + self.settings.ready_timeout,
             }
         };
+        let count = canary.as_ref().map_or(self.settings.workers, |p| p.workers);
         let mut actions = vec![Action::Log(
             Note::GenerationStarting,
             format!(
@@ -43,21 +62,23 @@ impl Pool {
                     "starting"
                 } else if revert {
                     "revert: starting"
+                } else if canary.is_some() {
+                    "canary: starting"
                 } else {
                     "reload: starting"
                 },
                 release.id,
-                crate::plural(self.settings.workers, "worker")
+                crate::plural(count, "worker")
             ),
         )];
         if !first {
             actions.push(Action::Systemd(Systemd::Reloading));
         }
         let background = self.background_now();
-        let workers = (0..self.settings.workers)
+        let workers = (0..count)
             .map(|index| {
                 let mut w = Worker::new(index, WorkerState::Spawning);
-                actions.push(w.spawn(id, release.clone(), background));
+                actions.push(w.spawn(id, release.clone(), background, canary.is_some()));
                 w
             })
             .collect();
@@ -74,6 +95,8 @@ impl Pool {
             settling: Vec::new(),
             confirm_within,
             revert,
+            canary,
+            promoted: false,
         });
         actions
     }
@@ -116,13 +139,17 @@ impl Pool {
                     actions.push(Action::Systemd(Systemd::Ready));
                 }
             }
+            GenState::Starting { .. } if g.canary.is_some() => {
+                actions.extend(self.canary_live(generation, now));
+            }
             GenState::Starting { .. } => {
                 let release = g.release.id.clone();
                 let elapsed = now.duration_since(g.started);
+                // The generation it replaces, and a canary it promotes.
                 let old: Vec<GenId> = self
                     .gens
                     .iter()
-                    .filter(|o| o.state == GenState::Live)
+                    .filter(|o| o.state == GenState::Live || o.state == GenState::Canary)
                     .map(|o| o.id)
                     .collect();
                 let previous = self
@@ -173,7 +200,7 @@ impl Pool {
                 });
                 actions.extend(self.start_queued());
             }
-            GenState::Draining { .. } | GenState::Killed | GenState::Failed => {}
+            GenState::Draining { .. } | GenState::Killed | GenState::Failed | GenState::Canary => {}
         }
         actions
     }
@@ -201,14 +228,20 @@ impl Pool {
         let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
             return Vec::new();
         };
+        // A canary's share goes back to the others before its workers stop
+        // accepting.
+        let mut actions = Vec::new();
+        if g.state == GenState::Canary {
+            actions.push(Action::CanaryEnded { generation });
+        }
         g.state = GenState::Draining { deadline };
-        let mut actions = vec![Action::Log(
+        actions.push(Action::Log(
             Note::GenerationDraining,
             format!(
                 "draining generation {generation} (release {})",
                 g.release.id
             ),
-        )];
+        ));
         for w in &mut g.workers {
             match w.state {
                 WorkerState::Starting { pid, .. } | WorkerState::Ready { pid, .. } => {
@@ -245,11 +278,12 @@ impl Pool {
     }
 
     /// A starting generation failed: kill it, keep the live one.
-    pub(super) fn fail(&mut self, generation: GenId, reason: String) -> Vec<Action> {
+    pub(super) fn fail(&mut self, generation: GenId, reason: String, now: Instant) -> Vec<Action> {
         self.reloads.failed += 1;
         let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
             return Vec::new();
         };
+        let promoting = g.canary.is_none();
         let waiters = std::mem::take(&mut g.waiters);
         let release = g.release.id.clone();
         let mut actions = self.kill(generation, GenState::Failed);
@@ -265,6 +299,9 @@ impl Pool {
             format!("reload failed: generation {generation} (release {release}) killed; {serving}"),
         ));
         actions.push(Action::Systemd(Systemd::Ready));
+        if promoting {
+            actions.extend(self.promotion_failed(&reason, now));
+        }
         actions.push(Action::ReloadDone {
             waiters,
             outcome: Err(format!("release {release}: {reason}")),
@@ -352,7 +389,15 @@ impl Pool {
                     }
                     actions.extend(self.kill(id, GenState::Killed));
                 }
-                (Stop::Graceful, GenState::Live) => actions.extend(self.drain(id, now)),
+                (Stop::Graceful, GenState::Live | GenState::Canary) => {
+                    if let Some(g) = self.gens.iter_mut().find(|g| g.id == id) {
+                        let waiters = std::mem::take(&mut g.waiters);
+                        if !waiters.is_empty() {
+                            actions.push(ReloadFailed::stopping(waiters));
+                        }
+                    }
+                    actions.extend(self.drain(id, now))
+                }
                 (Stop::Graceful, _) => {}
             }
         }

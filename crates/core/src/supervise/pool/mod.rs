@@ -18,6 +18,12 @@
 //!  the live one keeps serving │ (drained, never respawned, removed once it exits)
 //! ```
 //!
+//! A canary reload's generation goes from `Starting` to `Canary` instead:
+//! it serves its share beside the live one, which keeps serving, until the
+//! judge's verdict ([`Event::Judged`]). Reverted, it drains and nothing
+//! else moves; promoted, a reload of its release starts, and once that is
+//! live the old generation and the canary drain together (`canary`).
+//!
 //! These are `GenState`'s variants, and every input is one [`Event`] given
 //! to [`Pool::on`].
 //!
@@ -30,7 +36,8 @@
 //! This file holds the types and [`Pool::on`], which dispatches each event;
 //! the transitions live beside it by subject: `workers` (a worker spawned,
 //! ready, exited), `lifecycle` (a generation started, promoted, drained,
-//! killed, failed; stop and scale), `trial` (settle, probation,
+//! killed, failed; stop and scale), `canary` (a canary's start, verdict
+//! and end), `trial` (settle, probation,
 //! confirmation, revert), `deadlines` (the one list of deadlines, and
 //! what each does when due) and `status`.
 
@@ -42,7 +49,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::exit::Exit;
 use crate::supervise::Note;
+use crate::supervise::canary::judge::Plan;
 
+mod canary;
 mod deadlines;
 mod lifecycle;
 mod settings;
@@ -51,7 +60,9 @@ mod trial;
 mod workers;
 
 pub use settings::{BACKGROUND_MAX, NotifySocket, Readiness, Settings};
-pub use status::{GenerationState, GenerationStatus, PoolStatus, WorkerPhase, WorkerStatus};
+pub use status::{
+    CanaryStatus, GenerationState, GenerationStatus, PoolStatus, WorkerPhase, WorkerStatus,
+};
 
 pub type GenId = u64;
 /// A control client waiting for the outcome of a reload.
@@ -74,6 +85,27 @@ pub enum Action {
         release: Release,
         /// Under `SCHED_IDLE`, until an [`Action::Foreground`].
         background: bool,
+        /// A canary's worker: it accepts on the canary's listeners.
+        canary: bool,
+    },
+    /// Every worker of canary `generation` is ready: steer its share of
+    /// new connections to it and start judging it against `baseline`.
+    CanaryLive {
+        generation: GenId,
+        release: String,
+        baseline: String,
+        plan: Plan,
+    },
+    /// Canary `generation` is ending (reverted, withdrawn, or replaced by
+    /// its promotion): no new connection goes to it from now; sent before
+    /// its workers are told to drain.
+    CanaryEnded { generation: GenId },
+    /// The judge promoted canary `generation`: record it in the history.
+    Promoted {
+        generation: GenId,
+        release: String,
+        baseline: String,
+        figures: String,
     },
     /// Put a worker started in the background back at normal priority.
     Foreground { pid: i32 },
@@ -184,7 +216,13 @@ impl Worker {
     }
 
     /// Marks it as being started; the driver's [`Action::Spawn`] for it.
-    fn spawn(&mut self, generation: GenId, release: Release, background: bool) -> Action {
+    fn spawn(
+        &mut self,
+        generation: GenId,
+        release: Release,
+        background: bool,
+        canary: bool,
+    ) -> Action {
         self.state = WorkerState::Spawning;
         self.background = background;
         Action::Spawn {
@@ -192,6 +230,7 @@ impl Worker {
             index: self.index,
             release,
             background,
+            canary,
         }
     }
 
@@ -231,6 +270,9 @@ enum GenState {
     /// Did not come up (a worker died, or not ready in time): killed at
     /// once, kept until its workers are reaped so status can show it.
     Failed,
+    /// A canary: ready, serving its share beside the live generation
+    /// until the judge's verdict.
+    Canary,
 }
 
 impl GenState {
@@ -298,6 +340,13 @@ struct Generation {
     /// A revert: it goes live settled, never on trial (no ping-pong).
     #[serde(default)]
     revert: bool,
+    /// A canary reload's generation, and how it is judged.
+    #[serde(default)]
+    canary: Option<Plan>,
+    /// A canary the judge promoted: it serves until its release's new
+    /// generation is live.
+    #[serde(default)]
+    promoted: bool,
 }
 
 /// Everything that happens to the pool: the one input of [`Pool::on`].
@@ -310,6 +359,16 @@ pub enum Event {
     ReloadRequested {
         waiter: Option<Waiter>,
         confirm_within: Option<Duration>,
+        /// A canary reload: the new generation serves beside the live one
+        /// until judged.
+        canary: Option<Plan>,
+    },
+    /// The judge's verdict on canary `generation`: `Ok` promotes it,
+    /// `Err` reverts it; each with the figures and reasons, for the log,
+    /// the history and the client waiting.
+    Judged {
+        generation: GenId,
+        verdict: Result<String, String>,
     },
     /// A provisional generation is confirmed (`None`: the live one).
     Confirm {
@@ -431,6 +490,9 @@ pub struct Pool {
     /// The shortest confirmation window among the queued reloads.
     #[serde(default)]
     queued_confirm: Option<Duration>,
+    /// The queued reload is a canary's (the latest asked for).
+    #[serde(default)]
+    queued_canary: Option<Plan>,
     /// Generations reverted lately, and why (for `confirm` to answer).
     #[serde(default)]
     reverted: Vec<(GenId, String)>,
@@ -513,6 +575,7 @@ impl Pool {
             last_death: None,
             restarts: 0,
             queued_confirm: None,
+            queued_canary: None,
             reverted: Vec::new(),
             reverts: 0,
             reloads: ReloadStats::default(),
@@ -530,13 +593,21 @@ impl Pool {
             Event::ReloadRequested {
                 waiter,
                 confirm_within,
+                canary,
             } => {
                 if self.stopping.is_none()
                     && let Some(d) = confirm_within
                 {
                     self.queued_confirm = Some(self.queued_confirm.map_or(d, |q| q.min(d)));
                 }
-                if self.request_reload(waiter) {
+                // A reload asked for while a canary is judged ends it: what
+                // `current` names now is what is wanted (a deploy that was
+                // interrupted switched it back, say).
+                let mut actions = self.withdraw_canary(now);
+                if self.stopping.is_none() {
+                    self.queued_canary = canary;
+                }
+                actions.extend(if self.request_reload(waiter) {
                     vec![Action::StartReload]
                 } else if self.stopping.is_some() {
                     vec![ReloadFailed::stopping(waiter.into_iter().collect())]
@@ -553,8 +624,13 @@ impl Pool {
                     )]
                 } else {
                     Vec::new()
-                }
+                });
+                actions
             }
+            Event::Judged {
+                generation,
+                verdict,
+            } => self.judged(generation, verdict, now),
             Event::Confirm { generation, waiter } => self.confirm(generation, waiter, now, None),
             Event::Extend {
                 generation,

@@ -28,7 +28,21 @@ impl Pool {
                         GenState::Draining { .. } => GenerationState::Draining,
                         GenState::Killed => GenerationState::Killed,
                         GenState::Failed => GenerationState::Failed,
+                        GenState::Canary => GenerationState::Canary,
                     },
+                    canary: g.canary.as_ref().map(|p| CanaryStatus {
+                        workers: p.workers,
+                        share_basis: p.share,
+                        judge_s: p.window().as_secs_f64(),
+                        judged_s: g
+                            .live_since
+                            .filter(|_| g.state == GenState::Canary)
+                            .map(|t| now.duration_since(t).as_secs_f64()),
+                        judge_path: p.spec.judge_path.clone(),
+                        promoted: g.promoted,
+                        figures: None,
+                        verdict: None,
+                    }),
                     release: g.release.id.clone(),
                     release_dir: g.release.dir.clone(),
                     age_s: now.duration_since(g.started).as_secs_f64(),
@@ -112,6 +126,29 @@ pub enum GenerationState {
     Draining,
     Killed,
     Failed,
+    /// Serving a share beside the live generation until judged.
+    Canary,
+}
+
+/// A canary generation as status shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CanaryStatus {
+    pub workers: usize,
+    /// Its share of new connections, per 10,000.
+    pub share_basis: u32,
+    /// The judge window, and how far into it (once every worker is ready).
+    pub judge_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_path: Option<String>,
+    /// The judge promoted it; its release's new generation is starting.
+    pub promoted: bool,
+    /// What the judge has seen so far, and what it would say now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub figures: Option<crate::supervise::canary::judge::Figures>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
 }
 
 /// A worker's state as status shows it.
@@ -129,9 +166,10 @@ pub enum WorkerPhase {
 
 impl GenerationState {
     /// Every state, in the order metrics list them.
-    pub const ALL: [GenerationState; 5] = [
+    pub const ALL: [GenerationState; 6] = [
         GenerationState::Starting,
         GenerationState::Live,
+        GenerationState::Canary,
         GenerationState::Draining,
         GenerationState::Killed,
         GenerationState::Failed,
@@ -144,6 +182,7 @@ impl GenerationState {
             GenerationState::Draining => "draining",
             GenerationState::Killed => "killed",
             GenerationState::Failed => "failed",
+            GenerationState::Canary => "canary",
         }
     }
 }
@@ -189,6 +228,9 @@ pub struct GenerationStatus {
     /// Reverted; a generation of the release it replaced takes over.
     #[serde(default)]
     pub reverted: bool,
+    /// A canary reload's generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStatus>,
     pub workers: Vec<WorkerStatus>,
 }
 

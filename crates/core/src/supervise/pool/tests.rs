@@ -155,7 +155,8 @@ fn workers_start_in_the_background_only_while_others_serve() {
     assert!(starts(&pool.on(
         Event::ReloadRequested {
             waiter: None,
-            confirm_within: None
+            confirm_within: None,
+            canary: None,
         },
         t0
     )));
@@ -210,7 +211,8 @@ fn without_background_start_every_worker_starts_in_front() {
     assert!(starts(&pool.on(
         Event::ReloadRequested {
             waiter: None,
-            confirm_within: None
+            confirm_within: None,
+            canary: None,
         },
         t0
     )));
@@ -290,7 +292,8 @@ fn reload_swaps_only_when_every_new_worker_is_ready() {
     assert!(starts(&pool.on(
         Event::ReloadRequested {
             waiter: Some(7),
-            confirm_within: None
+            confirm_within: None,
+            canary: None,
         },
         t0
     )));
@@ -356,7 +359,8 @@ fn a_crashing_new_generation_is_killed_and_the_old_keeps_serving() {
     assert!(starts(&pool.on(
         Event::ReloadRequested {
             waiter: Some(1),
-            confirm_within: None
+            confirm_within: None,
+            canary: None,
         },
         t0
     )));
@@ -393,6 +397,7 @@ fn a_never_ready_generation_times_out() {
         Event::ReloadRequested {
             waiter: None,
             confirm_within: None,
+            canary: None,
         },
         t0,
     );
@@ -412,7 +417,8 @@ fn reloads_during_a_reload_are_queued_and_coalesced() {
     assert!(starts(&pool.on(
         Event::ReloadRequested {
             waiter: Some(1),
-            confirm_within: None
+            confirm_within: None,
+            canary: None,
         },
         t0
     )));
@@ -423,7 +429,8 @@ fn reloads_during_a_reload_are_queued_and_coalesced() {
             !starts(&pool.on(
                 Event::ReloadRequested {
                     waiter: Some(w),
-                    confirm_within: None
+                    confirm_within: None,
+                    canary: None,
                 },
                 t0
             )),
@@ -549,6 +556,7 @@ fn drain_deadline_kills_the_process_groups() {
         Event::ReloadRequested {
             waiter: None,
             confirm_within: None,
+            canary: None,
         },
         t0,
     );
@@ -585,7 +593,8 @@ fn a_reload_waits_for_room_to_drain_instead_of_killing() {
         assert!(starts(&pool.on(
             Event::ReloadRequested {
                 waiter: None,
-                confirm_within: None
+                confirm_within: None,
+                canary: None,
             },
             t0
         )));
@@ -604,7 +613,8 @@ fn a_reload_waits_for_room_to_drain_instead_of_killing() {
     assert!(!starts(&pool.on(
         Event::ReloadRequested {
             waiter: Some(7),
-            confirm_within: None
+            confirm_within: None,
+            canary: None,
         },
         t0
     )));
@@ -649,7 +659,8 @@ fn a_reload_waits_for_room_to_drain_instead_of_killing() {
     assert!(!starts(&pool.on(
         Event::ReloadRequested {
             waiter: None,
-            confirm_within: None
+            confirm_within: None,
+            canary: None,
         },
         t0
     )));
@@ -667,7 +678,8 @@ fn graceful_stop_drains_then_finishes() {
         !starts(&pool.on(
             Event::ReloadRequested {
                 waiter: Some(1),
-                confirm_within: None
+                confirm_within: None,
+                canary: None,
             },
             t0
         )),
@@ -783,6 +795,7 @@ fn reloaded_to_b(
         Event::ReloadRequested {
             waiter: None,
             confirm_within,
+            canary: None,
         },
         t0,
     );
@@ -1146,6 +1159,7 @@ fn a_stopping_pool_is_never_woken_for_nothing() {
                 1 => Event::ReloadRequested {
                     waiter: None,
                     confirm_within: next(2).checked_sub(1).map(|_| Duration::from_secs(2)),
+                    canary: None,
                 },
                 2 => Event::Stop(Stop::Graceful),
                 3 => Event::Ready {
@@ -1163,4 +1177,161 @@ fn a_stopping_pool_is_never_woken_for_nothing() {
             wake_at_deadlines(&mut pool, &mut pid, until);
         }
     }
+}
+
+/// A canary of `release` (1 worker of the pool's) asked for by waiter 9,
+/// started and ready at `t`: its generation's id.
+fn canary_ready(pool: &mut Pool, pid: &mut i32, release: &str, t: Instant) -> GenId {
+    use crate::supervise::canary::judge::{Share, Spec};
+    let plan = Spec::new(Share::Workers(1))
+        .plan(pool.settings().workers)
+        .unwrap();
+    let a = pool.on(
+        Event::ReloadRequested {
+            waiter: Some(9),
+            confirm_within: None,
+            canary: Some(plan),
+        },
+        t,
+    );
+    assert!(starts(&a));
+    let a = pool.on(Event::ReleaseResolved(Ok(rel(release))), t);
+    let a = run(pool, a, pid, t);
+    assert_eq!(spawns(&a), 1, "one canary worker");
+    assert!(
+        a.iter()
+            .all(|a| !matches!(a, Action::Spawn { canary: false, .. })),
+        "on the canary's listeners"
+    );
+    let generation = pool.generation_ids().last().copied().unwrap();
+    let a = pool.on(
+        Event::Ready {
+            generation,
+            index: 0,
+        },
+        t,
+    );
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::CanaryLive { baseline, .. } if baseline == "a")),
+        "{a:?}"
+    );
+    assert!(outcome(&a).is_none(), "the waiter waits for the verdict");
+    assert_eq!(pool.live_release().map(|r| r.id.as_str()), Some("a"));
+    generation
+}
+
+#[test]
+fn a_reverted_canary_drains_alone_and_the_live_generation_is_untouched() {
+    let (mut pool, mut pid, t0) = live_pool(4);
+    let g = canary_ready(&mut pool, &mut pid, "b", t0);
+    let a = pool.on(
+        Event::Judged {
+            generation: g,
+            verdict: Err("error rate".into()),
+        },
+        t0 + MS,
+    );
+    // The share goes back first, then its one worker is told to drain.
+    let ended = a
+        .iter()
+        .position(|a| matches!(a, Action::CanaryEnded { .. }))
+        .expect("ended");
+    let signalled = a
+        .iter()
+        .position(|a| matches!(a, Action::Signal { .. }))
+        .expect("drained");
+    assert!(ended < signalled, "{a:?}");
+    assert_eq!(signals(&a), vec![pid], "only the canary's worker");
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::Revert { to, .. } if to.id == "a"))
+    );
+    assert!(matches!(outcome(&a), Some((w, Err(e))) if w == vec![9] && e.contains("error rate")));
+    assert!(!starts(&a), "nothing else moves");
+    assert_eq!(pool.live_pids(), vec![1, 2, 3, 4]);
+    assert_eq!(pool.reverts, 1);
+}
+
+#[test]
+fn a_promoted_canary_serves_until_its_full_generation_is_live() {
+    let (mut pool, mut pid, t0) = live_pool(2);
+    let g = canary_ready(&mut pool, &mut pid, "b", t0);
+    let canary_pid = pid;
+    let a = pool.on(
+        Event::Judged {
+            generation: g,
+            verdict: Ok("figures".into()),
+        },
+        t0 + MS,
+    );
+    assert!(starts(&a), "its promotion is a reload: {a:?}");
+    assert!(signals(&a).is_empty(), "nobody drains yet");
+    assert!(a.iter().any(|a| matches!(a, Action::Promoted { .. })));
+    let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0 + MS);
+    let a = run(&mut pool, a, &mut pid, t0 + MS);
+    assert_eq!(spawns(&a), 2, "a full generation");
+    let full = pool.generation_ids().last().copied().unwrap();
+    let mut a = Vec::new();
+    for index in 0..2 {
+        a.extend(pool.on(
+            Event::Ready {
+                generation: full,
+                index,
+            },
+            t0 + 2 * MS,
+        ));
+    }
+    let mut drained = signals(&a);
+    drained.sort();
+    assert_eq!(
+        drained,
+        vec![1, 2, canary_pid],
+        "old and canary drain together"
+    );
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::CanaryEnded { generation } if *generation == g))
+    );
+    assert!(
+        matches!(outcome(&a), Some((w, Ok((id, r)))) if w == vec![9] && id == full && r == "b")
+    );
+}
+
+#[test]
+fn a_canary_worker_that_exits_reverts_it_and_a_reload_withdraws_it() {
+    let (mut pool, mut pid, t0) = live_pool(4);
+    let g = canary_ready(&mut pool, &mut pid, "b", t0);
+    let a = pool.on(
+        Event::Exited {
+            pid,
+            how: Exit::Code(3),
+            tail: String::new(),
+        },
+        t0 + MS,
+    );
+    assert!(
+        a.iter().any(|a| matches!(a, Action::Revert { .. })),
+        "{a:?}"
+    );
+    assert!(matches!(outcome(&a), Some((_, Err(e))) if e.contains("exited")));
+    assert!(!pool.generation_ids().contains(&g) || pool.canary().is_none());
+
+    // A plain reload during a canary's window ends it without a verdict.
+    let (mut pool, mut pid, t0) = live_pool(4);
+    canary_ready(&mut pool, &mut pid, "b", t0);
+    let a = pool.on(
+        Event::ReloadRequested {
+            waiter: Some(3),
+            confirm_within: None,
+            canary: None,
+        },
+        t0 + MS,
+    );
+    assert!(
+        !a.iter().any(|a| matches!(a, Action::Revert { .. })),
+        "nothing marked bad"
+    );
+    assert!(matches!(outcome(&a), Some((w, Err(e))) if w == vec![9] && e.contains("withdrawn")));
+    assert!(starts(&a));
 }

@@ -156,7 +156,30 @@ impl Pool {
                 actions.extend(self.fail(
                     generation,
                     with_tail(&format!("worker {generation}.{index} {reason}"), tail),
+                    now,
                 ));
+            }
+            GenState::Canary if !stopping => {
+                // A canary's worker that exits is judged at once: the
+                // canary is reverted (promoted, it is being replaced and
+                // is only drained).
+                actions.push(Action::Warn(
+                    Note::WorkerExited,
+                    format!("canary worker {generation}.{index} exited: {reason}"),
+                ));
+                if let Some(pgid) = w.pgid.take() {
+                    actions.push(Action::KillGroup { pid: pgid });
+                }
+                if !g.promoted {
+                    actions.extend(self.judged(
+                        generation,
+                        Err(with_tail(
+                            &format!("canary worker {generation}.{index} exited ({reason})"),
+                            tail,
+                        )),
+                        now,
+                    ));
+                }
             }
             GenState::Live if !stopping && on_trial => {
                 actions.push(Action::Warn(

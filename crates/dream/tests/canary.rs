@@ -1,0 +1,240 @@
+//! A canary reload: the new release serves a share of new connections
+//! beside the live one, is judged against it by the supervisor, and is
+//! promoted or reverted without a person; no client is refused, reset or
+//! served a mix at any step. The cores are kept busy where a verdict could
+//! depend on load.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dream_core::supervise::pool::GenerationState;
+use dream_testkit::{Guard, Referee, Root, Saturate, bin, run, wait_until};
+
+const GOOD: &str = r#"exec "$PROBE_BIN" --serve"#;
+const FAILS_A_FIFTH: &str = r#"exec "$PROBE_BIN" --serve --fail-percent 20"#;
+/// About 5x the baseline's latency under load, 30x on an idle host.
+const SLOW: &str = r#"exec "$PROBE_BIN" --serve --delay-ms 40"#;
+const EXITS_AFTER_1S: &str = r#"exec "$PROBE_BIN" --serve --exit-after-ms 1000"#;
+
+/// `dream serve` with four workers that say READY=1.
+fn serve(root: &Root) -> (Guard, std::net::SocketAddr) {
+    root.serve(&["--ready", "notify", "--workers", "4"], &[])
+}
+
+/// `dream reload --canary ARGS` for `root`: exit code, stdout, stderr, and
+/// how long it took.
+fn canary(root: &Root, args: &[&str]) -> (Option<i32>, String, String, Duration) {
+    let t = Instant::now();
+    let (status, out, err) = run(
+        Command::new(bin("dream"))
+            .args(["reload", "--root"])
+            .arg(root.path())
+            .args(args),
+        Duration::from_secs(120),
+    );
+    (status.code(), out, err, t.elapsed())
+}
+
+/// The history's events for `release`, as `event` names, with reasons.
+fn history(root: &Path, release: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(root.join(".dream/history"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["release"] == release)
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap_or_default().to_string(),
+                e["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until only `release`'s live generation is left, with 4 workers.
+fn wait_only(root: &Root, release: &str) {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("only {release} left"),
+        || {
+            let s = root.status();
+            let g = &s.pool.generations;
+            (g.len() == 1 && g[0].release == release && g[0].state == GenerationState::Live)
+                .then_some(())
+        },
+    );
+    root.wait_live(release, 4);
+}
+
+/// Errors other than a status a release chose to answer.
+fn connection_errors(r: &dream_check::Report) -> u64 {
+    r.error_total - r.errors.bad_status
+}
+
+#[test]
+fn a_canary_failing_a_fifth_of_its_requests_is_reverted_early_and_the_live_one_never_moves() {
+    let root = Root::new();
+    root.release("a", GOOD);
+    root.release("b", FAILS_A_FIFTH);
+    root.switch("a");
+    let (_sup, addr) = serve(&root);
+    let before = root.wait_live("a", 4);
+    let live_pids = dream_testkit::live_pids(&before);
+    let _busy = Saturate::cores();
+    let clients = Referee::start(addr, false);
+    clients.wait_responses(50);
+    root.switch("b");
+    let (code, out, err, took) = canary(
+        &root,
+        &[
+            "--canary",
+            "1",
+            "--judge-for",
+            "30s",
+            "--judge-path",
+            "/judge",
+            "--judge-min-requests",
+            "30",
+        ],
+    );
+    assert_eq!(code, Some(1), "reverted is a failure: {out}{err}");
+    assert!(
+        err.contains("reverted") && err.contains("error rate"),
+        "the reason, with figures: {err}"
+    );
+    // Decided as soon as both sides had their sample, not at the window's end.
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_eq!(root.current().as_deref(), Some("a"), "current went back");
+    wait_only(&root, "a");
+    let after = root.status();
+    assert_eq!(
+        dream_testkit::live_pids(&after),
+        live_pids,
+        "the live generation was never touched"
+    );
+    let events = history(root.path(), "b");
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(
+        kinds.contains(&"canary") && kinds.contains(&"reverted"),
+        "{events:?}"
+    );
+    clients.wait_responses(100);
+    let report = clients.finish();
+    assert_eq!(connection_errors(&report), 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+    let from_b = report.releases.get("b").copied().unwrap_or(0);
+    assert!(from_b > 0, "the canary took its share: {}", report.human());
+    // Clients' errors came from the canary alone, bounded by its share.
+    assert!(report.errors.bad_status <= from_b, "{}", report.human());
+    assert!(
+        (report.errors.bad_status as f64) <= 0.25 * 0.2 * 2.0 * report.responses as f64 + 5.0,
+        "{}",
+        report.human()
+    );
+}
+
+#[test]
+fn a_slow_canary_is_reverted_and_a_healthy_one_promoted_with_its_share() {
+    let root = Root::new();
+    root.release("a", GOOD);
+    root.release("slow", SLOW);
+    root.release("c", GOOD);
+    root.switch("a");
+    let (_sup, addr) = serve(&root);
+    root.wait_live("a", 4);
+    let _busy = Saturate::cores();
+    let clients = Referee::start(addr, false);
+    clients.wait_responses(50);
+    let judge = [
+        "--canary",
+        "1",
+        "--judge-for",
+        "8s",
+        "--judge-path",
+        "/health",
+        "--judge-min-requests",
+        "20",
+    ];
+
+    root.switch("slow");
+    let (code, out, err, _) = canary(&root, &judge);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("p99"), "judged on latency: {err}");
+    assert_eq!(root.current().as_deref(), Some("a"));
+    wait_only(&root, "a");
+
+    root.switch("c");
+    let (code, out, err, _) = canary(&root, &judge);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("canary promoted"), "{out}");
+    assert_eq!(root.current().as_deref(), Some("c"));
+    wait_only(&root, "c");
+    let events = history(root.path(), "c");
+    let promoted = events
+        .iter()
+        .find(|(k, _)| k == "promoted")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    // "canary 0.0% errors (0 of N) ...; baseline 0.0% errors (0 of M) ...":
+    // the judge's own requests measure the share.
+    let counts: Vec<f64> = promoted
+        .1
+        .split(" of ")
+        .skip(1)
+        .filter_map(|s| s.split(')').next()?.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 2, "{promoted:?}");
+    let share = counts[0] / (counts[0] + counts[1]);
+    assert!(
+        (0.12..=0.40).contains(&share),
+        "1 worker of 4 takes about 25% of new connections, measured {share:.2}: {promoted:?}"
+    );
+    clients.wait_responses(100);
+    let report = clients.finish();
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+}
+
+#[test]
+fn a_canary_whose_worker_exits_is_reverted_at_once() {
+    let root = Root::new();
+    root.release("a", GOOD);
+    root.release("b", EXITS_AFTER_1S);
+    root.switch("a");
+    let (_sup, _addr) = serve(&root);
+    root.wait_live("a", 4);
+    root.switch("b");
+    let (code, out, err, took) = canary(&root, &["--canary", "25%", "--judge-for", "60s"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("exited"), "{err}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_eq!(root.current().as_deref(), Some("a"));
+    wait_only(&root, "a");
+}
+
+#[test]
+fn a_canary_is_refused_with_a_reason_where_it_cannot_be_judged() {
+    let root = Root::new();
+    root.release("a", GOOD);
+    root.switch("a");
+    let (_sup, _addr) = serve(&root);
+    root.wait_live("a", 4);
+    // Of the very release that is live: nothing to compare.
+    let (code, _, err, _) = canary(&root, &["--canary", "1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("already live"), "{err}");
+    // As many workers as the live generation has: not a canary.
+    let (code, _, err, _) = canary(&root, &["--canary", "4"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("would take all of it"), "{err}");
+    for bad in [
+        &["--canary", "0"][..],
+        &["--canary", "150%"],
+        &["--judge-for", "5s"],
+    ] {
+        let (code, _, err, _) = canary(&root, bad);
+        assert_eq!(code, Some(100), "a usage error: {bad:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert_eq!(root.status().pool.generations.len(), 1);
+}
