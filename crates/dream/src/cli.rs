@@ -72,6 +72,13 @@ pub(crate) enum Cmd {
         after_help = "A provisional reload (dream reload --confirm-within DUR, dream deploy\n--confirm-within DUR) reverts to the previous release unless confirmed in time.\nExits 1 if the generation was already reverted, naming why.\n\nExamples:\n  dream reload --root /srv/app --confirm-within 60s && ./smoke-test && dream confirm --root /srv/app"
     )]
     Confirm(ConfirmArgs),
+    /// Stop accepting without refusing anyone: connections wait in the backlog until `dream resume`
+    #[command(
+        after_help = "The live generation drains (its requests are answered) and nothing accepts; new\nconnections complete their handshake and wait in the listening sockets' backlog.\nAnswered once every worker is gone: run what old and new code cannot both run\nagainst (a migration), then `dream resume` (or `dream reload`, or a deploy) starts\nthe release `current` names, which takes everything that waited. Past --max the\nsupervisor resumes by itself. If the resumed release does not come up, the paused\none serves again. `dream deploy --pause` does all of this around its switch.\n\nExample:\n  dream pause --root /srv/app --max 20s && ./migrate && dream resume --root /srv/app"
+    )]
+    Pause(PauseArgs),
+    /// End a pause: start the release `current` names; exit 1 if it failed (the paused one serves again)
+    Resume(ResumeArgs),
     /// Replace the running supervisor's program in place: same pid, sockets and workers
     #[command(
         after_help = "The supervisor checks the new program first (PATH --upgrade-check), waits for a
@@ -338,6 +345,12 @@ pub(crate) struct DeployCmd {
     pub(crate) bridge: Vec<PathBuf>,
     #[command(flatten)]
     pub(crate) canary: CanaryArgs,
+    /// Stop the old release before the switch: it drains, nothing accepts and connections wait in the backlog while the pre-switch hook runs (a migration old and new code cannot both run against); the new release then takes everything that waited. If it does not come up, the old one serves again
+    #[arg(long)]
+    pub(crate) pause: bool,
+    /// The longest the pause may hold connections before the supervisor resumes by itself [default: 30s]
+    #[arg(long, value_name = "DUR", value_parser = values::duration, requires = "pause")]
+    pub(crate) pause_max: Option<Duration>,
     /// Print what would be copied, shared, left out, built and switched; write nothing, take no lock
     #[arg(long)]
     pub(crate) dry_run: bool,
@@ -470,6 +483,29 @@ impl CanaryArgs {
         }
         Some(spec)
     }
+}
+
+#[derive(Args)]
+pub(crate) struct PauseArgs {
+    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) root: Option<PathBuf>,
+    /// Resume by itself after DUR, on the release current names [default: 30s, under the 60s most proxies and clients wait]
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
+    pub(crate) max: Option<Duration>,
+    /// Print the answer as JSON on stdout
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct ResumeArgs {
+    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) root: Option<PathBuf>,
+    /// Print the answer as JSON on stdout
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]

@@ -87,6 +87,7 @@ fn deploy_site(
         interruptible: false,
         settle: Duration::ZERO,
         canary: None,
+        pause: None,
     };
     deploy::deploy(&opts, &mut |_| {}).map_err(|e| e.message)
 }

@@ -75,6 +75,7 @@ pub struct DeployArgs<'a> {
     pub verify: Vec<String>,
     pub settle: std::time::Duration,
     pub canary: Option<dream_core::supervise::canary::judge::Spec>,
+    pub pause: Option<std::time::Duration>,
     pub exclude: Vec<String>,
     pub keep_git: bool,
     pub no_hooks: bool,
@@ -89,6 +90,16 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
     let source = Source::parse(a.source).map_err(Failure::usage)?;
     if a.keep == 0 {
         return Err(Failure::usage("--keep must be at least 1"));
+    }
+    if a.pause.is_some() && a.canary.is_some() {
+        return Err(Failure::usage(
+            "--pause stops the old release before the new one starts; a canary runs both: use one",
+        ));
+    }
+    if a.pause.is_some() && a.no_reload {
+        return Err(Failure::usage(
+            "--pause needs a reload to resume: it cannot go with --no-reload",
+        ));
     }
     if a.canary.is_some() && a.no_reload {
         return Err(Failure::usage(
@@ -121,6 +132,7 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
         interruptible: true,
         settle: a.settle,
         canary: a.canary,
+        pause: a.pause,
     };
     if a.dry_run {
         let plan = deploy::plan(&opts)?;
@@ -307,6 +319,10 @@ pub(crate) fn run(a: DeployCmd) -> Result {
             .or(file.settle)
             .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
         canary: a.canary.spec(),
+        pause: match (a.pause, a.pause_max) {
+            (true, max) => Some(max.unwrap_or(dream_core::supervise::pool::DEFAULT_PAUSE)),
+            (false, _) => None,
+        },
         exclude: if a.exclude.is_empty() {
             file.exclude.clone().unwrap_or_default()
         } else {

@@ -437,6 +437,41 @@ pub fn confirm(root: Option<&Path>, generation: Option<u64>, json_out: bool) -> 
     })
 }
 
+/// `dream pause`: answered once every worker is gone.
+pub fn pause(root: Option<&Path>, max: Option<Duration>, json_out: bool) -> Result {
+    let root = root_dir(root)?;
+    if max.is_some_and(|d| d.is_zero()) {
+        return Err(Failure::usage("--max must be longer than 0s"));
+    }
+    let a = control::ask(
+        &root,
+        &Request::Pause {
+            max_ms: max.map(|d| d.as_millis() as u64),
+        },
+        None,
+    )
+    .map_err(control_failure)?;
+    let max = max.unwrap_or(dream_core::supervise::pool::DEFAULT_PAUSE);
+    answered(a, json_out, "", |_| {
+        format!(
+            "paused: nothing accepts, new connections wait in the backlog; dream resume (or a reload) ends it, and it ends by itself after {}",
+            dream_core::fmt_duration(max)
+        )
+    })
+}
+
+/// `dream resume`: answered once the resumed generation is live.
+pub fn resume(root: Option<&Path>, json_out: bool) -> Result {
+    let root = root_dir(root)?;
+    let a = control::ask(&root, &Request::Resume, None).map_err(control_failure)?;
+    answered(a, json_out, "resume failed: ", |a| match a.live() {
+        Some((generation, release)) => {
+            format!("resumed: generation {generation} (release {release}) is live")
+        }
+        None => "resumed".into(),
+    })
+}
+
 /// `dream serve`: flags, then `[serve]` in dream.toml, then the defaults.
 pub(crate) fn run_command(a: ServeArgs) -> Result {
     let root = root_dir(a.root.as_deref())?;

@@ -183,6 +183,8 @@ pub struct DeployOptions {
     pub settle: Duration,
     /// `--canary`: see [`ReloadHow::canary`].
     pub canary: Option<crate::supervise::canary::judge::Spec>,
+    /// `--pause`: see [`ReloadHow::pause`].
+    pub pause: Option<Duration>,
 }
 
 impl DeployOptions {
@@ -211,6 +213,7 @@ impl DeployOptions {
             interruptible: false,
             settle: DEFAULT_SETTLE,
             canary: None,
+            pause: None,
         }
     }
 }

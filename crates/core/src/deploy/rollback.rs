@@ -64,6 +64,7 @@ pub fn rollback(
             quiet: false,
             settle,
             canary: None,
+            pause: None,
         },
         Some(&mut signals),
         &mut p,

@@ -33,6 +33,7 @@ impl Pipeline<'_, '_> {
                 quiet: opts.quiet,
                 settle: opts.settle,
                 canary: opts.canary.clone(),
+                pause: opts.pause,
             },
             self.signals.as_mut(),
             &mut self.p,
@@ -113,10 +114,19 @@ pub(super) fn switch_reload_verify(
     p: &mut Progress<'_>,
 ) -> Result<(), DeployError> {
     let (reload, provisional) = (how.reload, how.provisional);
-    if how.hooks {
-        pre_switch_hook(store, id, previous, how.quiet, p)?;
+    let mut signals = signals;
+    let paused = match how.pause {
+        Some(max) => pause(store, max, signals.as_deref_mut(), p)?,
+        None => false,
+    };
+    if how.hooks
+        && let Err(e) = pre_switch_hook(store, id, previous, how.quiet, p)
+    {
+        return Err(if paused { resume_after(store, e) } else { e });
     }
-    switch_and_record(store, id, previous, event, p)?;
+    if let Err(e) = switch_and_record(store, id, previous, event, p) {
+        return Err(if paused { resume_after(store, e) } else { e });
+    }
     p.step("switched", format!("current -> releases/{id}"));
     if !reload {
         p.step("reload", "skipped (--no-reload)".into());
@@ -191,6 +201,84 @@ pub(super) fn switch_reload_verify(
         Kind::Failed,
         format!("reload failed: {failure}\n{restored}; release {id} is marked bad"),
     ))
+}
+
+/// `--pause`: the supervisor stops accepting and drains the live
+/// generation; true once nothing serves (false: no supervisor runs, so
+/// nothing is served anyway). An interrupt resumes at once.
+fn pause(
+    store: &Store,
+    max: Duration,
+    signals: Option<&mut Signals>,
+    p: &mut Progress<'_>,
+) -> Result<bool, DeployError> {
+    let request = control::Request::Pause {
+        max_ms: Some(max.as_millis() as u64),
+    };
+    let answer = control::ask_or_interrupt(
+        &store.root,
+        &request,
+        Some(reload_deadline(store)),
+        signals.as_deref().map(|s| s.as_fd()),
+    );
+    match answer {
+        Ok(a) if a.ok => {
+            p.step(
+                "paused",
+                format!(
+                    "nothing accepts; connections wait in the backlog (at most {})",
+                    crate::fmt_duration(max)
+                ),
+            );
+            Ok(true)
+        }
+        Ok(a) => Err(err(
+            Kind::Failed,
+            format!(
+                "could not pause: {}; nothing was switched",
+                a.error.unwrap_or_else(|| "unknown error".into())
+            ),
+        )),
+        Err(control::ControlError::NotRunning { .. }) => {
+            p.step("pause", "no supervisor is running for this root".into());
+            Ok(false)
+        }
+        Err(control::ControlError::Interrupted) => {
+            let sig = signals
+                .and_then(|s| s.try_next().ok().flatten())
+                .unwrap_or(nix::sys::signal::Signal::SIGINT);
+            let _ = control::tell(&store.root, &control::Request::Resume);
+            Err(err(
+                Kind::Interrupted(sig as i32),
+                format!(
+                    "interrupted by {sig:?} while pausing: the supervisor was asked to resume; nothing was switched"
+                ),
+            ))
+        }
+        Err(e) => Err(err(
+            Kind::Temporary,
+            format!("could not pause ({e}); nothing was switched"),
+        )),
+    }
+}
+
+/// A paused deploy that stops before its switch: the release that was
+/// paused serves again.
+fn resume_after(store: &Store, mut e: DeployError) -> DeployError {
+    let how = match control::ask(
+        &store.root,
+        &control::Request::Resume,
+        Some(reload_deadline(store)),
+    ) {
+        Ok(a) if a.ok => "the paused release serves again".to_string(),
+        Ok(a) => format!(
+            "resuming failed: {}",
+            a.error.unwrap_or_else(|| "unknown error".into())
+        ),
+        Err(x) => format!("could not ask the supervisor to resume: {x}"),
+    };
+    e.message = format!("{}; {how}", e.message);
+    e
 }
 
 /// The new generation is live: verify, settle, confirm as asked, then the
@@ -375,6 +463,10 @@ pub struct ReloadHow {
     /// A canary reload (`--canary`): answered once the judge promoted it
     /// and its full generation is live, or it was reverted.
     pub canary: Option<crate::supervise::canary::judge::Spec>,
+    /// `--pause`: before the `pre-switch` hook, the supervisor stops
+    /// accepting (for at most this long) and the live generation drains;
+    /// the reload after the switch resumes.
+    pub pause: Option<Duration>,
 }
 
 /// `--settle`'s default: long enough to catch a release that crashes as it
@@ -627,6 +719,7 @@ pub fn go_live_prepared(
             quiet: true,
             settle,
             canary: None,
+            pause: None,
         },
         None,
         &mut p,

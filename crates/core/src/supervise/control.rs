@@ -59,6 +59,16 @@ pub enum Request {
     Scale {
         workers: usize,
     },
+    /// Stop accepting: the live generation drains, new connections wait in
+    /// the backlog until a reload (or `resume`) starts a generation, or
+    /// `max_ms` passes. Answered once every worker is gone.
+    Pause {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_ms: Option<u64>,
+    },
+    /// Ends a pause: a reload of what `current` names. Answered once it is
+    /// live; refused when not paused.
+    Resume,
     Stop,
     /// Replace the supervisor's program in place (default: the path it
     /// started from).
@@ -84,6 +94,7 @@ impl Request {
             "reload" => &["cmd", "confirm_within_ms", "canary"],
             "confirm" => &["cmd", "generation"],
             "settle" | "extend" => &["cmd", "generation", "within_ms"],
+            "pause" => &["cmd", "max_ms"],
             _ => &["cmd"],
         };
         if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -363,6 +374,12 @@ pub struct SocketStatus {
     /// Its `LISTEN_FDNAMES` name.
     pub name: String,
     pub address: String,
+    /// TCP: connections accepted by the kernel and not yet by a worker,
+    /// and how many its backlog holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<u32>,
 }
 
 impl Status {
@@ -396,6 +413,24 @@ impl Status {
         );
         for sock in &self.sockets {
             let _ = writeln!(s, "listening on {}", sock.address);
+        }
+        if let Some(p) = &self.pool.paused {
+            let queued: Vec<String> = self
+                .sockets
+                .iter()
+                .filter_map(|s| Some(format!("{} of {} on {}", s.queued?, s.backlog?, s.address)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "paused for {}: nothing accepts; resumes by itself in {}; waiting in the backlog: {}",
+                crate::fmt_duration(Duration::from_secs_f64(p.for_s.max(0.0))),
+                crate::fmt_duration(Duration::from_secs_f64(p.resumes_in_s.max(0.0))),
+                if queued.is_empty() {
+                    "-".to_string()
+                } else {
+                    queued.join(", ")
+                }
+            );
         }
         let judged = |r: &str| {
             self.pool

@@ -21,6 +21,57 @@ pub(super) fn backlogs(sockets: &[protocol::Listener]) -> Vec<Option<u32>> {
 }
 
 impl Driver {
+    /// While paused, once a second: how full each backlog gets. Warned once
+    /// per pause when, at the rate connections have been arriving, one
+    /// would fill before the pause's limit (the kernel then drops new
+    /// handshakes, and clients retry after a second or more).
+    pub(super) fn watch_backlog(&mut self) {
+        let Some((since, until)) = self.pool.paused() else {
+            self.backlog_watch = None;
+            return;
+        };
+        let now = Instant::now();
+        let (next, warned) = self.backlog_watch.unwrap_or((now, false));
+        if next > now || warned {
+            return;
+        }
+        let mut warn = false;
+        let elapsed = now.duration_since(since).as_secs_f64();
+        for l in &self.cfg.sockets {
+            let Some((queued, limit)) = crate::sys::listen_queue(l.fd.as_fd()) else {
+                continue;
+            };
+            if elapsed < 0.5 || queued == 0 {
+                continue;
+            }
+            let rate = queued as f64 / elapsed;
+            let left = until.saturating_duration_since(now).as_secs_f64();
+            if queued as f64 + rate * left > limit as f64 {
+                warn = true;
+                self.log(
+                    -1,
+                    Note::Paused,
+                    &format!(
+                        "listening socket {}: {queued} connections wait in a backlog of {limit}; at {rate:.0} a second it fills in {:.1}s, before the pause ends (a deeper --backlog and net.core.somaxconn, or a shorter pause)",
+                        l.name,
+                        (limit.saturating_sub(queued)) as f64 / rate
+                    ),
+                );
+            }
+        }
+        self.backlog_watch = Some((now + Duration::from_secs(1), warn));
+    }
+
+    /// When [`Driver::watch_backlog`] looks next.
+    pub(super) fn backlog_due(&self) -> Option<Instant> {
+        self.pool.paused()?;
+        match self.backlog_watch {
+            Some((_, true)) => None,
+            Some((t, false)) => Some(t),
+            None => Some(Instant::now()),
+        }
+    }
+
     /// Node, gunicorn and uvicorn call `listen(2)` again on the socket
     /// they are given, with a backlog of their own (511, 2048): every
     /// worker shares it, so connections that wait during a reload would

@@ -228,6 +228,9 @@ struct Driver {
     orphaned: Vec<Option<std::fs::File>>,
     /// A canary's listeners and judge, while it has any.
     canary: Option<canary::Canary>,
+    /// While paused: when the backlogs are looked at next, and whether
+    /// one was found filling too fast.
+    backlog_watch: Option<(Instant, bool)>,
 }
 
 /// The signals the supervisor takes from its signalfd.
@@ -307,6 +310,7 @@ impl Driver {
             scrapers: Vec::new(),
             orphaned: Vec::new(),
             canary: None,
+            backlog_watch: None,
         })
     }
 }
@@ -445,6 +449,7 @@ impl Driver {
             }
             self.on(Event::Tick);
             self.judge_if_due();
+            self.watch_backlog();
             self.end_leftovers_due();
             self.preflight_if_late();
             self.upgrade_if_due();
@@ -496,6 +501,9 @@ impl Driver {
         let mut deadline = self.pool.next_deadline();
         if let Some(p) = &self.preflight {
             deadline = Some(deadline.map_or(p.deadline, |d| d.min(p.deadline)));
+        }
+        if let Some(t) = self.backlog_due() {
+            deadline = Some(deadline.map_or(t, |d| d.min(t)));
         }
         if let Some(t) = self.judge_due() {
             deadline = Some(deadline.map_or(t, |d| d.min(t)));

@@ -42,6 +42,8 @@ pub enum Note {
     Reverted,
     /// A canary: started, its share, the judge's figures, promoted.
     Canary,
+    /// Paused (nothing accepts), resumed.
+    Paused,
     Scaled,
     Stopping,
     Upgrade,
@@ -72,6 +74,7 @@ impl Note {
             Note::WorkerFailed => "worker_failed",
             Note::Worker => "worker",
             Note::Canary => "canary",
+            Note::Paused => "paused",
             Note::ReloadQueued => "reload_queued",
             Note::ReloadHeld => "reload_held",
             Note::ReloadFinished => "reload_finished",

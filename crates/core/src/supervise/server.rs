@@ -270,6 +270,28 @@ impl Driver {
                 // Answered when the new program runs (or the upgrade failed).
                 self.request_upgrade((id != 0).then_some(id), binary);
             }
+            Request::Pause { max_ms } => {
+                let max =
+                    max_ms.map_or(crate::supervise::pool::DEFAULT_PAUSE, Duration::from_millis);
+                if id != 0 {
+                    self.clients[i].awaiting += 1;
+                }
+                self.on(Event::Pause {
+                    max,
+                    waiter: (id != 0).then_some(id),
+                });
+            }
+            Request::Resume => {
+                if self.pool.paused().is_none() {
+                    let e = "not paused (dream pause first; a reload in progress resumes already)";
+                    self.answer_index(i, &Answer::failed(e.to_string()).to_value());
+                    return;
+                }
+                if id != 0 {
+                    self.clients[i].awaiting += 1;
+                }
+                self.request_reload((id != 0).then_some(id), None);
+            }
             Request::Stop => {
                 self.answer_index(i, &Answer::done(control::Done::Stopping).to_value());
                 self.on(Event::Stop(Stop::Graceful));

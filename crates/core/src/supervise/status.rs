@@ -24,9 +24,14 @@ impl Driver {
                 .cfg
                 .sockets
                 .iter()
-                .map(|l| control::SocketStatus {
-                    name: l.name.clone(),
-                    address: crate::sockets::listen::public_address(l.local_addr()),
+                .map(|l| {
+                    let queue = crate::sys::listen_queue(l.fd.as_fd());
+                    control::SocketStatus {
+                        name: l.name.clone(),
+                        address: crate::sockets::listen::public_address(l.local_addr()),
+                        queued: queue.map(|(q, _)| q),
+                        backlog: queue.map(|(_, b)| b),
+                    }
                 })
                 .collect(),
             pool,

@@ -723,6 +723,7 @@ fn adopt(state: State) -> Result<Driver, SuperviseError> {
         orphaned: Vec::new(),
         // Upgrades wait for a canary's verdict and its end.
         canary: None,
+        backlog_watch: None,
     };
     d.resumed_asker = state.asker;
     Ok(d)

@@ -23,6 +23,8 @@ enum Due {
     Trial(GenId),
     /// The first generation's ready timeout: the supervisor gives up.
     FirstReady,
+    /// A pause reached its `max`: it resumes.
+    PauseOver,
 }
 
 impl Pool {
@@ -37,6 +39,9 @@ impl Pool {
             && self.stopping.is_none()
         {
             all.push((by, Due::FirstReady));
+        }
+        if let Some((_, until)) = self.paused() {
+            all.push((until, Due::PauseOver));
         }
         for g in &self.gens {
             all.extend(g.settling.iter().map(|s| (s.by, Due::Settle)));
@@ -151,6 +156,7 @@ impl Pool {
             Due::ReadyTimeout(generation) => self.ready_timeout(generation, now),
             Due::DrainTimeout(generation) => self.drain_timeout(generation, now),
             Due::Trial(generation) => self.trial_due(generation, now),
+            Due::PauseOver => self.pause_over(now),
             Due::FirstReady => {
                 if self.announced_ready
                     || self.stopping.is_some()

@@ -44,7 +44,12 @@ impl Pool {
     ) -> Vec<Action> {
         let id = self.next_gen;
         self.next_gen += 1;
-        let first = self.live().is_none() && self.gens.is_empty();
+        // Live at once when nothing else is live or starting and no pause
+        // waits for a reload to resume it: the first generation, and the
+        // paused release going back after a resume that failed.
+        let first = self.live().is_none()
+            && self.paused.is_none()
+            && self.gens.iter().all(|g| g.state.ending());
         let state = if first {
             self.first_ready_by = Some(now + self.settings.ready_timeout);
             GenState::Live
@@ -156,7 +161,8 @@ impl Pool {
                     .gens
                     .iter()
                     .find(|o| o.state == GenState::Live)
-                    .map(|o| o.release.clone());
+                    .map(|o| o.release.clone())
+                    .or_else(|| self.paused_release().cloned());
                 let probation = self.settings.probation;
                 let g = self
                     .gens
@@ -192,6 +198,7 @@ impl Pool {
                 for o in old {
                     actions.extend(self.drain(o, now));
                 }
+                actions.extend(self.unpause(now));
                 self.announced_ready = true;
                 actions.push(Action::Systemd(Systemd::Ready));
                 actions.push(Action::ReloadDone {
@@ -302,6 +309,7 @@ impl Pool {
         if promoting {
             actions.extend(self.promotion_failed(&reason, now));
         }
+        actions.extend(self.resume_failed(now));
         actions.push(Action::ReloadDone {
             waiters,
             outcome: Err(format!("release {release}: {reason}")),
@@ -356,6 +364,7 @@ impl Pool {
         if self.gens.len() < before {
             actions.extend(self.start_queued());
         }
+        actions.extend(self.pause_drained());
         actions
     }
 
@@ -374,6 +383,7 @@ impl Pool {
             },
         )];
         actions.push(Action::Systemd(Systemd::Stopping));
+        actions.extend(self.unpause(now));
         if let Some(waiters) = self.queued.take() {
             actions.push(ReloadFailed::stopping(waiters));
         }

@@ -54,6 +54,7 @@ use crate::supervise::canary::judge::Plan;
 mod canary;
 mod deadlines;
 mod lifecycle;
+mod pause;
 mod settings;
 mod status;
 mod trial;
@@ -61,7 +62,8 @@ mod workers;
 
 pub use settings::{BACKGROUND_MAX, NotifySocket, Readiness, Settings};
 pub use status::{
-    CanaryStatus, GenerationState, GenerationStatus, PoolStatus, WorkerPhase, WorkerStatus,
+    CanaryStatus, GenerationState, GenerationStatus, PauseStatus, PoolStatus, WorkerPhase,
+    WorkerStatus,
 };
 
 pub type GenId = u64;
@@ -363,6 +365,13 @@ pub enum Event {
         /// until judged.
         canary: Option<Plan>,
     },
+    /// Stop accepting: the live generation drains and new connections wait
+    /// in the backlog until a reload resumes, or `max` passes; `waiter` is
+    /// answered once every worker is gone.
+    Pause {
+        max: Duration,
+        waiter: Option<Waiter>,
+    },
     /// The judge's verdict on canary `generation`: `Ok` promotes it,
     /// `Err` reverts it; each with the figures and reasons, for the log,
     /// the history and the client waiting.
@@ -493,6 +502,9 @@ pub struct Pool {
     /// The queued reload is a canary's (the latest asked for).
     #[serde(default)]
     queued_canary: Option<Plan>,
+    /// Paused: nothing accepts until a reload resumes.
+    #[serde(default)]
+    paused: Option<pause::Paused>,
     /// Generations reverted lately, and why (for `confirm` to answer).
     #[serde(default)]
     reverted: Vec<(GenId, String)>,
@@ -535,6 +547,12 @@ impl ReloadStats {
     }
 }
 
+/// How long a pause lasts at most unless told (`dream pause --max`):
+/// under the 60 s that proxies (nginx's `proxy_read_timeout`, load
+/// balancers' idle timeouts) and most clients wait for an answer, with
+/// room for the resumed release to start.
+pub const DEFAULT_PAUSE: Duration = Duration::from_secs(30);
+
 /// The most workers a generation may have; every path that sets the count
 /// (flag, `dream.toml`, control `scale`, SIGTTIN) is held to 1..=this.
 pub const MAX_WORKERS: usize = 4096;
@@ -576,6 +594,7 @@ impl Pool {
             restarts: 0,
             queued_confirm: None,
             queued_canary: None,
+            paused: None,
             reverted: Vec::new(),
             reverts: 0,
             reloads: ReloadStats::default(),
@@ -606,6 +625,8 @@ impl Pool {
                 let mut actions = self.withdraw_canary(now);
                 if self.stopping.is_none() {
                     self.queued_canary = canary;
+                    // A reload while paused resumes.
+                    self.resuming();
                 }
                 actions.extend(if self.request_reload(waiter) {
                     vec![Action::StartReload]
@@ -631,6 +652,7 @@ impl Pool {
                 generation,
                 verdict,
             } => self.judged(generation, verdict, now),
+            Event::Pause { max, waiter } => self.pause(max, waiter, now),
             Event::Confirm { generation, waiter } => self.confirm(generation, waiter, now, None),
             Event::Extend {
                 generation,

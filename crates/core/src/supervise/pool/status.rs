@@ -17,6 +17,10 @@ impl Pool {
             reverts: self.reverts,
             reloads: self.reloads.clone(),
             settings: Some(self.settings.clone()),
+            paused: self.paused().map(|(since, until)| PauseStatus {
+                for_s: now.duration_since(since).as_secs_f64(),
+                resumes_in_s: until.saturating_duration_since(now).as_secs_f64(),
+            }),
             generations: self
                 .gens
                 .iter()
@@ -113,6 +117,9 @@ pub struct PoolStatus {
     /// Every tunable, as the pool runs with it (an upgrade keeps them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<Settings>,
+    /// Paused: nothing accepts; connections wait in the backlog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<PauseStatus>,
     pub generations: Vec<GenerationStatus>,
 }
 
@@ -128,6 +135,15 @@ pub enum GenerationState {
     Failed,
     /// Serving a share beside the live generation until judged.
     Canary,
+}
+
+/// A pause as status shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PauseStatus {
+    /// How long it has held connections.
+    pub for_s: f64,
+    /// When it resumes by itself.
+    pub resumes_in_s: f64,
 }
 
 /// A canary generation as status shows it.
