@@ -212,6 +212,7 @@ fn nothing_changes_without_the_sessions_lock_and_ids_are_checked() {
             confirm_within_ms: 1000,
             verify: Vec::new(),
             settle_ms: 0,
+            canary: None,
         },
         ToAgent::Prepare {
             id: "p".into(),
@@ -439,7 +440,7 @@ mod property {
                 let msg = match kind {
                     0 => ToAgent::Offer { id: a.clone() },
                     1 => ToAgent::Prepare { id: a.clone(), build: None, bridge: vec![PathBuf::from(&b)] },
-                    2 => ToAgent::Switch { id: a.clone(), confirm_within_ms: 10, verify: Vec::new(), settle_ms: 0 },
+                    2 => ToAgent::Switch { id: a.clone(), confirm_within_ms: 10, verify: Vec::new(), settle_ms: 0, canary: None },
                     3 => ToAgent::Revert { from: b.clone(), to: a.clone(), reason: "r".into() },
                     4 => ToAgent::Commit { id: a.clone(), hosts: vec![b.clone()] },
                     5 => ToAgent::Hold { message: Some(b.clone()) },

@@ -447,6 +447,21 @@ pub(crate) struct CanaryArgs {
     /// Start the new release as a canary beside the live one: K workers (K of the live generation's N get K/N of new connections) or P% of new connections; judged against the live release for --judge-for, then promoted (a reload onto it) or reverted (the canary drains, nothing else moves). Exit 0 only when promoted. Needs TCP listening sockets
     #[arg(long, value_name = "SHARE", value_parser = values::canary_share)]
     pub(crate) canary: Option<dream_core::supervise::canary::judge::Share>,
+    #[command(flatten)]
+    pub(crate) judge: JudgeArgs,
+}
+
+impl CanaryArgs {
+    /// The control protocol's canary, if one was asked for.
+    pub(crate) fn spec(&self) -> Option<dream_core::supervise::canary::judge::Spec> {
+        Some(self.judge.spec(self.canary?))
+    }
+}
+
+/// How a canary is judged (`deploy`/`reload --canary`, and each canary host
+/// of `fleet deploy`).
+#[derive(Args, Clone, Default)]
+pub(crate) struct JudgeArgs {
     /// How long the canary is judged, from when all its workers are ready [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = values::duration, requires = "canary")]
     pub(crate) judge_for: Option<Duration>,
@@ -464,10 +479,22 @@ pub(crate) struct CanaryArgs {
     pub(crate) judge_min_requests: Option<u32>,
 }
 
-impl CanaryArgs {
-    /// The control protocol's canary, if one was asked for.
-    pub(crate) fn spec(&self) -> Option<dream_core::supervise::canary::judge::Spec> {
-        let mut spec = dream_core::supervise::canary::judge::Spec::new(self.canary?);
+impl JudgeArgs {
+    /// Whether any judge flag was given.
+    pub(crate) fn any(&self) -> bool {
+        self.judge_for.is_some()
+            || self.judge_path.is_some()
+            || self.judge_max_errors.is_some()
+            || self.judge_max_latency_ratio.is_some()
+            || self.judge_min_requests.is_some()
+    }
+
+    /// A canary of `share`, judged as these flags say.
+    pub(crate) fn spec(
+        &self,
+        share: dream_core::supervise::canary::judge::Share,
+    ) -> dream_core::supervise::canary::judge::Spec {
+        let mut spec = dream_core::supervise::canary::judge::Spec::new(share);
         if let Some(d) = self.judge_for {
             spec.judge_ms = d.as_millis() as u64;
         }
@@ -481,7 +508,7 @@ impl CanaryArgs {
         if let Some(n) = self.judge_min_requests {
             spec.min_requests = n;
         }
-        Some(spec)
+        spec
     }
 }
 
@@ -626,6 +653,11 @@ pub(crate) struct FleetDeployArgs {
     pub(crate) bridge: Vec<PathBuf>,
     #[command(flatten)]
     pub(crate) rollout: RolloutArgs,
+    /// Judge each canary host's switch there (with any --judge-* flag): the new release on SHARE of that host's connections beside the old one, promoted or reverted by its supervisor before any other host switches [default: 25%]
+    #[arg(long, value_name = "SHARE", value_parser = values::canary_share, requires = "canary")]
+    pub(crate) judge_share: Option<dream_core::supervise::canary::judge::Share>,
+    #[command(flatten)]
+    pub(crate) judge: JudgeArgs,
     #[command(flatten)]
     pub(crate) fleet: FleetArgs,
 }

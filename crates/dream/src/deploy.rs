@@ -106,11 +106,6 @@ pub fn deploy(a: DeployArgs<'_>) -> Result {
             "--canary needs a reload: it cannot go with --no-reload",
         ));
     }
-    if a.canary.is_some() && a.confirm_within.is_some() {
-        return Err(Failure::usage(
-            "a canary is judged, not confirmed: --canary cannot go with --confirm-within",
-        ));
-    }
     let opts = deploy::DeployOptions {
         root,
         source,

@@ -569,6 +569,7 @@ fn fleet_of(a: &FleetArgs, r: &RolloutArgs) -> Result<(Fleet, config::FleetConfi
                 .or(file.settle)
                 .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
             verify: r.verify.clone(),
+            judge: None,
             rollout: Rollout {
                 canary: r.canary.or(file.canary).unwrap_or(1),
                 group: match (r.group, &file.group) {
@@ -608,7 +609,15 @@ fn lease(f: &Fleet, given: Option<Duration>) -> std::result::Result<Duration, Fa
 pub(crate) fn run(cmd: FleetCmd) -> Result {
     match cmd {
         FleetCmd::Deploy(a) => {
-            let (f, file) = fleet_of(&a.fleet, &a.rollout)?;
+            let (mut f, file) = fleet_of(&a.fleet, &a.rollout)?;
+            if a.judge_share.is_some() || a.judge.any() {
+                f.run.judge = Some(
+                    a.judge.spec(
+                        a.judge_share
+                            .unwrap_or(dream_core::supervise::canary::judge::Share::Basis(2500)),
+                    ),
+                );
+            }
             deploy(
                 &f,
                 &DeployPlan {

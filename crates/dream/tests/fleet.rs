@@ -196,6 +196,7 @@ impl Lab {
                     .arg(format!("{}:8080", h.addr))
                     .args(["--workers", "2", "--ready", "notify", "--", "./run"])
                     .env("DREAM_BIN", bin("dream"))
+                    .env("PROBE_BIN", dream_testkit::probe())
                     .env("HOST_NAME", &h.name),
             );
             g.wait_stderr("generation 1 ready", Duration::from_secs(20));
@@ -316,6 +317,101 @@ fn a_fleet_deploy_ends_new_everywhere_or_old_everywhere() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     for h in v["hosts"].as_array().unwrap() {
         assert!(h["sent_bytes"].as_u64().unwrap() < 200, "{v}");
+    }
+}
+
+/// The events `.dream/history` on host `i` records for `release`.
+fn events(lab: &Lab, i: usize, release: &str) -> Vec<String> {
+    std::fs::read_to_string(lab.hosts[i].root.join(".dream/history"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["release"] == release)
+        .filter_map(|e| e["event"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_judged_canary_host_decides_before_any_other_host_switches() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new(2);
+    let v1 = site(&lab.tree, "v1", None);
+    let deploy = |lab: &Lab, dir: &Path, id: &str| {
+        lab.fleet(&[
+            "deploy",
+            dir.to_str().unwrap(),
+            "--id",
+            id,
+            "--build",
+            STAMP,
+            "--canary",
+            "1",
+            "--judge-for",
+            "3s",
+            "--judge-path",
+            "/index.html",
+            "--judge-min-requests",
+            "10",
+        ])
+    };
+    let (code, _, err) = lab.fleet(&[
+        "deploy",
+        v1.to_str().unwrap(),
+        "--id",
+        "one",
+        "--build",
+        STAMP,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    lab.serve();
+    let referees: Vec<Referee> = (0..2).map(|i| Referee::start(lab.addr(i), false)).collect();
+    for r in &referees {
+        r.wait_responses(20);
+    }
+    // A healthy release: judged on h0, promoted there, then h1 switches.
+    let v2 = site(&lab.tree, "v2", None);
+    let (code, _, err) = deploy(&lab, &v2, "two");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("a canary of two"), "{err}");
+    for i in 0..2 {
+        assert_eq!(lab.current(i), "two", "host {i}");
+    }
+    assert!(events(&lab, 0, "two").contains(&"promoted".to_string()));
+    assert!(!events(&lab, 1, "two").contains(&"canary".to_string()));
+    // A release failing half its requests: reverted on h0 by its judge;
+    // h1 never switches.
+    let bad = lab.tree.path().join("bad");
+    lab.tree
+        .write("bad/public/index.html", "<p>release @R@</p>\n");
+    lab.tree.write(
+        "bad/run",
+        "#!/bin/sh\nexec \"$PROBE_BIN\" --serve --fail-percent 50\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bad.join("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, _, err) = deploy(&lab, &bad, "three");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("error rate"), "{err}");
+    for i in 0..2 {
+        assert_eq!(lab.current(i), "two", "host {i}");
+    }
+    assert!(events(&lab, 0, "three").contains(&"reverted".to_string()));
+    assert!(
+        !events(&lab, 1, "three").contains(&"switched".to_string()),
+        "{:?}",
+        events(&lab, 1, "three")
+    );
+    for r in referees {
+        let report = r.finish();
+        assert_eq!(
+            report.error_total - report.errors.bad_status,
+            0,
+            "{}",
+            report.human()
+        );
+        assert_eq!(report.mixed, 0, "{}", report.human());
     }
 }
 

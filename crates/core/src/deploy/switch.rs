@@ -684,6 +684,7 @@ pub fn go_live_prepared(
     provisional: Option<Provisional>,
     verify: &[String],
     settle: Duration,
+    canary: Option<crate::supervise::canary::judge::Spec>,
     out: &mut dyn FnMut(&Step),
 ) -> Result<Report, DeployError> {
     let store = Store::new(root);
@@ -718,7 +719,7 @@ pub fn go_live_prepared(
             hooks: true,
             quiet: true,
             settle,
-            canary: None,
+            canary,
             pause: None,
         },
         None,

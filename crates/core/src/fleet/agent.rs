@@ -287,9 +287,10 @@ impl Agent {
             ToAgent::Switch {
                 id,
                 confirm_within_ms,
+                canary,
                 verify,
                 settle_ms,
-            } => self.switch(&id, confirm_within_ms, &verify, settle_ms),
+            } => self.switch(&id, confirm_within_ms, &verify, settle_ms, canary),
             ToAgent::Confirm { generation } => {
                 match deploy::confirm_generation(&self.store.root, generation.or(self.generation)) {
                     Ok(()) => {
@@ -610,6 +611,7 @@ impl Agent {
         confirm_within_ms: u64,
         verify: &[String],
         settle_ms: u64,
+        canary: Option<crate::supervise::canary::judge::Spec>,
     ) -> Reply {
         if self.lock.is_none() {
             return Reply::failed("switch before lock");
@@ -626,6 +628,7 @@ impl Agent {
             Some(provisional),
             verify,
             settle,
+            canary,
             &mut |_| {},
         ) {
             Ok(report) => {
@@ -696,6 +699,6 @@ mod tests {
         assert!(r.ok, "{r:?}");
         // Nothing before a lock: an offer or a switch is refused.
         assert!(!agent.offer("one", "dream-manifest 1\n").ok);
-        assert!(!agent.switch("one", 1000, &[], 0).ok);
+        assert!(!agent.switch("one", 1000, &[], 0, None).ok);
     }
 }

@@ -43,6 +43,10 @@ pub struct Fleet {
     pub verify: Vec<String>,
     /// Sessions opened at once.
     pub parallel: usize,
+    /// The canary hosts' switches are judged on each of them
+    /// (`--judge-*`): a canary generation beside the old one, promoted or
+    /// reverted by the host's supervisor before any other host switches.
+    pub judge: Option<crate::supervise::canary::judge::Spec>,
 }
 
 /// A release ready to send: its id, its manifest, and where each of its
@@ -522,13 +526,24 @@ impl Coordinator<'_> {
         c: &mut Session,
         id: &str,
         confirm_within: Duration,
+        canary: Option<&crate::supervise::canary::judge::Spec>,
     ) -> Result<(), HostError> {
         let t = Instant::now();
+        if let Some(spec) = canary {
+            (self.say)(&format!(
+                "{}: a canary of {} with {} of its connections, judged for {}",
+                c.host.name,
+                id,
+                spec.share,
+                crate::fmt_duration(Duration::from_millis(spec.judge_ms))
+            ));
+        }
         let r = c.ask(&ToAgent::Switch {
             id: id.to_string(),
             confirm_within_ms: confirm_within.as_millis() as u64,
             verify: self.fleet.verify.clone(),
             settle_ms: self.fleet.settle.as_millis() as u64,
+            canary: canary.cloned(),
         });
         match r {
             Ok(r) if r.ok => {
@@ -573,8 +588,10 @@ impl Coordinator<'_> {
                 ));
                 std::thread::sleep(rollout.wait);
             }
+            // The first wave is the canary hosts: judged there, if asked.
+            let judge = self.fleet.judge.as_ref().filter(|_| n == 0);
             failures.extend(errors(each(&mut sessions[wave], |c| {
-                self.switch_one(c, id, within)
+                self.switch_one(c, id, within, judge)
             })));
             if failures.len() > rollout.max_fail {
                 let verdict = self.revert(&mut sessions, id, &failures);

@@ -106,6 +106,11 @@ pub enum ToAgent {
         /// counts (`--settle`).
         #[serde(default)]
         settle_ms: u64,
+        /// A canary host's switch is judged there: the new release beside
+        /// the old one on a share of connections, promoted or reverted by
+        /// the host's supervisor before the other hosts switch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<crate::supervise::canary::judge::Spec>,
     },
     Confirm {
         generation: Option<u64>,

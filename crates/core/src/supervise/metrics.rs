@@ -191,6 +191,46 @@ impl Driver {
         }
         let n = head(
             &mut m,
+            "dream_generation_workers",
+            "gauge",
+            "Each generation's workers by state, labelled with the generation, its release and its role (live, canary, starting, draining, killed, failed).",
+        );
+        for g in &pool.generations {
+            let release = g.release.replace('"', "");
+            for state in WorkerPhase::ALL {
+                let count = g.workers.iter().filter(|w| w.state == state).count();
+                if count > 0 {
+                    let _ = writeln!(
+                        m,
+                        "{n}{{generation=\"{}\",release=\"{release}\",role=\"{}\",state=\"{}\"}} {count}",
+                        g.id,
+                        g.state.as_str(),
+                        state.as_str()
+                    );
+                }
+            }
+        }
+        canary_metrics(&mut m, pool);
+        let n = head(
+            &mut m,
+            "dream_paused",
+            "gauge",
+            "1 while paused (nothing accepts; connections wait in the backlog).",
+        );
+        let _ = writeln!(m, "{n} {}", u8::from(pool.paused.is_some()));
+        let n = head(
+            &mut m,
+            "dream_paused_seconds",
+            "gauge",
+            "How long the current pause has held connections (0 when not paused).",
+        );
+        let _ = writeln!(
+            m,
+            "{n} {:.3}",
+            pool.paused.as_ref().map_or(0.0, |p| p.for_s)
+        );
+        let n = head(
+            &mut m,
             "dream_worker_restarts_total",
             "counter",
             "Workers restarted outside reloads (crashes).",
@@ -265,6 +305,68 @@ fn reload_histogram(m: &mut String, reloads: &crate::supervise::pool::ReloadStat
     let _ = writeln!(m, "{n}_bucket{{le=\"+Inf\"}} {}", reloads.ok);
     let _ = writeln!(m, "{n}_sum {:.6}", reloads.sum_s);
     let _ = writeln!(m, "{n}_count {}", reloads.ok);
+}
+
+/// The canary being judged: its share, and the judge's answers and p99
+/// for each side, labelled with the generation and release.
+fn canary_metrics(m: &mut String, pool: &crate::supervise::pool::PoolStatus) {
+    let canary = pool
+        .generations
+        .iter()
+        .find_map(|g| g.canary.as_ref().map(|c| (g, c)));
+    let n = head(
+        m,
+        "dream_canary_share",
+        "gauge",
+        "The share of new connections steered to the canary (0 without one).",
+    );
+    let _ = writeln!(
+        m,
+        "{n} {}",
+        canary.map_or(0.0, |(_, c)| c.share_basis as f64 / 10_000.0)
+    );
+    let Some((g, c)) = canary else {
+        return;
+    };
+    let Some(f) = &c.figures else {
+        return;
+    };
+    let release = g.release.replace('"', "");
+    let n = head(
+        m,
+        "dream_judge_answers",
+        "gauge",
+        "The judge's answers so far in the canary's window, by side and outcome.",
+    );
+    for (side, s) in [("canary", &f.canary), ("baseline", &f.baseline)] {
+        let _ = writeln!(
+            m,
+            "{n}{{generation=\"{}\",release=\"{release}\",side=\"{side}\",outcome=\"ok\"}} {}",
+            g.id,
+            s.answers - s.errors
+        );
+        let _ = writeln!(
+            m,
+            "{n}{{generation=\"{}\",release=\"{release}\",side=\"{side}\",outcome=\"error\"}} {}",
+            g.id, s.errors
+        );
+    }
+    let n = head(
+        m,
+        "dream_judge_p99_seconds",
+        "gauge",
+        "The judge's p99 latency so far, by side.",
+    );
+    for (side, s) in [("canary", &f.canary), ("baseline", &f.baseline)] {
+        if let Some(ms) = s.p99_ms {
+            let _ = writeln!(
+                m,
+                "{n}{{generation=\"{}\",release=\"{release}\",side=\"{side}\"}} {:.6}",
+                g.id,
+                ms / 1000.0
+            );
+        }
+    }
 }
 
 /// A metric family's HELP and TYPE lines; returns its name.

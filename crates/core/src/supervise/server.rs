@@ -201,11 +201,6 @@ impl Driver {
                         return;
                     }
                 };
-                if canary.is_some() && confirm.is_some() {
-                    let e = "a canary is judged, not confirmed: use --canary or --confirm-within";
-                    self.answer_index(i, &Answer::failed(e.to_string()).to_value());
-                    return;
-                }
                 // A request taken is carried out, whether or not its client
                 // is still there to read the answer.
                 let waiter = (id != 0).then_some(id);

@@ -145,6 +145,7 @@ impl Hosts {
             settle: Duration::ZERO,
             verify: Vec::new(),
             parallel: 4,
+            judge: None,
         }
     }
 }

@@ -19,12 +19,14 @@ use super::*;
 
 impl Pool {
     /// A canary reload of `release`: it needs a live generation of another
-    /// release to be judged against.
+    /// release to be judged against. With `confirm_within`, its promotion
+    /// is a provisional reload (a fleet host's canary).
     pub(super) fn start_canary(
         &mut self,
         release: Release,
         waiters: Vec<Waiter>,
         plan: Plan,
+        confirm_within: Option<Duration>,
         now: Instant,
     ) -> Vec<Action> {
         let refused = match self.live() {
@@ -44,7 +46,7 @@ impl Pool {
                 },
             ];
         }
-        self.start(release, waiters, None, false, Some(plan), now)
+        self.start(release, waiters, confirm_within, false, Some(plan), now)
     }
 
     /// The canary being started or judged, not yet promoted.
@@ -123,6 +125,10 @@ impl Pool {
         match verdict {
             Ok(figures) => {
                 g.promoted = true;
+                let confirm = g.confirm_within;
+                if let Some(d) = confirm {
+                    self.queued_confirm = Some(self.queued_confirm.map_or(d, |q| q.min(d)));
+                }
                 let mut actions = vec![
                     Action::Log(
                         Note::Canary,

@@ -15,7 +15,7 @@ impl Pool {
             return vec![ReloadFailed::stopping(waiters)];
         }
         if let Some(plan) = canary {
-            return self.start_canary(release, waiters, plan, now);
+            return self.start_canary(release, waiters, plan, confirm_within, now);
         }
         self.start_generation(release, waiters, confirm_within, false, now)
     }
