@@ -447,6 +447,9 @@ pub(crate) struct CanaryArgs {
     /// Start the new release as a canary beside the live one: K workers (K of the live generation's N get K/N of new connections) or P% of new connections; judged against the live release for --judge-for, then promoted (a reload onto it) or reverted (the canary drains, nothing else moves). Exit 0 only when promoted. Needs TCP listening sockets
     #[arg(long, value_name = "SHARE", value_parser = values::canary_share)]
     pub(crate) canary: Option<dream_core::supervise::canary::judge::Share>,
+    /// Not a canary this time, whatever `[deploy] canary` in dream.toml says (a hotfix)
+    #[arg(long, conflicts_with = "canary")]
+    pub(crate) no_canary: bool,
     #[command(flatten)]
     pub(crate) judge: JudgeArgs,
 }
@@ -463,19 +466,19 @@ impl CanaryArgs {
 #[derive(Args, Clone, Default)]
 pub(crate) struct JudgeArgs {
     /// How long the canary is judged, from when all its workers are ready [default: 30s]
-    #[arg(long, value_name = "DUR", value_parser = values::duration, requires = "canary")]
+    #[arg(long, value_name = "DUR", value_parser = values::duration)]
     pub(crate) judge_for: Option<Duration>,
     /// GET PATH through the supervisor's socket 20 times a second while the canary is judged, each answer attributed to a release by its X-Dream-Release header (see doc/protocol.md); without it the canary is judged on its workers' exits only
-    #[arg(long, value_name = "PATH", value_parser = values::url_path, requires = "canary")]
+    #[arg(long, value_name = "PATH", value_parser = values::url_path)]
     pub(crate) judge_path: Option<String>,
     /// Revert when the canary's error rate (5xx, or no answer) is more than PCT percentage points above the live release's [default: 2]
-    #[arg(long, value_name = "PCT", value_parser = values::percent_points, requires = "canary")]
+    #[arg(long, value_name = "PCT", value_parser = values::percent_points)]
     pub(crate) judge_max_errors: Option<u32>,
     /// Revert when the canary's p99 latency is more than R times the live release's (and 1 ms above it) [default: 3]
-    #[arg(long, value_name = "R", value_parser = values::ratio, requires = "canary")]
+    #[arg(long, value_name = "R", value_parser = values::ratio)]
     pub(crate) judge_max_latency_ratio: Option<u32>,
     /// Fewest answers from each release for a verdict: fewer is "inconclusive", which reverts [default: 50]
-    #[arg(long, value_name = "N", requires = "canary")]
+    #[arg(long, value_name = "N")]
     pub(crate) judge_min_requests: Option<u32>,
 }
 
@@ -654,7 +657,7 @@ pub(crate) struct FleetDeployArgs {
     #[command(flatten)]
     pub(crate) rollout: RolloutArgs,
     /// Judge each canary host's switch there (with any --judge-* flag): the new release on SHARE of that host's connections beside the old one, promoted or reverted by its supervisor before any other host switches [default: 25%]
-    #[arg(long, value_name = "SHARE", value_parser = values::canary_share, requires = "canary")]
+    #[arg(long, value_name = "SHARE", value_parser = values::canary_share)]
     pub(crate) judge_share: Option<dream_core::supervise::canary::judge::Share>,
     #[command(flatten)]
     pub(crate) judge: JudgeArgs,

@@ -22,7 +22,17 @@
 //! wait_lock = "1m"
 //! max_size = "10G"
 //! confirm_within = "30s"
+//! canary = "1"              # every deploy a judged canary (--no-canary: not this one)
+//! judge_for = "30s"
+//! judge_path = "/healthz"
+//! judge_max_errors = 2
+//! judge_max_latency_ratio = 3
+//! judge_min_requests = 50
 //! ```
+//!
+//! A canary is a deploy's choice, not the supervisor's: its reloads that
+//! go back (an interrupted deploy, a rollback, a revert) must be
+//! immediate, never judged, so there is no `[serve] canary`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -127,6 +137,62 @@ pub struct Deploy {
     pub settle: Option<Duration>,
     /// Patterns left out of a directory source (gitignore syntax).
     pub exclude: Option<Vec<String>>,
+    /// `"1"` (workers) or `"25%"`: every deploy a judged canary.
+    pub canary: Option<String>,
+    #[serde(default, deserialize_with = "de::duration")]
+    pub judge_for: Option<Duration>,
+    pub judge_path: Option<String>,
+    pub judge_max_errors: Option<f64>,
+    pub judge_max_latency_ratio: Option<f64>,
+    pub judge_min_requests: Option<u32>,
+}
+
+impl Deploy {
+    /// The canary `dream deploy` asks for: the flags' share, else the
+    /// file's (unless `--no-canary`); each judge setting from the flags,
+    /// else the file.
+    pub fn canary(
+        &self,
+        a: &crate::cli::CanaryArgs,
+    ) -> Result<Option<dream_core::supervise::canary::judge::Spec>> {
+        let bad = |key: &str, e: String| Failure::usage(format!("dream.toml [deploy] {key}: {e}"));
+        let share = match (a.canary, &self.canary) {
+            (Some(s), _) => s,
+            (None, Some(s)) if !a.no_canary => {
+                crate::values::canary_share(s).map_err(|e| bad("canary", e))?
+            }
+            _ => return Ok(None),
+        };
+        let mut spec = a.judge.spec(share);
+        if a.judge.judge_for.is_none()
+            && let Some(d) = self.judge_for
+        {
+            spec.judge_ms = d.as_millis() as u64;
+        }
+        if a.judge.judge_path.is_none()
+            && let Some(p) = &self.judge_path
+        {
+            spec.judge_path = Some(crate::values::url_path(p).map_err(|e| bad("judge_path", e))?);
+        }
+        if a.judge.judge_max_errors.is_none()
+            && let Some(e) = self.judge_max_errors
+        {
+            spec.max_errors = crate::values::percent_points(&e.to_string())
+                .map_err(|e| bad("judge_max_errors", e))?;
+        }
+        if a.judge.judge_max_latency_ratio.is_none()
+            && let Some(r) = self.judge_max_latency_ratio
+        {
+            spec.max_latency_ratio = crate::values::ratio(&r.to_string())
+                .map_err(|e| bad("judge_max_latency_ratio", e))?;
+        }
+        if a.judge.judge_min_requests.is_none()
+            && let Some(n) = self.judge_min_requests
+        {
+            spec.min_requests = n;
+        }
+        Ok(Some(spec))
+    }
 }
 
 /// Loads `explicit` (which must exist), else `ROOT/dream.toml` if present.

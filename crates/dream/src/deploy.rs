@@ -298,6 +298,12 @@ pub fn verify(root: Option<&Path>, id: Option<&str>, json: bool) -> Result {
 pub(crate) fn run(a: DeployCmd) -> Result {
     let root = serve::root_dir(a.root.as_deref())?;
     let file = config::load(&root, a.config.as_deref())?.deploy;
+    let canary = file.canary(&a.canary)?;
+    if canary.is_none() && a.canary.judge.any() {
+        return Err(Failure::usage(
+            "--judge-* set how a canary is judged: add --canary SHARE (or [deploy] canary in dream.toml)",
+        ));
+    }
     deploy(DeployArgs {
         root: Some(&root),
         source: &a.source,
@@ -313,7 +319,7 @@ pub(crate) fn run(a: DeployCmd) -> Result {
             .settle
             .or(file.settle)
             .unwrap_or(dream_core::deploy::DEFAULT_SETTLE),
-        canary: a.canary.spec(),
+        canary,
         pause: match (a.pause, a.pause_max) {
             (true, max) => Some(max.unwrap_or(dream_core::supervise::pool::DEFAULT_PAUSE)),
             (false, _) => None,

@@ -210,6 +210,9 @@ fn run(cmd: Cmd) -> Result {
         }),
         Cmd::Releases(a) if a.verify => deploy::verify(a.root.as_deref(), a.id.as_deref(), a.json),
         Cmd::Releases(a) => deploy::releases(a.root.as_deref(), a.json),
+        Cmd::Reload(a) if a.canary.canary.is_none() && a.canary.judge.any() => Err(
+            exit::Failure::usage("--judge-* set how a canary is judged: add --canary SHARE"),
+        ),
         Cmd::Reload(a) => serve::reload(
             a.root.as_deref(),
             a.confirm_within,

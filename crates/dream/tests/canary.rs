@@ -238,3 +238,49 @@ fn a_canary_is_refused_with_a_reason_where_it_cannot_be_judged() {
     }
     assert_eq!(root.status().pool.generations.len(), 1);
 }
+
+#[test]
+fn a_deploy_judged_as_dream_toml_says_and_a_hotfix_that_skips_it() {
+    let tree = dream_testkit::Tree::new();
+    let site = dream_testkit::stamped_site(&tree, "site", "");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(
+        root.join("dream.toml"),
+        "[deploy]\ncanary = \"25%\"\njudge_for = \"2s\"\njudge_path = \"/\"\njudge_min_requests = 5\n",
+    )
+    .unwrap();
+    let deploy = |id: &str, extra: &[&str]| {
+        let (status, out, err) = run(
+            Command::new(bin("dream"))
+                .args(["deploy", "--id", id, "--root"])
+                .arg(&root)
+                .arg(&site)
+                .args(["--build", dream_testkit::STAMP])
+                .args(extra),
+            Duration::from_secs(90),
+        );
+        (status.code(), format!("{out}{err}"))
+    };
+    // No supervisor yet: nothing to judge against, nothing served.
+    let (code, out) = deploy("one", &["--no-canary"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (_sup, addr) = dream_testkit::serve_root(&root, &["--workers", "4", "--ready", "notify"]);
+    let clients = Referee::start(addr, false);
+    clients.wait_responses(30);
+    let (code, out) = deploy("two", &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("canary") && out.contains("promoted"), "{out}");
+    assert!(history(&root, "two").iter().any(|(k, _)| k == "promoted"));
+    let (code, out) = deploy("three", &["--no-canary"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("promoted"), "{out}");
+    assert!(!history(&root, "three").iter().any(|(k, _)| k == "canary"));
+    // The judge's flags alone are a mistake, said in one line.
+    let (code, out) = deploy("four", &["--no-canary", "--judge-for", "1s"]);
+    assert_eq!(code, Some(100), "{out}");
+    clients.wait_responses(30);
+    let report = clients.finish();
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+}
