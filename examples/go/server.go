@@ -43,12 +43,14 @@ func main() {
 		os.Exit(1)
 	}
 	release := os.Getenv("DREAM_RELEASE")
+	generation := os.Getenv("DREAM_GENERATION")
 	var draining atomic.Bool
 	body := fmt.Sprintf("<p>release %s</p>\n", release)
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
 		h.Set("Content-Type", "text/html")
 		h.Set("X-Dream-Release", release)
+		h.Set("X-Dream-Generation", generation)
 		if draining.Load() {
 			h.Set("Connection", "close")
 		}

@@ -17,6 +17,7 @@ const http = require("http");
 const net = require("net");
 
 const release = process.env.DREAM_RELEASE || "dev";
+const generation = process.env.DREAM_GENERATION || "0";
 if (process.env.LISTEN_PID !== String(process.pid)) {
   console.error("no sockets from dream (LISTEN_PID is not this process)");
   process.exit(1);
@@ -28,6 +29,7 @@ const server = http.createServer((req, res) => {
     "Content-Type": "text/html",
     "Content-Length": Buffer.byteLength(body),
     "X-Dream-Release": release,
+    "X-Dream-Generation": generation,
   };
   if (draining) headers["Connection"] = "close";
   res.writeHead(200, headers);

@@ -11,6 +11,7 @@ import socket
 import threading
 
 RELEASE = os.environ.get("DREAM_RELEASE", "dev")
+GENERATION = os.environ.get("DREAM_GENERATION", "0")
 # dream's socket: accept only, never bind. It is shared with every other
 # worker, so its flags are left alone (no settimeout, no setblocking): it may
 # be blocking or not, as another worker left it (doc/protocol.md).
@@ -56,7 +57,8 @@ def handle(conn):
         body = f"<p>release {RELEASE}</p>\n".encode()
         conn.sendall(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
-            + f"X-Dream-Release: {RELEASE}\r\nContent-Length: {len(body)}\r\n".encode()
+            + f"X-Dream-Release: {RELEASE}\r\nX-Dream-Generation: {GENERATION}\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n".encode()
             + b"Connection: close\r\n\r\n"
             + body
         )

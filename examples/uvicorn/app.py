@@ -6,6 +6,7 @@ uvicorn takes the already-listening fd 0; SIGTERM is its graceful stop.
 import os
 
 RELEASE = os.environ.get("DREAM_RELEASE", "dev")
+GENERATION = os.environ.get("DREAM_GENERATION", "0")
 BODY = f"<p>release {RELEASE}</p>\n".encode()
 
 
@@ -14,5 +15,6 @@ async def app(scope, receive, send):
         return
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"text/html"), (b"x-dream-release", RELEASE.encode()),
+        (b"x-dream-generation", GENERATION.encode()),
         (b"content-length", str(len(BODY)).encode())]})
     await send({"type": "http.response.body", "body": BODY})

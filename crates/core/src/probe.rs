@@ -1,16 +1,22 @@
 //! One plain HTTP/1.1 request through a listening address, as `deploy
 //! --verify` and a canary's judge send it: the status code and the
-//! `X-Dream-Release` header of the answer.
+//! `X-Dream-Release` and `X-Dream-Generation` headers of the answer.
 
 use std::io::{Read, Write};
 use std::time::Duration;
 
-/// A plain HTTP/1.1 GET: the status code and the `X-Dream-Release` header.
-pub fn http_get(
-    address: &str,
-    path: &str,
-    limit: Duration,
-) -> Result<(u16, Option<String>), String> {
+/// What an answer said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub code: u16,
+    /// `X-Dream-Release`.
+    pub release: Option<String>,
+    /// `X-Dream-Generation`.
+    pub generation: Option<u64>,
+}
+
+/// A plain HTTP/1.1 GET, answered within `limit`.
+pub fn http_get(address: &str, path: &str, limit: Duration) -> Result<Answer, String> {
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: dream\r\nConnection: close\r\n\r\n"
     );
@@ -62,10 +68,20 @@ pub fn http_get(
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse::<u16>().ok())
         .ok_or_else(|| format!("GET {path}: no HTTP answer"))?;
-    let release = lines
+    let headers: Vec<(&str, &str)> = lines
         .take_while(|l| !l.is_empty())
         .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("x-dream-release"))
-        .map(|(_, v)| v.trim().to_string());
-    Ok((code, release))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.to_string())
+    };
+    Ok(Answer {
+        code,
+        release: header("x-dream-release"),
+        generation: header("x-dream-generation").and_then(|g| g.parse().ok()),
+    })
 }

@@ -829,13 +829,14 @@ pub fn listen_queue(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
 }
 
 /// Steers a `SO_REUSEPORT` group's new connections: of every 10,000, about
-/// `share` go to the group's second listener (index 1, a canary's) and the
-/// rest to its first (index 0, the address's own), each drawn at random
-/// for each connection by a classic BPF program attached to the group
-/// (`SO_ATTACH_REUSEPORT_CBPF`). A share of 0 sends everything to the
-/// first. Replacing the program changes the weight at once, for every
-/// listener of the group; connections already queued stay where they are.
-pub fn route_reuseport(fd: BorrowedFd<'_>, share: u32) -> io::Result<()> {
+/// `first` go to the group's second listener (index 1, a canary's), about
+/// `second` to its third (index 2, the canary's twin) and the rest to its
+/// first (index 0, the address's own), drawn at random for each connection
+/// by a classic BPF program attached to the group
+/// (`SO_ATTACH_REUSEPORT_CBPF`). Shares of 0 send everything to the first.
+/// Replacing the program changes the weights at once, for every listener
+/// of the group; connections already queued stay where they are.
+pub fn route_reuseport(fd: BorrowedFd<'_>, first: u32, second: u32) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     const SKF_AD_OFF: u32 = (-0x1000i32) as u32;
     const SKF_AD_RANDOM: u32 = 56;
@@ -845,25 +846,26 @@ pub fn route_reuseport(fd: BorrowedFd<'_>, share: u32) -> io::Result<()> {
         jf,
         k,
     };
+    let jge = libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K;
+    let ret = |k| insn(libc::BPF_RET | libc::BPF_K, 0, 0, k);
+    let first = first.min(10_000);
+    let both = (first + second).min(10_000);
     let program = [
-        // A = a random 32-bit number
+        // A = a random 32-bit number, % 10000
         insn(
             libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
             0,
             0,
             SKF_AD_OFF + SKF_AD_RANDOM,
         ),
-        // A %= 10000
         insn(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, 0, 0, 10_000),
-        // A >= share: the first listener; else the second
-        insn(
-            libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
-            1,
-            0,
-            share.min(10_000),
-        ),
-        insn(libc::BPF_RET | libc::BPF_K, 0, 0, 1),
-        insn(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
+        // A < first: listener 1
+        insn(jge, 1, 0, first),
+        ret(1),
+        // A < first + second: listener 2; else listener 0
+        insn(jge, 1, 0, both),
+        ret(2),
+        ret(0),
     ];
     let prog = libc::sock_fprog {
         len: program.len() as u16,

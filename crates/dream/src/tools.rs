@@ -218,6 +218,9 @@ pub(crate) fn run_static(a: StaticArgs) -> Result {
         release: std::env::var("DREAM_RELEASE")
             .ok()
             .filter(|s| !s.is_empty()),
+        generation: std::env::var("DREAM_GENERATION")
+            .ok()
+            .filter(|s| !s.is_empty()),
         header_timeout: a.header_timeout,
         max_connections: a.max_connections,
         drain_grace: a.drain_grace,

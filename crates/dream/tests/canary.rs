@@ -160,7 +160,7 @@ fn a_slow_canary_is_reverted_and_a_healthy_one_promoted_with_its_share() {
     root.switch("slow");
     let (code, out, err, _) = canary(&root, &judge);
     assert_eq!(code, Some(1), "{out}{err}");
-    assert!(err.contains("p99"), "judged on latency: {err}");
+    assert!(err.contains("latency"), "judged on latency: {err}");
     assert_eq!(root.current().as_deref(), Some("a"));
     wait_only(&root, "a");
 
@@ -175,8 +175,9 @@ fn a_slow_canary_is_reverted_and_a_healthy_one_promoted_with_its_share() {
         .iter()
         .find(|(k, _)| k == "promoted")
         .unwrap_or_else(|| panic!("{events:?}"));
-    // "canary 0.0% errors (0 of N) ...; baseline 0.0% errors (0 of M) ...":
-    // the judge's own requests measure the share.
+    // "canary 0.0% errors (0 of N) ...; its twin 0.0% errors (0 of M) ...;
+    // R from the rest of the live generation": the judge's own requests
+    // measure the share (the twin takes as much as the canary).
     let counts: Vec<f64> = promoted
         .1
         .split(" of ")
@@ -184,7 +185,17 @@ fn a_slow_canary_is_reverted_and_a_healthy_one_promoted_with_its_share() {
         .filter_map(|s| s.split(')').next()?.parse().ok())
         .collect();
     assert_eq!(counts.len(), 2, "{promoted:?}");
-    let share = counts[0] / (counts[0] + counts[1]);
+    let rest: f64 = promoted
+        .1
+        .split("; ")
+        .find_map(|s| s.strip_suffix(" from the rest of the live generation, not compared"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{promoted:?}"));
+    assert!(
+        (0.5..=2.0).contains(&(counts[1] / counts[0])),
+        "the twin takes as much as the canary: {promoted:?}"
+    );
+    let share = counts[0] / (counts[0] + counts[1] + rest);
     assert!(
         (0.12..=0.40).contains(&share),
         "1 worker of 4 takes about 25% of new connections, measured {share:.2}: {promoted:?}"

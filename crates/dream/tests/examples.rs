@@ -190,6 +190,64 @@ fn gunicorn_on_fd_0() {
     gunicorn(&[]);
 }
 
+/// gunicorn as a canary: each reload of the other release starts 1 worker
+/// of it beside the 3 live ones on its own listener, judged on `GET /`
+/// (gunicorn's answers carry `X-Dream-Release`), then promoted; the
+/// clients see no error and no mix at any step.
+#[test]
+fn gunicorn_as_a_judged_canary() {
+    let Some(venv) = python_tools() else { return };
+    let root = Root::new();
+    for id in ["a", "b"] {
+        let dir = root.path().join("releases").join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(repo().join("examples/gunicorn/app.py"), dir.join("app.py")).unwrap();
+    }
+    root.switch("a");
+    let path = format!(
+        "{}:{}",
+        venv.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["serve", "--root"])
+            .arg(root.path())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "3",
+                "--ready",
+                "notify",
+            ])
+            .args(["--ready-timeout", "60s", "--"])
+            .args(["gunicorn", "--bind", "fd://0", "--workers", "1"])
+            .args(["--log-level", "warning", "app:app"])
+            .env("PATH", path),
+    );
+    let addr = sup.listening_addr();
+    root.wait_supervisor();
+    root.wait_live("a", 3);
+    let referee = Referee::start(addr, false);
+    for next in ["b", "a"] {
+        referee.wait_responses(20);
+        root.switch(next);
+        let answer = root.control(
+            r#"{"cmd":"reload","canary":{"share":{"workers":1},"judge_ms":3000,"judge_path":"/","max_errors":200,"max_latency_ratio":300,"min_requests":10}}"#,
+        );
+        assert_eq!(answer["ok"], true, "{answer}");
+        assert_eq!(answer["release"], next, "{answer}");
+        root.wait_drained();
+    }
+    referee.wait_responses(20);
+    let report = referee.finish();
+    assert_no_errors(&report);
+    assert_eq!(report.mixed, 0, "{}", report.human());
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sup.wait_exit(Duration::from_secs(30)).success());
+}
+
 /// uvicorn's shutdown closes every connection that has no request in
 /// progress, including one it accepted a moment ago whose request bytes it
 /// has not read yet, and every idle keep-alive connection, at once (uvicorn

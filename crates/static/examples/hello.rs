@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     listener.set_nonblocking(true)?;
     let release = std::env::var("DREAM_RELEASE").unwrap_or_else(|_| "dev".into());
+    let generation = std::env::var("DREAM_GENERATION").unwrap_or_else(|_| "0".into());
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -41,12 +42,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tokio::select! {
                     conn = listener.accept() => {
                         let (stream, _) = conn?;
-                        let release = release.clone();
+                        let (release, generation) = (release.clone(), generation.clone());
                         let draining = draining.clone();
                         let service = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
                             let body = format!("<p>release {release}</p>\n");
                             let mut resp = Response::builder()
                                 .header("x-dream-release", release.as_str())
+                                .header("x-dream-generation", generation.as_str())
                                 .header("content-type", "text/html");
                             if draining.load(std::sync::atomic::Ordering::SeqCst) {
                                 resp = resp.header("connection", "close");

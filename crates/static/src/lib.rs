@@ -65,6 +65,10 @@ pub struct Config {
     pub root: PathBuf,
     /// Value of the `X-Dream-Release` header (from `$DREAM_RELEASE`).
     pub release: Option<String>,
+    /// Value of the `X-Dream-Generation` header (from `$DREAM_GENERATION`):
+    /// with it a canary's judge tells this worker's answers from those of
+    /// other generations of the same release.
+    pub generation: Option<String>,
     /// Time allowed for a request's headers, and for an idle keep-alive
     /// connection to start its next request.
     pub header_timeout: Duration,
@@ -89,6 +93,7 @@ impl Default for Config {
         Config {
             root: PathBuf::from("public"),
             release: None,
+            generation: None,
             header_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             drain_grace: Duration::from_secs(1),
@@ -132,6 +137,7 @@ struct Shared {
     root: files::Root,
     cache: FileCache,
     release: Option<HeaderValue>,
+    generation: Option<HeaderValue>,
     /// When the drain began (unset while serving); each connection is told
     /// to close once its own share of `drain_spread` has passed since.
     drain_began: std::sync::OnceLock<std::time::Instant>,
@@ -159,6 +165,10 @@ async fn run(listeners: Vec<StdListener>, root: PathBuf, config: Config) -> io::
             .release
             .as_deref()
             .and_then(|r| HeaderValue::from_str(r).ok()),
+        generation: config
+            .generation
+            .as_deref()
+            .and_then(|g| HeaderValue::from_str(g).ok()),
         drain_began: std::sync::OnceLock::new(),
         drain_spread: config.drain_spread,
         connections: AtomicUsize::new(0),
@@ -363,6 +373,9 @@ async fn handle(
     h.insert(header::SERVER, HeaderValue::from_static("dream"));
     if let Some(r) = &shared.release {
         h.insert("x-dream-release", r.clone());
+    }
+    if let Some(g) = &shared.generation {
+        h.insert("x-dream-generation", g.clone());
     }
     if close {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -268,8 +268,9 @@ fn answer_as(mut conn: Box<dyn ReadWrite>, release: &str, hang: bool, fail: u32,
         "200 OK"
     };
     let body = format!("release {release}\n");
+    let generation = std::env::var("DREAM_GENERATION").unwrap_or_default();
     let resp = format!(
-        "HTTP/1.1 {status}\r\nX-Dream-Release: {release}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nX-Dream-Release: {release}\r\nX-Dream-Generation: {generation}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = conn.write_all(resp.as_bytes());

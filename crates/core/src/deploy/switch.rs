@@ -535,7 +535,8 @@ pub fn verify_release(store: &Store, id: &str, paths: &[String]) -> Result<(), S
         // another release is asked again, for a few seconds.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let (code, release) = crate::probe::http_get(&address, path, Duration::from_secs(10))?;
+            let crate::probe::Answer { code, release, .. } =
+                crate::probe::http_get(&address, path, Duration::from_secs(10))?;
             match release {
                 Some(r) if r != id => {
                     if std::time::Instant::now() >= deadline {

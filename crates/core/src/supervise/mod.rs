@@ -694,8 +694,8 @@ impl Driver {
                     index,
                     release,
                     background,
-                    canary,
-                } => match self.spawn(generation, index, &release, background, canary) {
+                    lane,
+                } => match self.spawn(generation, index, &release, background, lane) {
                     // The worker's clock starts when it exists, not when
                     // this action was taken.
                     Ok(pid) => queue.extend(self.pool.on(
@@ -766,7 +766,8 @@ impl Driver {
                     release,
                     baseline,
                     plan,
-                } => self.canary_live(generation, &release, &baseline, plan),
+                    twin,
+                } => self.canary_live(generation, &release, &baseline, plan, twin),
                 Action::CanaryEnded { generation } => self.canary_ended(generation),
                 Action::Promoted {
                     generation,

@@ -305,12 +305,12 @@ impl Driver {
         index: usize,
         release: &Release,
         background: bool,
-        canary: bool,
+        lane: crate::supervise::pool::Lane,
     ) -> Result<i32, String> {
         // A canary's worker accepts on the canary's listeners (copies of
         // their descriptors, closed once it is started).
-        let canary_sockets: Option<Vec<Listener>> = if canary {
-            let own = self.canary_sockets(generation)?;
+        let canary_sockets: Option<Vec<Listener>> = if lane != crate::supervise::pool::Lane::Main {
+            let own = self.canary_sockets(generation, lane)?;
             Some(
                 own.iter()
                     .map(|l| l.fd.try_clone().map(|fd| Listener::new(fd, l.name.clone())))

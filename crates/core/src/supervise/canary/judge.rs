@@ -80,6 +80,10 @@ pub mod defaults {
     pub const MIN_REQUESTS: u32 = 50;
 }
 
+/// Fewest answers from each side for the p99 to be judged (below it, the
+/// p90).
+pub const P99_SAMPLE: u32 = 100;
+
 /// Requests per second the judge sends through the shared address.
 pub const PROBES_PER_SECOND: u32 = 20;
 
@@ -142,6 +146,8 @@ impl Spec {
         Ok(Plan {
             workers: canary,
             share,
+            // Judged on requests, and room for a second share beside it.
+            twin: self.judge_path.is_some() && 2 * share <= 10_000,
             spec: self.clone(),
         })
     }
@@ -153,6 +159,15 @@ impl Spec {
 pub struct Plan {
     pub workers: usize,
     pub share: u32,
+    /// The canary is compared with a twin of the baseline: as many fresh
+    /// workers of the live release, started with it, taking an equal
+    /// share on a listener of their own. Equal size, age and share: a
+    /// canary of 1 worker is not judged against 3 that share one queue
+    /// (a pooled queue waits far less), nor a cold start against warm
+    /// workers (a healthy gunicorn canary measured 6x slower at p90
+    /// against the whole live generation).
+    #[serde(default)]
+    pub twin: bool,
     pub spec: Spec,
 }
 
@@ -215,12 +230,20 @@ impl Side {
 
     /// The 99th percentile latency (nearest rank).
     pub fn p99(&self) -> Option<Duration> {
-        let mut v = self.latencies_us.clone();
-        if v.is_empty() {
+        if self.latencies_us.is_empty() {
             return self.p99_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0));
         }
+        self.quantile(0.99)
+    }
+
+    /// The latency below which `q` of the answers came (nearest rank).
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let mut v = self.latencies_us.clone();
+        if v.is_empty() {
+            return None;
+        }
         v.sort_unstable();
-        let rank = ((v.len() as f64) * 0.99).ceil() as usize;
+        let rank = ((v.len() as f64) * q).ceil() as usize;
         Some(Duration::from_micros(v[rank.clamp(1, v.len()) - 1]))
     }
 
@@ -248,22 +271,43 @@ pub struct Figures {
     pub unattributed: u32,
     /// Canary workers that exited during the window.
     pub exits: u32,
+    /// Answers from the live generation's other workers, when the canary
+    /// is compared with its twin.
+    #[serde(default)]
+    pub rest: u32,
+    /// The baseline side is the canary's twin (else the whole live
+    /// generation).
+    #[serde(default)]
+    pub against_twin: bool,
+}
+
+/// Who is who, for the judge: the releases, the canary's generation and
+/// its twin's.
+#[derive(Debug, Clone)]
+pub struct Sides {
+    pub canary: String,
+    pub baseline: String,
+    pub canary_generation: u64,
+    pub twin: Option<u64>,
 }
 
 impl Figures {
     /// One answer: `release` its `X-Dream-Release` (`None`: no header or
     /// no answer), `error` a status of 500 or more or no answer.
-    pub fn record(
-        &mut self,
-        canary: &str,
-        baseline: &str,
-        release: Option<&str>,
-        error: bool,
-        took: Duration,
-    ) {
-        match release {
-            Some(r) if r == canary => self.canary.add(error, took),
-            Some(r) if r == baseline => self.baseline.add(error, took),
+    pub fn record(&mut self, sides: &Sides, answer: Option<&crate::probe::Answer>, took: Duration) {
+        let error = answer.is_none_or(|a| a.code >= 500);
+        let release = answer.and_then(|a| a.release.as_deref());
+        let generation = answer.and_then(|a| a.generation);
+        let baseline = release == Some(sides.baseline.as_str());
+        match generation {
+            // By generation where the worker says it: the canary, its twin,
+            // and the rest of the live generation (not compared).
+            Some(g) if g == sides.canary_generation => self.canary.add(error, took),
+            Some(g) if Some(g) == sides.twin => self.baseline.add(error, took),
+            Some(_) if baseline && sides.twin.is_some() => self.rest += 1,
+            // Else by release.
+            _ if release == Some(sides.canary.as_str()) => self.canary.add(error, took),
+            _ if baseline => self.baseline.add(error, took),
             _ => {
                 self.unattributed += 1;
                 if error {
@@ -283,10 +327,21 @@ impl Figures {
 
     pub fn describe(&self) -> String {
         let mut s = format!(
-            "canary {}; baseline {}",
+            "canary {}; {} {}",
             self.canary.describe(),
+            if self.against_twin {
+                "its twin"
+            } else {
+                "baseline"
+            },
             self.baseline.describe()
         );
+        if self.rest > 0 {
+            s.push_str(&format!(
+                "; {} from the rest of the live generation, not compared",
+                self.rest
+            ));
+        }
         if self.unattributed > 0 {
             s.push_str(&format!(
                 "; {} unattributed (failed ones count against the canary)",
@@ -339,12 +394,21 @@ pub fn verdict(spec: &Spec, f: &Figures, over: bool) -> Option<Result<String, St
             f.describe()
         )));
     }
-    if let (Some(c), Some(b)) = (f.canary.p99(), f.baseline.p99()) {
+    // With fewer than 100 answers a p99 is the slowest one or two (a
+    // worker's first, cold request): the p90 is judged instead.
+    let (q, name) = if f.canary.answers.min(f.baseline.answers) >= P99_SAMPLE {
+        (0.99, "p99")
+    } else {
+        (0.9, "p90")
+    };
+    if let (Some(c), Some(b)) = (f.canary.quantile(q), f.baseline.quantile(q)) {
         let ratio = spec.max_latency_ratio as f64 / 100.0;
         if c.as_secs_f64() > ratio * b.as_secs_f64() && c > b + Duration::from_millis(1) {
             return Some(Err(format!(
-                "p99 latency {:.1}x the baseline's (limit {ratio}x): {}",
+                "{name} latency {:.1}x the baseline's ({:.1} ms against {:.1} ms; limit {ratio}x): {}",
                 c.as_secs_f64() / b.as_secs_f64().max(1e-6),
+                c.as_secs_f64() * 1000.0,
+                b.as_secs_f64() * 1000.0,
                 f.describe()
             )));
         }
@@ -365,8 +429,11 @@ pub struct Prober {
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Prober {
-    pub fn start(address: String, path: String, canary: String, baseline: String) -> Prober {
-        let figures = Arc::new(Mutex::new(Figures::default()));
+    pub fn start(address: String, path: String, sides: Sides) -> Prober {
+        let figures = Arc::new(Mutex::new(Figures {
+            against_twin: sides.twin.is_some(),
+            ..Figures::default()
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         let (f, s) = (figures.clone(), stop.clone());
         let spawned = std::thread::Builder::new()
@@ -382,7 +449,7 @@ impl Prober {
                         in_flight.fetch_add(1, Ordering::Relaxed);
                         let (f, s, n) = (f.clone(), s.clone(), in_flight.clone());
                         let (address, path) = (address.clone(), path.clone());
-                        let (canary, baseline) = (canary.clone(), baseline.clone());
+                        let sides = sides.clone();
                         let _ = std::thread::Builder::new()
                             .name("dream-probe".into())
                             .spawn(move || {
@@ -391,16 +458,7 @@ impl Prober {
                                 let took = t.elapsed();
                                 if !s.load(Ordering::Relaxed) {
                                     let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
-                                    match got {
-                                        Ok((code, release)) => f.record(
-                                            &canary,
-                                            &baseline,
-                                            release.as_deref(),
-                                            code >= 500,
-                                            took,
-                                        ),
-                                        Err(_) => f.record(&canary, &baseline, None, true, took),
-                                    }
+                                    f.record(&sides, got.ok().as_ref(), took);
                                 }
                                 n.fetch_sub(1, Ordering::Relaxed);
                             });
@@ -485,6 +543,17 @@ mod tests {
         assert!(matches!(verdict(&s, &f, false), Some(Err(e)) if e.contains("error rate")));
         f.canary = side(20, 0, 10);
         assert_eq!(verdict(&s, &f, false), None, "latency waits for the end");
+        assert!(matches!(verdict(&s, &f, true), Some(Err(e)) if e.contains("p90")));
+        // One cold answer among few is no verdict on latency.
+        f.canary = side(20, 0, 1);
+        f.canary.latencies_us[0] = 50_000;
+        assert!(matches!(verdict(&s, &f, true), Some(Ok(_))));
+        // With enough answers, the p99.
+        f.canary = side(200, 0, 1);
+        f.baseline = side(200, 0, 1);
+        for i in 0..5 {
+            f.canary.latencies_us[i] = 50_000;
+        }
         assert!(matches!(verdict(&s, &f, true), Some(Err(e)) if e.contains("p99")));
         f.canary = side(20, 0, 1);
         assert!(matches!(verdict(&s, &f, true), Some(Ok(_))));
@@ -501,11 +570,48 @@ mod tests {
         assert!(matches!(verdict(&s, &f, true), Some(Err(e)) if e.starts_with("inconclusive")));
         // Answers that name neither release count only against the canary.
         let mut f = Figures::default();
+        let sides = Sides {
+            canary: "c".into(),
+            baseline: "b".into(),
+            canary_generation: 2,
+            twin: None,
+        };
+        let ok_b = crate::probe::Answer {
+            code: 200,
+            release: Some("b".into()),
+            generation: None,
+        };
         for _ in 0..30 {
-            f.record("c", "b", None, true, Duration::from_millis(1));
-            f.record("c", "b", Some("b"), false, Duration::from_millis(1));
+            f.record(&sides, None, Duration::from_millis(1));
+            f.record(&sides, Some(&ok_b), Duration::from_millis(1));
         }
         assert!(matches!(verdict(&s, &f, false), Some(Err(_))));
+    }
+
+    #[test]
+    fn answers_are_told_apart_by_generation_then_by_release() {
+        let sides = Sides {
+            canary: "new".into(),
+            baseline: "old".into(),
+            canary_generation: 5,
+            twin: Some(6),
+        };
+        let answer = |release: &str, generation: Option<u64>, code| crate::probe::Answer {
+            code,
+            release: Some(release.into()),
+            generation,
+        };
+        let mut f = Figures::default();
+        let t = Duration::from_millis(1);
+        f.record(&sides, Some(&answer("new", Some(5), 200)), t);
+        f.record(&sides, Some(&answer("old", Some(6), 500)), t);
+        f.record(&sides, Some(&answer("old", Some(1), 200)), t);
+        f.record(&sides, Some(&answer("new", None, 200)), t);
+        f.record(&sides, Some(&answer("old", None, 200)), t);
+        f.record(&sides, Some(&answer("other", None, 200)), t);
+        assert_eq!((f.canary.answers, f.canary.errors), (2, 0));
+        assert_eq!((f.baseline.answers, f.baseline.errors), (2, 1));
+        assert_eq!((f.rest, f.unattributed), (1, 1));
     }
 
     #[test]

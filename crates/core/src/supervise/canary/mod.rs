@@ -26,7 +26,11 @@ pub(super) struct Canary {
     pub(super) generation: GenId,
     /// One per listening socket, in the same order.
     sockets: Vec<Listener>,
+    /// The baseline's twin: its generation and listeners, once it has any.
+    twin: Option<(GenId, Vec<Listener>)>,
     judging: Option<Judging>,
+    /// The share steered to the canary, and to its twin.
+    share: (u32, u32),
 }
 
 struct Judging {
@@ -41,40 +45,87 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 const MIGRATE: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
+/// A second listener beside each of `sockets`, in its group.
+fn beside_each(sockets: &[Listener]) -> Result<Vec<Listener>, String> {
+    sockets
+        .iter()
+        .map(|l| {
+            crate::sockets::listen::beside(l)
+                .map_err(|e| format!("cannot listen beside {}: {e}", l.name))
+        })
+        .collect()
+}
+
 impl Driver {
-    /// The listening sockets a worker of `generation` gets: a canary's
-    /// own, made on its first worker's spawn.
-    pub(super) fn canary_sockets(&mut self, generation: GenId) -> Result<&[Listener], String> {
-        if let Some(c) = &self.canary
-            && c.generation != generation
-        {
-            return Err(format!(
+    /// The listening sockets a worker of `generation` gets in `lane`: a
+    /// canary's own, made on its first worker's spawn, then its twin's
+    /// (each group holds the address's own listener first, then the
+    /// canary's, then the twin's: the order the routing program counts).
+    pub(super) fn canary_sockets(
+        &mut self,
+        generation: GenId,
+        lane: crate::supervise::pool::Lane,
+    ) -> Result<&[Listener], String> {
+        use crate::supervise::pool::Lane;
+        let busy = |c: &Canary| {
+            format!(
                 "the listeners of canary generation {} are still open (its workers are draining); try again once it is gone",
                 c.generation
-            ));
-        }
-        if self.canary.is_none() {
-            let mut sockets = Vec::new();
-            for l in &self.cfg.sockets {
-                let beside = crate::sockets::listen::beside(l)
-                    .map_err(|e| format!("cannot listen beside {}: {e}", l.name))?;
-                sockets.push(beside);
+            )
+        };
+        match lane {
+            Lane::Main => Ok(&self.cfg.sockets),
+            Lane::Canary => {
+                if let Some(c) = &self.canary
+                    && c.generation != generation
+                {
+                    return Err(busy(c));
+                }
+                if self.canary.is_none() {
+                    let sockets = beside_each(&self.cfg.sockets)?;
+                    self.allow_migration();
+                    self.canary = Some(Canary {
+                        generation,
+                        sockets,
+                        twin: None,
+                        judging: None,
+                        share: (0, 0),
+                    });
+                    self.route();
+                }
+                Ok(&self.canary.as_ref().expect("made above").sockets)
             }
-            self.route(0);
-            self.allow_migration();
-            self.canary = Some(Canary {
-                generation,
-                sockets,
-                judging: None,
-            });
+            Lane::Twin => {
+                let Some(c) = &self.canary else {
+                    return Err("a twin starts after its canary's listeners exist".into());
+                };
+                match &c.twin {
+                    Some((g, _)) if *g != generation => return Err(busy(c)),
+                    Some(_) => {}
+                    None => {
+                        let sockets = beside_each(&self.cfg.sockets)?;
+                        self.canary.as_mut().expect("checked").twin = Some((generation, sockets));
+                        self.route();
+                    }
+                }
+                Ok(&self
+                    .canary
+                    .as_ref()
+                    .expect("checked")
+                    .twin
+                    .as_ref()
+                    .expect("made")
+                    .1)
+            }
         }
-        Ok(&self.canary.as_ref().expect("made above").sockets)
     }
 
-    /// Steers `share` of every 10,000 new connections to the canary.
-    fn route(&self, share: u32) {
+    /// Steers the canary's and its twin's shares (per 10,000 new
+    /// connections) to their listeners, the rest to the address's own.
+    fn route(&self) {
+        let (canary, twin) = self.canary.as_ref().map_or((0, 0), |c| c.share);
         for l in &self.cfg.sockets {
-            if let Err(e) = crate::sys::route_reuseport(l.fd.as_fd(), share) {
+            if let Err(e) = crate::sys::route_reuseport(l.fd.as_fd(), canary, twin) {
                 self.log(
                     -1,
                     Note::Canary,
@@ -111,13 +162,15 @@ impl Driver {
         }
     }
 
-    /// Every canary worker is ready: its share, and its judge.
+    /// Every canary worker (and its twin's) is ready: their shares, and
+    /// the judge.
     pub(super) fn canary_live(
         &mut self,
         generation: GenId,
         release: &str,
         baseline: &str,
         plan: Plan,
+        twin: Option<GenId>,
     ) {
         let address = self
             .cfg
@@ -129,12 +182,15 @@ impl Driver {
             (Some(path), Some(address)) => Some(Prober::start(
                 address,
                 path.clone(),
-                release.to_string(),
-                baseline.to_string(),
+                judge::Sides {
+                    canary: release.to_string(),
+                    baseline: baseline.to_string(),
+                    canary_generation: generation,
+                    twin,
+                },
             )),
             _ => None,
         };
-        self.route(plan.share);
         self.record(
             crate::store::release::EventKind::Canary,
             release,
@@ -143,6 +199,7 @@ impl Driver {
         );
         let now = Instant::now();
         if let Some(c) = self.canary.as_mut().filter(|c| c.generation == generation) {
+            c.share = (plan.share, if twin.is_some() { plan.share } else { 0 });
             c.judging = Some(Judging {
                 check_at: now + CHECK_EVERY.min(plan.window()),
                 since: now,
@@ -150,23 +207,38 @@ impl Driver {
                 prober,
             });
         }
+        self.route();
     }
 
-    /// The canary ends: no new connection goes to it; its judge stops.
+    /// The canary or its twin ends: no new connection goes to it from
+    /// now; with the canary, its judge stops.
     pub(super) fn canary_ended(&mut self, generation: GenId) {
-        if let Some(c) = self.canary.as_mut().filter(|c| c.generation == generation) {
+        let Some(c) = self.canary.as_mut() else {
+            return;
+        };
+        if c.generation == generation {
             c.judging = None;
-            self.route(0);
+            c.share.0 = 0;
         }
+        if c.twin.as_ref().is_some_and(|(t, _)| *t == generation) {
+            c.share.1 = 0;
+        }
+        self.route();
     }
 
-    /// Its generation is gone: its listeners close.
+    /// A generation is gone: its listeners close (the canary's record goes
+    /// with the last of them).
     pub(super) fn canary_gone(&mut self, generation: GenId) {
-        if self
-            .canary
-            .as_ref()
-            .is_some_and(|c| c.generation == generation)
-        {
+        let Some(c) = self.canary.as_mut() else {
+            return;
+        };
+        if c.twin.as_ref().is_some_and(|(t, _)| *t == generation) {
+            c.twin = None;
+        }
+        if c.generation == generation {
+            c.sockets.clear();
+        }
+        if c.sockets.is_empty() && c.twin.is_none() {
             self.canary = None;
         }
     }

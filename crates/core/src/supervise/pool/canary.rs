@@ -3,13 +3,19 @@
 //!
 //! ```text
 //!   Starting ──all ready──▶ Canary ──Judged(Ok)──▶ promoted: a reload of its
-//!      │                      │                    release starts; once live,
-//!      │ fails as a reload    │ Judged(Err), or     the old generation and the
-//!      ▼ does                 │ a worker exits      canary drain together
+//!      │  (with its twin)     │                    release starts; once live,
+//!      │ fails as a reload    │ Judged(Err), or     the old generation, the
+//!      ▼ does                 │ a worker exits      canary and its twin drain
 //!   Failed                    ▼
-//!                  reverted: drained, current back,
+//!                  reverted: drained with its twin, current back,
 //!                  the live generation untouched
 //! ```
+//!
+//! Judged on requests, a canary has a **twin**: a generation of the live
+//! release with as many workers, started at the same moment, taking an
+//! equal share on listeners of its own (`Lane::Twin`). The judge compares
+//! the canary with it, like with like. Both start, go live, end and fail
+//! together.
 //!
 //! The judging itself (requests, figures, verdict) is the driver's
 //! (`crate::supervise::canary`); the pool keeps the states, so that every
@@ -29,76 +35,132 @@ impl Pool {
         confirm_within: Option<Duration>,
         now: Instant,
     ) -> Vec<Action> {
-        let refused = match self.live() {
-            None => Some("a canary needs a live generation to be judged against".to_string()),
-            Some(l) if l.release.id == release.id => Some(format!(
+        let live = match self.live() {
+            None => Err("a canary needs a live generation to be judged against".to_string()),
+            Some(l) if l.release.id == release.id => Err(format!(
                 "release {} is already live: a canary of it would be judged against itself",
                 release.id
             )),
-            Some(_) => None,
+            Some(l) => Ok(l.release.clone()),
         };
-        if let Some(why) = refused {
-            return vec![
-                Action::Warn(Note::ReloadFailed, format!("canary refused: {why}")),
-                Action::ReloadDone {
-                    waiters,
-                    outcome: Err(why),
-                },
-            ];
+        let baseline = match live {
+            Ok(b) => b,
+            Err(why) => {
+                return vec![
+                    Action::Warn(Note::ReloadFailed, format!("canary refused: {why}")),
+                    Action::ReloadDone {
+                        waiters,
+                        outcome: Err(why),
+                    },
+                ];
+            }
+        };
+        let twin = plan.twin;
+        let mut actions = self.start(
+            release,
+            waiters,
+            confirm_within,
+            false,
+            Some((Lane::Canary, plan.clone())),
+            now,
+        );
+        if twin {
+            actions.extend(self.start(
+                baseline,
+                Vec::new(),
+                None,
+                false,
+                Some((Lane::Twin, plan)),
+                now,
+            ));
         }
-        self.start(release, waiters, confirm_within, false, Some(plan), now)
+        actions
     }
 
-    /// The canary being started or judged, not yet promoted.
+    /// The canary (not its twin) being started or judged, not yet promoted.
     fn unjudged_canary(&self) -> Option<&Generation> {
         self.gens.iter().find(|g| {
-            g.canary.is_some()
+            g.lane == Lane::Canary
                 && !g.promoted
                 && matches!(g.state, GenState::Starting { .. } | GenState::Canary)
         })
     }
 
-    /// What status shows of the canary: its generation, and whether the
-    /// judge promoted it.
+    /// The twin started with the canary, if any.
+    fn twin(&self) -> Option<&Generation> {
+        self.gens.iter().find(|g| {
+            g.lane == Lane::Twin && matches!(g.state, GenState::Starting { .. } | GenState::Canary)
+        })
+    }
+
+    /// What status shows of the canary: its generation, its plan, and
+    /// whether the judge promoted it.
     pub fn canary(&self) -> Option<(GenId, &Plan, bool)> {
         self.gens
             .iter()
+            .filter(|g| g.lane == Lane::Canary)
             .filter(|g| matches!(g.state, GenState::Starting { .. } | GenState::Canary))
             .find_map(|g| g.canary.as_ref().map(|p| (g.id, p, g.promoted)))
     }
 
-    /// Every worker of canary `generation` is ready: it takes its share.
-    pub(super) fn canary_live(&mut self, generation: GenId, now: Instant) -> Vec<Action> {
+    fn all_ready(g: &Generation) -> bool {
+        g.workers
+            .iter()
+            .all(|w| matches!(w.state, WorkerState::Ready { .. }))
+    }
+
+    /// Every worker of the canary, and of its twin, is ready: they take
+    /// their shares.
+    pub(super) fn canary_live(&mut self, _generation: GenId, now: Instant) -> Vec<Action> {
+        let Some(c) = self.unjudged_canary() else {
+            return Vec::new();
+        };
+        let (id, plan, release) = (c.id, c.canary.clone(), c.release.id.clone());
+        let Some(plan) = plan else {
+            return Vec::new();
+        };
+        if !matches!(c.state, GenState::Starting { .. }) || !Self::all_ready(c) {
+            return Vec::new();
+        }
+        let twin = self.twin().map(|t| (t.id, Self::all_ready(t)));
+        if plan.twin && !matches!(twin, Some((_, true))) {
+            return Vec::new();
+        }
         let Some((base_id, baseline)) = self.live().map(|l| (l.id, l.release.id.clone())) else {
             return self.fail(
-                generation,
+                id,
                 "no generation is live to judge the canary against".into(),
                 now,
             );
         };
-        let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
-            return Vec::new();
-        };
-        let Some(plan) = g.canary.clone() else {
-            return Vec::new();
-        };
-        g.state = GenState::Canary;
-        g.live_since = Some(now);
-        let release = g.release.id.clone();
+        let twin = twin.map(|(t, _)| t);
+        for g in self.gens.iter_mut() {
+            if g.id == id || Some(g.id) == twin {
+                g.state = GenState::Canary;
+                g.live_since = Some(now);
+            }
+        }
         vec![
             Action::Log(
                 Note::Canary,
                 format!(
-                    "canary: generation {generation} (release {release}) takes {} beside generation {base_id} (release {baseline}); judged for {}",
+                    "canary: generation {id} (release {release}) takes {} beside generation {base_id} (release {baseline}){}; judged for {}",
                     plan.describe(),
+                    match twin {
+                        Some(t) => format!(
+                            ", compared with generation {t}, as many fresh workers of release {baseline} taking as much"
+                        ),
+                        None => String::new(),
+                    },
                     crate::fmt_duration(plan.window())
                 ),
             ),
             Action::CanaryLive {
-                generation,
+                generation: id,
                 release,
                 baseline,
                 plan,
+                twin,
             },
         ]
     }
@@ -113,11 +175,13 @@ impl Pool {
         let Some(to) = self.live().map(|l| l.release.clone()) else {
             return Vec::new();
         };
-        let Some(g) = self
-            .gens
-            .iter_mut()
-            .find(|g| g.id == generation && g.state == GenState::Canary && !g.promoted)
-        else {
+        let twin = self.twin().map(|t| t.id);
+        let Some(g) = self.gens.iter_mut().find(|g| {
+            g.id == generation
+                && g.lane == Lane::Canary
+                && g.state == GenState::Canary
+                && !g.promoted
+        }) else {
             return Vec::new();
         };
         let release = g.release.id.clone();
@@ -129,20 +193,24 @@ impl Pool {
                 if let Some(d) = confirm {
                     self.queued_confirm = Some(self.queued_confirm.map_or(d, |q| q.min(d)));
                 }
-                let mut actions = vec![
-                    Action::Log(
-                        Note::Canary,
-                        format!(
-                            "canary generation {generation} (release {release}) promoted: {figures}; reloading onto it"
-                        ),
+                // Its twin has served its purpose: its share goes back to
+                // the live generation while the promotion starts.
+                let mut actions = Vec::new();
+                if let Some(t) = twin {
+                    actions.extend(self.drain(t, now));
+                }
+                actions.push(Action::Log(
+                    Note::Canary,
+                    format!(
+                        "canary generation {generation} (release {release}) promoted: {figures}; reloading onto it"
                     ),
-                    Action::Promoted {
-                        generation,
-                        release,
-                        baseline: to.id,
-                        figures,
-                    },
-                ];
+                ));
+                actions.push(Action::Promoted {
+                    generation,
+                    release,
+                    baseline: to.id,
+                    figures,
+                });
                 // Its promotion is a reload of its release: whoever waits
                 // for the canary learns how that ends.
                 self.queued.get_or_insert_with(Vec::new).extend(waiters);
@@ -176,12 +244,58 @@ impl Pool {
                     },
                 ];
                 actions.extend(self.drain(generation, now));
+                if let Some(t) = twin {
+                    actions.extend(self.drain(t, now));
+                }
                 actions.push(Action::ReloadDone {
                     waiters,
                     outcome: Err(format!("canary of release {release} reverted: {reason}")),
                 });
                 actions
             }
+        }
+    }
+
+    /// A worker of the twin exited while the canary was judged: nothing
+    /// fair is left to compare with, and "inconclusive" reverts.
+    pub(super) fn twin_died(&mut self, reason: &str, now: Instant) -> Vec<Action> {
+        let Some(c) = self.unjudged_canary().map(|g| g.id) else {
+            return Vec::new();
+        };
+        self.judged(
+            c,
+            Err(format!(
+                "inconclusive: a worker of the baseline's twin exited ({reason}), so nothing was left to compare the canary with"
+            )),
+            now,
+        )
+    }
+
+    /// A canary or its twin failed to start: the other goes too.
+    pub(super) fn fail_partner(
+        &mut self,
+        failed: GenId,
+        reason: &str,
+        now: Instant,
+    ) -> Vec<Action> {
+        let partner = self
+            .gens
+            .iter()
+            .find(|g| {
+                g.id != failed
+                    && g.lane != Lane::Main
+                    && !g.promoted
+                    && matches!(g.state, GenState::Starting { .. } | GenState::Canary)
+            })
+            .map(|g| (g.id, g.lane));
+        match partner {
+            Some((id, Lane::Canary)) => self.fail(
+                id,
+                format!("the baseline's twin it is compared with did not start: {reason}"),
+                now,
+            ),
+            Some((id, _)) => self.kill(id, GenState::Failed),
+            None => Vec::new(),
         }
     }
 
@@ -198,6 +312,7 @@ impl Pool {
         if let GenState::Starting { .. } = state {
             return self.fail(id, why, now);
         }
+        let twin = self.twin().map(|t| t.id);
         let waiters = self
             .gens
             .iter_mut()
@@ -209,6 +324,9 @@ impl Pool {
             format!("canary generation {id} (release {release}) {why}"),
         )];
         actions.extend(self.drain(id, now));
+        if let Some(t) = twin {
+            actions.extend(self.drain(t, now));
+        }
         actions.push(Action::ReloadDone {
             waiters,
             outcome: Err(format!("canary of release {release} {why}")),

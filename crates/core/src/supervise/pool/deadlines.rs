@@ -124,7 +124,7 @@ impl Pool {
                 match g.workers[i].state {
                     WorkerState::Waiting { at } if at <= now && g.state == GenState::Live => {
                         let release = g.release.clone();
-                        vec![g.workers[i].spawn(generation, release, background, false)]
+                        vec![g.workers[i].spawn(generation, release, background, Lane::Main)]
                     }
                     _ => Vec::new(),
                 }

@@ -31,17 +31,21 @@ impl Pool {
         self.start(release, waiters, confirm_within, revert, None, now)
     }
 
-    /// Starts a generation; `canary`: a canary's, of its plan's size, on
-    /// the canary's listeners.
+    /// Starts a generation; with `judged`, a canary's or its twin's, of its
+    /// plan's size, on that lane's listeners.
     pub(super) fn start(
         &mut self,
         release: Release,
         waiters: Vec<Waiter>,
         confirm_within: Option<Duration>,
         revert: bool,
-        canary: Option<Plan>,
+        judged: Option<(Lane, Plan)>,
         now: Instant,
     ) -> Vec<Action> {
+        let (lane, canary) = match judged {
+            Some((lane, plan)) => (lane, Some(plan)),
+            None => (Lane::Main, None),
+        };
         let id = self.next_gen;
         self.next_gen += 1;
         // Live at once when nothing else is live or starting and no pause
@@ -67,6 +71,8 @@ impl Pool {
                     "starting"
                 } else if revert {
                     "revert: starting"
+                } else if lane == Lane::Twin {
+                    "canary: starting its baseline's twin,"
                 } else if canary.is_some() {
                     "canary: starting"
                 } else {
@@ -83,7 +89,7 @@ impl Pool {
         let workers = (0..count)
             .map(|index| {
                 let mut w = Worker::new(index, WorkerState::Spawning);
-                actions.push(w.spawn(id, release.clone(), background, canary.is_some()));
+                actions.push(w.spawn(id, release.clone(), background, lane));
                 w
             })
             .collect();
@@ -101,6 +107,7 @@ impl Pool {
             confirm_within,
             revert,
             canary,
+            lane,
             promoted: false,
         });
         actions
@@ -144,7 +151,7 @@ impl Pool {
                     actions.push(Action::Systemd(Systemd::Ready));
                 }
             }
-            GenState::Starting { .. } if g.canary.is_some() => {
+            GenState::Starting { .. } if g.lane != Lane::Main => {
                 actions.extend(self.canary_live(generation, now));
             }
             GenState::Starting { .. } => {
@@ -290,7 +297,7 @@ impl Pool {
         let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
             return Vec::new();
         };
-        let promoting = g.canary.is_none();
+        let lane = g.lane;
         let waiters = std::mem::take(&mut g.waiters);
         let release = g.release.id.clone();
         let mut actions = self.kill(generation, GenState::Failed);
@@ -306,8 +313,12 @@ impl Pool {
             format!("reload failed: generation {generation} (release {release}) killed; {serving}"),
         ));
         actions.push(Action::Systemd(Systemd::Ready));
-        if promoting {
-            actions.extend(self.promotion_failed(&reason, now));
+        match lane {
+            Lane::Main => actions.extend(self.promotion_failed(&reason, now)),
+            // A canary and its twin start together and fail together.
+            Lane::Canary | Lane::Twin => {
+                actions.extend(self.fail_partner(generation, &reason, now));
+            }
         }
         actions.extend(self.resume_failed(now));
         actions.push(Action::ReloadDone {

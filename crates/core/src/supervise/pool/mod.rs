@@ -87,8 +87,8 @@ pub enum Action {
         release: Release,
         /// Under `SCHED_IDLE`, until an [`Action::Foreground`].
         background: bool,
-        /// A canary's worker: it accepts on the canary's listeners.
-        canary: bool,
+        /// Which listeners it accepts on.
+        lane: Lane,
     },
     /// Every worker of canary `generation` is ready: steer its share of
     /// new connections to it and start judging it against `baseline`.
@@ -97,6 +97,9 @@ pub enum Action {
         release: String,
         baseline: String,
         plan: Plan,
+        /// The baseline's twin: as many fresh workers of the live release,
+        /// taking as large a share, that the canary is compared with.
+        twin: Option<GenId>,
     },
     /// Canary `generation` is ending (reverted, withdrawn, or replaced by
     /// its promotion): no new connection goes to it from now; sent before
@@ -223,7 +226,7 @@ impl Worker {
         generation: GenId,
         release: Release,
         background: bool,
-        canary: bool,
+        lane: Lane,
     ) -> Action {
         self.state = WorkerState::Spawning;
         self.background = background;
@@ -232,7 +235,7 @@ impl Worker {
             index: self.index,
             release,
             background,
-            canary,
+            lane,
         }
     }
 
@@ -342,13 +345,28 @@ struct Generation {
     /// A revert: it goes live settled, never on trial (no ping-pong).
     #[serde(default)]
     revert: bool,
-    /// A canary reload's generation, and how it is judged.
+    /// A canary reload's generation (or its baseline's twin), and how it
+    /// is judged.
     #[serde(default)]
     canary: Option<Plan>,
+    /// Which listeners its workers accept on.
+    #[serde(default)]
+    lane: Lane,
     /// A canary the judge promoted: it serves until its release's new
     /// generation is live.
     #[serde(default)]
     promoted: bool,
+}
+
+/// Which listeners a generation's workers accept on: the address's own,
+/// a canary's, or the canary's baseline twin's (each in the address's
+/// `SO_REUSEPORT` group, taking the share the driver steers to it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lane {
+    #[default]
+    Main,
+    Canary,
+    Twin,
 }
 
 /// Everything that happens to the pool: the one input of [`Pool::on`].

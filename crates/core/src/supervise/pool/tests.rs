@@ -1199,8 +1199,13 @@ fn canary_ready(pool: &mut Pool, pid: &mut i32, release: &str, t: Instant) -> Ge
     let a = run(pool, a, pid, t);
     assert_eq!(spawns(&a), 1, "one canary worker");
     assert!(
-        a.iter()
-            .all(|a| !matches!(a, Action::Spawn { canary: false, .. })),
+        a.iter().all(|a| !matches!(
+            a,
+            Action::Spawn {
+                lane: Lane::Main | Lane::Twin,
+                ..
+            }
+        )),
         "on the canary's listeners"
     );
     let generation = pool.generation_ids().last().copied().unwrap();
@@ -1334,4 +1339,80 @@ fn a_canary_worker_that_exits_reverts_it_and_a_reload_withdraws_it() {
     );
     assert!(matches!(outcome(&a), Some((w, Err(e))) if w == vec![9] && e.contains("withdrawn")));
     assert!(starts(&a));
+}
+
+#[test]
+fn a_canary_judged_on_requests_starts_with_a_twin_and_ends_with_it() {
+    use crate::supervise::canary::judge::{Share, Spec};
+    let (mut pool, mut pid, t0) = live_pool(4);
+    let mut spec = Spec::new(Share::Workers(1));
+    spec.judge_path = Some("/".into());
+    let plan = spec.plan(4).unwrap();
+    assert!(plan.twin);
+    let a = pool.on(
+        Event::ReloadRequested {
+            waiter: Some(9),
+            confirm_within: None,
+            canary: Some(plan),
+        },
+        t0,
+    );
+    assert!(starts(&a));
+    let a = pool.on(Event::ReleaseResolved(Ok(rel("b"))), t0);
+    let a = run(&mut pool, a, &mut pid, t0);
+    let lanes: Vec<(Lane, String)> = pick(&a, |a| match a {
+        Action::Spawn { lane, release, .. } => Some((*lane, release.id.clone())),
+        _ => None,
+    });
+    assert_eq!(
+        lanes,
+        vec![(Lane::Canary, "b".into()), (Lane::Twin, "a".into())],
+        "the canary, then a fresh worker of the live release"
+    );
+    let ids = pool.generation_ids();
+    let (canary, twin) = (ids[1], ids[2]);
+    // The canary alone ready is not enough: the twin must be too.
+    let a = pool.on(
+        Event::Ready {
+            generation: canary,
+            index: 0,
+        },
+        t0,
+    );
+    assert!(
+        !a.iter().any(|a| matches!(a, Action::CanaryLive { .. })),
+        "{a:?}"
+    );
+    let a = pool.on(
+        Event::Ready {
+            generation: twin,
+            index: 0,
+        },
+        t0,
+    );
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::CanaryLive { twin: Some(t), .. } if *t == twin)),
+        "{a:?}"
+    );
+    // The twin's worker dies: nothing fair left to compare; reverted.
+    let twin_pid = pid;
+    let a = pool.on(
+        Event::Exited {
+            pid: twin_pid,
+            how: Exit::Code(1),
+            tail: String::new(),
+        },
+        t0 + MS,
+    );
+    assert!(
+        matches!(outcome(&a), Some((_, Err(e))) if e.contains("inconclusive")),
+        "{a:?}"
+    );
+    assert_eq!(
+        signals(&a),
+        vec![pid - 1],
+        "the canary drains; the twin is gone"
+    );
+    assert_eq!(pool.live_pids(), vec![1, 2, 3, 4]);
 }

@@ -165,12 +165,21 @@ impl Pool {
                 // is only drained).
                 actions.push(Action::Warn(
                     Note::WorkerExited,
-                    format!("canary worker {generation}.{index} exited: {reason}"),
+                    format!(
+                        "{} worker {generation}.{index} exited: {reason}",
+                        if g.lane == Lane::Twin {
+                            "twin"
+                        } else {
+                            "canary"
+                        }
+                    ),
                 ));
                 if let Some(pgid) = w.pgid.take() {
                     actions.push(Action::KillGroup { pid: pgid });
                 }
-                if !g.promoted {
+                if g.lane == Lane::Twin {
+                    actions.extend(self.twin_died(&reason, now));
+                } else if !g.promoted {
                     actions.extend(self.judged(
                         generation,
                         Err(with_tail(
