@@ -258,7 +258,7 @@ fn a_deploy_judged_as_dream_toml_says_and_a_hotfix_that_skips_it() {
     std::fs::create_dir(&root).unwrap();
     std::fs::write(
         root.join("dream.toml"),
-        "[deploy]\ncanary = \"25%\"\njudge_for = \"2s\"\njudge_path = \"/\"\njudge_min_requests = 5\n",
+        "[deploy]\ncanary = \"25%\"\njudge_for = \"5s\"\njudge_path = \"/\"\njudge_min_requests = 5\n",
     )
     .unwrap();
     let deploy = |id: &str, extra: &[&str]| {

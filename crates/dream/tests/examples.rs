@@ -234,7 +234,7 @@ fn gunicorn_as_a_judged_canary() {
         referee.wait_responses(20);
         root.switch(next);
         let answer = root.control(
-            r#"{"cmd":"reload","canary":{"share":{"workers":1},"judge_ms":3000,"judge_path":"/","max_errors":200,"max_latency_ratio":300,"min_requests":10}}"#,
+            r#"{"cmd":"reload","canary":{"share":{"workers":1},"judge_ms":6000,"judge_path":"/","max_errors":200,"max_latency_ratio":300,"min_requests":10}}"#,
         );
         assert_eq!(answer["ok"], true, "{answer}");
         assert_eq!(answer["release"], next, "{answer}");

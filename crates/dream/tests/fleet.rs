@@ -349,7 +349,7 @@ fn a_judged_canary_host_decides_before_any_other_host_switches() {
             "--canary",
             "1",
             "--judge-for",
-            "3s",
+            "6s",
             "--judge-path",
             "/index.html",
             "--judge-min-requests",

@@ -138,3 +138,26 @@ fn a_paused_deploy_whose_release_does_not_start_goes_back_to_the_paused_one() {
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert!(!report.releases.contains_key("two"), "{}", report.human());
 }
+
+#[test]
+fn a_backlog_that_would_overflow_during_a_pause_is_named() {
+    let (_tree, site, root) = setup(0);
+    let (code, out) = deploy(&root, &site, "one", &["--no-hooks"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (mut sup, addr) = serve_root(
+        &root,
+        &["--workers", "1", "--ready", "notify", "--backlog", "64"],
+    );
+    let (code, _, err) = dream(&root, &["pause", "--max", "20s"]);
+    assert_eq!(code, Some(0), "{err}");
+    // 40 connections in the first second: at that rate 64 fill long
+    // before the pause's 20 s are over.
+    let waiting: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(addr).expect("the kernel completes the handshake"))
+        .collect();
+    let line = sup.wait_stderr("connections wait in a backlog of", Duration::from_secs(10));
+    assert!(line.contains("a deeper --backlog"), "{line}");
+    let (code, _, err) = dream(&root, &["resume"]);
+    assert_eq!(code, Some(0), "{err}");
+    drop(waiting);
+}
