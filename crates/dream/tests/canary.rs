@@ -4,12 +4,11 @@
 //! served a mix at any step. The cores are kept busy where a verdict could
 //! depend on load.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dream_core::supervise::pool::GenerationState;
-use dream_testkit::{Guard, Referee, Root, Saturate, bin, run, wait_until};
+use dream_testkit::{Guard, Referee, Root, Saturate, bin, history, run, wait_until};
 
 const GOOD: &str = r#"exec "$PROBE_BIN" --serve"#;
 const FAILS_A_FIFTH: &str = r#"exec "$PROBE_BIN" --serve --fail-percent 20"#;
@@ -34,22 +33,6 @@ fn canary(root: &Root, args: &[&str]) -> (Option<i32>, String, String, Duration)
         Duration::from_secs(120),
     );
     (status.code(), out, err, t.elapsed())
-}
-
-/// The history's events for `release`, as `event` names, with reasons.
-fn history(root: &Path, release: &str) -> Vec<(String, String)> {
-    std::fs::read_to_string(root.join(".dream/history"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["release"] == release)
-        .map(|e| {
-            (
-                e["event"].as_str().unwrap_or_default().to_string(),
-                e["reason"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
 }
 
 /// Waits until only `release`'s live generation is left, with 4 workers.

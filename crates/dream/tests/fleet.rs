@@ -322,12 +322,9 @@ fn a_fleet_deploy_ends_new_everywhere_or_old_everywhere() {
 
 /// The events `.dream/history` on host `i` records for `release`.
 fn events(lab: &Lab, i: usize, release: &str) -> Vec<String> {
-    std::fs::read_to_string(lab.hosts[i].root.join(".dream/history"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["release"] == release)
-        .filter_map(|e| e["event"].as_str().map(str::to_string))
+    dream_testkit::history(&lab.hosts[i].root, release)
+        .into_iter()
+        .map(|(event, _)| event)
         .collect()
 }
 

@@ -41,12 +41,9 @@ exit 1"#;
 
 /// The history's events for `release`, as `event` names.
 fn history(root: &Path, release: &str) -> Vec<String> {
-    std::fs::read_to_string(root.join(".dream/history"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["release"] == release)
-        .filter_map(|e| e["event"].as_str().map(str::to_string))
+    dream_testkit::history(root, release)
+        .into_iter()
+        .map(|(event, _)| event)
         .collect()
 }
 

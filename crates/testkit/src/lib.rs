@@ -242,6 +242,23 @@ pub fn dream_with(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, 
     (status.code(), out, err)
 }
 
+/// What `ROOT/.dream/history` records for `release`: each event's name
+/// and reason (empty when it has none), oldest first.
+pub fn history(root: &Path, release: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(root.join(".dream/history"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["release"] == release)
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap_or_default().to_string(),
+                e["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
 /// The release `ROOT/current` names.
 pub fn current(root: &Path) -> Option<String> {
     std::fs::read_link(root.join("current"))

@@ -218,16 +218,12 @@ impl Pool {
                 actions
             }
             Err(reason) => {
-                self.reverts += 1;
-                self.reverted.push((
+                self.note_revert(
                     generation,
                     format!(
                         "canary generation {generation} (release {release}) was reverted: {reason}"
                     ),
-                ));
-                if self.reverted.len() > 16 {
-                    self.reverted.remove(0);
-                }
+                );
                 let mut actions = vec![
                     Action::Warn(
                         Note::Reverted,

@@ -163,14 +163,10 @@ impl Pool {
         }
         g.trial = Trial::Reverted;
         let release = g.release.id.clone();
-        self.reverts += 1;
-        self.reverted.push((
+        self.note_revert(
             generation,
             format!("generation {generation} (release {release}) was reverted: {reason}"),
-        ));
-        if self.reverted.len() > 16 {
-            self.reverted.remove(0);
-        }
+        );
         let mut actions = vec![
             Action::Warn(
                 Note::Reverted,
@@ -191,6 +187,16 @@ impl Pool {
             actions.extend(self.start_generation(to, Vec::new(), None, true, now));
         }
         actions
+    }
+
+    /// Counts a revert and keeps why, for `confirm` and `settle` to
+    /// answer (the last 16).
+    pub(super) fn note_revert(&mut self, generation: GenId, why: String) {
+        self.reverts += 1;
+        self.reverted.push((generation, why));
+        if self.reverted.len() > 16 {
+            self.reverted.remove(0);
+        }
     }
 
     /// `confirm`: a provisional generation stays; with `extend`, it stays
