@@ -23,7 +23,7 @@ $DREAM serve --root "$ROOT" --listen 127.0.0.1:$PORT --workers 2 -- ./run 2> "$W
 wait_http "http://127.0.0.1:$PORT/"
 printf '%-6s %8s %8s %10s %10s %9s\n' round answers errors p99_ms max_ms deploy_s
 for r in $(seq "$ROUNDS"); do
-  $DREAM check "http://127.0.0.1:$PORT/" --duration 12s --connections 16 --json > "$WORK/check.json" 2>/dev/null &
+  $DREAM check "http://127.0.0.1:$PORT/" --duration 12s --connections 16 --timeout 30s --json > "$WORK/check.json" 2>/dev/null &
   cp=$!
   sleep 3
   start=$(date +%s.%N)
