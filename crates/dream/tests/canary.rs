@@ -278,3 +278,69 @@ fn a_deploy_judged_as_dream_toml_says_and_a_hotfix_that_skips_it() {
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.mixed, 0, "{}", report.human());
 }
+
+#[test]
+fn an_interrupted_canary_deploy_withdraws_the_canary_and_marks_nothing_bad() {
+    let tree = dream_testkit::Tree::new();
+    let site = dream_testkit::stamped_site(&tree, "site", "");
+    let root = tree.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let deploy = |id: &str| {
+        let mut cmd = Command::new(bin("dream"));
+        cmd.args(["deploy", "--id", id, "--root"])
+            .arg(&root)
+            .arg(&site)
+            .args(["--build", dream_testkit::STAMP]);
+        cmd
+    };
+    let (status, _, err) = run(&mut deploy("one"), Duration::from_secs(60));
+    assert!(status.success(), "{err}");
+    let (_sup, addr) = dream_testkit::serve_root(&root, &["--workers", "4", "--ready", "notify"]);
+    let clients = Referee::start(addr, false);
+    clients.wait_responses(30);
+    let status =
+        || dream_core::supervise::control::status(&root, Some(Duration::from_secs(5))).ok();
+    let live = dream_testkit::live_pids(&status().expect("status"));
+    let mut d = Guard::spawn(deploy("two").args([
+        "--canary",
+        "1",
+        "--judge-for",
+        "60s",
+        "--judge-path",
+        "/",
+    ]));
+    wait_until(
+        Duration::from_secs(30),
+        "the canary to take its share",
+        || {
+            status()?
+                .pool
+                .generations
+                .iter()
+                .any(|g| g.state == GenerationState::Canary)
+                .then_some(())
+        },
+    );
+    d.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)).code(), Some(130));
+    assert_eq!(dream_testkit::current(&root).as_deref(), Some("one"));
+    wait_until(Duration::from_secs(30), "only release one left", || {
+        let s = status()?;
+        (s.pool.generations.len() == 1 && s.pool.generations[0].release == "one").then_some(s)
+    });
+    assert_eq!(
+        dream_testkit::live_pids(&status().expect("status")),
+        live,
+        "the live generation was not restarted"
+    );
+    let events: Vec<String> = history(&root, "two").into_iter().map(|(e, _)| e).collect();
+    assert!(events.contains(&"canary".to_string()), "{events:?}");
+    assert!(
+        !events.contains(&"reverted".to_string()),
+        "nothing marked bad: {events:?}"
+    );
+    clients.wait_responses(30);
+    let report = clients.finish();
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+}

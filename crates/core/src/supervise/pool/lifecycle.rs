@@ -15,7 +15,29 @@ impl Pool {
             return vec![ReloadFailed::stopping(waiters)];
         }
         if let Some(plan) = canary {
+            self.withdrew = false;
             return self.start_canary(release, waiters, plan, confirm_within, now);
+        }
+        // The reload that withdrew a canary (a deploy interrupted in its
+        // judge window, which switched `current` back): the live release is
+        // what `current` names, and its generation is not restarted.
+        if std::mem::take(&mut self.withdrew)
+            && confirm_within.is_none()
+            && let Some(live) = self.live().filter(|l| l.release.id == release.id)
+        {
+            let (id, release) = (live.id, live.release.id.clone());
+            return vec![
+                Action::Log(
+                    Note::Canary,
+                    format!(
+                        "release {release} (generation {id}) is live and stays: nothing to reload"
+                    ),
+                ),
+                Action::ReloadDone {
+                    waiters,
+                    outcome: Ok((id, release)),
+                },
+            ];
         }
         self.start_generation(release, waiters, confirm_within, false, now)
     }

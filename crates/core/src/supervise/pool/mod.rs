@@ -523,6 +523,10 @@ pub struct Pool {
     /// Paused: nothing accepts until a reload resumes.
     #[serde(default)]
     paused: Option<pause::Paused>,
+    /// The queued reload withdrew a canary: if it resolves to the release
+    /// already live, there is nothing to start.
+    #[serde(default)]
+    withdrew: bool,
     /// Generations reverted lately, and why (for `confirm` to answer).
     #[serde(default)]
     reverted: Vec<(GenId, String)>,
@@ -613,6 +617,7 @@ impl Pool {
             queued_confirm: None,
             queued_canary: None,
             paused: None,
+            withdrew: false,
             reverted: Vec::new(),
             reverts: 0,
             reloads: ReloadStats::default(),
@@ -641,6 +646,7 @@ impl Pool {
                 // `current` names now is what is wanted (a deploy that was
                 // interrupted switched it back, say).
                 let mut actions = self.withdraw_canary(now);
+                self.withdrew |= !actions.is_empty();
                 if self.stopping.is_none() {
                     self.queued_canary = canary;
                     // A reload while paused resumes.
