@@ -344,3 +344,69 @@ fn an_interrupted_canary_deploy_withdraws_the_canary_and_marks_nothing_bad() {
     assert_eq!(report.error_total, 0, "{}", report.human());
     assert_eq!(report.mixed, 0, "{}", report.human());
 }
+
+/// A live worker shuts the shared listener down in the middle of a canary's
+/// window: the supervisor makes it listen again, which puts it at the end
+/// of its `SO_REUSEPORT` group; the canary's and its twin's listeners are
+/// put back after it, so each keeps its share (the twin would otherwise
+/// have taken three quarters).
+#[test]
+fn a_listener_a_worker_shuts_down_during_a_canary_keeps_every_share() {
+    let root = Root::new();
+    root.release("a", GOOD);
+    root.release("b", GOOD);
+    root.switch("a");
+    // A port of its own: one the kernel picked (port 0) is given up by a
+    // shutdown(2), and could not be listened on again.
+    let port = dream_testkit::free_port();
+    let mut sup = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["serve", "--root"])
+            .arg(root.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--ready", "notify", "--workers", "4", "--", "./run"])
+            .env("PROBE_BIN", dream_testkit::probe()),
+    );
+    let addr = sup.listening_addr();
+    root.wait_supervisor();
+    let before = root.wait_live("a", 4);
+    root.switch("b");
+    let _judging = Guard::spawn(
+        Command::new(bin("dream"))
+            .args(["reload", "--root"])
+            .arg(root.path())
+            .args(["--canary", "1", "--judge-for", "60s", "--judge-path", "/"]),
+    );
+    let (canary, twin) = wait_until(Duration::from_secs(30), "the canary and its twin", || {
+        let s = root.status();
+        let judged: Vec<u64> = s
+            .pool
+            .generations
+            .iter()
+            .filter(|g| g.state == GenerationState::Canary)
+            .map(|g| g.id)
+            .collect();
+        (judged.len() == 2).then(|| (judged[0], judged[1]))
+    });
+    let worker = dream_testkit::live_pids(&before)[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    sup.wait_stderr("listening again", Duration::from_secs(10));
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..400 {
+        let r = dream_testkit::get(addr, "/", &[]);
+        assert_eq!(r.status, 200);
+        let g: u64 = r.header("x-dream-generation").unwrap().parse().unwrap();
+        *counts.entry(g).or_insert(0u32) += 1;
+    }
+    let share = |g| counts.get(&g).copied().unwrap_or(0) as f64 / 400.0;
+    assert!(
+        (0.15..=0.35).contains(&share(canary)) && (0.15..=0.35).contains(&share(twin)),
+        "canary {:.2} and twin {:.2} of 400 (25% each asked): {counts:?}",
+        share(canary),
+        share(twin)
+    );
+}

@@ -8,7 +8,7 @@
 //! `--crash-at-start`, `--never-ready`, `--ignore-term`, `--hang`,
 //! `--exit-after-report`; for a canary's judge, `--fail-percent P` (answer
 //! 500 to about P% of requests, at random) and `--delay-ms D` (answer D ms
-//! late).
+//! late). USR1 makes it shut its listeners down and go on.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -125,8 +125,13 @@ fn main() {
     if m.seed_server {
         seed_server();
     }
-    let mut signals =
-        Signals::new(&[Signal::SIGTERM, Signal::SIGHUP, Signal::SIGINT]).expect("signalfd");
+    let mut signals = Signals::new(&[
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGUSR1,
+    ])
+    .expect("signalfd");
     let listeners: Vec<Listener> = if m.serve {
         protocol::take_listeners()
             .expect("a listening socket")
@@ -173,8 +178,24 @@ fn main() {
         if poll(&mut fds, PollTimeout::NONE).is_err() {
             continue;
         }
-        if signals.try_next().expect("signals").is_some() && !m.ignore_term {
-            break;
+        match signals.try_next().expect("signals") {
+            // USR1: shut the listeners down (as a careless server does on
+            // its way out) and go on serving once they listen again.
+            Some(Signal::SIGUSR1) => {
+                for l in &listeners {
+                    let fd = match l {
+                        Listener::Tcp(t) => t.as_fd(),
+                        Listener::Unix(u) => u.as_fd(),
+                    };
+                    let _ = nix::sys::socket::shutdown(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        nix::sys::socket::Shutdown::Both,
+                    );
+                }
+                continue;
+            }
+            Some(_) if !m.ignore_term => break,
+            _ => {}
         }
         for l in &listeners {
             let conn: Option<Box<dyn ReadWrite>> = match l {

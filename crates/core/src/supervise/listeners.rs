@@ -144,9 +144,13 @@ impl Driver {
                 }
             });
         let msg = match restored {
-            Ok(addr) => format!(
-                "listening socket {name} ({addr}) stopped listening (a worker called shutdown(2) on it?); listening again"
-            ),
+            Ok(addr) => {
+                let msg = format!(
+                    "listening socket {name} ({addr}) stopped listening (a worker called shutdown(2) on it?); listening again"
+                );
+                self.canary_reorder(i);
+                msg
+            }
             Err(e) => {
                 self.listener_lost[i] = true;
                 format!(

@@ -135,6 +135,37 @@ impl Driver {
         }
     }
 
+    /// The address's own listener `i` left its group (a worker's
+    /// shutdown(2)) and came back at the group's end: the canary's and the
+    /// twin's listeners are put back after it, so that the routing
+    /// program's indexes (own, canary, twin) hold again. What waits on them
+    /// moves to the others meanwhile (`tcp_migrate_req`).
+    pub(super) fn canary_reorder(&self, i: usize) {
+        use nix::sys::socket::{Backlog, Shutdown, listen, shutdown};
+        let Some(c) = &self.canary else {
+            return;
+        };
+        let ours: Vec<&Listener> = c
+            .sockets
+            .get(i)
+            .into_iter()
+            .chain(c.twin.as_ref().and_then(|(_, t)| t.get(i)))
+            .collect();
+        for l in &ours {
+            let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&l.fd), Shutdown::Read);
+        }
+        for l in &ours {
+            if let Err(e) = listen(&l.fd, Backlog::MAXCONN) {
+                self.log(
+                    -1,
+                    Note::Canary,
+                    &format!("cannot put a canary's listener back in its group: {e}"),
+                );
+            }
+        }
+        self.route();
+    }
+
     /// `tcp_migrate_req`: what waits on a closing canary listener moves to
     /// the address's own instead of being reset.
     fn allow_migration(&self) {
