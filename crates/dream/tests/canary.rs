@@ -273,6 +273,20 @@ fn a_deploy_judged_as_dream_toml_says_and_a_hotfix_that_skips_it() {
     // The judge's flags alone are a mistake, said in one line.
     let (code, out) = deploy("four", &["--no-canary", "--judge-for", "1s"]);
     assert_eq!(code, Some(100), "{out}");
+    // A canary the supervisor cannot run is refused before anything starts:
+    // the release is not at fault, and not marked bad.
+    let (code, out) = deploy("five", &["--canary", "4"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("would take all of it") && out.contains("not marked bad"),
+        "{out}"
+    );
+    assert_eq!(dream_testkit::current(&root).as_deref(), Some("three"));
+    assert!(
+        !history(&root, "five").iter().any(|(k, _)| k == "failed"),
+        "{:?}",
+        history(&root, "five")
+    );
     clients.wait_responses(30);
     let report = clients.finish();
     assert_eq!(report.error_total, 0, "{}", report.human());

@@ -163,6 +163,18 @@ pub(super) fn switch_reload_verify(
             let generation = a.live().map(|(g, _)| g);
             return after_reload(store, id, previous, how, generation, signals, p);
         }
+        Err(control::ControlError::Refused {
+            unsupported: true,
+            message: why,
+            ..
+        }) => {
+            // Nothing was started: the release is not at fault.
+            let restored = switch_back(store, id, previous, format!("{id}: {why}"));
+            return Err(err(
+                Kind::Failed,
+                format!("the supervisor refused: {why}\n{restored}; {id} is not marked bad"),
+            ));
+        }
         Ok(a) => a.error.unwrap_or_else(|| "unknown error".into()),
         Err(control::ControlError::NotRunning { .. }) if !how.verify.is_empty() => {
             // A check the user asked for is never skipped in silence.

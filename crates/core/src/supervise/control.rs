@@ -168,6 +168,10 @@ pub enum Refusal {
     Busy,
     /// Not the supervisor's user or root.
     Permission,
+    /// What was asked cannot be done here (a canary without TCP listeners
+    /// that share a port, a canary of the live release): nothing was
+    /// started, and the release is not at fault.
+    Unsupported,
 }
 
 /// What a request that was carried out did: each request's own answer.
@@ -530,6 +534,7 @@ pub fn status(root: &Path, timeout: Option<Duration>) -> Result<Status, ControlE
         return Err(match v["refused"].as_str() {
             Some(why) => ControlError::Refused {
                 busy: why == "busy",
+                unsupported: why == "unsupported",
                 message,
             },
             None => ControlError::Failed(message),
@@ -596,7 +601,12 @@ pub enum ControlError {
     /// The supervisor refused to take the request at all (not the outcome
     /// of carrying it out): too busy, or not allowed.
     #[error("the supervisor refused the request: {message}")]
-    Refused { busy: bool, message: String },
+    Refused {
+        busy: bool,
+        /// [`Refusal::Unsupported`]: what was asked cannot be done here.
+        unsupported: bool,
+        message: String,
+    },
     /// Taken, and answered with a failure.
     #[error("{0}")]
     Failed(String),
@@ -701,6 +711,7 @@ fn exchange(
     {
         return Err(ControlError::Refused {
             busy: why == Refusal::Busy,
+            unsupported: why == Refusal::Unsupported,
             message: v["error"].as_str().unwrap_or("refused").to_string(),
         });
     }

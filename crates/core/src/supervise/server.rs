@@ -194,10 +194,16 @@ impl Driver {
                 let canary = match canary
                     .map(|c| c.plan(self.pool.settings().workers))
                     .transpose()
-                {
+                    .and_then(|c| {
+                        if c.is_some() {
+                            self.canary_possible()?;
+                        }
+                        Ok(c)
+                    }) {
                     Ok(c) => c,
                     Err(e) => {
-                        self.answer_index(i, &Answer::failed(e).to_value());
+                        let refused = Answer::refused(control::Refusal::Unsupported, e);
+                        self.answer_index(i, &refused.to_value());
                         return;
                     }
                 };

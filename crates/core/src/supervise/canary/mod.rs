@@ -120,6 +120,46 @@ impl Driver {
         }
     }
 
+    /// Whether a canary can be started now, or why not: every listener a
+    /// TCP socket in a `SO_REUSEPORT` group, a live generation, and
+    /// `current` naming another release than the live one.
+    pub(super) fn canary_possible(&self) -> Result<(), String> {
+        for l in &self.cfg.sockets {
+            let sock = socket2::SockRef::from(&l.fd);
+            let tcp = sock.local_addr().ok().and_then(|a| a.as_socket()).is_some();
+            if !tcp {
+                return Err(format!(
+                    "a canary needs TCP listening sockets, and {} is not one",
+                    l.name
+                ));
+            }
+            if !sock.reuse_port().unwrap_or(false) {
+                return Err(format!(
+                    "a canary shares the port with SO_REUSEPORT, and {} was not bound with it (systemd: ReusePort=yes in the socket unit; a socket from an older dream: restart dream serve)",
+                    l.name
+                ));
+            }
+        }
+        if let Some(c) = &self.canary {
+            return Err(format!(
+                "the listeners of canary generation {} are still open; try again once it is gone",
+                c.generation
+            ));
+        }
+        let Some(live) = self.pool.live_release() else {
+            return Err("a canary needs a live generation to be judged against".into());
+        };
+        if let Ok(current) = release_of(&self.cfg.mode)
+            && current.id == live.id
+        {
+            return Err(format!(
+                "release {} is already live: a canary of it would be judged against itself",
+                live.id
+            ));
+        }
+        Ok(())
+    }
+
     /// Steers the canary's and its twin's shares (per 10,000 new
     /// connections) to their listeners, the rest to the address's own.
     fn route(&self) {
