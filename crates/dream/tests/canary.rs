@@ -417,6 +417,19 @@ fn a_listener_a_worker_shuts_down_during_a_canary_keeps_every_share() {
         *counts.entry(g).or_insert(0u32) += 1;
     }
     let share = |g| counts.get(&g).copied().unwrap_or(0) as f64 / 400.0;
+    // Status shows the canary, its share, its window and the judge so far.
+    let s = root.status();
+    let c = s
+        .pool
+        .generations
+        .iter()
+        .find(|g| g.id == canary)
+        .and_then(|g| g.canary.clone())
+        .expect("the canary in status");
+    assert_eq!(c.share_basis, 2500);
+    assert!(c.judged_s.is_some() && c.figures.is_some(), "{c:?}");
+    assert!(c.verdict.is_some(), "{c:?}");
+    assert!(s.human().contains("verdict so far"), "{}", s.human());
     assert!(
         (0.15..=0.35).contains(&share(canary)) && (0.15..=0.35).contains(&share(twin)),
         "canary {:.2} and twin {:.2} of 400 (25% each asked): {counts:?}",
