@@ -261,7 +261,9 @@ fn a_deploy_judged_as_dream_toml_says_and_a_hotfix_that_skips_it() {
     assert_eq!(code, Some(0), "{out}");
     let (_sup, addr) = dream_testkit::serve_root(&root, &["--workers", "4", "--ready", "notify"]);
     let clients = Referee::start(addr, false);
+    let keep_alive = Referee::start(addr, true);
     clients.wait_responses(30);
+    keep_alive.wait_responses(30);
     let (code, out) = deploy("two", &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("canary") && out.contains("promoted"), "{out}");
@@ -288,9 +290,11 @@ fn a_deploy_judged_as_dream_toml_says_and_a_hotfix_that_skips_it() {
         history(&root, "five")
     );
     clients.wait_responses(30);
-    let report = clients.finish();
-    assert_eq!(report.error_total, 0, "{}", report.human());
-    assert_eq!(report.mixed, 0, "{}", report.human());
+    keep_alive.wait_responses(30);
+    for report in [clients.finish(), keep_alive.finish()] {
+        assert_eq!(report.error_total, 0, "{}", report.human());
+        assert_eq!(report.mixed, 0, "{}", report.human());
+    }
 }
 
 #[test]
