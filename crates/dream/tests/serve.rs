@@ -866,6 +866,16 @@ fn metrics_count_workers_reloads_and_the_accept_queue() {
     let m = scrape();
     assert_eq!(value(&m, r#"dream_reloads_total{outcome="ok"}"#), 1.0);
     assert_eq!(value(&m, "dream_reload_duration_seconds_count"), 1.0);
+    // Per generation, labelled; no canary, not paused.
+    assert_eq!(
+        value(
+            &m,
+            r#"dream_generation_workers{generation="2",release="a",role="live",state="ready"}"#
+        ),
+        2.0
+    );
+    assert_eq!(value(&m, "dream_canary_share"), 0.0);
+    assert_eq!(value(&m, "dream_paused"), 0.0);
     assert_eq!(
         value(&m, r#"dream_reload_duration_seconds_bucket{le="+Inf"}"#),
         1.0
