@@ -345,6 +345,9 @@ pub(crate) struct DeployCmd {
     pub(crate) bridge: Vec<PathBuf>,
     #[command(flatten)]
     pub(crate) canary: CanaryArgs,
+    /// Not a canary this time, whatever `[deploy] canary` in dream.toml says (a hotfix)
+    #[arg(long, conflicts_with = "canary")]
+    pub(crate) no_canary: bool,
     /// Stop the old release before the switch: it drains, nothing accepts and connections wait in the backlog while the pre-switch hook runs (a migration old and new code cannot both run against); the new release then takes everything that waited. If it does not come up, the old one serves again
     #[arg(long)]
     pub(crate) pause: bool,
@@ -447,9 +450,6 @@ pub(crate) struct CanaryArgs {
     /// Start the new release as a canary beside the live one: K workers (K of the live generation's N get K/N of new connections) or P% of new connections; judged against the live release for --judge-for, then promoted (a reload onto it) or reverted (the canary drains, nothing else moves). Exit 0 only when promoted. Needs TCP listening sockets
     #[arg(long, value_name = "SHARE", value_parser = values::canary_share)]
     pub(crate) canary: Option<dream_core::supervise::canary::judge::Share>,
-    /// Not a canary this time, whatever `[deploy] canary` in dream.toml says (a hotfix)
-    #[arg(long, conflicts_with = "canary")]
-    pub(crate) no_canary: bool,
     #[command(flatten)]
     pub(crate) judge: JudgeArgs,
 }

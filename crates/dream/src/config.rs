@@ -154,11 +154,12 @@ impl Deploy {
     pub fn canary(
         &self,
         a: &crate::cli::CanaryArgs,
+        no_canary: bool,
     ) -> Result<Option<dream_core::supervise::canary::judge::Spec>> {
         let bad = |key: &str, e: String| Failure::usage(format!("dream.toml [deploy] {key}: {e}"));
         let share = match (a.canary, &self.canary) {
             (Some(s), _) => s,
-            (None, Some(s)) if !a.no_canary => {
+            (None, Some(s)) if !no_canary => {
                 crate::values::canary_share(s).map_err(|e| bad("canary", e))?
             }
             _ => return Ok(None),

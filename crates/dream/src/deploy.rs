@@ -298,7 +298,7 @@ pub fn verify(root: Option<&Path>, id: Option<&str>, json: bool) -> Result {
 pub(crate) fn run(a: DeployCmd) -> Result {
     let root = serve::root_dir(a.root.as_deref())?;
     let file = config::load(&root, a.config.as_deref())?.deploy;
-    let canary = file.canary(&a.canary)?;
+    let canary = file.canary(&a.canary, a.no_canary)?;
     if canary.is_none() && a.canary.judge.any() {
         return Err(Failure::usage(
             "--judge-* set how a canary is judged: add --canary SHARE (or [deploy] canary in dream.toml)",
