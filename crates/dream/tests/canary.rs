@@ -185,8 +185,7 @@ fn a_slow_canary_is_reverted_and_a_healthy_one_promoted_with_its_share() {
     );
     clients.wait_responses(100);
     let report = clients.finish();
-    assert_eq!(report.error_total, 0, "{}", report.human());
-    assert_eq!(report.mixed, 0, "{}", report.human());
+    dream_testkit::assert_clean(&report);
 }
 
 #[test]
@@ -292,8 +291,7 @@ fn a_deploy_judged_as_dream_toml_says_and_a_hotfix_that_skips_it() {
     clients.wait_responses(30);
     keep_alive.wait_responses(30);
     for report in [clients.finish(), keep_alive.finish()] {
-        assert_eq!(report.error_total, 0, "{}", report.human());
-        assert_eq!(report.mixed, 0, "{}", report.human());
+        dream_testkit::assert_clean(&report);
     }
 }
 
@@ -359,8 +357,7 @@ fn an_interrupted_canary_deploy_withdraws_the_canary_and_marks_nothing_bad() {
     );
     clients.wait_responses(30);
     let report = clients.finish();
-    assert_eq!(report.error_total, 0, "{}", report.human());
-    assert_eq!(report.mixed, 0, "{}", report.human());
+    dream_testkit::assert_clean(&report);
 }
 
 /// A live worker shuts the shared listener down in the middle of a canary's

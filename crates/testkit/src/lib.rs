@@ -658,6 +658,12 @@ impl Referee {
     }
 }
 
+/// A referee's report with no error of any kind and no mixed response.
+pub fn assert_clean(report: &dream_check::Report) {
+    assert_eq!(report.error_total, 0, "{}", report.human());
+    assert_eq!(report.mixed, 0, "{}", report.human());
+}
+
 /// Waits until process `pid` has `path` open (e.g. is blocked on a lock).
 pub fn wait_open(pid: i32, path: &Path) {
     wait_until(
