@@ -21,18 +21,19 @@ wait_http() { for _ in $(seq 200); do curl -sf -o /dev/null "$1" && return 0; sl
 # json FIELD... : read a dream check --json report on stdin, print fields.
 jget() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(*[eval("d"+a) for a in sys.argv[1:]])' "$@"; }
 run() { echo "+ $*" >&2; "$@"; }
-# static_nginx PORT DIR: nginx serving DIR on 127.0.0.1:PORT, 2 workers, sendfile on (the static
-# comparison's peer, configured once for every bench), in the background.
+# static_nginx PORT DIR: nginx serving DIR on 127.0.0.1:PORT as issue 26 configures it:
+# `worker_processes 2; sendfile on;`, everything else at nginx's defaults (access log on,
+# keepalive_requests 1000, 512 connections a worker), in the background.
 static_nginx() {
-  mkdir -p "$WORK/nginx"
+  mkdir -p "$WORK/nginx/logs"
   cat > "$WORK/nginx/nginx.conf" <<CONF
 worker_processes 2;
 daemon off;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
+events { }
 http {
-  access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; keepalive_requests 1000000;
+  sendfile on;
   server { listen 127.0.0.1:$1; root $2; }
 }
 CONF
