@@ -78,7 +78,7 @@ pub(crate) enum Cmd {
     )]
     Pause(PauseArgs),
     /// End a pause: start the release `current` names; exit 1 if it failed (the paused one serves again)
-    Resume(ResumeArgs),
+    Resume(StatusArgs),
     /// Replace the running supervisor's program in place: same pid, sockets and workers
     #[command(
         after_help = "The supervisor checks the new program first (PATH --upgrade-check), waits for a
@@ -414,6 +414,7 @@ pub(crate) struct ReleasesArgs {
     pub(crate) json: bool,
 }
 
+/// A root and `--json`: what `status` and `resume` take.
 #[derive(Args)]
 pub(crate) struct StatusArgs {
     /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
@@ -523,16 +524,6 @@ pub(crate) struct PauseArgs {
     /// Resume by itself after DUR, on the release current names [default: 30s, under the 60s most proxies and clients wait]
     #[arg(long, value_name = "DUR", value_parser = values::duration)]
     pub(crate) max: Option<Duration>,
-    /// Print the answer as JSON on stdout
-    #[arg(long)]
-    pub(crate) json: bool,
-}
-
-#[derive(Args)]
-pub(crate) struct ResumeArgs {
-    /// Deploy root (default: $DREAM_ROOT, else the current directory if it has .dream/ or dream.toml)
-    #[arg(long, value_name = "DIR")]
-    pub(crate) root: Option<PathBuf>,
     /// Print the answer as JSON on stdout
     #[arg(long)]
     pub(crate) json: bool,

@@ -256,9 +256,7 @@ fn pause(
             Ok(false)
         }
         Err(control::ControlError::Interrupted) => {
-            let sig = signals
-                .and_then(|s| s.try_next().ok().flatten())
-                .unwrap_or(nix::sys::signal::Signal::SIGINT);
+            let sig = received(signals);
             let _ = control::tell(&store.root, &control::Request::Resume);
             Err(err(
                 Kind::Interrupted(sig as i32),
@@ -408,9 +406,7 @@ pub(super) fn interrupted_after_switch(
     previous: Option<&str>,
     signals: Option<&mut Signals>,
 ) -> DeployError {
-    let sig = signals
-        .and_then(|s| s.try_next().ok().flatten())
-        .unwrap_or(nix::sys::signal::Signal::SIGINT);
+    let sig = received(signals);
     let restored = match previous {
         Some(_) => {
             let r = switch_back(
@@ -674,6 +670,14 @@ pub(super) fn could_not_ask(
             "could not ask the supervisor to reload: {e}\n{restored}; release {id} is not marked bad (deploy again)"
         ),
     )
+}
+
+/// The signal that interrupted a wait on the supervisor (SIGINT if it
+/// cannot be read back).
+fn received(signals: Option<&mut Signals>) -> nix::sys::signal::Signal {
+    signals
+        .and_then(|s| s.try_next().ok().flatten())
+        .unwrap_or(nix::sys::signal::Signal::SIGINT)
 }
 
 /// An INT, TERM or HUP received since the deploy began ends it here,

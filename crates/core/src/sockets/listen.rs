@@ -134,21 +134,8 @@ fn bind_tcp(spec: &ListenSpec, addr: SocketAddr, backlog: i32) -> Result<Listene
 /// [`crate::sys::route_reuseport`] steers its share of connections to it.
 pub fn beside(l: &Listener) -> io::Result<Listener> {
     use std::os::fd::AsFd;
-    let fd = l.fd.try_clone()?;
-    let first = Socket::from(fd);
-    let local = first.local_addr()?;
-    let Some(addr) = local.as_socket() else {
-        return Err(io::Error::other(format!(
-            "{} is not a TCP socket (a canary needs TCP listeners)",
-            l.name
-        )));
-    };
-    if !first.reuse_port()? {
-        return Err(io::Error::other(format!(
-            "{} ({addr}) was not bound with SO_REUSEPORT (a socket systemd passed needs ReusePort=yes; one bound by an older dream needs a restart of dream serve)",
-            l.name
-        )));
-    }
+    let addr = shared_port(l)?;
+    let first = socket2::SockRef::from(&l.fd);
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
     sock.set_reuse_port(true)?;
@@ -159,6 +146,25 @@ pub fn beside(l: &Listener) -> io::Result<Listener> {
     let backlog = crate::sys::listen_queue(l.fd.as_fd()).map_or(DEFAULT_BACKLOG, |(_, b)| b);
     sock.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(Listener::new(sock.into(), l.name.clone()))
+}
+
+/// The TCP address of `l`, if another listener can join it in its
+/// `SO_REUSEPORT` group (what a canary needs); else why not.
+pub fn shared_port(l: &Listener) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(&l.fd);
+    let Some(addr) = sock.local_addr()?.as_socket() else {
+        return Err(io::Error::other(format!(
+            "{} is not a TCP socket: a canary needs TCP listening sockets",
+            l.name
+        )));
+    };
+    if !sock.reuse_port()? {
+        return Err(io::Error::other(format!(
+            "{} ({addr}) was not bound with SO_REUSEPORT, through which a canary shares the port (systemd: ReusePort=yes in the socket unit; a socket from an older dream: restart dream serve)",
+            l.name
+        )));
+    }
+    Ok(addr)
 }
 
 fn tcp_error(spec: &ListenSpec, addr: SocketAddr, source: io::Error) -> ListenError {

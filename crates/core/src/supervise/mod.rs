@@ -648,17 +648,12 @@ impl Driver {
             );
             return;
         }
-        let mut ev =
-            crate::store::release::Event::new(crate::store::release::EventKind::Reverted, release);
-        ev.previous = Some(to.id.clone());
-        ev.reason = Some(format!("generation {generation}: {reason}"));
-        if let Err(e) = store.append(&ev) {
-            self.log(
-                -1,
-                Note::Supervisor,
-                &format!("cannot record the revert of {release}: {e}"),
-            );
-        }
+        self.record(
+            crate::store::release::EventKind::Reverted,
+            release,
+            Some(&to.id),
+            Some(format!("generation {generation}: {reason}")),
+        );
         match store.switch_back(
             release,
             &to.id,
@@ -675,6 +670,34 @@ impl Driver {
                 Note::Supervisor,
                 &format!("cannot switch current back to {}: {e}", to.id),
             ),
+        }
+    }
+
+    /// Appends to the history (a revert, a canary's start, its promotion).
+    pub(super) fn record(
+        &self,
+        kind: crate::store::release::EventKind,
+        release: &str,
+        previous: Option<&str>,
+        reason: Option<String>,
+    ) {
+        let Mode::Serve { root } = &self.cfg.mode else {
+            return;
+        };
+        let store = crate::store::release::Store::new(root);
+        let mut ev = crate::store::release::Event::new(kind, release);
+        ev.previous = previous.map(str::to_string);
+        ev.reason = reason;
+        if let Err(e) = store.append(&ev) {
+            let what = serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            self.log(
+                -1,
+                Note::Supervisor,
+                &format!("cannot record the {what} of {release} in the history: {e}"),
+            );
         }
     }
 

@@ -307,19 +307,8 @@ impl Driver {
         background: bool,
         lane: crate::supervise::pool::Lane,
     ) -> Result<i32, String> {
-        // A canary's worker accepts on the canary's listeners (copies of
-        // their descriptors, closed once it is started).
-        let canary_sockets: Option<Vec<Listener>> = if lane != crate::supervise::pool::Lane::Main {
-            let own = self.canary_sockets(generation, lane)?;
-            Some(
-                own.iter()
-                    .map(|l| l.fd.try_clone().map(|fd| Listener::new(fd, l.name.clone())))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| format!("canary listeners: {e}"))?,
-            )
-        } else {
-            None
-        };
+        // A canary's worker (or its twin's) accepts on listeners of its own.
+        self.make_lane_sockets(generation, lane)?;
         let (notify, notify_path, notify_env) = self.notify_socket(generation, index)?;
         nix::sys::socket::setsockopt(&notify, nix::sys::socket::sockopt::PassCred, &true)
             .map_err(|e| format!("notify socket: {e}"))?;
@@ -347,7 +336,7 @@ impl Driver {
         }
         cmd.args(&self.cfg.args)
             .cwd(&release.dir)
-            .sockets(canary_sockets.as_deref().unwrap_or(&self.cfg.sockets))
+            .sockets(self.lane_sockets(lane))
             .stderr(wr.as_fd())
             .env("DREAM_RELEASE", &release.id)
             .env("DREAM_RELEASE_DIR", &release.dir)

@@ -56,7 +56,7 @@ impl std::fmt::Display for Share {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Share::Workers(k) => write!(f, "{}", crate::plural(*k, "worker")),
-            Share::Basis(b) => write!(f, "{}%", *b as f64 / 100.0),
+            Share::Basis(b) => f.write_str(&percent(*b)),
         }
     }
 }

@@ -45,6 +45,14 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 const MIGRATE: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
+/// Why a new canary cannot start while `c`'s listeners are open.
+fn still_open(c: &Canary) -> String {
+    format!(
+        "the listeners of canary generation {} are still open (its workers are draining); try again once it is gone",
+        c.generation
+    )
+}
+
 /// A second listener beside each of `sockets`, in its group.
 fn beside_each(sockets: &[Listener]) -> Result<Vec<Listener>, String> {
     sockets
@@ -57,29 +65,24 @@ fn beside_each(sockets: &[Listener]) -> Result<Vec<Listener>, String> {
 }
 
 impl Driver {
-    /// The listening sockets a worker of `generation` gets in `lane`: a
-    /// canary's own, made on its first worker's spawn, then its twin's
-    /// (each group holds the address's own listener first, then the
-    /// canary's, then the twin's: the order the routing program counts).
-    pub(super) fn canary_sockets(
+    /// Makes the listening sockets a worker of `generation` gets in
+    /// `lane` if they are not there yet: a canary's, on its first worker's
+    /// spawn, then its twin's (each group holds the address's own listener
+    /// first, then the canary's, then the twin's: the order the routing
+    /// program counts).
+    pub(super) fn make_lane_sockets(
         &mut self,
         generation: GenId,
         lane: crate::supervise::pool::Lane,
-    ) -> Result<&[Listener], String> {
+    ) -> Result<(), String> {
         use crate::supervise::pool::Lane;
-        let busy = |c: &Canary| {
-            format!(
-                "the listeners of canary generation {} are still open (its workers are draining); try again once it is gone",
-                c.generation
-            )
-        };
         match lane {
-            Lane::Main => Ok(&self.cfg.sockets),
+            Lane::Main => Ok(()),
             Lane::Canary => {
                 if let Some(c) = &self.canary
                     && c.generation != generation
                 {
-                    return Err(busy(c));
+                    return Err(still_open(c));
                 }
                 if self.canary.is_none() {
                     let sockets = beside_each(&self.cfg.sockets)?;
@@ -93,31 +96,37 @@ impl Driver {
                     });
                     self.route();
                 }
-                Ok(&self.canary.as_ref().expect("made above").sockets)
+                Ok(())
             }
             Lane::Twin => {
                 let Some(c) = &self.canary else {
                     return Err("a twin starts after its canary's listeners exist".into());
                 };
                 match &c.twin {
-                    Some((g, _)) if *g != generation => return Err(busy(c)),
-                    Some(_) => {}
+                    Some((g, _)) if *g != generation => Err(still_open(c)),
+                    Some(_) => Ok(()),
                     None => {
                         let sockets = beside_each(&self.cfg.sockets)?;
                         self.canary.as_mut().expect("checked").twin = Some((generation, sockets));
                         self.route();
+                        Ok(())
                     }
                 }
-                Ok(&self
-                    .canary
-                    .as_ref()
-                    .expect("checked")
-                    .twin
-                    .as_ref()
-                    .expect("made")
-                    .1)
             }
         }
+    }
+
+    /// The listening sockets of `lane` (made by
+    /// [`Driver::make_lane_sockets`]; the address's own if they are not).
+    pub(super) fn lane_sockets(&self, lane: crate::supervise::pool::Lane) -> &[Listener] {
+        use crate::supervise::pool::Lane;
+        let canary = self.canary.as_ref();
+        match lane {
+            Lane::Canary => canary.map(|c| &c.sockets[..]),
+            Lane::Twin => canary.and_then(|c| c.twin.as_ref()).map(|(_, t)| &t[..]),
+            Lane::Main => None,
+        }
+        .unwrap_or(&self.cfg.sockets)
     }
 
     /// Whether a canary can be started now, or why not: every listener a
@@ -125,26 +134,10 @@ impl Driver {
     /// `current` naming another release than the live one.
     pub(super) fn canary_possible(&self) -> Result<(), String> {
         for l in &self.cfg.sockets {
-            let sock = socket2::SockRef::from(&l.fd);
-            let tcp = sock.local_addr().ok().and_then(|a| a.as_socket()).is_some();
-            if !tcp {
-                return Err(format!(
-                    "a canary needs TCP listening sockets, and {} is not one",
-                    l.name
-                ));
-            }
-            if !sock.reuse_port().unwrap_or(false) {
-                return Err(format!(
-                    "a canary shares the port with SO_REUSEPORT, and {} was not bound with it (systemd: ReusePort=yes in the socket unit; a socket from an older dream: restart dream serve)",
-                    l.name
-                ));
-            }
+            crate::sockets::listen::shared_port(l).map_err(|e| e.to_string())?;
         }
         if let Some(c) = &self.canary {
-            return Err(format!(
-                "the listeners of canary generation {} are still open; try again once it is gone",
-                c.generation
-            ));
+            return Err(still_open(c));
         }
         let Some(live) = self.pool.live_release() else {
             return Err("a canary needs a live generation to be judged against".into());
@@ -366,30 +359,6 @@ impl Driver {
                 });
                 cs.figures = Some(figures.summarized());
             }
-        }
-    }
-
-    /// Appends to the history (a canary's start, its promotion).
-    pub(super) fn record(
-        &self,
-        kind: crate::store::release::EventKind,
-        release: &str,
-        previous: Option<&str>,
-        reason: Option<String>,
-    ) {
-        let Mode::Serve { root } = &self.cfg.mode else {
-            return;
-        };
-        let store = crate::store::release::Store::new(root);
-        let mut ev = crate::store::release::Event::new(kind, release);
-        ev.previous = previous.map(str::to_string);
-        ev.reason = reason;
-        if let Err(e) = store.append(&ev) {
-            self.log(
-                -1,
-                Note::Supervisor,
-                &format!("cannot record {kind:?} of {release} in the history: {e}"),
-            );
         }
     }
 }

@@ -93,25 +93,21 @@ impl Pool {
         })
     }
 
-    /// What status shows of the canary: its generation, its plan, and
-    /// whether the judge promoted it.
-    pub fn canary(&self) -> Option<(GenId, &Plan, bool)> {
+    /// The canary starting, judged, or promoted and serving until its
+    /// release's full generation is live.
+    pub fn canary(&self) -> Option<GenId> {
         self.gens
             .iter()
-            .filter(|g| g.lane == Lane::Canary)
-            .filter(|g| matches!(g.state, GenState::Starting { .. } | GenState::Canary))
-            .find_map(|g| g.canary.as_ref().map(|p| (g.id, p, g.promoted)))
+            .find(|g| {
+                g.lane == Lane::Canary
+                    && matches!(g.state, GenState::Starting { .. } | GenState::Canary)
+            })
+            .map(|g| g.id)
     }
 
-    fn all_ready(g: &Generation) -> bool {
-        g.workers
-            .iter()
-            .all(|w| matches!(w.state, WorkerState::Ready { .. }))
-    }
-
-    /// Every worker of the canary, and of its twin, is ready: they take
-    /// their shares.
-    pub(super) fn canary_live(&mut self, _generation: GenId, now: Instant) -> Vec<Action> {
+    /// A generation of the canary, or of its twin, is all ready: once both
+    /// are, they take their shares.
+    pub(super) fn canary_live(&mut self, now: Instant) -> Vec<Action> {
         let Some(c) = self.unjudged_canary() else {
             return Vec::new();
         };
@@ -119,10 +115,10 @@ impl Pool {
         let Some(plan) = plan else {
             return Vec::new();
         };
-        if !matches!(c.state, GenState::Starting { .. }) || !Self::all_ready(c) {
+        if !matches!(c.state, GenState::Starting { .. }) || !c.all_ready() {
             return Vec::new();
         }
-        let twin = self.twin().map(|t| (t.id, Self::all_ready(t)));
+        let twin = self.twin().map(|t| (t.id, t.all_ready()));
         if plan.twin && !matches!(twin, Some((_, true))) {
             return Vec::new();
         }

@@ -154,12 +154,7 @@ impl Pool {
         let Some(g) = self.gens.iter().find(|g| g.id == generation) else {
             return actions;
         };
-        let all_ready = g
-            .workers
-            .iter()
-            .filter(|w| !w.retiring())
-            .all(|w| matches!(w.state, WorkerState::Ready { .. }));
-        if !all_ready {
+        if !g.all_ready() {
             return actions;
         }
         match g.state {
@@ -174,7 +169,7 @@ impl Pool {
                 }
             }
             GenState::Starting { .. } if g.lane != Lane::Main => {
-                actions.extend(self.canary_live(generation, now));
+                actions.extend(self.canary_live(now));
             }
             GenState::Starting { .. } => {
                 let release = g.release.id.clone();

@@ -369,6 +369,16 @@ pub enum Lane {
     Twin,
 }
 
+impl Generation {
+    /// Every worker it keeps (not one scaled down) is ready.
+    fn all_ready(&self) -> bool {
+        self.workers
+            .iter()
+            .filter(|w| !w.retiring())
+            .all(|w| matches!(w.state, WorkerState::Ready { .. }))
+    }
+}
+
 /// Everything that happens to the pool: the one input of [`Pool::on`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

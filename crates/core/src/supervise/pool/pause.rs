@@ -97,13 +97,9 @@ impl Pool {
     }
 
     /// A reload while paused resumes: its generation is not live at once.
-    pub(super) fn resuming(&mut self) -> bool {
-        match &mut self.paused {
-            Some(p) => {
-                p.resuming = true;
-                true
-            }
-            None => false,
+    pub(super) fn resuming(&mut self) {
+        if let Some(p) = &mut self.paused {
+            p.resuming = true;
         }
     }
 

@@ -59,11 +59,7 @@ impl Pool {
             } else {
                 None
             };
-            let all_up = g
-                .workers
-                .iter()
-                .filter(|w| !w.retiring())
-                .all(|w| matches!(w.state, WorkerState::Ready { .. }));
+            let all_up = g.all_ready();
             let (due, waiting): (Vec<Settling>, Vec<Settling>) = std::mem::take(&mut g.settling)
                 .into_iter()
                 .partition(|s| failed.is_some() || s.by <= now);
