@@ -230,6 +230,29 @@ fn a_canary_is_refused_with_a_reason_where_it_cannot_be_judged() {
         assert!(!err.contains("panicked"), "{err}");
     }
     assert_eq!(root.status().pool.generations.len(), 1);
+    // A supervisor that also listens on a Unix socket cannot share it.
+    let unix = Root::new();
+    unix.release("a", GOOD);
+    unix.release("b", GOOD);
+    unix.switch("a");
+    let path = unix.path().join("app.sock");
+    let (_sup, _addr) = unix.serve(
+        &[
+            "--ready",
+            "notify",
+            "--workers",
+            "4",
+            "--listen",
+            &format!("unix:{}", path.display()),
+        ],
+        &[],
+    );
+    unix.wait_live("a", 4);
+    unix.switch("b");
+    let (code, _, err, _) = canary(&unix, &["--canary", "1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is not a TCP socket"), "{err}");
+    assert_eq!(unix.status().pool.generations.len(), 1, "nothing started");
 }
 
 #[test]
@@ -410,6 +433,13 @@ fn a_listener_a_worker_shuts_down_during_a_canary_keeps_every_share() {
     )
     .unwrap();
     sup.wait_stderr("listening again", Duration::from_secs(10));
+    // No pause while a canary is judged: one line says why.
+    let (code, _, err) = dream_testkit::dream_at(root.path(), &["pause"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot pause: a canary is being judged"),
+        "{err}"
+    );
     let mut counts = std::collections::HashMap::new();
     for _ in 0..400 {
         let r = dream_testkit::get(addr, "/", &[]);
