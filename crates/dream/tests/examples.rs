@@ -47,16 +47,9 @@ fn python_tools() -> Option<&'static Path> {
     .as_deref()
 }
 
-/// Lays out releases `a` and `b` from `files` (paths relative to the repo),
-/// serves them with `command`, reloads four times under load, and asserts
-/// that no client saw an error or a mixed response.
-fn exercise(
-    files: &[&str],
-    command: &[&str],
-    ready: &str,
-    path_prefix: Option<&Path>,
-    keep_alive: bool,
-) -> dream_check::Report {
+/// Releases `a` and `b`, each a copy of `files` (paths relative to the
+/// repo), `current` on `a`; and `$PATH` with `prefix` in front.
+fn releases(files: &[&str], prefix: Option<&Path>) -> (Root, String) {
     let root = Root::new();
     for id in ["a", "b"] {
         let dir = root.path().join("releases").join(id);
@@ -68,9 +61,23 @@ fn exercise(
     }
     root.switch("a");
     let mut path = std::env::var("PATH").unwrap_or_default();
-    if let Some(p) = path_prefix {
+    if let Some(p) = prefix {
         path = format!("{}:{path}", p.display());
     }
+    (root, path)
+}
+
+/// Lays out releases `a` and `b` from `files` (paths relative to the repo),
+/// serves them with `command`, reloads four times under load, and asserts
+/// that no client saw an error or a mixed response.
+fn exercise(
+    files: &[&str],
+    command: &[&str],
+    ready: &str,
+    path_prefix: Option<&Path>,
+    keep_alive: bool,
+) -> dream_check::Report {
+    let (root, path) = releases(files, path_prefix);
     let mut sup = Guard::spawn(
         Command::new(bin("dream"))
             .arg("serve")
@@ -195,20 +202,7 @@ fn gunicorn_on_fd_0() {
 /// answers carry `X-Dream-Release` and `X-Dream-Generation`), each promoted,
 /// while a client opens a connection per request: no error, no mix.
 fn as_a_judged_canary(files: &[&str], command: &[&str], ready: &str, path: Option<&Path>) {
-    let root = Root::new();
-    for id in ["a", "b"] {
-        let dir = root.path().join("releases").join(id);
-        std::fs::create_dir_all(&dir).unwrap();
-        for f in files {
-            let src = repo().join(f);
-            std::fs::copy(&src, dir.join(src.file_name().unwrap())).unwrap();
-        }
-    }
-    root.switch("a");
-    let mut search = std::env::var("PATH").unwrap_or_default();
-    if let Some(p) = path {
-        search = format!("{}:{search}", p.display());
-    }
+    let (root, search) = releases(files, path);
     let mut sup = Guard::spawn(
         Command::new(bin("dream"))
             .args(["serve", "--root"])
