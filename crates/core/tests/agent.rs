@@ -155,7 +155,11 @@ fn a_manifest_cannot_plant_a_file_outside_root_through_a_link() {
     request(&mut wire, &lock(), &[]);
     request(
         &mut wire,
-        &ToAgent::Offer { id: "evil".into() },
+        &ToAgent::Offer {
+            id: "evil".into(),
+            base: None,
+            digest: None,
+        },
         &[deflate(m.to_text().as_bytes())],
     );
     request(
@@ -229,7 +233,11 @@ fn nothing_changes_without_the_sessions_lock_and_ids_are_checked() {
     }
     request(
         &mut wire,
-        &ToAgent::Offer { id: "o".into() },
+        &ToAgent::Offer {
+            id: "o".into(),
+            base: None,
+            digest: None,
+        },
         &[deflate(b"dream-manifest 1\n")],
     );
     let (replies, result) = converse(&host.root, &wire);
@@ -323,7 +331,11 @@ fn a_decompression_bomb_is_refused_with_memory_bounded() {
     request(&mut wire, &lock(), &[]);
     request(
         &mut wire,
-        &ToAgent::Offer { id: "b".into() },
+        &ToAgent::Offer {
+            id: "b".into(),
+            base: None,
+            digest: None,
+        },
         &[deflate(m.to_text().as_bytes())],
     );
     request(&mut wire, &ToAgent::Blob { hash: hash.clone() }, &[bomb]);
@@ -411,7 +423,7 @@ mod property {
     }
 
     fn message() -> impl Strategy<Value = (u8, String, String)> {
-        (0u8..9, id(), id())
+        (0u8..11, id(), id())
     }
 
     proptest! {
@@ -430,6 +442,18 @@ mod property {
             let before = host.outside_snapshot();
             let outside = host.outside.to_str().unwrap().to_string();
             let text = manifest_text(&entries, &outside);
+            // A delta against the live release's manifest (its real digest):
+            // its line or none, or a run past its end, then the hostile
+            // manifest's lines; the digest named right, so what guards is
+            // the rebuild and the offer's own checks.
+            let live = Manifest::load(&Store::new(&host.root).manifest_path(&host.live)).unwrap();
+            let mut delta = format!("= 0 {}\n", entries.len() % 3);
+            for line in text.lines().skip(1) {
+                delta.push_str(&format!("+ {line}\n"));
+            }
+            let rebuilt = fleet::delta::apply(&live.to_text(), &delta)
+                .map(|t| blake3::hash(t.as_bytes()).to_hex().to_string())
+                .unwrap_or_default();
             let mut wire = Vec::new();
             request(&mut wire, &hello(), &[]);
             if locked {
@@ -438,7 +462,7 @@ mod property {
             for (kind, a, b) in &msgs {
                 let a = a.replace("/", &format!("{outside}/"));
                 let msg = match kind {
-                    0 => ToAgent::Offer { id: a.clone() },
+                    0 => ToAgent::Offer { id: a.clone(), base: None, digest: None },
                     1 => ToAgent::Prepare { id: a.clone(), build: None, bridge: vec![PathBuf::from(&b)] },
                     2 => ToAgent::Switch { id: a.clone(), confirm_within_ms: 10, verify: Vec::new(), settle_ms: 0, canary: None },
                     3 => ToAgent::Revert { from: b.clone(), to: a.clone(), reason: "r".into() },
@@ -446,9 +470,12 @@ mod property {
                     5 => ToAgent::Hold { message: Some(b.clone()) },
                     6 => ToAgent::Plan,
                     7 => ToAgent::Blob { hash: blake3::hash(b"x").to_hex().to_string() },
+                    8 => ToAgent::Offer { id: a.clone(), base: Some(live.digest()), digest: Some(rebuilt.clone()) },
+                    9 => ToAgent::Base,
                     _ => ToAgent::Status,
                 };
                 let payload = match &msg {
+                    ToAgent::Offer { base: Some(_), .. } => vec![deflate(delta.as_bytes())],
                     ToAgent::Offer { .. } | ToAgent::Plan => vec![deflate(text.as_bytes())],
                     ToAgent::Blob { .. } => vec![deflate(b"x")],
                     _ => Vec::new(),

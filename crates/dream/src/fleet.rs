@@ -266,7 +266,7 @@ pub fn deploy(f: &Fleet, plan: &DeployPlan) -> Result {
     f.with(&f.run.hosts, |c| {
         // The source is hashed here while the sessions start.
         let (staged, connected) = std::thread::scope(|s| {
-            let connecting = s.spawn(|| c.connect());
+            let connecting = s.spawn(|| c.connect_to_deploy());
             let staged = stage_source(&plan.source, &plan.exclude, plan.keep_git);
             (staged, connecting.join().expect("connect thread"))
         });

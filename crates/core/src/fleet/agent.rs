@@ -16,6 +16,7 @@ use crate::store::manifest::{self, Manifest};
 use crate::store::release::{self, Store};
 use crate::store::stage::Source;
 
+use super::delta;
 use super::wire::*;
 
 /// The manual hold on the primary: `ROOT/.dream/fleet-hold`.
@@ -216,11 +217,27 @@ impl Agent {
                 }
                 // A payload over its bounds breaks the framing: the
                 // session ends (`?`), nothing of it kept.
-                ToAgent::Offer { id } => match (read_manifest(input)?, refused) {
+                ToAgent::Offer { id, base, digest } => match (read_manifest(input)?, refused) {
                     (_, Some(refused)) => refused,
-                    (Ok(text), None) => self.offer(&id, &text),
+                    (Ok(text), None) => match self.rebuilt(text, base, digest) {
+                        Ok(text) => self.offer(&id, &text),
+                        Err(e) => Reply::failed(format!("the manifest delta: {e}")),
+                    },
                     (Err(e), None) => Reply::failed(format!("the manifest: {e}")),
                 },
+                // The only reply with a payload of its own.
+                ToAgent::Base => {
+                    match self.base() {
+                        Some((digest, text)) => {
+                            let reply = Reply::saying(Said::Base { digest }, self.store.current());
+                            write_with_payload(out, &reply, &delta::fingerprints(&text))?;
+                        }
+                        None => {
+                            write_message(out, &Reply::saying(Said::Nothing, self.store.current()))?
+                        }
+                    }
+                    continue;
+                }
                 ToAgent::Plan => match read_manifest(input)? {
                     Ok(text) => match Manifest::parse(&text) {
                         Ok(m) => Reply::saying(
@@ -355,6 +372,7 @@ impl Agent {
             | ToAgent::Bye
             | ToAgent::Blob { .. }
             | ToAgent::Offer { .. }
+            | ToAgent::Base
             | ToAgent::Plan => Reply::ok(),
         }
     }
@@ -444,6 +462,36 @@ impl Agent {
     }
 
     /// The content hashes of `m` this host's current release lacks.
+    /// The manifest of the release this host runs: its digest and text.
+    fn base(&self) -> Option<(String, String)> {
+        let current = self.store.current()?;
+        let m = Manifest::load(&self.store.manifest_path(&current)).ok()?;
+        Some((m.digest(), m.to_text()))
+    }
+
+    /// An offer's manifest text: as sent, or rebuilt from a delta against
+    /// this host's current manifest and checked against the digest named.
+    fn rebuilt(
+        &self,
+        text: String,
+        base: Option<String>,
+        digest: Option<String>,
+    ) -> Result<String, String> {
+        let Some(base) = base else {
+            return Ok(text);
+        };
+        let Some((_, base_text)) = self.base().filter(|(d, _)| *d == base) else {
+            return Err(
+                "this host's current manifest is not the base it was written against".into(),
+            );
+        };
+        let rebuilt = delta::apply(&base_text, &text)?;
+        if digest.as_deref() != Some(blake3::hash(rebuilt.as_bytes()).to_hex().as_str()) {
+            return Err("the rebuilt manifest is not the one named".into());
+        }
+        Ok(rebuilt)
+    }
+
     fn lacking(&self, m: &Manifest) -> Vec<String> {
         // What the current release holds need not be sent.
         let have: std::collections::HashSet<manifest::Hash> = self

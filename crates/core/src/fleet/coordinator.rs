@@ -157,6 +157,9 @@ pub struct Session {
     generation: Option<u64>,
     /// Bytes of content sent to it.
     sent: u64,
+    /// The digest of the manifest it runs and its lines' fingerprints
+    /// (asked for while the release is staged, for a deploy).
+    base: Option<(String, Vec<u8>)>,
 }
 
 impl Session {
@@ -191,6 +194,7 @@ impl Session {
             switched: false,
             generation: None,
             sent: 0,
+            base: None,
         }
     }
 
@@ -246,16 +250,61 @@ impl Session {
 
     /// [`Session::must`] for a request whose payload follows it.
     fn must_with(&mut self, msg: &ToAgent, payload: &[u8]) -> Result<Reply, HostError> {
+        let reply = self.ask_with(msg, payload);
+        self.accepted(reply)
+    }
+
+    /// [`Session::ask`] for a request whose payload follows it.
+    fn ask_with(&mut self, msg: &ToAgent, payload: &[u8]) -> Result<Reply, String> {
         let written = {
             let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
             wire::write_with_payload(&mut *w, msg, payload)
         };
-        match written {
-            Ok(n) => self.sent += n,
-            Err(e) => return Err((self.gone(e), true)),
+        self.sent += written.map_err(|e| self.gone(e))?;
+        self.reply()
+    }
+
+    /// Asks for the host's base (the manifest it runs, as fingerprints);
+    /// a host without one answers without.
+    fn ask_base(&mut self) -> Result<(), String> {
+        let reply = self.ask(&ToAgent::Base)?;
+        if let wire::Said::Base { digest } = reply.said {
+            let prints = wire::read_chunks(&mut self.reader, wire::MAX_MANIFEST)
+                .map_err(|e| self.gone(e))?;
+            self.base = Some((digest, prints));
         }
-        let reply = self.reply();
-        self.accepted(reply)
+        Ok(())
+    }
+
+    /// Offers the release: its manifest as a delta against the host's
+    /// base where there is one and `delta` allows, else (or if the host
+    /// cannot rebuild it) whole.
+    fn offer(
+        &mut self,
+        id: &str,
+        manifest: &Manifest,
+        text: &str,
+        delta: bool,
+    ) -> Result<Reply, HostError> {
+        if let Some((base, prints)) = self.base.take().filter(|_| delta) {
+            let delta = super::delta::encode(text, &prints);
+            let msg = ToAgent::Offer {
+                id: id.to_string(),
+                base: Some(base),
+                digest: Some(manifest.digest()),
+            };
+            match self.ask_with(&msg, delta.as_bytes()) {
+                Ok(r) if r.ok => return Ok(r),
+                Ok(_) => {}
+                Err(e) => return Err((e, true)),
+            }
+        }
+        let msg = ToAgent::Offer {
+            id: id.to_string(),
+            base: None,
+            digest: None,
+        };
+        self.must_with(&msg, text.as_bytes())
     }
 
     /// Sends one blob and waits for its acknowledgement.
@@ -334,17 +383,32 @@ pub struct Coordinator<'a> {
 impl Coordinator<'_> {
     /// Opens a session on every host (at most `parallel` starting at once).
     pub fn connect(&self) -> Connected {
-        self.connect_to(&self.fleet.hosts)
+        self.connect_to(&self.fleet.hosts, false)
     }
 
-    fn connect_to(&self, hosts: &[Host]) -> Connected {
+    /// [`Coordinator::connect`] for a deploy: each host also says what it
+    /// runs, so that its manifest can travel as a delta.
+    pub fn connect_to_deploy(&self) -> Connected {
+        self.connect_to(&self.fleet.hosts, true)
+    }
+
+    fn connect_to(&self, hosts: &[Host], base: bool) -> Connected {
         let mut sessions = Vec::new();
         let mut failures = Vec::new();
         for batch in hosts.chunks(self.fleet.parallel.max(1)) {
             let results: Vec<_> = std::thread::scope(|s| {
                 let handles: Vec<_> = batch
                     .iter()
-                    .map(|h| s.spawn(move || self.open(h)))
+                    .map(|h| {
+                        s.spawn(move || {
+                            let mut c = self.open(h)?;
+                            if base && let Err(e) = c.ask_base() {
+                                c.bye();
+                                return Err(e);
+                            }
+                            Ok(c)
+                        })
+                    })
                     .collect();
                 handles
                     .into_iter()
@@ -452,11 +516,21 @@ impl Coordinator<'_> {
     /// everywhere; the errors, by host.
     fn prepare(&self, sessions: &mut [Session], release: &Release) -> Vec<String> {
         let by_hash = files_by_hash(&release.manifest, &release.dir);
-        let text = release.manifest.to_text();
+        // A host keeps each release's manifest frozen (write bits off, as
+        // the release is), so the next one is offered frozen too and shares
+        // its lines: the release built from it is the same. A build on the
+        // hosts gets the source's own modes, whole.
+        let delta = release.build.is_none();
+        let offered = if delta {
+            release.manifest.frozen()
+        } else {
+            release.manifest.clone()
+        };
+        let text = offered.to_text();
         let id = &release.id;
         errors(each(sessions, |c| {
             let t = Instant::now();
-            let offer = c.must_with(&ToAgent::Offer { id: id.clone() }, text.as_bytes())?;
+            let offer = c.offer(id, &offered, &text, delta)?;
             for hash in offer.lacks() {
                 let (path, _) = by_hash.get(hash).ok_or_else(|| {
                     (
@@ -746,7 +820,7 @@ impl Coordinator<'_> {
     /// every change on a host, it is set under the host's lock.
     pub fn hold(&self, message: Option<String>) -> Result<(), String> {
         let mut c = self
-            .connect_to(&self.fleet.hosts[..1])
+            .connect_to(&self.fleet.hosts[..1], false)
             .map_err(|e| format!("unreachable: {}", e.join("; ")))?
             .remove(0);
         let set = message.is_some();

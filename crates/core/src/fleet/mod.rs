@@ -10,6 +10,7 @@
 
 mod agent;
 pub mod coordinator;
+pub mod delta;
 pub mod transport;
 pub mod wire;
 

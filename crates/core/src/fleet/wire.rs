@@ -7,8 +7,10 @@
 //! and an empty chunk.
 //!
 //! **Conversation**: `hello` (versions; an incompatible coordinator is
-//! refused with both named), `lock`, `offer` (the manifest; the agent
-//! answers with the hashes it lacks), blobs, `prepare` (the same pipeline
+//! refused with both named), `base` (fingerprints of the lines of the
+//! manifest the host runs, see [`super::delta`]), `lock`, `offer` (the
+//! manifest, whole or as a delta against that base; the agent answers with
+//! the hashes it lacks), blobs, `prepare` (the same pipeline
 //! as `dream deploy`, stopping before the switch), `switch` (a
 //! provisional reload), `confirm` or `revert`, `bye`. Every request gets
 //! one [`Reply`]. `ping` frames keep the session alive while the
@@ -26,8 +28,8 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol's version; both sides must speak the same (2: the agent
 /// sends `alive` frames while it works, and both sides read with a
-/// deadline).
-pub const PROTOCOL: u32 = 2;
+/// deadline; 3: `base`, and an `offer` may carry a delta).
+pub const PROTOCOL: u32 = 3;
 
 /// How long either side waits for a byte from the other before it calls
 /// the peer gone: 20 s, or `DREAM_FLEET_SILENCE` (a duration: `2s`,
@@ -73,11 +75,22 @@ pub enum ToAgent {
         #[serde(default)]
         wait_ms: Option<u64>,
     },
+    /// The fingerprints of the lines of the manifest of the release this
+    /// host runs: the answer names that manifest's digest (`base`) and the
+    /// fingerprints follow it in chunk frames; no `base`, no chunks.
+    Base,
     /// The release to prepare; its manifest follows in chunk frames
     /// (compressed, as a blob's content), and the answer lists the content
-    /// hashes this host lacks.
+    /// hashes this host lacks. With `base`, the payload is a delta against
+    /// the manifest of that digest (the host's current one), and `digest`
+    /// is the whole manifest's: a host that cannot rebuild exactly it
+    /// refuses, and the coordinator sends the manifest whole.
     Offer {
         id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// What this host would need for the release (a dry run): the same
     /// answer as `offer` (its manifest follows the same way), with
@@ -151,6 +164,7 @@ impl ToAgent {
             ToAgent::Hello { .. }
             | ToAgent::Lock { .. }
             | ToAgent::Plan
+            | ToAgent::Base
             | ToAgent::Status
             | ToAgent::Ping
             | ToAgent::Bye => return None,
@@ -160,7 +174,7 @@ impl ToAgent {
     /// The release ids a request names.
     pub(super) fn ids(&self) -> Vec<&str> {
         match self {
-            ToAgent::Offer { id }
+            ToAgent::Offer { id, .. }
             | ToAgent::Prepare { id, .. }
             | ToAgent::Switch { id, .. }
             | ToAgent::Commit { id, .. } => vec![id],
@@ -180,6 +194,9 @@ pub enum Said {
     /// `offer`, `plan`: the content hashes this host lacks, or that the
     /// release is already prepared (or live) here.
     Offer { lacks: Vec<String>, present: bool },
+    /// `base`: the digest of the manifest the host runs (its lines'
+    /// fingerprints follow the reply).
+    Base { digest: String },
     /// `status`: the agent's version and the manual hold's message.
     Status {
         version: String,
@@ -230,6 +247,8 @@ struct ReplyWire {
     generation: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     hold: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<String>,
 }
 
 impl From<ReplyWire> for Reply {
@@ -238,6 +257,9 @@ impl From<ReplyWire> for Reply {
             (Some(protocol), version) => Said::Hello {
                 protocol,
                 version: version.unwrap_or_default(),
+            },
+            (None, None) if w.base.is_some() => Said::Base {
+                digest: w.base.unwrap_or_default(),
             },
             _ if !w.lacks.is_empty() || w.present => Said::Offer {
                 lacks: w.lacks,
@@ -287,6 +309,10 @@ impl From<Reply> for ReplyWire {
             Said::Status { version, hold } => ReplyWire {
                 version: Some(version),
                 hold,
+                ..w
+            },
+            Said::Base { digest } => ReplyWire {
+                base: Some(digest),
                 ..w
             },
         }
@@ -347,6 +373,7 @@ impl Reply {
                 version: e(version),
                 hold: v(hold),
             },
+            Said::Base { digest } => Said::Base { digest: e(digest) },
         };
         Reply {
             error: v(self.error),
@@ -524,8 +551,13 @@ pub fn write_blob(w: &mut impl Write, hash: &str, content: impl Read) -> io::Res
     write_chunks(w, content)
 }
 
-/// Sends a request whose payload follows it in chunks (a manifest).
-pub fn write_with_payload(w: &mut impl Write, msg: &ToAgent, payload: &[u8]) -> io::Result<u64> {
+/// Sends a message (a request, or the agent's reply) whose payload
+/// follows it in chunks (a manifest, fingerprints).
+pub fn write_with_payload(
+    w: &mut impl Write,
+    msg: &impl Serialize,
+    payload: &[u8],
+) -> io::Result<u64> {
     write_message(w, msg)?;
     write_chunks(w, payload)
 }
@@ -545,7 +577,10 @@ pub fn read_chunks(r: &mut impl Read, limit: usize) -> io::Result<Vec<u8>> {
                     ));
                 }
             }
-            Some(Frame::Message(_) | Frame::Alive) => {
+            // The agent's heartbeat may fall between a reply and its
+            // payload's frames.
+            Some(Frame::Alive) => {}
+            Some(Frame::Message(_)) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "a message inside a payload",
@@ -616,6 +651,12 @@ mod tests {
                 Said::Offer {
                     lacks: vec!["ab".into(), "cd".into()],
                     present: false,
+                },
+            ),
+            (
+                r#"{"ok":true,"temporary":false,"present":false,"current":"r1","base":"d1"}"#,
+                Said::Base {
+                    digest: "d1".into(),
                 },
             ),
             (

@@ -25,6 +25,9 @@ enum Fault {
     CutAtSwitch,
     /// It claims to lack content the release does not have.
     LacksUnknown,
+    /// An offer written as a delta reaches it naming another base (as
+    /// when its current release changed since it sent its own).
+    OtherBase,
 }
 
 /// [`Local`] agents, some behind a misbehaving relay.
@@ -83,6 +86,24 @@ fn relay(agent: Link, fault: Fault) -> Result<Link, String> {
                 (Fault::CutAtSwitch, Some(ToAgent::Switch { .. })) => {
                     let _ = from.get_ref().shutdown(std::net::Shutdown::Both);
                     return;
+                }
+                (
+                    Fault::OtherBase,
+                    Some(ToAgent::Offer {
+                        id,
+                        base: Some(_),
+                        digest,
+                    }),
+                ) => {
+                    let forged = ToAgent::Offer {
+                        id,
+                        base: Some("00".repeat(32)),
+                        digest,
+                    };
+                    if wire::write_message(&mut output, &forged).is_err() {
+                        return;
+                    }
+                    continue;
                 }
                 (Fault::LacksUnknown, Some(ToAgent::Offer { .. })) => {
                     // The manifest's chunks, read and dropped.
@@ -196,7 +217,7 @@ fn run<T>(
 }
 
 fn deploy(fleet: &Fleet, transport: &dyn Transport, r: &Release) -> (Outcome, Vec<String>) {
-    run(fleet, transport, |c| c.deploy(c.connect(), r))
+    run(fleet, transport, |c| c.deploy(c.connect_to_deploy(), r))
 }
 
 fn everyone() -> Rollout {
@@ -239,6 +260,59 @@ fn a_release_goes_live_everywhere_and_each_host_gets_only_what_it_lacks() {
     assert!(
         lines.iter().filter(|l| l.contains("(0 of ")).count() == 3,
         "every host already had every file: {lines:#?}"
+    );
+}
+
+/// The second release's manifest travels as a delta against the one each
+/// host runs (a small part of the whole); a host that cannot rebuild it
+/// from its own gets it whole; every host ends with exactly the manifest
+/// the coordinator hashed.
+#[test]
+fn a_manifest_travels_as_a_delta_against_what_a_host_runs_and_whole_when_that_fails() {
+    let hosts = Hosts::new(3);
+    let fleet = hosts.fleet(everyone());
+    let faults = Faulty {
+        faults: HashMap::from([("h2".to_string(), Fault::OtherBase)]),
+    };
+    let (a, one) = release("one", 400);
+    let (out, _) = deploy(&fleet, &faults, &one);
+    assert_eq!(out.verdict, Verdict::Done, "{out:?}");
+    // Two: three small files rewritten, one removed, one added.
+    for i in 0..3 {
+        let name = a.path().join(format!("f {i} é'\"$x"));
+        std::fs::write(name, format!("new bytes {i} {}", rand_byte())).unwrap();
+    }
+    std::fs::remove_file(a.path().join("f 7 é'\"$x")).unwrap();
+    std::fs::write(a.path().join("added\nname"), b"added").unwrap();
+    let two = Release {
+        id: "two".into(),
+        manifest: Manifest::of_tree(a.path()).unwrap(),
+        ..one
+    };
+    let (out, lines) = deploy(&fleet, &faults, &two);
+    assert_eq!(out.verdict, Verdict::Done, "{out:?} {lines:#?}");
+    let store = |i: usize| Store::new(std::path::Path::new(&hosts.hosts[i].root));
+    for i in 0..3 {
+        assert_eq!(hosts.current(i).as_deref(), Some("two"));
+        let kept = Manifest::load(&store(i).manifest_path("two")).unwrap();
+        assert_eq!(kept.to_text(), two.manifest.frozen().to_text(), "host {i}");
+    }
+    let whole = {
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(two.manifest.to_text().as_bytes()).unwrap();
+        z.finish().unwrap().len() as u64
+    };
+    let sent: Vec<u64> = out.hosts.iter().map(|h| h.sent_bytes).collect();
+    for i in 0..2 {
+        assert!(
+            sent[i] * 4 < whole,
+            "host {i} sent {} bytes for 4 small files, the whole manifest is {whole}: {sent:?}",
+            sent[i]
+        );
+    }
+    assert!(
+        sent[2] > whole,
+        "the host that refused the delta got it whole: {sent:?}"
     );
 }
 
