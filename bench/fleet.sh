@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One release onto 4 hosts, side by side in one run (needs root: each host is a network
+# One release onto HOSTS hosts (4 unless given), side by side in one run (needs root: each host is a network
 # namespace with its own sshd, deploy root and `dream serve`, joined to this one by a veth):
 #   dream:    `dream fleet deploy` (the manifest, then only the content each host lacks);
 #   rsync:    the Capistrano way: `rsync -a --link-dest=../current` over ssh to every host in
@@ -8,15 +8,18 @@
 # A tree of FILES files (BYTES in all), FRACTION of them rewritten each round (same sizes, new
 # random content). Per round and per tool: wall time, bytes sent over the links (the veths'
 # counters), and for dream the switch skew (first host live to last, from the supervisors' logs).
-# Usage: bench/fleet.sh [ROUNDS] [FILES] [MB]   (default 3 rounds, 10000 files, 100 MB, 1%)
+# dream's own progress gives each round's slowest host per phase (connect, prepare, switch).
+# Usage: bench/fleet.sh [ROUNDS] [FILES] [MB] [HOSTS]   (default 3 rounds, 10000 files, 100 MB,
+# 1%, 4 hosts; TAR=0 leaves the tar|ssh baseline out, which sends the whole tree to every host)
 # (The hosts share this machine's disk and CPUs: the links are real, the disks are not apart.)
 source "$(dirname "$0")/lib.sh"
 ROUNDS=${1:-3}
 FILES=${2:-10000}
 MB=${3:-100}
-HOSTS=4
+HOSTS=${4:-4}
+TAR=${TAR:-1}
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)"; exit 1; }
-need openssh-server openssh-client rsync iproute2
+need openssh-server openssh-client rsync iproute2 time
 mkdir -p /run/sshd "$WORK/src"
 ssh-keygen -q -t ed25519 -N '' -f "$WORK/id"
 cp "$WORK/id.pub" "$WORK/authorized_keys"
@@ -92,18 +95,22 @@ sent() { local t=0; for i in $(seq 0 $((HOSTS - 1))); do t=$((t + $(cat /sys/cla
 { echo "[fleet]"; echo "hosts = ["
   for i in $(seq 0 $((HOSTS - 1))); do echo "  { host = \"root@$(addr $i)\", root = \"$WORK/h$i/dream\" },"; done
   echo "]"; } > "$WORK/fleet.toml"
-fleet() { "$DREAM" fleet deploy "$WORK/src" --config "$WORK/fleet.toml" --ssh "$SSH" --remote-dream "$DREAM" --canary 0 --json "$@"; }
+fleet() { "$DREAM" fleet deploy "$WORK/src" --config "$WORK/fleet.toml" --ssh "$SSH" --remote-dream "$DREAM" --canary 0 "$@"; }
 port() { case $1 in dream) echo 8081 ;; rsync) echo 8082 ;; tar) echo 8083 ;; esac; }
 
 # First releases everywhere (dream's and the baselines' roots), then the supervisors.
-fleet >/dev/null
+fleet >/dev/null 2>&1
 for i in $(seq 0 $((HOSTS - 1))); do
   h=$WORK/h$i; a=$(addr $i)
   mkdir -p "$h/rsync/releases" "$h/tar/releases"
   rsync -a -e "$SSH" "$WORK/src/" root@$a:"$h/rsync/releases/r0/"
-  cp -a "$h/rsync/releases/r0" "$h/tar/releases/r0"
-  ln -sfn releases/r0 "$h/rsync/current"; ln -sfn releases/r0 "$h/tar/current"
-  for r in dream rsync tar; do
+  ln -sfn releases/r0 "$h/rsync/current"
+  baselines="dream rsync"
+  if [ "$TAR" != 0 ]; then
+    cp -a "$h/rsync/releases/r0" "$h/tar/releases/r0"; ln -sfn releases/r0 "$h/tar/current"
+    baselines="$baselines tar"
+  fi
+  for r in $baselines; do
     ip netns exec dbf$LAB-$i env DREAM_BIN="$DREAM" "$DREAM" serve --root "$h/$r" --listen "$a:$(port $r)" --workers 1 --ready notify -- ./run >"$h/serve-$r.log" 2>&1 &
   done
 done
@@ -125,8 +132,21 @@ for r in $(seq "$ROUNDS"); do
   CHANGED=$(python3 -c "import os,random,sys; n=$FILES; rnd=random.Random($r); print(sum(os.path.getsize(os.path.join('$WORK/src','public',f'd{i%100:02d}',f'f{i:05d}.bin')) for i in rnd.sample(range(n), max(1,n//100))))")
   # dream
   b0=$(sent); t0=$(date +%s.%N)
-  fleet --id "d$r" >/dev/null
+  # The coordinator's CPU (its own and its ssh clients'): what a larger fleet costs it.
+  /usr/bin/time -f "%Us user %Ss system" -o "$WORK/cpu" "$DREAM" fleet deploy "$WORK/src" --config "$WORK/fleet.toml" --ssh "$SSH" --remote-dream "$DREAM" --canary 0 --id "d$r" >/dev/null 2>"$WORK/d$r.log"
   t1=$(date +%s.%N); b1=$(sent)
+  phases=$(python3 - "$WORK/d$r.log" <<'PY'
+import re, sys
+def secs(v):
+    return float(v[:-2]) / 1000 if v.endswith("ms") else float(v[:-1])
+slowest = {}
+for line in open(sys.argv[1]):
+    m = re.search(r": (connected|prepared|switched) in ([0-9.]+m?s)", line)
+    if m:
+        slowest[m[1]] = max(slowest.get(m[1], 0), secs(m[2]))
+print(" ".join(f"{k} {slowest.get(k, 0):.2f}s" for k in ("connected", "prepared", "switched")))
+PY
+)
   skew=$(python3 - "$WORK" "$HOSTS" <<'PY'
 import re, sys, datetime
 work, n = sys.argv[1], int(sys.argv[2])
@@ -150,23 +170,26 @@ PY
   t3=$(date +%s.%N); b3=$(sent)
   # tar | ssh
   b4=$(sent); t4=$(date +%s.%N)
-  pids=()
-  for i in $(seq 0 $((HOSTS - 1))); do
-    tar -C "$WORK/src" -cf - . | $SSH root@"$(addr $i)" "mkdir $WORK/h$i/tar/releases/r$r && tar -C $WORK/h$i/tar/releases/r$r -xf -" &
-    pids+=($!)
-  done
-  wait "${pids[@]}"
-  switch_and_reload tar "r$r"
+  if [ "$TAR" != 0 ]; then
+    pids=()
+    for i in $(seq 0 $((HOSTS - 1))); do
+      tar -C "$WORK/src" -cf - . | $SSH root@"$(addr $i)" "mkdir $WORK/h$i/tar/releases/r$r && tar -C $WORK/h$i/tar/releases/r$r -xf -" &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    switch_and_reload tar "r$r"
+  fi
   t5=$(date +%s.%N); b5=$(sent)
-  python3 - "$r" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$b0" "$b1" "$b2" "$b3" "$b4" "$b5" "$CHANGED" "$HOSTS" "$skew" <<'PY'
+  python3 - "$r" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$b0" "$b1" "$b2" "$b3" "$b4" "$b5" "$CHANGED" "$HOSTS" "$skew" "$phases" "$(cat "$WORK/cpu")" <<'PY'
 import sys
-r, t0, t1, t2, t3, t4, t5, b0, b1, b2, b3, b4, b5, changed, hosts, skew = sys.argv[1:]
+r, t0, t1, t2, t3, t4, t5, b0, b1, b2, b3, b4, b5, changed, hosts, skew, phases, cpu = sys.argv[1:]
 t = [float(x) for x in (t0, t1, t2, t3, t4, t5)]
 b = [int(x) for x in (b0, b1, b2, b3, b4, b5)]
 d, rs, tr = t[1] - t[0], t[3] - t[2], t[5] - t[4]
 bd, brs, btr = b[1] - b[0], b[3] - b[2], b[5] - b[4]
 goal = int(changed) * int(hosts)
-print(f"round {r}: dream {d:.2f}s {bd/1e6:.1f} MB (skew {skew} ms) | rsync {rs:.2f}s {brs/1e6:.1f} MB | tar|ssh {tr:.2f}s {btr/1e6:.1f} MB "
+tar = f" | tar|ssh {tr:.2f}s {btr/1e6:.1f} MB" if btr else ""
+print(f"round {r}: dream {d:.2f}s {bd/1e6:.1f} MB (skew {skew} ms; slowest host: {phases}; coordinator CPU {cpu}) | rsync {rs:.2f}s {brs/1e6:.1f} MB{tar} "
       f"| dream/rsync time {d/rs:.2f} | dream bytes / (changed x hosts) {bd/goal:.2f}")
 PY
 done

@@ -91,7 +91,7 @@ rate_round() {  # PORT ROOT LABEL ROUND; prints "steady reloading steady2" p99s 
   R=$(rate_check http://127.0.0.1:$1/small); wait $!
   B=$(rate_check http://127.0.0.1:$1/small)
   s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']"); b=$(echo "$B" | jget "['latency']['p99_us']")
-  echo "round $4 $3: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['connects']") | steady again ${b}us | ratio $(python3 -c "print(round($d/$s,2))")" >&2
+  echo "round $4 $3: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['connects']") (their p50 $(echo "$R" | jget "['connect_latency']['p50_us']")us, p99 $(echo "$R" | jget "['connect_latency']['p99_us']")us) | steady again ${b}us | ratio $(python3 -c "print(round($d/$s,2))")" >&2
   echo "$s $d $b"
 }
 # figures LABEL "s d b"...: ratio of medians, reloading/steady and steady-again/steady.
