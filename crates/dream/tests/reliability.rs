@@ -1344,6 +1344,16 @@ fn a_blocking_accept_server_follows_dream_static_and_flag_changes_are_named() {
     );
     root.wait_live("probe", 2);
     assert_eq!(get(addr, "/", &[]).status, 200, "the probe serves");
+    // dream static on the listener left non-blocking (its accept thread
+    // polls, then accepts; a lost race is EAGAIN) serves as on a blocking
+    // one.
+    root.switch("static");
+    let v = root.control(r#"{"cmd":"reload"}"#);
+    assert_eq!(v["ok"], true, "{v}");
+    root.wait_drained();
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/", &[]).status, 200);
+    }
 }
 
 /// A worker's `shutdown(SHUT_RDWR)` on its inherited listener killed it

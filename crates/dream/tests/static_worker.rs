@@ -543,6 +543,20 @@ fn edited_and_replaced_files_are_never_served_stale() {
     let r = get(w.addr, "/style.css", &[]);
     assert_eq!(r.text(), "a{}\n");
     assert_eq!(r.header("content-length"), Some("4"));
+    // A file served from memory (confirmed by a stat of its path, not
+    // opened again) that becomes a link out of the directory, or a
+    // directory, is not served from memory.
+    assert_eq!(get(w.addr, "/style.css", &[]).text(), "a{}\n");
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", &path).unwrap();
+    let r = get(w.addr, "/style.css", &[]);
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(!r.text().contains("TOP SECRET"));
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    assert_eq!(get(w.addr, "/style.css", &[]).status, 301);
+    std::fs::remove_dir(&path).unwrap();
+    assert_eq!(get(w.addr, "/style.css", &[]).status, 404);
 }
 
 /// The open descriptors of a process.

@@ -99,6 +99,16 @@ impl Root {
         &self.path
     }
 
+    /// What `stat(2)` says of `rel` under the root now (symlinks followed),
+    /// without opening it: only to confirm that a file opened before
+    /// through [`Root::open_file`] is still the one at `rel`, unchanged.
+    pub fn stat(&self, rel: &Path) -> Option<nix::sys::stat::FileStat> {
+        let rel = rel.as_os_str();
+        (!rel.is_empty())
+            .then(|| nix::sys::stat::fstatat(&self.dir, rel, nix::fcntl::AtFlags::empty()).ok())
+            .flatten()
+    }
+
     /// Opens `rel` for reading if it stays inside the root and is a
     /// regular file or a directory. An escape is reported as `NotFound`, so
     /// it looks like any missing file. The open never blocks (a FIFO or a
