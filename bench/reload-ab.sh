@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two builds of dream side by side on the reload figure at a fixed rate (bench/reload-tail.sh's
 # part 1b, default flags): `dream serve --workers 4 -- dream static public`, an open-loop
-# client (`dream check --rate 20000 --keep-alive --connections 64`), each round 4 s steady then
+# client (`dream check --rate RATE --keep-alive --connections 64`, RATE 20000 unless set in the
+# environment), each round 4 s steady then
 # 4 s with a reload every 250 ms alternating two releases; p99 reloading / steady. The two
 # builds' supervisors alternate round by round, each serving with its own `dream static`.
 # Usage: bench/reload-ab.sh OLD_DREAM [ROUNDS]   (NEW is this checkout's release build;
@@ -35,7 +36,7 @@ flip() {
   done
   [ $((n % 2)) -eq 1 ] && "$1" rollback -q "${settle[@]}" --root "$2" a >/dev/null 2>&1 || true
 }
-check() { "$DREAM" check "http://127.0.0.1:$1/small" --keep-alive --connections 64 --rate 20000 --duration 4s --json 2>/dev/null || true; }
+check() { "$DREAM" check "http://127.0.0.1:$1/small" --keep-alive --connections 64 --rate "${RATE:-20000}" --duration 4s --json 2>/dev/null || true; }
 round() {  # NAME BINARY ROUND
   local port S R s d
   port=$(eval echo "\$P_$1")
