@@ -557,6 +557,17 @@ fn edited_and_replaced_files_are_never_served_stale() {
     assert_eq!(get(w.addr, "/style.css", &[]).status, 301);
     std::fs::remove_dir(&path).unwrap();
     assert_eq!(get(w.addr, "/style.css", &[]).status, 404);
+    // The same for a directory's index, served at the directory's URL.
+    let index = w.tree.path().join("public/index.html");
+    let before = get(w.addr, "/", &[]).text();
+    assert_eq!(get(w.addr, "/", &[]).text(), before);
+    std::fs::remove_file(&index).unwrap();
+    std::fs::write(&index, "new index\n").unwrap();
+    assert_eq!(get(w.addr, "/", &[]).text(), "new index\n");
+    std::fs::remove_file(&index).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", &index).unwrap();
+    let r = get(w.addr, "/", &[]);
+    assert!(!r.text().contains("TOP SECRET"), "{}", r.text());
 }
 
 /// The open descriptors of a process.

@@ -409,10 +409,16 @@ async fn respond(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Respo
     let Ok((rel, trailing_slash)) = files::relative_path(req.uri().path()) else {
         return not_found();
     };
-    if let Some(c) = shared.cache.fresh(root, &rel) {
+    // A directory's own URL (`/`, `/docs/`) is its index file's.
+    let wanted = if trailing_slash || rel.as_os_str().is_empty() {
+        rel.join("index.html")
+    } else {
+        rel.clone()
+    };
+    if let Some(c) = shared.cache.fresh(root, &wanted) {
         return match serve_file(req, &c, None, head).await {
             Ok(r) => r,
-            Err(e) => io_response(e, root.path(), &rel),
+            Err(e) => io_response(e, root.path(), &wanted),
         };
     }
     let (file, meta, path) = match root.open_file(&rel) {
