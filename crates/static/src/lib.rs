@@ -472,8 +472,9 @@ fn io_response(e: io::Error, root: &Path, rel: &Path) -> Response<Body> {
 
 /// What is worth remembering about a file between requests: its
 /// validators, its headers and, if small, its bytes. An entry is used only
-/// while the inode, size, modification time and change time that `fstat`
-/// reports on the freshly opened file are unchanged, so an edited or
+/// while the device, inode, size, modification time and change time that
+/// `fstat` reports on the freshly opened file (or, for small files,
+/// `stat` on its path: [`FileCache::fresh`]) are unchanged, so an edited or
 /// replaced file is never served stale: the change time moves with every
 /// write and no one can set it back (size and modification time alone can
 /// be the same for different bytes). Within a dream release nothing changes
