@@ -1079,6 +1079,48 @@ fn an_extended_generation_reverts_that_long_after_its_last_extension() {
     assert!(answer.is_err(), "{answer:?}");
 }
 
+/// A provisional generation replaced by a later reload before its
+/// deadline: the deadline passes while it drains, and nothing is reverted
+/// (CI: a fleet deploy right after a killed one was undone by the killed
+/// one's deadline, 38 ms after it went live).
+#[test]
+fn a_provisional_generation_replaced_before_its_deadline_reverts_nothing() {
+    let within = Duration::from_secs(3);
+    let (mut pool, mut pid, t0) = live_pool(1);
+    let live = reloaded_to_b(&mut pool, &mut pid, t0, 1, Some(within));
+    // Generation 3 (release c) goes live 38 ms before 2's deadline.
+    let t = live + within - Duration::from_millis(38);
+    let a = pool.on(
+        Event::ReloadRequested {
+            waiter: None,
+            confirm_within: Some(Duration::from_secs(30)),
+            canary: None,
+        },
+        t,
+    );
+    assert!(starts(&a));
+    let a = pool.on(Event::ReleaseResolved(Ok(rel("c"))), t);
+    run(&mut pool, a, &mut pid, t);
+    pool.on(
+        Event::Ready {
+            generation: 3,
+            index: 0,
+        },
+        t,
+    );
+    assert_eq!(pool.live_release().map(|r| r.id.as_str()), Some("c"));
+    // Generation 2 still drains at its deadline, and after it.
+    for late in [0, 100, 5000] {
+        let a = pool.on(Event::Tick, live + within + Duration::from_millis(late));
+        assert_eq!(reverted_to(&a), None, "{a:?}");
+        assert!(!starts(&a), "{a:?}");
+    }
+    assert_eq!(pool.live_release().map(|r| r.id.as_str()), Some("c"));
+    // The live one is still on its own trial: unconfirmed, it reverts.
+    let a = pool.on(Event::Tick, t + Duration::from_secs(30));
+    assert_eq!(reverted_to(&a), Some(("c".into(), "b".into())), "{a:?}");
+}
+
 #[test]
 fn the_first_generation_has_nothing_to_revert_to() {
     let (mut pool, mut pid, t0) = live_pool(1);

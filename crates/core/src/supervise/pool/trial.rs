@@ -151,6 +151,16 @@ impl Pool {
         let Some(g) = self.gens.iter_mut().find(|g| g.id == generation) else {
             return Vec::new();
         };
+        // A generation a later reload replaced is no longer on trial: its
+        // deadline or a crash while it drains must not put back the
+        // release before it over the one now live (a fleet deploy after a
+        // killed one undid itself this way).
+        if g.state != GenState::Live {
+            if matches!(g.trial, Trial::Pending { .. }) {
+                g.trial = Trial::Settled;
+            }
+            return Vec::new();
+        }
         let Some(to) = g.previous.clone() else {
             return Vec::new();
         };
