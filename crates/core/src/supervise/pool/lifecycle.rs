@@ -181,11 +181,24 @@ impl Pool {
                     .filter(|o| o.state == GenState::Live || o.state == GenState::Canary)
                     .map(|o| o.id)
                     .collect();
+                // What it goes back to: the live release, unless that one
+                // is provisional and still unconfirmed, when it is what that
+                // one would have gone back to (an unconfirmed release never
+                // becomes a revert's target by being replaced).
                 let previous = self
                     .gens
                     .iter()
                     .find(|o| o.state == GenState::Live)
-                    .map(|o| o.release.clone())
+                    .map(|o| match (&o.trial, &o.previous) {
+                        (
+                            Trial::Pending {
+                                confirm_by: Some(_),
+                                ..
+                            },
+                            Some(before),
+                        ) => before.clone(),
+                        _ => o.release.clone(),
+                    })
                     .or_else(|| self.paused_release().cloned());
                 let probation = self.settings.probation;
                 let g = self

@@ -1082,7 +1082,8 @@ fn an_extended_generation_reverts_that_long_after_its_last_extension() {
 /// A provisional generation replaced by a later reload before its
 /// deadline: the deadline passes while it drains, and nothing is reverted
 /// (CI: a fleet deploy right after a killed one was undone by the killed
-/// one's deadline, 38 ms after it went live).
+/// one's deadline, 38 ms after it went live); the unconfirmed release is
+/// not what the new one goes back to.
 #[test]
 fn a_provisional_generation_replaced_before_its_deadline_reverts_nothing() {
     let within = Duration::from_secs(3);
@@ -1116,9 +1117,10 @@ fn a_provisional_generation_replaced_before_its_deadline_reverts_nothing() {
         assert!(!starts(&a), "{a:?}");
     }
     assert_eq!(pool.live_release().map(|r| r.id.as_str()), Some("c"));
-    // The live one is still on its own trial: unconfirmed, it reverts.
+    // The live one is still on its own trial: unconfirmed, it reverts, to
+    // the release before the unconfirmed one it replaced.
     let a = pool.on(Event::Tick, t + Duration::from_secs(30));
-    assert_eq!(reverted_to(&a), Some(("c".into(), "b".into())), "{a:?}");
+    assert_eq!(reverted_to(&a), Some(("c".into(), "a".into())), "{a:?}");
 }
 
 #[test]
