@@ -411,9 +411,9 @@ async fn respond(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Respo
     };
     // A directory's own URL (`/`, `/docs/`) is its index file's.
     let wanted = if trailing_slash || rel.as_os_str().is_empty() {
-        rel.join("index.html")
+        std::borrow::Cow::Owned(rel.join("index.html"))
     } else {
-        rel.clone()
+        std::borrow::Cow::Borrowed(rel.as_path())
     };
     if let Some(c) = shared.cache.fresh(root, &wanted) {
         return match serve_file(req, &c, None, head).await {

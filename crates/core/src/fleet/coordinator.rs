@@ -276,22 +276,17 @@ impl Session {
         Ok(())
     }
 
-    /// Offers the release: its manifest as a delta against the host's
-    /// base where there is one and `delta` allows, else (or if the host
-    /// cannot rebuild it) whole.
-    fn offer(
-        &mut self,
-        id: &str,
-        manifest: &Manifest,
-        text: &str,
-        delta: bool,
-    ) -> Result<Reply, HostError> {
-        if let Some((base, prints)) = self.base.take().filter(|_| delta) {
+    /// Offers the release, its manifest's `text`: as a delta against the
+    /// host's base where there is one and a `digest` of the text is given
+    /// (the delta may be used), else (or if the host cannot rebuild it)
+    /// whole.
+    fn offer(&mut self, id: &str, text: &str, digest: Option<&str>) -> Result<Reply, HostError> {
+        if let (Some((base, prints)), Some(digest)) = (self.base.take(), digest) {
             let delta = super::delta::encode(text, &prints);
             let msg = ToAgent::Offer {
                 id: id.to_string(),
                 base: Some(base),
-                digest: Some(manifest.digest()),
+                digest: Some(digest.to_string()),
             };
             match self.ask_with(&msg, delta.as_bytes()) {
                 Ok(r) if r.ok => return Ok(r),
@@ -521,16 +516,17 @@ impl Coordinator<'_> {
         // its lines: the release built from it is the same. A build on the
         // hosts gets the source's own modes, whole.
         let delta = release.build.is_none();
-        let offered = if delta {
-            release.manifest.frozen()
+        let text = if delta {
+            release.manifest.frozen().to_text()
         } else {
-            release.manifest.clone()
+            release.manifest.to_text()
         };
-        let text = offered.to_text();
+        // The digest the hosts check a rebuilt manifest against, once.
+        let digest = delta.then(|| blake3::hash(text.as_bytes()).to_hex().to_string());
         let id = &release.id;
         errors(each(sessions, |c| {
             let t = Instant::now();
-            let offer = c.offer(id, &offered, &text, delta)?;
+            let offer = c.offer(id, &text, digest.as_deref())?;
             for hash in offer.lacks() {
                 let (path, _) = by_hash.get(hash).ok_or_else(|| {
                     (
