@@ -95,7 +95,8 @@ sent() { local t=0; for i in $(seq 0 $((HOSTS - 1))); do t=$((t + $(cat /sys/cla
 { echo "[fleet]"; echo "hosts = ["
   for i in $(seq 0 $((HOSTS - 1))); do echo "  { host = \"root@$(addr $i)\", root = \"$WORK/h$i/dream\" },"; done
   echo "]"; } > "$WORK/fleet.toml"
-fleet() { "$DREAM" fleet deploy "$WORK/src" --config "$WORK/fleet.toml" --ssh "$SSH" --remote-dream "$DREAM" --canary 0 "$@"; }
+FLEET=("$DREAM" fleet deploy "$WORK/src" --config "$WORK/fleet.toml" --ssh "$SSH" --remote-dream "$DREAM" --canary 0)
+fleet() { "${FLEET[@]}" "$@"; }
 port() { case $1 in dream) echo 8081 ;; rsync) echo 8082 ;; tar) echo 8083 ;; esac; }
 
 # First releases everywhere (dream's and the baselines' roots), then the supervisors.
@@ -133,7 +134,7 @@ for r in $(seq "$ROUNDS"); do
   # dream
   b0=$(sent); t0=$(date +%s.%N)
   # The coordinator's CPU (its own and its ssh clients'): what a larger fleet costs it.
-  /usr/bin/time -f "%Us user %Ss system" -o "$WORK/cpu" "$DREAM" fleet deploy "$WORK/src" --config "$WORK/fleet.toml" --ssh "$SSH" --remote-dream "$DREAM" --canary 0 --id "d$r" >/dev/null 2>"$WORK/d$r.log"
+  /usr/bin/time -f "%Us user %Ss system" -o "$WORK/cpu" "${FLEET[@]}" --id "d$r" >/dev/null 2>"$WORK/d$r.log"
   t1=$(date +%s.%N); b1=$(sent)
   phases=$(python3 - "$WORK/d$r.log" <<'PY'
 import re, sys
