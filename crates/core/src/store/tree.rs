@@ -49,6 +49,13 @@ fn io_at(path: &Path) -> impl FnOnce(Errno) -> TreeError + '_ {
 /// A directory opened once; every operation is relative to it.
 pub struct Tree {
     dir: OwnedFd,
+    /// The parent directory last opened for an entry, by its path: a
+    /// release's entries come directory by directory, and opening the same
+    /// parent again for each of its files was a third of a fleet host's
+    /// prepare. Entries are only ever created in it, and a directory is
+    /// never replaced through a `Tree` (`clear` refuses one), so it stays
+    /// the directory `openat2` would open.
+    parent: std::sync::Mutex<Option<(PathBuf, std::sync::Arc<OwnedFd>)>>,
 }
 
 /// Set once a reflink has failed for want of filesystem support, so that
@@ -95,7 +102,10 @@ impl Tree {
     /// Opens `dir` (which must be a real directory, not a link to one).
     pub fn open(dir: &Path) -> io::Result<Tree> {
         let fd = nix::fcntl::open(dir, dir_flags(), Mode::empty())?;
-        Ok(Tree { dir: fd })
+        Ok(Tree {
+            dir: fd,
+            parent: std::sync::Mutex::new(None),
+        })
     }
 
     /// Opens directory `rel` beneath the tree, creating missing directories
@@ -136,6 +146,20 @@ impl Tree {
     /// Makes room for a new entry `name` in `parent`: an existing
     /// non-directory there is removed (a later archive entry replaces an
     /// earlier one, as with tar); a directory is refused.
+    /// [`Tree::open_dir`] of an entry's parent, creating it, from the
+    /// one-directory cache when it is the last one opened.
+    fn parent_dir(&self, parent: &Path) -> Result<std::sync::Arc<OwnedFd>, TreeError> {
+        let mut last = self.parent.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((path, fd)) = last.as_ref()
+            && path == parent
+        {
+            return Ok(fd.clone());
+        }
+        let fd = std::sync::Arc::new(self.open_dir(parent, true)?);
+        *last = Some((parent.to_path_buf(), fd.clone()));
+        Ok(fd)
+    }
+
     fn clear(parent: &OwnedFd, name: &OsStr, rel: &Path) -> Result<(), TreeError> {
         match fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR => {
@@ -161,7 +185,7 @@ impl Tree {
     /// Creates regular file `rel` for writing, with `mode`.
     pub fn create_file(&self, rel: &Path, mode: u32) -> Result<File, TreeError> {
         let (parent, name) = split(rel)?;
-        let dir = self.open_dir(parent, true)?;
+        let dir = self.parent_dir(parent)?;
         Self::clear(&dir, name, rel)?;
         let flags =
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
@@ -173,9 +197,9 @@ impl Tree {
     /// Creates symlink `rel` with text `target` (never followed here).
     pub fn symlink(&self, rel: &Path, target: &Path) -> Result<(), TreeError> {
         let (parent, name) = split(rel)?;
-        let dir = self.open_dir(parent, true)?;
+        let dir = self.parent_dir(parent)?;
         Self::clear(&dir, name, rel)?;
-        symlinkat(target, &dir, name).map_err(io_at(rel))
+        symlinkat(target, &*dir, name).map_err(io_at(rel))
     }
 
     /// Makes `rel` a hard link to the regular file `existing`, both beneath
@@ -189,9 +213,9 @@ impl Tree {
             return Err(TreeError::Escape(existing.to_path_buf()));
         }
         let (parent, name) = split(rel)?;
-        let dir = self.open_dir(parent, true)?;
+        let dir = self.parent_dir(parent)?;
         Self::clear(&dir, name, rel)?;
-        linkat(&from_dir, from_name, &dir, name, AtFlags::empty()).map_err(io_at(rel))
+        linkat(&from_dir, from_name, &*dir, name, AtFlags::empty()).map_err(io_at(rel))
     }
 
     /// Makes `rel` share the data of the regular file `prev` (outside the
@@ -245,15 +269,23 @@ impl Tree {
             }
         }
         let (parent, name) = split(rel)?;
-        let dir = self.open_dir(parent, true)?;
-        Self::clear(&dir, name, rel)?;
+        let dir = self.parent_dir(parent)?;
         // The inode opened above, through its /proc name (linkat with
-        // AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
+        // AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH). An entry already
+        // there (rare: a fresh tree has none) is cleared and the link made
+        // again, rather than looked for before every link.
         let by_fd = PathBuf::from(format!("/proc/self/fd/{}", src.as_fd().as_raw_fd()));
-        match linkat(AT_FDCWD, &by_fd, &dir, name, AtFlags::AT_SYMLINK_FOLLOW) {
-            Ok(()) => Ok(false),
+        let link = || match linkat(AT_FDCWD, &by_fd, &*dir, name, AtFlags::AT_SYMLINK_FOLLOW) {
             Err(Errno::ENOENT) if !Path::new("/proc/self/fd").exists() => {
-                linkat(AT_FDCWD, prev, &dir, name, AtFlags::empty()).map_err(io_at(rel))?;
+                linkat(AT_FDCWD, prev, &*dir, name, AtFlags::empty())
+            }
+            other => other,
+        };
+        match link() {
+            Ok(()) => Ok(false),
+            Err(Errno::EEXIST) => {
+                Self::clear(&dir, name, rel)?;
+                link().map_err(io_at(rel))?;
                 Ok(false)
             }
             Err(e) => Err(io_at(rel)(e)),
@@ -282,18 +314,20 @@ pub fn links_escaping(root: &Path) -> io::Result<Vec<(PathBuf, PathBuf)>> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
+        // The type each entry has from the directory itself (`d_type`; a
+        // stat of its own only where the filesystem does not say): one
+        // `lstat` per file was a tenth of a fleet host's prepare.
         let mut names: Vec<_> = std::fs::read_dir(&dir)?
-            .map(|e| e.map(|e| e.file_name()))
+            .map(|e| e.and_then(|e| Ok((e.file_name(), e.file_type()?))))
             .collect::<io::Result<_>>()?;
-        names.sort();
-        for name in names {
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, kind) in names {
             let rel = rel.join(&name);
-            let meta = std::fs::symlink_metadata(root.join(&rel))?;
-            if meta.is_dir() {
+            if kind.is_dir() {
                 stack.push(rel);
                 continue;
             }
-            if !meta.file_type().is_symlink() {
+            if !kind.is_symlink() {
                 continue;
             }
             let target = std::fs::read_link(root.join(&rel))?;
