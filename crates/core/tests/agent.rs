@@ -207,7 +207,10 @@ fn nothing_changes_without_the_sessions_lock_and_ids_are_checked() {
             id: "x".into(),
             hosts: vec!["h".into()],
         },
-        ToAgent::Confirm { generation: None },
+        ToAgent::Confirm {
+            generation: None,
+            keep: Some(1),
+        },
         ToAgent::Hold {
             message: Some("held".into()),
         },

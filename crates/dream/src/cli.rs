@@ -627,6 +627,9 @@ pub(crate) struct FleetDeployArgs {
     /// Shell command run in each host's staged release before the switch
     #[arg(long, value_name = "CMD")]
     pub(crate) build: Option<String>,
+    /// Releases each host keeps, pruned once the run has committed (as for deploy: the newest N good ones, plus current, previous and any a process runs in) [default: 5]
+    #[arg(long, value_name = "N")]
+    pub(crate) keep: Option<usize>,
     /// Where --build runs: on every host, or once here (the hosts then get the built tree)
     #[arg(long, value_enum, default_value_t = BuildOn::Hosts)]
     pub(crate) build_on: BuildOn,

@@ -79,6 +79,7 @@ pub struct FleetConfig {
     pub wait_lock: Option<Duration>,
     #[serde(default, deserialize_with = "de::duration")]
     pub settle: Option<Duration>,
+    pub keep: Option<usize>,
 }
 
 /// A host: `"web1"`, or `{ host = "web1", root = "/srv/a" }`.

@@ -42,6 +42,8 @@ pub struct DeployPlan {
     /// Run `build` once here rather than on every host.
     pub build_on_local: bool,
     pub confirm_within: Duration,
+    /// Releases each host keeps once the run committed.
+    pub keep: usize,
 }
 
 /// Prints a progress line (stderr), unless `--json`.
@@ -325,6 +327,7 @@ fn release_of(
             build,
             bridge: plan.bridge.clone(),
             confirm_within: plan.confirm_within,
+            keep: plan.keep,
         },
         keep,
     ))
@@ -630,6 +633,10 @@ pub(crate) fn run(cmd: FleetCmd) -> Result {
                     bridge: a.bridge,
                     build_on_local: a.build_on == BuildOn::Local,
                     confirm_within: lease(&f, a.confirm_within.or(file.confirm_within))?,
+                    keep: match a.keep.or(file.keep).unwrap_or(5) {
+                        0 => return Err(Failure::usage("--keep must be at least 1")),
+                        n => n,
+                    },
                 },
             )
         }

@@ -36,7 +36,7 @@ mod switch;
 
 pub use plan::{Plan, plan};
 use prepare::refuse_source_in_root;
-pub use releases::{ReleaseInfo, Verified, human_bytes, list, verify};
+pub use releases::{ReleaseInfo, Verified, human_bytes, list, prune_beyond, verify};
 pub use rollback::{rollback, rollback_target};
 use switch::interrupted;
 pub use switch::{

@@ -157,6 +157,15 @@ pub(super) fn in_use(store: &Store) -> Vec<String> {
     used
 }
 
+/// [`prune`] with `current` read from the store: a fleet host's prune once
+/// its run committed (the caller holds the lock). The ids removed.
+pub fn prune_beyond(store: &Store, keep: usize, previous: Option<&str>) -> Vec<String> {
+    match store.current() {
+        Some(current) => prune(store, keep, &current, previous),
+        None => Vec::new(),
+    }
+}
+
 /// Removes releases beyond `--keep`: the newest `keep` *good* releases
 /// stay (bad ones never push a rollback target out), and of the bad ones
 /// at most `keep`, the newest, for a look at what failed. `current`,

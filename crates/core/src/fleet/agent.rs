@@ -308,9 +308,20 @@ impl Agent {
                 verify,
                 settle_ms,
             } => self.switch(&id, confirm_within_ms, &verify, settle_ms, canary),
-            ToAgent::Confirm { generation } => {
+            ToAgent::Confirm { keep: Some(0), .. } => Reply::failed("keep 0: at least 1"),
+            ToAgent::Confirm { generation, keep } => {
                 match deploy::confirm_generation(&self.store.root, generation.or(self.generation)) {
                     Ok(()) => {
+                        // Releases beyond `keep` go once the run has
+                        // committed, never before: until then the one this
+                        // host ran before is its way back.
+                        if let Some(keep) = keep {
+                            deploy::prune_beyond(
+                                &self.store,
+                                keep as usize,
+                                self.previous.as_deref(),
+                            );
+                        }
                         self.previous = None;
                         self.lease = None;
                         Reply::ok()

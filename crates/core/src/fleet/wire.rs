@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 /// The protocol's version; both sides must speak the same (2: the agent
 /// sends `alive` frames while it works, and both sides read with a
 /// deadline; 3: `base`, and an `offer` may carry a delta).
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 
 /// How long either side waits for a byte from the other before it calls
 /// the peer gone: 20 s, or `DREAM_FLEET_SILENCE` (a duration: `2s`,
@@ -125,8 +125,12 @@ pub enum ToAgent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         canary: Option<crate::supervise::canary::judge::Spec>,
     },
+    /// The run committed: the host keeps its switched generation, and
+    /// with `keep` prunes its releases as `dream deploy --keep` does.
     Confirm {
         generation: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keep: Option<u32>,
     },
     /// Back to `to` (the previous release this host recorded).
     Revert {

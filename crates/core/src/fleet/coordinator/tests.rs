@@ -28,7 +28,19 @@ enum Fault {
     /// An offer written as a delta reaches it naming another base (as
     /// when its current release changed since it sent its own).
     OtherBase,
+    /// Its answers to blobs are held back until [`HOLD`] blobs have gone
+    /// by (or 3 s have passed): a link with a long round trip, where a
+    /// coordinator that waits for each answer before the next blob stalls.
+    HoldAcks,
+    /// It refuses the third blob (a full disk), temporarily.
+    RefuseBlob,
 }
+
+/// Blobs a [`Fault::HoldAcks`] relay waits for before it passes answers.
+const HOLD: usize = 8;
+/// How many blobs a [`Fault::HoldAcks`] relay had passed when it let the
+/// first answer through (0 until it did; it gives up after 3 s).
+static AHEAD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// [`Local`] agents, some behind a misbehaving relay.
 struct Faulty {
@@ -54,11 +66,33 @@ fn relay(agent: Link, fault: Fault) -> Result<Link, String> {
         mut output,
         peer,
     } = agent;
+    // Blobs passed to the agent; whether answers are still held back.
+    let blobs = std::sync::Arc::new((
+        Mutex::new((0usize, fault == Fault::HoldAcks)),
+        std::sync::Condvar::new(),
+    ));
     // The agent's frames, forwarded whole.
     {
         let to = to_coordinator.clone();
+        let blobs = blobs.clone();
         std::thread::spawn(move || {
             while let Ok(Some(frame)) = wire::read_frame(&mut input) {
+                let (count, wake) = &*blobs;
+                let mut held = count.lock().unwrap();
+                let until = std::time::Instant::now() + Duration::from_secs(3);
+                while held.1 && held.0 > 0 && held.0 < HOLD {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        held.1 = false;
+                        break;
+                    }
+                    held = wake.wait_timeout(held, left).unwrap().0;
+                }
+                if held.1 && held.0 >= HOLD {
+                    AHEAD.store(held.0, std::sync::atomic::Ordering::SeqCst);
+                    held.1 = false;
+                }
+                drop(held);
                 let mut w = to.lock().unwrap();
                 if write_frame_as_read(&mut *w, &frame).is_err() {
                     return;
@@ -78,6 +112,25 @@ fn relay(agent: Link, fault: Fault) -> Result<Link, String> {
                 Frame::Message(body) => serde_json::from_slice::<ToAgent>(body).ok(),
                 _ => None,
             };
+            if let Some(ToAgent::Blob { hash }) = &msg {
+                let (count, wake) = &*blobs;
+                let mut n = count.lock().unwrap();
+                n.0 += 1;
+                wake.notify_all();
+                if fault == Fault::RefuseBlob && n.0 == 3 {
+                    drop(n);
+                    while let Ok(Some(Frame::Chunk(c))) = wire::read_frame(&mut from) {
+                        if c.is_empty() {
+                            break;
+                        }
+                    }
+                    answer(&Reply {
+                        temporary: true,
+                        ..Reply::failed(format!("blob {hash}: No space left on device"))
+                    });
+                    continue;
+                }
+            }
             match (fault, msg) {
                 (Fault::RefuseSwitch, Some(ToAgent::Switch { .. })) => {
                     answer(&Reply::failed("generation 2 failed to start"));
@@ -188,6 +241,7 @@ fn release(id: &str, files: usize) -> (tempfile::TempDir, Release) {
         build: None,
         bridge: Vec::new(),
         confirm_within: Duration::from_secs(30),
+        keep: 5,
     };
     (dir, r)
 }
@@ -458,6 +512,46 @@ fn nothing_changes_when_a_host_is_unreachable_locked_or_held() {
     assert_eq!(deploy(&fleet, &Local, &one).0.verdict, Verdict::Done);
 }
 
+/// Content goes out without waiting for each blob's answer: over a link
+/// whose answers come late, the blobs keep flowing.
+#[test]
+fn blobs_travel_ahead_of_their_answers() {
+    let hosts = Hosts::new(2);
+    let faulty = Faulty {
+        faults: HashMap::from([("h1".to_string(), Fault::HoldAcks)]),
+    };
+    let (_a, one) = release("one", 3 * HOLD);
+    let (out, lines) = deploy(&hosts.fleet(everyone()), &faulty, &one);
+    assert_eq!(out.verdict, Verdict::Done, "{out:?} {lines:#?}");
+    assert!(
+        AHEAD.load(std::sync::atomic::Ordering::SeqCst) >= HOLD,
+        "the coordinator waited for the first blob's answer before sending the next"
+    );
+    assert_eq!(hosts.current(1).as_deref(), Some("one"));
+}
+
+/// A blob refused among others sent ahead: the run stops before any switch
+/// with that refusal, and the session stays in step (every answer read, the
+/// lock released as the session ends), so the next run goes.
+#[test]
+fn a_blob_refused_among_those_sent_ahead_stops_the_run_in_step() {
+    let hosts = Hosts::new(2);
+    let fleet = hosts.fleet(everyone());
+    let faulty = Faulty {
+        faults: HashMap::from([("h1".to_string(), Fault::RefuseBlob)]),
+    };
+    let (_a, one) = release("one", 12);
+    let (out, lines) = deploy(&fleet, &faulty, &one);
+    assert!(
+        matches!(&out.verdict, Verdict::NotSwitched(e) if e.contains("h1: blob") && e.contains("No space left on device")),
+        "{out:?} {lines:#?}"
+    );
+    assert_eq!(hosts.current(0), None);
+    assert_eq!(hosts.current(1), None);
+    let (out, lines) = deploy(&fleet, &Local, &one);
+    assert_eq!(out.verdict, Verdict::Done, "{out:?} {lines:#?}");
+}
+
 #[test]
 fn a_host_that_asks_for_content_the_release_lacks_stops_the_run_before_any_switch() {
     let hosts = Hosts::new(2);
@@ -471,6 +565,43 @@ fn a_host_that_asks_for_content_the_release_lacks_stops_the_run_before_any_switc
         "{out:?}"
     );
     assert_eq!(hosts.current(0), None);
+}
+
+/// Each host prunes to `keep` once the run has committed: a fleet that
+/// deploys every day does not keep every release it ever ran.
+#[test]
+fn every_host_keeps_only_keep_releases_once_the_run_committed() {
+    let hosts = Hosts::new(2);
+    let fleet = hosts.fleet(everyone());
+    let ids = ["one", "two", "three", "four"];
+    let _dirs: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (dir, r) = release(id, 3);
+            let r = Release { keep: 2, ..r };
+            let (out, lines) = deploy(&fleet, &Local, &r);
+            assert_eq!(out.verdict, Verdict::Done, "{out:?} {lines:#?}");
+            dir
+        })
+        .collect();
+    for h in &hosts.hosts {
+        let store = Store::new(std::path::Path::new(&h.root));
+        let mut kept: Vec<String> = std::fs::read_dir(store.releases())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, ["four", "three"], "{}", h.name);
+        assert!(!store.manifest_path("two").exists(), "{}", h.name);
+        let history = std::fs::read_to_string(store.history_path()).unwrap();
+        assert_eq!(history.matches("\"pruned\"").count(), 2, "{history}");
+    }
+    // The way back is still there.
+    let (out, _) = run(&fleet, &Local, |c| {
+        c.rollback(None, Duration::from_secs(30))
+    });
+    assert_eq!(out.verdict, Verdict::Done, "{out:?}");
+    assert_eq!(hosts.current(1).as_deref(), Some("three"));
 }
 
 #[test]
