@@ -282,7 +282,7 @@ impl Pipeline<'_, '_> {
         std::fs::create_dir_all(store.manifests())
             .and_then(|()| final_manifest.frozen().save(&store.manifest_path(&id)))
             .map_err(|e| io_failure("writing the manifest", e))?;
-        sync_tree(&dir).map_err(|e| io_failure("syncing the release", e))?;
+        sync_tree(&dir, self.direct()).map_err(|e| io_failure("syncing the release", e))?;
         let final_dir = store.release_dir(&id);
         std::fs::rename(&dir, &final_dir)
             .map_err(|e| io_failure("moving the release into place", e))?;
@@ -487,11 +487,80 @@ pub(super) fn free_space(dir: &Path) -> std::io::Result<u64> {
     Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
 }
 
-/// Makes the staged files durable: one `syncfs(2)` of their filesystem.
-pub(super) fn sync_tree(dir: &Path) -> std::io::Result<()> {
-    let f = std::fs::File::open(dir)?;
-    nix::unistd::syncfs(&f)?;
+/// Past this many files and directories to sync one by one, a release is
+/// made durable with one `syncfs(2)` instead.
+const SYNC_ONE_BY_ONE: usize = 512;
+/// Threads syncing files one by one.
+const SYNC_THREADS: usize = 8;
+
+/// Makes the staged release durable. Staged straight from a directory or a
+/// fleet's objects (`only_written`: no build, nothing bridged), it holds two
+/// kinds of file: links to the previous release's files (a link count of 2
+/// or more, durable since that release was made) and files written here (a
+/// count of 1): those and the directories are synced one by one, which
+/// costs what this release wrote and nothing else. Otherwise, or past
+/// [`SYNC_ONE_BY_ONE`] of them, one `syncfs(2)` of the filesystem: cheaper
+/// for a large release, but it also writes whatever else waits on that
+/// filesystem (another program's 1.5 GB, not yet written back, made a
+/// deploy of one changed file take 2.2 s instead of 0.01 s).
+pub(super) fn sync_tree(dir: &Path, only_written: bool) -> std::io::Result<()> {
+    let one_by_one = if only_written {
+        written_below(dir, SYNC_ONE_BY_ONE)?
+    } else {
+        None
+    };
+    match one_by_one {
+        // On a few threads: syncs that wait together share the
+        // filesystem's journal commits and the disk's cache flushes.
+        Some(paths) => {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                let workers: Vec<_> = (0..SYNC_THREADS)
+                    .map(|_| {
+                        s.spawn(|| -> std::io::Result<()> {
+                            while let Some(p) =
+                                paths.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                            {
+                                std::fs::File::open(p)?.sync_all()?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .try_for_each(|w| w.join().expect("a sync thread panicked"))
+            })?;
+        }
+        None => nix::unistd::syncfs(&std::fs::File::open(dir)?)?,
+    }
     Ok(())
+}
+
+/// The directories below `dir` (itself included) and its regular files
+/// with a single link, deepest first; `None` past `limit` of them.
+fn written_below(dir: &Path, limit: usize) -> std::io::Result<Option<Vec<PathBuf>>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = vec![(dir.to_path_buf(), true)];
+    let mut i = 0;
+    while i < found.len() {
+        let (here, is_dir) = found[i].clone();
+        i += 1;
+        if !is_dir {
+            continue;
+        }
+        for e in std::fs::read_dir(&here)? {
+            let e = e?;
+            let kind = e.file_type()?;
+            if kind.is_dir() || (kind.is_file() && e.metadata()?.nlink() == 1) {
+                found.push((e.path(), kind.is_dir()));
+                if found.len() > limit {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+    Ok(Some(found.into_iter().rev().map(|(p, _)| p).collect()))
 }
 
 /// Over the limit: with --max-size a refusal (exit 1); with the default,
@@ -508,5 +577,42 @@ fn over_limit(max_size: Option<u64>, e: StageError) -> DeployError {
             ),
         ),
         e => e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a release staged straight from its source syncs one by one:
+    /// every directory and every file written for it, never a file it
+    /// shares with the release before (durable since that one was made),
+    /// deepest first; and nothing once the count passes the limit.
+    #[test]
+    fn a_release_syncs_what_it_wrote_and_no_shared_file() {
+        let t = tempfile::tempdir().unwrap();
+        let (prev, new) = (t.path().join("prev"), t.path().join("new"));
+        std::fs::create_dir_all(prev.join("a")).unwrap();
+        std::fs::create_dir_all(new.join("a/b c")).unwrap();
+        std::fs::write(prev.join("a/kept"), b"old").unwrap();
+        std::fs::hard_link(prev.join("a/kept"), new.join("a/kept")).unwrap();
+        std::fs::write(new.join("a/b c/written\n"), b"new").unwrap();
+        std::fs::write(new.join("top"), b"new").unwrap();
+        std::os::unix::fs::symlink("top", new.join("link")).unwrap();
+        let got = written_below(&new, 100).unwrap().unwrap();
+        let rel: Vec<_> = got
+            .iter()
+            .map(|p| p.strip_prefix(&new).unwrap().to_string_lossy().into_owned())
+            .collect();
+        let mut sorted = rel.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["", "a", "a/b c", "a/b c/written\n", "top"]);
+        // Deepest first: a file before its directory, a directory before
+        // its parent.
+        let at = |s: &str| rel.iter().position(|r| r == s).unwrap();
+        assert!(at("a/b c/written\n") < at("a/b c") && at("a/b c") < at("a") && at("a") < at(""));
+        assert!(written_below(&new, 4).unwrap().is_none());
+        sync_tree(&new, true).unwrap();
+        sync_tree(&new, false).unwrap();
     }
 }
