@@ -3,7 +3,8 @@
 # namespace with its own sshd, deploy root and `dream serve`, joined to this one by a veth):
 #   dream:    `dream fleet deploy` (the manifest, then only the content each host lacks);
 #   rsync:    the Capistrano way: `rsync -a --link-dest=../current` over ssh to every host in
-#             parallel, then `ln -s` + `mv -T` on each, then a reload;
+#             parallel, then `ln -s` + `mv -T` on each, then a reload, then the releases beyond
+#             the newest five removed (both tools keep five: pruning shows from round 5 on);
 #   tar|ssh:  the whole tree to every host in parallel, then the same switch and reload.
 # A tree of FILES files (BYTES in all), FRACTION of them rewritten each round (same sizes, new
 # random content). Per round and per tool: wall time, bytes sent over the links (the veths'
@@ -89,6 +90,9 @@ for i in rnd.sample(range(n), max(1, n // 100)):
         f.write(os.urandom(size))
 PY
 }
+# The machine's CPU ticks, busy and all (from /proc/stat): how much of the two cores a phase kept
+# busy, since the hosts share them (a deploy that keeps them busy is bound by them here).
+cpu_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 hosts_csv() { local s=""; for i in $(seq 0 $((HOSTS - 1))); do s="$s${s:+,}root@$(addr $i)"; done; echo "$s"; }
 sent() { local t=0; for i in $(seq 0 $((HOSTS - 1))); do t=$((t + $(cat /sys/class/net/dbf$LAB-$i/statistics/tx_bytes))); done; echo $t; }
 # The hosts share this machine's filesystem, so each has its own roots: $WORK/hI/{dream,rsync,tar}.
@@ -121,7 +125,9 @@ sleep 2
 switch_and_reload() {  # on every host: current -> releases/$2 in its $1 root, reload
   local pids=()
   for i in $(seq 0 $((HOSTS - 1))); do
-    $SSH root@"$(addr $i)" "cd $WORK/h$i/$1 && ln -s releases/$2 current.tmp && mv -T current.tmp current && $DREAM reload --root $WORK/h$i/$1 >/dev/null" </dev/null &
+    # ...and then, as Capistrano's deploy:cleanup (keep_releases 5, as dream's --keep), the
+    # releases beyond the newest five go.
+    $SSH root@"$(addr $i)" "cd $WORK/h$i/$1 && ln -s releases/$2 current.tmp && mv -T current.tmp current && $DREAM reload --root $WORK/h$i/$1 >/dev/null && ls -1 releases | sort -V | head -n -5 | sed 's|^|releases/|' | xargs -r rm -rf" </dev/null &
     pids+=($!)
   done
   wait "${pids[@]}"
@@ -131,11 +137,15 @@ echo "== $HOSTS hosts, $FILES files, ${MB} MB, 1% rewritten per round; $ROUNDS r
 for r in $(seq "$ROUNDS"); do
   change "$r"
   CHANGED=$(python3 -c "import os,random,sys; n=$FILES; rnd=random.Random($r); print(sum(os.path.getsize(os.path.join('$WORK/src','public',f'd{i%100:02d}',f'f{i:05d}.bin')) for i in rnd.sample(range(n), max(1,n//100))))")
+  # Each tool starts on a clean filesystem: the hosts share this machine's one, and what the
+  # last tool left unwritten (rsync does not sync) would otherwise be flushed by the next one's
+  # sync, dream's in this order (its prepare moved 1.3-3.1 s from round to round).
+  sync
   # dream
-  b0=$(sent); t0=$(date +%s.%N)
+  c0=$(cpu_ticks); b0=$(sent); t0=$(date +%s.%N)
   # The coordinator's CPU (its own and its ssh clients'): what a larger fleet costs it.
   /usr/bin/time -f "%Us user %Ss system" -o "$WORK/cpu" "${FLEET[@]}" --id "d$r" >/dev/null 2>"$WORK/d$r.log"
-  t1=$(date +%s.%N); b1=$(sent)
+  t1=$(date +%s.%N); b1=$(sent); c1=$(cpu_ticks)
   phases=$(python3 - "$WORK/d$r.log" <<'PY'
 import re, sys
 def secs(v):
@@ -160,6 +170,7 @@ print(round((max(ts) - min(ts)) * 1000, 1))
 PY
 )
   # rsync --link-dest
+  sync
   b2=$(sent); t2=$(date +%s.%N)
   pids=()
   for i in $(seq 0 $((HOSTS - 1))); do
@@ -170,6 +181,7 @@ PY
   switch_and_reload rsync "r$r"
   t3=$(date +%s.%N); b3=$(sent)
   # tar | ssh
+  sync
   b4=$(sent); t4=$(date +%s.%N)
   if [ "$TAR" != 0 ]; then
     pids=()
@@ -181,7 +193,8 @@ PY
     switch_and_reload tar "r$r"
   fi
   t5=$(date +%s.%N); b5=$(sent)
-  python3 - "$r" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$b0" "$b1" "$b2" "$b3" "$b4" "$b5" "$CHANGED" "$HOSTS" "$skew" "$phases" "$(cat "$WORK/cpu")" <<'PY'
+  busy=$(python3 -c "b0, a0 = map(int, '$c0'.split()); b1, a1 = map(int, '$c1'.split()); t = $(getconf CLK_TCK); print(f'cores busy {100 * (b1 - b0) / max(1, a1 - a0):.0f}% ({(b1 - b0) / t:.1f} CPU-s)')")
+  python3 - "$r" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$b0" "$b1" "$b2" "$b3" "$b4" "$b5" "$CHANGED" "$HOSTS" "$skew" "$phases" "$(cat "$WORK/cpu"); $busy" <<'PY'
 import sys
 r, t0, t1, t2, t3, t4, t5, b0, b1, b2, b3, b4, b5, changed, hosts, skew, phases, cpu = sys.argv[1:]
 t = [float(x) for x in (t0, t1, t2, t3, t4, t5)]
