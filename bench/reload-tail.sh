@@ -5,7 +5,8 @@
 #      reload every 250 ms alternating two releases; p99 during / steady, errors;
 #   1b. the same reloads with an open-loop client at a fixed rate (dream check --rate, a sixth
 #       of the capacity measured at the start), which leaves the machine headroom, so the
-#       figure is the reload's, not the saturation's.
+#       figure is the reload's, not the saturation's; beside it the machine's floor for the
+#       same: four /bin/true started every 250 ms instead of a reload, nothing else changing.
 #   Both side by side for dream as it is ("now": workers start under SCHED_IDLE while others
 #   serve, the drain spreads its closes over 150 ms) and as it was ("before":
 #   --start-priority normal, dream static --drain-spread 0s), alternated round by round;
@@ -84,25 +85,37 @@ rate_check() { run "$DREAM" check "$1" --keep-alive --connections 64 --rate "$RA
 # per-round ratio, the figure is the ratio of medians over the rounds (reloading p99 / first
 # steady p99), and beside it the same ratio for the two steady windows: the machine's own noise
 # between identical windows, the band any reload figure of the run has to be read against.
-rate_round() {  # PORT ROOT LABEL ROUND; prints "steady reloading steady2" p99s in us
-  local S R B s d b
+rate_round() {  # PORT ROOT LABEL ROUND; prints "steady reloading steady2 starts" p99s in us
+  local S R B P s d b p
   S=$(rate_check http://127.0.0.1:$1/small)
   reloading "$2" back-to-a &
   R=$(rate_check http://127.0.0.1:$1/small); wait $!
   B=$(rate_check http://127.0.0.1:$1/small)
-  s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']"); b=$(echo "$B" | jget "['latency']['p99_us']")
-  echo "round $4 $3: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['connects']") (their p50 $(echo "$R" | jget "['connect_latency']['p50_us']")us, p99 $(echo "$R" | jget "['connect_latency']['p99_us']")us) | steady again ${b}us | ratio $(python3 -c "print(round($d/$s,2))")" >&2
-  echo "$s $d $b"
+  starting &
+  P=$(rate_check http://127.0.0.1:$1/small); wait $!
+  s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']"); b=$(echo "$B" | jget "['latency']['p99_us']"); p=$(echo "$P" | jget "['latency']['p99_us']")
+  echo "round $4 $3: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['connects']") (their p50 $(echo "$R" | jget "['connect_latency']['p50_us']")us, p99 $(echo "$R" | jget "['connect_latency']['p99_us']")us) | steady again ${b}us | 4 x /bin/true every 250 ms ${p}us | ratio $(python3 -c "print(round($d/$s,2))")" >&2
+  echo "$s $d $b $p"
 }
-# figures LABEL "s d b"...: ratio of medians, reloading/steady and steady-again/steady.
+# The floor of anything that starts four processes every 250 ms on this machine (a reload
+# starts four workers), with nothing else changing: 4 x /bin/true, for 4 s.
+starting() {
+  local end=$((SECONDS + 4))
+  while [ $SECONDS -lt $end ]; do
+    /bin/true & /bin/true & /bin/true & /bin/true & wait
+    sleep 0.25
+  done
+}
+# figures LABEL "s d b p"...: ratio of medians, reloading/steady, steady-again/steady and
+# process-starts/steady.
 figures() {
   local label=$1; shift
   printf '%s\n' "$@" | python3 -c '
 import statistics, sys
 rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
-s, d, b = (statistics.median(c) for c in zip(*rows))
+s, d, b, p = (statistics.median(c) for c in zip(*rows))
 per = sorted(round(r[1] / r[0], 2) for r in rows)
-print(f"'"$label"': p99 reloading / steady {d / s:.2f} (median p99s {d:.0f} / {s:.0f} us; per round {per}); steady again / steady {b / s:.2f}")'
+print(f"'"$label"': p99 reloading / steady {d / s:.2f} (median p99s {d:.0f} / {s:.0f} us; per round {per}); steady again / steady {b / s:.2f}; 4 process starts every 250 ms / steady {p / s:.2f}")'
 }
 now=(); before=()
 for r in $(seq "$ROUNDS"); do
