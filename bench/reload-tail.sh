@@ -6,7 +6,9 @@
 #   1b. the same reloads with an open-loop client at a fixed rate (dream check --rate, a sixth
 #       of the capacity measured at the start), which leaves the machine headroom, so the
 #       figure is the reload's, not the saturation's; beside it the machine's floor for the
-#       same: four /bin/true started every 250 ms instead of a reload, nothing else changing.
+#       same: four /bin/true started every 250 ms instead of a reload, nothing else changing;
+#       the p99 of the requests a reload did not make reconnect (each reload moves every
+#       keep-alive connection once); and nginx with 4 workers under `nginx -s reload`.
 #   Both side by side for dream as it is ("now": workers start under SCHED_IDLE while others
 #   serve, the drain spreads its closes over 150 ms) and as it was ("before":
 #   --start-priority normal, dream static --drain-spread 0s), alternated round by round;
@@ -24,7 +26,7 @@ printf '0123456789' > "$WORK/a/public/small"; printf '0123456789' > "$WORK/b/pub
 "$DREAM" rollback -q --root "$WORK/root" a >/dev/null
 for id in a b; do "$DREAM" deploy -q --root "$WORK/root1" "$WORK/$id" --id $id >/dev/null; done
 "$DREAM" rollback -q --root "$WORK/root1" a >/dev/null
-SP=$(free_port); S1=$(free_port); S2=$(free_port); NP=$(free_port)
+SP=$(free_port); S1=$(free_port); S2=$(free_port); NP=$(free_port); N4=$(free_port)
 "$DREAM" serve -q --root "$WORK/root" --listen 127.0.0.1:$SP --workers 4 --ready notify -- "$DREAM" static public &
 # The same, configured as dream was before issue 16's changes, measured in turn with it.
 "$DREAM" serve -q --root "$WORK/root1" --listen 127.0.0.1:$S1 --workers 4 --ready notify --start-priority normal -- "$DREAM" static --drain-spread 0s public &
@@ -32,7 +34,13 @@ SP=$(free_port); S1=$(free_port); S2=$(free_port); NP=$(free_port)
 "$DREAM" deploy -q --root "$WORK/root2" "$WORK/a" --id a >/dev/null
 "$DREAM" serve -q --root "$WORK/root2" --listen 127.0.0.1:$S2 --workers 2 --ready notify -- "$DREAM" static public &
 static_nginx $NP "$WORK/a/public"
-for p in $SP $S1 $S2 $NP; do wait_http http://127.0.0.1:$p/small; done
+# The peer for the fixed-rate reloads: nginx with as many workers as dream's, otherwise as
+# static_nginx, reloaded as its users reload it (`nginx -s reload`: new workers, the old ones
+# finish their requests and close their keep-alive connections).
+mkdir -p "$WORK/nginx4/logs"
+sed -e "s/worker_processes 2;/worker_processes 4;/" -e "s|$WORK/nginx/|$WORK/nginx4/|g" -e "s/127.0.0.1:$NP;/127.0.0.1:$N4;/" "$WORK/nginx/nginx.conf" > "$WORK/nginx4/nginx.conf"
+nginx -c "$WORK/nginx4/nginx.conf" -p "$WORK/nginx4" &
+for p in $SP $S1 $S2 $NP $N4; do wait_http http://127.0.0.1:$p/small; done
 
 # wrk's p99 in microseconds, its requests/s, and its error count.
 wrk_run() { run wrk -t2 -c64 -d"$2" --latency "$1" 2>/dev/null; }
@@ -51,6 +59,15 @@ reloading() {
     n=$((n + 1)); sleep 0.25
   done
   if [ -n "${2:-}" ] && [ $((n % 2)) -eq 1 ]; then "$DREAM" rollback -q --settle 0s --root "$1" a >/dev/null 2>&1 || true; fi
+}
+
+# nginx_reloading: for 4 s, `nginx -s reload` every 250 ms.
+nginx_reloading() {
+  local end=$((SECONDS + 4))
+  while [ $SECONDS -lt $end ]; do
+    nginx -c "$WORK/nginx4/nginx.conf" -p "$WORK/nginx4" -s reload 2>/dev/null || true
+    sleep 0.25
+  done
 }
 
 echo "== 1. p99 during reloads / steady (wrk -t2 -c64, 4 workers, a reload every 250 ms; now and before, in turn)"
@@ -85,17 +102,17 @@ rate_check() { run "$DREAM" check "$1" --keep-alive --connections 64 --rate "$RA
 # per-round ratio, the figure is the ratio of medians over the rounds (reloading p99 / first
 # steady p99), and beside it the same ratio for the two steady windows: the machine's own noise
 # between identical windows, the band any reload figure of the run has to be read against.
-rate_round() {  # PORT ROOT LABEL ROUND; prints "steady reloading steady2 starts" p99s in us
-  local S R B P s d b p
+rate_round() {  # PORT LABEL ROUND RELOADER...; prints "steady reloading steady2 starts kept" p99s in us
+  local S R B P s d b p k
   S=$(rate_check http://127.0.0.1:$1/small)
-  reloading "$2" back-to-a &
+  "${@:4}" &
   R=$(rate_check http://127.0.0.1:$1/small); wait $!
   B=$(rate_check http://127.0.0.1:$1/small)
   starting &
   P=$(rate_check http://127.0.0.1:$1/small); wait $!
-  s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']"); b=$(echo "$B" | jget "['latency']['p99_us']"); p=$(echo "$P" | jget "['latency']['p99_us']")
-  echo "round $4 $3: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['connects']") (their p50 $(echo "$R" | jget "['connect_latency']['p50_us']")us, p99 $(echo "$R" | jget "['connect_latency']['p99_us']")us) | steady again ${b}us | 4 x /bin/true every 250 ms ${p}us | ratio $(python3 -c "print(round($d/$s,2))")" >&2
-  echo "$s $d $b $p"
+  s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']"); b=$(echo "$B" | jget "['latency']['p99_us']"); p=$(echo "$P" | jget "['latency']['p99_us']"); k=$(echo "$R" | jget "['kept_latency']['p99_us']")
+  echo "round $3 $2: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['connects']") (their p50 $(echo "$R" | jget "['connect_latency']['p50_us']")us, p99 $(echo "$R" | jget "['connect_latency']['p99_us']")us; the others' p99 ${k}us) | steady again ${b}us | 4 x /bin/true every 250 ms ${p}us | ratio $(python3 -c "print(round($d/$s,2))")" >&2
+  echo "$s $d $b $p $k"
 }
 # The floor of anything that starts four processes every 250 ms on this machine (a reload
 # starts four workers), with nothing else changing: 4 x /bin/true, for 4 s.
@@ -106,25 +123,27 @@ starting() {
     sleep 0.25
   done
 }
-# figures LABEL "s d b p"...: ratio of medians, reloading/steady, steady-again/steady and
-# process-starts/steady.
+# figures LABEL "s d b p k"...: ratio of medians, reloading/steady, steady-again/steady,
+# process-starts/steady, and reloading/steady for the requests sent on a connection already open.
 figures() {
   local label=$1; shift
   printf '%s\n' "$@" | python3 -c '
 import statistics, sys
 rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
-s, d, b, p = (statistics.median(c) for c in zip(*rows))
+s, d, b, p, k = (statistics.median(c) for c in zip(*rows))
 per = sorted(round(r[1] / r[0], 2) for r in rows)
-print(f"'"$label"': p99 reloading / steady {d / s:.2f} (median p99s {d:.0f} / {s:.0f} us; per round {per}); steady again / steady {b / s:.2f}; 4 process starts every 250 ms / steady {p / s:.2f}")'
+print(f"'"$label"': p99 reloading / steady {d / s:.2f} (median p99s {d:.0f} / {s:.0f} us; per round {per}); steady again / steady {b / s:.2f}; 4 process starts every 250 ms / steady {p / s:.2f}; the requests a reload did not make reconnect: p99 reloading / steady {k / s:.2f}")'
 }
-now=(); before=()
+now=(); before=(); ngx=()
 for r in $(seq "$ROUNDS"); do
-  now+=("$(rate_round $SP "$WORK/root" now $r)")
-  before+=("$(rate_round $S1 "$WORK/root1" before $r)")
+  now+=("$(rate_round $SP now $r reloading "$WORK/root" back-to-a)")
+  before+=("$(rate_round $S1 before $r reloading "$WORK/root1" back-to-a)")
+  ngx+=("$(rate_round $N4 nginx $r nginx_reloading)")
 done
 echo "at a fixed rate, ratio of the median p99s over $ROUNDS rounds:"
 figures now "${now[@]}"
 figures before "${before[@]}"
+figures nginx "${ngx[@]}"
 
 echo "== 2. dream static vs nginx, 2 workers each (wrk -t2 -c64 -d3s, a 10-byte file)"
 ratios=()

@@ -241,6 +241,10 @@ pub struct Report {
     /// Latency of the requests that had to open their connection first:
     /// set beside `latency`, it shows how much of a tail reconnects make.
     pub connect_latency: Latency,
+    /// Latency of the requests sent on a connection already open: set
+    /// beside `connect_latency`, it shows what a reload costs the requests
+    /// it did not make reconnect.
+    pub kept_latency: Latency,
     /// A few examples of what went wrong, for diagnosis.
     pub examples: Vec<String>,
     pub ok: bool,
@@ -260,6 +264,8 @@ struct Tally {
     hist: Histogram<u64>,
     /// Requests that opened their connection first.
     connect_hist: Histogram<u64>,
+    /// Requests sent on a connection already open.
+    kept_hist: Histogram<u64>,
     connects: u64,
     /// Distinct examples and how often each was seen (the first few).
     examples: Vec<(String, u64)>,
@@ -277,6 +283,7 @@ impl Tally {
             releases: BTreeMap::new(),
             hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
             connect_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            kept_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
             connects: 0,
             examples: Vec::new(),
             responses: 0,
@@ -372,6 +379,7 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
         latency,
         connects: all.connects,
         connect_latency: Latency::of(&all.connect_hist),
+        kept_latency: Latency::of(&all.kept_hist),
         examples: all
             .examples
             .into_iter()
@@ -397,6 +405,7 @@ impl Tally {
             }
             let _ = all.hist.add(&t.hist);
             let _ = all.connect_hist.add(&t.connect_hist);
+            let _ = all.kept_hist.add(&t.kept_hist);
             all.connects += t.connects;
             for (e, n) in t.examples {
                 all.example(e, n);
@@ -518,9 +527,11 @@ fn record_answer(
     connecting: bool,
 ) {
     let _ = t.hist.record(micros.min(3_600_000_000));
-    if connecting {
-        let _ = t.connect_hist.record(micros.min(3_600_000_000));
-    }
+    let _ = if connecting {
+        t.connect_hist.record(micros.min(3_600_000_000))
+    } else {
+        t.kept_hist.record(micros.min(3_600_000_000))
+    };
     if let Some(h) = &live.latency
         && let Ok(mut h) = h.lock()
     {
@@ -763,9 +774,10 @@ impl Report {
         if self.keep_alive {
             let _ = writeln!(
                 s,
-                "  connects   {} (their first request: p99 {})",
+                "  connects   {} (their first request: p99 {}; the others: p99 {})",
                 self.connects,
-                ms(self.connect_latency.p99_us)
+                ms(self.connect_latency.p99_us),
+                ms(self.kept_latency.p99_us)
             );
         }
         for ex in &self.examples {

@@ -287,6 +287,57 @@ fn check_counts_truncated_and_endless_bodies_as_errors() {
     assert_eq!(v["responses"], 0, "{v}");
 }
 
+/// Keep-alive: the requests that had to open their connection are counted
+/// apart from those sent on one already open. This server answers each
+/// connection's first request 300 ms late and closes every connection
+/// after its third answer, so a third of the requests reconnect and only
+/// they are slow.
+#[test]
+fn check_counts_reconnects_apart_from_requests_on_open_connections() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                for n in 0..3 {
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                    let close = if n == 2 { "Connection: close\r\n" } else { "" };
+                    let resp = format!("HTTP/1.1 200 OK\r\n{close}Content-Length: 2\r\n\r\nok");
+                    if w.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (code, v, err) = check_json(&url, &["--keep-alive"]);
+    assert_eq!(code, Some(0), "{err} {v}");
+    let responses = v["responses"].as_u64().unwrap();
+    let connects = v["connects"].as_u64().unwrap();
+    assert!(connects >= 4 && connects * 3 >= responses, "{v}");
+    assert!(
+        v["connect_latency"]["p50_us"].as_u64().unwrap() >= 300_000,
+        "{v}"
+    );
+    let kept = &v["kept_latency"];
+    assert!(kept["max_us"].as_u64().unwrap() > 0, "{v}");
+    assert!(kept["p50_us"].as_u64().unwrap() < 300_000, "{v}");
+}
+
 /// `--rate`: an open loop sends on schedule, whatever the answers: about
 /// rate x duration requests, and a server that stalls shows in the
 /// latency (counted from when each request was due), not in a slower
