@@ -42,7 +42,7 @@ round() {  # NAME BINARY ROUND
   port=$(eval echo "\$P_$1")
   S=$(check $port); flip "$2" "$WORK/root-$1" & R=$(check $port); wait $!
   s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']")
-  echo "round $3 $1: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['connects']") (p50 $(echo "$R" | jget "['connect_latency']['p50_us']")us, p99 $(echo "$R" | jget "['connect_latency']['p99_us']")us) | ratio $(python3 -c "print(round($d/$s,2))")" >&2
+  echo "round $3 $1: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['reconnects']") (p50 $(echo "$R" | jget "['reconnect_latency']['p50_us']")us, p99 $(echo "$R" | jget "['reconnect_latency']['p99_us']")us) | ratio $(python3 -c "print(round($d/$s,2))")" >&2
   python3 -c "print(round($d/$s,2))"
 }
 old=(); new=()

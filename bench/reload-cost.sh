@@ -157,7 +157,7 @@ for mode in burst spread; do
   for r in $(seq "$ROUNDS"); do
     disturb "$(flip)"; d=$!
     R=$(check $P); wait $d
-    echo "$mode round $r: p99 $(echo "$R" | jget "['latency']['p99_us']") us | reconnects $(echo "$R" | jget "['connects']") | their first request p50 $(echo "$R" | jget "['connect_latency']['p50_us']") us, p90 $(echo "$R" | jget "['connect_latency']['p90_us']") us"
+    echo "$mode round $r: p99 $(echo "$R" | jget "['latency']['p99_us']") us | reconnects $(echo "$R" | jget "['reconnects']") | their first request p50 $(echo "$R" | jget "['reconnect_latency']['p50_us']") us, p90 $(echo "$R" | jget "['reconnect_latency']['p90_us']") us"
   done
   kill $S; wait $S 2>/dev/null || true
 done

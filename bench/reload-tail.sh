@@ -111,7 +111,7 @@ rate_round() {  # PORT LABEL ROUND RELOADER...; prints "steady reloading steady2
   starting &
   P=$(rate_check http://127.0.0.1:$1/small); wait $!
   s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']"); b=$(echo "$B" | jget "['latency']['p99_us']"); p=$(echo "$P" | jget "['latency']['p99_us']"); k=$(echo "$R" | jget "['kept_latency']['p99_us']")
-  echo "round $3 $2: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['connects']") (their p50 $(echo "$R" | jget "['connect_latency']['p50_us']")us, p99 $(echo "$R" | jget "['connect_latency']['p99_us']")us; the others' p99 ${k}us) | steady again ${b}us | 4 x /bin/true every 250 ms ${p}us | ratio $(python3 -c "print(round($d/$s,2))")" >&2
+  echo "round $3 $2: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['reconnects']") (their p50 $(echo "$R" | jget "['reconnect_latency']['p50_us']")us, p90 $(echo "$R" | jget "['reconnect_latency']['p90_us']")us, p99 $(echo "$R" | jget "['reconnect_latency']['p99_us']")us; the others' p99 ${k}us) | steady again ${b}us | 4 x /bin/true every 250 ms ${p}us | ratio $(python3 -c "print(round($d/$s,2))")" >&2
   echo "$s $d $b $p $k"
 }
 # The floor of anything that starts four processes every 250 ms on this machine (a reload

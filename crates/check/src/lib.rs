@@ -241,9 +241,17 @@ pub struct Report {
     /// Latency of the requests that had to open their connection first:
     /// set beside `latency`, it shows how much of a tail reconnects make.
     pub connect_latency: Latency,
+    /// Keep-alive: connections opened because the server closed the one
+    /// before (each client's first connection is not one).
+    pub reconnects: u64,
+    /// Latency of the requests that reopened their connection: what a
+    /// server closing keep-alive connections (a reload's drain) costs the
+    /// requests it moves, without the run's first connections, which all
+    /// open at once.
+    pub reconnect_latency: Latency,
     /// Latency of the requests sent on a connection already open: set
-    /// beside `connect_latency`, it shows what a reload costs the requests
-    /// it did not make reconnect.
+    /// beside `reconnect_latency`, it shows what a reload costs the
+    /// requests it did not make reconnect.
     pub kept_latency: Latency,
     /// A few examples of what went wrong, for diagnosis.
     pub examples: Vec<String>,
@@ -264,9 +272,12 @@ struct Tally {
     hist: Histogram<u64>,
     /// Requests that opened their connection first.
     connect_hist: Histogram<u64>,
+    /// Requests that reopened their connection after the server closed it.
+    reconnect_hist: Histogram<u64>,
     /// Requests sent on a connection already open.
     kept_hist: Histogram<u64>,
     connects: u64,
+    reconnects: u64,
     /// Distinct examples and how often each was seen (the first few).
     examples: Vec<(String, u64)>,
     responses: u64,
@@ -283,8 +294,10 @@ impl Tally {
             releases: BTreeMap::new(),
             hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
             connect_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            reconnect_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
             kept_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
             connects: 0,
+            reconnects: 0,
             examples: Vec::new(),
             responses: 0,
         }
@@ -379,6 +392,8 @@ pub fn run(opts: &Options, live: Arc<Live>) -> Result<Report, CheckError> {
         latency,
         connects: all.connects,
         connect_latency: Latency::of(&all.connect_hist),
+        reconnects: all.reconnects,
+        reconnect_latency: Latency::of(&all.reconnect_hist),
         kept_latency: Latency::of(&all.kept_hist),
         examples: all
             .examples
@@ -406,7 +421,9 @@ impl Tally {
             let _ = all.hist.add(&t.hist);
             let _ = all.connect_hist.add(&t.connect_hist);
             let _ = all.kept_hist.add(&t.kept_hist);
+            let _ = all.reconnect_hist.add(&t.reconnect_hist);
             all.connects += t.connects;
+            all.reconnects += t.reconnects;
             for (e, n) in t.examples {
                 all.example(e, n);
             }
@@ -515,6 +532,17 @@ struct Clock {
     timeline: Option<timeline::Timeline>,
 }
 
+/// How a request found its connection.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    /// One already open.
+    Kept,
+    /// The client's first.
+    First,
+    /// A new one, because the one before ended.
+    Reopened,
+}
+
 /// One answer: its latency, status and release counted, and checked
 /// against what its connection answered before (a mix of releases).
 fn record_answer(
@@ -524,13 +552,17 @@ fn record_answer(
     seen: &mut Vec<String>,
     a: &Answer,
     micros: u64,
-    connecting: bool,
+    via: Via,
 ) {
-    let _ = t.hist.record(micros.min(3_600_000_000));
-    let _ = if connecting {
-        t.connect_hist.record(micros.min(3_600_000_000))
-    } else {
-        t.kept_hist.record(micros.min(3_600_000_000))
+    let micros = micros.min(3_600_000_000);
+    let _ = t.hist.record(micros);
+    let _ = match via {
+        Via::Kept => t.kept_hist.record(micros),
+        Via::First => t.connect_hist.record(micros),
+        Via::Reopened => t
+            .connect_hist
+            .record(micros)
+            .and_then(|()| t.reconnect_hist.record(micros)),
     };
     if let Some(h) = &live.latency
         && let Ok(mut h) = h.lock()
@@ -598,6 +630,8 @@ async fn client(
     t.timeline = at.timeline;
     // A connection, and the releases it has answered with, in order.
     let mut conn: Option<(Sender, Vec<String>)> = None;
+    // Whether a connection was ever opened: the next one is a reconnect.
+    let mut opened = false;
     loop {
         if Instant::now() >= deadline || live.stop.load(Ordering::Relaxed) {
             break;
@@ -621,11 +655,21 @@ async fn client(
             None => Instant::now(),
         };
         live.requests.fetch_add(1, Ordering::Relaxed);
-        let connecting = conn.is_none();
-        if connecting {
+        let via = match (&conn, opened) {
+            (Some(_), _) => Via::Kept,
+            (None, false) => Via::First,
+            (None, true) => Via::Reopened,
+        };
+        if via != Via::Kept {
             t.connects += 1;
+            if via == Via::Reopened {
+                t.reconnects += 1;
+            }
             match connect(opts).await {
-                Ok(s) => conn = Some((s, Vec::new())),
+                Ok(s) => {
+                    conn = Some((s, Vec::new()));
+                    opened = true;
+                }
                 Err(f) => {
                     record_failure(&mut t, live, f, true);
                     // A refused connection returns at once: pause briefly so
@@ -643,7 +687,7 @@ async fn client(
             }
             Ok(a) => {
                 let micros = began.elapsed().as_micros().max(1) as u64;
-                record_answer(&mut t, live, pattern, seen, &a, micros, connecting);
+                record_answer(&mut t, live, pattern, seen, &a, micros, via);
                 if a.close || !opts.keep_alive {
                     conn = None;
                 }
@@ -774,9 +818,11 @@ impl Report {
         if self.keep_alive {
             let _ = writeln!(
                 s,
-                "  connects   {} (their first request: p99 {}; the others: p99 {})",
+                "  connects   {} (their first request: p99 {}), {} of them reconnects (p99 {}); requests on open connections: p99 {}",
                 self.connects,
                 ms(self.connect_latency.p99_us),
+                self.reconnects,
+                ms(self.reconnect_latency.p99_us),
                 ms(self.kept_latency.p99_us)
             );
         }

@@ -288,7 +288,8 @@ fn check_counts_truncated_and_endless_bodies_as_errors() {
 }
 
 /// Keep-alive: the requests that had to open their connection are counted
-/// apart from those sent on one already open. This server answers each
+/// apart from those sent on one already open, and the reconnects apart
+/// from each client's first connection. This server answers each
 /// connection's first request 300 ms late and closes every connection
 /// after its third answer, so a third of the requests reconnect and only
 /// they are slow.
@@ -331,6 +332,12 @@ fn check_counts_reconnects_apart_from_requests_on_open_connections() {
     assert!(connects >= 4 && connects * 3 >= responses, "{v}");
     assert!(
         v["connect_latency"]["p50_us"].as_u64().unwrap() >= 300_000,
+        "{v}"
+    );
+    // Each of the 4 clients' first connection is not a reconnect.
+    assert_eq!(v["reconnects"].as_u64().unwrap() + 4, connects, "{v}");
+    assert!(
+        v["reconnect_latency"]["p50_us"].as_u64().unwrap() >= 300_000,
         "{v}"
     );
     let kept = &v["kept_latency"];
