@@ -119,6 +119,21 @@ fn check_fails_against_a_closed_port() {
     assert_eq!(v["ok"], false);
 }
 
+/// Reads one request's head, up to its empty line; false at the end of the
+/// stream.
+fn read_head(r: &mut impl BufRead) -> bool {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return false;
+        }
+        if line == "\r\n" {
+            return true;
+        }
+    }
+}
+
 /// A server on a thread: one response per request, keep-alive, with the
 /// header and body releases chosen by `pick(n)` for the n-th response.
 fn fake_server(pick: fn(u64) -> (&'static str, &'static str)) -> String {
@@ -131,15 +146,8 @@ fn fake_server(pick: fn(u64) -> (&'static str, &'static str)) -> String {
                 let mut r = BufReader::new(s.try_clone().unwrap());
                 let mut w = s;
                 loop {
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
+                    if !read_head(&mut r) {
+                        return;
                     }
                     let (h, b) = pick(COUNT.fetch_add(1, Ordering::SeqCst));
                     let body = format!("release {b}\n");
@@ -303,15 +311,8 @@ fn check_counts_reconnects_apart_from_requests_on_open_connections() {
                 let mut r = BufReader::new(s.try_clone().unwrap());
                 let mut w = s;
                 for n in 0..3 {
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
+                    if !read_head(&mut r) {
+                        return;
                     }
                     if n == 0 {
                         std::thread::sleep(Duration::from_millis(300));
