@@ -268,12 +268,7 @@ fn a_deploy_judged_as_dream_toml_says_and_a_hotfix_that_skips_it() {
     .unwrap();
     let deploy = |id: &str, extra: &[&str]| {
         let (status, out, err) = run(
-            Command::new(bin("dream"))
-                .args(["deploy", "--id", id, "--root"])
-                .arg(&root)
-                .arg(&site)
-                .args(["--build", dream_testkit::STAMP])
-                .args(extra),
+            dream_testkit::deploy_stamped(&root, &site, id).args(extra),
             Duration::from_secs(90),
         );
         (status.code(), format!("{out}{err}"))
@@ -324,14 +319,7 @@ fn an_interrupted_canary_deploy_withdraws_the_canary_and_marks_nothing_bad() {
     let site = dream_testkit::stamped_site(&tree, "site", "");
     let root = tree.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    let deploy = |id: &str| {
-        let mut cmd = Command::new(bin("dream"));
-        cmd.args(["deploy", "--id", id, "--root"])
-            .arg(&root)
-            .arg(&site)
-            .args(["--build", dream_testkit::STAMP]);
-        cmd
-    };
+    let deploy = |id: &str| dream_testkit::deploy_stamped(&root, &site, id);
     let (status, _, err) = run(&mut deploy("one"), Duration::from_secs(60));
     assert!(status.success(), "{err}");
     let (_sup, addr) = dream_testkit::serve_root(&root, &["--workers", "4", "--ready", "notify"]);

@@ -5,12 +5,10 @@
 //! supervisor and the workers are real processes.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use dream_testkit::{
-    Referee, Saturate, Tree, bin, current, dream_at as dream, run, serve_root, stamped_site,
-    wait_until,
+    Referee, Saturate, Tree, current, dream_at as dream, run, serve_root, stamped_site, wait_until,
 };
 
 /// A site and an empty root, with `pre-switch` sleeping `hook_s` seconds.
@@ -34,12 +32,7 @@ fn setup(hook_s: u32) -> (Tree, PathBuf, PathBuf) {
 
 fn deploy(root: &Path, site: &Path, id: &str, extra: &[&str]) -> (Option<i32>, String) {
     let (status, out, err) = run(
-        Command::new(bin("dream"))
-            .args(["deploy", "--id", id, "--root"])
-            .arg(root)
-            .arg(site)
-            .args(["--build", dream_testkit::STAMP])
-            .args(extra),
+        dream_testkit::deploy_stamped(root, site, id).args(extra),
         Duration::from_secs(90),
     );
     (status.code(), format!("{out}{err}"))

@@ -4,14 +4,12 @@
 //! and no client refused, reset or served a mix.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use dream_core::supervise::control::Status;
 use dream_core::supervise::pool::GenerationState;
 use dream_testkit::{
-    Guard, Referee, Root, STAMP, Tree, bin, current, dream_at as dream, run, stamped_site, stopped,
-    wait_until,
+    Guard, Referee, Root, Tree, current, dream_at as dream, run, stamped_site, stopped, wait_until,
 };
 
 /// `dream serve` with two workers that say READY=1.
@@ -203,11 +201,8 @@ fn a_deploy_killed_before_it_confirms_is_reverted_by_the_supervisor() {
     let root = tree.path().join("root");
     std::fs::create_dir(&root).unwrap();
     let deploy = |id: &str| {
-        let mut cmd = Command::new(bin("dream"));
-        cmd.args(["deploy", "--id", id, "--root"])
-            .arg(&root)
-            .arg(&site)
-            .args(["--build", STAMP, "--confirm-within", "2s"]);
+        let mut cmd = dream_testkit::deploy_stamped(&root, &site, id);
+        cmd.args(["--confirm-within", "2s"]);
         cmd
     };
     let (status, _, err) = run(&mut deploy("one"), Duration::from_secs(60));

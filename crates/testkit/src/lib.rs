@@ -744,6 +744,17 @@ pub fn free_port() -> u16 {
 /// page, as the referee expects.
 pub const STAMP: &str = r#"sed -i "s/@R@/$DREAM_RELEASE/" public/index.html"#;
 
+/// `dream deploy --id ID --root ROOT SITE --build STAMP`: a [`stamped_site`]
+/// deployed as release `id`; add flags before running it.
+pub fn deploy_stamped(root: &Path, site: &Path, id: &str) -> Command {
+    let mut cmd = Command::new(bin("dream"));
+    cmd.args(["deploy", "--id", id, "--root"])
+        .arg(root)
+        .arg(site)
+        .args(["--build", STAMP]);
+    cmd
+}
+
 /// A deployable site in `tree/name`: `public/index.html` saying `release
 /// @R@` (for [`STAMP`]) and a `run` script that does `prelude` (shell
 /// lines, may be empty), then serves `public/` with `dream static`.
