@@ -537,9 +537,9 @@ struct Clock {
 enum Via {
     /// One already open.
     Kept,
-    /// The client's first.
-    First,
-    /// A new one, because the one before ended.
+    /// A new one: the client's first, or any with a connection per request.
+    Opened,
+    /// Keep-alive: a new one, because the one before ended.
     Reopened,
 }
 
@@ -558,7 +558,7 @@ fn record_answer(
     let _ = t.hist.record(micros);
     let _ = match via {
         Via::Kept => t.kept_hist.record(micros),
-        Via::First => t.connect_hist.record(micros),
+        Via::Opened => t.connect_hist.record(micros),
         Via::Reopened => t
             .connect_hist
             .record(micros)
@@ -655,9 +655,9 @@ async fn client(
             None => Instant::now(),
         };
         live.requests.fetch_add(1, Ordering::Relaxed);
-        let via = match (&conn, opened) {
+        let via = match (&conn, opened && opts.keep_alive) {
             (Some(_), _) => Via::Kept,
-            (None, false) => Via::First,
+            (None, false) => Via::Opened,
             (None, true) => Via::Reopened,
         };
         if via != Via::Kept {
@@ -818,11 +818,15 @@ impl Report {
         if self.keep_alive {
             let _ = writeln!(
                 s,
-                "  connects   {} (their first request: p99 {}), {} of them reconnects (p99 {}); requests on open connections: p99 {}",
+                "  connects   {} (their first request: p99 {}), {} of them reconnects (p99 {})",
                 self.connects,
                 ms(self.connect_latency.p99_us),
                 self.reconnects,
                 ms(self.reconnect_latency.p99_us),
+            );
+            let _ = writeln!(
+                s,
+                "  kept       requests on a connection already open: p99 {}",
                 ms(self.kept_latency.p99_us)
             );
         }

@@ -344,6 +344,11 @@ fn check_counts_reconnects_apart_from_requests_on_open_connections() {
     let kept = &v["kept_latency"];
     assert!(kept["max_us"].as_u64().unwrap() > 0, "{v}");
     assert!(kept["p50_us"].as_u64().unwrap() < 300_000, "{v}");
+    // A connection per request: every request opens one, none is a reconnect.
+    let (code, v, err) = check_json(&url, &[]);
+    assert_eq!(code, Some(0), "{err} {v}");
+    assert_eq!(v["connects"], v["responses"], "{v}");
+    assert_eq!(v["reconnects"], 0, "{v}");
 }
 
 /// `--rate`: an open loop sends on schedule, whatever the answers: about
