@@ -129,13 +129,20 @@ pub struct Live {
     latency: Option<std::sync::Mutex<Histogram<u64>>>,
 }
 
+/// The longest latency recorded (an hour, in microseconds); longer ones
+/// count as this.
+const LATENCY_MAX_US: u64 = 3_600_000_000;
+
+/// A histogram of latencies in microseconds, 3 significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid bounds")
+}
+
 impl Live {
     /// Counters that also keep a shared latency histogram.
     pub fn with_latency() -> Live {
         Live {
-            latency: Some(std::sync::Mutex::new(
-                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
-            )),
+            latency: Some(std::sync::Mutex::new(latency_histogram())),
             ..Live::default()
         }
     }
@@ -292,10 +299,10 @@ impl Tally {
             errors: Errors::default(),
             mixed: 0,
             releases: BTreeMap::new(),
-            hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
-            connect_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
-            reconnect_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
-            kept_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            hist: latency_histogram(),
+            connect_hist: latency_histogram(),
+            reconnect_hist: latency_histogram(),
+            kept_hist: latency_histogram(),
             connects: 0,
             reconnects: 0,
             examples: Vec::new(),
@@ -554,7 +561,7 @@ fn record_answer(
     micros: u64,
     via: Via,
 ) {
-    let micros = micros.min(3_600_000_000);
+    let micros = micros.min(LATENCY_MAX_US);
     let _ = t.hist.record(micros);
     let _ = match via {
         Via::Kept => t.kept_hist.record(micros),
@@ -567,7 +574,7 @@ fn record_answer(
     if let Some(h) = &live.latency
         && let Ok(mut h) = h.lock()
     {
-        let _ = h.record(micros.min(3_600_000_000));
+        let _ = h.record(micros);
     }
     t.responses += 1;
     *t.status.entry(a.status).or_default() += 1;
