@@ -21,21 +21,34 @@ wait_http() { for _ in $(seq 200); do curl -sf -o /dev/null "$1" && return 0; sl
 # json FIELD... : read a dream check --json report on stdin, print fields.
 jget() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(*[eval("d"+a) for a in sys.argv[1:]])' "$@"; }
 run() { echo "+ $*" >&2; "$@"; }
-# static_nginx PORT DIR: nginx serving DIR on 127.0.0.1:PORT as issue 26 configures it:
-# `worker_processes 2; sendfile on;`, everything else at nginx's defaults (access log on,
-# keepalive_requests 1000, 512 connections a worker), in the background.
+# static_nginx PORT DIR [WORKERS] [NAME]: nginx serving DIR on 127.0.0.1:PORT as issue 26
+# configures it: `worker_processes 2; sendfile on;` (or WORKERS workers), everything else at
+# nginx's defaults (access log on, keepalive_requests 1000, 512 connections a worker), in the
+# background, its files in $WORK/NAME (default nginx).
 static_nginx() {
-  mkdir -p "$WORK/nginx/logs"
-  cat > "$WORK/nginx/nginx.conf" <<CONF
-worker_processes 2;
+  local d="$WORK/${4:-nginx}"
+  mkdir -p "$d/logs"
+  cat > "$d/nginx.conf" <<CONF
+worker_processes ${3:-2};
 daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
 events { }
 http {
   sendfile on;
   server { listen 127.0.0.1:$1; root $2; }
 }
 CONF
-  nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+  nginx -c "$d/nginx.conf" -p "$d" &
+}
+# disturb CMD: runs CMD every 250 ms for 4 s in the background; in CMD, $id is the release
+# not live (for a reload: the rollback flips between a and b with no extra process).
+disturb() {
+  ( end=$((SECONDS + 4)); n=0
+    while [ $SECONDS -lt $end ]; do
+      n=$((n + 1)); if [ $((n % 2)) -eq 1 ]; then id=b; else id=a; fi
+      eval "$1" >/dev/null 2>&1 || true; sleep 0.25
+    done
+    # Leave release a live for the next round.
+    [ "$id" = a ] || eval "${1//\$id/a}" >/dev/null 2>&1 || true ) &
 }

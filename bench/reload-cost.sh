@@ -35,17 +35,6 @@ serve() {
 }
 flip() { echo "$DREAM rollback -q --settle 0s --root $ROOT \$id"; }
 check() { "$DREAM" check "http://127.0.0.1:$1/small" --keep-alive --connections 64 --rate 20000 --duration "${2:-4s}" --json 2>/dev/null || true; }
-# disturb CMD: runs CMD every 250 ms for 4 s in the background; in CMD, $id is the release
-# not live (for a reload: the rollback flips between a and b with no extra process).
-disturb() {
-  ( end=$((SECONDS + 4)); n=0
-    while [ $SECONDS -lt $end ]; do
-      n=$((n + 1)); if [ $((n % 2)) -eq 1 ]; then id=b; else id=a; fi
-      eval "$1" >/dev/null 2>&1 || true; sleep 0.25
-    done
-    # Leave release a live for the next round.
-    [ "$id" = a ] || eval "${1//\$id/a}" >/dev/null 2>&1 || true ) &
-}
 med() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
 
 echo "== 1. one worker start: spawn -> READY=1, and its CPU (start + drain + exit); 50 starts"

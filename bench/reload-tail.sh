@@ -37,9 +37,7 @@ static_nginx $NP "$WORK/a/public"
 # The peer for the fixed-rate reloads: nginx with as many workers as dream's, otherwise as
 # static_nginx, reloaded as its users reload it (`nginx -s reload`: new workers, the old ones
 # finish their requests and close their keep-alive connections).
-mkdir -p "$WORK/nginx4/logs"
-sed -e "s/worker_processes 2;/worker_processes 4;/" -e "s|$WORK/nginx/|$WORK/nginx4/|g" -e "s/127.0.0.1:$NP;/127.0.0.1:$N4;/" "$WORK/nginx/nginx.conf" > "$WORK/nginx4/nginx.conf"
-nginx -c "$WORK/nginx4/nginx.conf" -p "$WORK/nginx4" &
+static_nginx $N4 "$WORK/a/public" 4 nginx4
 for p in $SP $S1 $S2 $NP $N4; do wait_http http://127.0.0.1:$p/small; done
 
 # wrk's p99 in microseconds, its requests/s, and its error count.
@@ -48,35 +46,23 @@ p99_us() { awk '/ 99%/ {v=$2; if (v ~ /ms$/) {sub(/ms$/,"",v); v*=1000} else if 
 rps() { awk '/Requests\/sec/ {print $2}'; }
 errs() { awk '/Socket errors/ {gsub(/,/,""); print $4+$6+$8+$10; f=1} /Non-2xx/ {n=$5} END {if (!f) print 0+n}'; }
 
-# reloading ROOT [back-to-a]: for 4 s, a reload every 250 ms alternating releases b and a
-# (dream rollback); with back-to-a, a is live again afterwards. Run it in the background.
-reloading() {
-  local end=$((SECONDS + 4)) n=0 id
-  while [ $SECONDS -lt $end ]; do
-    if [ $((n % 2)) -eq 0 ]; then id=b; else id=a; fi
-    # --settle 0s: the reload's cost is measured, not the wait after it.
-    "$DREAM" rollback -q --settle 0s --root "$1" $id >/dev/null 2>&1 || true
-    n=$((n + 1)); sleep 0.25
-  done
-  if [ -n "${2:-}" ] && [ $((n % 2)) -eq 1 ]; then "$DREAM" rollback -q --settle 0s --root "$1" a >/dev/null 2>&1 || true; fi
-}
-
-# nginx_reloading: for 4 s, `nginx -s reload` every 250 ms.
-nginx_reloading() {
-  local end=$((SECONDS + 4))
-  while [ $SECONDS -lt $end ]; do
-    nginx -c "$WORK/nginx4/nginx.conf" -p "$WORK/nginx4" -s reload 2>/dev/null || true
-    sleep 0.25
-  done
-}
+# reloads ROOT: the command `disturb` (lib.sh) runs every 250 ms to reload ROOT, alternating
+# releases b and a (dream rollback; --settle 0s: the reload's cost is measured, not the wait
+# after it); a is live again afterwards.
+reloads() { echo "$DREAM rollback -q --settle 0s --root $1 \$id"; }
+# The peer's: `nginx -s reload`.
+NGINX_RELOAD="nginx -c $WORK/nginx4/nginx.conf -p $WORK/nginx4 -s reload"
+# The floor of anything that starts four processes every 250 ms on this machine (a reload
+# starts four workers), with nothing else changing.
+STARTS='for i in 1 2 3 4; do /bin/true & done; wait'
 
 echo "== 1. p99 during reloads / steady (wrk -t2 -c64, 4 workers, a reload every 250 ms; now and before, in turn)"
 # One round of one server: steady, then reloading; prints the p99 ratio.
 reload_round() {  # PORT ROOT LABEL ROUND
-  local S R s d ratio
+  local S R s d ratio w
   S=$(wrk_run http://127.0.0.1:$1/small 4s)
-  reloading "$2" &
-  R=$(wrk_run http://127.0.0.1:$1/small 4s); wait $!
+  disturb "$(reloads "$2")"; w=$!
+  R=$(wrk_run http://127.0.0.1:$1/small 4s); wait $w
   s=$(echo "$S" | p99_us); d=$(echo "$R" | p99_us)
   ratio=$(python3 -c "print(round($d/$s,2))")
   echo "round $4 $3: steady p99 ${s}us $(echo "$S" | rps) req/s | reloading p99 ${d}us $(echo "$R" | rps) req/s errors $(echo "$R" | errs) | ratio $ratio" >&2
@@ -102,26 +88,17 @@ rate_check() { run "$DREAM" check "$1" --keep-alive --connections 64 --rate "$RA
 # per-round ratio, the figure is the ratio of medians over the rounds (reloading p99 / first
 # steady p99), and beside it the same ratio for the two steady windows: the machine's own noise
 # between identical windows, the band any reload figure of the run has to be read against.
-rate_round() {  # PORT LABEL ROUND RELOADER...; prints "steady reloading steady2 starts kept" p99s in us
-  local S R B P s d b p k
+rate_round() {  # PORT LABEL ROUND RELOAD; prints "steady reloading steady2 starts kept" p99s in us
+  local S R B P s d b p k w
   S=$(rate_check http://127.0.0.1:$1/small)
-  "${@:4}" &
-  R=$(rate_check http://127.0.0.1:$1/small); wait $!
+  disturb "$4"; w=$!
+  R=$(rate_check http://127.0.0.1:$1/small); wait $w
   B=$(rate_check http://127.0.0.1:$1/small)
-  starting &
-  P=$(rate_check http://127.0.0.1:$1/small); wait $!
+  disturb "$STARTS"; w=$!
+  P=$(rate_check http://127.0.0.1:$1/small); wait $w
   s=$(echo "$S" | jget "['latency']['p99_us']"); d=$(echo "$R" | jget "['latency']['p99_us']"); b=$(echo "$B" | jget "['latency']['p99_us']"); p=$(echo "$P" | jget "['latency']['p99_us']"); k=$(echo "$R" | jget "['kept_latency']['p99_us']")
   echo "round $3 $2: steady p99 ${s}us | reloading p99 ${d}us errors $(echo "$R" | jget "['error_total']") mixed $(echo "$R" | jget "['mixed']") reconnects $(echo "$R" | jget "['reconnects']") (their p50 $(echo "$R" | jget "['reconnect_latency']['p50_us']")us, p90 $(echo "$R" | jget "['reconnect_latency']['p90_us']")us, p99 $(echo "$R" | jget "['reconnect_latency']['p99_us']")us; the others' p99 ${k}us) | steady again ${b}us | 4 x /bin/true every 250 ms ${p}us | ratio $(python3 -c "print(round($d/$s,2))")" >&2
   echo "$s $d $b $p $k"
-}
-# The floor of anything that starts four processes every 250 ms on this machine (a reload
-# starts four workers), with nothing else changing: 4 x /bin/true, for 4 s.
-starting() {
-  local end=$((SECONDS + 4))
-  while [ $SECONDS -lt $end ]; do
-    /bin/true & /bin/true & /bin/true & /bin/true & wait
-    sleep 0.25
-  done
 }
 # figures LABEL "s d b p k"...: ratio of medians, reloading/steady, steady-again/steady,
 # process-starts/steady, and reloading/steady for the requests sent on a connection already open.
@@ -136,9 +113,9 @@ print(f"'"$label"': p99 reloading / steady {d / s:.2f} (median p99s {d:.0f} / {s
 }
 now=(); before=(); ngx=()
 for r in $(seq "$ROUNDS"); do
-  now+=("$(rate_round $SP now $r reloading "$WORK/root" back-to-a)")
-  before+=("$(rate_round $S1 before $r reloading "$WORK/root1" back-to-a)")
-  ngx+=("$(rate_round $N4 nginx $r nginx_reloading)")
+  now+=("$(rate_round $SP now $r "$(reloads "$WORK/root")")")
+  before+=("$(rate_round $S1 before $r "$(reloads "$WORK/root1")")")
+  ngx+=("$(rate_round $N4 nginx $r "$NGINX_RELOAD")")
 done
 echo "at a fixed rate, ratio of the median p99s over $ROUNDS rounds:"
 figures now "${now[@]}"
